@@ -1,0 +1,172 @@
+"""``restage``: the command line. One subcommand per job, plus config, models and prompts.
+
+Jobs are dispatched by dotted name (``pipelines.augment:augment``) and imported only when
+run, so ``ray_app`` never imports the job packages at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray_app import __version__
+from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
+
+EXIT_USAGE = 2
+EXIT_NOT_BUILT = 3
+
+# Jobs that later work builds; until then they say so and exit non-zero.
+NOT_BUILT = {
+    "stage": "retrieval-assisted copy-paste staging and parallax clips",
+    "personalize": "per-product encoders learned from personalized synthetic data",
+    "evaluate": "metric tables, review page and report over any output",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--profile", default="default", choices=PROFILES,
+                   help="model profile: 'default' (real checkpoints, GPUs) or 'tiny' (random tiny "
+                        "models built locally, CPU, no network) [default: %(default)s]")
+    g.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML file merged over the profile (repeatable)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config value, e.g. --set generator.batch_size=2 (repeatable)")
+
+
+def _config(args: argparse.Namespace) -> RestageConfig:
+    return load_config(args.profile, files=args.config, overrides=args.overrides)
+
+
+def _call(target: str, *args: Any, **kwargs: Any) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.json:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    else:
+        print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_models_make_tiny(args: argparse.Namespace) -> int:
+    from ray_app import models, tiny
+
+    models.apply_environment(offline=True)
+    roles = args.roles.split(",") if args.roles else None
+    unknown = sorted(set(roles or []) - set(tiny.tiny_roles()))
+    if unknown:
+        raise ConfigError(f"--roles: unknown role(s) {', '.join(unknown)}; roles: {', '.join(tiny.tiny_roles())}")
+    start = time.perf_counter()
+    timings = tiny.make_all(Path(args.dir), roles)
+    from ray_app.report import format_table
+
+    print(format_table(["role", "folder", "seconds"],
+                       [[r, str(Path(args.dir) / r), f"{s:.2f}"] for r, s in timings.items()]))
+    print(f"{len(timings)} tiny checkpoints in {time.perf_counter() - start:.1f}s under {args.dir}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from ray_app.models import describe
+    from ray_app.report import format_table
+
+    rows = describe(_config(args))
+    print(format_table(list(rows[0]), [list(r.values()) for r in rows]))
+    return 0
+
+
+def _job(target: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        cfg = _config(args)
+        summary = _call(target, cfg, args)
+        print(summary.render())
+        return 0
+
+    return run
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"restage {name}: not built yet ({NOT_BUILT[name]}); nothing was run.", file=sys.stderr)
+        return EXIT_NOT_BUILT
+
+    return run
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="restage",
+        description="Put e-commerce products into new scenes with diffusion models without losing "
+                    "the product. Each job reads and writes any fsspec URI and runs on Ray (a local "
+                    "Ray started in-process unless ray.address or RAY_ADDRESS names a cluster).",
+    )
+    parser.add_argument("--version", action="version", version=f"restage {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="show the resolved configuration")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = csub.add_parser("show", help="print the resolved config (profile + files + --set)")
+    _add_config_args(show)
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("models", help="model checkpoints: list roles, build tiny checkpoints")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    mk = msub.add_parser(
+        "make-tiny",
+        help="build random-weight tiny checkpoints of every role into DIR/<role>",
+        description="Build seeded random-weight tiny checkpoints of every model role (same "
+                    "architectures as the default profile) into DIR/<role>, in each library's own "
+                    "format; point a role's source at DIR/<role> to load one. Needs no network.",
+    )
+    mk.add_argument("dir", help="output folder")
+    mk.add_argument("--roles", help="comma-separated subset of roles")
+    mk.set_defaults(func=cmd_models_make_tiny)
+    ls = msub.add_parser("list", help="list model roles with their family, source and resources")
+    _add_config_args(ls)
+    ls.set_defaults(func=cmd_models_list)
+
+    for name, what in NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{what} (not built yet)", description=f"{what}: not built yet.")
+        _add_config_args(p)
+        p.set_defaults(func=_not_built(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"restage: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"restage {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

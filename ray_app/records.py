@@ -1,0 +1,332 @@
+"""Product records: validation, manifest reading (JSONL, CSV, Parquet on any fsspec
+filesystem) and the Arrow schemas of everything a job writes.
+
+A record that fails validation never stops a job: ``read_manifest`` returns it as an
+``ErrorRow`` with the reason and the raw record, and carries on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_app import storage
+
+PRODUCT_ID_MAX_LEN = 128
+_PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PRODUCT_ID_RULE = (
+    f"1-{PRODUCT_ID_MAX_LEN} ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
+_KNOWN_FIELDS = ("product_id", "category", "title", "description", "attributes", "image_uris")
+
+
+class RecordError(ValueError):
+    """A product record (or one of its fields) is invalid; the message says why."""
+
+
+def validate_product_id(value: Any) -> str:
+    """Return ``value`` if it is safe as a single path segment, else raise ``RecordError``."""
+    if not isinstance(value, str):
+        raise RecordError(f"product_id must be a string, got {type(value).__name__} {value!r}")
+    if not value:
+        raise RecordError(f"product_id is empty: use {PRODUCT_ID_RULE}")
+    if len(value) > PRODUCT_ID_MAX_LEN:
+        raise RecordError(
+            f"product_id {value[:32]!r}... is {len(value)} characters long: at most "
+            f"{PRODUCT_ID_MAX_LEN} are allowed"
+        )
+    if not _PRODUCT_ID_RE.fullmatch(value):
+        bad = sorted({c for c in value if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        why = f"characters {''.join(bad)!r} are not allowed" if bad else "it must start with a letter or digit"
+        raise RecordError(f"product_id {value!r} is not safe as a path segment: {why}; use {PRODUCT_ID_RULE}")
+    return value
+
+
+@dataclass(frozen=True)
+class ProductRecord:
+    """One product of a manifest, validated; ``image_uris`` are absolute URIs."""
+
+    product_id: str
+    image_uris: tuple[str, ...]
+    category: str | None = None
+    title: str | None = None
+    description: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "product_id": self.product_id,
+            "category": self.category,
+            "title": self.title,
+            "description": self.description,
+            "attributes": sorted(self.attributes.items()),
+            "image_uris": list(self.image_uris),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ProductRecord:
+        attrs = row.get("attributes") or []
+        attrs = dict(attrs.items() if isinstance(attrs, dict) else attrs)
+        return cls(
+            product_id=row["product_id"],
+            image_uris=tuple(row["image_uris"]),
+            category=row.get("category"),
+            title=row.get("title"),
+            description=row.get("description"),
+            attributes=attrs,
+        )
+
+    @property
+    def words(self) -> set[str]:
+        """Lower-cased words of the title, category and attribute values (token collisions)."""
+        text = " ".join(filter(None, [self.title, self.category, self.description, *self.attributes.values()]))
+        return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """A failure kept for the errors manifest: what failed, where, why, and the input."""
+
+    job: str
+    stage: str
+    reason: str
+    product_id: str | None = None
+    item: str | None = None
+    record: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "stage": self.stage,
+            "product_id": self.product_id,
+            "item": self.item,
+            "reason": self.reason,
+            "record": self.record,
+        }
+
+
+# --------------------------------------------------------------------------- schemas
+
+PRODUCT_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("title", pa.string()),
+        pa.field("description", pa.string()),
+        pa.field("attributes", pa.map_(pa.string(), pa.string())),
+        pa.field("image_uris", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("job", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("product_id", pa.string()),
+        pa.field("item", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("record", pa.string()),
+    ]
+)
+
+
+def records_table(records: list[ProductRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=PRODUCT_SCHEMA)
+
+
+def errors_table(errors: list[ErrorRow]) -> pa.Table:
+    return pa.Table.from_pylist([e.to_row() for e in errors], schema=ERROR_SCHEMA)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _optional_text(raw: dict[str, Any], key: str, max_len: int) -> str | None:
+    value = raw.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN (CSV/pandas)
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{key} must be a string, got {type(value).__name__}")
+    value = value.strip()
+    if len(value) > max_len:
+        raise RecordError(f"{key} is {len(value)} characters long: at most {max_len} are allowed")
+    return value or None
+
+
+def _attributes(value: Any) -> dict[str, str]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RecordError("attributes must be a JSON object (mapping of name to value)") from None
+    if isinstance(value, list):  # Arrow map columns arrive as [(key, value), ...]
+        value = dict(value)
+    if not isinstance(value, dict):
+        raise RecordError(f"attributes must be a mapping, got {type(value).__name__}")
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, (dict, list)):
+            raise RecordError(f"attributes.{key} must be a scalar, got {type(item).__name__}")
+        out[str(key)] = "" if item is None else str(item)
+    return out
+
+
+def _image_uris(value: Any, base_uri: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise RecordError("image_uris looks like JSON but does not parse") from None
+        else:  # CSV cells: "a.jpg|b.jpg"
+            value = [part for part in re.split(r"[|;]", text) if part.strip()]
+    if value is None:
+        value = []
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+        raise RecordError(f"image_uris must be a list of URIs, got {type(value).__name__}")
+    uris = [u.strip() if isinstance(u, str) else u for u in list(value)]
+    if not uris:
+        raise RecordError("image_uris is empty: a product needs at least one image")
+    for uri in uris:
+        if not isinstance(uri, str) or not uri:
+            raise RecordError(f"image_uris has an empty or non-string entry: {uri!r}")
+    return tuple(storage.resolve_relative(uri, base_uri) for uri in uris)
+
+
+def validate_record(raw: dict[str, Any], base_uri: str) -> ProductRecord:
+    """Validate one raw manifest record; relative image URIs resolve against ``base_uri``."""
+    if not isinstance(raw, dict):
+        raise RecordError(f"a record must be an object, got {type(raw).__name__}")
+    if "product_id" not in raw:
+        raise RecordError("product_id is missing")
+    return ProductRecord(
+        product_id=validate_product_id(raw["product_id"]),
+        category=_optional_text(raw, "category", 200),
+        title=_optional_text(raw, "title", 500),
+        description=_optional_text(raw, "description", 5000),
+        attributes=_attributes(raw.get("attributes")),
+        image_uris=_image_uris(raw.get("image_uris"), base_uri),
+    )
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@dataclass
+class Manifest:
+    """The result of reading a manifest: valid records, errors, and ignored columns."""
+
+    uri: str
+    records: list[ProductRecord]
+    errors: list[ErrorRow]
+    ignored_columns: list[str]
+
+
+def manifest_format(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
+                        (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
+        if name.endswith(suffix) or name.endswith(suffix + ".gz"):
+            return fmt
+    raise RecordError(
+        f"manifest {uri!r}: unknown format; name it *.jsonl, *.csv or *.parquet"
+    )
+
+
+def _raw_rows(uri: str, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
+    """Yield (location, raw record) pairs; a raw string is an unparseable line."""
+    compression = "gzip" if uri.endswith(".gz") else None
+    if fmt == "parquet":
+        with storage.open_file(uri, "rb") as f:
+            table = pq.read_table(f)
+        for i, row in enumerate(table.to_pylist(), start=1):
+            yield f"row {i}", row
+        return
+    with storage.open_file(uri, "rt", compression=compression, encoding="utf-8", newline="") as f:
+        if fmt == "csv":
+            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                yield f"line {i}", {k: (v if v != "" else None) for k, v in row.items() if k}
+            return
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {i}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"line {i}", f"not valid JSON ({exc.msg}): {line.strip()[:200]}"
+
+
+def read_manifest(uri: str, job: str = "manifest") -> Manifest:
+    """Read and validate a manifest; bad and duplicate records become ``ErrorRow`` s."""
+    uri = storage.normalize_uri(uri)
+    fmt = manifest_format(uri)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"manifest {uri!r} does not exist")
+    base = storage.parent_uri(uri)
+    records: list[ProductRecord] = []
+    errors: list[ErrorRow] = []
+    seen: dict[str, str] = {}
+    ignored: set[str] = set()
+    for where, raw in _raw_rows(uri, fmt):
+        if isinstance(raw, str):
+            errors.append(ErrorRow(job, "manifest", f"{where}: {raw}", item=where))
+            continue
+        pid = raw.get("product_id") if isinstance(raw, dict) else None
+        if isinstance(raw, dict):
+            ignored.update(k for k in raw if k not in _KNOWN_FIELDS)
+        try:
+            rec = validate_record(raw, base)
+        except RecordError as exc:
+            errors.append(ErrorRow(job, "manifest", f"{where}: {exc}", product_id=pid if isinstance(pid, str) else None,
+                                   item=where, record=_dump(raw)))
+            continue
+        if rec.product_id in seen:
+            errors.append(ErrorRow(job, "manifest", f"{where}: duplicate product_id {rec.product_id!r} "
+                                   f"(first seen at {seen[rec.product_id]}); the first record is kept",
+                                   product_id=rec.product_id, item=where, record=_dump(raw)))
+            continue
+        seen[rec.product_id] = where
+        records.append(rec)
+    return Manifest(uri=uri, records=records, errors=errors, ignored_columns=sorted(ignored))
+
+
+def _dump(raw: Any) -> str:
+    try:
+        return json.dumps(raw, default=str, ensure_ascii=False)[:10_000]
+    except (TypeError, ValueError):
+        return repr(raw)[:10_000]
+
+
+def write_manifest(records: list[dict[str, Any]], uri: str) -> None:
+    """Write raw records as a manifest in the format named by ``uri`` (examples, tests)."""
+    fmt = manifest_format(uri)
+    if fmt == "parquet":
+        table = pa.Table.from_pylist(records)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes(uri, buf.getvalue())
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(_KNOWN_FIELDS), extrasaction="ignore")
+        writer.writeheader()
+        for rec in records:
+            row = dict(rec)
+            row["image_uris"] = "|".join(rec.get("image_uris", []))
+            if isinstance(rec.get("attributes"), dict):
+                row["attributes"] = json.dumps(rec["attributes"])
+            writer.writerow(row)
+        storage.write_bytes(uri, buf.getvalue().encode())
+    else:
+        storage.write_bytes(uri, "".join(json.dumps(r) + "\n" for r in records).encode())

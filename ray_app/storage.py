@@ -1,0 +1,279 @@
+"""Storage through fsspec: URIs, atomic writes, completion markers, errors manifests, and
+the one place of every artifact a job writes (the ``*Layout`` classes).
+
+Every job writes under one root URI. Files are written atomically (temporary name, then a
+rename; a single PUT on object stores, which is atomic there). A product's completion marker
+is written last, so a product without a marker is redone on a re-run and one with a marker
+is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+# Object stores: one PUT is atomic, and a rename would be a copy; write in place.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "oci", "r2"}
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def has_protocol(uri: str) -> bool:
+    return "://" in uri
+
+
+def normalize_uri(uri: str) -> str:
+    """Make local paths absolute (Ray workers do not share the driver's working directory)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if has_protocol(uri):
+        return uri.rstrip("/") if uri.count("/") > 2 else uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(root: str, *parts: str) -> str:
+    return posixpath.join(root.rstrip("/") if root != "/" else root, *parts)
+
+
+def parent_uri(uri: str) -> str:
+    if has_protocol(uri):
+        proto, _, rest = uri.partition("://")
+        return f"{proto}://{posixpath.dirname(rest)}"
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def resolve_relative(uri: str, base: str) -> str:
+    """Resolve ``uri`` against the folder ``base`` unless it is already absolute."""
+    if has_protocol(uri):
+        return uri
+    if uri.startswith("/"):
+        if has_protocol(base):
+            return f"{base.partition('://')[0]}://{uri.lstrip('/')}"
+        return os.path.normpath(uri)
+    if has_protocol(base):
+        proto, _, rest = base.partition("://")
+        return f"{proto}://{posixpath.normpath(posixpath.join(rest, uri))}"
+    return os.path.normpath(os.path.join(base, uri))
+
+
+def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(uri)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def open_file(uri: str, mode: str = "rb", **kwargs: Any):
+    return fsspec.open(uri, mode, **kwargs).open()
+
+
+def exists(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> str:
+    """Write ``data`` to ``uri`` atomically; readers see the old file or the new one."""
+    fs, path = url_to_fs(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if _protocols(fs) & _OBJECT_STORES:
+        fs.pipe_file(path, data)
+        return uri
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    fs.pipe_file(tmp, data)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, path)  # atomic rename, also over an existing file
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        fs.rm(tmp)
+        raise
+    return uri
+
+
+def write_json(uri: str, obj: Any) -> str:
+    return write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_parquet(uri: str, table: pa.Table) -> str:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, schema: pa.Schema | None = None) -> pa.Table:
+    """Read one Parquet file or a folder of Parquet shards (hidden temp files ignored)."""
+    fs, path = url_to_fs(uri)
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p)
+        if not files:
+            return (schema or pa.schema([])).empty_table()
+        tables = [pq.read_table(f, filesystem=fs, schema=schema) for f in files]
+        return pa.concat_tables(tables, promote_options="default")
+    return pq.read_table(path, filesystem=fs, schema=schema)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_names(uri: str, suffix: str = "") -> list[str]:
+    """Base names of the entries directly under ``uri`` (empty when it does not exist)."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(
+        posixpath.basename(p.rstrip("/"))
+        for p in fs.ls(path, detail=False)
+        if p.endswith(suffix) and not posixpath.basename(p).startswith(".")
+    )
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    proto = fs.protocol
+    return set(proto) if isinstance(proto, (tuple, list)) else {proto}
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """What every job writes under its root: markers, errors shards and a summary."""
+
+    root: str
+
+    def marker(self, product_id: str) -> str:
+        return join(self.root, "_done", f"{product_id}.json")
+
+    def markers_dir(self) -> str:
+        return join(self.root, "_done")
+
+    def errors_dir(self) -> str:
+        return join(self.root, "errors")
+
+    def errors_shard(self, name: str) -> str:
+        """One shard per product (or ``_records`` for manifest validation); re-runs replace it."""
+        return join(self.root, "errors", f"{name}.parquet")
+
+    def summary(self) -> str:
+        return join(self.root, "summary.json")
+
+    def completed(self) -> set[str]:
+        """Product ids whose marker exists; one listing, not one request per product."""
+        return {name[: -len(".json")] for name in list_names(self.markers_dir(), ".json")}
+
+
+@dataclass(frozen=True)
+class AugmentLayout(JobLayout):
+    """``restage augment``: the training set of every product."""
+
+    def image(self, product_id: str, sample_id: str, ext: str = "png") -> str:
+        return join(self.root, "images", product_id, f"{sample_id}.{ext}")
+
+    def mask(self, product_id: str, sample_id: str) -> str:
+        return join(self.root, "masks", product_id, f"{sample_id}.png")
+
+    def manifest_dir(self) -> str:
+        return join(self.root, "manifest")
+
+    def manifest_shard(self, product_id: str) -> str:
+        return join(self.root, "manifest", f"{product_id}.parquet")
+
+    def product_record(self, product_id: str) -> str:
+        return join(self.root, "products", f"{product_id}.json")
+
+
+@dataclass(frozen=True)
+class AdapterLayout(JobLayout):
+    """``restage train``: one folder per product, loadable by plain diffusers."""
+
+    def adapter_dir(self, product_id: str) -> str:
+        return join(self.root, product_id)
+
+    def weights(self, product_id: str) -> str:
+        return join(self.root, product_id, "pytorch_lora_weights.safetensors")
+
+    def metadata(self, product_id: str) -> str:
+        return join(self.root, product_id, "adapter.json")
+
+    def marker(self, product_id: str) -> str:  # the adapter.json is the marker
+        return self.metadata(product_id)
+
+    def completed(self) -> set[str]:
+        fs, path = url_to_fs(self.root)
+        if not fs.exists(path):
+            return set()
+        found = fs.glob(posixpath.join(path, "*", "adapter.json"))
+        return {posixpath.basename(posixpath.dirname(p)) for p in found}
+
+
+@dataclass(frozen=True)
+class GenerationLayout(JobLayout):
+    """``restage generate``: ranked images of every product."""
+
+    def image(self, product_id: str, image_id: str) -> str:
+        return join(self.root, "images", product_id, f"{image_id}.png")
+
+    def manifest_dir(self) -> str:
+        return join(self.root, "manifest")
+
+    def manifest_shard(self, product_id: str) -> str:
+        return join(self.root, "manifest", f"{product_id}.parquet")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """``restage run``: the three jobs chained under one root."""
+
+    root: str
+
+    @property
+    def augment(self) -> AugmentLayout:
+        return AugmentLayout(join(self.root, "augment"))
+
+    @property
+    def adapters(self) -> AdapterLayout:
+        return AdapterLayout(join(self.root, "adapters"))
+
+    @property
+    def generations(self) -> GenerationLayout:
+        return GenerationLayout(join(self.root, "generations"))
+
+
+def write_errors(layout: JobLayout, name: str, rows: Iterable[Any]) -> str | None:
+    """Write (or replace) an errors shard; removes a stale shard when there are no errors."""
+    from ray_app.records import errors_table  # records imports storage
+
+    rows = list(rows)
+    uri = layout.errors_shard(name)
+    if not rows:
+        remove(uri)
+        return None
+    return write_parquet(uri, errors_table(rows))
