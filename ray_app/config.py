@@ -118,10 +118,10 @@ class RestageConfig(StrictModel):
     """The whole resolved configuration of a run."""
 
     profile: str = Field("default", description="Name of the profile this config came from.")
-    cache_dir: str = Field(
-        "~/.cache/restage",
-        description="Local cache for tiny checkpoints and for sources copied from URIs "
-        "(RESTAGE_CACHE in the environment overrides).",
+    cache_dir: str | None = Field(
+        None,
+        description="Local cache for tiny checkpoints and for sources copied from URIs; "
+        "null means $RESTAGE_CACHE, else ~/.cache/restage.",
     )
     offline: bool = Field(
         False, description="Forbid hub downloads (HF_HUB_OFFLINE etc. set for every worker)."
@@ -149,7 +149,7 @@ class RestageConfig(StrictModel):
 
     @property
     def cache_path(self) -> Path:
-        return Path(os.environ.get("RESTAGE_CACHE") or self.cache_dir).expanduser()
+        return Path(self.cache_dir or os.environ.get("RESTAGE_CACHE") or "~/.cache/restage").expanduser()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

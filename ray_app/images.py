@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,3 +160,44 @@ def decode_mask(data: bytes) -> np.ndarray:
     """Decode a mask PNG into a (H, W) uint8 array with values 0 or 255."""
     arr = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
     return np.where(arr >= 128, 255, 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded input image and the URI it came from."""
+
+    uri: str
+    image: DecodedImage
+
+
+def load_images(
+    uris: Sequence[str],
+    *,
+    max_megapixels: float,
+    max_side: int | None,
+    min_side: int = 1,
+) -> tuple[list[LoadedImage], list[tuple[str, str]]]:
+    """Read and decode each URI through fsspec; -> (decoded images, [(uri, reason), ...]).
+
+    One bad image never fails the others: a missing file, a read error or a decode error
+    becomes a (uri, reason) pair for the errors manifest.
+    """
+    from ray_app import storage
+
+    loaded, failed = [], []
+    for uri in uris:
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            failed.append((uri, "file not found"))
+            continue
+        except Exception as exc:  # permissions, network, ...: keep the reason, go on
+            failed.append((uri, f"cannot read: {type(exc).__name__}: {exc}"))
+            continue
+        try:
+            img = decode_image(data, max_megapixels=max_megapixels, max_side=max_side, min_side=min_side)
+        except ImageError as exc:
+            failed.append((uri, str(exc)))
+            continue
+        loaded.append(LoadedImage(uri, img))
+    return loaded, failed

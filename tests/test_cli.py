@@ -1,0 +1,78 @@
+"""The `restage` console script, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_app.cli import NOT_BUILT, build_parser
+
+RESTAGE = str(Path(sys.executable).with_name("restage"))
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([RESTAGE, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _subcommands() -> list[list[str]]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    out = []
+    for name, sub in action.choices.items():
+        nested = [a for a in sub._actions if getattr(a, "choices", None) and a.dest.endswith("_command")]
+        out += [[name, child] for child in nested[0].choices] if nested else [[name]]
+    return out
+
+
+@pytest.mark.parametrize("command", _subcommands(), ids=" ".join)
+def test_every_subcommand_explains_itself(command):
+    proc = run(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: restage" in proc.stdout and len(proc.stdout) > 200
+
+
+def test_config_show_tiny_prints_the_resolved_config():
+    proc = run("config", "show", "--profile", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["profile"] == "tiny" and shown["generator"]["source"] == "tiny"
+    assert shown["ray"]["num_cpus"] == 2
+
+
+def test_config_show_rejects_bad_value_naming_the_key():
+    proc = run("config", "show", "--set", "generator.batch_size=-1")
+    assert proc.returncode == 2
+    assert "generator.batch_size=-1" in proc.stderr and "greater than 0" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("job", sorted(NOT_BUILT))
+def test_unbuilt_jobs_say_so_and_fail(job):
+    proc = run(job)
+    assert proc.returncode == 3
+    assert "not built yet" in proc.stderr
+
+
+def test_models_list_names_every_role():
+    proc = run("models", "list", "--profile", "default")
+    assert proc.returncode == 0, proc.stderr
+    for role in ("captioner", "segmenter", "novel_view", "inpainter", "generator", "clip", "dino", "encoder", "llm"):
+        assert role in proc.stdout
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in proc.stdout
+
+
+def test_make_tiny_rejects_unknown_role(tmp_path):
+    proc = run("models", "make-tiny", str(tmp_path), "--roles", "generator,flux")
+    assert proc.returncode == 2 and "unknown role(s) flux" in proc.stderr
+
+
+def test_make_tiny_subset(tmp_path):
+    env = {**os.environ, "RESTAGE_CACHE": str(tmp_path / "cache")}
+    proc = run("models", "make-tiny", str(tmp_path / "t"), "--roles", "dino,clip", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["clip", "dino"]

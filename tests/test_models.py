@@ -1,0 +1,179 @@
+"""Every role loads through the registry from `restage models make-tiny` output and runs one
+forward pass; the tiny profile never touches the network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ray_app import models, storage
+from ray_app.cli import main as cli
+from ray_app.config import ROLES, load_config
+
+IMG = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+MASK = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+
+
+def _generator(m):
+    out = m.model(prompt="a red mug", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def _inpainter(m):
+    out = m.model(prompt="a table", image=IMG, mask_image=MASK, num_inference_steps=2, height=64,
+                  width=64, strength=1.0, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def _novel_view(m):
+    out = m.model(IMG, height=64, width=64, num_frames=3, num_inference_steps=2, decode_chunk_size=3,
+                  output_type="np")
+    assert np.asarray(out.frames).shape == (1, 3, 64, 64, 3)
+
+
+def _segmenter(m):
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(m.model)
+    predictor.set_image(np.asarray(IMG))
+    masks, scores, _ = predictor.predict(box=np.array([8, 8, 56, 56]), multimask_output=True)
+    assert masks.shape == (3, 64, 64) and scores.shape == (3,)
+
+
+def _clip(m):
+    image = m.model.encode_image(m.processor(IMG)[None])
+    text = m.model.encode_text(m.tokenizer(["a red mug", "a chair"]))
+    assert image.shape == (1, 32) and text.shape == (2, 32)
+
+
+def _vision(m):
+    out = m.model(**m.processor(images=[IMG, IMG], return_tensors="pt"))
+    assert out.pooler_output.shape == (2, 32)
+
+
+def _captioner(m):
+    proc = m.processor
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    text = proc.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = proc(text=[text, text], images=[IMG, IMG], return_tensors="pt", padding=True)
+    out = m.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def _llm(m):
+    tok = m.processor
+    text = tok.apply_chat_template([{"role": "user", "content": "Scenes for a mug"}], tokenize=False,
+                                   add_generation_prompt=True)
+    inputs = tok([text], return_tensors="pt")
+    out = m.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+# One row per role: adding a role to the registry means adding its forward check here.
+FORWARD = {
+    "generator": _generator, "inpainter": _inpainter, "novel_view": _novel_view,
+    "segmenter": _segmenter, "clip": _clip, "dino": _vision, "encoder": _vision,
+    "captioner": _captioner, "llm": _llm,
+}
+
+
+def test_forward_table_covers_every_role():
+    assert set(FORWARD) == set(ROLES)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    assert cli(["models", "make-tiny", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_loads_from_make_tiny_folder_and_runs(role, tiny_dir):
+    cfg = load_config("tiny", overrides=[f"{role}.source={tiny_dir / role}"])
+    loaded = models.load_role(cfg, role)
+    assert loaded.role == role and loaded.family == models.ROLE_FAMILY[role]
+    assert loaded.resolved.startswith(str(tiny_dir / role))
+    with torch.no_grad():
+        FORWARD[role](loaded)
+
+
+def test_tiny_builds_are_deterministic(tmp_path):
+    from ray_app import tiny
+
+    a = tiny.build("dino", tmp_path / "a")
+    b = tiny.build("dino", tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_source_from_fsspec_uri_is_fetched_once(tiny_dir, tmp_path):
+    fs, _ = storage.url_to_fs("memory://")
+    for path in (tiny_dir / "dino").iterdir():
+        fs.pipe_file(f"/models/dino/{path.name}", path.read_bytes())
+    cfg = load_config("tiny", overrides=["dino.source=memory://models/dino", f"cache_dir={tmp_path}"])
+    first = models.load_role(cfg, "dino")
+    second = models.load_role(cfg, "dino")
+    assert first.resolved == second.resolved and first.resolved.startswith(str(tmp_path))
+    with torch.no_grad():
+        _vision(first)
+
+
+def test_hub_id_is_refused_offline():
+    cfg = load_config("default", overrides=["offline=true"])
+    with pytest.raises(RuntimeError, match="dino.source='facebook/dinov2-base' is a hub id but offline=true"):
+        models.load_role(cfg, "dino")
+
+
+def test_segmenter_refuses_a_hub_id():
+    cfg = load_config("default", overrides=["segmenter.source=facebook/sam"])
+    with pytest.raises(ValueError, match="checkpoint files"):
+        models.load_role(cfg, "segmenter")
+
+
+def test_missing_local_path_is_named():
+    cfg = load_config("tiny", overrides=["clip.source=/no/such/dir"])
+    with pytest.raises(FileNotFoundError, match="clip.source='/no/such/dir'"):
+        models.load_role(cfg, "clip")
+
+
+NO_NETWORK = textwrap.dedent(
+    """
+    import json, socket, sys
+    attempts = []
+    def deny(*args, **kwargs):
+        attempts.append(repr(args)[:200])
+        raise OSError("network disabled by the test")
+    socket.socket.connect = deny
+    socket.socket.connect_ex = deny
+    socket.create_connection = deny
+    socket.getaddrinfo = deny
+    import torch
+    from ray_app import models
+    from ray_app.config import ROLES, load_config
+    cfg = load_config("tiny")
+    models.apply_environment(cfg.offline)
+    for role in ROLES:
+        loaded = models.load_role(cfg, role)
+    with torch.no_grad():
+        loaded = models.load_role(cfg, "generator")
+        loaded.model(prompt="a mug", num_inference_steps=1, height=64, width=64)
+    print(json.dumps(attempts))
+    """
+)
+
+
+def test_tiny_profile_never_touches_the_network(tmp_path):
+    env = {"RESTAGE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attempts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert attempts == [], f"network attempts with the tiny profile: {attempts}"
+    assert (tmp_path / "tiny").is_dir()  # the checkpoints were built, not downloaded
