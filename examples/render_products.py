@@ -23,7 +23,9 @@ def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
         return np.full((h, w, 3), 246, np.float32)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == "wood":
-        grain = np.sin((x * 0.08) + 3.0 * np.sin(y * 0.02) + rng.normal(0, 0.3, (h, w)).cumsum(1) * 0.02)
+        grain = np.sin(
+            (x * 0.08) + 3.0 * np.sin(y * 0.02) + rng.normal(0, 0.3, (h, w)).cumsum(1) * 0.02
+        )
         base = np.array([150, 104, 64], np.float32)
         return base[None, None, :] * (0.85 + 0.15 * grain[..., None])
     if kind == "fabric":
@@ -45,15 +47,24 @@ def _shade(mask: np.ndarray, color: tuple[int, int, int], x0: int, x1: int) -> n
 def _mug(draw: ImageDraw.ImageDraw, cx: int, cy: int, s: float) -> tuple[int, int]:
     w, h = int(70 * s), int(80 * s)
     draw.rectangle([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=255)
-    draw.ellipse([cx + w // 2 - int(10 * s), cy - int(25 * s), cx + w // 2 + int(28 * s), cy + int(20 * s)],
-                 outline=255, width=max(2, int(9 * s)))
+    draw.ellipse(
+        [cx + w // 2 - int(10 * s), cy - int(25 * s), cx + w // 2 + int(28 * s), cy + int(20 * s)],
+        outline=255,
+        width=max(2, int(9 * s)),
+    )
     return cx - w // 2, cx + w // 2
 
 
 def _bottle(draw: ImageDraw.ImageDraw, cx: int, cy: int, s: float) -> tuple[int, int]:
     w, h = int(50 * s), int(100 * s)
-    draw.rounded_rectangle([cx - w // 2, cy - h // 2 + int(20 * s), cx + w // 2, cy + h // 2], radius=int(12 * s), fill=255)
-    draw.rectangle([cx - int(10 * s), cy - h // 2, cx + int(10 * s), cy - h // 2 + int(22 * s)], fill=255)
+    draw.rounded_rectangle(
+        [cx - w // 2, cy - h // 2 + int(20 * s), cx + w // 2, cy + h // 2],
+        radius=int(12 * s),
+        fill=255,
+    )
+    draw.rectangle(
+        [cx - int(10 * s), cy - h // 2, cx + int(10 * s), cy - h // 2 + int(22 * s)], fill=255
+    )
     return cx - w // 2, cx + w // 2
 
 
@@ -64,12 +75,27 @@ def _box(draw: ImageDraw.ImageDraw, cx: int, cy: int, s: float) -> tuple[int, in
 
 
 PRODUCTS = {
-    "mug-red-001": dict(category="mug", title="Red ceramic coffee mug", shape=_mug, color=(196, 40, 36),
-                        attributes={"color": "red", "material": "ceramic"}),
-    "bottle-teal-002": dict(category="cosmetics bottle", title="Teal serum bottle", shape=_bottle,
-                            color=(30, 150, 140), attributes={"color": "teal", "volume": "50 ml"}),
-    "cereal-box-003": dict(category="food package", title="Honey oat cereal box", shape=_box,
-                           color=(236, 176, 40), attributes={"flavour": "honey oat"}),
+    "mug-red-001": dict(
+        category="mug",
+        title="Red ceramic coffee mug",
+        shape=_mug,
+        color=(196, 40, 36),
+        attributes={"color": "red", "material": "ceramic"},
+    ),
+    "bottle-teal-002": dict(
+        category="cosmetics bottle",
+        title="Teal serum bottle",
+        shape=_bottle,
+        color=(30, 150, 140),
+        attributes={"color": "teal", "volume": "50 ml"},
+    ),
+    "cereal-box-003": dict(
+        category="food package",
+        title="Honey oat cereal box",
+        shape=_box,
+        color=(236, 176, 40),
+        attributes={"flavour": "honey oat"},
+    ),
 }
 SHOTS = [("white", 128, 132, 1.0), ("wood", 100, 140, 0.9), ("fabric", 150, 128, 1.15)]
 
@@ -85,13 +111,16 @@ def render(product_id: str, spec: dict, shot: int) -> Image.Image:
     shadow = Image.new("L", (SIZE, SIZE), 0)
     bottom = int(np.nonzero(mask.any(1))[0].max())
     ImageDraw.Draw(shadow).ellipse([x0 - 6, bottom - 6, x1 + 6, bottom + 8], fill=120)
-    shadow_arr = np.asarray(shadow.filter(ImageFilter.GaussianBlur(6)), np.float32)[..., None] / 255.0
+    shadow_arr = (
+        np.asarray(shadow.filter(ImageFilter.GaussianBlur(6)), np.float32)[..., None] / 255.0
+    )
     bg = bg * (1.0 - 0.5 * shadow_arr)
     obj = _shade(mask, spec["color"], x0, x1)
     if spec["shape"] is _box:  # a printed label band on the package
         ys = np.nonzero(mask.any(1))[0]
         band = (np.arange(SIZE)[:, None] > ys.min() + (ys.max() - ys.min()) * 0.35) & (
-            np.arange(SIZE)[:, None] < ys.min() + (ys.max() - ys.min()) * 0.6)
+            np.arange(SIZE)[:, None] < ys.min() + (ys.max() - ys.min()) * 0.6
+        )
         obj = np.where((band & (mask > 0))[..., None], obj * 0.35 + 160, obj)
     img = bg * (1.0 - mask[..., None]) + obj
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -107,10 +136,19 @@ def main() -> None:
             path = out / pid / f"{shot:02d}-{SHOTS[shot][0]}.jpg"
             render(pid, spec, shot).save(path, quality=92)
             uris.append(str(path.relative_to(HERE)))
-        records.append({"product_id": pid, "category": spec["category"], "title": spec["title"],
-                        "attributes": spec["attributes"], "image_uris": uris})
+        records.append(
+            {
+                "product_id": pid,
+                "category": spec["category"],
+                "title": spec["title"],
+                "attributes": spec["attributes"],
+                "image_uris": uris,
+            }
+        )
     (HERE / "products.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(f"wrote {sum(len(r['image_uris']) for r in records)} images of {len(records)} products under {out}")
+    print(
+        f"wrote {sum(len(r['image_uris']) for r in records)} images of {len(records)} products under {out}"
+    )
 
 
 if __name__ == "__main__":

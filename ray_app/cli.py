@@ -32,13 +32,28 @@ NOT_BUILT = {
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
-    g.add_argument("--profile", default="default", choices=PROFILES,
-                   help="model profile: 'default' (real checkpoints, GPUs) or 'tiny' (random tiny "
-                        "models built locally, CPU, no network) [default: %(default)s]")
-    g.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML file merged over the profile (repeatable)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override one config value, e.g. --set generator.batch_size=2 (repeatable)")
+    g.add_argument(
+        "--profile",
+        default="default",
+        choices=PROFILES,
+        help="model profile: 'default' (real checkpoints, GPUs) or 'tiny' (random tiny "
+        "models built locally, CPU, no network) [default: %(default)s]",
+    )
+    g.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML file merged over the profile (repeatable)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one config value, e.g. --set generator.batch_size=2 (repeatable)",
+    )
 
 
 def _config(args: argparse.Namespace) -> RestageConfig:
@@ -69,13 +84,19 @@ def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     roles = args.roles.split(",") if args.roles else None
     unknown = sorted(set(roles or []) - set(tiny.tiny_roles()))
     if unknown:
-        raise ConfigError(f"--roles: unknown role(s) {', '.join(unknown)}; roles: {', '.join(tiny.tiny_roles())}")
+        raise ConfigError(
+            f"--roles: unknown role(s) {', '.join(unknown)}; roles: {', '.join(tiny.tiny_roles())}"
+        )
     start = time.perf_counter()
     timings = tiny.make_all(Path(args.dir), roles)
     from ray_app.report import format_table
 
-    print(format_table(["role", "folder", "seconds"],
-                       [[r, str(Path(args.dir) / r), f"{s:.2f}"] for r, s in timings.items()]))
+    print(
+        format_table(
+            ["role", "folder", "seconds"],
+            [[r, str(Path(args.dir) / r), f"{s:.2f}"] for r, s in timings.items()],
+        )
+    )
     print(f"{len(timings)} tiny checkpoints in {time.perf_counter() - start:.1f}s under {args.dir}")
     return 0
 
@@ -101,7 +122,9 @@ def _job(target: str) -> Callable[[argparse.Namespace], int]:
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        print(f"restage {name}: not built yet ({NOT_BUILT[name]}); nothing was run.", file=sys.stderr)
+        print(
+            f"restage {name}: not built yet ({NOT_BUILT[name]}); nothing was run.", file=sys.stderr
+        )
         return EXIT_NOT_BUILT
 
     return run
@@ -114,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="restage",
         description="Put e-commerce products into new scenes with diffusion models without losing "
-                    "the product. Each job reads and writes any fsspec URI and runs on Ray (a local "
-                    "Ray started in-process unless ray.address or RAY_ADDRESS names a cluster).",
+        "the product. Each job reads and writes any fsspec URI and runs on Ray (a local "
+        "Ray started in-process unless ray.address or RAY_ADDRESS names a cluster).",
     )
     parser.add_argument("--version", action="version", version=f"restage {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -134,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny",
         help="build random-weight tiny checkpoints of every role into DIR/<role>",
         description="Build seeded random-weight tiny checkpoints of every model role (same "
-                    "architectures as the default profile) into DIR/<role>, in each library's own "
-                    "format; point a role's source at DIR/<role> to load one. Needs no network.",
+        "architectures as the default profile) into DIR/<role>, in each library's own "
+        "format; point a role's source at DIR/<role> to load one. Needs no network.",
     )
     mk.add_argument("dir", help="output folder")
     mk.add_argument("--roles", help="comma-separated subset of roles")
@@ -144,8 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ls)
     ls.set_defaults(func=cmd_models_list)
 
+    p = sub.add_parser(
+        "augment",
+        help="build each product's synthetic training set (views, contexts, negatives, filtering)",
+        description="Read a products manifest (JSONL, CSV or Parquet; any fsspec URI) and build each "
+        "product's training set on Ray Data: captions and product type, novel views "
+        "(image-to-video), masks (Segment Anything), new contexts (outpainting with "
+        "prompt-bank scenes), in-class negatives and counterfactuals, and CLIP/DINO/IoU "
+        "filtering to the configured positive:negative ratio. Writes images, masks, a "
+        "Parquet manifest (one row per sample, with scores and drop reasons), an errors "
+        "manifest and summary.json under --out. Re-running skips complete products.",
+    )
+    p.add_argument("--manifest", required=True, help="products manifest URI")
+    p.add_argument("--out", required=True, help="output root URI (local folder, s3://, gs://, ...)")
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.augment:main"))
+
     for name, what in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{what} (not built yet)", description=f"{what}: not built yet.")
+        p = sub.add_parser(
+            name, help=f"{what} (not built yet)", description=f"{what}: not built yet."
+        )
         _add_config_args(p)
         p.set_defaults(func=_not_built(name))
     return parser

@@ -76,7 +76,9 @@ class RoleSpec(StrictModel):
                 f"max_actors={self.max_actors} is below min_actors={self.min_actors}: "
                 "raise max_actors or lower min_actors"
             )
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith(
+            "cuda:"
+        ):
             raise ValueError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         return self
 
@@ -114,6 +116,233 @@ class ImagesConfig(StrictModel):
     min_side: PositiveInt = Field(16, description="Reject images whose shorter side is smaller.")
 
 
+def _multiple_of_8(name: str, value: int) -> None:
+    if value % 8:
+        raise ValueError(
+            f"{name}={value} must be a multiple of 8 (latent grids): use {value - value % 8 or 8}"
+        )
+
+
+class ScoringConfig(StrictModel):
+    """How raw metrics map onto [0, 1] before weighting (filtering, ranking, serving)."""
+
+    ranges: dict[
+        Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"], tuple[float, float]
+    ] = Field(
+        default_factory=lambda: {
+            "clip_i": (0.5, 1.0),
+            "clip_t": (0.1, 0.35),
+            "seg_clip_i": (0.5, 1.0),
+            "dino": (0.1, 1.0),
+            "seg_dino": (0.1, 1.0),
+        },
+        description="Raw value mapped to 0 and to 1 for each metric (clipped outside).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoringConfig:
+        for name, (low, high) in self.ranges.items():
+            if high <= low:
+                raise ValueError(
+                    f"ranges.{name}=({low}, {high}): the upper bound must exceed the lower"
+                )
+        return self
+
+
+class CaptionConfig(StrictModel):
+    """Fine-grained captions of real images (paper 2.2)."""
+
+    instruction: str = Field(
+        "Describe this product photo in one or two sentences for an image caption: the product's "
+        "type, colours, materials, shape and parts, where it sits in the frame, the background, the "
+        "lighting, and any visible text or logo in quotes. No preamble.",
+        description="Instruction given to the captioner with each image.",
+    )
+    max_new_tokens: PositiveInt = Field(96, description="Token budget of one caption.")
+    max_words: PositiveInt = Field(70, description="Captions are cut to this many words.")
+
+
+class ClassifyConfig(StrictModel):
+    """Typing a product when its record has no category (category > title > captions > CLIP)."""
+
+    zero_shot_min_margin: Annotated[float, Field(ge=0)] = Field(
+        0.01,
+        description="Zero-shot CLIP must beat the runner-up type by this cosine margin, else "
+        "the generic type is used.",
+    )
+
+
+class ViewsConfig(StrictModel):
+    """Novel views from image-to-video diffusion (paper 2.1.1)."""
+
+    enabled: bool = True
+    width: PositiveInt = Field(1024, description="Video width fed to the novel_view model.")
+    height: PositiveInt = Field(576, description="Video height fed to the novel_view model.")
+    num_frames: PositiveInt = Field(14, description="Frames of each generated clip.")
+    frame_indices: list[NonNegativeInt] = Field(
+        [4, 8, 13], description="Which frames of the clip become new views (0 is the input)."
+    )
+    steps: PositiveInt = Field(25, description="Denoising steps per clip.")
+    motion_bucket_id: NonNegativeInt = Field(
+        127, description="SVD motion amount (higher moves more)."
+    )
+    noise_aug_strength: Annotated[float, Field(ge=0)] = Field(
+        0.02, description="SVD conditioning noise."
+    )
+    fps: PositiveInt = Field(7, description="SVD frame-rate conditioning.")
+    decode_chunk_size: PositiveInt = Field(
+        8, description="Frames decoded at once (memory vs speed)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ViewsConfig:
+        _multiple_of_8("views.width", self.width)
+        _multiple_of_8("views.height", self.height)
+        bad = [i for i in self.frame_indices if i >= self.num_frames]
+        if bad:
+            raise ValueError(f"frame_indices {bad} are not below num_frames={self.num_frames}")
+        if len(set(self.frame_indices)) != len(self.frame_indices):
+            raise ValueError(f"frame_indices {self.frame_indices} repeat a frame")
+        return self
+
+
+class SegmentConfig(StrictModel):
+    """Automatic prompting of the segmenter and acceptance of its masks."""
+
+    min_area: Fraction = Field(
+        0.005, description="A product mask covers at least this fraction of the image."
+    )
+    max_area: Fraction = Field(0.95, description="... and at most this fraction.")
+    plain_background_spread: Annotated[float, Field(ge=0)] = Field(
+        12.0, description="Border pixels varying less than this (0-255) mean a plain background."
+    )
+    plain_background_tolerance: Annotated[float, Field(ge=0)] = Field(
+        24.0,
+        description="On a plain background, pixels this far from it are product (mask-free fallback).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SegmentConfig:
+        if self.max_area <= self.min_area:
+            raise ValueError(f"max_area={self.max_area} must exceed min_area={self.min_area}")
+        return self
+
+
+class ContextsConfig(StrictModel):
+    """New contexts: keep the product pixels, outpaint a scene from the prompt bank (2.1.2)."""
+
+    per_image: NonNegativeInt = Field(2, description="Outpainted contexts per real or view image.")
+    size: PositiveInt = Field(1024, description="Square canvas size of an outpainted image.")
+    product_scale: tuple[Fraction, Fraction] = Field(
+        (0.45, 0.7), description="Range of the product's longer side as a fraction of the canvas."
+    )
+    steps: PositiveInt = Field(30, description="Denoising steps.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.0, description="Classifier-free guidance."
+    )
+    strength: Annotated[float, Field(gt=0, le=1)] = Field(0.99, description="Inpainting strength.")
+    feather: NonNegativeInt = Field(
+        2, description="Pixels of soft edge when pasting the product back."
+    )
+    negative_prompt: str = Field(
+        "blurry, low quality, distorted, deformed, extra objects, duplicate, text, watermark, logo",
+        description="Negative prompt of the inpainter.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ContextsConfig:
+        _multiple_of_8("contexts.size", self.size)
+        low, high = self.product_scale
+        if not 0 < low <= high:
+            raise ValueError(f"product_scale={self.product_scale}: need 0 < low <= high <= 1")
+        return self
+
+
+class NegativesConfig(StrictModel):
+    """In-class negatives and counterfactuals instead of a prior-preservation loss (2.1.3)."""
+
+    ratio: PositiveFloat = Field(
+        2.0, description="Positives per negative in the final set (2.0 = 2:1)."
+    )
+    counterfactual_fraction: Fraction = Field(
+        0.5, description="Share of the negatives that are counterfactuals (the rest: in-class)."
+    )
+    oversample: Annotated[float, Field(ge=1)] = Field(
+        1.25, description="Negatives generated per negative needed, so filtering can drop some."
+    )
+    size: PositiveInt = Field(1024, description="Size of generated negatives and counterfactuals.")
+    steps: PositiveInt = Field(30, description="Denoising steps.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.0, description="Classifier-free guidance."
+    )
+    mask_dilation: Fraction = Field(
+        0.03, description="Counterfactual masks grow by this fraction of the image side."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> NegativesConfig:
+        _multiple_of_8("negatives.size", self.size)
+        return self
+
+
+class FilterConfig(StrictModel):
+    """Which synthetic samples are kept (2.3). Real images are always kept and scored."""
+
+    min_clip_i: float = Field(0.70, description="Synthetic positives: CLIP-I vs the real images.")
+    min_clip_t: float = Field(
+        0.18, description="Synthetic positives: CLIP-T vs their prompt or caption."
+    )
+    min_seg_clip_i: float = Field(0.75, description="Synthetic positives: CLIP-I of product crops.")
+    min_dino: float = Field(0.35, description="Synthetic positives: DINO vs the real images.")
+    min_mask_iou: float = Field(
+        0.80,
+        description="Contexts: IoU of the product re-segmented after outpainting vs the pasted mask.",
+    )
+    top_k_per_source: PositiveInt = Field(
+        2,
+        description="At most this many views, and this many contexts, per source image (best first).",
+    )
+    max_negative_seg_clip_i: float = Field(
+        0.95,
+        description="A negative whose product-crop CLIP-I reaches this looks like the product: dropped.",
+    )
+    weights: dict[
+        Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"], Annotated[float, Field(ge=0)]
+    ] = Field(
+        default_factory=lambda: {
+            "clip_i": 1.0,
+            "clip_t": 0.5,
+            "seg_clip_i": 1.0,
+            "dino": 1.0,
+            "seg_dino": 0.5,
+        },
+        description="Weights of the normalised metrics in the score that orders samples.",
+    )
+
+
+class AugmentConfig(StrictModel):
+    """`restage augment`: the synthetic training set of every product."""
+
+    prompt_bank: str | None = Field(None, description="Prompt bank URI (None: the packaged bank).")
+    image_format: Literal["png", "jpeg"] = Field(
+        "png", description="Format of written sample images (masks are always PNG)."
+    )
+    products_per_batch: PositiveInt = Field(
+        1,
+        description="Products per actor call; each product's images are micro-batched on their own.",
+    )
+    cpus_per_task: PositiveFloat = Field(
+        0.25, description="CPUs of the decode, select and write tasks."
+    )
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    contexts: ContextsConfig = Field(default_factory=ContextsConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+
+
 class RestageConfig(StrictModel):
     """The whole resolved configuration of a run."""
 
@@ -138,6 +367,8 @@ class RestageConfig(StrictModel):
     dino: RoleSpec
     encoder: RoleSpec
     llm: RoleSpec | None = Field(None, description="Optional: used by `restage prompts build`.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     def role(self, name: str) -> RoleSpec:
         if name not in ROLES:
@@ -149,7 +380,9 @@ class RestageConfig(StrictModel):
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.cache_dir or os.environ.get("RESTAGE_CACHE") or "~/.cache/restage").expanduser()
+        return Path(
+            self.cache_dir or os.environ.get("RESTAGE_CACHE") or "~/.cache/restage"
+        ).expanduser()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -180,7 +413,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. generator.batch_size=2")
+        raise ConfigError(
+            f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. generator.batch_size=2"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -226,7 +461,11 @@ def _allowed_keys(dotted: str) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner = [
+            a
+            for a in getattr(ann, "__args__", (ann,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not inner:
             return []
         model = inner[0]

@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-
 class ImageError(ValueError):
     """An input image cannot be used; the message is the reason for the errors manifest."""
 
@@ -37,7 +36,11 @@ def _to_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img)
         if mode == "F":
-            arr = np.clip(arr, 0.0, 1.0) * 255.0 if arr.max(initial=0) <= 1.0 else np.clip(arr, 0, 255)
+            arr = (
+                np.clip(arr, 0.0, 1.0) * 255.0
+                if arr.max(initial=0) <= 1.0
+                else np.clip(arr, 0, 255)
+            )
         elif arr.dtype != np.uint8:
             peak = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
             arr = arr.astype(np.float64) * (255.0 / peak)
@@ -45,11 +48,12 @@ def _to_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         return np.repeat(gray[..., None], 3, axis=2), None
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    elif mode == "LA" or mode == "PA":
-        img = img.convert("RGBA")
-    elif mode == "L" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    elif mode == "RGB" and "transparency" in img.info:
+    elif (
+        mode == "LA"
+        or mode == "PA"
+        or (mode == "L" and "transparency" in img.info)
+        or (mode == "RGB" and "transparency" in img.info)
+    ):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         arr = np.asarray(img)
@@ -102,11 +106,16 @@ def decode_image(
     except Exception as exc:
         raise ImageError(f"cannot decode image ({img.format}): {exc}") from None
     if min(img.size) < min_side:
-        raise ImageError(f"image is {img.size[0]}x{img.size[1]}: the shorter side is below {min_side} px")
+        raise ImageError(
+            f"image is {img.size[0]}x{img.size[1]}: the shorter side is below {min_side} px"
+        )
     source_mode = img.mode
     rgb, alpha = _to_rgb(img)
     if max_side and max(rgb.shape[:2]) > max_side:
-        rgb, alpha = downscale(rgb, max_side), (downscale(alpha, max_side) if alpha is not None else None)
+        rgb, alpha = (
+            downscale(rgb, max_side),
+            (downscale(alpha, max_side) if alpha is not None else None),
+        )
     return DecodedImage(rgb=rgb, alpha=alpha, source_mode=source_mode, source_size=(width, height))
 
 
@@ -126,6 +135,31 @@ def resize(arr: np.ndarray, size: tuple[int, int], mask: bool = False) -> np.nda
     if (arr.shape[1], arr.shape[0]) == tuple(size):
         return arr
     return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST if mask else Image.BICUBIC))
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of the nonzero pixels, exclusive ends; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def crop_by_mask(
+    rgb: np.ndarray, mask: np.ndarray, pad: float = 0.05, fill: int = 255
+) -> np.ndarray | None:
+    """The product alone: the mask's bounding box (padded by ``pad`` of its size), pixels
+    outside the mask set to ``fill``. None for an empty mask. Used for segmented scores."""
+    box = mask_bbox(mask)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    px, py = round((x1 - x0) * pad), round((y1 - y0) * pad)
+    h, w = mask.shape
+    x0, y0, x1, y1 = max(0, x0 - px), max(0, y0 - py), min(w, x1 + px), min(h, y1 + py)
+    crop = rgb[y0:y1, x0:x1].copy()
+    crop[mask[y0:y1, x0:x1] == 0] = fill
+    return crop
 
 
 def encode_png(arr: np.ndarray) -> bytes:
@@ -195,7 +229,9 @@ def load_images(
             failed.append((uri, f"cannot read: {type(exc).__name__}: {exc}"))
             continue
         try:
-            img = decode_image(data, max_megapixels=max_megapixels, max_side=max_side, min_side=min_side)
+            img = decode_image(
+                data, max_megapixels=max_megapixels, max_side=max_side, min_side=min_side
+            )
         except ImageError as exc:
             failed.append((uri, str(exc)))
             continue

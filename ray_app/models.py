@@ -105,19 +105,28 @@ def apply_environment(offline: bool) -> dict[str, str]:
         hc.HF_HUB_OFFLINE = offline or hc.HF_HUB_OFFLINE
     except ImportError:
         pass
+    quiet_libraries()
+    return env
+
+
+def quiet_libraries() -> None:
+    """Progress bars and info logs of the model libraries off (actors log their own way)."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
     dlog.disable_progress_bar()
-    return env
+    dlog.set_verbosity_error()
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available here: use device=auto or cpu")
+        raise RuntimeError(
+            f"device={name!r} but CUDA is not available here: use device=auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -136,7 +145,7 @@ def resolve_source(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, boo
     if src == "tiny":
         return str(tiny.ensure(role, cache_dir)), True
     if src.startswith("file://"):
-        src = src[len("file://"):]
+        src = src[len("file://") :]
     local = Path(src).expanduser()
     if local.exists():
         return str(local.resolve()), True
@@ -183,6 +192,7 @@ def fetch_uri(uri: str, cache_dir: Path, revision: str | None = None) -> Path:
 def load_role(config: RestageConfig, role: str, *, device: str | None = None) -> LoadedModel:
     """Load ``role`` as configured (``device`` overrides the spec, e.g. in a GPU benchmark)."""
     spec = config.role(role)
+    quiet_libraries()
     dev = resolve_device(device or spec.device)
     dtype = resolve_dtype(spec.dtype, dev)
     if dtype == torch.float16 and dev.type == "cpu":
@@ -254,7 +264,9 @@ def _load_transformers(role, path, spec, device, dtype, offline) -> LoadedModel:
         processor.padding_side = "left"
     elif hasattr(getattr(processor, "tokenizer", None), "padding_side"):
         processor.tokenizer.padding_side = "left"
-    return LoadedModel(role, "transformers", spec.source, path, device, dtype, model, processor=processor)
+    return LoadedModel(
+        role, "transformers", spec.source, path, device, dtype, model, processor=processor
+    )
 
 
 @register_family("open_clip")
@@ -267,22 +279,49 @@ def _load_open_clip(role, path, spec, device, dtype, offline) -> LoadedModel:
         path = snapshot_download(
             path,
             revision=spec.revision,
-            allow_patterns=["open_clip_config.json", "*.safetensors", "open_clip_pytorch_model.bin"],
+            allow_patterns=[
+                "open_clip_config.json",
+                "*.safetensors",
+                "open_clip_pytorch_model.bin",
+            ],
         )
     name = f"local-dir:{path}"
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    model, _, preprocess = open_clip.create_model_and_transforms(name, precision=precision, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, precision=precision, device=device
+    )
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
-    return LoadedModel(role, "open_clip", spec.source, path, device, dtype, model,
-                       processor=preprocess, tokenizer=tokenizer)
+    return LoadedModel(
+        role,
+        "open_clip",
+        spec.source,
+        path,
+        device,
+        dtype,
+        model,
+        processor=preprocess,
+        tokenizer=tokenizer,
+    )
 
 
 # Segment Anything presets, recognised from the image encoder's width in the checkpoint.
 _SAM_PRESETS = {
-    1280: {"encoder_depth": 32, "encoder_num_heads": 16, "encoder_global_attn_indexes": [7, 15, 23, 31]},
-    1024: {"encoder_depth": 24, "encoder_num_heads": 16, "encoder_global_attn_indexes": [5, 11, 17, 23]},
-    768: {"encoder_depth": 12, "encoder_num_heads": 12, "encoder_global_attn_indexes": [2, 5, 8, 11]},
+    1280: {
+        "encoder_depth": 32,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": [7, 15, 23, 31],
+    },
+    1024: {
+        "encoder_depth": 24,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": [5, 11, 17, 23],
+    },
+    768: {
+        "encoder_depth": 12,
+        "encoder_num_heads": 12,
+        "encoder_global_attn_indexes": [2, 5, 8, 11],
+    },
 }
 
 
@@ -292,7 +331,9 @@ def _load_segment_anything(role, path, spec, device, dtype, offline) -> LoadedMo
     if folder.is_dir():
         ckpts = sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
         if len(ckpts) != 1:
-            raise FileNotFoundError(f"{role}: expected one .pth checkpoint in {folder}, found {len(ckpts)}")
+            raise FileNotFoundError(
+                f"{role}: expected one .pth checkpoint in {folder}, found {len(ckpts)}"
+            )
         ckpt, arch_file = ckpts[0], folder / "sam_config.json"
     else:
         ckpt, arch_file = folder, folder.with_name("sam_config.json")
@@ -302,16 +343,29 @@ def _load_segment_anything(role, path, spec, device, dtype, offline) -> LoadedMo
     else:
         width = state["image_encoder.patch_embed.proj.weight"].shape[0]
         if width not in _SAM_PRESETS:
-            raise ValueError(f"{role}: {ckpt.name} has encoder width {width}, not one of SAM vit_b/l/h; "
-                             "put a sam_config.json beside it")
-        arch = {"encoder_embed_dim": width, **_SAM_PRESETS[width], "image_size": 1024,
-                "vit_patch_size": 16, "prompt_embed_dim": 256, "window_size": 14, "mlp_ratio": 4.0,
-                "decoder_depth": 2, "decoder_mlp_dim": 2048, "decoder_num_heads": 8, "mask_in_chans": 16}
+            raise ValueError(
+                f"{role}: {ckpt.name} has encoder width {width}, not one of SAM vit_b/l/h; "
+                "put a sam_config.json beside it"
+            )
+        arch = {
+            "encoder_embed_dim": width,
+            **_SAM_PRESETS[width],
+            "image_size": 1024,
+            "vit_patch_size": 16,
+            "prompt_embed_dim": 256,
+            "window_size": 14,
+            "mlp_ratio": 4.0,
+            "decoder_depth": 2,
+            "decoder_mlp_dim": 2048,
+            "decoder_num_heads": 8,
+            "mask_in_chans": 16,
+        }
     sam = tiny.build_sam(arch)
     sam.load_state_dict(state)
     sam.to(device=device, dtype=dtype).eval()
-    return LoadedModel(role, "segment_anything", spec.source, str(ckpt), device, dtype, sam,
-                       extra={"arch": arch})
+    return LoadedModel(
+        role, "segment_anything", spec.source, str(ckpt), device, dtype, sam, extra={"arch": arch}
+    )
 
 
 def describe(config: RestageConfig) -> list[dict[str, Any]]:
@@ -321,7 +375,16 @@ def describe(config: RestageConfig) -> list[dict[str, Any]]:
         spec = getattr(config, role)
         if spec is None:
             continue
-        rows.append({"role": role, "family": ROLE_FAMILY[role], "source": spec.source,
-                     "revision": spec.revision or "", "dtype": spec.dtype, "num_gpus": spec.num_gpus,
-                     "actors": f"{spec.min_actors}-{spec.max_actors}", "batch_size": spec.batch_size})
+        rows.append(
+            {
+                "role": role,
+                "family": ROLE_FAMILY[role],
+                "source": spec.source,
+                "revision": spec.revision or "",
+                "dtype": spec.dtype,
+                "num_gpus": spec.num_gpus,
+                "actors": f"{spec.min_actors}-{spec.max_actors}",
+                "batch_size": spec.batch_size,
+            }
+        )
     return rows

@@ -22,9 +22,7 @@ from ray_app import storage
 
 PRODUCT_ID_MAX_LEN = 128
 _PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-PRODUCT_ID_RULE = (
-    f"1-{PRODUCT_ID_MAX_LEN} ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
-)
+PRODUCT_ID_RULE = f"1-{PRODUCT_ID_MAX_LEN} ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
 _KNOWN_FIELDS = ("product_id", "category", "title", "description", "attributes", "image_uris")
 
@@ -46,8 +44,14 @@ def validate_product_id(value: Any) -> str:
         )
     if not _PRODUCT_ID_RE.fullmatch(value):
         bad = sorted({c for c in value if not (c.isascii() and (c.isalnum() or c in "._-"))})
-        why = f"characters {''.join(bad)!r} are not allowed" if bad else "it must start with a letter or digit"
-        raise RecordError(f"product_id {value!r} is not safe as a path segment: {why}; use {PRODUCT_ID_RULE}")
+        why = (
+            f"characters {''.join(bad)!r} are not allowed"
+            if bad
+            else "it must start with a letter or digit"
+        )
+        raise RecordError(
+            f"product_id {value!r} is not safe as a path segment: {why}; use {PRODUCT_ID_RULE}"
+        )
     return value
 
 
@@ -88,7 +92,9 @@ class ProductRecord:
     @property
     def words(self) -> set[str]:
         """Lower-cased words of the title, category and attribute values (token collisions)."""
-        text = " ".join(filter(None, [self.title, self.category, self.description, *self.attributes.values()]))
+        text = " ".join(
+            filter(None, [self.title, self.category, self.description, *self.attributes.values()])
+        )
         return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
@@ -139,6 +145,39 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
+# One row per sample of a product's training set (`restage augment` manifest).
+SAMPLE_KINDS = ("real", "view", "context", "negative", "counterfactual")
+POSITIVE_KINDS = ("real", "view", "context")
+NEGATIVE_KINDS = ("negative", "counterfactual")
+SCORE_COLUMNS = ("clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino", "mask_iou")
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("mask_uri", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("source_sample", pa.string()),
+        pa.field("origin_uri", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("product_type", pa.string()),
+        pa.field("type_source", pa.string()),
+        pa.field("mask_method", pa.string()),
+        pa.field("mask_score", pa.float32()),
+        *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
+        pa.field("score", pa.float32()),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("drop_reason", pa.string()),
+        pa.field("models", pa.map_(pa.string(), pa.string())),
+    ]
+)
+
+
 def records_table(records: list[ProductRecord]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in records], schema=PRODUCT_SCHEMA)
 
@@ -169,7 +208,9 @@ def _attributes(value: Any) -> dict[str, str]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise RecordError("attributes must be a JSON object (mapping of name to value)") from None
+            raise RecordError(
+                "attributes must be a JSON object (mapping of name to value)"
+            ) from None
     if isinstance(value, list):  # Arrow map columns arrive as [(key, value), ...]
         value = dict(value)
     if not isinstance(value, dict):
@@ -236,13 +277,17 @@ class Manifest:
 
 def manifest_format(uri: str) -> str:
     name = uri.rsplit("/", 1)[-1].lower()
-    for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
-                        (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
+    for suffix, fmt in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "jsonl"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+    ):
         if name.endswith(suffix) or name.endswith(suffix + ".gz"):
             return fmt
-    raise RecordError(
-        f"manifest {uri!r}: unknown format; name it *.jsonl, *.csv or *.parquet"
-    )
+    raise RecordError(f"manifest {uri!r}: unknown format; name it *.jsonl, *.csv or *.parquet")
 
 
 def _raw_rows(uri: str, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
@@ -289,13 +334,29 @@ def read_manifest(uri: str, job: str = "manifest") -> Manifest:
         try:
             rec = validate_record(raw, base)
         except RecordError as exc:
-            errors.append(ErrorRow(job, "manifest", f"{where}: {exc}", product_id=pid if isinstance(pid, str) else None,
-                                   item=where, record=_dump(raw)))
+            errors.append(
+                ErrorRow(
+                    job,
+                    "manifest",
+                    f"{where}: {exc}",
+                    product_id=pid if isinstance(pid, str) else None,
+                    item=where,
+                    record=_dump(raw),
+                )
+            )
             continue
         if rec.product_id in seen:
-            errors.append(ErrorRow(job, "manifest", f"{where}: duplicate product_id {rec.product_id!r} "
-                                   f"(first seen at {seen[rec.product_id]}); the first record is kept",
-                                   product_id=rec.product_id, item=where, record=_dump(raw)))
+            errors.append(
+                ErrorRow(
+                    job,
+                    "manifest",
+                    f"{where}: duplicate product_id {rec.product_id!r} "
+                    f"(first seen at {seen[rec.product_id]}); the first record is kept",
+                    product_id=rec.product_id,
+                    item=where,
+                    record=_dump(raw),
+                )
+            )
             continue
         seen[rec.product_id] = where
         records.append(rec)

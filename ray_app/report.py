@@ -58,8 +58,10 @@ class JobSummary:
     def table(self) -> str:
         return format_table(
             ["stage", "unit", "in", "out", "dropped", "errors", "seconds"],
-            [[s.stage, s.unit, s.items_in, s.items_out, s.dropped, s.errors, f"{s.seconds:.2f}"]
-             for s in self.stages.values()],
+            [
+                [s.stage, s.unit, s.items_in, s.items_out, s.dropped, s.errors, f"{s.seconds:.2f}"]
+                for s in self.stages.values()
+            ],
         )
 
     def render(self) -> str:
@@ -75,7 +77,10 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])

@@ -37,7 +37,7 @@ def has_protocol(uri: str) -> bool:
 def normalize_uri(uri: str) -> str:
     """Make local paths absolute (Ray workers do not share the driver's working directory)."""
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     if has_protocol(uri):
         return uri.rstrip("/") if uri.count("/") > 2 else uri
     return os.path.abspath(os.path.expanduser(uri))

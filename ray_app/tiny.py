@@ -101,7 +101,8 @@ def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's BPE vocabulary and merges, rebuilt from the merges file OpenCLIP ships."""
     import open_clip.tokenizer as oct
 
-    merges_text = gzip.open(oct.default_bpe(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as f:
+        merges_text = f.read().split("\n")
     merges = [tuple(m.split()) for m in merges_text[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(oct.bytes_to_unicode().values())
     vocab = alphabet + [v + "</w>" for v in alphabet]
@@ -115,19 +116,99 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+    return CLIPTokenizer(
+        vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77
+    )
 
 
-_CORPUS = (
-    "describe this product photo in detail colour material shape position lighting visible text "
-    "a red ceramic mug on a wooden kitchen table in soft morning light next to a window "
-    "a leather backpack on a park bench a white sneaker on a concrete floor studio lighting "
-    "a glass vase with flowers on a marble counter warm evening light a bottle a bowl a chair "
-    "write realistic scene descriptions for product photos one per line no people no text"
-).split(" ")
+_CORPUS = [
+    "describe",
+    "this",
+    "product",
+    "photo",
+    "in",
+    "detail",
+    "colour",
+    "material",
+    "shape",
+    "position",
+    "lighting",
+    "visible",
+    "text",
+    "a",
+    "red",
+    "ceramic",
+    "mug",
+    "on",
+    "a",
+    "wooden",
+    "kitchen",
+    "table",
+    "in",
+    "soft",
+    "morning",
+    "light",
+    "next",
+    "to",
+    "a",
+    "window",
+    "a",
+    "leather",
+    "backpack",
+    "on",
+    "a",
+    "park",
+    "bench",
+    "a",
+    "white",
+    "sneaker",
+    "on",
+    "a",
+    "concrete",
+    "floor",
+    "studio",
+    "lighting",
+    "a",
+    "glass",
+    "vase",
+    "with",
+    "flowers",
+    "on",
+    "a",
+    "marble",
+    "counter",
+    "warm",
+    "evening",
+    "light",
+    "a",
+    "bottle",
+    "a",
+    "bowl",
+    "a",
+    "chair",
+    "write",
+    "realistic",
+    "scene",
+    "descriptions",
+    "for",
+    "product",
+    "photos",
+    "one",
+    "per",
+    "line",
+    "no",
+    "people",
+    "no",
+    "text",
+]
 _QWEN_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -205,9 +286,17 @@ def _sdxl_components(unet_in_channels: int) -> dict:
         prediction_type="epsilon",
     )
     text_cfg = {
-        "vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-        "num_hidden_layers": 2, "max_position_embeddings": 77, "projection_dim": 32,
-        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, "hidden_act": "gelu",
+        "vocab_size": 49408,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "hidden_act": "gelu",
     }
     return {
         "unet": unet,
@@ -272,17 +361,33 @@ def _novel_view(dest: Path) -> None:
     # SVD always resizes its conditioning image to 224 px before the CLIP vision tower.
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-            num_attention_heads=2, image_size=224, patch_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
         )
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-        prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
-        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
     )
     pipe = StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+        vae=vae,
+        image_encoder=encoder,
+        unet=unet,
+        scheduler=scheduler,
         feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
     )
     pipe.save_pretrained(dest, safe_serialization=True)
@@ -291,10 +396,19 @@ def _novel_view(dest: Path) -> None:
 # Segment Anything architecture of the tiny checkpoint; the loader reads this file when it
 # sits beside a checkpoint and otherwise recognises vit_b / vit_l / vit_h from the weights.
 SAM_TINY_ARCH = {
-    "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
-    "encoder_global_attn_indexes": [1], "image_size": 64, "vit_patch_size": 16,
-    "prompt_embed_dim": 32, "window_size": 2, "mlp_ratio": 2.0,
-    "decoder_depth": 2, "decoder_mlp_dim": 64, "decoder_num_heads": 2, "mask_in_chans": 4,
+    "encoder_embed_dim": 32,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_global_attn_indexes": [1],
+    "image_size": 64,
+    "vit_patch_size": 16,
+    "prompt_embed_dim": 32,
+    "window_size": 2,
+    "mlp_ratio": 2.0,
+    "decoder_depth": 2,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "mask_in_chans": 4,
 }
 
 
@@ -312,23 +426,36 @@ def build_sam(arch: dict):
     grid = size // patch
     return Sam(
         image_encoder=ImageEncoderViT(
-            depth=arch["encoder_depth"], embed_dim=arch["encoder_embed_dim"], img_size=size,
-            mlp_ratio=arch.get("mlp_ratio", 4.0), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=arch["encoder_num_heads"], patch_size=patch, qkv_bias=True, use_rel_pos=True,
+            depth=arch["encoder_depth"],
+            embed_dim=arch["encoder_embed_dim"],
+            img_size=size,
+            mlp_ratio=arch.get("mlp_ratio", 4.0),
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch["encoder_num_heads"],
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
             global_attn_indexes=tuple(arch["encoder_global_attn_indexes"]),
-            window_size=arch.get("window_size", 14), out_chans=dim,
+            window_size=arch.get("window_size", 14),
+            out_chans=dim,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(size, size),
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(size, size),
             mask_in_chans=arch.get("mask_in_chans", 16),
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(
-                depth=arch.get("decoder_depth", 2), embedding_dim=dim,
-                mlp_dim=arch.get("decoder_mlp_dim", 2048), num_heads=arch.get("decoder_num_heads", 8),
+                depth=arch.get("decoder_depth", 2),
+                embedding_dim=dim,
+                mlp_dim=arch.get("decoder_mlp_dim", 2048),
+                num_heads=arch.get("decoder_num_heads", 8),
             ),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=dim,
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
@@ -350,8 +477,20 @@ def _clip(dest: Path) -> None:
     cfg = {
         "model_cfg": {
             "embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+            "vision_cfg": {
+                "image_size": 32,
+                "layers": 2,
+                "width": 32,
+                "head_width": 16,
+                "patch_size": 8,
+            },
+            "text_cfg": {
+                "context_length": 77,
+                "vocab_size": 49408,
+                "width": 32,
+                "heads": 2,
+                "layers": 2,
+            },
         },
         "preprocess_cfg": {
             "mean": [0.48145466, 0.4578275, 0.40821073],
@@ -362,21 +501,34 @@ def _clip(dest: Path) -> None:
     }
     (dest / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
     model = open_clip.CLIP(**cfg["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dest / "open_clip_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        dest / "open_clip_model.safetensors",
+    )
 
 
 def _dinov2(dest: Path) -> None:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     model = Dinov2Model(
-        Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                     image_size=32, patch_size=8)
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=32,
+            patch_size=8,
+        )
     )
     model.save_pretrained(dest)
     BitImageProcessor(
-        do_resize=True, size={"shortest_edge": 32}, do_center_crop=True,
-        crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        do_resize=True,
+        size={"shortest_edge": 32},
+        do_center_crop=True,
+        crop_size={"height": 32, "width": 32},
+        do_convert_rgb=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(dest)
 
 
@@ -396,8 +548,13 @@ def _captioner(dest: Path) -> None:
 
     tok = _qwen_tokenizer()
     ids = tok.convert_tokens_to_ids
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": 14, "merge_size": 2,
-              "temporal_patch_size": 2}
+    pixels = {
+        "min_pixels": 56 * 56,
+        "max_pixels": 112 * 112,
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
@@ -406,15 +563,32 @@ def _captioner(dest: Path) -> None:
     )
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 1024,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<|endoftext|>"),
         },
         vision_config={
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 28,
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 28,
             "fullatt_block_indexes": [1],
         },
         image_token_id=ids("<|image_pad|>"),
@@ -437,10 +611,17 @@ def _llm(dest: Path) -> None:
     ids = tok.convert_tokens_to_ids
     model = Qwen2ForCausalLM(
         Qwen2Config(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=True,
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+            tie_word_embeddings=True,
         )
     )
     model.generation_config.eos_token_id = ids("<|im_end|>")

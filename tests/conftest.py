@@ -46,5 +46,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def dreambooth() -> Path:
     if not (DREAMBOOTH / "products.jsonl").exists():
-        pytest.skip(f"real product photos not found at {DREAMBOOTH} (see ../shared/data/dreambooth/README.md)")
+        pytest.skip(
+            f"real product photos not found at {DREAMBOOTH} (see ../shared/data/dreambooth/README.md)"
+        )
     return DREAMBOOTH

@@ -24,7 +24,9 @@ def _subcommands() -> list[list[str]]:
     action = next(a for a in parser._actions if a.dest == "command")
     out = []
     for name, sub in action.choices.items():
-        nested = [a for a in sub._actions if getattr(a, "choices", None) and a.dest.endswith("_command")]
+        nested = [
+            a for a in sub._actions if getattr(a, "choices", None) and a.dest.endswith("_command")
+        ]
         out += [[name, child] for child in nested[0].choices] if nested else [[name]]
     return out
 
@@ -41,7 +43,7 @@ def test_config_show_tiny_prints_the_resolved_config():
     assert proc.returncode == 0, proc.stderr
     shown = yaml.safe_load(proc.stdout)
     assert shown["profile"] == "tiny" and shown["generator"]["source"] == "tiny"
-    assert shown["ray"]["num_cpus"] == 2
+    assert shown["ray"]["num_cpus"] == 4
 
 
 def test_config_show_rejects_bad_value_naming_the_key():
@@ -61,7 +63,17 @@ def test_unbuilt_jobs_say_so_and_fail(job):
 def test_models_list_names_every_role():
     proc = run("models", "list", "--profile", "default")
     assert proc.returncode == 0, proc.stderr
-    for role in ("captioner", "segmenter", "novel_view", "inpainter", "generator", "clip", "dino", "encoder", "llm"):
+    for role in (
+        "captioner",
+        "segmenter",
+        "novel_view",
+        "inpainter",
+        "generator",
+        "clip",
+        "dino",
+        "encoder",
+        "llm",
+    ):
         assert role in proc.stdout
     assert "stabilityai/stable-diffusion-xl-base-1.0" in proc.stdout
 

@@ -21,8 +21,15 @@ def test_profiles_resolve_every_role(profile):
 
 
 def test_overrides_apply_with_yaml_types():
-    cfg = load_config("tiny", overrides=["generator.batch_size=3", "generator.num_gpus=0.5",
-                                         "ray.address=auto", "images.max_side=512"])
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "generator.batch_size=3",
+            "generator.num_gpus=0.5",
+            "ray.address=auto",
+            "images.max_side=512",
+        ],
+    )
     assert cfg.generator.batch_size == 3
     assert cfg.generator.num_gpus == 0.5
     assert cfg.ray.address == "auto"

@@ -92,8 +92,11 @@ def test_every_bad_image_lands_in_errors_manifest(tmp_path):
     assert [img.uri for img in loaded] == [str(good)]
 
     layout = JobLayout(str(tmp_path / "run"))
-    write_errors(layout, "prod-1", [ErrorRow("augment", "decode", reason, "prod-1", item=uri)
-                                    for uri, reason in failed])
+    write_errors(
+        layout,
+        "prod-1",
+        [ErrorRow("augment", "decode", reason, "prod-1", item=uri) for uri, reason in failed],
+    )
     table = storage.read_parquet(layout.errors_dir()).to_pylist()
     by_item = {row["item"]: row["reason"] for row in table}
     for name, (uri, reason) in bad.items():

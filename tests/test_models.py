@@ -4,6 +4,7 @@ forward pass; the tiny profile never touches the network."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,14 +28,29 @@ def _generator(m):
 
 
 def _inpainter(m):
-    out = m.model(prompt="a table", image=IMG, mask_image=MASK, num_inference_steps=2, height=64,
-                  width=64, strength=1.0, output_type="np")
+    out = m.model(
+        prompt="a table",
+        image=IMG,
+        mask_image=MASK,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        strength=1.0,
+        output_type="np",
+    )
     assert out.images.shape == (1, 64, 64, 3)
 
 
 def _novel_view(m):
-    out = m.model(IMG, height=64, width=64, num_frames=3, num_inference_steps=2, decode_chunk_size=3,
-                  output_type="np")
+    out = m.model(
+        IMG,
+        height=64,
+        width=64,
+        num_frames=3,
+        num_inference_steps=2,
+        decode_chunk_size=3,
+        output_type="np",
+    )
     assert np.asarray(out.frames).shape == (1, 3, 64, 64, 3)
 
 
@@ -60,7 +76,9 @@ def _vision(m):
 
 def _captioner(m):
     proc = m.processor
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    ]
     text = proc.apply_chat_template(chat, add_generation_prompt=True)
     inputs = proc(text=[text, text], images=[IMG, IMG], return_tensors="pt", padding=True)
     out = m.model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -69,8 +87,11 @@ def _captioner(m):
 
 def _llm(m):
     tok = m.processor
-    text = tok.apply_chat_template([{"role": "user", "content": "Scenes for a mug"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Scenes for a mug"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     inputs = tok([text], return_tensors="pt")
     out = m.model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
@@ -78,9 +99,15 @@ def _llm(m):
 
 # One row per role: adding a role to the registry means adding its forward check here.
 FORWARD = {
-    "generator": _generator, "inpainter": _inpainter, "novel_view": _novel_view,
-    "segmenter": _segmenter, "clip": _clip, "dino": _vision, "encoder": _vision,
-    "captioner": _captioner, "llm": _llm,
+    "generator": _generator,
+    "inpainter": _inpainter,
+    "novel_view": _novel_view,
+    "segmenter": _segmenter,
+    "clip": _clip,
+    "dino": _vision,
+    "encoder": _vision,
+    "captioner": _captioner,
+    "llm": _llm,
 }
 
 
@@ -117,7 +144,9 @@ def test_source_from_fsspec_uri_is_fetched_once(tiny_dir, tmp_path):
     fs, _ = storage.url_to_fs("memory://")
     for path in (tiny_dir / "dino").iterdir():
         fs.pipe_file(f"/models/dino/{path.name}", path.read_bytes())
-    cfg = load_config("tiny", overrides=["dino.source=memory://models/dino", f"cache_dir={tmp_path}"])
+    cfg = load_config(
+        "tiny", overrides=["dino.source=memory://models/dino", f"cache_dir={tmp_path}"]
+    )
     first = models.load_role(cfg, "dino")
     second = models.load_role(cfg, "dino")
     assert first.resolved == second.resolved and first.resolved.startswith(str(tmp_path))
@@ -127,7 +156,10 @@ def test_source_from_fsspec_uri_is_fetched_once(tiny_dir, tmp_path):
 
 def test_hub_id_is_refused_offline():
     cfg = load_config("default", overrides=["offline=true"])
-    with pytest.raises(RuntimeError, match="dino.source='facebook/dinov2-base' is a hub id but offline=true"):
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape("dino.source='facebook/dinov2-base' is a hub id but offline=true"),
+    ):
         models.load_role(cfg, "dino")
 
 
@@ -139,7 +171,7 @@ def test_segmenter_refuses_a_hub_id():
 
 def test_missing_local_path_is_named():
     cfg = load_config("tiny", overrides=["clip.source=/no/such/dir"])
-    with pytest.raises(FileNotFoundError, match="clip.source='/no/such/dir'"):
+    with pytest.raises(FileNotFoundError, match=re.escape("clip.source='/no/such/dir'")):
         models.load_role(cfg, "clip")
 
 
@@ -171,8 +203,9 @@ NO_NETWORK = textwrap.dedent(
 
 def test_tiny_profile_never_touches_the_network(tmp_path):
     env = {"RESTAGE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     attempts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert attempts == [], f"network attempts with the tiny profile: {attempts}"

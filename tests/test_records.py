@@ -40,8 +40,14 @@ def test_unsafe_product_ids_are_rejected(pid, why):
 
 
 RAW = [
-    {"product_id": "mug-1", "category": "mug", "title": "Red mug", "image_uris": ["img/a.png", "img/b.png"],
-     "attributes": {"color": "red", "height_cm": 9}, "price": 12.5},
+    {
+        "product_id": "mug-1",
+        "category": "mug",
+        "title": "Red mug",
+        "image_uris": ["img/a.png", "img/b.png"],
+        "attributes": {"color": "red", "height_cm": 9},
+        "price": 12.5,
+    },
     {"product_id": "../evil", "image_uris": ["x.png"]},
     {"product_id": "mug-1", "image_uris": ["img/c.png"]},
     {"product_id": "lamp-2", "image_uris": ["s3://bucket/lamp.jpg", "/abs/lamp.png"]},
@@ -87,10 +93,16 @@ def test_bad_json_line_is_an_error_not_a_crash(tmp_path):
     [
         ({"image_uris": ["a.png"]}, "product_id is missing"),
         ({"product_id": "a"}, "image_uris is empty"),
-        ({"product_id": "a", "image_uris": "a.png|b.png", "attributes": "{bad"}, "attributes must be a JSON"),
+        (
+            {"product_id": "a", "image_uris": "a.png|b.png", "attributes": "{bad"},
+            "attributes must be a JSON",
+        ),
         ({"product_id": "a", "image_uris": [""]}, "empty or non-string"),
         ({"product_id": "a", "image_uris": ["a.png"], "title": 5}, "title must be a string"),
-        ({"product_id": "a", "image_uris": ["a.png"], "attributes": {"k": {"n": 1}}}, "attributes.k must be a scalar"),
+        (
+            {"product_id": "a", "image_uris": ["a.png"], "attributes": {"k": {"n": 1}}},
+            "attributes.k must be a scalar",
+        ),
     ],
 )
 def test_invalid_records(record, why):
@@ -117,8 +129,14 @@ def test_records_table_round_trip():
 
 
 def test_errors_table_schema():
-    err = records.ErrorRow("augment", "decode", "file not found", product_id="a", item="/x.png",
-                           record=json.dumps({"a": 1}))
+    err = records.ErrorRow(
+        "augment",
+        "decode",
+        "file not found",
+        product_id="a",
+        item="/x.png",
+        record=json.dumps({"a": 1}),
+    )
     table = records.errors_table([err])
     assert table.schema.equals(records.ERROR_SCHEMA)
     assert table.column("reason").to_pylist() == ["file not found"]

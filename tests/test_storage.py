@@ -46,7 +46,10 @@ def test_layouts_put_every_artifact_under_the_root():
     assert aug.mask("p1", "s1") == "memory://runs/r1/augment/masks/p1/s1.png"
     assert aug.manifest_shard("p1") == "memory://runs/r1/augment/manifest/p1.parquet"
     assert aug.marker("p1") == "memory://runs/r1/augment/_done/p1.json"
-    assert run.adapters.weights("p1") == "memory://runs/r1/adapters/p1/pytorch_lora_weights.safetensors"
+    assert (
+        run.adapters.weights("p1")
+        == "memory://runs/r1/adapters/p1/pytorch_lora_weights.safetensors"
+    )
     assert run.generations.image("p1", "i0") == "memory://runs/r1/generations/images/p1/i0.png"
 
 

@@ -1,0 +1,182 @@
+"""Inpainting (role ``inpainter``): outpainting a new scene around the kept product pixels
+(new contexts, paper 2.1.2) and painting another object into the product's place
+(counterfactual negatives, 2.1.3).
+
+The model repaints where ``mask`` is white. With ``keep`` given, the kept pixels are pasted
+back over the result with a feathered edge, so the product's own pixels survive exactly:
+fidelity is never left to the diffusion model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from ray_app.batching import batch_len, column, map_chunks, object_array
+from ray_app.config import RestageConfig
+from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox
+from ray_app.models import load_role
+
+
+def place_product(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    scale: tuple[float, float],
+    seed: int,
+    background: int = 127,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the product out and place it on a square ``size`` canvas: its longer side a
+    random fraction in ``scale`` of the canvas, horizontally near the centre, resting in the
+    lower half (products stand on surfaces). -> (canvas RGB, keep mask 255 = product)."""
+    box = mask_bbox(mask)
+    if box is None:
+        raise ValueError("place_product: the mask is empty")
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, y1 = box
+    crop, crop_mask = rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    longer = rng.uniform(*scale) * size
+    factor = longer / max(x1 - x0, y1 - y0)
+    w, h = (
+        max(1, min(size, round((x1 - x0) * factor))),
+        max(1, min(size, round((y1 - y0) * factor))),
+    )
+    crop = np.asarray(Image.fromarray(crop).resize((w, h), Image.LANCZOS))
+    crop_mask = np.asarray(Image.fromarray(crop_mask).resize((w, h), Image.NEAREST))
+    cx = rng.uniform(0.4, 0.6) * size
+    bottom = rng.uniform(0.75, 0.95) * size
+    left = int(np.clip(round(cx - w / 2), 0, size - w))
+    top = int(np.clip(round(bottom - h), 0, size - h))
+    canvas = np.full((size, size, 3), background, np.uint8)
+    keep = np.zeros((size, size), np.uint8)
+    region = canvas[top : top + h, left : left + w]
+    region[crop_mask > 0] = crop[crop_mask > 0]
+    keep[top : top + h, left : left + w] = np.where(crop_mask > 0, 255, 0)
+    return canvas, keep
+
+
+def paste_back(
+    generated: np.ndarray, original: np.ndarray, keep: np.ndarray, feather: int
+) -> np.ndarray:
+    """Composite the kept pixels of ``original`` over ``generated``; pixels farther than
+    ``feather`` inside the keep mask are exactly the original's."""
+    alpha = keep.astype(np.float32) / 255.0
+    if feather > 0:
+        # Erode first so that the soft edge lies inside the product, then blur.
+        eroded = Image.fromarray(keep).filter(ImageFilter.MinFilter(2 * feather + 1))
+        soft = np.asarray(eroded.filter(ImageFilter.GaussianBlur(feather)), np.float32) / 255.0
+        alpha = np.where(np.asarray(eroded) > 0, 1.0, soft) * (keep > 0)
+    out = (
+        generated.astype(np.float32) * (1 - alpha[..., None])
+        + original.astype(np.float32) * alpha[..., None]
+    )
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    return np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(2 * pixels + 1)))
+
+
+def square_canvas(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-crop to a square and resize to ``size`` (counterfactuals keep the real scene)."""
+    h, w = mask.shape
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    rgb, mask = rgb[y0 : y0 + side, x0 : x0 + side], mask[y0 : y0 + side, x0 : x0 + side]
+    return (
+        np.asarray(Image.fromarray(rgb).resize((size, size), Image.LANCZOS)),
+        np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST)),
+    )
+
+
+class Inpainter:
+    """Batch in: ``image`` (encoded bytes, sides multiples of 8), ``mask`` (PNG, 255 = paint
+    here), ``prompt`` (str), ``seed`` (int), optional ``keep`` (PNG of pixels to paste back)
+    and ``negative_prompt``. Batch out: ``image`` (PNG bytes or None) and ``error``."""
+
+    role = "inpainter"
+
+    def __init__(self, config: RestageConfig, device: str | None = None):
+        self.loaded = load_role(config, self.role, device=device)
+        self.batch_size = config.role(self.role).batch_size
+        self.options = config.augment.contexts
+
+    @torch.inference_mode()
+    def paint(self, items: list[dict[str, Any]]) -> list[np.ndarray]:
+        o = self.options
+        h, w = items[0]["rgb"].shape[:2]
+        if any(it["rgb"].shape[:2] != (h, w) for it in items):
+            raise ValueError("inpainter: a micro-batch mixes image sizes")
+        if h % 8 or w % 8:
+            raise ValueError(f"inpainter: image is {w}x{h}; both sides must be multiples of 8")
+        out = self.loaded.model(
+            prompt=[it["prompt"] for it in items],
+            negative_prompt=[it["negative_prompt"] for it in items],
+            image=[Image.fromarray(it["rgb"]) for it in items],
+            mask_image=[Image.fromarray(it["mask"]) for it in items],
+            height=h,
+            width=w,
+            num_inference_steps=o.steps,
+            guidance_scale=o.guidance_scale,
+            strength=o.strength,
+            generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in items],
+            output_type="np",
+        ).images
+        images = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+        return [
+            paste_back(img, it["rgb"], it["keep"], o.feather) if it["keep"] is not None else img
+            for img, it in zip(images, items, strict=True)
+        ]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        n = batch_len(batch)
+        negatives = column(batch, "negative_prompt", n)
+        keeps = column(batch, "keep", n)
+        errors: list[str | None] = [None] * n
+        items: list[dict[str, Any]] = []
+        for i, (data, mask, prompt, seed) in enumerate(
+            zip(
+                column(batch, "image"),
+                column(batch, "mask"),
+                column(batch, "prompt"),
+                column(batch, "seed"),
+                strict=True,
+            )
+        ):
+            try:
+                items.append(
+                    {
+                        "i": i,
+                        "rgb": decode_rgb(data),
+                        "mask": decode_mask(mask),
+                        "prompt": str(prompt),
+                        "seed": int(seed),
+                        "negative_prompt": negatives[i] or self.options.negative_prompt,
+                        "keep": decode_mask(keeps[i]) if keeps[i] is not None else None,
+                    }
+                )
+            except Exception as exc:
+                errors[i] = f"inpainter: bad input: {exc}"
+        # Micro-batches never mix image sizes (one latent grid per forward).
+        items.sort(key=lambda it: (it["rgb"].shape[:2], it["i"]))
+        results: list[tuple[np.ndarray | None, str | None]] = []
+        start = 0
+        while start < len(items):
+            shape = items[start]["rgb"].shape[:2]
+            end = start
+            while end < len(items) and items[end]["rgb"].shape[:2] == shape:
+                end += 1
+            results += map_chunks(items[start:end], self.batch_size, self.paint)
+            start = end
+        images: list[bytes | None] = [None] * n
+        for it, (img, err) in zip(items, results, strict=True):
+            if err:
+                errors[it["i"]] = f"inpainter: {err}"
+            else:
+                images[it["i"]] = encode_png(img)
+        return {"image": object_array(images), "error": object_array(errors)}

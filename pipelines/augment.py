@@ -1,0 +1,1017 @@
+"""`restage augment`: the synthetic training set of every product (paper 2.1-2.3, A.2).
+
+Ray Data streams one row per product through one stage per model role:
+
+    decode -> caption (+ typing) -> views -> segment -> inpaint (contexts, counterfactuals)
+           -> negatives -> resegment -> score -> select -> write
+
+Model stages are actor pools (``ActorPoolStrategy(min, max)``, ``num_gpus`` from the role's
+config); decode, select and write are CPU tasks. A row carries the product's whole state
+(record, samples as encoded images, errors, per-stage stats), so every per-product decision
+(how many negatives, the positive:negative ratio, top-k per source) is local to the row and
+nothing is ever grouped or materialised across products.
+
+Resume: a product's completion marker is written after its images, manifest shard and errors
+shard; a re-run skips products with a marker and redoes the others from scratch, with the
+same seeds, so it ends with the same samples. We use our own markers rather than Ray Data
+checkpointing because the unit of completeness is a product (many files), not a row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import pickle
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from actors.captioner import Captioner, type_question
+from actors.clip import ClipEmbedder, zero_shot
+from actors.dino import DinoEmbedder
+from actors.generator import GenerationOptions, Generator
+from actors.inpainter import Inpainter, dilate, place_product, square_canvas
+from actors.novel_view import NovelView
+from actors.segmenter import Segmenter
+from ray_app import storage
+from ray_app.config import RestageConfig
+from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
+from ray_app.metrics import aggregate, mask_iou, mean_similarity
+from ray_app.prompts import GENERIC, PromptBank, classify, fill
+from ray_app.records import (
+    NEGATIVE_KINDS,
+    SAMPLE_SCHEMA,
+    ErrorRow,
+    ProductRecord,
+    read_manifest,
+    records_table,
+)
+from ray_app.report import JobSummary, StageStats
+from ray_app.seeds import derive_seed
+from ray_app.storage import AugmentLayout, write_errors
+
+JOB = "augment"
+STAGES = (
+    "decode",
+    "caption",
+    "views",
+    "segment",
+    "inpaint",
+    "negatives",
+    "resegment",
+    "score",
+    "select",
+    "write",
+)
+SYNTHETIC_POSITIVES = ("view", "context")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Sample:
+    """One image of a product's training set while it moves through the pipeline."""
+
+    sample_id: str
+    kind: str
+    image: bytes | None
+    width: int
+    height: int
+    caption: str | None = None
+    prompt: str | None = None
+    source_sample: str | None = None
+    origin_uri: str | None = None  # real images: the input URI
+    seed: int | None = None
+    alpha: bytes | None = None  # real images: the file's alpha channel, a mask hint
+    mask: bytes | None = None
+    mask_method: str | None = None
+    mask_score: float | None = None
+    expected_mask: bytes | None = None  # contexts: where the product was pasted
+    scores: dict[str, float] = field(default_factory=dict)
+    score: float | None = None
+    kept: bool = True
+    drop_reason: str | None = None
+    models: dict[str, str] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        if self.kept:
+            self.kept, self.drop_reason = False, reason
+
+
+@dataclass
+class ProductState:
+    """Everything known about one product; pickled into its Ray Data row between stages."""
+
+    record: ProductRecord
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[ErrorRow] = field(default_factory=list)
+    product_type: str | None = None
+    type_source: str | None = None
+    noun: str = "product"
+    negatives: int = 0  # in-class negatives to generate (set once the masks are known)
+    counterfactuals: int = 0
+    failed: str | None = None
+    stats: dict[str, StageStats] = field(default_factory=dict)
+
+    @property
+    def product_id(self) -> str:
+        return self.record.product_id
+
+    def of(self, *kinds: str) -> list[Sample]:
+        return [s for s in self.samples if s.kind in kinds]
+
+    def error(self, stage: str, reason: str, item: str | None = None) -> None:
+        self.errors.append(
+            ErrorRow(
+                JOB,
+                stage,
+                reason,
+                self.product_id,
+                item=item,
+                record=json.dumps(self.record.to_row(), default=str),
+            )
+        )
+
+    def stat(self, stage: str) -> StageStats:
+        if stage not in self.stats:
+            self.stats[stage] = StageStats(stage, "images")
+        return self.stats[stage]
+
+
+def pack(states: list[ProductState]) -> dict[str, np.ndarray]:
+    out_ids = np.array([s.product_id for s in states], dtype=object)
+    blobs = np.empty(len(states), dtype=object)
+    blobs[:] = [pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL) for s in states]
+    return {"product_id": out_ids, "state": blobs}
+
+
+def unpack(batch: dict[str, np.ndarray]) -> list[ProductState]:
+    return [pickle.loads(blob) for blob in batch["state"]]
+
+
+def model_tag(config: RestageConfig, role: str) -> str:
+    spec = config.role(role)
+    return spec.source + (f"@{spec.revision}" if spec.revision else "")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "with",
+        "in",
+        "on",
+        "at",
+        "to",
+        "for",
+        "by",
+        "from",
+        "its",
+        "it",
+        "this",
+        "that",
+        "is",
+        "are",
+        "as",
+        "be",
+    ]
+)
+
+
+def strip_product_words(caption: str, record: ProductRecord, noun: str) -> str:
+    """A caption with the words that identify *this* product removed (title, attributes,
+    quoted text such as brand names), keeping the class noun: the prompt of an in-class
+    negative (paper 2.1.3)."""
+    keep = set(re.findall(r"[a-z0-9]+", noun.lower())) | _STOPWORDS
+    specific = (record.words | set(re.findall(r"[a-z0-9]+", record.product_id.lower()))) - keep
+    text = re.sub(r"[\"“”'‘’][^\"“”'‘’]{1,80}[\"“”'‘’]", "", caption)  # quoted visible text
+    if specific:
+        text = re.sub(
+            r"\b(" + "|".join(sorted(map(re.escape, specific))) + r")\b",
+            "",
+            text,
+            flags=re.IGNORECASE,
+        )
+    text = re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;:")
+    if not set(re.findall(r"[a-z0-9]+", text.lower())) & (keep - _STOPWORDS):
+        text = f"a {noun}, {text}" if text else f"a photo of a {noun}"
+    return text
+
+
+def negatives_needed(
+    n_real: int,
+    n_views_per_real: int,
+    n_contexts_per_image: int,
+    top_k: int,
+    ratio: float,
+    oversample: float,
+) -> int:
+    """Negatives to generate: enough for the most positives that can survive filtering,
+    with head-room (``oversample``) for negatives that filtering drops."""
+    views = n_real * min(n_views_per_real, top_k)
+    contexts = (n_real + views) * min(n_contexts_per_image, top_k)
+    return math.ceil((n_real + views + contexts) / ratio * oversample)
+
+
+def balance_ratio(
+    positives: list[tuple[str, float, bool]],
+    negatives: list[tuple[str, float, str]],
+    ratio: float,
+    counterfactual_fraction: float,
+) -> tuple[set[str], int, int]:
+    """Pick the largest exact ``ratio`` : 1 set -> (ids to drop, positives kept, negatives kept).
+
+    ``positives``: (id, score, is_real); the lowest-scoring synthetic ones go first, real
+    images last. ``negatives``: (id, product-likeness score, kind); the ones that look most
+    like the product go first, and the counterfactual share is kept near
+    ``counterfactual_fraction``.
+    """
+    n_pos, n_neg = len(positives), len(negatives)
+    target_p, target_n = 0, 0
+    for n in range(min(n_neg, int(n_pos / ratio + 1e-9)), 0, -1):
+        p = ratio * n
+        if abs(p - round(p)) < 1e-9 and round(p) <= n_pos:
+            target_p, target_n = round(p), n
+            break
+    key = lambda item: item[1] if not math.isnan(item[1]) else -math.inf  # noqa: E731
+    pos_order = sorted(positives, key=lambda p: (p[2], key(p), p[0]), reverse=True)
+    keep_pos = {p[0] for p in pos_order[:target_p]}
+    cfs = sorted((n for n in negatives if n[2] == "counterfactual"), key=lambda n: (key(n), n[0]))
+    ins = sorted((n for n in negatives if n[2] != "counterfactual"), key=lambda n: (key(n), n[0]))
+    want_cf = min(len(cfs), round(target_n * counterfactual_fraction))
+    want_in = min(len(ins), target_n - want_cf)
+    want_cf = min(len(cfs), target_n - want_in)
+    keep_neg = {n[0] for n in cfs[:want_cf]} | {n[0] for n in ins[:want_in]}
+    drop = {p[0] for p in positives if p[0] not in keep_pos} | {
+        n[0] for n in negatives if n[0] not in keep_neg
+    }
+    return drop, target_p, target_n
+
+
+def select_samples(state: ProductState, config: RestageConfig) -> None:
+    """Filter synthetic samples, keep the top-k per source, then enforce the ratio. Every
+    dropped sample keeps its reason; real images are only ever dropped to meet the ratio."""
+    f, neg = config.augment.filter, config.augment.negatives
+    samples = [s for s in state.samples if s.image is not None]
+    names = list(config.scoring.ranges)
+    scores = {n: np.array([s.scores.get(n, np.nan) for s in samples], np.float32) for n in names}
+    agg = aggregate(scores, f.weights, config.scoring.ranges) if samples else []
+    for s, value in zip(samples, agg, strict=True):
+        s.score = None if np.isnan(value) else float(value)
+    minimums = {
+        "clip_i": f.min_clip_i,
+        "clip_t": f.min_clip_t,
+        "seg_clip_i": f.min_seg_clip_i,
+        "dino": f.min_dino,
+    }
+    for s in samples:
+        if s.kind in SYNTHETIC_POSITIVES:
+            for name, low in minimums.items():
+                value = s.scores.get(name, math.nan)
+                if not math.isnan(value) and value < low:
+                    s.drop(f"{name}={value:.3f} < {low:g}")
+                    break
+            if s.kind == "context" and s.kept:
+                iou = s.scores.get("mask_iou", 0.0)
+                if iou < f.min_mask_iou:
+                    s.drop(
+                        f"mask_iou={iou:.3f} < {f.min_mask_iou:g} (outpainting changed the product)"
+                    )
+        elif s.kind in NEGATIVE_KINDS:
+            likeness = s.scores.get("seg_clip_i", math.nan)
+            if not math.isnan(likeness) and likeness >= f.max_negative_seg_clip_i:
+                s.drop(
+                    f"seg_clip_i={likeness:.3f} >= {f.max_negative_seg_clip_i:g}: looks like the product"
+                )
+    by_id = {s.sample_id: s for s in samples}
+    for kind in SYNTHETIC_POSITIVES:
+        groups: dict[str, list[Sample]] = {}
+        for s in samples:
+            if s.kind == kind:
+                source = by_id.get(s.source_sample or "")
+                if source is not None and not source.kept:
+                    s.drop(f"source {source.sample_id} dropped")
+                if s.kept:
+                    groups.setdefault(s.source_sample or "", []).append(s)
+        for group in groups.values():
+            group.sort(
+                key=lambda s: (-(s.score if s.score is not None else -math.inf), s.sample_id)
+            )
+            for s in group[f.top_k_per_source :]:
+                s.drop(f"not in the top {f.top_k_per_source} of its source")
+    pos = [
+        (s.sample_id, s.score if s.score is not None else math.nan, s.kind == "real")
+        for s in samples
+        if s.kept and s.kind not in NEGATIVE_KINDS
+    ]
+    negs = [
+        (s.sample_id, s.scores.get("seg_clip_i", s.scores.get("clip_i", math.nan)), s.kind)
+        for s in samples
+        if s.kept and s.kind in NEGATIVE_KINDS
+    ]
+    drop, kept_p, kept_n = balance_ratio(pos, negs, neg.ratio, neg.counterfactual_fraction)
+    for sid in drop:
+        by_id[sid].drop(f"ratio {neg.ratio:g}:1 (kept {kept_p} positives, {kept_n} negatives)")
+    if pos and kept_n == 0:
+        state.error(
+            "select",
+            f"ratio {neg.ratio:g}:1 cannot be met: {len(negs)} usable negatives for "
+            f"{len(pos)} positives; the product has no training set",
+        )
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Stage:
+    """Base of a model stage: unpack product rows, run ``process`` on each product that has
+    not failed, time it, pack the rows again. A product's images are micro-batched on their
+    own, so its outputs never depend on which other products share the call."""
+
+    name = "stage"
+
+    def __init__(self, config: RestageConfig):
+        self.config = config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        states = unpack(batch)
+        for state in states:
+            if state.failed:
+                continue
+            start = time.perf_counter()
+            try:
+                self.process(state)
+            except Exception as exc:  # a bug or OOM on one product must not kill the others
+                state.error(self.name, f"{type(exc).__name__}: {exc}")
+                state.failed = f"{self.name} failed: {exc}"
+            state.stat(self.name).seconds += time.perf_counter() - start
+        return pack(states)
+
+    def process(self, state: ProductState) -> None:
+        raise NotImplementedError
+
+    def run(
+        self, actor: Any, state: ProductState, rows: list[dict[str, Any]], items: list[str]
+    ) -> list[dict[str, Any]]:
+        """Call ``actor`` on ``rows`` -> one output dict per row. Counts the inputs, and
+        records each failed row as an error on its item (a sample id)."""
+        stat = state.stat(self.name)
+        stat.items_in += len(rows)
+        if not rows:
+            return []
+        out = actor({k: _column([r.get(k) for r in rows]) for k in rows[0]})
+        results = [{k: v[i] for k, v in out.items()} for i in range(len(rows))]
+        for item, result in zip(items, results, strict=True):
+            if result.get("error"):
+                stat.errors += 1
+                state.error(self.name, result["error"], item=item)
+        return results
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        return np.array(values, dtype=np.int64)
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:
+    """Records -> product states with their real images, decoded and re-encoded."""
+    img_cfg, fmt = config.images, config.augment.image_format
+    states = []
+    for row in _rows(batch):
+        start = time.perf_counter()
+        state = ProductState(ProductRecord.from_row(row))
+        stat = state.stat("decode")
+        loaded, failed = load_images(
+            state.record.image_uris,
+            max_megapixels=img_cfg.max_megapixels,
+            max_side=img_cfg.max_side,
+            min_side=img_cfg.min_side,
+        )
+        stat.items_in = len(state.record.image_uris)
+        for uri, reason in failed:
+            state.error("decode", reason, item=uri)
+        for i, img in enumerate(loaded):
+            h, w = img.image.rgb.shape[:2]
+            alpha = encode_png(img.image.alpha) if img.image.alpha is not None else None
+            state.samples.append(
+                Sample(
+                    f"real-{i:02d}",
+                    "real",
+                    encode(img.image.rgb, fmt),
+                    w,
+                    h,
+                    origin_uri=img.uri,
+                    alpha=alpha,
+                )
+            )
+        stat.items_out, stat.errors = len(loaded), len(failed)
+        if not loaded:
+            state.failed = f"no readable image ({len(failed)} of {len(failed)} failed)"
+            state.error("decode", f"product has no readable image: all {len(failed)} failed")
+        stat.seconds = time.perf_counter() - start
+        states.append(state)
+    return pack(states)
+
+
+def _rows(batch: dict[str, np.ndarray]) -> Iterable[dict[str, Any]]:
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {
+            k: (batch[k][i].tolist() if isinstance(batch[k][i], np.ndarray) else batch[k][i])
+            for k in keys
+        }
+
+
+class CaptionStage(_Stage):
+    """Caption every real image; type the product (category > title > captions > CLIP)."""
+
+    name = "caption"
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        self.captioner = Captioner(config)
+        self.bank = PromptBank.load(config.augment.prompt_bank)
+        self.clip: ClipEmbedder | None = None  # loaded only if a product needs zero-shot typing
+        self.tag = model_tag(config, "captioner")
+
+    def process(self, state: ProductState) -> None:
+        reals = state.of("real")
+        out = self.run(
+            self.captioner, state, [{"image": s.image} for s in reals], [s.sample_id for s in reals]
+        )
+        for s, r in zip(reals, out, strict=True):
+            s.caption = r["caption"] or None
+            s.models["captioner"] = self.tag
+        state.stat(self.name).items_out += sum(1 for s in reals if s.caption)
+        rec = state.record
+        ptype, source = classify(self.bank, rec.category, rec.title, [s.caption for s in reals])
+        if ptype is None:
+            ptype, source = self._ask_captioner(state, reals)
+        if ptype is None:
+            ptype, source = self._zero_shot(reals)
+        state.product_type, state.type_source = ptype, source
+        state.noun = rec.category or self.bank.type_of(ptype).noun
+        for s in reals:
+            s.caption = s.caption or f"a photo of a {state.noun}"
+
+    def _ask_captioner(self, state: ProductState, reals: list[Sample]) -> tuple[str | None, str]:
+        labels = [noun for _, noun in self.bank.labels()]
+        question = type_question(labels)
+        answers = self.run(
+            self.captioner,
+            state,
+            [{"image": s.image, "instruction": question} for s in reals],
+            [s.sample_id for s in reals],
+        )
+        name = self.bank.vote(a["caption"] for a in answers)
+        return (name, "captioner") if name else (None, "unresolved")
+
+    def _zero_shot(self, reals: list[Sample]) -> tuple[str, str]:
+        if self.clip is None:
+            self.clip = ClipEmbedder(self.config)
+        labels = self.bank.labels()
+        images = self.clip({"image": _column([s.image for s in reals])})["image_embedding"]
+        images = images[~np.isnan(images).any(axis=1)]
+        if not len(images):
+            return GENERIC, "fallback"
+        texts = self.clip.embed_texts([f"a photo of a {noun}" for _, noun in labels])
+        best, margin = zero_shot(images, texts)
+        if margin < self.config.augment.classify.zero_shot_min_margin:
+            return GENERIC, "fallback"
+        return labels[best][0], "clip"
+
+
+class ViewStage(_Stage):
+    """Novel views: a clip per real image, the configured frames kept as new views."""
+
+    name = "views"
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        self.model = NovelView(config) if config.augment.views.enabled else None
+        self.tag = model_tag(config, "novel_view")
+        self.fmt = config.augment.image_format
+
+    def process(self, state: ProductState) -> None:
+        if self.model is None:
+            return
+        reals = state.of("real")
+        seeds = [
+            derive_seed(state.product_id, "view", i, self.config.seed) for i in range(len(reals))
+        ]
+        rows = [{"image": s.image, "seed": seed} for s, seed in zip(reals, seeds, strict=True)]
+        for real, seed, r in zip(
+            reals,
+            seeds,
+            self.run(self.model, state, rows, [s.sample_id for s in reals]),
+            strict=True,
+        ):
+            if r["error"]:
+                continue
+            for frame, index in zip(r["frames"], r["frame_index"], strict=True):
+                rgb = decode_rgb(frame)
+                state.samples.append(
+                    Sample(
+                        f"view-{real.sample_id[5:]}-f{index:02d}",
+                        "view",
+                        encode(rgb, self.fmt),
+                        rgb.shape[1],
+                        rgb.shape[0],
+                        caption=real.caption,
+                        source_sample=real.sample_id,
+                        seed=seed,
+                        models={"novel_view": self.tag},
+                    )
+                )
+                state.stat(self.name).items_out += 1
+
+
+class SegmentStage(_Stage):
+    """Product masks for the images of the given kinds that have none yet."""
+
+    name = "segment"
+    kinds: tuple[str, ...] = ("real", "view")
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        self.model = Segmenter(config)
+        self.tag = model_tag(config, "segmenter")
+
+    def process(self, state: ProductState) -> None:
+        todo = [s for s in state.of(*self.kinds) if s.mask is None and s.image is not None]
+        rows = [{"image": s.image, "alpha": s.alpha} for s in todo]
+        for s, r in zip(
+            todo, self.run(self.model, state, rows, [s.sample_id for s in todo]), strict=True
+        ):
+            s.models["segmenter"] = self.tag
+            if not r["error"]:
+                s.mask, s.mask_score, s.mask_method = (
+                    r["mask"],
+                    float(r["mask_score"]),
+                    r["mask_method"],
+                )
+                state.stat(self.name).items_out += 1
+        self.after(state, todo)
+
+    def after(self, state: ProductState, done: list[Sample]) -> None:
+        if state.of("real", "view") and not any(s.mask for s in state.of("real", "view")):
+            state.error(
+                self.name,
+                "segmentation found no product in any image: no contexts or "
+                "counterfactuals for this product",
+            )
+
+
+class ResegmentStage(SegmentStage):
+    """Masks of generated images; for contexts, the IoU with where the product was pasted
+    catches outpainting that extended or changed the product (paper 2.3)."""
+
+    name = "resegment"
+    kinds = ("context", "negative", "counterfactual")
+
+    def after(self, state: ProductState, done: list[Sample]) -> None:
+        for s in done:
+            if s.kind == "context":
+                expected = decode_mask(s.expected_mask)
+                found = decode_mask(s.mask) if s.mask else np.zeros_like(expected)
+                s.scores["mask_iou"] = mask_iou(found, expected)
+
+
+class InpaintStage(_Stage):
+    """New contexts (outpainting around the kept product) and counterfactuals (another
+    object painted into the product's place), both with the inpainter."""
+
+    name = "inpaint"
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        self.model = Inpainter(config)
+        self.bank = PromptBank.load(config.augment.prompt_bank)
+        self.tag = model_tag(config, "inpainter")
+        self.fmt = config.augment.image_format
+
+    def process(self, state: ProductState) -> None:
+        cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
+        rows, made = [], []
+        for s in (s for s in state.of("real", "view") if s.mask):
+            prompts = self.bank.prompts(
+                state.product_type,
+                cfg.contexts.per_image,
+                derive_seed(pid, f"context-prompts/{s.sample_id}", 0, run_seed),
+            )
+            rgb, mask = decode_rgb(s.image), decode_mask(s.mask)
+            for j, prompt in enumerate(prompts):
+                seed = derive_seed(pid, f"context/{s.sample_id}", j, run_seed)
+                canvas, keep = place_product(
+                    rgb, mask, cfg.contexts.size, cfg.contexts.product_scale, seed
+                )
+                text = fill(prompt, state.noun)
+                rows.append(
+                    {
+                        "image": encode_png(canvas),
+                        "mask": encode_png(255 - keep),
+                        "keep": encode_png(keep),
+                        "prompt": text,
+                        "seed": seed,
+                    }
+                )
+                made.append(
+                    Sample(
+                        f"ctx-{s.sample_id}-{j:02d}",
+                        "context",
+                        None,
+                        cfg.contexts.size,
+                        cfg.contexts.size,
+                        caption=text,
+                        prompt=text,
+                        source_sample=s.sample_id,
+                        seed=seed,
+                        expected_mask=encode_png(keep),
+                        models={"inpainter": self.tag},
+                    )
+                )
+        reals = [s for s in state.of("real") if s.mask]
+        views = len(cfg.views.frame_indices) if cfg.views.enabled else 0
+        total = negatives_needed(
+            len(state.of("real")),
+            views,
+            cfg.contexts.per_image,
+            cfg.filter.top_k_per_source,
+            cfg.negatives.ratio,
+            cfg.negatives.oversample,
+        )
+        # Counterfactuals need a product mask to paint into; without one all negatives are in-class.
+        state.counterfactuals = round(total * cfg.negatives.counterfactual_fraction) if reals else 0
+        state.negatives = total - state.counterfactuals
+        size = cfg.negatives.size
+        for j in range(state.counterfactuals):
+            s = reals[j % len(reals)]
+            seed = derive_seed(pid, "counterfactual", j, run_seed)
+            rgb, mask = square_canvas(decode_rgb(s.image), decode_mask(s.mask), size)
+            region = dilate(mask, round(cfg.negatives.mask_dilation * size))
+            text = f"a photo of {self.bank.counterfactual_object(state.product_type, seed)}"
+            rows.append(
+                {
+                    "image": encode_png(rgb),
+                    "mask": encode_png(region),
+                    "keep": encode_png(255 - region),
+                    "prompt": text,
+                    "seed": seed,
+                }
+            )
+            made.append(
+                Sample(
+                    f"cf-{j:02d}",
+                    "counterfactual",
+                    None,
+                    size,
+                    size,
+                    caption=text,
+                    prompt=text,
+                    source_sample=s.sample_id,
+                    seed=seed,
+                    models={"inpainter": self.tag},
+                )
+            )
+        for sample, r in zip(
+            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
+        ):
+            if not r["error"]:
+                sample.image = encode(decode_rgb(r["image"]), self.fmt)
+                state.samples.append(sample)
+                state.stat(self.name).items_out += 1
+
+
+class NegativeStage(_Stage):
+    """In-class negatives: the base model's images of the product's captions with the
+    product's own words removed."""
+
+    name = "negatives"
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        n = config.augment.negatives
+        self.model = Generator(config, GenerationOptions(n.size, n.size, n.steps, n.guidance_scale))
+        self.tag = model_tag(config, "generator")
+        self.fmt = config.augment.image_format
+
+    def process(self, state: ProductState) -> None:
+        cfg = self.config.augment
+        captions = [s.caption for s in state.of("real") if s.caption] or [
+            f"a photo of a {state.noun}"
+        ]
+        rows, made = [], []
+        for j in range(state.negatives):
+            seed = derive_seed(state.product_id, "negative", j, self.config.seed)
+            prompt = strip_product_words(captions[j % len(captions)], state.record, state.noun)
+            rows.append({"prompt": prompt, "seed": seed})
+            made.append(
+                Sample(
+                    f"neg-{j:02d}",
+                    "negative",
+                    None,
+                    cfg.negatives.size,
+                    cfg.negatives.size,
+                    caption=prompt,
+                    prompt=prompt,
+                    seed=seed,
+                    models={"generator": self.tag},
+                )
+            )
+        for sample, r in zip(
+            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
+        ):
+            if not r["error"]:
+                sample.image = encode(decode_rgb(r["image"]), self.fmt)
+                state.samples.append(sample)
+                state.stat(self.name).items_out += 1
+
+
+class ScoreStage(_Stage):
+    """CLIP-I, CLIP-T, segmented CLIP-I, DINO and segmented DINO of every sample against the
+    product's real images (a real image is not compared with itself)."""
+
+    name = "score"
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        self.clip = ClipEmbedder(config)
+        self.dino = DinoEmbedder(config)
+        self.tags = {"clip": model_tag(config, "clip"), "dino": model_tag(config, "dino")}
+
+    def process(self, state: ProductState) -> None:
+        samples = [s for s in state.samples if s.image is not None]
+        reals = [i for i, s in enumerate(samples) if s.kind == "real"]
+        if not samples or not reals:
+            return
+        ids = [s.sample_id for s in samples]
+        clip = self.run(
+            self.clip,
+            state,
+            [{"image": s.image, "mask": s.mask, "text": s.prompt or s.caption} for s in samples],
+            ids,
+        )
+        dino = self.run(
+            self.dino, state, [{"image": s.image, "mask": s.mask} for s in samples], ids
+        )
+        state.stat(self.name).items_in -= len(samples)  # two models, one pass over the samples
+
+        def stack(results: list[dict[str, Any]], key: str) -> np.ndarray:
+            return np.stack([r[key] for r in results]).astype(np.float32)
+
+        # A real image is compared with the *other* real images, never with itself.
+        exclude = np.array([reals.index(i) if i in reals else -1 for i in range(len(samples))])
+        metrics = {}
+        for name, results, key in (
+            ("clip_i", clip, "image_embedding"),
+            ("seg_clip_i", clip, "crop_embedding"),
+            ("dino", dino, "image_embedding"),
+            ("seg_dino", dino, "crop_embedding"),
+        ):
+            emb = stack(results, key)
+            metrics[name] = mean_similarity(emb, emb[reals], exclude)
+        images, texts = stack(clip, "image_embedding"), stack(clip, "text_embedding")
+        metrics["clip_t"] = np.einsum("nd,nd->n", images, texts)  # NaN where either is missing
+        for i, s in enumerate(samples):
+            s.scores.update({name: float(values[i]) for name, values in metrics.items()})
+            s.models.update(self.tags)
+        state.stat(self.name).items_out += len(samples)
+
+
+def select_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:
+    states = unpack(batch)
+    for state in states:
+        if state.failed:
+            continue
+        start = time.perf_counter()
+        stat = state.stat("select")
+        stat.items_in = len(state.samples)
+        select_samples(state, config)
+        stat.items_out = sum(s.kept for s in state.samples)
+        stat.dropped = stat.items_in - stat.items_out
+        stat.seconds = time.perf_counter() - start
+    return pack(states)
+
+
+def write_products(
+    batch: dict[str, np.ndarray], config: RestageConfig, root: str
+) -> dict[str, np.ndarray]:
+    """Write each product's images, masks, manifest shard and errors, then its marker last.
+    Returns one small summary row per product (all the driver ever receives)."""
+    layout = AugmentLayout(root)
+    ext = "jpg" if config.augment.image_format == "jpeg" else "png"
+    out = []
+    for state in unpack(batch):
+        start = time.perf_counter()
+        pid = state.product_id
+        stat = state.stat("write")
+        rows = []
+        if not state.failed:
+            for folder in (
+                layout.image(pid, "x"),
+                layout.mask(pid, "x"),
+            ):  # leftovers of a killed run
+                storage.remove(storage.parent_uri(folder), recursive=True)
+            for s in state.samples:
+                if s.image is None:
+                    continue
+                image_uri = storage.write_bytes(layout.image(pid, s.sample_id, ext), s.image)
+                mask_uri = (
+                    storage.write_bytes(layout.mask(pid, s.sample_id), s.mask) if s.mask else None
+                )
+                rows.append(_manifest_row(state, s, image_uri, mask_uri))
+            stat.items_in = stat.items_out = len(rows)
+            storage.write_parquet(
+                layout.manifest_shard(pid), pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+            )
+        write_errors(layout, pid, state.errors)
+        if not state.failed:
+            counts = {
+                k: sum(1 for r in rows if r["kind"] == k and r["kept"])
+                for k in ("real", "view", "context", "negative", "counterfactual")
+            }
+            storage.write_json(
+                layout.marker(pid),
+                {
+                    "product_id": pid,
+                    "status": "partial" if state.errors else "ok",
+                    "kept": counts,
+                    "samples": len(rows),
+                    "errors": len(state.errors),
+                    "product_type": state.product_type,
+                    "type_source": state.type_source,
+                    "finished": time.time(),
+                },
+            )
+        stat.seconds = time.perf_counter() - start
+        out.append(
+            {
+                "product_id": pid,
+                "status": "failed" if state.failed else ("partial" if state.errors else "ok"),
+                "kept": sum(1 for r in rows if r["kept"]),
+                "errors": len(state.errors),
+                "stats": json.dumps({k: v.__dict__ for k, v in state.stats.items()}),
+            }
+        )
+    return {
+        k: np.array([o[k] for o in out], dtype=object)
+        for k in ("product_id", "status", "kept", "errors", "stats")
+    }
+
+
+def _manifest_row(
+    state: ProductState, s: Sample, image_uri: str, mask_uri: str | None
+) -> dict[str, Any]:
+    def score(name: str) -> float | None:
+        value = s.scores.get(name)
+        return None if value is None or math.isnan(value) else value
+
+    return {
+        "product_id": state.product_id,
+        "sample_id": s.sample_id,
+        "kind": s.kind,
+        "image_uri": image_uri,
+        "mask_uri": mask_uri,
+        "width": s.width,
+        "height": s.height,
+        "caption": s.caption,
+        "prompt": s.prompt,
+        "source_sample": s.source_sample,
+        "origin_uri": s.origin_uri,
+        "seed": s.seed,
+        "product_type": state.product_type,
+        "type_source": state.type_source,
+        "mask_method": s.mask_method,
+        "mask_score": None if s.mask_score is None or math.isnan(s.mask_score) else s.mask_score,
+        **{
+            name: score(name)
+            for name in ("clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino", "mask_iou")
+        },
+        "score": s.score,
+        "kept": s.kept,
+        "drop_reason": s.drop_reason,
+        "models": sorted(s.models.items()),
+    }
+
+
+# --------------------------------------------------------------------------- job
+
+
+# Input blocks: one product per block up to this many products (fine-grained streaming and
+# load balance), then several products per block (bounded driver and scheduler overhead).
+MAX_INPUT_BLOCKS = 1024
+
+
+def input_blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:
+    """Split the records table into at most ``max_blocks`` contiguous, near-equal blocks."""
+    n = table.num_rows
+    if n == 0:
+        return [table]
+    blocks = min(n, max_blocks)
+    bounds = np.linspace(0, n, blocks + 1).round().astype(int)
+    return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
+
+
+def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str):
+    """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed)."""
+    import ray
+
+    from ray_app.runtime import role_resources
+
+    cpu = config.augment.cpus_per_task
+    per_call = config.augment.products_per_batch
+    ds = ray.data.from_arrow(input_blocks(records_table(records), MAX_INPUT_BLOCKS))
+    ds = ds.map_batches(
+        decode_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
+    )
+
+    def stage(cls: type[_Stage], role: str, extra_roles: tuple[str, ...] = ()):
+        res = role_resources(config, role)
+        for other in extra_roles:  # a stage that holds two models reserves both
+            res["num_gpus"] += config.role(other).num_gpus
+        return ds.map_batches(
+            cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **res
+        )
+
+    ds = stage(CaptionStage, "captioner")
+    if config.augment.views.enabled:
+        ds = stage(ViewStage, "novel_view")
+    ds = stage(SegmentStage, "segmenter")
+    ds = stage(InpaintStage, "inpainter")
+    ds = stage(NegativeStage, "generator")
+    ds = stage(ResegmentStage, "segmenter")
+    ds = stage(ScoreStage, "clip", extra_roles=("dino",))
+    ds = ds.map_batches(
+        select_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
+    )
+    ds = ds.map_batches(
+        write_products,
+        fn_kwargs={"config": config, "root": root},
+        batch_size=per_call,
+        num_cpus=cpu,
+    )
+    return ds
+
+
+def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
+    """Run the augment job: ``manifest`` (JSONL/CSV/Parquet URI) -> training sets under ``out``."""
+    from ray_app.runtime import init_ray
+
+    start = time.perf_counter()
+    root = storage.normalize_uri(out)
+    layout = AugmentLayout(root)
+    parsed = read_manifest(manifest, job=JOB)
+    write_errors(layout, "_records", parsed.errors)
+    done = layout.completed()
+    todo = [r for r in parsed.records if r.product_id not in done]
+    summary = JobSummary(JOB, root)
+    summary.products = {
+        "in manifest": len(parsed.records) + len(parsed.errors),
+        "invalid": len(parsed.errors),
+        "already complete": len(parsed.records) - len(todo),
+        "ok": 0,
+        "partial": 0,
+        "failed": 0,
+    }
+    for name in STAGES:
+        summary.stage(name, "images")
+    if todo:
+        init_ray(config)
+        for batch in build_dataset(todo, config, root).iter_batches(
+            batch_size=16, batch_format="numpy"
+        ):
+            for status, stats in zip(batch["status"], batch["stats"], strict=True):
+                summary.products[status] += 1
+                for name, values in json.loads(stats).items():
+                    summary.stage(name).add(StageStats(**values))
+    summary.wall_seconds = time.perf_counter() - start
+    summary.extra = {
+        "manifest": manifest,
+        "ignored_columns": parsed.ignored_columns,
+        "errors": layout.errors_dir(),
+        "manifest_out": layout.manifest_dir(),
+    }
+    storage.write_json(layout.summary(), summary.to_dict())
+    return summary
+
+
+def main(config: RestageConfig, args: Any) -> JobSummary:
+    """CLI entry: ``restage augment --manifest URI --out URI``."""
+    return augment(config, args.manifest, args.out)
