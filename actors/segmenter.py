@@ -217,6 +217,12 @@ class Segmenter:
                 if area_ok(hint, opts.min_area, opts.max_area):
                     masks[i], scores[i], methods[i] = encode_png(hint), 1.0, "alpha"
                     continue
+            color, _ = border_stats(rgb)
+            if np.abs(rgb.astype(np.float32) - color).max() <= opts.plain_background_tolerance:
+                errors[i] = (
+                    "segmenter: no product found: nothing in the image differs from its border"
+                )
+                continue
             plain = plain_background_mask(
                 rgb, opts.plain_background_spread, opts.plain_background_tolerance
             )

@@ -38,6 +38,14 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _singular(word: str) -> str:
+    if word.endswith("es") and len(word) > 4 and word[-3] in "sxz":  # boxes, glasses
+        return word[:-2]
+    if word.endswith("s") and len(word) > 3 and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
 @dataclass(frozen=True)
 class ProductType:
     """One product type of the bank: how to recognise it, what it looks like, its scenes."""
@@ -140,24 +148,22 @@ class PromptBank:
     # ------------------------------------------------------------------ lookup
 
     def match(self, text: str | None) -> str | None:
-        """The type whose alias occurs in ``text`` as whole words (plurals too), longest first."""
+        """The type whose alias occurs in ``text`` as whole words (plurals too). The earliest
+        mention wins (a caption names its subject first: "a teapot on a table"), then the
+        longest alias ("coffee table" over "table")."""
         if not text:
             return None
         words = _words(text)
-        singular = [
-            w[:-2]
-            if w.endswith("es") and len(w) > 4
-            else w[:-1]
-            if w.endswith("s") and len(w) > 3
-            else w
-            for w in words
-        ]
+        singular = [_singular(w) for w in words]
+        best: tuple[int, int, str] | None = None
         for alias, name in self._aliases:
             k = len(alias)
-            for seq in (words, singular):
-                if any(tuple(seq[i : i + k]) == alias for i in range(len(seq) - k + 1)):
-                    return name
-        return None
+            for i in range(len(words) - k + 1):
+                if tuple(words[i : i + k]) == alias or tuple(singular[i : i + k]) == alias:
+                    if best is None or (i, -k) < best[:2]:
+                        best = (i, -k, name)
+                    break
+        return best[2] if best else None
 
     def vote(self, texts: Iterable[str | None]) -> str | None:
         """The type matched by most texts (ties: the first seen); None when none matches."""

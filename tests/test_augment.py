@@ -1,0 +1,259 @@
+"""`restage augment` end to end on a local Ray cluster, tiny profile: every kind of sample,
+the ratio, scores, masks, errors for bad input, skipping complete products, and resume
+after SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DREAMBOOTH, EXAMPLES
+from PIL import Image
+
+from pipelines.augment import augment
+from ray_app import storage
+from ray_app.config import load_config
+from ray_app.images import decode_mask
+from ray_app.records import SAMPLE_SCHEMA
+
+KINDS = {"real", "view", "context", "negative", "counterfactual"}
+POSITIVE = {"real", "view", "context"}
+DREAMBOOTH_IDS = ["backpack", "teapot", "duck_toy"]
+RESTAGE = str(Path(sys.executable).with_name("restage"))
+
+
+def _examples() -> list[dict]:
+    """The three sample products plus two renamed copies (more products, same images)."""
+    rows = [json.loads(line) for line in (EXAMPLES / "products.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["image_uris"] = [str(EXAMPLES / u) for u in row["image_uris"]]
+    copies = [dict(rows[i], product_id=rows[i]["product_id"] + "-b") for i in (0, 1)]
+    return rows + copies
+
+
+def _bad_inputs(folder: Path) -> list[dict]:
+    good = str(EXAMPLES / "products/mug-red-001/00-white.jpg")
+    jpeg = (EXAMPLES / "products/mug-red-001/01-wood.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_bytes(b"this is not an image")
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(buf, format="PNG")
+    (folder / "blank.png").write_bytes(buf.getvalue())
+    return [
+        {
+            "product_id": "corrupt-004",
+            "category": "mug",
+            "image_uris": [good, str(folder / "truncated.jpg")],
+        },
+        {
+            "product_id": "unreadable-005",
+            "category": "mug",
+            "image_uris": [str(folder / "empty.jpg"), str(folder / "notes.jpg")],
+        },
+        {
+            "product_id": "blank-006",
+            "category": "vase",
+            "image_uris": [str(folder / "blank.png")] * 2,
+        },
+        {"product_id": "mug-red-001", "category": "mug", "image_uris": [good]},  # a duplicate id
+        {"product_id": "../escape", "image_uris": [good]},
+    ]
+
+
+def _dreambooth() -> list[dict]:
+    path = DREAMBOOTH / "products.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [r for r in rows if r["product_id"] in DREAMBOOTH_IDS]
+    for row in rows:
+        row["image_uris"] = [str(DREAMBOOTH / u) for u in row["image_uris"][:3]]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("augment")
+    manifest = folder / "products.jsonl"
+    manifest.write_text(
+        "".join(json.dumps(r) + "\n" for r in _examples() + _bad_inputs(folder) + _dreambooth())
+    )
+    out = folder / "out"
+    config = load_config("tiny", overrides=["ray.progress_bars=false"])
+    summary = augment(config, str(manifest), str(out))
+    table = storage.read_parquet(str(out / "manifest")).to_pandas()
+    errors = storage.read_parquet(str(out / "errors")).to_pandas()
+    return {
+        "summary": summary,
+        "out": out,
+        "table": table,
+        "errors": errors,
+        "manifest": manifest,
+        "config": config,
+    }
+
+
+def _check_product(table, pid: str) -> None:
+    rows = table[table.product_id == pid]
+    kept = rows[rows.kept]
+    assert set(kept.kind) == KINDS, (pid, set(kept.kind))
+    n_pos, n_neg = kept.kind.isin(POSITIVE).sum(), (~kept.kind.isin(POSITIVE)).sum()
+    assert n_neg > 0 and n_pos == 2 * n_neg, (pid, n_pos, n_neg)
+    for name in ("clip_i", "clip_t", "dino", "score"):
+        assert rows[name].notna().all(), (pid, name)
+    masked = rows[rows.mask_uri.notna()]
+    assert masked.seg_clip_i.notna().all() and masked.seg_dino.notna().all()
+    assert rows[rows.kind == "context"].mask_iou.notna().all()
+    for uri in rows.image_uri:
+        assert Path(uri).exists()
+    for uri in masked.mask_uri:
+        assert decode_mask(Path(uri).read_bytes()).any(), uri  # masks are never empty
+    assert rows[~rows.kept].drop_reason.notna().all()
+    assert rows[rows.kept].drop_reason.isna().all()
+    reals = rows[rows.kind == "real"]
+    assert reals.origin_uri.notna().all() and reals.mask_uri.notna().all()
+    assert {"captioner", "segmenter", "clip", "dino"} <= set(dict(reals.models.iloc[0]))
+
+
+@pytest.mark.parametrize("pid", ["mug-red-001", "bottle-teal-002", "cereal-box-003"])
+def test_examples_get_every_kind_at_two_to_one(run, pid):
+    _check_product(run["table"], pid)
+    rows = run["table"][run["table"].product_id == pid]
+    assert set(rows.type_source) == {"category"}
+
+
+def test_dreambooth_products(run):
+    if not _dreambooth():
+        pytest.skip("../shared/data/dreambooth is absent: real photos not available here")
+    for pid in DREAMBOOTH_IDS:
+        _check_product(run["table"], pid)
+
+
+def test_manifest_schema_and_files(run):
+    table = storage.read_parquet(str(run["out"] / "manifest"))
+    assert table.schema.equals(SAMPLE_SCHEMA)
+    assert not run["table"].duplicated(["product_id", "sample_id"]).any()
+    n_files = sum(1 for _ in (run["out"] / "images").rglob("*.png"))
+    assert n_files == len(run["table"])  # one file per row, nothing written twice
+
+
+def test_bad_input_lands_in_the_errors_manifest(run):
+    errors, table = run["errors"], run["table"]
+    reason = lambda pid: " | ".join(errors[errors.product_id == pid].reason)  # noqa: E731
+    assert "truncated or corrupt" in reason("corrupt-004")
+    assert "corrupt-004" in set(table.product_id)  # its good image still made a training set
+    assert "no readable image" in reason("unreadable-005")
+    assert "empty file" in reason("unreadable-005") and "not an image" in reason("unreadable-005")
+    assert "unreadable-005" not in set(table.product_id)
+    assert "no product found" in reason("blank-006")
+    manifest_errors = errors[errors.stage == "manifest"].reason.tolist()
+    assert any("duplicate product_id 'mug-red-001'" in r for r in manifest_errors)
+    assert any("not safe as a path segment" in r for r in manifest_errors)
+    summary = run["summary"]
+    assert summary.products["failed"] == 1 and summary.products["invalid"] == 2
+    assert not (run["out"] / "_done" / "unreadable-005.json").exists()  # retried by a re-run
+    assert (run["out"] / "_done" / "corrupt-004.json").exists()
+
+
+def test_summary_table_and_json(run):
+    summary = run["summary"]
+    text = summary.render()
+    for stage in (
+        "decode",
+        "caption",
+        "views",
+        "segment",
+        "inpaint",
+        "negatives",
+        "resegment",
+        "score",
+        "select",
+        "write",
+    ):
+        assert stage in text
+    saved = json.loads((run["out"] / "summary.json").read_text())
+    stages = {s["stage"]: s for s in saved["stages"]}
+    assert stages["select"]["dropped"] > 0 and stages["views"]["items_out"] > 0
+    assert stages["decode"]["errors"] >= 3  # truncated, empty, not an image
+
+
+def test_rerun_skips_complete_products(run, tmp_path):
+    manifest = tmp_path / "done.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in _examples()))
+    marker = run["out"] / "_done" / "mug-red-001.json"
+    before = marker.stat().st_mtime_ns
+    summary = augment(run["config"], str(manifest), str(run["out"]))
+    assert summary.products["already complete"] == 5 and summary.products["ok"] == 0
+    assert marker.stat().st_mtime_ns == before
+
+
+def _ray_pids() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return {
+        int(line.split()[0])
+        for line in out.splitlines()
+        if any(
+            k in line for k in ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
+        )
+    }
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
+    manifest = tmp_path / "five.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in _examples()))
+    out = tmp_path / "out"
+    cmd = [
+        RESTAGE,
+        "augment",
+        "--profile",
+        "tiny",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--set",
+        "ray.progress_bars=false",
+    ]
+    before = _ray_pids()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    markers = lambda: list((out / "_done").glob("*.json"))  # noqa: E731
+    deadline = time.time() + 600
+    while not markers():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no product finished in 10 minutes"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(markers())
+    assert done_at_kill < 5, "the run finished before it could be killed half-way"
+    # Ray's own processes run in their own sessions: kill the ones this run started too,
+    # so that nothing of the killed job survives (they would exit by themselves later).
+    for pid in _ray_pids() - before:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already complete:" in resumed.stdout
+    table = storage.read_parquet(str(out / "manifest")).to_pandas()
+    reference = run["table"][run["table"].product_id.isin(set(table.product_id))]
+    assert set(table.product_id) == {r["product_id"] for r in _examples()}
+    assert not table.duplicated(["product_id", "sample_id"]).any()
+    kept = lambda t: set(zip(t[t.kept].product_id, t[t.kept].sample_id, strict=True))  # noqa: E731
+    assert kept(table) == kept(reference)
+    n_files = sum(1 for _ in (out / "images").rglob("*.png"))
+    assert n_files == len(table)  # no leftovers of the killed run
+    score = np.sort(table.score.to_numpy())
+    assert np.allclose(score, np.sort(reference.score.to_numpy()), atol=1e-4)

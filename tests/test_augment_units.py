@@ -1,0 +1,416 @@
+"""Pure pre/post-processing of augment, tested without any model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.captioner import clean_caption
+from actors.inpainter import dilate, paste_back, place_product, square_canvas
+from actors.novel_view import letterbox, unletterbox
+from actors.segmenter import (
+    border_stats,
+    fill_holes,
+    plain_background_mask,
+    prompt_from_saliency,
+    saliency,
+    select_mask,
+)
+from pipelines.augment import (
+    ProductState,
+    Sample,
+    balance_ratio,
+    input_blocks,
+    negatives_needed,
+    select_samples,
+    strip_product_words,
+)
+from ray_app.config import load_config
+from ray_app.images import crop_by_mask, mask_bbox
+from ray_app.metrics import aggregate, mask_iou, mean_similarity
+from ray_app.prompts import GENERIC, PLACEHOLDER, CurationRules, PromptBank, classify, curate, fill
+from ray_app.records import ProductRecord
+
+# --------------------------------------------------------------------------- masks
+
+
+def _square(size=32, box=(8, 8, 24, 24)) -> np.ndarray:
+    m = np.zeros((size, size), np.uint8)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = 255
+    return m
+
+
+def test_mask_iou():
+    a = _square(box=(0, 0, 16, 16))
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(a, _square(box=(16, 16, 32, 32))) == 0.0
+    assert mask_iou(a, _square(box=(8, 0, 24, 16))) == pytest.approx(1 / 3)
+    assert mask_iou(np.zeros((4, 4)), np.zeros((4, 4))) == 0.0  # no product found is not a match
+    with pytest.raises(ValueError, match="shapes differ"):
+        mask_iou(a, np.zeros((3, 3)))
+
+
+def test_crop_by_mask_cuts_the_box_and_blanks_the_rest():
+    rgb = np.full((32, 32, 3), 7, np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:20, 12:16] = 255
+    mask[10, 12] = 0  # a pixel inside the box but outside the mask
+    crop = crop_by_mask(rgb, mask, pad=0.0, fill=255)
+    assert crop.shape == (10, 4, 3)
+    assert (crop[0, 0] == 255).all() and (crop[5, 2] == 7).all()
+    padded = crop_by_mask(rgb, mask, pad=0.5)
+    assert padded.shape == (20, 8, 3)  # 5 rows and 2 columns of context each side
+    assert crop_by_mask(rgb, np.zeros((32, 32), np.uint8)) is None
+    assert mask_bbox(mask) == (12, 10, 16, 20)
+
+
+def test_mean_similarity_excludes_self_and_skips_missing():
+    refs = np.array([[1, 0], [0, 1]], np.float32)
+    queries = np.array([[1, 0], [0, 1], [np.nan, np.nan]], np.float32)
+    sims = mean_similarity(queries, refs, exclude_self=np.array([0, 1, -1]))
+    assert sims[0] == pytest.approx(0.0) and sims[1] == pytest.approx(
+        0.0
+    )  # only the *other* reference
+    assert math.isnan(sims[2])
+
+
+def test_aggregate_normalises_and_renormalises_missing_metrics():
+    scores = {"clip_t": np.array([0.35, 0.1, 0.2]), "dino": np.array([1.0, 0.1, np.nan])}
+    ranges = {"clip_t": (0.1, 0.35), "dino": (0.1, 1.0)}
+    out = aggregate(scores, {"clip_t": 1.0, "dino": 1.0}, ranges)
+    assert out[0] == pytest.approx(1.0) and out[1] == pytest.approx(0.0)
+    assert out[2] == pytest.approx(0.4)  # dino missing: clip_t alone, (0.2-0.1)/0.25
+
+
+# --------------------------------------------------------------------------- prompt bank
+
+
+@pytest.fixture(scope="module")
+def bank() -> PromptBank:
+    return PromptBank.load()
+
+
+def test_packaged_bank_is_big_and_curated(bank):
+    assert len(bank.types) >= 20
+    for t in [*bank.types.values(), bank.generic]:
+        assert len(t.prompts) >= 25, t.name
+        kept, rejected = curate(t.prompts, bank.rules)
+        assert rejected == [], (t.name, rejected[:3])
+        assert len(kept) == len(t.prompts)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mug", "mug"),
+        ("Red ceramic coffee MUGS", "mug"),
+        ("a pair of white sneakers on grass", "sneaker"),
+        ("cosmetics bottle", "cosmetics_bottle"),
+        ("soda can", "canned_drink"),
+        ("rc car", "toy_car"),
+        ("candle", "candle"),
+        ("a teapot on a kitchen table", "teapot"),
+        ("two glass boxes", None),
+        ("quantum flux capacitor", None),
+        ("", None),
+    ],
+)
+def test_bank_lookup(bank, text, expected):
+    assert bank.match(text) == expected
+
+
+def test_unknown_type_falls_back_to_generic(bank):
+    assert bank.type_of("flux_capacitor") is bank.generic
+    assert bank.type_of(None).name == GENERIC
+    prompts = bank.prompts("flux_capacitor", 3, seed=1)
+    assert all(p in bank.generic.prompts for p in prompts)
+
+
+def test_prompt_draws_are_seeded_and_cycle(bank):
+    n = len(bank.types["mug"].prompts) + 5
+    a, b = bank.prompts("mug", n, seed=7), bank.prompts("mug", n, seed=7)
+    assert a == b and len(a) == n
+    assert len(set(a[: n - 5])) == n - 5  # without replacement until the bank is exhausted
+    assert bank.prompts("mug", 5, seed=8) != a[:5]
+
+
+def test_counterfactual_object_is_of_another_type(bank):
+    mug_objects = set(bank.types["mug"].objects)
+    for seed in range(30):
+        assert bank.counterfactual_object("mug", seed) not in mug_objects
+
+
+def test_classify_order(bank):
+    assert classify(bank, "Coffee Mug", "a lamp", ["a chair"]) == ("mug", "category")
+    assert classify(bank, "garden hose", None, ["a mug"]) == (GENERIC, "category-unmatched")
+    assert classify(bank, None, "Oak desk lamp", []) == ("lamp", "title")
+    assert classify(bank, None, None, ["a teapot on a table", "a white teapot"]) == (
+        "teapot",
+        "captioner",
+    )
+    assert classify(bank, None, None, ["zzz"]) == (None, "unresolved")
+
+
+def test_fill_puts_the_product_in():
+    assert fill("a {product} on a table", "zwx mug") == "a zwx mug on a table"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("a {product} on a table", "below"),
+        ("a {product} held in a hand on a sunny wooden kitchen table", "banned word 'hand'"),
+        ("a {product} beside a {product} on a wooden kitchen table at noon", "exactly once"),
+        ("a mug on a wooden kitchen table in soft morning light", "exactly once"),
+        (" ".join(["word"] * 41) + " {product}", "above max_words"),
+        ("a {product} on a wooden kitchen table in soft light ☕", "printable ASCII"),
+    ],
+)
+def test_curation_rejects(prompt, reason):
+    rules = CurationRules(max_words=40, banned_words=("hand", "logo"))
+    kept, rejected = curate([prompt], rules)
+    assert kept == [] and reason in rejected[0][1]
+
+
+def test_curation_cleans_and_dedupes():
+    rules = CurationRules(max_words=40, banned_words=("hand",))
+    kept, rejected = curate(
+        [
+            '1. "a {product} on a wooden kitchen table by the handle drawer"',
+            "- a {product} on a wooden kitchen table by the handle drawer",
+            "a {product} resting on a marble bathroom shelf with folded towels",
+        ],
+        rules,
+        existing=[],
+    )
+    assert kept == [
+        "a {product} on a wooden kitchen table by the handle drawer",
+        "a {product} resting on a marble bathroom shelf with folded towels",
+    ]
+    assert rejected[0][1].startswith("duplicate")
+    assert PLACEHOLDER in kept[0]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_negatives_needed():
+    # 4 reals, 3 frames kept at most 2 per real, 2 contexts per image at most 2 per source
+    assert negatives_needed(4, 3, 2, 2, ratio=2.0, oversample=1.0) == (4 + 8 + 24) // 2
+    assert negatives_needed(4, 3, 2, 2, ratio=2.0, oversample=1.25) == math.ceil(18 * 1.25)
+
+
+def _pos(n, real=0):
+    return [(f"p{i}", i / 10, i < real) for i in range(n)]
+
+
+def test_balance_ratio_exact_two_to_one_drops_weakest_synthetic_first():
+    negs = [(f"n{i}", 0.1 * i, "negative" if i % 2 else "counterfactual") for i in range(10)]
+    drop, p, n = balance_ratio(_pos(7, real=2), negs, ratio=2.0, counterfactual_fraction=0.5)
+    assert (p, n) == (6, 3)
+    assert "p0" not in drop and "p1" not in drop  # real images are kept
+    assert "p2" in drop  # the lowest-scoring synthetic positive goes
+    kept_negs = [x for x in negs if x[0] not in drop]
+    assert len(kept_negs) == 3
+    assert {k for _, _, k in kept_negs} == {"negative", "counterfactual"}
+
+
+def test_balance_ratio_too_few_negatives_drops_positives():
+    drop, p, n = balance_ratio(
+        _pos(10, real=1), [("n0", 0.0, "negative"), ("n1", 0.0, "negative")], 2.0, 0.5
+    )
+    assert (p, n) == (4, 2)
+    assert len([d for d in drop if d.startswith("p")]) == 6 and "p0" not in drop
+
+
+def test_balance_ratio_non_integer_ratio_stays_exact():
+    negs = [(f"n{i}", 0.0, "negative") for i in range(10)]
+    _, p, n = balance_ratio(_pos(10), negs, ratio=1.5, counterfactual_fraction=0.0)
+    assert p == 1.5 * n and (p, n) == (9, 6)
+
+
+def test_balance_ratio_without_negatives_keeps_nothing():
+    drop, p, n = balance_ratio(_pos(3), [], 2.0, 0.5)
+    assert (p, n) == (0, 0) and len(drop) == 3
+
+
+def _state(samples: list[Sample]) -> ProductState:
+    return ProductState(ProductRecord("p1", ("a.png",), category="mug"), samples=samples)
+
+
+def _sample(sid, kind, source=None, **scores) -> Sample:
+    s = Sample(sid, kind, b"png", 8, 8, source_sample=source)
+    s.scores = {
+        "clip_i": 0.9,
+        "clip_t": 0.3,
+        "seg_clip_i": 0.9,
+        "dino": 0.8,
+        "seg_dino": 0.8,
+        **scores,
+    }
+    return s
+
+
+def test_select_records_every_drop_reason():
+    cfg = load_config(
+        "default", overrides=["augment.filter.top_k_per_source=1", "augment.negatives.ratio=1"]
+    )
+    samples = [
+        _sample("real-00", "real", clip_i=0.1),  # reals are never filtered by thresholds
+        _sample("view-00-f01", "view", "real-00", clip_i=0.5),  # below min_clip_i
+        _sample("view-00-f02", "view", "real-00"),
+        _sample("view-00-f03", "view", "real-00", dino=0.7),  # loses top-1 to f02
+        _sample("ctx-real-00-00", "context", "real-00", mask_iou=0.4),  # product changed
+        _sample("ctx-real-00-01", "context", "real-00", mask_iou=0.95),
+        _sample(
+            "ctx-view-00-f01-00", "context", "view-00-f01", mask_iou=0.95
+        ),  # its source is gone
+        _sample("neg-00", "negative", seg_clip_i=0.99),  # looks like the product
+        *[_sample(f"neg-{i:02d}", "negative", seg_clip_i=0.3) for i in range(1, 6)],
+    ]
+    state = _state(samples)
+    select_samples(state, cfg)
+    reasons = {s.sample_id: s.drop_reason for s in samples}
+    assert reasons["real-00"] is None
+    assert reasons["view-00-f01"].startswith("clip_i=0.500 < 0.7")
+    assert reasons["view-00-f03"] == "not in the top 1 of its source"
+    assert reasons["ctx-real-00-00"].startswith("mask_iou=0.400 < 0.8")
+    assert reasons["ctx-view-00-f01-00"] == "source view-00-f01 dropped"
+    assert "looks like the product" in reasons["neg-00"]
+    kept = [s for s in samples if s.kept]
+    positives = [s for s in kept if s.kind in ("real", "view", "context")]
+    negatives = [s for s in kept if s.kind == "negative"]
+    assert len(positives) == len(negatives) == 3  # ratio 1:1 enforced
+    assert all(s.score is not None for s in samples)
+    assert state.errors == []
+
+
+def test_strip_product_words_keeps_the_class_noun():
+    rec = ProductRecord(
+        "acme-mug-9",
+        ("a.png",),
+        category="mug",
+        title="Acme Red Ceramic Mug",
+        attributes={"glaze": "glossy"},
+    )
+    caption = 'A glossy red ceramic mug with "ACME" printed on it, on a wooden table by a window'
+    out = strip_product_words(caption, rec, "mug")
+    assert out == "A mug with printed on it, on a wooden table by a window"
+    assert strip_product_words("Acme red ceramic", rec, "mug") == "a photo of a mug"
+
+
+def test_input_blocks_split_evenly():
+    table = pa.table({"x": list(range(10))})
+    blocks = input_blocks(table, 4)
+    assert [b.num_rows for b in blocks] == [2, 3, 2, 3] or sum(b.num_rows for b in blocks) == 10
+    assert len(input_blocks(table, 100)) == 10
+    assert pa.concat_tables(blocks).column("x").to_pylist() == list(range(10))
+
+
+# --------------------------------------------------------------------------- actors' pure functions
+
+
+def test_letterbox_round_trip():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (40, 80, 3), dtype=np.uint8)
+    canvas, box = letterbox(img, (64, 64))
+    assert canvas.shape == (64, 64, 3) and box == (0, 16, 64, 48)
+    back = unletterbox(canvas, box, (80, 40))
+    assert back.shape == (40, 80, 3)
+    assert np.abs(back.astype(int) - img.astype(int)).mean() < 40  # resampled, same content
+
+
+def test_place_product_keeps_pixels_and_scale():
+    rgb = np.zeros((100, 100, 3), np.uint8)
+    rgb[20:60, 30:50] = (200, 10, 10)
+    mask = np.zeros((100, 100), np.uint8)
+    mask[20:60, 30:50] = 255
+    canvas, keep = place_product(rgb, mask, 64, (0.5, 0.5), seed=3)
+    x0, y0, x1, y1 = mask_bbox(keep)
+    assert max(x1 - x0, y1 - y0) == 32  # longer side = 0.5 of the canvas
+    assert (canvas[keep > 0] == (200, 10, 10)).all()
+    assert (canvas[keep == 0] == 127).all()
+    again = place_product(rgb, mask, 64, (0.4, 0.7), seed=3)
+    assert (again[1] == place_product(rgb, mask, 64, (0.4, 0.7), seed=3)[1]).all()  # seeded
+    with pytest.raises(ValueError, match="empty"):
+        place_product(rgb, np.zeros_like(mask), 64, (0.5, 0.5), seed=0)
+
+
+def test_paste_back_keeps_the_product_interior_exact():
+    rng = np.random.default_rng(1)
+    gen, orig = (rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    keep = _square(64, (10, 10, 50, 50))
+    out = paste_back(gen, orig, keep, feather=2)
+    inner = _square(64, (12, 12, 48, 48)) > 0
+    assert (out[inner] == orig[inner]).all()
+    assert (out[keep == 0] == gen[keep == 0]).all()
+
+
+def test_dilate_and_square_canvas():
+    grown = dilate(_square(32, (10, 10, 20, 20)), 2)
+    assert mask_bbox(grown) == (8, 8, 22, 22)
+    rgb, mask = square_canvas(np.zeros((40, 80, 3), np.uint8), np.zeros((40, 80), np.uint8), 64)
+    assert rgb.shape == (64, 64, 3) and mask.shape == (64, 64)
+
+
+def _object_on(background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = background.copy()
+    mask = _square(96, (30, 25, 66, 75))
+    img[mask > 0] = (180, 30, 40)
+    return img, mask
+
+
+def test_plain_background_mask_finds_the_product():
+    img, truth = _object_on(np.full((96, 96, 3), 245, np.uint8))
+    color, spread = border_stats(img)
+    assert spread < 1 and (color == 245).all()
+    found = plain_background_mask(img, max_spread=12, tolerance=24)
+    assert mask_iou(found, truth) > 0.95
+
+
+def test_plain_background_mask_fills_holes_and_refuses_textures():
+    img, truth = _object_on(np.full((96, 96, 3), 245, np.uint8))
+    img[40:50, 40:55] = 245  # a white label inside the product
+    assert mask_iou(plain_background_mask(img, 12, 24), truth) > 0.95
+    noisy = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    assert plain_background_mask(noisy, 12, 24) is None
+    ring = np.zeros((20, 20), np.uint8)
+    ring[5:15, 5:15] = 255
+    ring[8:12, 8:12] = 0
+    assert fill_holes(ring)[10, 10] == 255
+
+
+def test_saliency_prompt_lands_on_the_product():
+    _yy, xx = np.mgrid[0:96, 0:96]
+    wood = np.stack([120 + 20 * np.sin(xx / 3.0)] * 3, axis=2).astype(np.uint8)
+    img, truth = _object_on(wood)
+    box, point = prompt_from_saliency(saliency(img))
+    x, y = point.astype(int)
+    assert truth[y, x] > 0  # the positive point is on the product
+    assert mask_iou(_square(96, tuple(int(v) for v in box)), truth) > 0.5
+
+
+def test_select_mask_prefers_score_within_area_bounds():
+    masks = np.zeros((3, 10, 10), bool)
+    masks[0] = True  # whole image: implausible
+    masks[1, 2:5, 2:5] = True
+    masks[2, 2:8, 2:8] = True
+    assert select_mask(masks, np.array([0.99, 0.5, 0.7]), 0.05, 0.95) == 2
+    assert select_mask(masks, np.array([0.99, 0.5, 0.7]), 0.5, 0.95) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("The image shows a red mug on a table.", "A red mug on a table."),
+        ("  a   white\nteapot  ", "A white teapot"),
+        ("\ufffd\ufffd 12 ??", ""),
+        ("one two three four five six", "One two three"),
+    ],
+)
+def test_clean_caption(raw, expected):
+    assert clean_caption(raw, max_words=3 if "six" in raw else 50) == expected
