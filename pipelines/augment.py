@@ -505,13 +505,11 @@ class ViewStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = NovelView(config) if config.augment.views.enabled else None
+        self.model = NovelView(config)
         self.tag = model_tag(config, "novel_view")
         self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
-        if self.model is None:
-            return
         reals = state.of("real")
         seeds = [
             derive_seed(state.product_id, "view", i, self.config.seed) for i in range(len(reals))
@@ -929,6 +927,21 @@ def input_blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:
     return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
 
 
+def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, ...]]]:
+    """The model stages in pipeline order, each with the roles it loads (first: its pool's)."""
+    plan: list[tuple[type[_Stage], tuple[str, ...]]] = [(CaptionStage, ("captioner",))]
+    if config.augment.views.enabled:
+        plan.append((ViewStage, ("novel_view",)))
+    plan += [
+        (SegmentStage, ("segmenter",)),
+        (InpaintStage, ("inpainter",)),
+        (NegativeStage, ("generator",)),
+        (ResegmentStage, ("segmenter",)),
+        (ScoreStage, ("clip", "dino")),
+    ]
+    return plan
+
+
 def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str):
     """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed)."""
     import ray
@@ -942,22 +955,13 @@ def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str
         decode_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
     )
 
-    def stage(cls: type[_Stage], role: str, extra_roles: tuple[str, ...] = ()):
-        res = role_resources(config, role)
-        for other in extra_roles:  # a stage that holds two models reserves both
+    for cls, roles in model_stages(config):
+        res = role_resources(config, roles[0])
+        for other in roles[1:]:  # a stage that holds two models reserves both
             res["num_gpus"] += config.role(other).num_gpus
-        return ds.map_batches(
+        ds = ds.map_batches(
             cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **res
         )
-
-    ds = stage(CaptionStage, "captioner")
-    if config.augment.views.enabled:
-        ds = stage(ViewStage, "novel_view")
-    ds = stage(SegmentStage, "segmenter")
-    ds = stage(InpaintStage, "inpainter")
-    ds = stage(NegativeStage, "generator")
-    ds = stage(ResegmentStage, "segmenter")
-    ds = stage(ScoreStage, "clip", extra_roles=("dino",))
     ds = ds.map_batches(
         select_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
     )

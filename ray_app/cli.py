@@ -110,6 +110,21 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prompts_show(args: argparse.Namespace) -> int:
+    from ray_app.prompts import PromptBank
+    from ray_app.report import format_table
+
+    bank = PromptBank.load(args.bank)
+    if args.type:
+        for prompt in bank.type_of(args.type).prompts:
+            print(prompt)
+        return 0
+    rows = [[name, len(t.prompts), ", ".join(t.aliases[:4])] for name, t in bank.types.items()]
+    rows.append(["generic", len(bank.generic.prompts), "(fallback)"])
+    print(format_table(["type", "prompts", "aliases"], rows))
+    return 0
+
+
 def _job(target: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
@@ -182,6 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output root URI (local folder, s3://, gs://, ...)")
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.augment:main"))
+
+    p = sub.add_parser("prompts", help="the prompt bank: show it, or extend it with the llm role")
+    psub = p.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")
+    b = psub.add_parser(
+        "build",
+        help="extend the prompt bank with the llm role and curate the result into a new bank file",
+        description="Ask the llm role for new context prompts per product type (one Ray Data row per "
+        "type), curate them (placeholder, length, banned words, near-duplicates; see "
+        "ray_app/prompts.py) against the existing prompts, and write the merged bank to --out. "
+        "Use it with --set augment.prompt_bank=OUT.",
+    )
+    b.add_argument("--out", required=True, help="URI of the new bank file (YAML)")
+    b.add_argument(
+        "--per-type", type=int, default=30, help="candidates asked per type [%(default)s]"
+    )
+    b.add_argument("--types", help="comma-separated subset of types (default: all and generic)")
+    b.add_argument(
+        "--bank", help="bank to extend (default: augment.prompt_bank or the packaged one)"
+    )
+    _add_config_args(b)
+    b.set_defaults(func=_job("pipelines.prompts:main"))
+    s = psub.add_parser(
+        "show", help="list the bank's product types with their aliases and prompt counts"
+    )
+    s.add_argument("--bank", help="bank URI (default: the packaged one)")
+    s.add_argument("--type", help="print every prompt of this type")
+    s.set_defaults(func=cmd_prompts_show)
 
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(

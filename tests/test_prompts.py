@@ -1,0 +1,42 @@
+"""The prompt bank file and `restage prompts build` (llm role on Ray, then curation)."""
+
+from __future__ import annotations
+
+from actors.llm import instruction, split_lines
+from pipelines.prompts import build
+from ray_app.config import load_config
+from ray_app.prompts import PromptBank, curate
+
+
+def test_bank_round_trips_through_a_file(tmp_path):
+    bank = PromptBank.load()
+    bank.save(str(tmp_path / "bank.yaml"))
+    again = PromptBank.load(str(tmp_path / "bank.yaml"))
+    assert again.types == bank.types and again.generic == bank.generic and again.rules == bank.rules
+
+
+def test_instruction_and_line_splitting():
+    text = instruction("mug", ["a {product} on a desk"], 5, 40)
+    assert "{product}" in text and "a {product} on a desk" in text and "5" in text
+    answer = (
+        "1. a {product} on a shelf in a bright kitchen with plants\n\n2) a {product} by a window\n"
+    )
+    lines = split_lines(answer)
+    assert len(lines) == 2
+    kept, _ = curate(lines, PromptBank.load().rules)
+    assert kept == ["a {product} on a shelf in a bright kitchen with plants"]
+
+
+def test_build_extends_with_curated_llm_output(ray_local, tmp_path):
+    out = tmp_path / "bank.yaml"
+    config = load_config("tiny", overrides=["ray.progress_bars=false"])
+    summary = build(config, str(out), per_type=4, types=["mug", "lamp"])
+    new, old = PromptBank.load(str(out)), PromptBank.load()
+    assert set(new.types) == set(old.types)
+    for name in ("mug", "lamp"):
+        added = new.types[name].prompts[len(old.types[name].prompts) :]
+        assert new.types[name].prompts[: len(old.types[name].prompts)] == old.types[name].prompts
+        assert curate(added, new.rules, existing=old.types[name].prompts)[1] == []  # all curated
+    stat = summary.stages["curate"]
+    assert stat.items_in > 0 and stat.items_in == stat.items_out + stat.dropped
+    assert {row[0] for row in summary.extra["per_type"]} == {"lamp", "mug"}
