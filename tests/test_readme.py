@@ -34,17 +34,23 @@ def user_dir(tmp_path) -> Path:
 
 def run(command: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "RESTAGE_CACHE": os.environ["RESTAGE_CACHE"]}
-    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_ci_runs_the_readme_setup_and_test_commands():
     script = ROOT / ".ci" / "run"
     body = script.read_text()
-    extract = body[body.index("readme_command() {"): body.index("\nsetup=")]
+    extract = body[body.index("readme_command() {") : body.index("\nsetup=")]
     for name in ("setup", "test"):
-        got = subprocess.run(["bash", "-c", f"{extract}\nreadme_command {name}"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
+        got = subprocess.run(
+            ["bash", "-c", f"{extract}\nreadme_command {name}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert got == readme_command(name)
     assert os.access(script, os.X_OK)
 
