@@ -40,6 +40,7 @@ from actors.inpainter import Inpainter, dilate, place_product, square_canvas
 from actors.novel_view import NovelView
 from actors.segmenter import Segmenter
 from ray_app import storage
+from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou, mean_similarity
@@ -165,30 +166,7 @@ def model_tag(config: RestageConfig, role: str) -> str:
 
 
 _STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "of",
-        "with",
-        "in",
-        "on",
-        "at",
-        "to",
-        "for",
-        "by",
-        "from",
-        "its",
-        "it",
-        "this",
-        "that",
-        "is",
-        "are",
-        "as",
-        "be",
-    ]
+    "a an the and or of with in on at to for by from its it this that is are as be".split()
 )
 
 
@@ -383,11 +361,10 @@ class _Stage:
 
 
 def _column(values: list[Any]) -> np.ndarray:
+    """A batch column: integers as int64 (seeds), everything else as objects."""
     if all(isinstance(v, (int, np.integer)) for v in values):
         return np.array(values, dtype=np.int64)
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
+    return object_array(values)
 
 
 def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:
