@@ -446,10 +446,17 @@ def _fit(
     from ray_app.runtime import init_ray
 
     opts = config.train
+    if config.generator.source.strip() == "tiny":
+        # Build the tiny checkpoint here, not in a worker: under Ray Train's process group,
+        # transformers' save_pretrained writes only on rank 0, so a rank-1 build is empty.
+        from ray_app import tiny
+
+        tiny.ensure("generator", config.cache_path)
     init_ray(config)
     resources: dict[str, float] = {"CPU": opts.cpus_per_worker}
     if opts.gpus_per_worker > 0:
         resources["GPU"] = opts.gpus_per_worker
+    name = f"restage-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -465,12 +472,14 @@ def _fit(
             resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name=f"restage-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            name=name,
             storage_path=ray_train_storage(root),
             failure_config=FailureConfig(max_failures=opts.max_failures),
         ),
     )
     trainer.fit()
+    # Ray Train's run state is only useful to debug a failed run; the adapters are the output.
+    storage.remove(storage.join(ray_train_storage(root), name), recursive=True)
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

@@ -298,3 +298,25 @@ def test_killed_run_resumes_skipping_the_finished_product(ray_local, tmp_path):
     assert Path(layout.weights(first)).read_bytes() == weights  # skipped, not rewritten
     assert Path(layout.metadata(first)).read_bytes() == meta
     assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
+
+
+def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset, tmp_path):
+    from pipelines.train import ShardTrainer
+
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "train.token_sweep=3",
+            "train.sweep_steps=2",
+            "train.steps=3",
+            "train.sweep_images=2",
+        ],
+    )
+    out = str(tmp_path / "adapters")
+    ShardTrainer(cfg, trainset, out, None).run(["lamp-blue-01"])
+    meta = json.loads(Path(AdapterLayout(out).metadata("lamp-blue-01")).read_text())
+    sweep = meta["token_sweep"]
+    assert len(sweep) == 3 and len({s["token"] for s in sweep}) == 3
+    assert all(np.isfinite(s["score"]) for s in sweep)
+    assert meta["token"] == max(sweep, key=lambda s: s["score"])["token"]
+    assert meta["steps"] == 3  # the winner is retrained for the full steps
