@@ -320,3 +320,38 @@ def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset
     assert all(np.isfinite(s["score"]) for s in sweep)
     assert meta["token"] == max(sweep, key=lambda s: s["score"])["token"]
     assert meta["steps"] == 3  # the winner is retrained for the full steps
+
+
+def test_a_dead_worker_is_restarted_and_redoes_only_its_unfinished_product(ray_local, tmp_path):
+    import threading
+
+    import psutil
+
+    from pipelines.train import train
+
+    data = write_training_set(str(tmp_path / "aug"))
+    out = str(tmp_path / "adapters")
+    layout = AdapterLayout(out)
+    first, second = sorted(PRODUCTS)
+    cfg = load_config("tiny", overrides=["train.steps=40", "ray.progress_bars=false"])
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=train(cfg, data, out)))
+    job.start()
+    deadline = time.monotonic() + 180
+    while not Path(layout.metadata(first)).exists():
+        assert job.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    weights = Path(layout.weights(first)).read_bytes()
+    workers = [  # this test's local Ray runs under this process
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 1, workers
+    assert not Path(layout.metadata(second)).exists(), "the second product finished first"
+    workers[0].send_signal(signal.SIGKILL)
+    job.join(timeout=240)
+    assert not job.is_alive() and "summary" in result
+    assert result["summary"].products["ok"] == 2
+    assert Path(layout.weights(first)).read_bytes() == weights  # not redone after the restart
+    assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
