@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,24 @@ def test_positive_prompt_puts_the_token_before_the_noun():
     )
     assert positive_prompt("a red mug", "ohwx", "mug", "instance") == "a photo of ohwx mug"
     assert positive_prompt(None, "ohwx", "desk lamp") == "a photo of ohwx desk lamp"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.resolution=60", "train.resolution=60 must be a multiple of 8"),
+        ("train.sweep_steps=5000", "sweep_steps=5000 exceeds steps=12"),
+        ("train.dtype=float16", "train.dtype='float16'"),
+        ("train.target_modules=[]", "give at least one module name"),
+        ("generate.weights={clip_i: 0}", "at least one weight must be above 0"),
+        ("generate.top_n=0", "generate.top_n=0"),
+    ],
+)
+def test_bad_train_and_generate_settings_name_the_key(override, needle):
+    from ray_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config("tiny", overrides=[override])
 
 
 # --------------------------------------------------------------------------- trainer
