@@ -1,15 +1,20 @@
 """Text-to-image generation (role ``generator``): the base model that per-product LoRA
 adapters are trained on. In augment it makes in-class negatives from product-free captions
-(paper 2.1.3)."""
+(paper 2.1.3); in generate (and serve) it swaps per-product adapters on the one loaded base
+pipeline: ``load_adapter`` reads a ``restage train`` adapter folder from any fsspec URI,
+``set_adapter`` picks the active one, ``unload_adapter`` frees it."""
 
 from __future__ import annotations
 
+import gc
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ray_app import storage
 from ray_app.batching import batch_len, column, map_chunks, object_array
 from ray_app.config import RestageConfig
 from ray_app.images import encode_png
@@ -25,8 +30,19 @@ class GenerationOptions:
     negative_prompt: str = ""
 
 
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+class AdapterError(KeyError):
+    """An adapter name that is not loaded, or one loaded twice; the message says which."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class Generator:
-    """Batch in: ``prompt`` (str), ``seed`` (int), optional ``negative_prompt``.
+    """Batch in: ``prompt`` (str), ``seed`` (int), optional ``negative_prompt`` and
+    ``adapter`` (the name of a loaded adapter, or None for the base model).
     Batch out: ``image`` (PNG bytes or None) and ``error``."""
 
     role = "generator"
@@ -37,6 +53,71 @@ class Generator:
         self.loaded = load_role(config, self.role, device=device)
         self.batch_size = config.role(self.role).batch_size
         self.options = options
+        self._adapters: dict[str, str] = {}  # name -> folder URI
+        self._scales: dict[str, float] = {}  # name -> adapter weight
+        self._active: str | None = None
+        self.adapter_loads: Counter[str] = Counter()  # loads per adapter name (tests, metrics)
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> the folder URI it was read from."""
+        return dict(self._adapters)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def load_adapter(self, name: str, folder_uri: str, scale: float = 1.0) -> None:
+        """Read ``folder_uri/pytorch_lora_weights.safetensors`` (any fsspec URI) into the
+        loaded pipeline as adapter ``name``, without reloading the base model. The adapter
+        is loaded inactive; ``set_adapter(name)`` activates it."""
+        from safetensors.torch import load as load_safetensors
+
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} is already loaded from {self._adapters[name]}")
+        uri = storage.join(storage.normalize_uri(folder_uri), ADAPTER_WEIGHTS)
+        state = load_safetensors(storage.read_bytes(uri))
+        pipe = self.loaded.model
+        pipe.load_lora_weights(state, adapter_name=name)
+        self._adapters[name] = folder_uri
+        self.adapter_loads[name] += 1
+        self._scales[name] = scale
+        self.set_adapter(self._active)  # a new adapter must not change what is active
+
+    def set_adapter(self, name: str | None, scale: float | None = None) -> None:
+        """Make ``name`` the only active adapter (``None``: the base model alone)."""
+        pipe = self.loaded.model
+        if name is not None and name not in self._adapters:
+            raise AdapterError(
+                f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}"
+            )
+        if name is None:
+            if self._adapters:
+                pipe.disable_lora()
+        else:
+            if scale is not None:
+                self._scales[name] = scale
+            pipe.enable_lora()
+            pipe.set_adapters([name], adapter_weights=[self._scales[name]])
+        self._active = name
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from the pipeline and free its memory."""
+        if name not in self._adapters:
+            raise AdapterError(
+                f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}"
+            )
+        self.loaded.model.delete_adapters(name)
+        del self._adapters[name]
+        self._scales.pop(name, None)
+        if self._active == name:
+            self._active = None
+        self.set_adapter(self._active)
+        gc.collect()
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def generate(
@@ -66,11 +147,27 @@ class Generator:
                 strict=True,
             )
         ]
-        results = map_chunks(
-            items,
-            self.batch_size,
-            lambda chunk: self.generate(*map(list, zip(*chunk, strict=True))),
-        )
+        names = [a or None for a in column(batch, "adapter", n)]
+        results: list[tuple[np.ndarray | None, str | None]] = [(None, None)] * n
+        previous = self._active
+        # Rows are grouped by adapter so that each adapter is switched to once per batch.
+        for name in dict.fromkeys(names):
+            index = [i for i, a in enumerate(names) if a == name]
+            try:
+                self.set_adapter(name)
+            except AdapterError as exc:
+                for i in index:
+                    results[i] = (None, str(exc))
+                continue
+            done = map_chunks(
+                [items[i] for i in index],
+                self.batch_size,
+                lambda chunk: self.generate(*map(list, zip(*chunk, strict=True))),
+            )
+            for i, result in zip(index, done, strict=True):
+                results[i] = result
+        if self._active != previous:
+            self.set_adapter(previous)
         return {
             "image": object_array(
                 [encode_png(img) if img is not None else None for img, _ in results]

@@ -198,6 +198,69 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.augment:main"))
 
+    p = sub.add_parser(
+        "train",
+        help="train one LoRA adapter per product on its training set (Ray Train)",
+        description="Read the training sets of a `restage augment` output (--data) and train a "
+        "DreamBooth-style LoRA on the generator's denoiser for every product on Ray Train "
+        "(train.num_workers workers, each loading the base model once and training its share "
+        "of products in turn). Each product gets a rare token that does not collide with its "
+        "words; negatives and counterfactuals are mixed into the batches (train.negative_ratio, "
+        "2:1). Writes OUT/<product_id>/pytorch_lora_weights.safetensors (loads with diffusers' "
+        "pipe.load_lora_weights) and adapter.json (token, rank, steps, base model, training-set "
+        "digest, losses, seconds), an errors manifest and summary.json. Re-running skips "
+        "products whose adapter.json exists.",
+    )
+    p.add_argument("--data", required=True, help="output root URI of `restage augment`")
+    p.add_argument("--out", required=True, help="adapters root URI (one folder per product)")
+    p.add_argument(
+        "--manifest",
+        help="products manifest URI, for titles and categories (token collisions, class noun) "
+        "when the augment output has no product records",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.train:main"))
+
+    p = sub.add_parser(
+        "generate",
+        help="generate each product in new scenes with its adapter and keep the top-N",
+        description="For every complete adapter under --adapters, generate images from prompt-bank "
+        "prompts of the product's type (plus --user-prompts) with the product's token, on Ray "
+        "Data with one adapter load per product; score each image with CLIP-T, CLIP-I and DINO "
+        "(and segmented variants) against the product's real images, rank, and keep the top-N "
+        "above generate.threshold. Writes the kept images, a Parquet manifest with every score "
+        "and rank, an errors manifest and summary.json under --out. Re-running skips complete "
+        "products.",
+    )
+    p.add_argument("--adapters", required=True, help="adapters root URI (`restage train` output)")
+    p.add_argument("--out", required=True, help="output root URI")
+    p.add_argument(
+        "--prompts", type=int, help="bank prompts per product [generate.prompts_per_product]"
+    )
+    p.add_argument(
+        "--images-per-prompt", type=int, help="images per prompt [generate.images_per_prompt]"
+    )
+    p.add_argument("--top-n", type=int, help="images kept per product [generate.top_n]")
+    p.add_argument(
+        "--user-prompts",
+        help="text file URI of extra prompts, one a line with {product} [generate.user_prompts]",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.generate:main"))
+
+    p = sub.add_parser(
+        "run",
+        help="augment -> train -> generate under one output root",
+        description="Chain the three jobs: OUT/augment (training sets), OUT/adapters/<product_id> "
+        "(one LoRA per product) and OUT/generations (ranked images). Each step resumes on its "
+        "own, so re-running a killed run continues where it stopped. Quick start on CPU: "
+        "restage run --profile tiny --manifest examples/products.jsonl --out runs/quickstart",
+    )
+    p.add_argument("--manifest", required=True, help="products manifest URI")
+    p.add_argument("--out", required=True, help="output root URI")
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.run:main"))
+
     p = sub.add_parser("prompts", help="the prompt bank: show it, or extend it with the llm role")
     psub = p.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")
     b = psub.add_parser(

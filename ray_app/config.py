@@ -343,6 +343,179 @@ class AugmentConfig(StrictModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
 
 
+MetricName = Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"]
+
+
+class TrainConfig(StrictModel):
+    """`restage train`: one DreamBooth-style LoRA per product on the generator's denoiser
+    (paper 2.4): no prior-preservation loss, negatives mixed into the batches instead."""
+
+    rank: PositiveInt = Field(64, description="LoRA rank (paper A.5: 64 keeps scenes diverse).")
+    alpha: PositiveFloat | None = Field(
+        None,
+        description="LoRA alpha; the update is scaled by alpha/rank (None: alpha = rank). The "
+        "scale is folded into the saved weights, so any diffusers loader applies it.",
+    )
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Names of the denoiser's linear layers that get LoRA (attention projections).",
+    )
+    dropout: Fraction = Field(0.0, description="LoRA dropout.")
+    learning_rate: PositiveFloat = Field(2e-4, description="AdamW learning rate of the LoRA.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(1e-4, description="AdamW weight decay.")
+    lr_scheduler: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warm-up."
+    )
+    warmup_steps: NonNegativeInt = Field(0, description="Linear learning-rate warm-up steps.")
+    max_grad_norm: PositiveFloat = Field(1.0, description="Gradient clipping norm.")
+    steps: PositiveInt = Field(1800, description="Optimiser steps per product.")
+    batch_size: PositiveInt = Field(4, description="Samples per step.")
+    resolution: PositiveInt = Field(
+        1024, description="Square training resolution (shorter side resized, centre crop)."
+    )
+    negative_ratio: PositiveFloat = Field(
+        2.0,
+        description="Positives per negative in the batches (2.0 = 2:1); negatives and "
+        "counterfactuals are trained with their own captions.",
+    )
+    caption_mode: Literal["caption", "instance"] = Field(
+        "caption",
+        description="Positive prompts: 'caption' puts the token before the class noun in the "
+        "sample's fine-grained caption (or prefixes 'a photo of TOKEN NOUN,' when the noun is "
+        "absent); 'instance' uses 'a photo of TOKEN NOUN' (classic DreamBooth).",
+    )
+    min_positives: PositiveInt = Field(
+        3, description="A product with fewer kept positive samples is not trained (error row)."
+    )
+    tokens_file: str | None = Field(
+        None, description="Rare-token list URI, one token a line (None: the packaged list)."
+    )
+    token_sweep: PositiveInt = Field(
+        1,
+        description="Candidate tokens tried per product; above 1 each is trained and the one "
+        "with the best validation fidelity score is kept (paper 2.4).",
+    )
+    sweep_steps: PositiveInt | None = Field(
+        None,
+        description="Steps per candidate during a sweep (None: steps); the winner is then "
+        "trained for the full steps.",
+    )
+    sweep_images: PositiveInt = Field(
+        4, description="Validation images per candidate token in a sweep."
+    )
+    eval_samples: PositiveInt = Field(
+        4,
+        description="Size of the fixed batch (fixed noise and timesteps) whose loss is measured "
+        "before and after training and recorded in adapter.json.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Dtype of the frozen base weights while training ('auto': bfloat16 on CUDA, "
+        "float32 on CPU); LoRA weights and optimiser state stay float32. float16 is not offered: "
+        "it needs loss scaling and the SDXL VAE overflows in it.",
+    )
+    save_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Dtype of the saved adapter weights (storage per product)."
+    )
+    cache_latents: bool = Field(
+        True, description="Encode each product's images with the VAE once, not every step."
+    )
+    cache_text_embeddings: bool = Field(
+        True, description="Encode each product's captions once, not every step."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute denoiser activations in backward (less memory, ~20% slower)."
+    )
+    allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs.")
+    num_workers: PositiveInt = Field(
+        1, description="Ray Train workers; each loads the base model once and trains its share."
+    )
+    cpus_per_worker: PositiveFloat = Field(4.0, description="CPUs reserved per worker.")
+    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="GPUs per worker (0: CPU training; fractions share a GPU)."
+    )
+    max_failures: NonNegativeInt = Field(
+        3,
+        description="Worker-group restarts after a worker dies (Ray Train FailureConfig); "
+        "a restarted worker skips the products whose adapter is complete.",
+    )
+    io_threads: PositiveInt = Field(8, description="Threads reading a product's images.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        _multiple_of_8("train.resolution", self.resolution)
+        if not self.target_modules or any(not m.strip() for m in self.target_modules):
+            raise ValueError(
+                f"target_modules={self.target_modules}: give at least one module name, "
+                "e.g. [to_q, to_k, to_v, to_out.0]"
+            )
+        if self.sweep_steps is not None and self.sweep_steps > self.steps:
+            raise ValueError(
+                f"sweep_steps={self.sweep_steps} exceeds steps={self.steps}: lower sweep_steps"
+            )
+        if self.eval_samples > 64:
+            raise ValueError(f"eval_samples={self.eval_samples}: at most 64")
+        return self
+
+
+class GenerateConfig(StrictModel):
+    """`restage generate`: images of each product in new contexts, ranked (paper 2.5)."""
+
+    prompts_per_product: PositiveInt = Field(
+        8, description="Prompt-bank prompts per product (of its type), besides user prompts."
+    )
+    user_prompts: str | None = Field(
+        None,
+        description="URI of a text file of extra prompts, one a line, each with {product} "
+        "where the product goes (it becomes 'TOKEN NOUN'); '#' lines are comments.",
+    )
+    images_per_prompt: PositiveInt = Field(4, description="Images per prompt (different seeds).")
+    top_n: PositiveInt = Field(4, description="Images kept per product after ranking.")
+    threshold: float = Field(
+        0.0, description="Minimum aggregate score (0-1) of a kept image, applied after top_n."
+    )
+    weights: dict[MetricName, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {
+            "clip_t": 1.0,
+            "clip_i": 1.0,
+            "dino": 1.0,
+            "seg_clip_i": 1.0,
+            "seg_dino": 1.0,
+        },
+        description="Weights of the normalised metrics (scoring.ranges) in the ranking score; "
+        "segmented metrics count only where both masks exist.",
+    )
+    segment: bool = Field(
+        True,
+        description="Segment generated images (segmenter role) for segmented CLIP-I and DINO.",
+    )
+    width: PositiveInt = Field(1024, description="Image width.")
+    height: PositiveInt = Field(1024, description="Image height.")
+    steps: PositiveInt = Field(30, description="Denoising steps.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.0, description="Classifier-free guidance."
+    )
+    lora_scale: Annotated[float, Field(ge=0)] = Field(1.0, description="Weight of the adapter.")
+    negative_prompt: str = Field(
+        "blurry, low quality, distorted, deformed, duplicate, text, watermark",
+        description="Negative prompt.",
+    )
+    write_all_images: bool = Field(
+        False,
+        description="Write every generated image, not only the kept top-N (review, debugging).",
+    )
+    products_per_batch: PositiveInt = Field(1, description="Products per actor call.")
+    cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the plan and write tasks.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateConfig:
+        _multiple_of_8("generate.width", self.width)
+        _multiple_of_8("generate.height", self.height)
+        if not any(w > 0 for w in self.weights.values()):
+            raise ValueError(f"weights={self.weights}: at least one weight must be above 0")
+        return self
+
+
 class RestageConfig(StrictModel):
     """The whole resolved configuration of a run."""
 
@@ -369,6 +542,8 @@ class RestageConfig(StrictModel):
     llm: RoleSpec | None = Field(None, description="Optional: used by `restage prompts build`.")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     def role(self, name: str) -> RoleSpec:
         if name not in ROLES:

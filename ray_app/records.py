@@ -178,6 +178,36 @@ SAMPLE_SCHEMA = pa.schema(
 )
 
 
+# One row per generated image of a product (`restage generate` manifest): every score, the
+# aggregate, the rank within the product and whether it is among the kept top-N.
+GENERATION_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("prompt_index", pa.int32(), nullable=False),
+        pa.field("image_index", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt_source", pa.string(), nullable=False),  # bank or user
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("token", pa.string()),
+        pa.field("adapter_uri", pa.string()),
+        pa.field("image_uri", pa.string()),  # None when the image was not written
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("mask_method", pa.string()),
+        *[
+            pa.field(name, pa.float32())
+            for name in ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
+        ],
+        pa.field("score", pa.float32()),
+        pa.field("rank", pa.int32()),  # 1 = best of the product; None when unscored
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("models", pa.map_(pa.string(), pa.string())),
+    ]
+)
+
+
 def records_table(records: list[ProductRecord]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in records], schema=PRODUCT_SCHEMA)
 

@@ -1,0 +1,486 @@
+"""Per-product LoRA fine-tuning of the generator's denoiser (role ``generator``, paper 2.4).
+
+``LoraTrainer`` loads the base pipeline once, adds one peft LoRA to its denoiser, and then
+trains product after product: ``train`` re-initialises the LoRA from the product's seed,
+encodes the product's images (VAE latents) and captions (text embeddings) once, runs the
+optimiser steps on the cached tensors, and returns the LoRA weights in the diffusers format
+that ``pipe.load_lora_weights`` reads. No prior-preservation loss: the product's negatives
+and counterfactuals are mixed into the batches at ``train.negative_ratio`` (2:1), each with
+its own caption, while positives carry the product's token.
+
+Conditioning follows the pipeline: SDXL (two text encoders) gets the concatenated
+penultimate hidden states of both encoders, the pooled embedding of the second, and
+``add_time_ids`` (original size, crop corner, target size); SD 1.x/2.x pipelines (one text
+encoder) get the encoder's hidden states. No ``ray`` here: the same class runs inside a Ray
+Train worker, in a unit test, and in ``bench/train.py`` on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ray_app.config import RestageConfig
+from ray_app.images import decode_rgb
+from ray_app.models import load_role
+
+ADAPTER = "restage"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """One image of a product's training set with the prompt it is trained with."""
+
+    sample_id: str
+    image: bytes  # encoded image
+    prompt: str
+    negative: bool = False
+
+
+@dataclass
+class ProductCache:
+    """A product's tensors computed once and reused by every step."""
+
+    n: int
+    negative: np.ndarray  # (n,) bool
+    prompts: list[str]
+    time_ids: torch.Tensor | None  # (n, 6) SDXL only
+    pixels: torch.Tensor | None = None  # (n, 3, R, R) in [-1, 1], CPU; uncached latents only
+    latent_mean: torch.Tensor | None = None  # (n, 4, R/8, R/8) on device
+    latent_std: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None  # (n, 77, D) on device
+    pooled_embeds: torch.Tensor | None = None  # (n, P) on device, SDXL only
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What training one product produced: the adapter weights and how it went."""
+
+    state_dict: dict[str, torch.Tensor]  # diffusers format, CPU, alpha/rank folded in
+    losses: list[float]
+    eval_loss_start: float
+    eval_loss_end: float
+    steps: int
+    batch_size: int
+    positives: int
+    negatives: int
+    setup_seconds: float  # LoRA reset + caching latents and text embeddings
+    train_seconds: float  # the optimiser steps
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean training loss of the last 10% of steps (at least one)."""
+        k = max(1, len(self.losses) // 10)
+        return float(np.mean(self.losses[-k:]))
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / max(1, self.steps)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def positive_prompt(caption: str | None, token: str, noun: str, mode: str = "caption") -> str:
+    """The prompt of a positive sample: the token goes right before the class noun.
+
+    ``caption`` mode keeps the fine-grained caption ("a mug on a table" -> "a ohwx mug on a
+    table"), or prefixes "a photo of TOKEN NOUN," when the noun is absent; ``instance`` mode
+    is DreamBooth's "a photo of TOKEN NOUN".
+    """
+    instance = f"a photo of {token} {noun}"
+    if mode == "instance" or not caption or not caption.strip():
+        return instance
+    caption = caption.strip()
+    found = re.search(r"\b" + re.escape(noun) + r"\b", caption, flags=re.IGNORECASE)
+    if found:
+        return f"{caption[: found.start()]}{token} {caption[found.start() :]}"
+    return f"{instance}, {caption}"
+
+
+def mix_schedule(
+    positives: int, negatives: int, steps: int, batch_size: int, ratio: float, seed: int
+) -> list[list[int]]:
+    """Sample indices of every step's batch. Indices ``0..positives-1`` are positives, the
+    rest negatives. Every ``ratio + 1``-th slot is a negative, so batches hold ``ratio``
+    positives per negative overall; each pool is cycled in reshuffled epochs."""
+    if positives <= 0:
+        raise ValueError("mix_schedule: a product needs at least one positive sample")
+    rng = random.Random(seed)
+
+    def cycle(indices: list[int]):
+        while True:
+            order = list(indices)
+            rng.shuffle(order)
+            yield from order
+
+    pos = cycle(list(range(positives)))
+    neg = cycle(list(range(positives, positives + negatives))) if negatives else None
+    period = ratio + 1.0
+    slots = []
+    for k in range(steps * batch_size):
+        is_negative = neg is not None and math.floor((k + 1) / period) > math.floor(k / period)
+        slots.append(next(neg) if is_negative else next(pos))
+    return [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
+
+
+def preprocess(
+    rgb: np.ndarray, resolution: int
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """Resize the shorter side to ``resolution`` and centre-crop a square ->
+    (CHW float32 in [-1, 1], original (h, w), crop corner (top, left) in resized pixels)."""
+    h, w = rgb.shape[:2]
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    img = Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return arr, (h, w), (top, left)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class LoraTrainer:
+    """Load the generator once; train one LoRA per product with ``train``."""
+
+    role = "generator"
+
+    def __init__(
+        self, config: RestageConfig, device: str | None = None, pipeline: Any | None = None
+    ):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        self.options = opts = config.train
+        if pipeline is None:
+            spec = config.generator.model_copy(update={"dtype": opts.dtype})
+            train_config = config.model_copy(update={"generator": spec})
+            self.loaded = load_role(train_config, self.role, device=device)
+            pipeline = self.loaded.model
+        self.pipe = pipe = pipeline
+        pipe.set_progress_bar_config(disable=True)
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        for module in (
+            self.unet,
+            self.vae,
+            pipe.text_encoder,
+            getattr(pipe, "text_encoder_2", None),
+        ):
+            if module is not None:
+                module.requires_grad_(False)
+        if self.device.type == "cuda" and opts.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.rank = opts.rank
+        self.scale = (opts.alpha or opts.rank) / opts.rank
+        self.unet.add_adapter(
+            LoraConfig(
+                r=opts.rank,
+                lora_alpha=opts.alpha or opts.rank,
+                lora_dropout=opts.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(opts.target_modules),
+            ),
+            adapter_name=ADAPTER,
+        )
+        self.lora_params = {name: p for name, p in self.unet.named_parameters() if "lora_" in name}
+        if not self.lora_params:
+            raise ValueError(
+                f"train.target_modules={opts.target_modules} matched no layer of the denoiser"
+            )
+        for p in self.lora_params.values():  # the LoRA and its optimiser state stay float32
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if opts.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.unet.eval()
+
+    # ------------------------------------------------------------------ per product
+
+    def reset(self, seed: int) -> None:
+        """Re-initialise the LoRA for a new product (gaussian A, zero B), from ``seed`` only."""
+        gen = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.lora_params.items():
+                if "lora_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) / self.rank)
+                else:
+                    p.zero_()
+
+    @torch.no_grad()
+    def prepare(self, samples: list[TrainingSample]) -> ProductCache:
+        """Decode and crop a product's images; encode latents and text once when cached."""
+        start = time.perf_counter()
+        opts, res = self.options, self.options.resolution
+        arrays, time_ids = [], []
+        for s in samples:
+            arr, (h, w), (top, left) = preprocess(decode_rgb(s.image), res)
+            arrays.append(arr)
+            time_ids.append([h, w, top, left, res, res])
+        pixels = torch.from_numpy(np.stack(arrays))
+        cache = ProductCache(
+            n=len(samples),
+            negative=np.array([s.negative for s in samples], bool),
+            prompts=[s.prompt for s in samples],
+            time_ids=torch.tensor(time_ids, dtype=self.dtype, device=self.device)
+            if self.sdxl
+            else None,
+        )
+        if opts.cache_latents:
+            cache.latent_mean, cache.latent_std = self._encode_images(pixels)
+        else:
+            cache.pixels = pixels
+        if opts.cache_text_embeddings:
+            cache.prompt_embeds, cache.pooled_embeds = self._encode_text(cache.prompts)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        cache.seconds = time.perf_counter() - start
+        return cache
+
+    def _encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:  # the SDXL VAE overflows in float16
+            vae.to(torch.float32)
+        means, stds = [], []
+        for chunk in pixels.split(max(1, self.options.batch_size)):
+            dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+            means.append(dist.mean.to(self.dtype))
+            stds.append(dist.std.to(self.dtype))
+        if upcast:
+            vae.to(torch.float16)
+        return torch.cat(means), torch.cat(stds)
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompts,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            return embeds.to(self.dtype), pooled.to(self.dtype)
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return embeds.to(self.dtype), None
+
+    def _latents(self, cache: ProductCache, idx: list[int], gen: torch.Generator) -> torch.Tensor:
+        cfg = self.vae.config
+        if cache.latent_mean is not None:
+            mean, std = cache.latent_mean[idx], cache.latent_std[idx]
+            sample = mean + std * torch.randn(
+                mean.shape, generator=gen, device=self.device, dtype=mean.dtype
+            )
+        else:
+            with torch.no_grad():
+                mean, std = self._encode_images(cache.pixels[idx])
+                sample = mean + std * torch.randn(
+                    mean.shape, generator=gen, device=self.device, dtype=mean.dtype
+                )
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return (sample - shift) * cfg.scaling_factor
+
+    def _text(
+        self, cache: ProductCache, idx: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cache.prompt_embeds is not None:
+            pooled = cache.pooled_embeds[idx] if cache.pooled_embeds is not None else None
+            return cache.prompt_embeds[idx], pooled
+        with torch.no_grad():
+            return self._encode_text([cache.prompts[i] for i in idx])
+
+    def _loss(
+        self,
+        cache: ProductCache,
+        idx: list[int],
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        embeds, pooled = self._text(cache, idx)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        kwargs: dict[str, Any] = {}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": cache.time_ids[idx]}
+        pred = self.unet(noisy, timesteps, embeds, **kwargs).sample
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {kind!r} of the generator's scheduler")
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def eval_loss(self, cache: ProductCache, seed: int) -> float:
+        """Loss on a fixed batch (the first ``eval_samples`` samples, fixed noise, evenly
+        spread timesteps): comparable before and after training."""
+        idx = list(range(min(self.options.eval_samples, cache.n)))
+        gen = torch.Generator(self.device).manual_seed(seed)
+        latents = self._latents(cache, idx, gen)
+        noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
+        total = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.tensor(
+            [int(total * (i + 0.5) / len(idx)) for i in range(len(idx))], device=self.device
+        )
+        return float(self._loss(cache, idx, latents, noise, timesteps))
+
+    def train(
+        self, samples: list[TrainingSample], seed: int, steps: int | None = None
+    ) -> TrainResult:
+        """Train the LoRA on one product from scratch (reset from ``seed``, cache, steps).
+        Positives and negatives are told apart by ``TrainingSample.negative``; the result
+        depends only on the samples, ``seed`` and the config."""
+        opts = self.options
+        steps = steps or opts.steps
+        start = time.perf_counter()
+        order = sorted(range(len(samples)), key=lambda i: samples[i].negative)
+        samples = [samples[i] for i in order]
+        n_pos = sum(not s.negative for s in samples)
+        self.reset(seed)
+        cache = self.prepare(samples)
+        schedule = mix_schedule(
+            n_pos, len(samples) - n_pos, steps, opts.batch_size, opts.negative_ratio, seed
+        )
+        eval_start = self.eval_loss(cache, seed + 1)
+        setup = time.perf_counter() - start
+
+        params = list(self.lora_params.values())
+        optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+        warmup = opts.warmup_steps
+
+        def lr_lambda(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if opts.lr_scheduler == "cosine":
+                progress = (step - warmup) / max(1, steps - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        gen = torch.Generator(self.device).manual_seed(seed)
+        total_t = self.noise_scheduler.config.num_train_timesteps
+        losses: list[torch.Tensor] = []
+        start = time.perf_counter()
+        self.unet.train()
+        try:
+            for idx in schedule:
+                latents = self._latents(cache, idx, gen)
+                noise = torch.randn(
+                    latents.shape, generator=gen, device=self.device, dtype=latents.dtype
+                )
+                timesteps = torch.randint(
+                    0, total_t, (len(idx),), generator=gen, device=self.device
+                )
+                loss = self._loss(cache, idx, latents, noise, timesteps)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+        finally:
+            self.unet.eval()
+        values = torch.stack(losses).float().cpu().tolist()  # one device sync, not one a step
+        train_seconds = time.perf_counter() - start
+        eval_end = self.eval_loss(cache, seed + 1)
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"training loss is not finite: {values[-5:]}")
+        return TrainResult(
+            state_dict=self.lora_state_dict(),
+            losses=values,
+            eval_loss_start=eval_start,
+            eval_loss_end=eval_end,
+            steps=steps,
+            batch_size=opts.batch_size,
+            positives=n_pos,
+            negatives=len(samples) - n_pos,
+            setup_seconds=setup,
+            train_seconds=train_seconds,
+            extra={"cache_seconds": cache.seconds},
+        )
+
+    # ------------------------------------------------------------------ weights
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA in diffusers' format, with alpha/rank folded into the up weights so that
+        every loader (with or without adapter metadata) applies the trained scale."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        dtype = _SAVE_DTYPES[self.options.save_dtype]
+        raw = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
+        out = {}
+        for key, value in raw.items():
+            value = value.detach().float()
+            if "lora_B" in key and self.scale != 1.0:
+                value = value * self.scale
+            out[key] = value.to("cpu", dtype).contiguous()
+        return convert_state_dict_to_diffusers(out)
+
+    def adapter_bytes(self, state_dict: dict[str, torch.Tensor]) -> bytes:
+        """``pytorch_lora_weights.safetensors`` as the pipeline class itself writes it."""
+        with tempfile.TemporaryDirectory() as tmp:
+            type(self.pipe).save_lora_weights(
+                tmp, unet_lora_layers=state_dict, weight_name=WEIGHTS_NAME
+            )
+            return (Path(tmp) / WEIGHTS_NAME).read_bytes()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Put weights from ``lora_state_dict`` back into the live LoRA (token sweeps)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        peft_sd = convert_unet_state_dict_to_peft(dict(state_dict))
+        with torch.no_grad():
+            for name, p in self.lora_params.items():
+                key = name.replace(f".{ADAPTER}", "")
+                value = peft_sd[key].float()
+                if "lora_B" in key and self.scale != 1.0:
+                    value = value / self.scale
+                p.copy_(value.to(p.device))
+
+    # ------------------------------------------------------------------ validation images
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        negative_prompt: str = "",
+    ) -> list[np.ndarray]:
+        """Images from the pipeline with the current LoRA active (uint8 HWC)."""
+        out = self.pipe(
+            prompt=prompts,
+            negative_prompt=[negative_prompt] * len(prompts),
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="np",
+        ).images
+        return list((np.clip(out, 0, 1) * 255).round().astype(np.uint8))

@@ -1,0 +1,611 @@
+"""`restage generate`: each product in new contexts with its adapter, ranked (paper 2.5).
+
+Ray Data streams one row per product, carrying all of that product's prompts and seeds:
+
+    plan (driver) -> generate (adapter loaded once per product) -> segment -> score -> write
+
+Prompts come from the prompt bank of the product's type (plus user prompts from a file),
+with ``TOKEN NOUN`` in place of ``{product}``; seeds from (product id, prompt index, image
+index). Because a row is a whole product, the generator actor loads the product's adapter
+once, makes every image of the product, and unloads it before the next product; the number
+of loads per product is counted and reported.
+
+Ranking: every image is scored with CLIP-T (its prompt), CLIP-I and DINO against the
+product's real images from the training set named in ``adapter.json``, plus segmented CLIP-I
+and DINO (product crops) where both the generated image and the reference have a mask. The
+metrics are normalised through ``scoring.ranges`` and averaged with ``generate.weights``;
+the top-N per product at or above ``generate.threshold`` are kept. Written per product: the
+kept images, one Parquet shard with every image's scores, rank and ``kept``, its errors
+shard, and the completion marker last; a re-run skips complete products.
+
+Cost per product: one adapter load, prompts x images denoising runs, one CLIP/DINO pass
+over the images and the product's real images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ray_app import storage
+from ray_app.config import RestageConfig
+from ray_app.images import encode_png
+from ray_app.metrics import aggregate, mean_similarity
+from ray_app.prompts import PLACEHOLDER, PromptBank, fill
+from ray_app.records import GENERATION_SCHEMA, SAMPLE_SCHEMA, ErrorRow
+from ray_app.report import JobSummary, StageStats
+from ray_app.seeds import derive_seed
+from ray_app.storage import AdapterLayout, GenerationLayout, write_errors
+
+JOB = "generate"
+STAGES = ("plan", "generate", "segment", "score", "write")
+METRICS = ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """CLIP-T, CLIP-I, DINO and their segmented variants of images against a product's
+    reference images, and the weighted aggregate that ranks them."""
+
+    def __init__(self, config: RestageConfig, segment: bool = False):
+        from actors.clip import ClipEmbedder
+        from actors.dino import DinoEmbedder
+
+        self.clip = ClipEmbedder(config)
+        self.dino = DinoEmbedder(config)
+        self.segmenter = None
+        if segment:
+            from actors.segmenter import Segmenter
+
+            self.segmenter = Segmenter(config)
+        self.weights = dict(config.generate.weights)
+        self.ranges = dict(config.scoring.ranges)
+
+    def score(
+        self,
+        images: list[np.ndarray | bytes],
+        prompts: list[str],
+        references: list[bytes],
+        reference_masks: list[bytes | None],
+        masks: list[bytes | None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """-> one array per metric, ``score`` (aggregate, NaN when unscorable) and
+        ``error`` (per image)."""
+        n = len(images)
+        data = [img if isinstance(img, bytes) else encode_png(img) for img in images]
+        errors: list[str | None] = [None] * n
+        if masks is None and self.segmenter is not None:
+            seg = self.segmenter({"image": _objects(data)})
+            masks = list(seg["mask"])
+        masks = masks if masks is not None else [None] * n
+        gen_clip = self.clip(
+            {"image": _objects(data), "mask": _objects(masks), "text": _objects(prompts)}
+        )
+        gen_dino = self.dino({"image": _objects(data), "mask": _objects(masks)})
+        ref_clip = self.clip({"image": _objects(references), "mask": _objects(reference_masks)})
+        ref_dino = self.dino({"image": _objects(references), "mask": _objects(reference_masks)})
+        for out in (gen_clip, gen_dino):
+            for i, err in enumerate(out["error"]):
+                errors[i] = errors[i] or err
+        metrics = {
+            "clip_i": mean_similarity(gen_clip["image_embedding"], ref_clip["image_embedding"]),
+            "seg_clip_i": mean_similarity(gen_clip["crop_embedding"], ref_clip["crop_embedding"]),
+            "dino": mean_similarity(gen_dino["image_embedding"], ref_dino["image_embedding"]),
+            "seg_dino": mean_similarity(gen_dino["crop_embedding"], ref_dino["crop_embedding"]),
+            "clip_t": np.einsum(
+                "nd,nd->n", gen_clip["image_embedding"], gen_clip["text_embedding"]
+            ).astype(np.float32),
+        }
+        out: dict[str, Any] = dict(metrics)
+        out["score"] = aggregate(metrics, self.weights, self.ranges) if n else np.zeros(0)
+        out["mask"] = masks
+        out["error"] = errors
+        return out
+
+
+def rank_and_keep(
+    scores: np.ndarray, ids: list[str], top_n: int, threshold: float
+) -> tuple[list[int | None], list[bool]]:
+    """Rank 1 = best score (ties by id; NaN scores are unranked); keep the top ``top_n``
+    whose score is at least ``threshold``."""
+    order = sorted(
+        (i for i in range(len(ids)) if not math.isnan(float(scores[i]))),
+        key=lambda i: (-float(scores[i]), ids[i]),
+    )
+    ranks: list[int | None] = [None] * len(ids)
+    kept = [False] * len(ids)
+    for r, i in enumerate(order, start=1):
+        ranks[i] = r
+        kept[i] = r <= top_n and float(scores[i]) >= threshold
+    return ranks, kept
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = list(values)
+    return arr
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Image:
+    """One generated image of a product while it moves through the pipeline."""
+
+    image_id: str
+    prompt_index: int
+    image_index: int
+    prompt: str
+    prompt_source: str
+    seed: int
+    data: bytes | None = None
+    mask: bytes | None = None
+    mask_method: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    score: float | None = None
+    rank: int | None = None
+    kept: bool = False
+    error: str | None = None
+
+
+@dataclass
+class ProductState:
+    """A product's adapter, prompts and images; pickled into its Ray Data row."""
+
+    product_id: str
+    adapter_uri: str
+    meta: dict[str, Any]
+    images: list[Image]
+    errors: list[ErrorRow] = field(default_factory=list)
+    adapter_loads: int = 0
+    failed: str | None = None
+    stats: dict[str, StageStats] = field(default_factory=dict)
+
+    def error(self, stage: str, reason: str, item: str | None = None) -> None:
+        self.errors.append(ErrorRow(JOB, stage, reason, self.product_id, item=item))
+
+    def stat(self, stage: str) -> StageStats:
+        if stage not in self.stats:
+            self.stats[stage] = StageStats(stage, "images")
+        return self.stats[stage]
+
+
+def pack(states: list[ProductState]) -> dict[str, np.ndarray]:
+    return {
+        "product_id": _objects([s.product_id for s in states]),
+        "state": _objects([pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL) for s in states]),
+    }
+
+
+def unpack(batch: dict[str, np.ndarray]) -> list[ProductState]:
+    return [pickle.loads(blob) for blob in batch["state"]]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def read_user_prompts(uri: str | None) -> list[str]:
+    """Prompts from a text file, one a line, each with ``{product}`` once; '#' comments."""
+    if not uri:
+        return []
+    text = storage.read_bytes(storage.normalize_uri(uri)).decode()
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.count(PLACEHOLDER) != 1:
+            raise ValueError(
+                f"user prompts {uri} line {n}: {line[:80]!r} must contain {PLACEHOLDER} exactly "
+                f"once, where the product goes (e.g. 'a {PLACEHOLDER} on an oak desk')"
+            )
+        out.append(line)
+    return out
+
+
+def plan_product(
+    config: RestageConfig,
+    bank: PromptBank,
+    user_prompts: list[str],
+    product_id: str,
+    adapter_uri: str,
+    meta: dict[str, Any],
+) -> ProductState:
+    """A product's prompts (bank, then user) and seeds; ``TOKEN NOUN`` fills ``{product}``."""
+    g = config.generate
+    bank_prompts = bank.prompts(
+        meta.get("product_type"),
+        g.prompts_per_product,
+        derive_seed(product_id, "generate-prompts", 0, config.seed),
+    )
+    phrase = meta.get("prompt") or f"{meta['token']} {meta['noun']}"
+    prompts = [("bank", p) for p in bank_prompts] + [("user", p) for p in user_prompts]
+    images = []
+    for i, (source, prompt) in enumerate(prompts):
+        for j in range(g.images_per_prompt):
+            images.append(
+                Image(
+                    f"p{i:02d}-i{j:02d}",
+                    i,
+                    j,
+                    fill(prompt, phrase),
+                    source,
+                    derive_seed(product_id, f"generate/{i}", j, config.seed),
+                )
+            )
+    return ProductState(product_id, adapter_uri, meta, images)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Stage:
+    """Unpack product rows, run ``process`` on each product not failed, time it, pack."""
+
+    name = "stage"
+
+    def __init__(self, config: RestageConfig):
+        self.config = config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        states = unpack(batch)
+        for state in states:
+            if state.failed:
+                continue
+            start = time.perf_counter()
+            try:
+                self.process(state)
+            except Exception as exc:  # one product's failure never kills the others
+                state.error(self.name, f"{type(exc).__name__}: {exc}")
+                state.failed = f"{self.name} failed: {exc}"
+            state.stat(self.name).seconds += time.perf_counter() - start
+        return pack(states)
+
+    def process(self, state: ProductState) -> None:
+        raise NotImplementedError
+
+
+class GenerateStage(_Stage):
+    """All images of a product with its adapter: one load, every prompt, one unload."""
+
+    name = "generate"
+
+    def __init__(self, config: RestageConfig):
+        from actors.generator import GenerationOptions, Generator
+
+        super().__init__(config)
+        g = config.generate
+        self.gen = Generator(
+            config,
+            GenerationOptions(g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt),
+        )
+        self.tag = _tag(config, "generator")
+
+    def process(self, state: ProductState) -> None:
+        pid, stat = state.product_id, state.stat(self.name)
+        before = self.gen.adapter_loads[pid]
+        self.gen.load_adapter(pid, state.adapter_uri, scale=self.config.generate.lora_scale)
+        try:
+            out = self.gen(
+                {
+                    "prompt": _objects([im.prompt for im in state.images]),
+                    "seed": np.array([im.seed for im in state.images], np.int64),
+                    "adapter": _objects([pid] * len(state.images)),
+                }
+            )
+        finally:
+            self.gen.unload_adapter(pid)
+        state.adapter_loads += self.gen.adapter_loads[pid] - before
+        stat.items_in += len(state.images)
+        for im, data, err in zip(state.images, out["image"], out["error"], strict=True):
+            if err:
+                im.error = err
+                stat.errors += 1
+                state.error(self.name, err, item=im.image_id)
+            else:
+                im.data = data
+                stat.items_out += 1
+
+
+class SegmentStage(_Stage):
+    """Product masks of the generated images (segmented scores)."""
+
+    name = "segment"
+
+    def __init__(self, config: RestageConfig):
+        from actors.segmenter import Segmenter
+
+        super().__init__(config)
+        self.model = Segmenter(config)
+
+    def process(self, state: ProductState) -> None:
+        todo = [im for im in state.images if im.data is not None]
+        stat = state.stat(self.name)
+        stat.items_in += len(todo)
+        if not todo:
+            return
+        out = self.model({"image": _objects([im.data for im in todo])})
+        for im, mask, method in zip(todo, out["mask"], out["mask_method"], strict=True):
+            if mask is not None:
+                im.mask, im.mask_method = mask, method
+                stat.items_out += 1
+
+
+class ScoreStage(_Stage):
+    """Scores against the product's real images (and masks) from its training set, then
+    the rank and the top-N."""
+
+    name = "score"
+
+    def __init__(self, config: RestageConfig):
+        super().__init__(config)
+        self.scorer = Scorer(config, segment=False)  # masks come from SegmentStage
+
+    def process(self, state: ProductState) -> None:
+        g, stat = self.config.generate, state.stat(self.name)
+        refs, ref_masks = references(state.meta)
+        if not refs:
+            raise ValueError(
+                f"no real image in the training set {state.meta['training_set']['manifest_shard']}"
+            )
+        todo = [im for im in state.images if im.data is not None]
+        stat.items_in += len(todo)
+        if not todo:
+            return
+        out = self.scorer.score(
+            [im.data for im in todo],
+            [im.prompt for im in todo],
+            refs,
+            ref_masks,
+            masks=[im.mask for im in todo],
+        )
+        for k, im in enumerate(todo):
+            im.scores = {m: float(out[m][k]) for m in METRICS}
+            value = float(out["score"][k])
+            im.score = None if math.isnan(value) else value
+            if out["error"][k]:
+                state.error(self.name, out["error"][k], item=im.image_id)
+        ranks, kept = rank_and_keep(
+            np.array([math.nan if im.score is None else im.score for im in todo], np.float32),
+            [im.image_id for im in todo],
+            g.top_n,
+            g.threshold,
+        )
+        for im, r, k in zip(todo, ranks, kept, strict=True):
+            im.rank, im.kept = r, k
+        stat.items_out += sum(kept)
+        stat.dropped += len(todo) - sum(kept)
+
+
+def references(meta: dict[str, Any]) -> tuple[list[bytes], list[bytes | None]]:
+    """The product's real images and their masks, from the training set of its adapter."""
+    shard = meta["training_set"]["manifest_shard"]
+    rows = storage.read_parquet(shard, schema=SAMPLE_SCHEMA).to_pylist()
+    rows = sorted(
+        (r for r in rows if r["kind"] == "real" and r["product_id"] == meta["product_id"]),
+        key=lambda r: r["sample_id"],
+    )
+    images = [storage.read_bytes(r["image_uri"]) for r in rows]
+    masks = [storage.read_bytes(r["mask_uri"]) if r["mask_uri"] else None for r in rows]
+    return images, masks
+
+
+def write_products(
+    batch: dict[str, np.ndarray], config: RestageConfig, root: str
+) -> dict[str, np.ndarray]:
+    """Write each product's images, manifest shard and errors, then its marker last."""
+    layout = GenerationLayout(root)
+    g = config.generate
+    out = []
+    for state in unpack(batch):
+        start = time.perf_counter()
+        pid, stat = state.product_id, state.stat("write")
+        rows = []
+        if not state.failed:
+            storage.remove(storage.parent_uri(layout.image(pid, "x")), recursive=True)
+            for im in state.images:
+                uri = None
+                if im.data is not None and (im.kept or g.write_all_images):
+                    uri = storage.write_bytes(layout.image(pid, im.image_id), im.data)
+                    stat.items_out += 1
+                rows.append(_row(state, im, uri, config))
+            stat.items_in = len(rows)
+            storage.write_parquet(
+                layout.manifest_shard(pid), pa.Table.from_pylist(rows, schema=GENERATION_SCHEMA)
+            )
+        write_errors(layout, pid, state.errors)
+        kept = sum(1 for r in rows if r["kept"])
+        if not state.failed:
+            storage.write_json(
+                layout.marker(pid),
+                {
+                    "product_id": pid,
+                    "status": "partial" if state.errors else "ok",
+                    "images": len(rows),
+                    "kept": kept,
+                    "errors": len(state.errors),
+                    "adapter": state.adapter_uri,
+                    "adapter_loads": state.adapter_loads,
+                    "finished": time.time(),
+                },
+            )
+        stat.seconds = time.perf_counter() - start
+        out.append(
+            {
+                "product_id": pid,
+                "status": "failed" if state.failed else ("partial" if state.errors else "ok"),
+                "kept": kept,
+                "adapter_loads": state.adapter_loads,
+                "stats": json.dumps({k: v.__dict__ for k, v in state.stats.items()}),
+            }
+        )
+    return {k: _objects([o[k] for o in out]) for k in out[0]} if out else {}
+
+
+def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig) -> dict[str, Any]:
+    def value(name: str) -> float | None:
+        v = im.scores.get(name)
+        return None if v is None or math.isnan(v) else v
+
+    models = {"generator": _tag(config, "generator"), "clip": _tag(config, "clip")}
+    models["dino"] = _tag(config, "dino")
+    if config.generate.segment:
+        models["segmenter"] = _tag(config, "segmenter")
+    return {
+        "product_id": state.product_id,
+        "image_id": im.image_id,
+        "prompt_index": im.prompt_index,
+        "image_index": im.image_index,
+        "prompt": im.prompt,
+        "prompt_source": im.prompt_source,
+        "seed": im.seed,
+        "token": state.meta.get("token"),
+        "adapter_uri": state.adapter_uri,
+        "image_uri": uri,
+        "width": config.generate.width,
+        "height": config.generate.height,
+        "mask_method": im.mask_method,
+        **{m: value(m) for m in METRICS},
+        "score": im.score,
+        "rank": im.rank,
+        "kept": im.kept,
+        "error": im.error,
+        "models": sorted(models.items()),
+    }
+
+
+def _tag(config: RestageConfig, role: str) -> str:
+    spec = config.role(role)
+    return spec.source + (f"@{spec.revision}" if spec.revision else "")
+
+
+# --------------------------------------------------------------------------- job
+
+
+def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
+    """The lazy Ray Data pipeline over planned products."""
+    import ray
+
+    from ray_app.runtime import role_resources
+
+    g = config.generate
+    per_call = g.products_per_batch
+    rows = [
+        {"product_id": s.product_id, "state": pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)}
+        for s in states
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+
+    def stage(cls: type[_Stage], role: str, extra_roles: tuple[str, ...] = ()):
+        res = role_resources(config, role)
+        for other in extra_roles:
+            res["num_gpus"] += config.role(other).num_gpus
+        return ds.map_batches(
+            cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **res
+        )
+
+    ds = stage(GenerateStage, "generator")
+    if g.segment:
+        ds = stage(SegmentStage, "segmenter")
+    ds = stage(ScoreStage, "clip", extra_roles=("dino",))
+    return ds.map_batches(
+        write_products,
+        fn_kwargs={"config": config, "root": root},
+        batch_size=per_call,
+        num_cpus=g.cpus_per_task,
+    )
+
+
+def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
+    """Run the generate job: adapters under ``adapters`` -> ranked images under ``out``."""
+    from ray_app.runtime import init_ray
+
+    start = time.perf_counter()
+    adapters_root, root = storage.normalize_uri(adapters), storage.normalize_uri(out)
+    alayout, layout = AdapterLayout(adapters_root), GenerationLayout(root)
+    if not storage.exists(adapters_root):
+        raise FileNotFoundError(
+            f"--adapters {adapters}: no such folder (the output of `restage train`)"
+        )
+    bank = PromptBank.load(config.augment.prompt_bank)
+    user_prompts = read_user_prompts(config.generate.user_prompts)
+    ready = sorted(alayout.completed())
+    done = layout.completed()
+    todo = [pid for pid in ready if pid not in done]
+    summary = JobSummary(JOB, root)
+    summary.products = {
+        "adapters": len(ready),
+        "already complete": len(ready) - len(todo),
+        "ok": 0,
+        "partial": 0,
+        "failed": 0,
+    }
+    for name in STAGES:
+        summary.stage(name, "products" if name == "plan" else "images")
+    plan_start = time.perf_counter()
+    states, plan_errors = [], []
+    for pid in todo:
+        try:
+            meta = storage.read_json(alayout.metadata(pid))
+            states.append(
+                plan_product(config, bank, user_prompts, pid, alayout.adapter_dir(pid), meta)
+            )
+        except Exception as exc:
+            plan_errors.append(ErrorRow(JOB, "plan", f"{type(exc).__name__}: {exc}", pid))
+    write_errors(layout, "_plan", plan_errors)
+    plan = summary.stage("plan")
+    plan.items_in, plan.items_out, plan.errors = len(todo), len(states), len(plan_errors)
+    plan.seconds = time.perf_counter() - plan_start
+    summary.products["failed"] += len(plan_errors)
+    loads: dict[str, int] = {}
+    if states:
+        init_ray(config)
+        for batch in build_dataset(states, config, root).iter_batches(
+            batch_size=16, batch_format="numpy"
+        ):
+            for pid, status, n, stats in zip(
+                batch["product_id"],
+                batch["status"],
+                batch["adapter_loads"],
+                batch["stats"],
+                strict=True,
+            ):
+                summary.products[status] += 1
+                loads[pid] = loads.get(pid, 0) + int(n)
+                for name, values in json.loads(stats).items():
+                    summary.stage(name).add(StageStats(**values))
+    summary.wall_seconds = time.perf_counter() - start
+    summary.extra = {
+        "adapters": adapters_root,
+        "adapter_loads": loads,
+        "adapter_loads_per_product_max": max(loads.values(), default=0),
+        "errors": layout.errors_dir(),
+        "manifest_out": layout.manifest_dir(),
+    }
+    storage.write_json(layout.summary(), summary.to_dict())
+    return summary
+
+
+def main(config: RestageConfig, args: Any) -> JobSummary:
+    """CLI entry: ``restage generate --adapters URI --out URI [--prompts N ...]``."""
+    config = config.model_copy(deep=True)
+    for attr, key in (
+        ("prompts", "prompts_per_product"),
+        ("images_per_prompt", "images_per_prompt"),
+        ("top_n", "top_n"),
+        ("user_prompts", "user_prompts"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(config.generate, key, value)
+    return generate(config, args.adapters, args.out)

@@ -1,0 +1,62 @@
+"""`restage run`: augment -> train -> generate under one output root (``RunLayout``).
+
+Each step is the job itself with its own resume rule (markers, adapter.json), so a killed
+run started again skips every product that a step already finished and picks up where it
+stopped: ``OUT/augment/`` (training sets), ``OUT/adapters/<product_id>/`` (one adapter
+folder per product) and ``OUT/generations/`` (ranked images).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipelines.augment import augment
+from pipelines.generate import generate
+from pipelines.train import train
+from ray_app import storage
+from ray_app.config import RestageConfig
+from ray_app.report import JobSummary
+from ray_app.storage import RunLayout
+
+JOB = "run"
+
+
+def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:
+    """Run the three jobs in sequence; returns a summary with one row per job."""
+    start = time.perf_counter()
+    layout = RunLayout(storage.normalize_uri(out))
+    summary = JobSummary(JOB, layout.root)
+    jobs: list[JobSummary] = []
+    for name, step in (
+        ("augment", lambda: augment(config, manifest, layout.augment.root)),
+        ("train", lambda: train(config, layout.augment.root, layout.adapters.root, manifest)),
+        ("generate", lambda: generate(config, layout.adapters.root, layout.generations.root)),
+    ):
+        job = step()
+        jobs.append(job)
+        stage = summary.stage(name, "products")
+        done = job.products.get("ok", 0) + job.products.get("partial", 0)
+        stage.items_in = done + job.products.get("failed", 0)
+        stage.items_out = done
+        stage.errors = job.products.get("failed", 0)
+        stage.seconds = job.wall_seconds
+        for key, value in job.products.items():
+            summary.products[f"{name} {key}"] = value
+    summary.products = {
+        k: v for k, v in summary.products.items() if k.split(" ", 1)[1] in ("ok", "failed")
+    }
+    summary.wall_seconds = time.perf_counter() - start
+    summary.extra = {
+        "augment": layout.augment.root,
+        "adapters": layout.adapters.root,
+        "generations": layout.generations.root,
+        "jobs": [j.to_dict() for j in jobs],
+    }
+    storage.write_json(storage.join(layout.root, "summary.json"), summary.to_dict())
+    return summary
+
+
+def main(config: RestageConfig, args: Any) -> JobSummary:
+    """CLI entry: ``restage run --manifest URI --out URI``."""
+    return run(config, args.manifest, args.out)

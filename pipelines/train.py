@@ -1,0 +1,487 @@
+"""`restage train`: one LoRA adapter per product on Ray Train (paper 2.4, A.5).
+
+The driver lists the products of an augment output (one manifest shard per product), drops
+those whose adapter is complete, and starts a ``TorchTrainer`` with N workers. Products are
+assigned statically (sorted ids, product i -> worker i % N), so a re-run assigns the same
+way. Each worker loads the base generator once (``LoraTrainer``) and trains its products one
+after another, resetting the LoRA between them; set-up per product is reading its images
+and caching their latents and text embeddings, nothing else.
+
+A product's adapter folder holds ``pytorch_lora_weights.safetensors`` (loadable by plain
+diffusers with ``pipe.load_lora_weights(folder)``) and ``adapter.json``, written last as the
+completion marker. A re-run (or a worker restarted by ``FailureConfig`` after it died)
+skips complete products and redoes only the unfinished one. A product that cannot be
+trained (too few samples, no usable token, a non-finite loss) becomes a row of the errors
+manifest; the other products go on.
+
+Cost per product: ``steps`` optimiser steps (the GPU's work) plus set-up (image reads,
+one VAE and text-encoder pass over its ~40 samples); the base model load is paid once per
+worker, not per product. At 10^6 products and W workers the job is ~10^6 / W products in
+sequence per worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.compute as pc
+
+from ray_app import __version__, storage
+from ray_app.config import RestageConfig
+from ray_app.prompts import PromptBank
+from ray_app.records import (
+    NEGATIVE_KINDS,
+    POSITIVE_KINDS,
+    SAMPLE_SCHEMA,
+    ErrorRow,
+    RecordError,
+    read_manifest,
+    validate_product_id,
+)
+from ray_app.report import JobSummary
+from ray_app.seeds import derive_seed
+from ray_app.storage import AdapterLayout, AugmentLayout, write_errors
+
+JOB = "train"
+STAGES = ("load", "setup", "train", "sweep", "write")
+
+
+class ProductError(ValueError):
+    """A product cannot be trained; the message is the reason in the errors manifest."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def assign(product_ids: list[str], rank: int, world: int) -> list[str]:
+    """Static share of worker ``rank`` of ``world``: sorted ids, product i -> worker i % world."""
+    return [pid for i, pid in enumerate(sorted(product_ids)) if i % world == rank]
+
+
+def list_products(data_root: str) -> tuple[list[str], list[ErrorRow]]:
+    """Product ids of an augment output (its manifest shards) and invalid shard names."""
+    manifest_dir = AugmentLayout(data_root).manifest_dir()
+    if not storage.exists(manifest_dir):
+        raise FileNotFoundError(
+            f"--data {data_root}: no manifest/ folder; give the output root of `restage augment`"
+        )
+    ids, errors = [], []
+    for name in storage.list_names(manifest_dir, ".parquet"):
+        pid = name[: -len(".parquet")]
+        try:
+            ids.append(validate_product_id(pid))
+        except RecordError as exc:
+            errors.append(ErrorRow(JOB, "load", str(exc), item=name))
+    return ids, errors
+
+
+def read_records(data_root: str, manifest: str | None) -> dict[str, dict[str, Any]]:
+    """Product records (title, category, attributes) from a products manifest, by id."""
+    if not manifest:
+        return {}
+    return {r.product_id: r.to_row() for r in read_manifest(manifest, job=JOB).records}
+
+
+def product_record(
+    data_root: str, product_id: str, records: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """A product's record: the augment output's ``products/<id>.json`` when it has one,
+    else the products manifest given to the job, else nothing."""
+    uri = AugmentLayout(data_root).product_record(product_id)
+    if storage.exists(uri):
+        return storage.read_json(uri)
+    return records.get(product_id, {})
+
+
+@dataclass
+class TrainingSet:
+    """A product's kept samples, read from its manifest shard, with their image bytes."""
+
+    product_id: str
+    shard_uri: str
+    rows: list[dict[str, Any]]
+    images: dict[str, bytes]
+    product_type: str | None
+    noun: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positives(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["kind"] in POSITIVE_KINDS]
+
+    @property
+    def negatives(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["kind"] in NEGATIVE_KINDS]
+
+    def texts(self) -> list[str]:
+        """The product's words for token collisions: title, category, attributes, captions."""
+        rec = self.record
+        attrs = rec.get("attributes") or []
+        values = [v for _, v in (attrs.items() if isinstance(attrs, dict) else attrs)]
+        out = [rec.get("title"), rec.get("category"), rec.get("description"), *values]
+        out += [r["caption"] for r in self.rows] + [r["prompt"] for r in self.rows]
+        return [t for t in out if t]
+
+    def digest(self) -> str:
+        """sha256 over (sample id, kind, caption, image sha256) of every kept sample."""
+        h = hashlib.sha256()
+        for r in sorted(self.rows, key=lambda r: r["sample_id"]):
+            image = hashlib.sha256(self.images[r["sample_id"]]).hexdigest()
+            h.update(f"{r['sample_id']}\x1f{r['kind']}\x1f{r['caption']}\x1f{image}\n".encode())
+        return h.hexdigest()
+
+
+def load_training_set(
+    config: RestageConfig,
+    data_root: str,
+    product_id: str,
+    bank: PromptBank,
+    records: dict[str, dict[str, Any]],
+) -> TrainingSet:
+    shard = AugmentLayout(data_root).manifest_shard(product_id)
+    table = storage.read_parquet(shard, schema=SAMPLE_SCHEMA)
+    table = table.filter(pc.and_(pc.equal(table["product_id"], product_id), table["kept"]))
+    rows = sorted(table.to_pylist(), key=lambda r: r["sample_id"])
+    n_pos = sum(r["kind"] in POSITIVE_KINDS for r in rows)
+    if n_pos < config.train.min_positives:
+        raise ProductError(
+            "load",
+            f"{n_pos} kept positive samples, below train.min_positives="
+            f"{config.train.min_positives}: too few to learn the product",
+        )
+    with ThreadPoolExecutor(config.train.io_threads) as pool:
+        blobs = list(pool.map(storage.read_bytes, [r["image_uri"] for r in rows]))
+    record = product_record(data_root, product_id, records)
+    product_type = next((r["product_type"] for r in rows if r["product_type"]), None)
+    noun = record.get("noun") or record.get("category") or bank.type_of(product_type).noun
+    return TrainingSet(
+        product_id,
+        shard,
+        rows,
+        {r["sample_id"]: b for r, b in zip(rows, blobs, strict=True)},
+        product_type,
+        noun,
+        record,
+    )
+
+
+# --------------------------------------------------------------------------- one worker
+
+
+class ShardTrainer:
+    """Trains a worker's products one after another on one loaded base model."""
+
+    def __init__(self, config: RestageConfig, data_root: str, out_root: str, manifest: str | None):
+        from actors.lora_trainer import LoraTrainer
+        from ray_app.tokens import load_tokens
+
+        self.config = config
+        self.data_root = data_root
+        self.layout = AdapterLayout(out_root)
+        self.bank = PromptBank.load(config.augment.prompt_bank)
+        self.records = read_records(data_root, manifest)
+        self.tokens = load_tokens(config.train.tokens_file)
+        start = time.perf_counter()
+        self.trainer = LoraTrainer(config)
+        self.load_seconds = time.perf_counter() - start
+        pipe = self.trainer.pipe
+        self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
+        self._scorer = None
+
+    def samples(self, ts: TrainingSet, token: str) -> list:
+        from actors.lora_trainer import TrainingSample, positive_prompt
+
+        mode = self.config.train.caption_mode
+        out = []
+        for r in ts.positives:
+            prompt = positive_prompt(r["caption"] or r["prompt"], token, ts.noun, mode)
+            out.append(TrainingSample(r["sample_id"], ts.images[r["sample_id"]], prompt, False))
+        for r in ts.negatives:
+            prompt = r["caption"] or r["prompt"] or f"a photo of a {ts.noun}"
+            out.append(TrainingSample(r["sample_id"], ts.images[r["sample_id"]], prompt, True))
+        return out
+
+    def run(self, product_ids: list[str]) -> None:
+        for pid in product_ids:
+            if storage.exists(self.layout.metadata(pid)):  # finished by an earlier attempt
+                continue
+            try:
+                meta = self.train_product(pid)
+            except Exception as exc:  # a product's failure never stops the others
+                stage = exc.stage if isinstance(exc, ProductError) else "train"
+                reason = (
+                    str(exc) if isinstance(exc, ProductError) else f"{type(exc).__name__}: {exc}"
+                )
+                write_errors(self.layout, pid, [ErrorRow(JOB, stage, reason, pid)])
+                continue
+            write_errors(self.layout, pid, [])  # a stale errors shard of an earlier run goes
+            storage.write_json(self.layout.metadata(pid), meta)  # the completion marker, last
+
+    def train_product(self, pid: str) -> dict[str, Any]:
+        from ray_app.tokens import TokenError, choose_tokens
+
+        cfg, opts = self.config, self.config.train
+        started = time.perf_counter()
+        ts = load_training_set(cfg, self.data_root, pid, self.bank, self.records)
+        load_seconds = time.perf_counter() - started
+        try:
+            tokens, rejected = choose_tokens(
+                pid,
+                ts.texts(),
+                opts.token_sweep,
+                tokens=self.tokens,
+                tokenizers=self.tokenizers,
+                run_seed=cfg.seed,
+            )
+        except TokenError as exc:
+            raise ProductError("token", str(exc)) from None
+        seed = derive_seed(pid, "train", 0, cfg.seed)
+        sweep: list[dict[str, Any]] = []
+        sweep_seconds = 0.0
+        if len(tokens) == 1:
+            token = tokens[0]
+            result = self.trainer.train(self.samples(ts, token), seed)
+        else:
+            start = time.perf_counter()
+            best = None
+            for candidate in tokens:
+                res = self.trainer.train(self.samples(ts, candidate), seed, opts.sweep_steps)
+                score = self.validate(ts, candidate)
+                sweep.append({"token": candidate, "score": score, "final_loss": res.final_loss})
+                if best is None or score > best[0]:
+                    best = (score, candidate, res)
+            _, token, result = best
+            sweep_seconds = time.perf_counter() - start
+            if opts.sweep_steps and opts.sweep_steps < opts.steps:
+                result = self.trainer.train(self.samples(ts, token), seed)
+        start = time.perf_counter()
+        weights = self.trainer.adapter_bytes(result.state_dict)
+        storage.write_bytes(self.layout.weights(pid), weights)
+        write_seconds = time.perf_counter() - start
+        spec = cfg.generator
+        return {
+            "product_id": pid,
+            "token": token,
+            "noun": ts.noun,
+            "prompt": f"{token} {ts.noun}",
+            "product_type": ts.product_type,
+            "format": "diffusers-lora",
+            "weights": "pytorch_lora_weights.safetensors",
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "rank": opts.rank,
+            "alpha": opts.alpha or opts.rank,
+            "alpha_folded": True,
+            "target_modules": list(opts.target_modules),
+            "steps": result.steps,
+            "batch_size": result.batch_size,
+            "resolution": opts.resolution,
+            "learning_rate": opts.learning_rate,
+            "negative_ratio": opts.negative_ratio,
+            "caption_mode": opts.caption_mode,
+            "positives": result.positives,
+            "negatives": result.negatives,
+            "seed": seed,
+            "base": {
+                "role": "generator",
+                "source": spec.source,
+                "revision": spec.revision,
+                "variant": spec.variant,
+                "resolved": getattr(getattr(self.trainer, "loaded", None), "resolved", None),
+            },
+            "training_set": {
+                "uri": self.data_root,
+                "manifest_shard": ts.shard_uri,
+                "digest": ts.digest(),
+                "samples": len(ts.rows),
+            },
+            "final_loss": result.final_loss,
+            "eval_loss_start": result.eval_loss_start,
+            "eval_loss_end": result.eval_loss_end,
+            "token_sweep": sweep,
+            "tokens_rejected": [{"token": t, "reason": r} for t, r in rejected],
+            "seconds": {
+                "load": round(load_seconds, 3),
+                "setup": round(result.setup_seconds, 3),
+                "train": round(result.train_seconds, 3),
+                "sweep": round(sweep_seconds, 3),
+                "write": round(write_seconds, 3),
+                "per_step": round(result.seconds_per_step, 5),
+                "total": round(time.perf_counter() - started, 3),
+                "base_load_of_worker": round(self.load_seconds, 3),
+            },
+            "restage_version": __version__,
+            "finished": time.time(),
+        }
+
+    def validate(self, ts: TrainingSet, token: str) -> float:
+        """Validation fidelity of the LoRA now in the trainer: images of bank prompts with
+        ``token``, scored against the product's real images (the generate job's ranking
+        score, averaged)."""
+        from pipelines.generate import Scorer
+
+        cfg, g = self.config, self.config.generate
+        if self._scorer is None:
+            self._scorer = Scorer(cfg, segment=False)
+        n = cfg.train.sweep_images
+        prompts = self.bank.prompts(
+            ts.product_type, n, derive_seed(ts.product_id, "sweep-prompts", 0, cfg.seed)
+        )
+        prompts = [p.replace("{product}", f"{token} {ts.noun}") for p in prompts]
+        seeds = [derive_seed(ts.product_id, "sweep", i, cfg.seed) for i in range(n)]
+        images = self.trainer.generate(
+            prompts, seeds, g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt
+        )
+        reals = [r for r in ts.rows if r["kind"] == "real"] or ts.positives
+        scores = self._scorer.score(
+            images, prompts, [ts.images[r["sample_id"]] for r in reals], [None] * len(reals)
+        )
+        return float(scores["score"].mean())
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point of every worker."""
+    import ray.train
+
+    from ray_app.models import apply_environment
+
+    config = RestageConfig.model_validate(loop_config["config"])
+    apply_environment(config.offline)
+    ctx = ray.train.get_context()
+    layout = AdapterLayout(loop_config["out"])
+    done = layout.completed()  # a restarted worker skips what an earlier attempt finished
+    mine = [
+        pid
+        for pid in assign(loop_config["products"], ctx.get_world_rank(), ctx.get_world_size())
+        if pid not in done
+    ]
+    if mine:
+        ShardTrainer(config, loop_config["data"], loop_config["out"], loop_config["manifest"]).run(
+            mine
+        )
+
+
+# --------------------------------------------------------------------------- job
+
+
+def ray_train_storage(root: str) -> str:
+    """Where Ray Train keeps its own run state: under the job's output root when Ray can
+    write there (local or s3/gs), else a temporary folder (never the user's home)."""
+    proto = root.partition("://")[0] if storage.has_protocol(root) else "file"
+    if proto in ("file", "s3", "gs", "gcs"):
+        return storage.join(root, "_ray_train")
+    return storage.join(tempfile.gettempdir(), "restage-ray-train")
+
+
+def train(config: RestageConfig, data: str, out: str, manifest: str | None = None) -> JobSummary:
+    """Run the train job: augment output ``data`` -> one adapter per product under ``out``."""
+    start = time.perf_counter()
+    data_root, root = storage.normalize_uri(data), storage.normalize_uri(out)
+    layout = AdapterLayout(root)
+    ids, bad = list_products(data_root)
+    write_errors(layout, "_records", bad)
+    done = layout.completed() & set(ids)
+    todo = sorted(set(ids) - done)
+    summary = JobSummary(JOB, root)
+    summary.products = {
+        "in training set": len(ids) + len(bad),
+        "invalid": len(bad),
+        "already complete": len(done),
+        "ok": 0,
+        "failed": 0,
+    }
+    for name in STAGES:
+        summary.stage(name, "steps" if name in ("train", "sweep") else "products")
+    if todo:
+        _fit(config, data_root, root, todo, manifest)
+    for pid in todo:
+        meta_uri = layout.metadata(pid)
+        if not storage.exists(meta_uri):
+            summary.products["failed"] += 1
+            summary.stage("train").errors += 1
+            continue
+        meta = storage.read_json(meta_uri)
+        summary.products["ok"] += 1
+        sec = meta["seconds"]
+        for name, key, items in (
+            ("load", "load", 1),
+            ("setup", "setup", 1),
+            ("train", "train", meta["steps"]),
+            ("sweep", "sweep", 0),
+            ("write", "write", 1),
+        ):
+            stage = summary.stage(name)
+            stage.items_in += items
+            stage.items_out += items
+            stage.seconds += sec[key]
+    summary.wall_seconds = time.perf_counter() - start
+    summary.extra = {
+        "data": data_root,
+        "errors": layout.errors_dir(),
+        "workers": _workers(config, todo),
+    }
+    storage.write_json(layout.summary(), summary.to_dict())
+    return summary
+
+
+def _workers(config: RestageConfig, todo: list[str]) -> int:
+    return min(config.train.num_workers, len(todo))
+
+
+def _fit(
+    config: RestageConfig, data_root: str, root: str, todo: list[str], manifest: str | None
+) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_app.runtime import init_ray
+
+    opts = config.train
+    if config.generator.source.strip() == "tiny":
+        # Build the tiny checkpoint here, not in a worker: under Ray Train's process group,
+        # transformers' save_pretrained writes only on rank 0, so a rank-1 build is empty.
+        from ray_app import tiny
+
+        tiny.ensure("generator", config.cache_path)
+    init_ray(config)
+    resources: dict[str, float] = {"CPU": opts.cpus_per_worker}
+    if opts.gpus_per_worker > 0:
+        resources["GPU"] = opts.gpus_per_worker
+    name = f"restage-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "data": data_root,
+            "out": root,
+            "manifest": storage.normalize_uri(manifest) if manifest else None,
+            "products": todo,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=_workers(config, todo),
+            use_gpu=opts.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=ray_train_storage(root),
+            failure_config=FailureConfig(max_failures=opts.max_failures),
+        ),
+    )
+    trainer.fit()
+    # Ray Train's run state is only useful to debug a failed run; the adapters are the output.
+    storage.remove(storage.join(ray_train_storage(root), name), recursive=True)
+
+
+def main(config: RestageConfig, args: Any) -> JobSummary:
+    """CLI entry: ``restage train --data URI --out URI [--manifest URI]``."""
+    return train(config, args.data, args.out, getattr(args, "manifest", None))

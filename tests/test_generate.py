@@ -1,0 +1,110 @@
+"""`restage generate`: adapter swapping in the Generator actor, ranking helpers, and the
+Ray Data job (one adapter load per product, top-N images and scores for every product)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from trainset import PRODUCTS, write_training_set
+
+from actors.generator import AdapterError, GenerationOptions, Generator
+from pipelines.generate import rank_and_keep, read_user_prompts
+from ray_app.config import load_config
+from ray_app.images import decode_rgb
+from ray_app.storage import AdapterLayout, GenerationLayout
+
+
+def test_rank_and_keep_orders_by_score_and_applies_top_n_and_threshold():
+    scores = np.array([0.2, 0.9, np.nan, 0.5, 0.9], np.float32)
+    ranks, kept = rank_and_keep(scores, ["a", "b", "c", "d", "e"], top_n=3, threshold=0.3)
+    assert ranks == [4, 1, None, 3, 2]
+    assert kept == [False, True, False, True, True]
+    _, kept = rank_and_keep(scores, ["a", "b", "c", "d", "e"], top_n=3, threshold=0.6)
+    assert kept == [False, True, False, False, True]
+
+
+def test_user_prompts_need_the_placeholder(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("# mine\na {product} on a marble counter, soft light\n\n")
+    assert read_user_prompts(str(good)) == ["a {product} on a marble counter, soft light"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a mug on a table\n")
+    with pytest.raises(ValueError, match=r"line 1: .* must contain \{product\} exactly once"):
+        read_user_prompts(str(bad))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> str:
+    """Adapters of both products, trained on one worker without Ray (the job's own code)."""
+    from pipelines.train import ShardTrainer
+
+    root = tmp_path_factory.mktemp("gen")
+    data = write_training_set(str(root / "aug"))
+    out = str(root / "adapters")
+    ShardTrainer(load_config("tiny"), data, out, None).run(sorted(PRODUCTS))
+    assert AdapterLayout(out).completed() == set(PRODUCTS)
+    return out
+
+
+def test_generator_swaps_adapters_without_reloading_the_base(adapters):
+    gen = Generator(load_config("tiny"), GenerationOptions(64, 64, 2, 2.0))
+    base_pipe = gen.loaded.model
+    lamp, mug = sorted(PRODUCTS)
+    batch = {"prompt": np.array(["a photo of a lamp"] * 3, dtype=object), "seed": np.array([3] * 3)}
+    base = decode_rgb(gen(batch)["image"][0])
+    gen.load_adapter(lamp, AdapterLayout(adapters).adapter_dir(lamp))
+    gen.load_adapter(mug, AdapterLayout(adapters).adapter_dir(mug))
+    assert gen.loaded.model is base_pipe and gen.active_adapter is None
+    out = gen({**batch, "adapter": np.array([lamp, None, mug], dtype=object)})
+    with_lamp, plain, with_mug = (decode_rgb(x) for x in out["image"])
+    assert np.array_equal(plain, base)  # a loaded but inactive adapter changes nothing
+    assert not np.array_equal(with_lamp, base) and not np.array_equal(with_mug, with_lamp)
+    assert gen.active_adapter is None  # the batch leaves the active adapter as it was
+    gen.unload_adapter(lamp)
+    assert set(gen.adapters) == {mug} and lamp not in str(base_pipe.get_list_adapters())
+    out = gen({**batch, "adapter": np.array([lamp, mug, None], dtype=object)})
+    assert "adapter 'lamp-blue-01' is not loaded" in out["error"][0]
+    assert out["error"][1] is None and np.array_equal(decode_rgb(out["image"][1]), with_mug)
+    assert np.array_equal(decode_rgb(out["image"][2]), base)
+    with pytest.raises(AdapterError, match="already loaded"):
+        gen.load_adapter(mug, AdapterLayout(adapters).adapter_dir(mug))
+    assert gen.adapter_loads == {lamp: 1, mug: 1}
+
+
+def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp_path):
+    from pipelines.generate import generate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {product} on a sunny balcony table\n")
+    cfg = load_config(
+        "tiny", overrides=[f"generate.user_prompts={prompts}", "ray.progress_bars=false"]
+    )
+    g = cfg.generate
+    out = str(tmp_path / "generations")
+    summary = generate(cfg, adapters, out)
+    assert summary.products["ok"] == 2 and summary.products["failed"] == 0
+    assert summary.extra["adapter_loads"] == {pid: 1 for pid in PRODUCTS}  # once per product
+    layout = GenerationLayout(out)
+    per_product = (g.prompts_per_product + 1) * g.images_per_prompt
+    for pid in PRODUCTS:
+        rows = pq.read_table(layout.manifest_shard(pid)).to_pylist()
+        meta = json.loads(Path(AdapterLayout(adapters).metadata(pid)).read_text())
+        assert len(rows) == per_product
+        assert sum(r["prompt_source"] == "user" for r in rows) == g.images_per_prompt
+        assert all(f"{meta['token']} {meta['noun']}" in r["prompt"] for r in rows)
+        for name in ("clip_t", "clip_i", "dino", "seg_clip_i", "seg_dino", "score"):
+            assert all(r[name] is not None and np.isfinite(r[name]) for r in rows), name
+        assert sorted(r["rank"] for r in rows) == list(range(1, per_product + 1))
+        kept = sorted((r for r in rows if r["kept"]), key=lambda r: r["rank"])
+        assert [r["rank"] for r in kept] == list(range(1, g.top_n + 1))
+        assert all(Path(r["image_uri"]).is_file() for r in kept)
+        assert all(r["image_uri"] is None for r in rows if not r["kept"])
+        assert len(list(Path(layout.image(pid, "x")).parent.iterdir())) == g.top_n
+        marker = json.loads(Path(layout.marker(pid)).read_text())
+        assert marker["adapter_loads"] == 1 and marker["kept"] == g.top_n
+    again = generate(cfg, adapters, out)
+    assert again.products["already complete"] == 2 and again.products["ok"] == 0

@@ -1,0 +1,376 @@
+"""`restage train`: the LoRA trainer on the tiny SDXL (and a tiny SD 1.x), the adapter in
+plain diffusers, the Ray Train job with per-product errors, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from trainset import PRODUCTS, write_training_set
+
+from actors.lora_trainer import (
+    WEIGHTS_NAME,
+    LoraTrainer,
+    TrainingSample,
+    mix_schedule,
+    positive_prompt,
+)
+from ray_app import storage, tiny
+from ray_app.config import load_config
+from ray_app.storage import AdapterLayout, AugmentLayout
+
+RESTAGE = str(Path(sys.executable).with_name("restage"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_mix_schedule_keeps_the_ratio_and_visits_every_sample():
+    batches = mix_schedule(positives=6, negatives=3, steps=12, batch_size=3, ratio=2.0, seed=0)
+    flat = [i for b in batches for i in b]
+    assert len(batches) == 12 and all(len(b) == 3 for b in batches)
+    negatives = sum(i >= 6 for i in flat)
+    assert negatives * 3 == len(flat)  # exactly 2 positives per negative
+    assert set(flat) == set(range(9))
+    assert batches == mix_schedule(6, 3, 12, 3, 2.0, seed=0)
+    assert batches != mix_schedule(6, 3, 12, 3, 2.0, seed=1)
+    only_pos = mix_schedule(4, 0, 5, 2, 2.0, seed=0)
+    assert all(i < 4 for b in only_pos for i in b)
+
+
+def test_positive_prompt_puts_the_token_before_the_noun():
+    assert positive_prompt("a red mug on a table", "ohwx", "mug") == "a red ohwx mug on a table"
+    assert (
+        positive_prompt("sunlit kitchen scene", "ohwx", "mug")
+        == "a photo of ohwx mug, sunlit kitchen scene"
+    )
+    assert positive_prompt("a red mug", "ohwx", "mug", "instance") == "a photo of ohwx mug"
+    assert positive_prompt(None, "ohwx", "desk lamp") == "a photo of ohwx desk lamp"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.resolution=60", "train.resolution=60 must be a multiple of 8"),
+        ("train.sweep_steps=5000", "sweep_steps=5000 exceeds steps=12"),
+        ("train.dtype=float16", "train.dtype='float16'"),
+        ("train.target_modules=[]", "give at least one module name"),
+        ("generate.weights={clip_i: 0}", "at least one weight must be above 0"),
+        ("generate.top_n=0", "generate.top_n=0"),
+    ],
+)
+def test_bad_train_and_generate_settings_name_the_key(override, needle):
+    from ray_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config("tiny", overrides=[override])
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@pytest.fixture(scope="module")
+def trainset(tmp_path_factory) -> str:
+    return write_training_set(str(tmp_path_factory.mktemp("trainset")))
+
+
+def _samples(root: str, pid: str, token: str = "ohwx") -> list[TrainingSample]:
+    table = pq.read_table(AugmentLayout(root).manifest_shard(pid)).to_pylist()
+    noun = PRODUCTS[pid][0]
+    return [
+        TrainingSample(
+            r["sample_id"],
+            storage.read_bytes(r["image_uri"]),
+            r["caption"] if r["kind"] == "negative" else positive_prompt(r["caption"], token, noun),
+            r["kind"] == "negative",
+        )
+        for r in table
+    ]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    # float32 weights and alpha != rank: the plain-diffusers check below compares outputs.
+    cfg = load_config(
+        "tiny", overrides=["train.steps=20", "train.alpha=8", "train.save_dtype=float32"]
+    )
+    return LoraTrainer(cfg)
+
+
+def test_loss_on_a_fixed_batch_goes_down(trainer, trainset):
+    result = trainer.train(_samples(trainset, "lamp-blue-01"), seed=7)
+    assert result.eval_loss_end < result.eval_loss_start
+    assert result.positives == 6 and result.negatives == 3 and len(result.losses) == 20
+    assert result.steps == 20 and np.isfinite(result.final_loss)
+
+
+def test_lora_is_reset_between_products(trainer, trainset):
+    lamp, mug = _samples(trainset, "lamp-blue-01"), _samples(trainset, "mug-red-02")
+    first = trainer.train(lamp, seed=3, steps=4).state_dict
+    other = trainer.train(mug, seed=4, steps=4).state_dict
+    again = trainer.train(lamp, seed=3, steps=4).state_dict
+    assert set(first) == set(again)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # nothing leaks from mug
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_adapter_loads_in_plain_diffusers_and_changes_the_image(trainer, trainset, tmp_path):
+    result = trainer.train(_samples(trainset, "mug-red-02"), seed=5)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / WEIGHTS_NAME).write_bytes(trainer.adapter_bytes(result.state_dict))
+    base_path = tiny.ensure("generator", load_config("tiny").cache_path)
+
+    # Plain diffusers from here on: no restage code touches the adapter.
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe(
+            "a photo of ohwx mug on a desk",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
+
+    before = image()
+    pipe.load_lora_weights(str(folder))
+    after = image()
+    assert np.abs(after - before).mean() > 1e-3
+
+    # The loaded adapter is the trained one, alpha/rank included: same denoiser output.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    emb = torch.randn(1, 77, 64, generator=gen)
+    cond = {
+        "text_embeds": torch.randn(1, 32, generator=gen),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+    }
+    with torch.no_grad():
+        ours = trainer.unet(x, 500, emb, added_cond_kwargs=cond).sample
+        theirs = pipe.unet(x, 500, emb, added_cond_kwargs=cond).sample
+        pipe.disable_lora()
+        plain = pipe.unet(x, 500, emb, added_cond_kwargs=cond).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, ours, atol=1e-5)
+
+
+def _tiny_sd1_pipeline():
+    """A tiny SD 1.x/2.x-style pipeline: one text encoder, no add-embeddings, v-prediction."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tiny.clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_one_text_encoder_pipelines_train_too(trainset):
+    cfg = load_config("tiny", overrides=["train.steps=3"])
+    trainer = LoraTrainer(cfg, pipeline=_tiny_sd1_pipeline())
+    assert not trainer.sdxl
+    result = trainer.train(_samples(trainset, "lamp-blue-01"), seed=1)
+    assert all(np.isfinite(result.losses)) and len(result.losses) == 3
+    assert any(v.abs().sum() > 0 for k, v in result.state_dict.items() if "lora.up" in k)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def test_train_job_writes_adapters_and_keeps_going_past_a_bad_product(ray_local, tmp_path):
+    from pipelines.train import train
+
+    data = write_training_set(str(tmp_path / "aug"))
+    write_training_set(data, {"zz-too-few": ("vase", "a vase", (9, 9, 9))}, reals=1, contexts=0)
+    out = str(tmp_path / "adapters")
+    cfg = load_config("tiny", overrides=["train.num_workers=2", "ray.progress_bars=false"])
+    summary = train(cfg, data, out)
+    assert summary.products["ok"] == 2 and summary.products["failed"] == 1
+    layout = AdapterLayout(out)
+    assert layout.completed() == set(PRODUCTS)
+    tokens = set()
+    for pid in PRODUCTS:
+        meta = json.loads(Path(layout.metadata(pid)).read_text())
+        assert Path(layout.weights(pid)).stat().st_size > 0
+        assert meta["product_id"] == pid and meta["rank"] == cfg.train.rank
+        assert meta["noun"] == PRODUCTS[pid][0] and meta["token"] not in ("sks", "")
+        assert meta["base"]["source"] == "tiny" and meta["steps"] == cfg.train.steps
+        assert meta["training_set"]["samples"] == 9 and len(meta["training_set"]["digest"]) == 64
+        assert meta["training_set"]["manifest_shard"].endswith(f"{pid}.parquet")
+        assert meta["seconds"]["setup"] > 0 and np.isfinite(meta["final_loss"])
+        tokens.add(meta["token"])
+    assert len(tokens) == 2
+    errors = pq.read_table(layout.errors_dir()).to_pylist()
+    assert [(e["product_id"], e["stage"]) for e in errors] == [("zz-too-few", "load")]
+    assert "below train.min_positives=2" in errors[0]["reason"]
+
+
+def _train_cmd(data: str, out: str) -> list[str]:
+    return [
+        RESTAGE,
+        "train",
+        "--profile",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--set",
+        "train.steps=40",
+        "--set",
+        "ray.progress_bars=false",
+    ]
+
+
+def test_killed_run_resumes_skipping_the_finished_product(ray_local, tmp_path):
+    from pipelines.train import train
+
+    data = write_training_set(str(tmp_path / "aug"))
+    out = str(tmp_path / "adapters")
+    layout = AdapterLayout(out)
+    first, second = sorted(PRODUCTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        _train_cmd(data, out),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not Path(layout.metadata(first)).exists():
+            assert proc.poll() is None, "train exited before writing the first adapter"
+            assert time.monotonic() < deadline, "no adapter after 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not Path(layout.metadata(second)).exists(), "the second product finished before the kill"
+    weights = Path(layout.weights(first)).read_bytes()
+    meta = Path(layout.metadata(first)).read_bytes()
+
+    # The re-run (in this process, on the module's Ray) skips the first product.
+    cfg = load_config("tiny", overrides=["train.steps=40", "ray.progress_bars=false"])
+    again = train(cfg, data, out)
+    assert again.products["already complete"] == 1 and again.products["ok"] == 1
+    assert Path(layout.weights(first)).read_bytes() == weights  # skipped, not rewritten
+    assert Path(layout.metadata(first)).read_bytes() == meta
+    assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
+
+
+def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset, tmp_path):
+    from pipelines.train import ShardTrainer
+
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "train.token_sweep=3",
+            "train.sweep_steps=2",
+            "train.steps=3",
+            "train.sweep_images=2",
+        ],
+    )
+    out = str(tmp_path / "adapters")
+    ShardTrainer(cfg, trainset, out, None).run(["lamp-blue-01"])
+    meta = json.loads(Path(AdapterLayout(out).metadata("lamp-blue-01")).read_text())
+    sweep = meta["token_sweep"]
+    assert len(sweep) == 3 and len({s["token"] for s in sweep}) == 3
+    assert all(np.isfinite(s["score"]) for s in sweep)
+    assert meta["token"] == max(sweep, key=lambda s: s["score"])["token"]
+    assert meta["steps"] == 3  # the winner is retrained for the full steps
+
+
+def test_a_dead_worker_is_restarted_and_redoes_only_its_unfinished_product(ray_local, tmp_path):
+    import threading
+
+    import psutil
+
+    from pipelines.train import train
+
+    data = write_training_set(str(tmp_path / "aug"))
+    out = str(tmp_path / "adapters")
+    layout = AdapterLayout(out)
+    first, second = sorted(PRODUCTS)
+    cfg = load_config("tiny", overrides=["train.steps=40", "ray.progress_bars=false"])
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=train(cfg, data, out)))
+    job.start()
+    deadline = time.monotonic() + 180
+    while not Path(layout.metadata(first)).exists():
+        assert job.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    weights = Path(layout.weights(first)).read_bytes()
+    workers = [  # this test's local Ray runs under this process
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 1, workers
+    assert not Path(layout.metadata(second)).exists(), "the second product finished first"
+    workers[0].send_signal(signal.SIGKILL)
+    job.join(timeout=240)
+    assert not job.is_alive() and "summary" in result
+    assert result["summary"].products["ok"] == 2
+    assert Path(layout.weights(first)).read_bytes() == weights  # not redone after the restart
+    assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
