@@ -33,6 +33,15 @@ class GenerationOptions:
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
+def read_adapter_weights(folder_uri: str) -> dict[str, torch.Tensor]:
+    """The LoRA state dict of a ``restage train`` adapter folder, from any fsspec URI (I/O and
+    parsing only: it can run while the pipeline generates for another request)."""
+    from safetensors.torch import load as load_safetensors
+
+    uri = storage.join(storage.normalize_uri(folder_uri), ADAPTER_WEIGHTS)
+    return load_safetensors(storage.read_bytes(uri))
+
+
 class AdapterError(KeyError):
     """An adapter name that is not loaded, or one loaded twice; the message says which."""
 
@@ -69,19 +78,18 @@ class Generator:
     def active_adapter(self) -> str | None:
         return self._active
 
-    def load_adapter(self, name: str, folder_uri: str, scale: float = 1.0) -> None:
-        """Read ``folder_uri/pytorch_lora_weights.safetensors`` (any fsspec URI) into the
-        loaded pipeline as adapter ``name``, without reloading the base model. The adapter
-        is loaded inactive; ``set_adapter(name)`` activates it."""
-        from safetensors.torch import load as load_safetensors
-
+    def load_adapter(
+        self, name: str, source: str | dict[str, torch.Tensor], scale: float = 1.0
+    ) -> None:
+        """Load an adapter into the loaded pipeline as ``name``, without reloading the base
+        model: ``source`` is an adapter folder URI (``restage train`` output) or weights
+        already read with ``read_adapter_weights``. The adapter is loaded inactive;
+        ``set_adapter(name)`` activates it."""
         if name in self._adapters:
             raise AdapterError(f"adapter {name!r} is already loaded from {self._adapters[name]}")
-        uri = storage.join(storage.normalize_uri(folder_uri), ADAPTER_WEIGHTS)
-        state = load_safetensors(storage.read_bytes(uri))
-        pipe = self.loaded.model
-        pipe.load_lora_weights(state, adapter_name=name)
-        self._adapters[name] = folder_uri
+        state = read_adapter_weights(source) if isinstance(source, str) else source
+        self.loaded.model.load_lora_weights(state, adapter_name=name)
+        self._adapters[name] = source if isinstance(source, str) else "<weights>"
         self.adapter_loads[name] += 1
         self._scales[name] = scale
         self.set_adapter(self._active)  # a new adapter must not change what is active
@@ -121,9 +129,15 @@ class Generator:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[str], seeds: list[int], negatives: list[str]
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negatives: list[str],
+        options: GenerationOptions | None = None,
     ) -> list[np.ndarray]:
-        o = self.options
+        """One image per (prompt, seed) with the active adapter; ``options`` overrides the
+        actor's for this call (a served request's size, steps and guidance)."""
+        o = options or self.options
         out = self.loaded.model(
             prompt=prompts,
             negative_prompt=negatives,

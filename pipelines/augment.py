@@ -22,33 +22,33 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import pickle
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from actors.captioner import Captioner, type_question
 from actors.clip import ClipEmbedder, zero_shot
-from actors.dino import DinoEmbedder
 from actors.generator import GenerationOptions, Generator
 from actors.inpainter import Inpainter, dilate, place_product, square_canvas
 from actors.novel_view import NovelView
+from actors.scorer import METRICS, Scorer
 from actors.segmenter import Segmenter
+from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
-from ray_app.metrics import aggregate, mask_iou, mean_similarity
+from ray_app.metrics import aggregate, mask_iou
+from ray_app.models import source_tag
 from ray_app.prompts import GENERIC, PromptBank, classify, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
     SAMPLE_SCHEMA,
-    ErrorRow,
     ProductRecord,
     read_manifest,
     records_table,
@@ -107,19 +107,17 @@ class Sample:
 
 
 @dataclass
-class ProductState:
+class ProductState(ProductRow):
     """Everything known about one product; pickled into its Ray Data row between stages."""
 
+    job: ClassVar[str] = JOB
     record: ProductRecord
     samples: list[Sample] = field(default_factory=list)
-    errors: list[ErrorRow] = field(default_factory=list)
     product_type: str | None = None
     type_source: str | None = None
     noun: str = "product"
     negatives: int = 0  # in-class negatives to generate (set once the masks are known)
     counterfactuals: int = 0
-    failed: str | None = None
-    stats: dict[str, StageStats] = field(default_factory=dict)
 
     @property
     def product_id(self) -> str:
@@ -128,38 +126,8 @@ class ProductState:
     def of(self, *kinds: str) -> list[Sample]:
         return [s for s in self.samples if s.kind in kinds]
 
-    def error(self, stage: str, reason: str, item: str | None = None) -> None:
-        self.errors.append(
-            ErrorRow(
-                JOB,
-                stage,
-                reason,
-                self.product_id,
-                item=item,
-                record=json.dumps(self.record.to_row(), default=str),
-            )
-        )
-
-    def stat(self, stage: str) -> StageStats:
-        if stage not in self.stats:
-            self.stats[stage] = StageStats(stage, "images")
-        return self.stats[stage]
-
-
-def pack(states: list[ProductState]) -> dict[str, np.ndarray]:
-    out_ids = np.array([s.product_id for s in states], dtype=object)
-    blobs = np.empty(len(states), dtype=object)
-    blobs[:] = [pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL) for s in states]
-    return {"product_id": out_ids, "state": blobs}
-
-
-def unpack(batch: dict[str, np.ndarray]) -> list[ProductState]:
-    return [pickle.loads(blob) for blob in batch["state"]]
-
-
-def model_tag(config: RestageConfig, role: str) -> str:
-    spec = config.role(role)
-    return spec.source + (f"@{spec.revision}" if spec.revision else "")
+    def error_record(self) -> str:
+        return json.dumps(self.record.to_row(), default=str)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -315,32 +283,8 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
 # --------------------------------------------------------------------------- stages
 
 
-class _Stage:
-    """Base of a model stage: unpack product rows, run ``process`` on each product that has
-    not failed, time it, pack the rows again. A product's images are micro-batched on their
-    own, so its outputs never depend on which other products share the call."""
-
-    name = "stage"
-
-    def __init__(self, config: RestageConfig):
-        self.config = config
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        states = unpack(batch)
-        for state in states:
-            if state.failed:
-                continue
-            start = time.perf_counter()
-            try:
-                self.process(state)
-            except Exception as exc:  # a bug or OOM on one product must not kill the others
-                state.error(self.name, f"{type(exc).__name__}: {exc}")
-                state.failed = f"{self.name} failed: {exc}"
-            state.stat(self.name).seconds += time.perf_counter() - start
-        return pack(states)
-
-    def process(self, state: ProductState) -> None:
-        raise NotImplementedError
+class _Stage(ProductStage):
+    """A model stage of augment: ``run`` calls an actor on a product's rows."""
 
     def run(
         self, actor: Any, state: ProductState, rows: list[dict[str, Any]], items: list[str]
@@ -426,7 +370,7 @@ class CaptionStage(_Stage):
         self.captioner = Captioner(config)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.clip: ClipEmbedder | None = None  # loaded only if a product needs zero-shot typing
-        self.tag = model_tag(config, "captioner")
+        self.tag = source_tag(config, "captioner")
 
     def process(self, state: ProductState) -> None:
         reals = state.of("real")
@@ -483,7 +427,7 @@ class ViewStage(_Stage):
     def __init__(self, config: RestageConfig):
         super().__init__(config)
         self.model = NovelView(config)
-        self.tag = model_tag(config, "novel_view")
+        self.tag = source_tag(config, "novel_view")
         self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
@@ -527,7 +471,7 @@ class SegmentStage(_Stage):
     def __init__(self, config: RestageConfig):
         super().__init__(config)
         self.model = Segmenter(config)
-        self.tag = model_tag(config, "segmenter")
+        self.tag = source_tag(config, "segmenter")
 
     def process(self, state: ProductState) -> None:
         todo = [s for s in state.of(*self.kinds) if s.mask is None and s.image is not None]
@@ -579,7 +523,7 @@ class InpaintStage(_Stage):
         super().__init__(config)
         self.model = Inpainter(config)
         self.bank = PromptBank.load(config.augment.prompt_bank)
-        self.tag = model_tag(config, "inpainter")
+        self.tag = source_tag(config, "inpainter")
         self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
@@ -684,7 +628,7 @@ class NegativeStage(_Stage):
         super().__init__(config)
         n = config.augment.negatives
         self.model = Generator(config, GenerationOptions(n.size, n.size, n.steps, n.guidance_scale))
-        self.tag = model_tag(config, "generator")
+        self.tag = source_tag(config, "generator")
         self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
@@ -721,53 +665,39 @@ class NegativeStage(_Stage):
 
 class ScoreStage(_Stage):
     """CLIP-I, CLIP-T, segmented CLIP-I, DINO and segmented DINO of every sample against the
-    product's real images (a real image is not compared with itself)."""
+    product's real images (a real image against the *other* real images)."""
 
     name = "score"
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.clip = ClipEmbedder(config)
-        self.dino = DinoEmbedder(config)
-        self.tags = {"clip": model_tag(config, "clip"), "dino": model_tag(config, "dino")}
+        self.scorer = Scorer(config, config.augment.filter.weights)  # masks come from segment
+        self.tags = {"clip": source_tag(config, "clip"), "dino": source_tag(config, "dino")}
 
     def process(self, state: ProductState) -> None:
         samples = [s for s in state.samples if s.image is not None]
-        reals = [i for i, s in enumerate(samples) if s.kind == "real"]
-        if not samples or not reals:
+        reals = [s for s in samples if s.kind == "real"]
+        stat = state.stat(self.name)
+        stat.items_in += len(samples)
+        if not reals:
             return
-        ids = [s.sample_id for s in samples]
-        clip = self.run(
-            self.clip,
-            state,
-            [{"image": s.image, "mask": s.mask, "text": s.prompt or s.caption} for s in samples],
-            ids,
+        real_index = {s.sample_id: j for j, s in enumerate(reals)}
+        out = self.scorer.score(
+            [s.image for s in samples],
+            [s.prompt or s.caption for s in samples],
+            [s.image for s in reals],
+            [s.mask for s in reals],
+            masks=[s.mask for s in samples],
+            exclude_self=[real_index.get(s.sample_id, -1) for s in samples],
         )
-        dino = self.run(
-            self.dino, state, [{"image": s.image, "mask": s.mask} for s in samples], ids
-        )
-        state.stat(self.name).items_in -= len(samples)  # two models, one pass over the samples
-
-        def stack(results: list[dict[str, Any]], key: str) -> np.ndarray:
-            return np.stack([r[key] for r in results]).astype(np.float32)
-
-        # A real image is compared with the *other* real images, never with itself.
-        exclude = np.array([reals.index(i) if i in reals else -1 for i in range(len(samples))])
-        metrics = {}
-        for name, results, key in (
-            ("clip_i", clip, "image_embedding"),
-            ("seg_clip_i", clip, "crop_embedding"),
-            ("dino", dino, "image_embedding"),
-            ("seg_dino", dino, "crop_embedding"),
-        ):
-            emb = stack(results, key)
-            metrics[name] = mean_similarity(emb, emb[reals], exclude)
-        images, texts = stack(clip, "image_embedding"), stack(clip, "text_embedding")
-        metrics["clip_t"] = np.einsum("nd,nd->n", images, texts)  # NaN where either is missing
         for i, s in enumerate(samples):
-            s.scores.update({name: float(values[i]) for name, values in metrics.items()})
+            s.scores.update({name: float(out[name][i]) for name in METRICS})
             s.models.update(self.tags)
-        state.stat(self.name).items_out += len(samples)
+            if out["error"][i]:
+                stat.errors += 1
+                state.error(self.name, out["error"][i], item=s.sample_id)
+            else:
+                stat.items_out += 1
 
 
 def select_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:
@@ -818,6 +748,18 @@ def write_products(
             )
         write_errors(layout, pid, state.errors)
         if not state.failed:
+            # The record travels with the training set: `restage train` checks its token
+            # against the title and attributes, and uses the noun in captions.
+            storage.write_json(
+                layout.product_record(pid),
+                {
+                    **state.record.to_row(),
+                    "attributes": state.record.attributes,
+                    "noun": state.noun,
+                    "product_type": state.product_type,
+                    "type_source": state.type_source,
+                },
+            )
             counts = {
                 k: sum(1 for r in rows if r["kind"] == k and r["kept"])
                 for k in ("real", "view", "context", "negative", "counterfactual")
@@ -923,8 +865,6 @@ def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str
     """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed)."""
     import ray
 
-    from ray_app.runtime import role_resources
-
     cpu = config.augment.cpus_per_task
     per_call = config.augment.products_per_batch
     ds = ray.data.from_arrow(input_blocks(records_table(records), MAX_INPUT_BLOCKS))
@@ -933,12 +873,7 @@ def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str
     )
 
     for cls, roles in model_stages(config):
-        res = role_resources(config, roles[0])
-        for other in roles[1:]:  # a stage that holds two models reserves both
-            res["num_gpus"] += config.role(other).num_gpus
-        ds = ds.map_batches(
-            cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **res
-        )
+        ds = map_stage(ds, cls, config, roles, per_call)
     ds = ds.map_batches(
         select_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
     )

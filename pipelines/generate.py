@@ -26,113 +26,27 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
+from actors.scorer import METRICS, Scorer, rank_and_keep, references
+from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
 from ray_app import storage
+from ray_app.batching import object_array
 from ray_app.config import RestageConfig
-from ray_app.images import encode_png
-from ray_app.metrics import aggregate, mean_similarity
+from ray_app.models import source_tag
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
-from ray_app.records import GENERATION_SCHEMA, SAMPLE_SCHEMA, ErrorRow
+from ray_app.records import GENERATION_SCHEMA, ErrorRow
 from ray_app.report import JobSummary, StageStats
 from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout, GenerationLayout, write_errors
 
 JOB = "generate"
 STAGES = ("plan", "generate", "segment", "score", "write")
-METRICS = ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-class Scorer:
-    """CLIP-T, CLIP-I, DINO and their segmented variants of images against a product's
-    reference images, and the weighted aggregate that ranks them."""
-
-    def __init__(self, config: RestageConfig, segment: bool = False):
-        from actors.clip import ClipEmbedder
-        from actors.dino import DinoEmbedder
-
-        self.clip = ClipEmbedder(config)
-        self.dino = DinoEmbedder(config)
-        self.segmenter = None
-        if segment:
-            from actors.segmenter import Segmenter
-
-            self.segmenter = Segmenter(config)
-        self.weights = dict(config.generate.weights)
-        self.ranges = dict(config.scoring.ranges)
-
-    def score(
-        self,
-        images: list[np.ndarray | bytes],
-        prompts: list[str],
-        references: list[bytes],
-        reference_masks: list[bytes | None],
-        masks: list[bytes | None] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """-> one array per metric, ``score`` (aggregate, NaN when unscorable) and
-        ``error`` (per image)."""
-        n = len(images)
-        data = [img if isinstance(img, bytes) else encode_png(img) for img in images]
-        errors: list[str | None] = [None] * n
-        if masks is None and self.segmenter is not None:
-            seg = self.segmenter({"image": _objects(data)})
-            masks = list(seg["mask"])
-        masks = masks if masks is not None else [None] * n
-        gen_clip = self.clip(
-            {"image": _objects(data), "mask": _objects(masks), "text": _objects(prompts)}
-        )
-        gen_dino = self.dino({"image": _objects(data), "mask": _objects(masks)})
-        ref_clip = self.clip({"image": _objects(references), "mask": _objects(reference_masks)})
-        ref_dino = self.dino({"image": _objects(references), "mask": _objects(reference_masks)})
-        for out in (gen_clip, gen_dino):
-            for i, err in enumerate(out["error"]):
-                errors[i] = errors[i] or err
-        metrics = {
-            "clip_i": mean_similarity(gen_clip["image_embedding"], ref_clip["image_embedding"]),
-            "seg_clip_i": mean_similarity(gen_clip["crop_embedding"], ref_clip["crop_embedding"]),
-            "dino": mean_similarity(gen_dino["image_embedding"], ref_dino["image_embedding"]),
-            "seg_dino": mean_similarity(gen_dino["crop_embedding"], ref_dino["crop_embedding"]),
-            "clip_t": np.einsum(
-                "nd,nd->n", gen_clip["image_embedding"], gen_clip["text_embedding"]
-            ).astype(np.float32),
-        }
-        out: dict[str, Any] = dict(metrics)
-        out["score"] = aggregate(metrics, self.weights, self.ranges) if n else np.zeros(0)
-        out["mask"] = masks
-        out["error"] = errors
-        return out
-
-
-def rank_and_keep(
-    scores: np.ndarray, ids: list[str], top_n: int, threshold: float
-) -> tuple[list[int | None], list[bool]]:
-    """Rank 1 = best score (ties by id; NaN scores are unranked); keep the top ``top_n``
-    whose score is at least ``threshold``."""
-    order = sorted(
-        (i for i in range(len(ids)) if not math.isnan(float(scores[i]))),
-        key=lambda i: (-float(scores[i]), ids[i]),
-    )
-    ranks: list[int | None] = [None] * len(ids)
-    kept = [False] * len(ids)
-    for r, i in enumerate(order, start=1):
-        ranks[i] = r
-        kept[i] = r <= top_n and float(scores[i]) >= threshold
-    return ranks, kept
-
-
-def _objects(values: list[Any]) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = list(values)
-    return arr
 
 
 # --------------------------------------------------------------------------- state
@@ -159,36 +73,15 @@ class Image:
 
 
 @dataclass
-class ProductState:
+class ProductState(ProductRow):
     """A product's adapter, prompts and images; pickled into its Ray Data row."""
 
+    job: ClassVar[str] = JOB
     product_id: str
     adapter_uri: str
     meta: dict[str, Any]
     images: list[Image]
-    errors: list[ErrorRow] = field(default_factory=list)
     adapter_loads: int = 0
-    failed: str | None = None
-    stats: dict[str, StageStats] = field(default_factory=dict)
-
-    def error(self, stage: str, reason: str, item: str | None = None) -> None:
-        self.errors.append(ErrorRow(JOB, stage, reason, self.product_id, item=item))
-
-    def stat(self, stage: str) -> StageStats:
-        if stage not in self.stats:
-            self.stats[stage] = StageStats(stage, "images")
-        return self.stats[stage]
-
-
-def pack(states: list[ProductState]) -> dict[str, np.ndarray]:
-    return {
-        "product_id": _objects([s.product_id for s in states]),
-        "state": _objects([pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL) for s in states]),
-    }
-
-
-def unpack(batch: dict[str, np.ndarray]) -> list[ProductState]:
-    return [pickle.loads(blob) for blob in batch["state"]]
 
 
 # --------------------------------------------------------------------------- planning
@@ -249,33 +142,7 @@ def plan_product(
 # --------------------------------------------------------------------------- stages
 
 
-class _Stage:
-    """Unpack product rows, run ``process`` on each product not failed, time it, pack."""
-
-    name = "stage"
-
-    def __init__(self, config: RestageConfig):
-        self.config = config
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        states = unpack(batch)
-        for state in states:
-            if state.failed:
-                continue
-            start = time.perf_counter()
-            try:
-                self.process(state)
-            except Exception as exc:  # one product's failure never kills the others
-                state.error(self.name, f"{type(exc).__name__}: {exc}")
-                state.failed = f"{self.name} failed: {exc}"
-            state.stat(self.name).seconds += time.perf_counter() - start
-        return pack(states)
-
-    def process(self, state: ProductState) -> None:
-        raise NotImplementedError
-
-
-class GenerateStage(_Stage):
+class GenerateStage(ProductStage):
     """All images of a product with its adapter: one load, every prompt, one unload."""
 
     name = "generate"
@@ -289,7 +156,7 @@ class GenerateStage(_Stage):
             config,
             GenerationOptions(g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt),
         )
-        self.tag = _tag(config, "generator")
+        self.tag = source_tag(config, "generator")
 
     def process(self, state: ProductState) -> None:
         pid, stat = state.product_id, state.stat(self.name)
@@ -298,9 +165,9 @@ class GenerateStage(_Stage):
         try:
             out = self.gen(
                 {
-                    "prompt": _objects([im.prompt for im in state.images]),
+                    "prompt": object_array([im.prompt for im in state.images]),
                     "seed": np.array([im.seed for im in state.images], np.int64),
-                    "adapter": _objects([pid] * len(state.images)),
+                    "adapter": object_array([pid] * len(state.images)),
                 }
             )
         finally:
@@ -317,7 +184,7 @@ class GenerateStage(_Stage):
                 stat.items_out += 1
 
 
-class SegmentStage(_Stage):
+class SegmentStage(ProductStage):
     """Product masks of the generated images (segmented scores)."""
 
     name = "segment"
@@ -334,14 +201,14 @@ class SegmentStage(_Stage):
         stat.items_in += len(todo)
         if not todo:
             return
-        out = self.model({"image": _objects([im.data for im in todo])})
+        out = self.model({"image": object_array([im.data for im in todo])})
         for im, mask, method in zip(todo, out["mask"], out["mask_method"], strict=True):
             if mask is not None:
                 im.mask, im.mask_method = mask, method
                 stat.items_out += 1
 
 
-class ScoreStage(_Stage):
+class ScoreStage(ProductStage):
     """Scores against the product's real images (and masks) from its training set, then
     the rank and the top-N."""
 
@@ -349,7 +216,7 @@ class ScoreStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.scorer = Scorer(config, segment=False)  # masks come from SegmentStage
+        self.scorer = Scorer(config, config.generate.weights)  # masks come from SegmentStage
 
     def process(self, state: ProductState) -> None:
         g, stat = self.config.generate, state.stat(self.name)
@@ -385,19 +252,6 @@ class ScoreStage(_Stage):
             im.rank, im.kept = r, k
         stat.items_out += sum(kept)
         stat.dropped += len(todo) - sum(kept)
-
-
-def references(meta: dict[str, Any]) -> tuple[list[bytes], list[bytes | None]]:
-    """The product's real images and their masks, from the training set of its adapter."""
-    shard = meta["training_set"]["manifest_shard"]
-    rows = storage.read_parquet(shard, schema=SAMPLE_SCHEMA).to_pylist()
-    rows = sorted(
-        (r for r in rows if r["kind"] == "real" and r["product_id"] == meta["product_id"]),
-        key=lambda r: r["sample_id"],
-    )
-    images = [storage.read_bytes(r["image_uri"]) for r in rows]
-    masks = [storage.read_bytes(r["mask_uri"]) if r["mask_uri"] else None for r in rows]
-    return images, masks
 
 
 def write_products(
@@ -449,7 +303,7 @@ def write_products(
                 "stats": json.dumps({k: v.__dict__ for k, v in state.stats.items()}),
             }
         )
-    return {k: _objects([o[k] for o in out]) for k in out[0]} if out else {}
+    return {k: object_array([o[k] for o in out]) for k in out[0]} if out else {}
 
 
 def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig) -> dict[str, Any]:
@@ -457,10 +311,10 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
         v = im.scores.get(name)
         return None if v is None or math.isnan(v) else v
 
-    models = {"generator": _tag(config, "generator"), "clip": _tag(config, "clip")}
-    models["dino"] = _tag(config, "dino")
+    models = {"generator": source_tag(config, "generator"), "clip": source_tag(config, "clip")}
+    models["dino"] = source_tag(config, "dino")
     if config.generate.segment:
-        models["segmenter"] = _tag(config, "segmenter")
+        models["segmenter"] = source_tag(config, "segmenter")
     return {
         "product_id": state.product_id,
         "image_id": im.image_id,
@@ -484,40 +338,20 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
     }
 
 
-def _tag(config: RestageConfig, role: str) -> str:
-    spec = config.role(role)
-    return spec.source + (f"@{spec.revision}" if spec.revision else "")
-
-
-# --------------------------------------------------------------------------- job
-
-
 def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
     """The lazy Ray Data pipeline over planned products."""
     import ray
 
-    from ray_app.runtime import role_resources
-
     g = config.generate
     per_call = g.products_per_batch
-    rows = [
-        {"product_id": s.product_id, "state": pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL)}
-        for s in states
-    ]
+    packed = pack(states)
+    rows = [{"product_id": pid, "state": blob} for pid, blob in zip(*packed.values(), strict=True)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
 
-    def stage(cls: type[_Stage], role: str, extra_roles: tuple[str, ...] = ()):
-        res = role_resources(config, role)
-        for other in extra_roles:
-            res["num_gpus"] += config.role(other).num_gpus
-        return ds.map_batches(
-            cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **res
-        )
-
-    ds = stage(GenerateStage, "generator")
+    ds = map_stage(ds, GenerateStage, config, ("generator",), per_call)
     if g.segment:
-        ds = stage(SegmentStage, "segmenter")
-    ds = stage(ScoreStage, "clip", extra_roles=("dino",))
+        ds = map_stage(ds, SegmentStage, config, ("segmenter",), per_call)
+    ds = map_stage(ds, ScoreStage, config, ("clip", "dino"), per_call)
     return ds.map_batches(
         write_products,
         fn_kwargs={"config": config, "root": root},

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from ray_app import __version__, storage
 from ray_app.config import RestageConfig
-from ray_app.prompts import PromptBank
+from ray_app.prompts import PromptBank, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
     POSITIVE_KINDS,
@@ -327,16 +327,16 @@ class ShardTrainer:
         """Validation fidelity of the LoRA now in the trainer: images of bank prompts with
         ``token``, scored against the product's real images (the generate job's ranking
         score, averaged)."""
-        from pipelines.generate import Scorer
+        from actors.scorer import Scorer
 
         cfg, g = self.config, self.config.generate
         if self._scorer is None:
-            self._scorer = Scorer(cfg, segment=False)
+            self._scorer = Scorer(cfg, cfg.generate.weights)
         n = cfg.train.sweep_images
         prompts = self.bank.prompts(
             ts.product_type, n, derive_seed(ts.product_id, "sweep-prompts", 0, cfg.seed)
         )
-        prompts = [p.replace("{product}", f"{token} {ts.noun}") for p in prompts]
+        prompts = [fill(p, f"{token} {ts.noun}") for p in prompts]
         seeds = [derive_seed(ts.product_id, "sweep", i, cfg.seed) for i in range(n)]
         images = self.trainer.generate(
             prompts, seeds, g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt

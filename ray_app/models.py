@@ -388,3 +388,9 @@ def describe(config: RestageConfig) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def source_tag(config: RestageConfig, role: str) -> str:
+    """``source@revision`` of a role: what manifests record as the model that was used."""
+    spec = config.role(role)
+    return spec.source + (f"@{spec.revision}" if spec.revision else "")

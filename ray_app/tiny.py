@@ -59,6 +59,7 @@ def build(role: str, dest: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(role))
             _BUILDERS[role](tmp)
+        check_weights(tmp, role)
         (tmp / _COMPLETE).write_text(json.dumps({"role": role, "version": TINY_VERSION}))
         if dest.exists():
             shutil.rmtree(dest)
@@ -67,6 +68,24 @@ def build(role: str, dest: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pth"}
+
+
+def check_weights(folder: Path, role: str) -> None:
+    """Refuse a build where a model folder (one with ``config.json``) has no weights file:
+    a library that saves only on the main process of a torch process group writes the
+    config alone elsewhere, and such a folder must never be marked complete."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
+        raise RuntimeError(f"tiny {role}: no weights were written under {folder}")
+    for config in (p for p in files if p.name == "config.json"):
+        if not any(p.suffix in _WEIGHT_SUFFIXES for p in config.parent.iterdir()):
+            raise RuntimeError(
+                f"tiny {role}: {config.parent.relative_to(folder)} has a config.json but no "
+                "weights (saved by a non-main process of a process group?); build it on the driver"
+            )
 
 
 def ensure(role: str, cache_dir: Path) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from trainset import PRODUCTS, write_training_set
 
 from actors.generator import AdapterError, GenerationOptions, Generator
-from pipelines.generate import rank_and_keep, read_user_prompts
+from actors.scorer import rank_and_keep
+from pipelines.generate import read_user_prompts
 from ray_app.config import load_config
 from ray_app.images import decode_rgb
 from ray_app.storage import AdapterLayout, GenerationLayout

@@ -1,0 +1,137 @@
+"""Fidelity scores of images against a product's real images (roles ``clip``, ``dino`` and,
+optionally, ``segmenter``): CLIP-T against the prompt, CLIP-I and DINO against the real
+images, their segmented variants on product crops, and the weighted aggregate of the
+normalised metrics that filters training samples (augment), ranks generations (generate)
+and orders served images (serve). One class, so that all three score alike."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from actors.clip import ClipEmbedder
+from actors.dino import DinoEmbedder
+from ray_app import storage
+from ray_app.batching import object_array
+from ray_app.config import RestageConfig
+from ray_app.images import encode_png
+from ray_app.metrics import aggregate, mean_similarity
+from ray_app.records import SAMPLE_SCHEMA
+
+METRICS = ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
+
+
+class Scorer:
+    """Scores images against reference images. ``weights`` (metric -> weight) and the
+    config's ``scoring.ranges`` make the aggregate ``score``."""
+
+    def __init__(self, config: RestageConfig, weights: Mapping[str, float], segment: bool = False):
+        self.clip = ClipEmbedder(config)
+        self.dino = DinoEmbedder(config)
+        self.segmenter = None
+        if segment:
+            from actors.segmenter import Segmenter
+
+            self.segmenter = Segmenter(config)
+        self.weights = dict(weights)
+        self.ranges = dict(config.scoring.ranges)
+
+    def score(
+        self,
+        images: Sequence[np.ndarray | bytes],
+        prompts: Sequence[str | None],
+        references: Sequence[bytes],
+        reference_masks: Sequence[bytes | None],
+        masks: Sequence[bytes | None] | None = None,
+        exclude_self: Sequence[int] | None = None,
+    ) -> dict[str, Any]:
+        """-> one float32 array per metric, ``score`` (the aggregate; NaN when unscorable),
+        ``mask`` (the masks used) and ``error`` (per image). Without ``masks`` and with a
+        segmenter, the images are segmented first. ``exclude_self[i] = j`` leaves reference
+        ``j`` out of image ``i``'s comparisons (a real image is not compared with itself)."""
+        n = len(images)
+        data = [img if isinstance(img, bytes) else encode_png(img) for img in images]
+        if masks is None and self.segmenter is not None and n:
+            masks = list(self.segmenter({"image": object_array(data)})["mask"])
+        masks = list(masks) if masks is not None else [None] * n
+        if n == 0:
+            return {
+                **{m: np.zeros(0, np.float32) for m in METRICS},
+                "score": np.zeros(0, np.float32),
+                "mask": [],
+                "error": [],
+            }
+        gen_clip = self.clip(
+            {
+                "image": object_array(data),
+                "mask": object_array(masks),
+                "text": object_array(list(prompts)),
+            }
+        )
+        gen_dino = self.dino({"image": object_array(data), "mask": object_array(masks)})
+        ref_clip = self.clip(
+            {"image": object_array(list(references)), "mask": object_array(list(reference_masks))}
+        )
+        ref_dino = self.dino(
+            {"image": object_array(list(references)), "mask": object_array(list(reference_masks))}
+        )
+        exclude = np.asarray(exclude_self, dtype=np.int64) if exclude_self is not None else None
+        metrics = {
+            "clip_i": mean_similarity(
+                gen_clip["image_embedding"], ref_clip["image_embedding"], exclude
+            ),
+            "seg_clip_i": mean_similarity(
+                gen_clip["crop_embedding"], ref_clip["crop_embedding"], exclude
+            ),
+            "dino": mean_similarity(
+                gen_dino["image_embedding"], ref_dino["image_embedding"], exclude
+            ),
+            "seg_dino": mean_similarity(
+                gen_dino["crop_embedding"], ref_dino["crop_embedding"], exclude
+            ),
+            # NaN where the text or the image could not be embedded
+            "clip_t": np.einsum(
+                "nd,nd->n", gen_clip["image_embedding"], gen_clip["text_embedding"]
+            ).astype(np.float32),
+        }
+        errors = [a or b for a, b in zip(gen_clip["error"], gen_dino["error"], strict=True)]
+        return {
+            **metrics,
+            "score": aggregate(metrics, self.weights, self.ranges),
+            "mask": masks,
+            "error": errors,
+        }
+
+
+def rank_and_keep(
+    scores: np.ndarray, ids: list[str], top_n: int, threshold: float
+) -> tuple[list[int | None], list[bool]]:
+    """Rank 1 = best score (ties by id; NaN scores are unranked); keep the top ``top_n``
+    whose score is at least ``threshold``."""
+    order = sorted(
+        (i for i in range(len(ids)) if not math.isnan(float(scores[i]))),
+        key=lambda i: (-float(scores[i]), ids[i]),
+    )
+    ranks: list[int | None] = [None] * len(ids)
+    kept = [False] * len(ids)
+    for r, i in enumerate(order, start=1):
+        ranks[i] = r
+        kept[i] = r <= top_n and float(scores[i]) >= threshold
+    return ranks, kept
+
+
+def references(meta: dict[str, Any]) -> tuple[list[bytes], list[bytes | None]]:
+    """A product's real images and their masks, from the training set named in its
+    adapter's metadata (``adapter.json``)."""
+    shard = meta["training_set"]["manifest_shard"]
+    rows = storage.read_parquet(shard, schema=SAMPLE_SCHEMA).to_pylist()
+    rows = sorted(
+        (r for r in rows if r["kind"] == "real" and r["product_id"] == meta["product_id"]),
+        key=lambda r: r["sample_id"],
+    )
+    images = [storage.read_bytes(r["image_uri"]) for r in rows]
+    masks = [storage.read_bytes(r["mask_uri"]) if r["mask_uri"] else None for r in rows]
+    return images, masks

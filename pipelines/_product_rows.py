@@ -1,0 +1,103 @@
+"""Product rows: how augment and generate stream products through Ray Data.
+
+A row is a whole product: its state (a dataclass deriving from ``ProductRow``) is pickled
+into the row's ``state`` column between stages. Every per-product decision is then local to
+the row, nothing is grouped or materialised across products, and a model actor handles all
+of a product's images (or its adapter) in one call.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ray_app.batching import object_array
+from ray_app.config import RestageConfig
+from ray_app.records import ErrorRow
+from ray_app.report import StageStats
+
+
+@dataclass(kw_only=True)
+class ProductRow:
+    """What every job's product state carries besides its own data. Subclasses provide
+    ``product_id`` (a field or a property) and set ``job``."""
+
+    job: ClassVar[str] = "job"
+    errors: list[ErrorRow] = field(default_factory=list)
+    failed: str | None = None  # why the product cannot go on; later stages skip it
+    stats: dict[str, StageStats] = field(default_factory=dict)
+
+    def error_record(self) -> str | None:
+        """The input record written beside each error row (None: nothing to add)."""
+        return None
+
+    def error(self, stage: str, reason: str, item: str | None = None) -> None:
+        self.errors.append(
+            ErrorRow(
+                self.job, stage, reason, self.product_id, item=item, record=self.error_record()
+            )
+        )
+
+    def stat(self, stage: str) -> StageStats:
+        if stage not in self.stats:
+            self.stats[stage] = StageStats(stage, "images")
+        return self.stats[stage]
+
+
+def pack(rows: list[ProductRow]) -> dict[str, np.ndarray]:
+    return {
+        "product_id": object_array([r.product_id for r in rows]),
+        "state": object_array([pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in rows]),
+    }
+
+
+def unpack(batch: dict[str, np.ndarray]) -> list[Any]:
+    return [pickle.loads(blob) for blob in batch["state"]]
+
+
+class ProductStage:
+    """A stage over product rows: ``process`` each product that has not failed, timed; an
+    exception fails that product (recorded with its reason), never the others in the batch.
+    A product's images are micro-batched on their own, so its outputs never depend on which
+    other products share the call."""
+
+    name = "stage"
+
+    def __init__(self, config: RestageConfig):
+        self.config = config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = unpack(batch)
+        for row in rows:
+            if row.failed:
+                continue
+            start = time.perf_counter()
+            try:
+                self.process(row)
+            except Exception as exc:  # a bug or an OOM on one product must not kill the others
+                row.error(self.name, f"{type(exc).__name__}: {exc}")
+                row.failed = f"{self.name} failed: {exc}"
+            row.stat(self.name).seconds += time.perf_counter() - start
+        return pack(rows)
+
+    def process(self, row: Any) -> None:
+        raise NotImplementedError
+
+
+def map_stage(
+    ds: Any, cls: type[ProductStage], config: RestageConfig, roles: tuple[str, ...], per_call: int
+) -> Any:
+    """``ds.map_batches`` of a model stage as an actor pool sized by its first role, reserving
+    the GPUs of every role the stage loads."""
+    from ray_app.runtime import role_resources
+
+    resources = role_resources(config, roles[0])
+    for other in roles[1:]:
+        resources["num_gpus"] += config.role(other).num_gpus
+    return ds.map_batches(
+        cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **resources
+    )
