@@ -60,12 +60,24 @@ def prepare(count: int, work: Path, profile: str) -> Path:
     rows = []
     for i in range(count):
         src = examples[i % len(examples)]
-        rows.append({"product_id": f"load-{i:03d}", "category": src.category, "title": src.title,
-                     "image_uris": list(src.image_uris)})
+        rows.append(
+            {
+                "product_id": f"load-{i:03d}",
+                "category": src.category,
+                "title": src.title,
+                "image_uris": list(src.image_uris),
+            }
+        )
     manifest = work / "products.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = load_config(profile, overrides=["ray.progress_bars=false", "generate.prompts_per_product=1",
-                                             "generate.images_per_prompt=1"])
+    config = load_config(
+        profile,
+        overrides=[
+            "ray.progress_bars=false",
+            "generate.prompts_per_product=1",
+            "generate.images_per_prompt=1",
+        ],
+    )
     run(config, str(manifest), str(work / "run"))
     return adapters
 
@@ -76,15 +88,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(adapters: Path, profile: str, key: str, overrides: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(
+    adapters: Path, profile: str, key: str, overrides: list[str]
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("restage")), "serve", "--adapters", str(adapters), "--profile", profile,
-           "--host", "127.0.0.1", "--port", str(port), "--set", "ray.progress_bars=false"]
+    cmd = [
+        str(Path(sys.executable).with_name("restage")),
+        "serve",
+        "--adapters",
+        str(adapters),
+        "--profile",
+        profile,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--set",
+        "ray.progress_bars=false",
+    ]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "RESTAGE_API_KEYS": key}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -100,8 +132,17 @@ def start_server(adapters: Path, profile: str, key: str, overrides: list[str]) -
     raise RuntimeError("restage serve did not become ready in 10 minutes")
 
 
-async def load(url: str, key: str, products: list[str], clients: int, requests: int, seconds: float,
-               skew: float, num_images: int, seed: int) -> dict:
+async def load(
+    url: str,
+    key: str,
+    products: list[str],
+    clients: int,
+    requests: int,
+    seconds: float,
+    skew: float,
+    num_images: int,
+    seed: int,
+) -> dict:
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(products), size=requests, p=zipf_weights(len(products), skew))
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -121,13 +162,25 @@ async def load(url: str, key: str, products: list[str], clients: int, requests: 
             start = time.perf_counter()
             try:
                 resp = await http.post(f"{url}/v1/generate", json=body, headers=headers)
-                status, payload = resp.status_code, (resp.json() if resp.headers.get("content-type", "").startswith(
-                    "application/json") else {})
+                status, payload = (
+                    resp.status_code,
+                    (
+                        resp.json()
+                        if resp.headers.get("content-type", "").startswith("application/json")
+                        else {}
+                    ),
+                )
             except httpx.HTTPError as exc:
                 status, payload = f"client error: {type(exc).__name__}", {}
-            results.append({"status": status, "latency_ms": (time.perf_counter() - start) * 1000,
-                            "product": body["product_id"], "timings": payload.get("timings", {}),
-                            "replica": payload.get("replica")})
+            results.append(
+                {
+                    "status": status,
+                    "latency_ms": (time.perf_counter() - start) * 1000,
+                    "product": body["product_id"],
+                    "timings": payload.get("timings", {}),
+                    "replica": payload.get("replica"),
+                }
+            )
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as http:
@@ -138,42 +191,84 @@ async def load(url: str, key: str, products: list[str], clients: int, requests: 
     lat = np.array([r["latency_ms"] for r in ok]) if ok else np.zeros(1)
     loads = sum(1 for r in ok if r["timings"].get("adapter_load_ms", 0) > 0)
     return {
-        "skew": skew, "requests_sent": len(results), "ok": len(ok), "wall_s": wall,
-        "throughput_rps": len(ok) / wall, "images_per_s": len(ok) * num_images / wall,
-        "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-                       "p99": float(np.percentile(lat, 99)), "max": float(lat.max())},
+        "skew": skew,
+        "requests_sent": len(results),
+        "ok": len(ok),
+        "wall_s": wall,
+        "throughput_rps": len(ok) / wall,
+        "images_per_s": len(ok) * num_images / wall,
+        "latency_ms": {
+            "p50": float(np.percentile(lat, 50)),
+            "p95": float(np.percentile(lat, 95)),
+            "p99": float(np.percentile(lat, 99)),
+            "max": float(lat.max()),
+        },
         "by_status": {str(k): v for k, v in Counter(r["status"] for r in results).items()},
-        "server_5xx": sum(1 for r in results if isinstance(r["status"], int) and r["status"] >= 500),
+        "server_5xx": sum(
+            1 for r in results if isinstance(r["status"], int) and r["status"] >= 500
+        ),
         "adapter_loads": loads,
         "cache_hit_rate": 1 - loads / len(ok) if ok else 0.0,
-        "mean_adapter_load_ms": float(np.mean([r["timings"]["adapter_load_ms"] for r in ok
-                                               if r["timings"].get("adapter_load_ms", 0) > 0] or [0])),
-        "mean_generation_ms": float(np.mean([r["timings"].get("generation_ms", 0) for r in ok] or [0])),
+        "mean_adapter_load_ms": float(
+            np.mean(
+                [
+                    r["timings"]["adapter_load_ms"]
+                    for r in ok
+                    if r["timings"].get("adapter_load_ms", 0) > 0
+                ]
+                or [0]
+            )
+        ),
+        "mean_generation_ms": float(
+            np.mean([r["timings"].get("generation_ms", 0) for r in ok] or [0])
+        ),
         "distinct_products": len({r["product"] for r in results}),
         "server_stats": stats,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="a running server (loopback only)")
     parser.add_argument("--api-key", default=os.environ.get("RESTAGE_API_KEY"))
-    parser.add_argument("--products", help="comma-separated product ids (default: those under --adapters)")
-    parser.add_argument("--adapters", help="adapters root (to list products, or to --start a server)")
-    parser.add_argument("--prepare", type=int, metavar="N", help="train N tiny products into --work first")
+    parser.add_argument(
+        "--products", help="comma-separated product ids (default: those under --adapters)"
+    )
+    parser.add_argument(
+        "--adapters", help="adapters root (to list products, or to --start a server)"
+    )
+    parser.add_argument(
+        "--prepare", type=int, metavar="N", help="train N tiny products into --work first"
+    )
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "restage-serve-load"))
-    parser.add_argument("--start", action="store_true", help="start `restage serve` on loopback for the run")
+    parser.add_argument(
+        "--start", action="store_true", help="start `restage serve` on loopback for the run"
+    )
     parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="server config overrides with --start")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="server config overrides with --start",
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200, help="upper bound on requests")
-    parser.add_argument("--seconds", type=float, default=300, help="upper bound on the load's duration")
+    parser.add_argument(
+        "--seconds", type=float, default=300, help="upper bound on the load's duration"
+    )
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity skew s (0 = uniform)")
-    parser.add_argument("--compare-uniform", action="store_true", help="repeat with uniform popularity")
+    parser.add_argument(
+        "--compare-uniform", action="store_true", help="repeat with uniform popularity"
+    )
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "serve_load_tiny_cpu.json"))
+    parser.add_argument(
+        "--json", default=str(ROOT / "bench" / "results" / "serve_load_tiny_cpu.json")
+    )
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -192,7 +287,9 @@ def main() -> None:
             parser.error("give --url of a running server, or --start")
         url = args.url.rstrip("/")
         if urlparse(url).hostname not in LOOPBACK:
-            parser.error(f"--url {url}: the load test only targets loopback addresses {sorted(LOOPBACK)}")
+            parser.error(
+                f"--url {url}: the load test only targets loopback addresses {sorted(LOOPBACK)}"
+            )
     if args.products:
         products = args.products.split(",")
     elif adapters is not None:
@@ -200,28 +297,86 @@ def main() -> None:
     else:
         parser.error("give --products or --adapters")
     try:
-        runs = [asyncio.run(load(url, args.api_key, products, args.clients, args.requests, args.seconds,
-                                 args.zipf, args.num_images, args.seed))]
+        runs = [
+            asyncio.run(
+                load(
+                    url,
+                    args.api_key,
+                    products,
+                    args.clients,
+                    args.requests,
+                    args.seconds,
+                    args.zipf,
+                    args.num_images,
+                    args.seed,
+                )
+            )
+        ]
         if args.compare_uniform:
-            runs.append(asyncio.run(load(url, args.api_key, products, args.clients, args.requests, args.seconds,
-                                         0.0, args.num_images, args.seed + 1)))
+            runs.append(
+                asyncio.run(
+                    load(
+                        url,
+                        args.api_key,
+                        products,
+                        args.clients,
+                        args.requests,
+                        args.seconds,
+                        0.0,
+                        args.num_images,
+                        args.seed + 1,
+                    )
+                )
+            )
     finally:
         if proc is not None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=120)
     rows = []
     for r in runs:
-        rows.append([f"zipf s={r['skew']:g}", r["requests_sent"], r["ok"], f"{r['throughput_rps']:.2f}",
-                     f"{r['latency_ms']['p50']:.0f}", f"{r['latency_ms']['p95']:.0f}", f"{r['latency_ms']['p99']:.0f}",
-                     r["adapter_loads"], f"{r['cache_hit_rate']:.2f}",
-                     " ".join(f"{k}:{v}" for k, v in sorted(r["by_status"].items()))])
-    print(format_table(["popularity", "sent", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "adapter loads",
-                        "hit rate", "statuses"], rows))
+        rows.append(
+            [
+                f"zipf s={r['skew']:g}",
+                r["requests_sent"],
+                r["ok"],
+                f"{r['throughput_rps']:.2f}",
+                f"{r['latency_ms']['p50']:.0f}",
+                f"{r['latency_ms']['p95']:.0f}",
+                f"{r['latency_ms']['p99']:.0f}",
+                r["adapter_loads"],
+                f"{r['cache_hit_rate']:.2f}",
+                " ".join(f"{k}:{v}" for k, v in sorted(r["by_status"].items())),
+            ]
+        )
+    print(
+        format_table(
+            [
+                "popularity",
+                "sent",
+                "ok",
+                "req/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "adapter loads",
+                "hit rate",
+                "statuses",
+            ],
+            rows,
+        )
+    )
     result = {
-        "benchmark": "serve_load", "profile": args.profile, "products": len(products), "clients": args.clients,
+        "benchmark": "serve_load",
+        "profile": args.profile,
+        "products": len(products),
+        "clients": args.clients,
         "num_images": args.num_images,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": None,
-                    "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpu": None,
+            "python": platform.python_version(),
+        },
         "runs": runs,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _call("serve.app:main", _config(args), args)
+
+
 def cmd_prompts_show(args: argparse.Namespace) -> int:
     from ray_app.prompts import PromptBank
     from ray_app.report import format_table
@@ -260,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output root URI")
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.run:main"))
+
+    p = sub.add_parser(
+        "serve",
+        help="serve on-line generation of any trained product (Ray Serve, adapter swapping)",
+        description="Start the restage endpoint on Ray Serve: POST /v1/generate, GET "
+        "/v1/products/{product_id}, GET /healthz, GET /v1/stats (OpenAPI at /docs). One base "
+        "generator per replica; per-product adapters from --adapters are loaded on demand "
+        "(model multiplexing: requests go to a replica that holds the adapter) and evicted LRU "
+        "beyond serve.max_adapters_per_replica. Requests need 'Authorization: Bearer KEY' with a "
+        "key from RESTAGE_API_KEYS (comma-separated) or RESTAGE_API_KEYS_FILE; with no key the "
+        "server refuses to start unless --no-auth, which binds 127.0.0.1 only. Runs until "
+        "interrupted. To deploy on a running cluster instead: serve deploy serve/restage.yaml.",
+    )
+    p.add_argument("--adapters", required=True, help="adapters root URI (`restage train` output)")
+    p.add_argument("--host", help="interface to bind [serve.host]")
+    p.add_argument("--port", type=int, help="HTTP port [serve.port]")
+    p.add_argument("--no-auth", action="store_true", help="no API keys; serve on 127.0.0.1 only")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prompts", help="the prompt bank: show it, or extend it with the llm role")
     psub = p.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")

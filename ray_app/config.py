@@ -102,6 +102,11 @@ class RayConfig(StrictModel):
         "MiB; bounds streaming back-pressure (None: Ray Data's default fraction).",
     )
     progress_bars: bool = Field(True, description="Show Ray Data's progress display.")
+    dashboard: bool = Field(
+        True,
+        description="Start the Ray dashboard with a local Ray (127.0.0.1:8265); Ray Train's "
+        "state queries need it.",
+    )
 
 
 class ImagesConfig(StrictModel):
@@ -516,6 +521,63 @@ class GenerateConfig(StrictModel):
         return self
 
 
+class ServeConfig(StrictModel):
+    """`restage serve`: the on-line endpoint (Ray Serve)."""
+
+    host: str = Field(
+        "0.0.0.0", description="Interface the HTTP proxy binds (--no-auth forces 127.0.0.1)."
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port.")
+    max_adapters_per_replica: PositiveInt = Field(
+        8, description="Adapters a generator replica holds before evicting the least recently used."
+    )
+    min_replicas: NonNegativeInt = Field(
+        1, description="Generator replicas kept at least (0: scale to zero)."
+    )
+    max_replicas: PositiveInt = Field(4, description="Generator replicas at most.")
+    target_ongoing_requests: PositiveFloat = Field(
+        2.0, description="Autoscaling target of requests in flight per generator replica."
+    )
+    max_ongoing_requests: PositiveInt = Field(
+        8, description="Requests a replica accepts at once (queue)."
+    )
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="Autoscaling: delay before adding."
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        600.0, description="... and before removing."
+    )
+    ranker: bool = Field(
+        True, description="Run the ranking deployment (clip, dino) for rank=true requests."
+    )
+    ranker_replicas: PositiveInt = Field(1, description="Ranker replicas.")
+    ingress_replicas: PositiveInt = Field(
+        1, description="Ingress (HTTP, auth, validation) replicas."
+    )
+    ingress_cpus: PositiveFloat = Field(0.5, description="CPUs per ingress replica.")
+    ingress_max_ongoing_requests: PositiveInt = Field(
+        256, description="Requests an ingress replica accepts."
+    )
+    max_body_bytes: PositiveInt = Field(16384, description="Larger request bodies get 413.")
+    max_pixels: PositiveInt = Field(1536 * 1536, description="width x height above this is a 422.")
+    metadata_ttl_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="How long the ingress caches a product's adapter.json (new adapters appear after it).",
+    )
+    output_uri: str | None = Field(
+        None,
+        description="Where images of response_format=uri requests are stored (any fsspec URI).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}"
+            )
+        return self
+
+
 class RestageConfig(StrictModel):
     """The whole resolved configuration of a run."""
 
@@ -544,6 +606,7 @@ class RestageConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def role(self, name: str) -> RoleSpec:
         if name not in ROLES:

@@ -38,7 +38,10 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
             info["mode"] = f"cluster {address}"
         else:
-            kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}}
+            kwargs: dict[str, Any] = {
+                "include_dashboard": config.ray.dashboard,
+                "runtime_env": {"env_vars": env},
+            }
             if config.ray.num_cpus is not None:
                 kwargs["num_cpus"] = config.ray.num_cpus
             if config.ray.num_gpus is not None:

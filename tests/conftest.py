@@ -50,3 +50,40 @@ def dreambooth() -> Path:
             f"real product photos not found at {DREAMBOOTH} (see ../shared/data/dreambooth/README.md)"
         )
     return DREAMBOOTH
+
+
+def readme_command(name: str) -> str:
+    """The command of the README's ``<!-- command: NAME -->`` block."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- command: {name} -->\s*```bash\n(.+?)\n```", text, re.S)
+    assert match, f"README has no `<!-- command: {name} -->` block"
+    return match.group(1).strip()
+
+
+@pytest.fixture(scope="session")
+def user_dir(tmp_path_factory) -> Path:
+    """A folder that looks like the repository root to the README's commands: the examples,
+    and `.venv` pointing at the environment running the tests."""
+    import sys
+
+    folder = tmp_path_factory.mktemp("user")
+    (folder / "examples").symlink_to(EXAMPLES)
+    (folder / ".venv").symlink_to(sys.prefix)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def quickstart(user_dir):
+    """The README's quick start, run once exactly as written (a subprocess)."""
+    import subprocess
+
+    proc = subprocess.run(
+        ["bash", "-c", readme_command("quickstart")],
+        cwd=user_dir,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    return proc, user_dir / "runs" / "quickstart"

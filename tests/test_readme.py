@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-from conftest import ROOT
+from conftest import ROOT, readme_command
 
 from ray_app.config import FilterConfig
 
 README = (ROOT / "README.md").read_text()
 
 
-def readme_command(name: str) -> str:
-    match = re.search(rf"<!-- command: {name} -->\s*```bash\n(.+?)\n```", README, re.S)
-    assert match, f"README has no `<!-- command: {name} -->` block"
-    return match.group(1).strip()
-
-
-@pytest.fixture
-def user_dir(tmp_path) -> Path:
-    """A working folder that looks like the repository root to the README's commands: the
-    examples, and `.venv` pointing at the environment running the tests."""
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    (tmp_path / ".venv").symlink_to(sys.prefix)  # the virtual environment running the tests
-    return tmp_path
-
-
 def run(command: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RESTAGE_CACHE": os.environ["RESTAGE_CACHE"]}
     return subprocess.run(
-        ["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+        ["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -55,14 +36,26 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert os.access(script, os.X_OK)
 
 
-def test_quickstart(user_dir):
-    command = readme_command("quickstart")
-    proc = run(command, user_dir)
+def test_quickstart(quickstart):
+    proc, out = quickstart
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = re.search(r"--out (\S+)", command).group(1)
-    summary = json.loads((user_dir / out / "summary.json").read_text())
-    assert summary["products"]["ok"] + summary["products"]["partial"] == 3
     assert "stage" in proc.stdout and "outputs:" in proc.stdout  # the summary table
+    for job in ("augment", "adapters", "generations"):
+        summary = json.loads((out / job / "summary.json").read_text())
+        assert summary["products"].get("ok", 0) + summary["products"].get("partial", 0) == 3, (
+            job,
+            summary,
+        )
+    assert len(list((out / "adapters").glob("*/pytorch_lora_weights.safetensors"))) == 3
+    assert len(list((out / "generations" / "images").glob("*/*.png"))) >= 3
+
+
+def test_quickstart_rerun_resumes(quickstart, user_dir):
+    proc = run(readme_command("quickstart"), user_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("augment", "adapters", "generations"):
+        summary = json.loads((quickstart[1] / job / "summary.json").read_text())
+        assert summary["products"]["already complete"] == 3, (job, summary["products"])
 
 
 def test_config_error_example(user_dir):

@@ -1,0 +1,92 @@
+"""The HTTP API's request and response bodies (they are also the OpenAPI schema at /docs).
+
+Every numeric field is bounded; an unknown field is an error, so a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ray_app.records import RecordError, validate_product_id
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    product_id: str = Field(description="A product with an adapter from `restage train`.")
+    prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=600,
+        description="Scene description; `{product}` marks where the product goes (its token "
+        "phrase is put there, or in front when absent). Default: a prompt-bank scene for the "
+        "product's type.",
+    )
+    num_images: int = Field(1, ge=1, le=8, description="Images to generate (1-8).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same images.")
+    steps: int | None = Field(None, ge=1, le=150, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=30.0, description="Classifier-free guidance."
+    )
+    width: int | None = Field(None, ge=64, le=2048, description="Multiple of 8.")
+    height: int | None = Field(None, ge=64, le=2048, description="Multiple of 8.")
+    rank: bool = Field(False, description="Sort images by the ranking score and return the scores.")
+    response_format: Literal["base64", "uri"] = Field(
+        "base64",
+        description="PNG bytes in base64, or URIs of stored PNGs (needs serve.output_uri).",
+    )
+
+    @field_validator("product_id")
+    @classmethod
+    def _product_id(cls, value: str) -> str:
+        try:
+            return validate_product_id(value)
+        except RecordError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8 (use {value - value % 8})")
+        return value
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(
+        description="From the ingress receiving the request to the replica taking it."
+    )
+    adapter_load_ms: float = Field(description="0 when the replica already held the adapter.")
+    generation_ms: float
+    ranking_ms: float
+    total_ms: float
+
+
+class ImageOut(BaseModel):
+    seed: int
+    png_base64: str | None = None
+    uri: str | None = None
+    rank: int | None = Field(None, description="1 = best, when ranked.")
+    score: float | None = Field(None, description="The aggregate ranking score, when ranked.")
+    scores: dict[str, float | None] | None = Field(None, description="Each metric, when ranked.")
+
+
+class GenerateResponse(BaseModel):
+    product_id: str
+    prompt: str
+    images: list[ImageOut]
+    adapter: dict[str, Any] = Field(description="The adapter's metadata (adapter.json).")
+    replica: str
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None

@@ -1,0 +1,100 @@
+"""The restage Serve application: Ingress -> Generator (multiplexed adapters) [-> Ranker].
+
+Start it with ``restage serve --adapters URI`` (a local Ray, or the cluster named by
+``ray.address`` / ``RAY_ADDRESS``), or deploy it to a running cluster with
+``serve deploy serve/restage.yaml`` (the YAML names ``serve.app:app_builder``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from ray_app import storage
+from ray_app.config import ConfigError, RestageConfig, load_config
+from serve import generator, ingress, ranker
+from serve.auth import ENV_KEYS, ENV_KEYS_FILE, load_key_digests
+
+APP_NAME = "restage"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_app(
+    config: RestageConfig, adapters: str, key_digests: tuple[str, ...], require_auth: bool = True
+):
+    """The bound application (nothing starts until ``serve.run``)."""
+    if require_auth and not key_digests:
+        raise ConfigError(
+            f"no API key configured: set {ENV_KEYS} (comma-separated) or {ENV_KEYS_FILE} (one key per "
+            "line), or pass --no-auth to serve on 127.0.0.1 only"
+        )
+    adapters = storage.normalize_uri(adapters)
+    gen = generator.serve_deployment(config).bind(config, adapters)
+    rank = ranker.serve_deployment(config).bind(config) if config.serve.ranker else None
+    return ingress.serve_deployment(config).bind(
+        gen, rank, config, adapters, key_digests, require_auth
+    )
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry for ``serve deploy``: ``args`` = {adapters, profile?, config?: [files], set?: [k=v]}.
+    API keys come from the environment of the application (its runtime_env)."""
+    unknown = set(args) - {"adapters", "profile", "config", "set"}
+    if unknown or "adapters" not in args:
+        raise ConfigError(
+            f"serve application args: need 'adapters'; unknown: {sorted(unknown) or 'none'}; "
+            "allowed: adapters, profile, config, set"
+        )
+    config = load_config(
+        args.get("profile", "default"),
+        files=args.get("config") or [],
+        overrides=args.get("set") or [],
+    )
+    return build_app(config, args["adapters"], load_key_digests())
+
+
+def run_server(
+    config: RestageConfig,
+    adapters: str,
+    host: str | None,
+    port: int | None,
+    no_auth: bool,
+    block: bool = True,
+) -> str:
+    """``restage serve``: start Ray Serve on ``host:port`` and run the application until
+    interrupted. -> the base URL."""
+    from ray import serve
+
+    from ray_app.runtime import init_ray
+
+    digests = load_key_digests()
+    if no_auth:
+        if host is not None and host not in LOOPBACK:
+            raise ConfigError(
+                f"--host {host}: --no-auth serves on 127.0.0.1 only; drop --host or configure keys"
+            )
+        host = "127.0.0.1"
+    host = host or config.serve.host
+    app = build_app(config, adapters, digests, require_auth=not no_auth)
+    port = port or config.serve.port
+    init_ray(config)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    print(
+        f"restage serve: ready on {url} (docs: {url}/docs, auth: {'off' if no_auth else 'API keys'})",
+        flush=True,
+    )
+    if block:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
+    return url
+
+
+def main(config: RestageConfig, args: Any) -> int:
+    run_server(config, args.adapters, args.host, args.port, args.no_auth)
+    return 0

@@ -1,0 +1,232 @@
+"""The generator deployment: one base pipeline per replica, per-product LoRA adapters swapped
+in and out with Ray Serve model multiplexing (model id = product id).
+
+Requests for a product are routed to a replica that already holds its adapter. A replica
+holds at most ``serve.max_adapters_per_replica`` adapters and evicts the least recently used
+one, deleting it from the pipeline and freeing its memory. An adapter is loaded in two
+steps: reading and parsing its weights (storage I/O, done while another request may be
+generating) and injecting them into the pipeline (fast, under the pipeline lock). Every
+change of the pipeline and every generation holds one lock, so concurrent requests never
+see another request's adapter or a half-loaded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+
+from actors.generator import GenerationOptions, Generator, read_adapter_weights
+from ray_app import storage
+from ray_app.config import RestageConfig
+from ray_app.images import encode_png
+from ray_app.storage import AdapterLayout
+
+
+class AdapterNotFound(LookupError):
+    """No trained adapter for the product."""
+
+
+class AdapterHandle:
+    """A product's adapter while the replica holds it. Ray Serve calls ``__del__`` when it
+    evicts the adapter (in a worker thread); the call is idempotent, since the garbage
+    collector calls it again later."""
+
+    def __init__(self, replica: GeneratorReplica, product_id: str, load_ms: float):
+        self.replica = replica
+        self.product_id = product_id
+        self.load_ms = load_ms
+        self._load_reported = False
+        self._released = False
+
+    def take_load_ms(self) -> float:
+        """The load time, reported once: to the request that caused the load."""
+        if self._load_reported:
+            return 0.0
+        self._load_reported = True
+        return self.load_ms
+
+    def __del__(self) -> None:
+        if not self._released:
+            self._released = True
+            self.replica.release(self.product_id)
+
+
+class GeneratorReplica:
+    """The body of the ``Generator`` Serve deployment (plain Python, testable without Serve)."""
+
+    def __init__(self, config: RestageConfig, adapters_root: str):
+        g = config.generate
+        self.config = config
+        self.options = GenerationOptions(
+            g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt
+        )
+        self.generator = Generator(config, self.options)
+        self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
+        self.lock = threading.Lock()  # the pipeline: one generation or adapter change at a time
+        self.counters: Counter[str] = Counter()
+        self.adapter_bytes: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load(self, product_id: str) -> AdapterHandle:
+        """Load ``product_id``'s adapter (the multiplexed loader; Serve caches the result)."""
+        start = time.perf_counter()
+        folder = self.layout.adapter_dir(product_id)
+        if not await asyncio.to_thread(storage.exists, self.layout.metadata(product_id)):
+            self.counters["load_not_found"] += 1
+            raise AdapterNotFound(f"no adapter for product {product_id!r}")
+        try:
+            weights = await asyncio.to_thread(read_adapter_weights, folder)
+            await asyncio.to_thread(self._inject, product_id, weights)
+        except Exception:
+            self.counters["load_failures"] += 1
+            raise
+        self.counters["loads"] += 1
+        return AdapterHandle(self, product_id, (time.perf_counter() - start) * 1000)
+
+    def _inject(self, product_id: str, weights: dict[str, Any]) -> None:
+        with self.lock:
+            if product_id not in self.generator.adapters:
+                self.generator.load_adapter(
+                    product_id, weights, scale=self.config.generate.lora_scale
+                )
+                self.adapter_bytes[product_id] = sum(
+                    t.numel() * t.element_size() for t in weights.values()
+                )
+
+    def release(self, product_id: str) -> None:
+        """Delete an evicted adapter from the pipeline (waits for a running generation)."""
+        with self.lock:
+            if product_id in self.generator.adapters:
+                self.generator.unload_adapter(product_id)
+                self.adapter_bytes.pop(product_id, None)
+                self.counters["evictions"] += 1
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        product_id: str,
+        prompt: str,
+        seeds: list[int],
+        steps: int | None,
+        guidance_scale: float | None,
+        width: int | None,
+        height: int | None,
+    ) -> dict[str, Any]:
+        """Images of ``product_id`` (its adapter must have been loaded with ``load``)."""
+        options = GenerationOptions(
+            width or self.options.width,
+            height or self.options.height,
+            steps or self.options.steps,
+            self.options.guidance_scale if guidance_scale is None else guidance_scale,
+            self.options.negative_prompt,
+        )
+        with self.lock:
+            start = time.perf_counter()
+            # An adapter evicted between the load and this request (by another product's load)
+            # is brought back for this request only; the multiplexer no longer counts it.
+            temporary = product_id not in self.generator.adapters
+            if temporary:
+                self.counters["reloads_after_eviction"] += 1
+                self.generator.load_adapter(
+                    product_id,
+                    read_adapter_weights(self.layout.adapter_dir(product_id)),
+                    scale=self.config.generate.lora_scale,
+                )
+            try:
+                self.generator.set_adapter(product_id)
+                images = self.generator.generate(
+                    [prompt] * len(seeds),
+                    seeds,
+                    [options.negative_prompt] * len(seeds),
+                    options=options,
+                )
+            finally:
+                self.generator.set_adapter(None)
+                if temporary:
+                    self.generator.unload_adapter(product_id)
+            self.counters["requests"] += 1
+            self.counters["images"] += len(images)
+            return {
+                "images": [encode_png(img) for img in images],
+                "generation_ms": (time.perf_counter() - start) * 1000,
+            }
+
+    def stats(self) -> dict[str, Any]:
+        loaded = sorted(self.generator.adapters)
+        return {
+            "adapters_loaded": loaded,
+            "adapter_bytes": int(sum(self.adapter_bytes.get(p, 0) for p in loaded)),
+            "counters": dict(self.counters),
+            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+        }
+
+
+def serve_deployment(config: RestageConfig):
+    """The Ray Serve deployment class around ``GeneratorReplica`` (autoscaling and GPUs from
+    config; the multiplexing cache size too)."""
+    from ray import serve
+
+    s, spec = config.serve, config.generator
+
+    @serve.deployment(
+        name="Generator",
+        autoscaling_config={
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
+        },
+        max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={"num_gpus": spec.num_gpus, "num_cpus": spec.num_cpus},
+        health_check_period_s=10,
+    )
+    class GeneratorDeployment:
+        def __init__(self, config: RestageConfig, adapters_root: str):
+            self.replica = GeneratorReplica(config, adapters_root)
+
+            async def load(product_id: str) -> AdapterHandle:
+                return await self.replica.load(product_id)
+
+            # A closure, because the cache size comes from config at start-up.
+            self.get_adapter = serve.multiplexed(
+                max_num_models_per_replica=config.serve.max_adapters_per_replica
+            )(load)
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+        async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+            product_id = serve.get_multiplexed_model_id()
+            taken = time.time()
+            handle = await self.get_adapter(product_id)
+            out = await asyncio.to_thread(
+                self.replica.generate,
+                product_id,
+                request["prompt"],
+                request["seeds"],
+                request.get("steps"),
+                request.get("guidance_scale"),
+                request.get("width"),
+                request.get("height"),
+            )
+            out.update(
+                replica=self.replica_id,
+                adapter_load_ms=handle.take_load_ms(),
+                queue_ms=max(0.0, (taken - request["received_at"]) * 1000),
+            )
+            return out
+
+        def stats(self) -> dict[str, Any]:
+            return {"replica": self.replica_id, **self.replica.stats()}
+
+        def ready(self) -> bool:
+            return True  # the constructor loaded the base pipeline, or this replica would not exist
+
+    return GeneratorDeployment

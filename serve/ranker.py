@@ -1,0 +1,79 @@
+"""The ranker deployment: orders a request's images by the same aggregate score as
+`restage generate` (CLIP-T, CLIP-I, DINO and their segmented variants against the
+product's real images, weighted by ``generate.weights``)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+from actors.scorer import METRICS, Scorer, rank_and_keep, references
+from ray_app.config import RestageConfig
+
+# Real images (and masks) of this many products stay cached per replica.
+REFERENCE_CACHE = 256
+
+
+class RankerReplica:
+    """The body of the ``Ranker`` Serve deployment (plain Python, testable without Serve)."""
+
+    def __init__(self, config: RestageConfig):
+        self.scorer = Scorer(config, config.generate.weights, segment=config.generate.segment)
+        self._references: OrderedDict[str, tuple[list[bytes], list[bytes | None]]] = OrderedDict()
+
+    def references(self, meta: dict[str, Any]) -> tuple[list[bytes], list[bytes | None]]:
+        pid = meta["product_id"]
+        if pid in self._references:
+            self._references.move_to_end(pid)
+        else:
+            self._references[pid] = references(meta)
+            while len(self._references) > REFERENCE_CACHE:
+                self._references.popitem(last=False)
+        return self._references[pid]
+
+    def rank(self, meta: dict[str, Any], images: list[bytes], prompt: str) -> dict[str, list[Any]]:
+        """-> ``ranks`` (1 = best, None when unscorable), ``scores`` and ``metrics`` per image."""
+        refs, masks = self.references(meta)
+        if not refs:
+            raise ValueError(
+                f"product {meta['product_id']!r} has no real image in its training set"
+            )
+        out = self.scorer.score(images, [prompt] * len(images), refs, masks)
+        ranks, _ = rank_and_keep(
+            out["score"], [f"{i:03d}" for i in range(len(images))], len(images), -math.inf
+        )
+
+        def value(x: float) -> float | None:
+            return None if math.isnan(x) else round(float(x), 6)
+
+        return {
+            "ranks": ranks,
+            "scores": [value(s) for s in out["score"]],
+            "metrics": [{m: value(out[m][i]) for m in METRICS} for i in range(len(images))],
+        }
+
+
+def serve_deployment(config: RestageConfig):
+    """The Ray Serve ranker deployment class (GPUs of the roles it loads)."""
+    from ray import serve
+
+    roles = ["clip", "dino"] + (["segmenter"] if config.generate.segment else [])
+    gpus = sum(config.role(r).num_gpus for r in roles)
+
+    @serve.deployment(
+        name="Ranker",
+        num_replicas=config.serve.ranker_replicas,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": config.clip.num_cpus},
+        max_ongoing_requests=config.serve.max_ongoing_requests,
+    )
+    class RankerDeployment:
+        def __init__(self, config: RestageConfig):
+            self.replica = RankerReplica(config)
+
+        def rank(
+            self, product_id: str, meta: dict[str, Any], images: list[bytes], prompt: str
+        ) -> dict:
+            return self.replica.rank(meta, images, prompt)
+
+    return RankerDeployment
