@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ray_app.batching import batch_len, column, map_chunks
+from ray_app.batching import batch_len, column, decode_column, map_chunks
 from ray_app.config import RestageConfig
-from ray_app.images import decode_rgb
 from ray_app.models import load_role
 
 _PREAMBLE = re.compile(
@@ -87,13 +86,7 @@ class Captioner:
         n = batch_len(batch)
         instructions = [ins or self.options.instruction for ins in column(batch, "instruction", n)]
         errors: list[str | None] = [None] * n
-        rgbs: list[np.ndarray | None] = []
-        for i, data in enumerate(column(batch, "image")):
-            try:
-                rgbs.append(decode_rgb(data))
-            except Exception as exc:
-                rgbs.append(None)
-                errors[i] = f"captioner: cannot decode image: {exc}"
+        rgbs = decode_column(column(batch, "image"), errors, self.role)
         index = [i for i, rgb in enumerate(rgbs) if rgb is not None]
         results = map_chunks(
             [(rgbs[i], instructions[i]) for i in index],

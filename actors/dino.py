@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ray_app.batching import batch_len, column, embed_present
+from ray_app.batching import batch_len, column, decode_column, embed_present
 from ray_app.config import RestageConfig
-from ray_app.images import crop_by_mask, decode_mask, decode_rgb
+from ray_app.images import crop_by_mask, decode_mask
 from ray_app.metrics import l2_normalize
 from ray_app.models import load_role
 
@@ -44,13 +44,7 @@ class DinoEmbedder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         n = batch_len(batch)
         errors: list[str | None] = [None] * n
-        rgbs: list[np.ndarray | None] = []
-        for i, data in enumerate(column(batch, "image")):
-            try:
-                rgbs.append(decode_rgb(data))
-            except Exception as exc:
-                rgbs.append(None)
-                errors[i] = f"dino: cannot decode image: {exc}"
+        rgbs = decode_column(column(batch, "image"), errors, self.role)
         crops = [
             crop_by_mask(rgb, decode_mask(mask)) if rgb is not None and mask is not None else None
             for rgb, mask in zip(rgbs, column(batch, "mask", n), strict=True)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ray_app.batching import batch_len, column, map_chunks, object_array
+from ray_app.batching import batch_len, column, decode_column, map_chunks, object_array
 from ray_app.config import RestageConfig
-from ray_app.images import decode_rgb, encode_png
+from ray_app.images import encode_png
 from ray_app.models import load_role
 
 
@@ -80,14 +80,11 @@ class NovelView:
         n = batch_len(batch)
         errors: list[str | None] = [None] * n
         items, index = [], []
-        for i, (data, seed) in enumerate(
-            zip(column(batch, "image"), column(batch, "seed"), strict=True)
-        ):
-            try:
-                items.append((decode_rgb(data), int(seed)))
+        rgbs = decode_column(column(batch, "image"), errors, self.role)
+        for i, (rgb, seed) in enumerate(zip(rgbs, column(batch, "seed"), strict=True)):
+            if rgb is not None:
+                items.append((rgb, int(seed)))
                 index.append(i)
-            except Exception as exc:
-                errors[i] = f"novel_view: cannot decode image: {exc}"
         results = map_chunks(
             items,
             self.batch_size,

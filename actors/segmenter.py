@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from ray_app.batching import batch_len, column, map_chunks
+from ray_app.batching import batch_len, column, decode_column, map_chunks
 from ray_app.config import RestageConfig
-from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox
+from ray_app.images import decode_mask, encode_png, mask_bbox
 from ray_app.metrics import mask_iou
 from ray_app.models import load_role
 
@@ -204,13 +204,9 @@ class Segmenter:
         methods: list[str | None] = [None] * n
         errors: list[str | None] = [None] * n
         todo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
-        for i, (data, alpha) in enumerate(
-            zip(column(batch, "image"), column(batch, "alpha", n), strict=True)
-        ):
-            try:
-                rgb = decode_rgb(data)
-            except Exception as exc:
-                errors[i] = f"segmenter: cannot decode image: {exc}"
+        rgbs = decode_column(column(batch, "image"), errors, self.role)
+        for i, (rgb, alpha) in enumerate(zip(rgbs, column(batch, "alpha", n), strict=True)):
+            if rgb is None:
                 continue
             if alpha is not None:
                 hint = decode_mask(alpha)

@@ -286,6 +286,20 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
 class _Stage(ProductStage):
     """A model stage of augment: ``run`` calls an actor on a product's rows."""
 
+    def add_generated(
+        self, state: ProductState, rows: list[dict[str, Any]], made: list[Sample]
+    ) -> None:
+        """Generate ``made`` samples from ``rows`` with this stage's model; keep the ones that
+        came out (the others are errors of their sample)."""
+        fmt = self.config.augment.image_format
+        for sample, r in zip(
+            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
+        ):
+            if not r["error"]:
+                sample.image = encode(decode_rgb(r["image"]), fmt)
+                state.samples.append(sample)
+                state.stat(self.name).items_out += 1
+
     def run(
         self, actor: Any, state: ProductState, rows: list[dict[str, Any]], items: list[str]
     ) -> list[dict[str, Any]]:
@@ -524,7 +538,6 @@ class InpaintStage(_Stage):
         self.model = Inpainter(config)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.tag = source_tag(config, "inpainter")
-        self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
         cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
@@ -609,13 +622,7 @@ class InpaintStage(_Stage):
                     models={"inpainter": self.tag},
                 )
             )
-        for sample, r in zip(
-            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
-        ):
-            if not r["error"]:
-                sample.image = encode(decode_rgb(r["image"]), self.fmt)
-                state.samples.append(sample)
-                state.stat(self.name).items_out += 1
+        self.add_generated(state, rows, made)
 
 
 class NegativeStage(_Stage):
@@ -629,7 +636,6 @@ class NegativeStage(_Stage):
         n = config.augment.negatives
         self.model = Generator(config, GenerationOptions(n.size, n.size, n.steps, n.guidance_scale))
         self.tag = source_tag(config, "generator")
-        self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
         cfg = self.config.augment
@@ -654,13 +660,7 @@ class NegativeStage(_Stage):
                     models={"generator": self.tag},
                 )
             )
-        for sample, r in zip(
-            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
-        ):
-            if not r["error"]:
-                sample.image = encode(decode_rgb(r["image"]), self.fmt)
-                state.samples.append(sample)
-                state.stat(self.name).items_out += 1
+        self.add_generated(state, rows, made)
 
 
 class ScoreStage(_Stage):

@@ -91,3 +91,20 @@ def embed_present(
         else:
             out[i] = vec
     return out
+
+
+def decode_column(
+    values: Sequence[Any], errors: list[str | None], who: str
+) -> list[np.ndarray | None]:
+    """Decode a column of encoded images to RGB arrays; a row that does not decode is None
+    and gets its reason in ``errors``."""
+    from ray_app.images import decode_rgb
+
+    out: list[np.ndarray | None] = []
+    for i, data in enumerate(values):
+        try:
+            out.append(decode_rgb(data))
+        except Exception as exc:
+            out.append(None)
+            errors[i] = f"{who}: cannot decode image: {exc}"
+    return out

@@ -87,3 +87,12 @@ def quickstart(user_dir):
         timeout=1200,
     )
     return proc, user_dir / "runs" / "quickstart"
+
+
+def ray_pids() -> set[int]:
+    """Process ids of Ray's own processes on this machine (to clean up after a killed job)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    markers = ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
+    return {int(line.split()[0]) for line in out.splitlines() if any(k in line for k in markers)}

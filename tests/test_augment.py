@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH, EXAMPLES
+from conftest import DREAMBOOTH, EXAMPLES, ray_pids
 from PIL import Image
 
 from pipelines.augment import augment
@@ -197,17 +197,6 @@ def test_rerun_skips_complete_products(run, tmp_path):
     assert marker.stat().st_mtime_ns == before
 
 
-def _ray_pids() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {
-        int(line.split()[0])
-        for line in out.splitlines()
-        if any(
-            k in line for k in ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
-        )
-    }
-
-
 def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
     manifest = tmp_path / "five.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in _examples()))
@@ -224,7 +213,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
         "--set",
         "ray.progress_bars=false",
     ]
-    before = _ray_pids()
+    before = ray_pids()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -240,7 +229,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
     assert done_at_kill < 5, "the run finished before it could be killed half-way"
     # Ray's own processes run in their own sessions: kill the ones this run started too,
     # so that nothing of the killed job survives (they would exit by themselves later).
-    for pid in _ray_pids() - before:
+    for pid in ray_pids() - before:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, readme_command
+from conftest import ROOT, ray_pids, readme_command
 from PIL import Image
 
 from ray_app.config import load_config
@@ -34,23 +34,12 @@ def _key() -> str:
     return readme_command("serve").split("=", 1)[1].split()[0]
 
 
-def _ray_pids() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {
-        int(line.split()[0])
-        for line in out.splitlines()
-        if any(
-            k in line for k in ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
-        )
-    }
-
-
 @pytest.fixture(scope="module")
 def server(quickstart, user_dir):
     proc, run = quickstart
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapters = run / "adapters"
-    before = _ray_pids()
+    before = ray_pids()
     server = subprocess.Popen(
         ["bash", "-c", readme_command("serve")],
         cwd=user_dir,
@@ -73,7 +62,7 @@ def server(quickstart, user_dir):
         server.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
-    for pid in _ray_pids() - before:
+    for pid in ray_pids() - before:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
