@@ -6,7 +6,6 @@ pipeline: ``load_adapter`` reads a ``restage train`` adapter folder from any fss
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -79,16 +78,35 @@ class Generator:
         return self._active
 
     def load_adapter(
-        self, name: str, source: str | dict[str, torch.Tensor], scale: float = 1.0
+        self,
+        name: str,
+        source: str | dict[str, torch.Tensor],
+        scale: float = 1.0,
+        replace: bool = False,
     ) -> None:
         """Load an adapter into the loaded pipeline as ``name``, without reloading the base
         model: ``source`` is an adapter folder URI (``restage train`` output) or weights
         already read with ``read_adapter_weights``. The adapter is loaded inactive;
-        ``set_adapter(name)`` activates it."""
-        if name in self._adapters:
-            raise AdapterError(f"adapter {name!r} is already loaded from {self._adapters[name]}")
+        ``set_adapter(name)`` activates it.
+
+        ``replace=True`` overwrites the weights of an already loaded adapter ``name`` in place
+        (diffusers' LoRA hot-swap: no new modules, no memory growth, several times faster
+        than a new adapter); adapters of another rank or targets fall back to unload + load.
+        """
         state = read_adapter_weights(source) if isinstance(source, str) else source
-        self.loaded.model.load_lora_weights(state, adapter_name=name)
+        pipe = self.loaded.model
+        if name in self._adapters:
+            if not replace:
+                raise AdapterError(
+                    f"adapter {name!r} is already loaded from {self._adapters[name]}"
+                )
+            try:
+                pipe.load_lora_weights(state, adapter_name=name, hotswap=True)
+            except Exception:  # another rank or other target modules: no in-place swap
+                self.unload_adapter(name)
+                pipe.load_lora_weights(state, adapter_name=name)
+        else:
+            pipe.load_lora_weights(state, adapter_name=name)
         self._adapters[name] = source if isinstance(source, str) else "<weights>"
         self.adapter_loads[name] += 1
         self._scales[name] = scale
@@ -123,7 +141,8 @@ class Generator:
         if self._active == name:
             self._active = None
         self.set_adapter(self._active)
-        gc.collect()
+        # The deleted LoRA modules are freed by reference counting; a full gc.collect() here
+        # would cost hundreds of milliseconds under a server's pipeline lock.
         if self.loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 

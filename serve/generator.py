@@ -58,7 +58,14 @@ class AdapterHandle:
 
 
 class GeneratorReplica:
-    """The body of the ``Generator`` Serve deployment (plain Python, testable without Serve)."""
+    """The body of the ``Generator`` Serve deployment (plain Python, testable without Serve).
+
+    Adapters live in ``max_adapters_per_replica`` slots, plus one spare: a product's adapter
+    is hot-swapped into a free slot (diffusers' in-place LoRA swap: no new modules, no base
+    reload), and eviction only frees the slot, so the memory adapters use is fixed by
+    construction. ``bench/adapter_swap.py`` measures a hot-swap against loading and deleting
+    named adapters.
+    """
 
     def __init__(self, config: RestageConfig, adapters_root: str):
         g = config.generate
@@ -70,42 +77,65 @@ class GeneratorReplica:
         self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
         self.lock = threading.Lock()  # the pipeline: one generation or adapter change at a time
         self.counters: Counter[str] = Counter()
-        self.adapter_bytes: dict[str, int] = {}
+        # The spare slot serves a request whose adapter was evicted between its load and its
+        # turn at the pipeline (the multiplexer may evict while requests queue).
+        self.slots: dict[str, str | None] = {
+            f"slot-{i}": None for i in range(config.serve.max_adapters_per_replica + 1)
+        }
+        self.slot_of: dict[str, str] = {}  # product id -> slot
+        self.slot_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ adapters
 
     async def load(self, product_id: str) -> AdapterHandle:
-        """Load ``product_id``'s adapter (the multiplexed loader; Serve caches the result)."""
+        """Load ``product_id``'s adapter (the multiplexed loader; Serve caches the result).
+        Reading the weights happens outside the pipeline lock, while another request may be
+        generating; only the swap into a slot takes the lock."""
         start = time.perf_counter()
-        folder = self.layout.adapter_dir(product_id)
         if not await asyncio.to_thread(storage.exists, self.layout.metadata(product_id)):
             self.counters["load_not_found"] += 1
             raise AdapterNotFound(f"no adapter for product {product_id!r}")
         try:
-            weights = await asyncio.to_thread(read_adapter_weights, folder)
-            await asyncio.to_thread(self._inject, product_id, weights)
+            weights = await asyncio.to_thread(
+                read_adapter_weights, self.layout.adapter_dir(product_id)
+            )
+            await asyncio.to_thread(self._place, product_id, weights)
         except Exception:
             self.counters["load_failures"] += 1
             raise
         self.counters["loads"] += 1
         return AdapterHandle(self, product_id, (time.perf_counter() - start) * 1000)
 
-    def _inject(self, product_id: str, weights: dict[str, Any]) -> None:
+    def _place(self, product_id: str, weights: dict[str, Any]) -> str:
+        """Put weights into a free slot (caller holds no lock) -> the slot."""
         with self.lock:
-            if product_id not in self.generator.adapters:
-                self.generator.load_adapter(
-                    product_id, weights, scale=self.config.generate.lora_scale
-                )
-                self.adapter_bytes[product_id] = sum(
-                    t.numel() * t.element_size() for t in weights.values()
-                )
+            return self._place_locked(product_id, weights)
+
+    def _place_locked(self, product_id: str, weights: dict[str, Any]) -> str:
+        if product_id in self.slot_of:
+            return self.slot_of[product_id]
+        free = [s for s, owner in self.slots.items() if owner is None]
+        if not free:
+            raise RuntimeError(f"all {len(self.slots)} adapter slots are taken")
+        # Prefer a slot that already holds modules: a hot-swap instead of new modules.
+        slot = next((s for s in free if s in self.generator.adapters), free[0])
+        self.generator.load_adapter(
+            slot,
+            weights,
+            scale=self.config.generate.lora_scale,
+            replace=slot in self.generator.adapters,
+        )
+        self.slots[slot] = product_id
+        self.slot_of[product_id] = slot
+        self.slot_bytes[slot] = sum(t.numel() * t.element_size() for t in weights.values())
+        return slot
 
     def release(self, product_id: str) -> None:
-        """Delete an evicted adapter from the pipeline (waits for a running generation)."""
+        """Free an evicted adapter's slot (its weights are overwritten by the next swap)."""
         with self.lock:
-            if product_id in self.generator.adapters:
-                self.generator.unload_adapter(product_id)
-                self.adapter_bytes.pop(product_id, None)
+            slot = self.slot_of.pop(product_id, None)
+            if slot is not None:
+                self.slots[slot] = None
                 self.counters["evictions"] += 1
 
     # ------------------------------------------------------------------ generation
@@ -120,7 +150,7 @@ class GeneratorReplica:
         width: int | None,
         height: int | None,
     ) -> dict[str, Any]:
-        """Images of ``product_id`` (its adapter must have been loaded with ``load``)."""
+        """Images of ``product_id`` (its adapter was loaded with ``load``)."""
         options = GenerationOptions(
             width or self.options.width,
             height or self.options.height,
@@ -130,18 +160,15 @@ class GeneratorReplica:
         )
         with self.lock:
             start = time.perf_counter()
-            # An adapter evicted between the load and this request (by another product's load)
-            # is brought back for this request only; the multiplexer no longer counts it.
-            temporary = product_id not in self.generator.adapters
-            if temporary:
+            slot = self.slot_of.get(product_id)
+            temporary = slot is None
+            if temporary:  # evicted while queued: use a free slot for this request only
                 self.counters["reloads_after_eviction"] += 1
-                self.generator.load_adapter(
-                    product_id,
-                    read_adapter_weights(self.layout.adapter_dir(product_id)),
-                    scale=self.config.generate.lora_scale,
+                slot = self._place_locked(
+                    product_id, read_adapter_weights(self.layout.adapter_dir(product_id))
                 )
             try:
-                self.generator.set_adapter(product_id)
+                self.generator.set_adapter(slot)
                 images = self.generator.generate(
                     [prompt] * len(seeds),
                     seeds,
@@ -151,7 +178,8 @@ class GeneratorReplica:
             finally:
                 self.generator.set_adapter(None)
                 if temporary:
-                    self.generator.unload_adapter(product_id)
+                    self.slots[slot] = None
+                    self.slot_of.pop(product_id, None)
             self.counters["requests"] += 1
             self.counters["images"] += len(images)
             return {
@@ -160,13 +188,20 @@ class GeneratorReplica:
             }
 
     def stats(self) -> dict[str, Any]:
-        loaded = sorted(self.generator.adapters)
-        return {
-            "adapters_loaded": loaded,
-            "adapter_bytes": int(sum(self.adapter_bytes.get(p, 0) for p in loaded)),
-            "counters": dict(self.counters),
-            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
-        }
+        with self.lock:
+            loaded = sorted(self.slot_of)
+            occupied = [self.slot_of[p] for p in loaded]
+            return {
+                "adapters_loaded": loaded,
+                "slots": len(self.slots),
+                "slots_allocated": len(self.generator.adapters),
+                "adapter_bytes": int(sum(self.slot_bytes.get(s, 0) for s in occupied)),
+                "allocated_adapter_bytes": int(
+                    sum(self.slot_bytes.get(s, 0) for s in self.generator.adapters)
+                ),
+                "counters": dict(self.counters),
+                "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+            }
 
 
 def serve_deployment(config: RestageConfig):
