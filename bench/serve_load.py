@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def free_port() -> int:
 
 
 def start_server(
-    adapters: Path, profile: str, key: str, overrides: list[str]
+    adapters: Path, profile: str, key: str, overrides: list[str], log: Path
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
@@ -109,19 +110,16 @@ def start_server(
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "RESTAGE_API_KEYS": key}
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    # The server's log goes to a file: a pipe that nobody reads fills up and stalls the server.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"restage serve exited:\n{proc.stdout.read()[-3000:]}")
+            raise RuntimeError(f"restage serve exited:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc, url
@@ -281,7 +279,9 @@ def main() -> None:
         if adapters is None:
             parser.error("--start needs --adapters or --prepare")
         args.api_key = secrets.token_urlsafe(24)
-        proc, url = start_server(adapters, args.profile, args.api_key, args.overrides)
+        proc, url = start_server(
+            adapters, args.profile, args.api_key, args.overrides, work / "server.log"
+        )
     else:
         if not args.url:
             parser.error("give --url of a running server, or --start")
@@ -330,8 +330,11 @@ def main() -> None:
             )
     finally:
         if proc is not None:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=120)
+            os.killpg(proc.pid, signal.SIGTERM)  # graceful: Serve drains its replicas
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     rows = []
     for r in runs:
         rows.append(

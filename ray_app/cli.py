@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "words; negatives and counterfactuals are mixed into the batches (train.negative_ratio, "
         "2:1). Writes OUT/<product_id>/pytorch_lora_weights.safetensors (loads with diffusers' "
         "pipe.load_lora_weights) and adapter.json (token, rank, steps, base model, training-set "
-        "digest, losses, seconds), an errors manifest and summary.json. Re-running skips "
+        "digest, losses, seconds), an errors manifest (_errors/) and _summary.json. Re-running skips "
         "products whose adapter.json exists.",
     )
     p.add_argument("--data", required=True, help="output root URI of `restage augment`")

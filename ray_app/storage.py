@@ -16,7 +16,7 @@ import posixpath
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
@@ -168,6 +168,10 @@ class JobLayout:
     """What every job writes under its root: markers, errors shards and a summary."""
 
     root: str
+    # Names of the job's own entries at the root (a layout with product folders at its
+    # root uses names no product id can take: ids never start with "_").
+    ERRORS: ClassVar[str] = "errors"
+    SUMMARY: ClassVar[str] = "summary.json"
 
     def marker(self, product_id: str) -> str:
         return join(self.root, "_done", f"{product_id}.json")
@@ -176,14 +180,14 @@ class JobLayout:
         return join(self.root, "_done")
 
     def errors_dir(self) -> str:
-        return join(self.root, "errors")
+        return join(self.root, self.ERRORS)
 
     def errors_shard(self, name: str) -> str:
         """One shard per product (or ``_records`` for manifest validation); re-runs replace it."""
-        return join(self.root, "errors", f"{name}.parquet")
+        return join(self.errors_dir(), f"{name}.parquet")
 
     def summary(self) -> str:
-        return join(self.root, "summary.json")
+        return join(self.root, self.SUMMARY)
 
     def completed(self) -> set[str]:
         """Product ids whose marker exists; one listing, not one request per product."""
@@ -213,6 +217,9 @@ class AugmentLayout(JobLayout):
 @dataclass(frozen=True)
 class AdapterLayout(JobLayout):
     """``restage train``: one folder per product, loadable by plain diffusers."""
+
+    ERRORS: ClassVar[str] = "_errors"
+    SUMMARY: ClassVar[str] = "_summary.json"
 
     def adapter_dir(self, product_id: str) -> str:
         return join(self.root, product_id)

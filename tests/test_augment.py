@@ -214,13 +214,15 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
         "ray.progress_bars=false",
     ]
     before = ray_pids()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+    log = tmp_path / "killed.log"  # a pipe that nobody reads would fill and stall the job
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(
+            cmd, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
     markers = lambda: list((out / "_done").glob("*.json"))  # noqa: E731
     deadline = time.time() + 600
     while not markers():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
         assert time.time() < deadline, "no product finished in 10 minutes"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)

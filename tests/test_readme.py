@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import ROOT, readme_command
 
 from ray_app.config import FilterConfig
+from ray_app.storage import RunLayout
 
 README = (ROOT / "README.md").read_text()
 
@@ -40,8 +41,13 @@ def test_quickstart(quickstart):
     proc, out = quickstart
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage" in proc.stdout and "outputs:" in proc.stdout  # the summary table
-    for job in ("augment", "adapters", "generations"):
-        summary = json.loads((out / job / "summary.json").read_text())
+    layouts = RunLayout(str(out))
+    for job, layout in (
+        ("augment", layouts.augment),
+        ("train", layouts.adapters),
+        ("generate", layouts.generations),
+    ):
+        summary = json.loads(Path(layout.summary()).read_text())
         assert summary["products"].get("ok", 0) + summary["products"].get("partial", 0) == 3, (
             job,
             summary,
@@ -53,8 +59,13 @@ def test_quickstart(quickstart):
 def test_quickstart_rerun_resumes(quickstart, user_dir):
     proc = run(readme_command("quickstart"), user_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job in ("augment", "adapters", "generations"):
-        summary = json.loads((quickstart[1] / job / "summary.json").read_text())
+    layouts = RunLayout(str(quickstart[1]))
+    for job, layout in (
+        ("augment", layouts.augment),
+        ("train", layouts.adapters),
+        ("generate", layouts.generations),
+    ):
+        summary = json.loads(Path(layout.summary()).read_text())
         assert summary["products"]["already complete"] == 3, (job, summary["products"])
 
 

@@ -40,17 +40,18 @@ def server(quickstart, user_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapters = run / "adapters"
     before = ray_pids()
-    server = subprocess.Popen(
-        ["bash", "-c", readme_command("serve")],
-        cwd=user_dir,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = user_dir / "serve.log"  # a pipe that nobody reads would fill and stall the server
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            ["bash", "-c", readme_command("serve")],
+            cwd=user_dir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.time() + 600
     while True:
-        assert server.poll() is None, server.stdout.read()[-3000:]
+        assert server.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "the server did not become ready in 10 minutes"
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{URL}/healthz", timeout=5).status_code == 200:
