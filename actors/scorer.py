@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,27 @@ from ray_app.metrics import aggregate, mean_similarity
 from ray_app.records import SAMPLE_SCHEMA
 
 METRICS = ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
+
+
+@dataclass(frozen=True)
+class ReferenceEmbeddings:
+    """CLIP and DINO embeddings of a product's real images, whole and cropped by their
+    masks: computed once by ``Scorer.embed_references`` and reused for every image scored
+    against the product (the server scores each request against the same references)."""
+
+    clip_image: np.ndarray
+    clip_crop: np.ndarray
+    dino_image: np.ndarray
+    dino_crop: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.clip_image)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.nbytes for a in (self.clip_image, self.clip_crop, self.dino_image, self.dino_crop)
+        )
 
 
 class Scorer:
@@ -39,19 +61,41 @@ class Scorer:
         self.weights = dict(weights)
         self.ranges = dict(config.scoring.ranges)
 
+    def embed_references(
+        self, references: Sequence[bytes], masks: Sequence[bytes | None]
+    ) -> ReferenceEmbeddings:
+        """Embeds a product's real images (and their crops by ``masks``) once."""
+        batch = {"image": object_array(list(references)), "mask": object_array(list(masks))}
+        clip, dino = self.clip(dict(batch)), self.dino(dict(batch))
+        return ReferenceEmbeddings(
+            clip_image=clip["image_embedding"],
+            clip_crop=clip["crop_embedding"],
+            dino_image=dino["image_embedding"],
+            dino_crop=dino["crop_embedding"],
+        )
+
     def score(
         self,
         images: Sequence[np.ndarray | bytes],
         prompts: Sequence[str | None],
-        references: Sequence[bytes],
-        reference_masks: Sequence[bytes | None],
+        references: Sequence[bytes] | ReferenceEmbeddings,
+        reference_masks: Sequence[bytes | None] | None = None,
         masks: Sequence[bytes | None] | None = None,
         exclude_self: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         """-> one float32 array per metric, ``score`` (the aggregate; NaN when unscorable),
-        ``mask`` (the masks used) and ``error`` (per image). Without ``masks`` and with a
-        segmenter, the images are segmented first. ``exclude_self[i] = j`` leaves reference
-        ``j`` out of image ``i``'s comparisons (a real image is not compared with itself)."""
+        ``mask`` (the masks used) and ``error`` (per image). ``references`` are the real
+        images (with ``reference_masks``) or their ``embed_references``. Without ``masks``
+        and with a segmenter, the images are segmented first. ``exclude_self[i] = j`` leaves
+        reference ``j`` out of image ``i``'s comparisons (a real image is not compared with
+        itself)."""
+        if not isinstance(references, ReferenceEmbeddings):
+            if reference_masks is None:
+                raise ValueError(
+                    "reference_masks: pass one mask (or None) per reference image, "
+                    "or pass references as Scorer.embed_references(...)"
+                )
+            references = self.embed_references(references, reference_masks)
         n = len(images)
         data = [img if isinstance(img, bytes) else encode_png(img) for img in images]
         if masks is None and self.segmenter is not None and n:
@@ -72,26 +116,13 @@ class Scorer:
             }
         )
         gen_dino = self.dino({"image": object_array(data), "mask": object_array(masks)})
-        ref_clip = self.clip(
-            {"image": object_array(list(references)), "mask": object_array(list(reference_masks))}
-        )
-        ref_dino = self.dino(
-            {"image": object_array(list(references)), "mask": object_array(list(reference_masks))}
-        )
+        ref = references
         exclude = np.asarray(exclude_self, dtype=np.int64) if exclude_self is not None else None
         metrics = {
-            "clip_i": mean_similarity(
-                gen_clip["image_embedding"], ref_clip["image_embedding"], exclude
-            ),
-            "seg_clip_i": mean_similarity(
-                gen_clip["crop_embedding"], ref_clip["crop_embedding"], exclude
-            ),
-            "dino": mean_similarity(
-                gen_dino["image_embedding"], ref_dino["image_embedding"], exclude
-            ),
-            "seg_dino": mean_similarity(
-                gen_dino["crop_embedding"], ref_dino["crop_embedding"], exclude
-            ),
+            "clip_i": mean_similarity(gen_clip["image_embedding"], ref.clip_image, exclude),
+            "seg_clip_i": mean_similarity(gen_clip["crop_embedding"], ref.clip_crop, exclude),
+            "dino": mean_similarity(gen_dino["image_embedding"], ref.dino_image, exclude),
+            "seg_dino": mean_similarity(gen_dino["crop_embedding"], ref.dino_crop, exclude),
             # NaN where the text or the image could not be embedded
             "clip_t": np.einsum(
                 "nd,nd->n", gen_clip["image_embedding"], gen_clip["text_embedding"]

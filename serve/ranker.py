@@ -8,11 +8,12 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from actors.scorer import METRICS, Scorer, rank_and_keep, references
+from actors.scorer import METRICS, ReferenceEmbeddings, Scorer, rank_and_keep, references
 from ray_app.config import RestageConfig
 
-# Real images (and masks) of this many products stay cached per replica.
-REFERENCE_CACHE = 256
+# The reference embeddings of this many products stay cached per replica (a few KiB each
+# with the real checkpoints: 4 embeddings per real image).
+REFERENCE_CACHE = 1024
 
 
 class RankerReplica:
@@ -20,26 +21,30 @@ class RankerReplica:
 
     def __init__(self, config: RestageConfig):
         self.scorer = Scorer(config, config.generate.weights, segment=config.generate.segment)
-        self._references: OrderedDict[str, tuple[list[bytes], list[bytes | None]]] = OrderedDict()
+        self._references: OrderedDict[tuple[str, str], ReferenceEmbeddings] = OrderedDict()
+        self.reference_loads = 0
 
-    def references(self, meta: dict[str, Any]) -> tuple[list[bytes], list[bytes | None]]:
-        pid = meta["product_id"]
-        if pid in self._references:
-            self._references.move_to_end(pid)
-        else:
-            self._references[pid] = references(meta)
-            while len(self._references) > REFERENCE_CACHE:
-                self._references.popitem(last=False)
-        return self._references[pid]
-
-    def rank(self, meta: dict[str, Any], images: list[bytes], prompt: str) -> dict[str, list[Any]]:
-        """-> ``ranks`` (1 = best, None when unscorable), ``scores`` and ``metrics`` per image."""
-        refs, masks = self.references(meta)
-        if not refs:
+    def references(self, meta: dict[str, Any]) -> ReferenceEmbeddings:
+        """The product's real images, embedded once and cached (LRU). Keyed by the adapter's
+        weights too, so that a retrained product is embedded afresh."""
+        key = (meta["product_id"], meta.get("weights_sha256", ""))
+        if key in self._references:
+            self._references.move_to_end(key)
+            return self._references[key]
+        images, masks = references(meta)
+        if not images:
             raise ValueError(
                 f"product {meta['product_id']!r} has no real image in its training set"
             )
-        out = self.scorer.score(images, [prompt] * len(images), refs, masks)
+        self._references[key] = embedded = self.scorer.embed_references(images, masks)
+        self.reference_loads += 1
+        while len(self._references) > REFERENCE_CACHE:
+            self._references.popitem(last=False)
+        return embedded
+
+    def rank(self, meta: dict[str, Any], images: list[bytes], prompt: str) -> dict[str, list[Any]]:
+        """-> ``ranks`` (1 = best, None when unscorable), ``scores`` and ``metrics`` per image."""
+        out = self.scorer.score(images, [prompt] * len(images), self.references(meta))
         ranks, _ = rank_and_keep(
             out["score"], [f"{i:03d}" for i in range(len(images))], len(images), -math.inf
         )

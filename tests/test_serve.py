@@ -280,6 +280,32 @@ def test_hot_swapped_adapter_generates_like_a_fresh_load(quickstart):
     ).all()
 
 
+def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(quickstart):
+    import asyncio
+
+    from actors.scorer import references
+    from serve.generator import GeneratorReplica
+    from serve.ranker import RankerReplica
+
+    adapters = quickstart[1] / "adapters"
+    meta = json.loads((adapters / "mug-red-001" / "adapter.json").read_text())
+    config = load_config("tiny")
+    ranker = RankerReplica(config)
+    args = ("mug-red-001", "a {product} on a table", [4, 5, 6], None, None, None, None)
+    replica = GeneratorReplica(config, str(adapters))
+    handle = asyncio.run(replica.load("mug-red-001"))
+    generated = replica.generate(*args)["images"]
+    del handle
+    first = ranker.rank(meta, generated, "a photo of a mug")
+    again = ranker.rank(meta, generated, "a photo of a mug")
+    assert first == again and ranker.reference_loads == 1  # embedded once
+    raw = ranker.scorer.score(generated, ["a photo of a mug"] * 3, *references(meta))
+    assert first["scores"] == [round(float(s), 6) for s in raw["score"]]
+    assert sorted(first["ranks"]) == [1, 2, 3]
+    ranker.rank({**meta, "weights_sha256": "retrained"}, generated, "a photo of a mug")
+    assert ranker.reference_loads == 2  # a retrained product is embedded afresh
+
+
 def test_openapi_documents_the_api(server):
     spec = httpx.get(f"{URL}/openapi.json", timeout=60).json()
     assert {"/v1/generate", "/v1/products/{product_id}", "/healthz"} <= set(spec["paths"])
