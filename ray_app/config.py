@@ -102,6 +102,14 @@ class RayConfig(StrictModel):
         "MiB; bounds streaming back-pressure (None: Ray Data's default fraction).",
     )
     progress_bars: bool = Field(True, description="Show Ray Data's progress display.")
+    metrics_export_port: int | None = Field(
+        None,
+        ge=1024,
+        le=65535,
+        description="Port on which a local Ray exports Prometheus metrics (Ray's and "
+        "restage's); None: a free port, listed by `GET /v1/stats` of `restage serve`. On a "
+        "cluster it is `ray start --metrics-export-port` (cluster.yaml: 8080).",
+    )
     dashboard: bool = Field(
         True,
         description="Start the Ray dashboard with a local Ray (127.0.0.1:8265); Ray Train's "

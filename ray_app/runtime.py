@@ -48,6 +48,8 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
                 kwargs["num_gpus"] = config.ray.num_gpus
             if config.ray.object_store_mb is not None:
                 kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
+            if config.ray.metrics_export_port is not None:
+                kwargs["_metrics_export_port"] = config.ray.metrics_export_port
             ray.init(**kwargs)
             info["mode"] = "local"
     ctx = DataContext.get_current()

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -77,6 +78,8 @@ class GeneratorReplica:
         self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
         self.lock = threading.Lock()  # the pipeline: one generation or adapter change at a time
         self.counters: Counter[str] = Counter()
+        # Also told every event (the deployment exports them as Prometheus metrics).
+        self.on_event: Callable[[str, int], None] | None = None
         # The spare slot serves a request whose adapter was evicted between its load and its
         # turn at the pipeline (the multiplexer may evict while requests queue).
         self.slots: dict[str, str | None] = {
@@ -84,6 +87,11 @@ class GeneratorReplica:
         }
         self.slot_of: dict[str, str] = {}  # product id -> slot
         self.slot_bytes: dict[str, int] = {}
+
+    def count(self, event: str, n: int = 1) -> None:
+        self.counters[event] += n
+        if self.on_event is not None:
+            self.on_event(event, n)
 
     # ------------------------------------------------------------------ adapters
 
@@ -93,7 +101,7 @@ class GeneratorReplica:
         generating; only the swap into a slot takes the lock."""
         start = time.perf_counter()
         if not await asyncio.to_thread(storage.exists, self.layout.metadata(product_id)):
-            self.counters["load_not_found"] += 1
+            self.count("load_not_found")
             raise AdapterNotFound(f"no adapter for product {product_id!r}")
         try:
             weights = await asyncio.to_thread(
@@ -101,9 +109,9 @@ class GeneratorReplica:
             )
             await asyncio.to_thread(self._place, product_id, weights)
         except Exception:
-            self.counters["load_failures"] += 1
+            self.count("load_failures")
             raise
-        self.counters["loads"] += 1
+        self.count("loads")
         return AdapterHandle(self, product_id, (time.perf_counter() - start) * 1000)
 
     def _place(self, product_id: str, weights: dict[str, Any]) -> str:
@@ -136,7 +144,7 @@ class GeneratorReplica:
             slot = self.slot_of.pop(product_id, None)
             if slot is not None:
                 self.slots[slot] = None
-                self.counters["evictions"] += 1
+                self.count("evictions")
 
     # ------------------------------------------------------------------ generation
 
@@ -163,7 +171,7 @@ class GeneratorReplica:
             slot = self.slot_of.get(product_id)
             temporary = slot is None
             if temporary:  # evicted while queued: use a free slot for this request only
-                self.counters["reloads_after_eviction"] += 1
+                self.count("reloads_after_eviction")
                 slot = self._place_locked(
                     product_id, read_adapter_weights(self.layout.adapter_dir(product_id))
                 )
@@ -180,8 +188,8 @@ class GeneratorReplica:
                 if temporary:
                     self.slots[slot] = None
                     self.slot_of.pop(product_id, None)
-            self.counters["requests"] += 1
-            self.counters["images"] += len(images)
+            self.count("requests")
+            self.count("images", len(images))
             return {
                 "images": [encode_png(img) for img in images],
                 "generation_ms": (time.perf_counter() - start) * 1000,
@@ -226,7 +234,11 @@ def serve_deployment(config: RestageConfig):
     )
     class GeneratorDeployment:
         def __init__(self, config: RestageConfig, adapters_root: str):
+            from serve.metrics import GeneratorMetrics
+
             self.replica = GeneratorReplica(config, adapters_root)
+            self.metrics = GeneratorMetrics()
+            self.replica.on_event = self.metrics.event
 
             async def load(product_id: str) -> AdapterHandle:
                 return await self.replica.load(product_id)
@@ -256,6 +268,7 @@ def serve_deployment(config: RestageConfig):
                 adapter_load_ms=handle.take_load_ms(),
                 queue_ms=max(0.0, (taken - request["received_at"]) * 1000),
             )
+            self.metrics.request(out["generation_ms"], out["adapter_load_ms"], out["queue_ms"])
             return out
 
         def stats(self) -> dict[str, Any]:

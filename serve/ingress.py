@@ -338,9 +338,15 @@ def serve_deployment(config: RestageConfig):
 
         @app.get("/v1/stats")
         async def stats(self, request: Request):
+            """One generator replica's adapters, counters and memory, and the Prometheus
+            endpoints whose metrics cover every replica."""
+
             async def call():
+                from serve.metrics import metrics_endpoints
+
                 self.service.authorize(request)
-                return await self.service.generator.stats.remote()
+                stats = await self.service.generator.stats.remote()
+                return {**stats, "metrics_endpoints": await asyncio.to_thread(metrics_endpoints)}
 
             return await self._guard(call)
 

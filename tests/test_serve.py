@@ -256,6 +256,37 @@ def test_eviction_beyond_k_keeps_adapter_memory_bounded(server):
     )
 
 
+def prometheus_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples (over replicas and nodes) whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+def test_prometheus_metrics_count_what_the_replicas_did(server):
+    assert post({"product_id": "mug-red-001", "seed": 11}).status_code == 200
+    stats = get("/v1/stats").json()
+    assert stats["metrics_endpoints"], stats
+    counters = stats["counters"]  # one replica in the tiny profile: it did everything
+    deadline = time.time() + 90  # Ray exports metrics every few seconds
+    while True:
+        text = "".join(httpx.get(url, timeout=10).text for url in stats["metrics_endpoints"])
+        events = "ray_restage_generator_events_total"
+        requests = prometheus_sum(text, events, event="requests")
+        if requests >= counters["requests"] or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert requests == counters["requests"], text[-2000:]
+    assert prometheus_sum(text, events, event="loads") == counters["loads"]
+    assert prometheus_sum(text, events, event="evictions") == counters.get("evictions", 0)
+    assert prometheus_sum(text, "ray_restage_generation_ms_count") == counters["requests"]
+    assert prometheus_sum(text, "ray_restage_adapter_load_ms_count") >= 1
+
+
 def test_hot_swapped_adapter_generates_like_a_fresh_load(quickstart):
     """Swapping B into the slot A held gives B's images exactly (no trace of A)."""
     import asyncio
