@@ -263,9 +263,71 @@ def _qwen_tokenizer():
 # --------------------------------------------------------------------------- builders
 
 
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+
+
+def _text_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="gelu",
+    )
+
+
+def sd_components() -> dict:
+    """A tiny SD 1.x/2.x-style UNet, VAE, text encoder and tokenizer (one text encoder, no
+    added embeddings), for checking code paths of that family; no role uses it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+    return {
+        "unet": unet,
+        "vae": _vae(),
+        "text_encoder": CLIPTextModel(_text_config()),
+        "tokenizer": clip_tokenizer(),
+    }
+
+
 def _sdxl_components(unet_in_channels: int) -> dict:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -284,18 +346,6 @@ def _sdxl_components(unet_in_channels: int) -> dict:
         cross_attention_dim=64,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=0.13025,
-    )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -304,25 +354,12 @@ def _sdxl_components(unet_in_channels: int) -> dict:
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    text_cfg = {
-        "vocab_size": 49408,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 2,
-        "max_position_embeddings": 77,
-        "projection_dim": 32,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 49407,
-        "hidden_act": "gelu",
-    }
     return {
         "unet": unet,
-        "vae": vae,
+        "vae": _vae(),
         "scheduler": scheduler,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_cfg)),
-        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)),
+        "text_encoder": CLIPTextModel(_text_config()),
+        "text_encoder_2": CLIPTextModelWithProjection(_text_config()),
         "tokenizer": clip_tokenizer(),
         "tokenizer_2": clip_tokenizer(pad_token="!"),
     }
