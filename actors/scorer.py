@@ -36,15 +36,6 @@ class ReferenceEmbeddings:
     dino_image: np.ndarray
     dino_crop: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.clip_image)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            a.nbytes for a in (self.clip_image, self.clip_crop, self.dino_image, self.dino_crop)
-        )
-
 
 class Scorer:
     """Scores images against reference images. ``weights`` (metric -> weight) and the
