@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.generator import GenerationOptions, Generator, read_adapter_weights  # noqa: E402
+from bench.common import machine  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.models import load_role  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
@@ -160,13 +160,7 @@ def main() -> None:
         "benchmark": "adapter_swap",
         "profile": args.profile,
         "device": str(gen.loaded.device),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        "machine": machine(str(gen.loaded.device)),
         "adapters": args.adapters,
         "rank": args.rank,
         "adapter_mib": round(size_mib, 3),

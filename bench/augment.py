@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,6 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import example_manifest, machine  # noqa: E402
 from pipelines import augment as job  # noqa: E402
 from ray_app import storage  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
@@ -56,25 +55,6 @@ class MemoryPeak:
     @property
     def peak_gib(self) -> float:
         return self.peak / 2**30
-
-
-def make_manifest(n: int, folder: Path) -> Path:
-    """``n`` products cycling through the example products' images, each with its own id."""
-    examples = read_manifest(str(ROOT / "examples" / "products.jsonl")).records
-    rows = []
-    for i in range(n):
-        src = examples[i % len(examples)]
-        rows.append(
-            {
-                "product_id": f"bench-{i:05d}",
-                "category": src.category,
-                "title": src.title,
-                "image_uris": list(src.image_uris),
-            }
-        )
-    path = folder / "products.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def run_sequential(records: list[ProductRecord], config, root: str) -> dict:
@@ -127,7 +107,7 @@ def main() -> None:
     config = load_config(args.profile, overrides=["ray.progress_bars=false", *args.overrides])
     work = Path(args.out or tempfile.mkdtemp(prefix="restage-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    manifest = make_manifest(args.products, work)
+    manifest = example_manifest(args.products, "bench", work / "products.jsonl")
     records = read_manifest(str(manifest)).records
 
     with MemoryPeak() as seq_mem:
@@ -153,13 +133,7 @@ def main() -> None:
     result = {
         "benchmark": "augment",
         "profile": args.profile,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "gpu": None,
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "config": {
             "ray.num_cpus": config.ray.num_cpus,
             "object_store_mb": config.ray.object_store_mb,

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import secrets
 import signal
 import socket
@@ -36,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import example_manifest, machine  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -51,26 +51,12 @@ def prepare(count: int, work: Path, profile: str) -> Path:
     """Train ``count`` tiny products (copies of the example products) unless already there."""
     from pipelines.run import run
     from ray_app.config import load_config
-    from ray_app.records import read_manifest
 
     adapters = work / "run" / "adapters"
     done = {p.parent.name for p in adapters.glob("*/adapter.json")}
     if len(done) >= count:
         return adapters
-    examples = read_manifest(str(ROOT / "examples" / "products.jsonl")).records
-    rows = []
-    for i in range(count):
-        src = examples[i % len(examples)]
-        rows.append(
-            {
-                "product_id": f"load-{i:03d}",
-                "category": src.category,
-                "title": src.title,
-                "image_uris": list(src.image_uris),
-            }
-        )
-    manifest = work / "products.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = example_manifest(count, "load", work / "products.jsonl")
     config = load_config(
         profile,
         overrides=[
@@ -297,6 +283,8 @@ def main() -> None:
     else:
         parser.error("give --products or --adapters")
     try:
+        # The skewed run, then (to compare the adapter-cache hit rate) a uniform one.
+        skews = [args.zipf] + ([0.0] if args.compare_uniform else [])
         runs = [
             asyncio.run(
                 load(
@@ -306,28 +294,13 @@ def main() -> None:
                     args.clients,
                     args.requests,
                     args.seconds,
-                    args.zipf,
+                    skew,
                     args.num_images,
-                    args.seed,
+                    args.seed + i,
                 )
             )
+            for i, skew in enumerate(skews)
         ]
-        if args.compare_uniform:
-            runs.append(
-                asyncio.run(
-                    load(
-                        url,
-                        args.api_key,
-                        products,
-                        args.clients,
-                        args.requests,
-                        args.seconds,
-                        0.0,
-                        args.num_images,
-                        args.seed + 1,
-                    )
-                )
-            )
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)  # graceful: Serve drains its replicas
@@ -374,12 +347,7 @@ def main() -> None:
         "products": len(products),
         "clients": args.clients,
         "num_images": args.num_images,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "gpu": None,
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "runs": runs,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.lora_trainer import LoraTrainer, TrainingSample  # noqa: E402
+from bench.common import machine  # noqa: E402
 from ray_app import tiny  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.images import encode_png  # noqa: E402
@@ -128,19 +127,6 @@ def samples(n: int, size: int, seed: int = 0) -> list[TrainingSample]:
         img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
         out.append(TrainingSample(f"s{i:02d}", encode_png(img), prompt, negative))
     return out
-
-
-def machine(device: str) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def main() -> None:
