@@ -888,6 +888,7 @@ def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str
 
 def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     """Run the augment job: ``manifest`` (JSONL/CSV/Parquet URI) -> training sets under ``out``."""
+    from ray_app.plan import preflight
     from ray_app.runtime import init_ray
 
     start = time.perf_counter()
@@ -908,8 +909,11 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     }
     for name in STAGES:
         summary.stage(name, "images")
+    placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
     if todo:
         init_ray(config)
+        config, placed = preflight(config, JOB)
+        placement = placed.mode
         for batch in build_dataset(todo, config, root).iter_batches(
             batch_size=16, batch_format="numpy"
         ):
@@ -920,6 +924,7 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "manifest": manifest,
+        "placement": placement,
         "ignored_columns": parsed.ignored_columns,
         "errors": layout.errors_dir(),
         "manifest_out": layout.manifest_dir(),

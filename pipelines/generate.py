@@ -338,6 +338,14 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
     }
 
 
+def model_stages(config: RestageConfig) -> list[tuple[type[ProductStage], tuple[str, ...]]]:
+    """The model stages in pipeline order, each with the roles it loads (first: its pool's)."""
+    stages: list[tuple[type[ProductStage], tuple[str, ...]]] = [(GenerateStage, ("generator",))]
+    if config.generate.segment:
+        stages.append((SegmentStage, ("segmenter",)))
+    return [*stages, (ScoreStage, ("clip", "dino"))]
+
+
 def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
     """The lazy Ray Data pipeline over planned products."""
     import ray
@@ -348,10 +356,8 @@ def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
     rows = [{"product_id": pid, "state": blob} for pid, blob in zip(*packed.values(), strict=True)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
 
-    ds = map_stage(ds, GenerateStage, config, ("generator",), per_call)
-    if g.segment:
-        ds = map_stage(ds, SegmentStage, config, ("segmenter",), per_call)
-    ds = map_stage(ds, ScoreStage, config, ("clip", "dino"), per_call)
+    for cls, roles in model_stages(config):
+        ds = map_stage(ds, cls, config, roles, per_call)
     return ds.map_batches(
         write_products,
         fn_kwargs={"config": config, "root": root},
@@ -362,6 +368,7 @@ def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
 
 def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     """Run the generate job: adapters under ``adapters`` -> ranked images under ``out``."""
+    from ray_app.plan import preflight
     from ray_app.runtime import init_ray
 
     start = time.perf_counter()
@@ -402,8 +409,11 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     plan.seconds = time.perf_counter() - plan_start
     summary.products["failed"] += len(plan_errors)
     loads: dict[str, int] = {}
+    placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
     if states:
         init_ray(config)
+        config, placed = preflight(config, JOB)
+        placement = placed.mode
         for batch in build_dataset(states, config, root).iter_batches(
             batch_size=16, batch_format="numpy"
         ):
@@ -421,6 +431,7 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "adapters": adapters_root,
+        "placement": placement,
         "adapter_loads": loads,
         "adapter_loads_per_product_max": max(loads.values(), default=0),
         "errors": layout.errors_dir(),

@@ -443,8 +443,11 @@ def _fit(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ray_app.plan import preflight
     from ray_app.runtime import init_ray
 
+    init_ray(config)
+    config, _ = preflight(config, JOB)
     opts = config.train
     if config.generator.source.strip() == "tiny":
         # Build the tiny checkpoint here, not in a worker: under Ray Train's process group,
@@ -452,7 +455,6 @@ def _fit(
         from ray_app import tiny
 
         tiny.ensure("generator", config.cache_path)
-    init_ray(config)
     resources: dict[str, float] = {"CPU": opts.cpus_per_worker}
     if opts.gpus_per_worker > 0:
         resources["GPU"] = opts.gpus_per_worker

@@ -18,9 +18,11 @@ from typing import Any
 
 from ray_app import __version__
 from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
+from ray_app.plan import PlanError
 
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
+EXIT_PLAN = 4  # the job cannot run on this cluster (restage plan, every job's preflight)
 
 # Jobs that later work builds; until then they say so and exit non-zero.
 NOT_BUILT = {
@@ -75,6 +77,30 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     else:
         print(cfg.to_yaml(), end="")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ray_app.plan import Cluster, build_plan, estimate, render, render_estimate
+
+    cfg = _config(args)
+    if args.cluster == "current":
+        from ray_app.runtime import init_ray
+
+        init_ray(cfg)
+        cluster = Cluster.from_ray(cfg)
+    else:
+        if args.gpus is None:
+            raise ConfigError("plan: give --gpus N (with --gpu-memory GB), or --cluster current")
+        cluster = Cluster(args.gpus, args.gpu_memory, args.cpus, "--gpus/--gpu-memory/--cpus")
+    plan = build_plan(args.job, cfg, cluster)
+    est = estimate(plan, cfg, args.products) if args.products else None
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "estimate": est}, indent=2))
+    else:
+        print(render(plan))
+        if est:
+            print(render_estimate(est))
+    return 0 if plan.runnable else EXIT_PLAN
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
@@ -284,6 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser(
+        "plan",
+        help="print a job's placement plan (pools, GPU fractions, mode) and its cost",
+        description="Build the placement plan that JOB itself would use and print it: each actor "
+        "pool, its roles, GPU fraction per actor (derived from memory; roles share a GPU only "
+        "when their memory fits), batch size, CPUs and the source of every figure, and the "
+        "mode (streaming, packed or stage). --products N adds GPU-hours and wall hours. "
+        "Exits 4 when the job cannot run on that cluster, with the reason and the fix.",
+    )
+    p.add_argument("job", choices=("augment", "train", "generate", "serve"))
+    p.add_argument("--gpus", type=float, help="GPUs in the cluster")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU [%(default)s]")
+    p.add_argument("--cpus", type=float, default=64.0, help="CPUs in the cluster [%(default)s]")
+    p.add_argument(
+        "--cluster", choices=("current",), help="plan for the Ray cluster this job would join"
+    )
+    p.add_argument("--products", type=int, help="add a cost estimate for N products")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("prompts", help="the prompt bank: show it, or extend it with the llm role")
     psub = p.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")
     b = psub.add_parser(
@@ -332,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"restage: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PlanError as exc:
+        print(f"restage {args.command}: cannot run on this cluster.\n{exc}", file=sys.stderr)
+        return EXIT_PLAN
     except (FileNotFoundError, ValueError) as exc:
         print(f"restage {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -102,6 +102,16 @@ class RayConfig(StrictModel):
         "MiB; bounds streaming back-pressure (None: Ray Data's default fraction).",
     )
     progress_bars: bool = Field(True, description="Show Ray Data's progress display.")
+    placement: Literal["streaming", "packed", "stage"] | None = Field(
+        None,
+        description="How a job places its actor pools on the GPUs (ray_app/plan.py); None: "
+        "chosen by the preflight, streaming when the configured num_gpus fit, else packed.",
+    )
+    gpu_memory_gb: PositiveFloat | None = Field(
+        None,
+        description="GiB of memory per GPU, for placement plans where neither CUDA nor Ray's "
+        "accelerator_type tells it (None: detected, else 24 assumed).",
+    )
     metrics_export_port: int | None = Field(
         None,
         ge=1024,

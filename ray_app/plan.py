@@ -1,0 +1,535 @@
+"""The placement plan of a job: which actor pools it runs, what each needs, how they share
+the GPUs, and whether the cluster can hold them at all.
+
+Every job builds its plan before any work (``preflight``) and runs with it; ``restage plan``
+prints the same plan. Three modes, chosen in this order unless ``ray.placement`` forces one:
+
+- ``streaming``: every pool at once with the configured ``num_gpus``, when those fractions
+  fit the GPUs and give each role the memory it needs;
+- ``packed``: every pool at once, with GPU fractions derived from memory (``ray_app.resources``)
+  and batch sizes halved where needed, when the pools fit the GPUs by first-fit-decreasing;
+- ``stage``: one model stage at a time, each alone on its GPUs, for clusters too small to
+  pack. restage does not run this mode yet, so a plan that needs it fails the preflight.
+
+A plan that cannot run fails within seconds, naming each role, what it needs, what the
+cluster has, and the fix, instead of leaving Ray Data waiting for resources that never come.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ray_app.config import ConfigError, RestageConfig
+from ray_app.resources import RoleNeed, role_need, train_need
+
+USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
+MODES = ("streaming", "packed", "stage")
+JOBS = ("augment", "train", "generate", "serve")
+# GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
+ACCELERATOR_GIB = {
+    "H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "L40": 48,
+    "A10G": 24, "L4": 24, "A10": 24, "T4": 16, "V100": 16, "A6000": 48,
+}  # fmt: skip
+ASSUMED_GIB = 24.0  # the smallest common data-centre card: safe when memory is unknown
+
+
+class PlanError(RuntimeError):
+    """The job cannot run on this cluster; the message says why and what to change."""
+
+
+@dataclass
+class Cluster:
+    """What the job can use: GPUs (count and memory each) and CPUs."""
+
+    gpus: float
+    gpu_gib: float
+    cpus: float
+    source: str  # where the figures come from
+
+    @classmethod
+    def from_ray(cls, config: RestageConfig) -> Cluster:
+        """The running Ray cluster's resources (``ray.init`` must have run)."""
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = float(res.get("GPU", 0))
+        gib, source = gpu_memory(config, res)
+        return cls(gpus, gib, float(res.get("CPU", 0)), f"ray.cluster_resources(); {source}")
+
+
+def gpu_memory(config: RestageConfig, resources: dict[str, float]) -> tuple[float, str]:
+    """GiB per GPU: from config, the local CUDA device, Ray's accelerator type, or assumed."""
+    if config.ray.gpu_memory_gb is not None:
+        return config.ray.gpu_memory_gb, "GPU memory from ray.gpu_memory_gb"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+            return round(gib, 1), f"GPU memory of {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    for key in resources:
+        if key.startswith("accelerator_type:"):
+            name = key.split(":", 1)[1]
+            if name in ACCELERATOR_GIB:
+                return float(ACCELERATOR_GIB[name]), f"GPU memory of accelerator type {name}"
+    return ASSUMED_GIB, f"GPU memory unknown, assumed {ASSUMED_GIB:g} GiB (set ray.gpu_memory_gb)"
+
+
+@dataclass
+class Pool:
+    """One actor pool (a model stage, the train workers or a Serve deployment)."""
+
+    name: str
+    roles: tuple[str, ...]
+    actors: tuple[int, int]  # min, max
+    needs: list[RoleNeed]
+    gpu_fraction: float = 0.0  # per actor, after planning
+    cpus: float = 0.0
+    batch: dict[str, int] = field(default_factory=dict)  # role -> batch size in force
+
+    @property
+    def gpu_gib(self) -> float:
+        return sum(n.gpu_gib for n in self.needs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["needs"] = [n.to_dict() for n in self.needs]
+        d["gpu_gib"] = round(self.gpu_gib, 2)
+        return d
+
+
+@dataclass
+class Plan:
+    job: str
+    mode: str
+    cluster: Cluster
+    pools: list[Pool]
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # non-empty: the job cannot run
+
+    @property
+    def runnable(self) -> bool:
+        return not self.problems and self.mode != "stage"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "mode": self.mode,
+            "runnable": self.runnable,
+            "cluster": asdict(self.cluster),
+            "pools": [p.to_dict() for p in self.pools],
+            "notes": self.notes,
+            "problems": self.problems,
+        }
+
+    def apply(self, config: RestageConfig) -> RestageConfig:
+        """``config`` with the plan's GPU fractions and batch sizes (what the job runs with)."""
+        if self.job == "train":  # the workers the cluster holds, not more (they would wait)
+            train = config.train.model_copy(update={"num_workers": self.pools[0].actors[1]})
+            return config.model_copy(update={"train": train})
+        if self.mode == "streaming":
+            return config
+        update: dict[str, Any] = {}
+        for pool in self.pools:
+            for need in pool.needs:
+                spec = config.role(need.role)
+                share = pool.gpu_fraction * need.gpu_gib / pool.gpu_gib if pool.gpu_gib else 0.0
+                update[need.role] = spec.model_copy(
+                    update={"num_gpus": _round_up(share), "batch_size": pool.batch[need.role]}
+                )
+        return config.model_copy(update=update)
+
+
+def _round_up(x: float, step: float = 0.01) -> float:
+    return round(math.ceil(x / step - 1e-9) * step, 4)
+
+
+# --------------------------------------------------------------------------- pools per job
+
+
+def job_pools(job: str, config: RestageConfig) -> list[Pool]:
+    """The actor pools ``job`` runs, in pipeline order."""
+    if job == "augment":
+        from pipelines.augment import model_stages
+
+        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+    elif job == "generate":
+        from pipelines.generate import model_stages
+
+        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+    elif job == "train":
+        t = config.train
+        need = train_need(config)
+        pool = Pool("train", ("generator",), (1, t.num_workers), [need])
+        pool.gpu_fraction, pool.cpus = float(t.gpus_per_worker), t.cpus_per_worker
+        pool.batch = {"train": t.batch_size}
+        return [pool]
+    elif job == "serve":
+        s = config.serve
+        ranker = ("clip", "dino") + (("segmenter",) if config.generate.segment else ())
+        pools = [
+            _pool("Generator", ("generator",), (max(1, s.min_replicas), s.max_replicas), config),
+            _pool("Ranker", ranker, (s.ranker_replicas, s.ranker_replicas), config),
+        ]
+        return pools
+    else:
+        raise ConfigError(f"unknown job {job!r} for a plan: use one of {', '.join(JOBS)}")
+    return [_pool(name, roles, _actors(config, roles[0]), config) for name, roles in stages]
+
+
+def _actors(config: RestageConfig, role: str) -> tuple[int, int]:
+    spec = config.role(role)
+    return spec.min_actors, spec.max_actors
+
+
+def _pool(
+    name: str, roles: tuple[str, ...], actors: tuple[int, int], config: RestageConfig
+) -> Pool:
+    pool = Pool(name, roles, actors, [role_need(config, r) for r in roles])
+    pool.gpu_fraction = sum(config.role(r).num_gpus for r in roles)
+    pool.cpus = config.role(roles[0]).num_cpus
+    pool.batch = {r: config.role(r).batch_size for r in roles}
+    return pool
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _fits(fractions: list[float], gpus: float) -> bool:
+    """First-fit-decreasing of per-actor GPU fractions into ``gpus`` whole GPUs (Ray places a
+    fractional request on one GPU; a whole-GPU request takes whole GPUs)."""
+    whole = sum(math.ceil(f - 1e-9) for f in fractions if f >= 1)
+    bins = [1.0] * max(0, int(gpus) - whole)
+    if whole > int(gpus):
+        return False
+    for f in sorted((f for f in fractions if 0 < f < 1), reverse=True):
+        for i, free in enumerate(bins):
+            if f <= free + 1e-9:
+                bins[i] = free - f
+                break
+        else:
+            return False
+    return True
+
+
+def _min_fractions(pools: list[Pool]) -> list[float]:
+    return [p.gpu_fraction for p in pools for _ in range(p.actors[0])]
+
+
+def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
+    """The plan ``job`` runs with on ``cluster`` (``problems`` says why it cannot)."""
+    pools = job_pools(job, config)
+    plan = Plan(job, "streaming", cluster, pools)
+    forced = config.ray.placement
+    usable = cluster.gpu_gib * USABLE
+    gpu_pools = [p for p in pools if p.gpu_fraction > 0 or p.gpu_gib > 0]
+
+    cpus = sum(p.cpus * p.actors[0] for p in pools)
+    if cpus > cluster.cpus:
+        plan.problems.append(
+            f"the pools' minimum actors reserve {cpus:g} CPUs and the cluster has "
+            f"{cluster.cpus:g}: lower <role>.num_cpus or min_actors, or add CPU nodes"
+        )
+    if not gpu_pools:
+        return plan
+    if cluster.gpus <= 0:
+        for p in gpu_pools:
+            plan.problems.append(
+                f"{p.name} ({'+'.join(p.roles)}) needs a GPU ({p.gpu_fraction:g} per actor, "
+                f"~{p.gpu_gib:.1f} GiB) and the cluster has none: add GPU nodes, or run "
+                "`--profile tiny` / set the role's device=cpu and num_gpus=0"
+            )
+        return plan
+
+    if job == "train":
+        return _plan_train(plan, usable)
+
+    # Streaming: the configured fractions fit, and give each pool the memory it needs.
+    short = [
+        f"{p.name} needs ~{p.gpu_gib:.1f} GiB but num_gpus={p.gpu_fraction:g} gives "
+        f"{p.gpu_fraction * usable:.1f} GiB usable"
+        for p in gpu_pools
+        if p.gpu_fraction * usable < p.gpu_gib
+    ]
+    if forced in (None, "streaming") and not short and _fits(_min_fractions(pools), cluster.gpus):
+        return plan
+    if forced == "streaming":
+        plan.problems.append(
+            "ray.placement=streaming but the configured fractions do not fit: "
+            + ("; ".join(short) or f"they need more than {cluster.gpus:g} GPUs")
+        )
+        return plan
+    plan.notes += [f"configured fractions not used: {s}" for s in short]
+
+    too_big = [p for p in gpu_pools if _at_batch_one(p) > usable]
+    for p in too_big:
+        plan.problems.append(
+            f"{p.name} ({'+'.join(p.roles)}) needs ~{_at_batch_one(p):.1f} GiB even at batch "
+            f"size 1 and one GPU holds {usable:.1f} GiB usable ({cluster.source}): use GPUs "
+            "with more memory, or a smaller model/resolution for that role"
+        )
+    if too_big:
+        return plan
+
+    packed = copy.deepcopy(plan)
+    if forced in (None, "packed") and _pack(packed, usable):
+        packed.mode = "packed"
+        return packed
+    if forced == "packed":
+        plan.problems.append(
+            f"ray.placement=packed but the pools need more than {cluster.gpus:g} GPU(s) of "
+            f"{cluster.gpu_gib:g} GiB even at batch size 1"
+        )
+        return plan
+    plan.mode = "stage"
+    for p in gpu_pools:
+        _derive(p, usable, p.batch)
+    plan.problems.append(
+        f"the {len(gpu_pools)} model pools do not fit {cluster.gpus:g} GPU(s) of "
+        f"{cluster.gpu_gib:g} GiB together (they need "
+        f"{sum(p.gpu_gib for p in gpu_pools):.1f} GiB at the configured batch sizes), so this "
+        "job needs stage-by-stage mode, which restage does not run yet. Fixes: more or larger "
+        "GPUs, smaller batch sizes (--set <role>.batch_size=1), or augment.views.enabled=false "
+        "to drop the largest stage"
+    )
+    return plan
+
+
+def _at_batch_one(pool: Pool) -> float:
+    return sum(n.at_batch(1).gpu_gib for n in pool.needs)
+
+
+def _derive(pool: Pool, usable: float, batch: dict[str, int]) -> None:
+    """Set the pool's batch sizes, and its GPU fraction from the memory they need."""
+    pool.needs = [n.at_batch(batch[n.role]) for n in pool.needs]
+    pool.batch = dict(batch)
+    pool.gpu_fraction = min(1.0, _round_up(pool.gpu_gib / usable)) if pool.gpu_gib else 0.0
+
+
+def _pack(plan: Plan, usable: float) -> bool:
+    """Fractions from memory; halve the largest batch until the pools fit, or give up."""
+    pools = [p for p in plan.pools if p.gpu_gib > 0]
+    for p in pools:
+        _derive(p, usable, p.batch)
+    while not _fits(_min_fractions(pools), plan.cluster.gpus):
+        # The role whose activations take the most memory across pools gives way first.
+        best = None
+        for p in pools:
+            for n in p.needs:
+                b = p.batch[n.role]
+                gain = n.gpu_gib - n.at_batch(b // 2).gpu_gib if b > 1 else 0.0
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, n.role)
+        if best is None:
+            return False
+        role = best[1]
+        for p in pools:
+            if role in p.batch:
+                _derive(p, usable, {**p.batch, role: p.batch[role] // 2})
+        plan.notes.append(f"{role}.batch_size halved to fit: {pools_batch(pools, role)}")
+    return True
+
+
+def pools_batch(pools: list[Pool], role: str) -> int:
+    return next(p.batch[role] for p in pools if role in p.batch)
+
+
+def _plan_train(plan: Plan, usable: float) -> Plan:
+    pool = plan.pools[0]
+    need = pool.needs[0]
+    per_worker = pool.gpu_fraction
+    if need.gpu_gib > usable * max(per_worker, 1):
+        plan.problems.append(
+            f"a LoRA training worker needs ~{need.gpu_gib:.1f} GiB and one GPU holds "
+            f"{usable:.1f} GiB usable: lower train.batch_size or train.resolution, keep "
+            "train.gradient_checkpointing=true, or use larger GPUs"
+        )
+    fit = int(plan.cluster.gpus // per_worker) if per_worker else pool.actors[1]
+    if fit < 1:
+        plan.problems.append(
+            f"train.gpus_per_worker={per_worker:g} and the cluster has "
+            f"{plan.cluster.gpus:g} GPUs: lower train.gpus_per_worker or add GPUs"
+        )
+    elif fit < pool.actors[1]:
+        plan.notes.append(
+            f"train.num_workers={pool.actors[1]} capped at {fit}: the cluster holds {fit} "
+            f"worker(s) of {per_worker:g} GPU"
+        )
+        pool.actors = (1, fit)
+    return plan
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def preflight(config: RestageConfig, job: str) -> tuple[RestageConfig, Plan]:
+    """Check ``job`` against the running Ray cluster; raise ``PlanError`` if it cannot run.
+    Returns the config to run with (the plan's fractions applied) and the plan."""
+    import logging
+
+    plan = build_plan(job, config, Cluster.from_ray(config))
+    if not plan.runnable:
+        raise PlanError(render(plan))
+    log = logging.getLogger("restage")
+    log.info("placement: %s mode on %s", plan.mode, describe_cluster(plan.cluster))
+    for note in plan.notes:
+        log.info("placement: %s", note)
+    return plan.apply(config), plan
+
+
+def _source_ref(source: str, sources: list[str]) -> str:
+    """``estimated [2]``: the kind of figure, and a footnote number for its full source."""
+    if source not in sources:
+        sources.append(source)
+    return f"{source.split(':')[0].split(' (')[0]} [{sources.index(source) + 1}]"
+
+
+def describe_cluster(c: Cluster) -> str:
+    gpus = f"{c.gpus:g} GPU(s) of {c.gpu_gib:g} GiB" if c.gpus else "no GPUs"
+    return f"{gpus}, {c.cpus:g} CPUs"
+
+
+def render(plan: Plan) -> str:
+    """The plan as a table and notes (what `restage plan` prints)."""
+    from ray_app.report import format_table
+
+    lines = [
+        f"restage {plan.job}: {plan.mode} mode on {describe_cluster(plan.cluster)}"
+        f" ({plan.cluster.source})"
+    ]
+    rows, sources = [], []
+    for p in plan.pools:
+        for i, n in enumerate(p.needs):
+            rows.append(
+                [
+                    p.name if i == 0 else "",
+                    n.role,
+                    f"{p.actors[0]}-{p.actors[1]}" if i == 0 else "",
+                    f"{p.gpu_fraction:g}" if i == 0 else "",
+                    f"{n.gpu_gib:.1f}",
+                    p.batch.get(n.role, ""),
+                    f"{p.cpus:g}" if i == 0 else "",
+                    _source_ref(n.source, sources),
+                ]
+            )
+    headers = ["pool", "role", "actors", "GPU/actor", "GiB", "batch", "CPU", "figures"]
+    lines.append(format_table(headers, rows))
+    lines += [f"[{i}] {src}" for i, src in enumerate(sources, 1)]
+    lines += [f"note: {n}" for n in plan.notes]
+    lines += [f"cannot run: {p}" for p in plan.problems]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- cost estimate
+
+
+@dataclass
+class StageCost:
+    pool: str
+    items: float  # per product
+    unit: str
+    seconds_per_item: float
+    source: str
+
+    @property
+    def seconds(self) -> float:
+        return self.items * self.seconds_per_item
+
+
+def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str, tuple[float, str]]:
+    """Items each pool processes per product, from the config (``photos`` inputs each)."""
+    if job == "augment":
+        a = config.augment
+        views = len(a.views.frame_indices) if a.views.enabled else 0
+        images = photos * (1 + views)
+        contexts = images * a.contexts.per_image
+        negatives = math.ceil(contexts * a.negatives.ratio * a.negatives.oversample)
+        return {
+            "caption": (photos, "image"),
+            "views": (photos if a.views.enabled else 0, "clip"),
+            "segment": (images, "image"),
+            "inpaint": (contexts, "image"),
+            "negatives": (negatives, "image"),
+            "resegment": (contexts + negatives, "image"),
+            "score": (contexts + negatives, "image"),
+        }
+    if job == "generate":
+        n = config.generate.prompts_per_product * config.generate.images_per_prompt
+        return {"generate": (n, "image"), "segment": (n, "image"), "score": (n, "image")}
+    if job == "train":
+        return {"train": (config.train.steps, "step")}
+    raise ConfigError(f"no cost model for {job!r}: use augment, train or generate")
+
+
+def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:
+    """Seconds per item of a pool measured by a bench run of the tiny profile, if any."""
+    import json
+
+    from ray_app.resources import RESULTS
+
+    path = RESULTS / f"{job}_tiny_cpu.json"
+    if not path.exists():
+        return None
+    for stage in json.loads(path.read_text()).get("ray", {}).get("stages", []):
+        if stage["stage"] == pool and stage.get("items_in"):
+            seconds = stage["seconds"] / stage["items_in"]
+            return seconds, f"measured on CPU: bench/results/{path.name}"
+    return None
+
+
+def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) -> dict[str, Any]:
+    """GPU-hours and wall hours for ``products`` products under ``plan``, with every figure's
+    source. Assumes the pools keep every GPU busy (the bottleneck pool sets the pace)."""
+    items = items_per_product(plan.job, config, photos)
+    costs = []
+    for pool in plan.pools:
+        if pool.name not in items:
+            continue
+        n, unit = items[pool.name]
+        hit = _bench_seconds(plan.job, pool.name) if config.profile == "tiny" else None
+        if hit:
+            sec, source = hit
+        else:
+            sec = sum(need.seconds_per_item for need in pool.needs)
+            source = "; ".join(dict.fromkeys(n_.source for n_ in pool.needs))
+        costs.append(StageCost(pool.name, n, unit, sec, source))
+    per_product = sum(c.seconds for c in costs)
+    devices = plan.cluster.gpus if plan.cluster.gpus > 0 else max(1.0, plan.cluster.cpus)
+    bottleneck = max(costs, key=lambda c: c.seconds) if costs else None
+    return {
+        "products": products,
+        "photos_per_product": photos,
+        "seconds_per_product": round(per_product, 3),
+        "gpu_hours": round(per_product * products / 3600, 1) if plan.cluster.gpus else 0.0,
+        "wall_hours": round(per_product * products / devices / 3600, 2),
+        "bottleneck": bottleneck.pool if bottleneck else None,
+        "stages": [{**asdict(c), "seconds": round(c.seconds, 3)} for c in costs],
+        "assumes": f"{photos} photos per product; every one of {devices:g} "
+        f"{'GPU' if plan.cluster.gpus else 'CPU'}(s) busy; seconds per item from the "
+        "sources listed (estimated figures are not measured)",
+    }
+
+
+def render_estimate(est: dict[str, Any]) -> str:
+    from ray_app.report import format_table
+
+    sources: list[str] = []
+    rows = [
+        [s["pool"], f"{s['items']:g} {s['unit']}s", f"{s['seconds_per_item']:.3g}",
+         f"{s['seconds']:.1f}", _source_ref(s["source"], sources)]
+        for s in est["stages"]
+    ]  # fmt: skip
+    return "\n".join(
+        [
+            f"cost of {est['products']:,} products: {est['gpu_hours']:,} GPU-hours, "
+            f"{est['wall_hours']:,} hours of wall time; bottleneck: {est['bottleneck']}",
+            format_table(["pool", "per product", "s/item", "s/product", "source"], rows),
+            *(f"[{i}] {src}" for i, src in enumerate(sources, 1)),
+            f"assumes: {est['assumes']}",
+        ]
+    )
