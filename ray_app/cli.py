@@ -79,6 +79,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from ray_app import checkpoints, models
+    from ray_app.config import ROLES
+
+    cfg = _config(args)
+    models.apply_environment(cfg.offline)
+    roles = args.roles.split(",") if args.roles else [r for r in ROLES if getattr(cfg, r)]
+    for role in roles:
+        cfg.role(role)  # unknown or unconfigured roles fail before any download
+    start = time.perf_counter()
+    sources = checkpoints.fetch(cfg, args.to, roles)
+    for role, uri in sources.items():
+        print(f"{role:<11} {uri}")
+    overlay = f"{args.to.rstrip('/')}/{checkpoints.SOURCES_FILE}"
+    print(
+        f"{len(sources)} checkpoints in {time.perf_counter() - start:.1f}s; run jobs against "
+        f"them with --config {overlay}"
+    )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ray_app.plan import Cluster, build_plan, estimate, render, render_estimate
 
@@ -208,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("dir", help="output folder")
     mk.add_argument("--roles", help="comma-separated subset of roles")
     mk.set_defaults(func=cmd_models_make_tiny)
+    fe = msub.add_parser(
+        "fetch",
+        help="copy every role's checkpoint once to any fsspec URI (e.g. the cluster's store)",
+        description="Download (hub ids), copy (URIs, local paths) or build (tiny) every "
+        "configured role's checkpoint and write it to TO/<role>/, then TO/sources.yaml, a "
+        "config overlay pointing every role there: `--config TO/sources.yaml` makes jobs "
+        "read the checkpoints from TO instead of the hub. Roles already complete under TO "
+        "are skipped, so a re-run resumes.",
+    )
+    fe.add_argument("--to", required=True, help="destination URI (s3://, gs://, a folder, ...)")
+    fe.add_argument("--roles", help="comma-separated subset of roles")
+    _add_config_args(fe)
+    fe.set_defaults(func=cmd_models_fetch)
     ls = msub.add_parser("list", help="list model roles with their family, source and resources")
     _add_config_args(ls)
     ls.set_defaults(func=cmd_models_list)

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -740,7 +741,9 @@ def load_config(
     tree["profile"] = profile
     for path in files or []:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            # Any fsspec URI: `restage models fetch` writes its sources.yaml beside the copies.
+            with fsspec.open(str(path), "rt") as f:
+                loaded = yaml.safe_load(f.read()) or {}
         except FileNotFoundError:
             raise ConfigError(f"--config {path}: no such file") from None
         if not isinstance(loaded, dict):

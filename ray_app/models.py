@@ -159,13 +159,21 @@ def resolve_source(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, boo
     return src, False
 
 
+def _fetch_dest(uri: str, cache_dir: Path, revision: str | None) -> tuple[Path, str]:
+    key = hashlib.sha256(f"{uri}@{revision or ''}".encode()).hexdigest()[:20]
+    return Path(cache_dir) / "sources" / key, uri.rstrip("/").rsplit("/", 1)[-1] or "source"
+
+
+def fetched(uri: str, cache_dir: Path, revision: str | None = None) -> bool:
+    """Whether ``fetch_uri`` already copied ``uri`` into the cache."""
+    return (_fetch_dest(uri, cache_dir, revision)[0] / ".restage-complete").exists()
+
+
 def fetch_uri(uri: str, cache_dir: Path, revision: str | None = None) -> Path:
     """Copy a file or folder from any fsspec URI into the cache (once, safe across processes)."""
     from filelock import FileLock
 
-    key = hashlib.sha256(f"{uri}@{revision or ''}".encode()).hexdigest()[:20]
-    dest = Path(cache_dir) / "sources" / key
-    name = uri.rstrip("/").rsplit("/", 1)[-1] or "source"
+    dest, name = _fetch_dest(uri, cache_dir, revision)
     done = dest / ".restage-complete"
     if done.exists():
         return dest / name

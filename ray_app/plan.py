@@ -372,7 +372,11 @@ def preflight(config: RestageConfig, job: str) -> tuple[RestageConfig, Plan]:
     Returns the config to run with (the plan's fractions applied) and the plan."""
     import logging
 
+    from ray_app.checkpoints import check
+
     plan = build_plan(job, config, Cluster.from_ray(config))
+    roles = [("generator" if n.role == "train" else n.role) for p in plan.pools for n in p.needs]
+    plan.problems += check(config, roles)
     if not plan.runnable:
         raise PlanError(render(plan))
     log = logging.getLogger("restage")
@@ -445,16 +449,20 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
     """Items each pool processes per product, from the config (``photos`` inputs each)."""
     if job == "augment":
         a = config.augment
-        views = len(a.views.frame_indices) if a.views.enabled else 0
-        images = photos * (1 + views)
-        contexts = images * a.contexts.per_image
-        negatives = math.ceil(contexts * a.negatives.ratio * a.negatives.oversample)
+        views = photos * len(a.views.frame_indices) if a.views.enabled else 0
+        contexts = (photos + views) * a.contexts.per_image
+        # As pipelines/augment.py sizes them: the ratio's share of every positive, oversampled;
+        # counterfactuals are inpainted, in-class negatives generated.
+        negatives = math.ceil(
+            (photos + views + contexts) / a.negatives.ratio * a.negatives.oversample
+        )
+        counterfactuals = round(negatives * a.negatives.counterfactual_fraction)
         return {
             "caption": (photos, "image"),
             "views": (photos if a.views.enabled else 0, "clip"),
-            "segment": (images, "image"),
-            "inpaint": (contexts, "image"),
-            "negatives": (negatives, "image"),
+            "segment": (photos + views, "image"),
+            "inpaint": (contexts + counterfactuals, "image"),
+            "negatives": (negatives - counterfactuals, "image"),
             "resegment": (contexts + negatives, "image"),
             "score": (contexts + negatives, "image"),
         }

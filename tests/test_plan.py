@@ -136,7 +136,7 @@ def test_plan_command_packed_stage_and_cost():
 
 
 @pytest.mark.slow
-def test_default_profile_without_gpus_fails_in_seconds_without_a_traceback(tmp_path):
+def test_default_profile_without_gpus_or_hub_fails_in_seconds_without_a_traceback(tmp_path):
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "ray_app.cli", "augment", "--profile", "default",
@@ -147,6 +147,10 @@ def test_default_profile_without_gpus_fails_in_seconds_without_a_traceback(tmp_p
     elapsed = time.monotonic() - start
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
+    # No hub here: every role's checkpoint is named, with where restage looked and the fix.
+    for role in ("captioner", "segmenter", "inpainter", "generator", "clip", "dino"):
+        assert f"\n{role}: " in proc.stderr or f"cannot run: {role}: " in proc.stderr, role
+    assert "restage models fetch" in proc.stderr
     assert elapsed < 60, f"preflight took {elapsed:.0f}s"
 
 

@@ -1,0 +1,148 @@
+"""Model checkpoints before any work: is every role's checkpoint reachable (the preflight),
+and ``restage models fetch``, which stages every role's checkpoint once on any fsspec URI
+(e.g. the cluster's object store) so that a thousand workers read it there instead of each
+hitting the hub.
+
+A role's checkpoint is *available* when its source is ``tiny``, an existing local path, an
+fsspec URI that exists (or is already in the cache), or a hub id that is in the hub cache
+or, when ``offline`` is false, answers on the hub within seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ray_app import storage, tiny
+from ray_app.config import RestageConfig
+
+COMPLETE = ".restage-complete"  # written last under each fetched role
+HUB_TIMEOUT_S = 5.0
+SOURCES_FILE = "sources.yaml"  # a config overlay pointing every fetched role at the URI
+
+
+def _hub_cached(repo: str, revision: str | None, cache_dir: Path) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo, revision=revision, local_files_only=True)
+        return True
+    except Exception:  # LocalEntryNotFoundError and friends: not in the cache
+        return False
+
+
+def _hub_reachable(repo: str, revision: str | None) -> str | None:
+    """None when the hub answers for ``repo``; else what went wrong, in a few words."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+        return None
+    except Exception as exc:  # connection refused, DNS, 401/404: all mean "cannot load it"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def unavailable(config: RestageConfig, role: str) -> str | None:
+    """None when ``role``'s checkpoint can be loaded; else a message naming the role, its
+    source, where restage looked and the fixes."""
+    from ray_app.models import fetched
+
+    spec = config.role(role)
+    src = spec.source.strip()
+    fixes = (
+        "fixes: stage it once with `restage models fetch --to URI` where the hub is reachable "
+        "and point the role at it (--config URI/sources.yaml), set HF_ENDPOINT to a hub "
+        f"mirror, or set {role}.source to a local folder or an object-store URI"
+    )
+    if src == "tiny":
+        return None
+    local = Path(src[len("file://") :] if src.startswith("file://") else src).expanduser()
+    if local.exists():
+        return None
+    if storage.has_protocol(src):
+        if fetched(src, config.cache_path, spec.revision):
+            return None
+        try:
+            if storage.exists(src):
+                return None
+            why = "it does not exist"
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return f"{role}: source {src} is not reachable ({why}); looked in the URI and {config.cache_path}/sources; {fixes}"
+    if src.startswith(("/", "./", "../", "~")) or src.count("/") != 1:
+        return f"{role}: source {src!r} is no local path, hub id (org/name) or URI; {fixes}"
+    if _hub_cached(src, spec.revision, config.cache_path):
+        return None
+    if config.offline:
+        return f"{role}: hub id {src} is not in the hub cache and offline=true; {fixes}"
+    why = _hub_reachable(src, spec.revision)
+    if why is None:
+        return None
+    return (
+        f"{role}: hub id {src} is not in the hub cache and the hub did not answer ({why}); {fixes}"
+    )
+
+
+def check(config: RestageConfig, roles: list[str]) -> list[str]:
+    """Problems with the checkpoints of ``roles`` (each role once), for the preflight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = list(dict.fromkeys(roles))
+    with ThreadPoolExecutor(max_workers=max(1, len(unique))) as pool:  # hub checks in parallel
+        found = list(pool.map(lambda role: unavailable(config, role), unique))
+    return [msg for msg in found if msg]
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def _local_copy(config: RestageConfig, role: str, scratch: Path) -> Path:
+    """A local file or folder holding ``role``'s checkpoint (downloaded when needed)."""
+    from ray_app.models import resolve_source
+
+    spec = config.role(role)
+    if spec.source.strip() == "tiny":
+        return tiny.ensure(role, config.cache_path)
+    resolved, is_local = resolve_source(role, spec, config.cache_path)
+    if is_local:
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    dest = scratch / role / resolved.replace("/", "--")
+    allow = None
+    if spec.variant:  # only the weights variant the role loads, plus configs and tokenizers
+        allow = [f"*.{spec.variant}.*", "*.json", "*.txt", "*.model", "*tokenizer*", "*.py"]
+    snapshot_download(resolved, revision=spec.revision, local_dir=dest, allow_patterns=allow)
+    return dest
+
+
+def fetch(config: RestageConfig, to: str, roles: list[str]) -> dict[str, str]:
+    """Copy every role's checkpoint to ``to/<role>/<name>`` (roles already complete there are
+    skipped); write ``to/sources.yaml``. -> {role: new source URI}."""
+    import yaml
+
+    root = storage.normalize_uri(to)
+    fs, _ = storage.url_to_fs(root)
+    sources: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="restage-fetch-") as tmp:
+        for role in roles:
+            role_root = storage.join(root, role)
+            local = _local_copy(config, role, Path(tmp))
+            name = local.name
+            target = storage.join(role_root, name)
+            if not storage.exists(storage.join(role_root, COMPLETE)):
+                if storage.exists(role_root):
+                    storage.remove(role_root, recursive=True)  # a partial earlier copy
+                _, path = storage.url_to_fs(target)
+                fs.makedirs(storage.url_to_fs(role_root)[1], exist_ok=True)
+                fs.put(str(local), path, recursive=local.is_dir())
+                storage.write_bytes(storage.join(role_root, COMPLETE), name.encode())
+            sources[role] = target
+            if local.is_relative_to(Path(tmp)):
+                shutil.rmtree(local, ignore_errors=True)  # keep local disk bounded
+    overlay = {role: {"source": uri} for role, uri in sources.items()}
+    storage.write_bytes(
+        storage.join(root, SOURCES_FILE), yaml.safe_dump(overlay, sort_keys=False).encode()
+    )
+    return sources
