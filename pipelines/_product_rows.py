@@ -98,6 +98,8 @@ def map_stage(
     resources = role_resources(config, roles[0])
     for other in roles[1:]:
         resources["num_gpus"] += config.role(other).num_gpus
+        for key, amount in config.role(other).resources.items():
+            resources.setdefault("resources", {}).setdefault(key, amount)
     return ds.map_batches(
         cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **resources
     )

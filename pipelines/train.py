@@ -455,7 +455,7 @@ def _fit(
         from ray_app import tiny
 
         tiny.ensure("generator", config.cache_path)
-    resources: dict[str, float] = {"CPU": opts.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": opts.cpus_per_worker, **opts.resources}
     if opts.gpus_per_worker > 0:
         resources["GPU"] = opts.gpus_per_worker
     name = f"restage-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

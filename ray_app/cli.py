@@ -100,6 +100,16 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_class(text: str):
+    from ray_app.plan import GpuClass
+
+    try:
+        name, gpus, gib = text.split(":")
+        return GpuClass(name, float(gpus), float(gib), f"restage_gpu_{int(float(gib))}gb")
+    except ValueError:
+        raise ConfigError(f"--node-type {text!r}: expected NAME:GPUS:GB, e.g. a10g:32:24") from None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ray_app.plan import Cluster, build_plan, estimate, render, render_estimate
 
@@ -109,9 +119,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         init_ray(cfg)
         cluster = Cluster.from_ray(cfg)
+    elif args.node_type:
+        classes = [_gpu_class(text) for text in args.node_type]
+        classes.sort(key=lambda c: c.gpu_gib)
+        total = sum(c.gpus for c in classes)
+        cluster = Cluster(total, classes[0].gpu_gib, args.cpus, "--node-type", classes)
     else:
         if args.gpus is None:
-            raise ConfigError("plan: give --gpus N (with --gpu-memory GB), or --cluster current")
+            raise ConfigError(
+                "plan: give --gpus N (with --gpu-memory GB), --node-type NAME:GPUS:GB "
+                "(repeatable), or --cluster current"
+            )
         cluster = Cluster(args.gpus, args.gpu_memory, args.cpus, "--gpus/--gpu-memory/--cpus")
     plan = build_plan(args.job, cfg, cluster)
     est = estimate(plan, cfg, args.products) if args.products else None
@@ -357,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=float, help="GPUs in the cluster")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU [%(default)s]")
     p.add_argument("--cpus", type=float, default=64.0, help="CPUs in the cluster [%(default)s]")
+    p.add_argument(
+        "--node-type",
+        action="append",
+        metavar="NAME:GPUS:GB",
+        help="a GPU node type of a mixed cluster, e.g. a10g:32:24 (repeatable); heavy roles "
+        "are routed to the smallest GPUs that hold them, via restage_gpu_<GB>gb resources",
+    )
     p.add_argument(
         "--cluster", choices=("current",), help="plan for the Ray cluster this job would join"
     )

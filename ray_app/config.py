@@ -65,6 +65,11 @@ class RoleSpec(StrictModel):
         0.0, description="GPUs per actor; fractional values pack several actors on one GPU."
     )
     num_cpus: PositiveFloat = Field(1.0, description="CPUs reserved per actor.")
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {},
+        description="Custom Ray resources per actor, e.g. {restage_gpu_80gb: 0.001} to pin it "
+        "to a node type (the placement plan sets it in a cluster with mixed GPUs).",
+    )
     min_actors: PositiveInt = Field(1, description="Actor pool minimum size.")
     max_actors: PositiveInt = Field(1, description="Actor pool maximum size (autoscaling).")
 
@@ -455,6 +460,9 @@ class TrainConfig(StrictModel):
         1, description="Ray Train workers; each loads the base model once and trains its share."
     )
     cpus_per_worker: PositiveFloat = Field(4.0, description="CPUs reserved per worker.")
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {}, description="Custom Ray resources per worker (set by the placement plan)."
+    )
     gpus_per_worker: Annotated[float, Field(ge=0)] = Field(
         1.0, description="GPUs per worker (0: CPU training; fractions share a GPU)."
     )

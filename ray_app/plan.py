@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,23 +42,64 @@ class PlanError(RuntimeError):
 
 
 @dataclass
+class GpuClass:
+    """The GPUs of one node type: how many, their memory, and the Ray resource that pins an
+    actor to them (None in a cluster with one kind of GPU)."""
+
+    name: str
+    gpus: float
+    gpu_gib: float
+    resource: str | None = None
+
+
+@dataclass
 class Cluster:
-    """What the job can use: GPUs (count and memory each) and CPUs."""
+    """What the job can use: GPUs (count and memory each) and CPUs. ``classes`` lists the GPU
+    node types of a mixed cluster (largest memory last); empty when all GPUs are alike."""
 
     gpus: float
     gpu_gib: float
     cpus: float
     source: str  # where the figures come from
+    classes: list[GpuClass] = field(default_factory=list)
 
     @classmethod
     def from_ray(cls, config: RestageConfig) -> Cluster:
-        """The running Ray cluster's resources (``ray.init`` must have run)."""
+        """The running Ray cluster's resources (``ray.init`` must have run): GPU node types
+        from each node's ``accelerator_type:X`` or ``restage_gpu_<N>gb`` resource."""
         import ray
 
         res = ray.cluster_resources()
         gpus = float(res.get("GPU", 0))
         gib, source = gpu_memory(config, res)
-        return cls(gpus, gib, float(res.get("CPU", 0)), f"ray.cluster_resources(); {source}")
+        classes: dict[str, GpuClass] = {}
+        for node in ray.nodes():
+            node_res = node.get("Resources", {})
+            if not node.get("Alive") or not node_res.get("GPU"):
+                continue
+            key, mem = _gpu_class_of(node_res)
+            if key is None:
+                key, mem = "GPU", gib
+            c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, key))
+            c.gpus += node_res["GPU"]
+        found = sorted(classes.values(), key=lambda c: c.gpu_gib)
+        if len({c.gpu_gib for c in found}) < 2:
+            found = []  # one kind of GPU: no routing needed
+        return cls(gpus, gib, float(res.get("CPU", 0)), f"ray.cluster_resources(); {source}", found)
+
+
+def _gpu_class_of(resources: dict[str, float]) -> tuple[str | None, float]:
+    """A node's GPU class: a ``restage_gpu_<N>gb`` resource (cluster.yaml declares them), else
+    Ray's own ``accelerator_type:X`` with a known memory size."""
+    for key in resources:
+        m = re.fullmatch(r"restage_gpu_(\d+)gb", key)
+        if m:
+            return key, float(m.group(1))
+    for key in resources:
+        name = key.split(":", 1)[1] if key.startswith("accelerator_type:") else None
+        if name in ACCELERATOR_GIB:
+            return key, float(ACCELERATOR_GIB[name])
+    return None, 0.0
 
 
 def gpu_memory(config: RestageConfig, resources: dict[str, float]) -> tuple[float, str]:
@@ -91,6 +133,8 @@ class Pool:
     gpu_fraction: float = 0.0  # per actor, after planning
     cpus: float = 0.0
     batch: dict[str, int] = field(default_factory=dict)  # role -> batch size in force
+    node_type: str = ""  # the GPU class it is routed to, in a mixed cluster
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
 
     @property
     def gpu_gib(self) -> float:
@@ -130,18 +174,20 @@ class Plan:
     def apply(self, config: RestageConfig) -> RestageConfig:
         """``config`` with the plan's GPU fractions and batch sizes (what the job runs with)."""
         if self.job == "train":  # the workers the cluster holds, not more (they would wait)
-            train = config.train.model_copy(update={"num_workers": self.pools[0].actors[1]})
+            pool = self.pools[0]
+            train = config.train.model_copy(
+                update={"num_workers": pool.actors[1], "resources": pool.resources}
+            )
             return config.model_copy(update={"train": train})
-        if self.mode == "streaming":
-            return config
         update: dict[str, Any] = {}
         for pool in self.pools:
             for need in pool.needs:
                 spec = config.role(need.role)
-                share = pool.gpu_fraction * need.gpu_gib / pool.gpu_gib if pool.gpu_gib else 0.0
-                update[need.role] = spec.model_copy(
-                    update={"num_gpus": _round_up(share), "batch_size": pool.batch[need.role]}
-                )
+                changes: dict[str, Any] = {"resources": pool.resources}
+                if self.mode != "streaming":
+                    share = pool.gpu_fraction * need.gpu_gib / pool.gpu_gib if pool.gpu_gib else 0
+                    changes |= {"num_gpus": _round_up(share), "batch_size": pool.batch[need.role]}
+                update[need.role] = spec.model_copy(update=changes)
         return config.model_copy(update=update)
 
 
@@ -224,17 +270,64 @@ def _min_fractions(pools: list[Pool]) -> list[float]:
 def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     """The plan ``job`` runs with on ``cluster`` (``problems`` says why it cannot)."""
     pools = job_pools(job, config)
+    cpus = sum(p.cpus * p.actors[0] for p in pools)
+    problems = []
+    if cpus > cluster.cpus:
+        problems.append(
+            f"the pools' minimum actors reserve {cpus:g} CPUs and the cluster has "
+            f"{cluster.cpus:g}: lower <role>.num_cpus or min_actors, or add CPU nodes"
+        )
+    plan = _route(job, config, cluster, pools) if cluster.classes else None
+    plan = plan or _place(job, config, cluster, pools)
+    plan.problems = problems + plan.problems
+    return plan
+
+
+def _route(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool]) -> Plan:
+    """A mixed cluster: each GPU pool goes to the smallest GPUs that hold it (heavy roles never
+    land on small cards), pinned there by the class's resource; each class is then placed on
+    its own."""
+    by_class: dict[str, list[Pool]] = {c.name: [] for c in cluster.classes}
+    problems = []
+    for p in pools:
+        if not p.gpu_fraction and not p.gpu_gib:
+            continue
+        need = p.gpu_gib if job == "train" else _at_batch_one(p)
+        home = next((c for c in cluster.classes if need <= c.gpu_gib * USABLE), None)
+        if home is None:
+            biggest = cluster.classes[-1]
+            problems.append(
+                f"{p.name} ({'+'.join(p.roles)}) needs ~{need:.1f} GiB and the largest GPUs "
+                f"({biggest.name}) hold {biggest.gpu_gib * USABLE:.1f} GiB usable: add larger "
+                "GPUs or lower the role's batch size or resolution"
+            )
+            continue
+        p.node_type = home.name
+        p.resources = {home.resource: 0.001} if home.resource else {}
+        by_class[home.name].append(p)
+    rank = {m: i for i, m in enumerate(MODES)}
+    merged = Plan(job, "streaming", cluster, pools, problems=problems)
+    for c in cluster.classes:
+        if not by_class[c.name]:
+            continue
+        sub = _place(
+            job, config, Cluster(c.gpus, c.gpu_gib, cluster.cpus, c.name), by_class[c.name]
+        )
+        for routed, placed in zip(by_class[c.name], sub.pools, strict=True):  # sub has copies
+            merged.pools[merged.pools.index(routed)] = placed
+        if rank[sub.mode] > rank[merged.mode]:
+            merged.mode = sub.mode
+        merged.notes += [f"{c.name}: {n}" for n in sub.notes]
+        merged.problems += [f"{c.name}: {n}" for n in sub.problems]
+    return merged
+
+
+def _place(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool]) -> Plan:
+    """Place ``pools`` on ``cluster``'s GPUs, all alike."""
     plan = Plan(job, "streaming", cluster, pools)
     forced = config.ray.placement
     usable = cluster.gpu_gib * USABLE
     gpu_pools = [p for p in pools if p.gpu_fraction > 0 or p.gpu_gib > 0]
-
-    cpus = sum(p.cpus * p.actors[0] for p in pools)
-    if cpus > cluster.cpus:
-        plan.problems.append(
-            f"the pools' minimum actors reserve {cpus:g} CPUs and the cluster has "
-            f"{cluster.cpus:g}: lower <role>.num_cpus or min_actors, or add CPU nodes"
-        )
     if not gpu_pools:
         return plan
     if cluster.gpus <= 0:
@@ -395,6 +488,8 @@ def _source_ref(source: str, sources: list[str]) -> str:
 
 def describe_cluster(c: Cluster) -> str:
     gpus = f"{c.gpus:g} GPU(s) of {c.gpu_gib:g} GiB" if c.gpus else "no GPUs"
+    if c.classes:
+        gpus = " + ".join(f"{k.gpus:g} GPU(s) of {k.gpu_gib:g} GiB ({k.name})" for k in c.classes)
     return f"{gpus}, {c.cpus:g} CPUs"
 
 
@@ -418,10 +513,11 @@ def render(plan: Plan) -> str:
                     f"{n.gpu_gib:.1f}",
                     p.batch.get(n.role, ""),
                     f"{p.cpus:g}" if i == 0 else "",
+                    p.node_type if i == 0 else "",
                     _source_ref(n.source, sources),
                 ]
             )
-    headers = ["pool", "role", "actors", "GPU/actor", "GiB", "batch", "CPU", "figures"]
+    headers = ["pool", "role", "actors", "GPU/actor", "GiB", "batch", "CPU", "node", "figures"]
     lines.append(format_table(headers, rows))
     lines += [f"[{i}] {src}" for i, src in enumerate(sources, 1)]
     lines += [f"note: {n}" for n in plan.notes]

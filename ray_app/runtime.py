@@ -72,4 +72,5 @@ def role_resources(config: RestageConfig, role: str) -> dict[str, Any]:
         "compute": ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
         "num_gpus": spec.num_gpus,
         "num_cpus": spec.num_cpus,
+        **({"resources": dict(spec.resources)} if spec.resources else {}),
     }

@@ -11,7 +11,16 @@ import time
 import pytest
 
 from ray_app.config import ROLES, load_config
-from ray_app.plan import USABLE, Cluster, _fits, build_plan, estimate, job_pools, render
+from ray_app.plan import (
+    USABLE,
+    Cluster,
+    GpuClass,
+    _fits,
+    build_plan,
+    estimate,
+    job_pools,
+    render,
+)
 from ray_app.resources import role_need, train_need
 from tests.conftest import EXAMPLES, ROOT
 
@@ -178,3 +187,48 @@ def test_one_logical_gpu_with_default_fractions_runs_packed(tmp_path):
         ray.shutdown()
     assert summary.extra["placement"] == "packed"
     assert summary.products["ok"] + summary.products["partial"] == 1, summary.products
+
+
+MIXED = [GpuClass("a10g", 8, 24, "restage_gpu_24gb"), GpuClass("a100", 8, 80, "restage_gpu_80gb")]
+
+
+def test_mixed_cluster_routes_heavy_roles_to_large_gpus_and_pins_them():
+    cfg = load_config("default", overrides=["augment.views.num_frames=25"])
+    mixed = Cluster(16, 24, 256, "test", MIXED)
+    plan = build_plan("augment", cfg, mixed)
+    assert plan.runnable, render(plan)
+    homes = {p.name: p.node_type for p in plan.pools}
+    assert homes["views"] == "a100" and homes["caption"] == "a10g", homes
+    run = plan.apply(cfg)
+    assert run.novel_view.resources == {"restage_gpu_80gb": 0.001}
+    assert run.captioner.resources == {"restage_gpu_24gb": 0.001}
+    train = build_plan("train", load_config("default"), mixed)
+    assert train.runnable and train.pools[0].node_type == "a100"
+    assert train.apply(load_config("default")).train.resources == {"restage_gpu_80gb": 0.001}
+    small_only = Cluster(8, 24, 64, "test", [MIXED[0], GpuClass("t4", 4, 16, "x")])
+    assert not build_plan("train", load_config("default"), small_only).runnable
+
+
+@pytest.mark.slow
+def test_gpu_classes_are_read_from_a_mixed_ray_cluster():
+    """Two worker nodes with different restage_gpu_<N>gb resources (logical GPUs)."""
+    import ray
+    from ray.cluster_utils import Cluster as RayCluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        nodes.add_node(num_cpus=1, num_gpus=1, resources={"restage_gpu_24gb": 1})
+        nodes.add_node(num_cpus=1, num_gpus=2, resources={"restage_gpu_80gb": 2})
+        ray.init(address=nodes.address)
+        nodes.wait_for_nodes()
+        cluster = Cluster.from_ray(load_config("default"))
+        assert [(c.name, c.gpus, c.gpu_gib) for c in cluster.classes] == [
+            ("restage_gpu_24gb", 1, 24), ("restage_gpu_80gb", 2, 80)
+        ]  # fmt: skip
+        plan = build_plan("train", load_config("default"), cluster)
+        assert plan.pools[0].resources == {"restage_gpu_80gb": 0.001}
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
