@@ -39,6 +39,7 @@ from actors.novel_view import NovelView
 from actors.scorer import METRICS, Scorer
 from actors.segmenter import Segmenter
 from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
+from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
@@ -861,19 +862,43 @@ def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, .
     return plan
 
 
-def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str):
-    """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed)."""
+def build_dataset(
+    records: list[ProductRecord],
+    config: RestageConfig,
+    root: str,
+    staged: dict[str, int] | None = None,
+):
+    """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed).
+    ``staged`` (a dict): stage-by-stage mode; the model stages run here, one at a time,
+    filling ``staged`` with the products each ran, and the pipeline returned selects and
+    writes their results (pipelines/_staged.py)."""
     import ray
 
     cpu = config.augment.cpus_per_task
     per_call = config.augment.products_per_batch
-    ds = ray.data.from_arrow(input_blocks(records_table(records), MAX_INPUT_BLOCKS))
-    ds = ds.map_batches(
-        decode_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
-    )
 
-    for cls, roles in model_stages(config):
-        ds = map_stage(ds, cls, config, roles, per_call)
+    def decoded(chosen: list[ProductRecord]):
+        ds = ray.data.from_arrow(input_blocks(records_table(chosen), MAX_INPUT_BLOCKS))
+        return ds.map_batches(
+            decode_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
+        )
+
+    if staged is not None:
+        by_id = {r.product_id: r for r in records}
+        ds, ran = run_staged(
+            lambda pending: decoded([by_id[pid] for pid in pending]),
+            model_stages(config),
+            config,
+            storage.join(root, STAGES_DIR),
+            list(by_id),
+            per_call,
+            cpu,
+        )
+        staged.update(ran)
+    else:
+        ds = decoded(records)
+        for cls, roles in model_stages(config):
+            ds = map_stage(ds, cls, config, roles, per_call)
     ds = ds.map_batches(
         select_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
     )
@@ -911,18 +936,22 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         summary.stage(name, "images")
     placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
     if todo:
+        config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
         init_ray(config)
-        config, placed = preflight(config, JOB)
         placement = placed.mode
-        for batch in build_dataset(todo, config, root).iter_batches(
+        staged = {} if placement == "stage" else None
+        for batch in build_dataset(todo, config, root, staged).iter_batches(
             batch_size=16, batch_format="numpy"
         ):
             for status, stats in zip(batch["status"], batch["stats"], strict=True):
                 summary.products[status] += 1
                 for name, values in json.loads(stats).items():
                     summary.stage(name).add(StageStats(**values))
+        if staged is not None:  # every product is written, marker last: stage rows are spent
+            storage.remove(storage.join(root, STAGES_DIR), recursive=True)
+            summary.extra["staged"] = staged
     summary.wall_seconds = time.perf_counter() - start
-    summary.extra = {
+    summary.extra |= {
         "manifest": manifest,
         "placement": placement,
         "ignored_columns": parsed.ignored_columns,

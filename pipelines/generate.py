@@ -411,8 +411,8 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     loads: dict[str, int] = {}
     placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
     if states:
+        config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
         init_ray(config)
-        config, placed = preflight(config, JOB)
         placement = placed.mode
         for batch in build_dataset(states, config, root).iter_batches(
             batch_size=16, batch_format="numpy"

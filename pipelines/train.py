@@ -446,8 +446,8 @@ def _fit(
     from ray_app.plan import preflight
     from ray_app.runtime import init_ray
 
+    config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
     init_ray(config)
-    config, _ = preflight(config, JOB)
     opts = config.train
     if config.generator.source.strip() == "tiny":
         # Build the tiny checkpoint here, not in a worker: under Ray Train's process group,

@@ -9,7 +9,7 @@ prints the same plan. Three modes, chosen in this order unless ``ray.placement``
 - ``packed``: every pool at once, with GPU fractions derived from memory (``ray_app.resources``)
   and batch sizes halved where needed, when the pools fit the GPUs by first-fit-decreasing;
 - ``stage``: one model stage at a time, each alone on its GPUs, for clusters too small to
-  pack. restage does not run this mode yet, so a plan that needs it fails the preflight.
+  pack (``pipelines/_staged.py``; augment runs this way, other jobs fail the preflight).
 
 A plan that cannot run fails within seconds, naming each role, what it needs, what the
 cluster has, and the fix, instead of leaving Ray Data waiting for resources that never come.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from ray_app.resources import RoleNeed, role_need, train_need
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
 JOBS = ("augment", "train", "generate", "serve")
+STAGED_JOBS = ("augment",)  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
     "H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "L40": 48,
@@ -62,6 +64,19 @@ class Cluster:
     cpus: float
     source: str  # where the figures come from
     classes: list[GpuClass] = field(default_factory=list)
+
+    @classmethod
+    def local(cls, config: RestageConfig) -> Cluster:
+        """The local Ray a job would start (``ray.num_gpus``/``num_cpus``, else this machine),
+        known without starting it."""
+        import torch
+
+        gpus = config.ray.num_gpus
+        if gpus is None:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cpus = config.ray.num_cpus or os.cpu_count() or 1
+        gib, source = gpu_memory(config, {})
+        return cls(float(gpus), gib, float(cpus), f"the local Ray this job starts; {source}")
 
     @classmethod
     def from_ray(cls, config: RestageConfig) -> Cluster:
@@ -158,7 +173,7 @@ class Plan:
 
     @property
     def runnable(self) -> bool:
-        return not self.problems and self.mode != "stage"
+        return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -328,6 +343,14 @@ def _place(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool])
     forced = config.ray.placement
     usable = cluster.gpu_gib * USABLE
     gpu_pools = [p for p in pools if p.gpu_fraction > 0 or p.gpu_gib > 0]
+    if forced == "stage" and job not in STAGED_JOBS:
+        plan.problems.append(
+            f"ray.placement=stage: only {', '.join(STAGED_JOBS)} run stage by stage; unset it"
+        )
+        return plan
+    if forced == "stage" and not gpu_pools:
+        plan.mode = "stage"
+        return plan
     if not gpu_pools:
         return plan
     if cluster.gpus <= 0:
@@ -351,6 +374,8 @@ def _place(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool])
     ]
     if forced in (None, "streaming") and not short and _fits(_min_fractions(pools), cluster.gpus):
         return plan
+    if forced == "stage":
+        return _stage(plan, gpu_pools, usable)
     if forced == "streaming":
         plan.problems.append(
             "ray.placement=streaming but the configured fractions do not fit: "
@@ -379,17 +404,25 @@ def _place(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool])
             f"{cluster.gpu_gib:g} GiB even at batch size 1"
         )
         return plan
+    if job not in STAGED_JOBS:
+        plan.problems.append(
+            f"the {len(gpu_pools)} pools do not fit {cluster.gpus:g} GPU(s) of "
+            f"{cluster.gpu_gib:g} GiB together: more or larger GPUs, or smaller batch sizes"
+        )
+        return plan
+    plan.notes.append(
+        f"the {len(gpu_pools)} model pools need {sum(p.gpu_gib for p in gpu_pools):.1f} GiB "
+        f"together and {cluster.gpus:g} GPU(s) of {cluster.gpu_gib:g} GiB do not hold them at "
+        "once: each model stage runs alone, its rows kept under <out>/_stages/"
+    )
+    return _stage(plan, gpu_pools, usable)
+
+
+def _stage(plan: Plan, gpu_pools: list[Pool], usable: float) -> Plan:
+    """Stage by stage: each pool alone on the GPUs, its fraction from memory."""
     plan.mode = "stage"
     for p in gpu_pools:
         _derive(p, usable, p.batch)
-    plan.problems.append(
-        f"the {len(gpu_pools)} model pools do not fit {cluster.gpus:g} GPU(s) of "
-        f"{cluster.gpu_gib:g} GiB together (they need "
-        f"{sum(p.gpu_gib for p in gpu_pools):.1f} GiB at the configured batch sizes), so this "
-        "job needs stage-by-stage mode, which restage does not run yet. Fixes: more or larger "
-        "GPUs, smaller batch sizes (--set <role>.batch_size=1), or augment.views.enabled=false "
-        "to drop the largest stage"
-    )
     return plan
 
 
@@ -461,13 +494,23 @@ def _plan_train(plan: Plan, usable: float) -> Plan:
 
 
 def preflight(config: RestageConfig, job: str) -> tuple[RestageConfig, Plan]:
-    """Check ``job`` against the running Ray cluster; raise ``PlanError`` if it cannot run.
-    Returns the config to run with (the plan's fractions applied) and the plan."""
+    """Check ``job`` against its Ray cluster and its checkpoints before any work; raise
+    ``PlanError`` if it cannot run. A local Ray is planned for without starting it, so a job
+    that cannot run ends in seconds. -> the config to run with (the plan's fractions
+    applied) and the plan."""
     import logging
 
-    from ray_app.checkpoints import check
+    import ray
 
-    plan = build_plan(job, config, Cluster.from_ray(config))
+    from ray_app.checkpoints import check
+    from ray_app.runtime import init_ray
+
+    if ray.is_initialized() or config.ray.address or os.environ.get("RAY_ADDRESS"):
+        init_ray(config)  # joins the cluster (or keeps the Ray already running)
+        cluster = Cluster.from_ray(config)
+    else:
+        cluster = Cluster.local(config)
+    plan = build_plan(job, config, cluster)
     roles = [("generator" if n.role == "train" else n.role) for p in plan.pools for n in p.needs]
     plan.problems += check(config, roles)
     if not plan.runnable:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -84,4 +85,5 @@ def test_models_fetch_then_a_job_reads_the_staged_checkpoints_offline(tmp_path):
     )  # fmt: skip
     assert job.returncode == 0, job.stderr[-3000:]
     assert not (tmp_path / "cache" / "tiny").exists()  # nothing built: all read from the URI
-    assert (tmp_path / "cache" / "sources").is_dir()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["products"]["ok"] + summary["products"]["partial"] == 1

@@ -70,13 +70,24 @@ def test_one_80gb_gpu_packs_the_whole_augment_chain():
     assert run.novel_view.num_gpus < 1 < cfg.novel_view.num_gpus + 0.5
 
 
-def test_one_24gb_gpu_needs_stage_by_stage_and_says_so():
-    plan = build_plan("augment", load_config("default"), gpus(1, 24))
-    assert plan.mode == "stage" and not plan.runnable
-    text = render(plan)
-    assert "stage-by-stage" in text and "batch_size" in text
-    # The pools are shown at their configured batch sizes, each fitting one GPU alone.
-    assert all(p.gpu_fraction <= 1 for p in plan.pools)
+def test_one_24gb_gpu_runs_augment_stage_by_stage():
+    cfg = load_config("default")
+    plan = build_plan("augment", cfg, gpus(1, 24))
+    assert plan.mode == "stage" and plan.runnable, render(plan)
+    assert "_stages" in render(plan)
+    # Each pool alone on the GPU, at its configured batch size, with the memory it needs.
+    for pool in plan.pools:
+        assert pool.gpu_fraction <= 1 and pool.batch == {
+            r: cfg.role(r).batch_size for r in pool.roles
+        }
+        assert pool.gpu_fraction * 24 * USABLE >= pool.gpu_gib - 1e-6
+    # Jobs without a stage-by-stage mode say so instead.
+    tight = load_config("default", overrides=["generate.width=2048", "generate.height=2048"])
+    generate = build_plan("generate", tight, gpus(1, 24))
+    assert not generate.runnable, render(generate)
+    forced = load_config("tiny", overrides=["ray.placement=stage"])
+    assert build_plan("augment", forced, gpus(0, 0, cpus=4)).mode == "stage"
+    assert not build_plan("train", forced, gpus(0, 0, cpus=4)).runnable
 
 
 def test_eight_small_gpus_pack_with_memory_not_the_hand_set_fractions():
@@ -136,7 +147,7 @@ def test_plan_command_packed_stage_and_cost():
     packed = _plan_cli("augment", "--profile", "default", "--gpus", "1", "--gpu-memory", "80")
     assert packed.returncode == 0 and "packed mode" in packed.stdout, packed.stderr
     stage = _plan_cli("augment", "--profile", "default", "--gpus", "1", "--gpu-memory", "24")
-    assert stage.returncode == 4 and "stage mode" in stage.stdout
+    assert stage.returncode == 0 and "stage mode" in stage.stdout
     cost = _plan_cli(
         "augment", "--profile", "default", "--gpus", "8", "--products", "1000000", "--json"
     )

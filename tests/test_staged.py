@@ -1,0 +1,96 @@
+"""Stage-by-stage augment: the same kept samples as streaming mode, and a kill between two
+stages loses nothing and redoes nothing that finished."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_app import storage
+from ray_app.storage import AugmentLayout
+from tests.conftest import EXAMPLES, ROOT, ray_pids
+
+pytestmark = pytest.mark.slow
+SETTINGS = ["ray.progress_bars=false", "ray.dashboard=false", "augment.views.enabled=false"]
+
+
+def two_products(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "products").symlink_to(EXAMPLES / "products")
+    manifest = folder / "m.jsonl"
+    manifest.write_text(
+        "\n".join((EXAMPLES / "products.jsonl").read_text().splitlines()[:2]) + "\n"
+    )
+    return manifest
+
+
+def kept(out: Path) -> list[tuple]:
+    table = storage.read_parquet(AugmentLayout(str(out)).manifest_dir()).to_pylist()
+    cols = ("product_id", "sample_id", "kind", "kept", "drop_reason")
+    return sorted(tuple(row.get(c) for c in cols) for row in table)
+
+
+def augment(*args: str, out: Path, manifest: Path, **popen) -> subprocess.Popen:
+    sets = [x for s in [*SETTINGS, *args] for x in ("--set", s)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "ray_app.cli", "augment", "--profile", "tiny",
+         "--manifest", str(manifest), "--out", str(out), *sets],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, **popen,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted stage-by-stage run of two products: (manifest, out)."""
+    folder = tmp_path_factory.mktemp("staged")
+    manifest = two_products(folder)
+    finish(augment("ray.placement=stage", out=folder / "out", manifest=manifest))
+    return manifest, folder / "out"
+
+
+def test_stage_by_stage_keeps_the_same_samples_as_streaming(staged_run, tmp_path):
+    manifest, staged = staged_run
+    summary = json.loads((staged / "summary.json").read_text())
+    assert summary["placement"] == "stage" and summary["staged"]["caption"] == 2
+    assert not (staged / "_stages").exists()  # spent rows removed at the end
+    finish(augment(out=tmp_path / "streaming", manifest=manifest))
+    streaming = kept(tmp_path / "streaming")
+    assert streaming and kept(staged) == streaming
+
+
+def test_kill_between_stages_then_rerun_loses_and_redoes_nothing(staged_run, tmp_path):
+    manifest, reference = staged_run
+    out = tmp_path / "out"
+    before = ray_pids()
+    proc = augment("ray.placement=stage", out=out, manifest=manifest)
+    first = out / "_stages" / "00-caption"
+    deadline = time.monotonic() + 900
+    while len(list(first.glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid in ray_pids() - before:  # the killed job's own Ray
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert len(list(first.glob("*.parquet"))) == 2
+    finish(augment("ray.placement=stage", out=out, manifest=manifest))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["staged"]["caption"] == 0  # the finished stage was not run again
+    assert summary["products"]["ok"] + summary["products"]["partial"] == 2
+    assert kept(out) == kept(reference)
