@@ -67,6 +67,20 @@ class ProductCache:
 
 
 @dataclass
+class _Run:
+    """One product's training in progress: its cache, batch schedule and random draws."""
+
+    seed: int
+    cache: ProductCache
+    schedule: list[list[int]]
+    positives: int
+    negatives: int
+    eval_start: float
+    gen: torch.Generator  # latents, noise and timesteps of every step, in this order
+    setup_seconds: float
+
+
+@dataclass
 class TrainResult:
     """What training one product produced: the adapter weights and how it went."""
 
@@ -308,6 +322,39 @@ class LoraTrainer:
         with torch.no_grad():
             return self._encode_text([cache.prompts[i] for i in idx])
 
+    def _conditioning(
+        self, cache: ProductCache, idx: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(text embeddings, pooled embeddings, time ids) of samples ``idx``; the last two
+        are None for one-text-encoder pipelines."""
+        embeds, pooled = self._text(cache, idx)
+        return embeds, pooled, cache.time_ids[idx] if self.sdxl else None
+
+    def _predict(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        kwargs: dict[str, Any] = {}
+        if self.sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.unet(noisy, timesteps, embeds, **kwargs).sample
+
+    def _target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction_type {kind!r} of the generator's scheduler")
+
     def _loss(
         self,
         cache: ProductCache,
@@ -316,20 +363,8 @@ class LoraTrainer:
         noise: torch.Tensor,
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
-        embeds, pooled = self._text(cache, idx)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        kwargs: dict[str, Any] = {}
-        if self.sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": cache.time_ids[idx]}
-        pred = self.unet(noisy, timesteps, embeds, **kwargs).sample
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r} of the generator's scheduler")
-        return F.mse_loss(pred.float(), target.float())
+        pred = self._predict(latents, noise, timesteps, *self._conditioning(cache, idx))
+        return F.mse_loss(pred.float(), self._target(latents, noise, timesteps).float())
 
     @torch.no_grad()
     def eval_loss(self, cache: ProductCache, seed: int) -> float:
@@ -345,14 +380,12 @@ class LoraTrainer:
         )
         return float(self._loss(cache, idx, latents, noise, timesteps))
 
-    def train(
-        self, samples: list[TrainingSample], seed: int, steps: int | None = None
-    ) -> TrainResult:
-        """Train the LoRA on one product from scratch (reset from ``seed``, cache, steps).
-        Positives and negatives are told apart by ``TrainingSample.negative``; the result
-        depends only on the samples, ``seed`` and the config."""
+    # ------------------------------------------------------------------ training
+
+    def _begin(self, samples: list[TrainingSample], seed: int, steps: int) -> _Run:
+        """Everything before the first step of one product: reset the LoRA from ``seed``,
+        cache the samples, draw the batch schedule, measure the loss before training."""
         opts = self.options
-        steps = steps or opts.steps
         start = time.perf_counter()
         order = sorted(range(len(samples)), key=lambda i: samples[i].negative)
         samples = [samples[i] for i in order]
@@ -363,9 +396,22 @@ class LoraTrainer:
             n_pos, len(samples) - n_pos, steps, opts.batch_size, opts.negative_ratio, seed
         )
         eval_start = self.eval_loss(cache, seed + 1)
-        setup = time.perf_counter() - start
+        return _Run(
+            seed=seed,
+            cache=cache,
+            schedule=schedule,
+            positives=n_pos,
+            negatives=len(samples) - n_pos,
+            eval_start=eval_start,
+            gen=torch.Generator(self.device).manual_seed(seed),
+            setup_seconds=time.perf_counter() - start,
+        )
 
-        params = list(self.lora_params.values())
+    def _optimizer(
+        self, params: list[torch.Tensor], steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW and the warm-up + constant/cosine schedule over ``steps`` steps."""
+        opts = self.options
         optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
         warmup = opts.warmup_steps
 
@@ -377,48 +423,128 @@ class LoraTrainer:
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
             return 1.0
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        gen = torch.Generator(self.device).manual_seed(seed)
-        total_t = self.noise_scheduler.config.num_train_timesteps
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    def _draw(self, run: _Run, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents, noise and timesteps of one step's batch, from the product's generator."""
+        gen = run.gen
+        latents = self._latents(run.cache, idx, gen)
+        noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
+        total = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, total, (len(idx),), generator=gen, device=self.device)
+        return latents, noise, timesteps
+
+    def _finish(
+        self, run: _Run, losses: list[torch.Tensor], train_seconds: float, **extra: Any
+    ) -> TrainResult:
+        """The result of the product whose weights are in the live LoRA now."""
+        values = torch.stack(losses).float().cpu().tolist()  # one device sync, not one a step
+        eval_end = self.eval_loss(run.cache, run.seed + 1)
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"training loss is not finite: {values[-5:]}")
+        return TrainResult(
+            state_dict=self.lora_state_dict(),
+            losses=values,
+            eval_loss_start=run.eval_start,
+            eval_loss_end=eval_end,
+            steps=len(values),
+            batch_size=self.options.batch_size,
+            positives=run.positives,
+            negatives=run.negatives,
+            setup_seconds=run.setup_seconds,
+            train_seconds=train_seconds,
+            extra={"cache_seconds": run.cache.seconds, **extra},
+        )
+
+    def train(
+        self, samples: list[TrainingSample], seed: int, steps: int | None = None
+    ) -> TrainResult:
+        """Train the LoRA on one product from scratch (reset from ``seed``, cache, steps).
+        Positives and negatives are told apart by ``TrainingSample.negative``; the result
+        depends only on the samples, ``seed`` and the config."""
+        steps = steps or self.options.steps
+        run = self._begin(samples, seed, steps)
+        params = list(self.lora_params.values())
+        optimizer, scheduler = self._optimizer(params, steps)
         losses: list[torch.Tensor] = []
         start = time.perf_counter()
         self.unet.train()
         try:
-            for idx in schedule:
-                latents = self._latents(cache, idx, gen)
-                noise = torch.randn(
-                    latents.shape, generator=gen, device=self.device, dtype=latents.dtype
-                )
-                timesteps = torch.randint(
-                    0, total_t, (len(idx),), generator=gen, device=self.device
-                )
-                loss = self._loss(cache, idx, latents, noise, timesteps)
+            for idx in run.schedule:
+                loss = self._loss(run.cache, idx, *self._draw(run, idx))
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
         finally:
             self.unet.eval()
-        values = torch.stack(losses).float().cpu().tolist()  # one device sync, not one a step
-        train_seconds = time.perf_counter() - start
-        eval_end = self.eval_loss(cache, seed + 1)
-        if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(f"training loss is not finite: {values[-5:]}")
-        return TrainResult(
-            state_dict=self.lora_state_dict(),
-            losses=values,
-            eval_loss_start=eval_start,
-            eval_loss_end=eval_end,
-            steps=steps,
-            batch_size=opts.batch_size,
-            positives=n_pos,
-            negatives=len(samples) - n_pos,
-            setup_seconds=setup,
-            train_seconds=train_seconds,
-            extra={"cache_seconds": cache.seconds},
-        )
+        return self._finish(run, losses, time.perf_counter() - start)
+
+    def train_many(
+        self, products: list[tuple[list[TrainingSample], int]], steps: int | None = None
+    ) -> list[TrainResult]:
+        """Train K products at once; ``products`` is K (samples, seed) pairs. Every step is
+        one forward/backward of the shared base over the K batches (product-major), each
+        sample's LoRA delta from its own product's weights (``StackedLora``). The results
+        are those of K ``train`` calls within float tolerance: the same per-product draws,
+        loss = sum of the per-product mean losses (each product gets its own gradient),
+        gradient clipping per product, AdamW (elementwise) over the stacked weights, the
+        same learning-rate schedule. Each result's ``train_seconds`` is the group's over K.
+        Raises ``FloatingPointError`` when any product's loss is not finite."""
+        from actors.multi_lora import StackedLora
+
+        opts = self.options
+        steps = steps or opts.steps
+        if len(products) == 1:
+            return [self.train(*products[0], steps=steps)]
+        if opts.dropout:
+            raise ValueError(
+                f"train.dropout={opts.dropout} with several products per step: the stacked "
+                "LoRA has no dropout; set train.dropout=0 or train.products_per_step=1"
+            )
+        K = len(products)
+        stack = StackedLora(self.unet, ADAPTER, K)
+        runs = []
+        for k, (samples, seed) in enumerate(products):
+            runs.append(self._begin(samples, seed, steps))  # resets the peft LoRA from seed
+            stack.store(k)
+        optimizer, scheduler = self._optimizer(list(stack.parameters()), steps)
+        losses: list[list[torch.Tensor]] = [[] for _ in range(K)]
+        start = time.perf_counter()
+        self.unet.train()
+        try:
+            with stack.active():
+                for step in range(steps):
+                    idx = [run.schedule[step] for run in runs]
+                    draws = [self._draw(r, i) for r, i in zip(runs, idx, strict=True)]
+                    latents, noise, timesteps = (torch.cat(t) for t in zip(*draws, strict=True))
+                    cond = [self._conditioning(r.cache, i) for r, i in zip(runs, idx, strict=True)]
+                    embeds, pooled, time_ids = (
+                        None if t[0] is None else torch.cat(t) for t in zip(*cond, strict=True)
+                    )
+                    pred = self._predict(latents, noise, timesteps, embeds, pooled, time_ids)
+                    target = self._target(latents, noise, timesteps)
+                    per_product = [
+                        F.mse_loss(p.float(), t.float())
+                        for p, t in zip(pred.chunk(K), target.chunk(K), strict=True)
+                    ]
+                    torch.stack(per_product).sum().backward()
+                    stack.clip_grad_norms(opts.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, loss in enumerate(per_product):
+                        losses[k].append(loss.detach())
+        finally:
+            self.unet.eval()
+        seconds = time.perf_counter() - start
+        results = []
+        for k, run in enumerate(runs):
+            stack.load(k)
+            results.append(self._finish(run, losses[k], seconds / K, products_per_step=K))
+        return results
 
     # ------------------------------------------------------------------ weights
 
@@ -435,7 +561,8 @@ class LoraTrainer:
             value = value.detach().float()
             if "lora_B" in key and self.scale != 1.0:
                 value = value * self.scale
-            out[key] = value.to("cpu", dtype).contiguous()
+            # copy: for float32 on CPU, .float()/.to() return the live parameter itself
+            out[key] = value.to("cpu", dtype, copy=True).contiguous()
         return convert_state_dict_to_diffusers(out)
 
     def adapter_bytes(self, state_dict: dict[str, torch.Tensor]) -> bytes:

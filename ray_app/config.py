@@ -456,6 +456,12 @@ class TrainConfig(StrictModel):
         True, description="Recompute denoiser activations in backward (less memory, ~20% slower)."
     )
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere+ GPUs.")
+    products_per_step: PositiveInt = Field(
+        1,
+        description="Products trained together: each step is one forward/backward of the base "
+        "over every product's batch, each sample with its own product's LoRA (same adapters as "
+        "training them one by one, within float tolerance). Activations grow K-fold.",
+    )
     num_workers: PositiveInt = Field(
         1, description="Ray Train workers; each loads the base model once and trains its share."
     )
@@ -484,6 +490,17 @@ class TrainConfig(StrictModel):
         if self.sweep_steps is not None and self.sweep_steps > self.steps:
             raise ValueError(
                 f"sweep_steps={self.sweep_steps} exceeds steps={self.steps}: lower sweep_steps"
+            )
+        if self.products_per_step > 1 and self.token_sweep > 1:
+            raise ValueError(
+                f"products_per_step={self.products_per_step} with token_sweep="
+                f"{self.token_sweep}: a token sweep trains one product at a time; set "
+                "products_per_step=1 or token_sweep=1"
+            )
+        if self.products_per_step > 1 and self.dropout > 0:
+            raise ValueError(
+                f"products_per_step={self.products_per_step} with dropout={self.dropout}: "
+                "multi-product steps have no LoRA dropout; set dropout=0 or products_per_step=1"
             )
         if self.eval_samples > 64:
             raise ValueError(f"eval_samples={self.eval_samples}: at most 64")
