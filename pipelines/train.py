@@ -178,6 +178,22 @@ def load_training_set(
 # --------------------------------------------------------------------------- one worker
 
 
+@dataclass
+class _Prepared:
+    """A product read and ready to train: its training set, token candidates and seed."""
+
+    ts: TrainingSet
+    tokens: list[str]
+    rejected: list[tuple[str, str]]
+    seed: int
+    started: float  # perf_counter when its load began
+    load_seconds: float
+    token: str = ""  # the chosen token: the only candidate, or the sweep's winner
+
+    def __post_init__(self) -> None:
+        self.token = self.token or self.tokens[0]
+
+
 class ShardTrainer:
     """Trains a worker's products one after another on one loaded base model."""
 
@@ -194,6 +210,11 @@ class ShardTrainer:
         start = time.perf_counter()
         self.trainer = LoraTrainer(config)
         self.load_seconds = time.perf_counter() - start
+        if config.train.products_per_step > 1:  # refuse layers the stacked LoRA cannot run
+            from actors.lora_trainer import ADAPTER
+            from actors.multi_lora import lora_layers
+
+            lora_layers(self.trainer.unet, ADAPTER)
         pipe = self.trainer.pipe
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
         self._scorer = None
@@ -212,22 +233,60 @@ class ShardTrainer:
         return out
 
     def run(self, product_ids: list[str]) -> None:
+        """Train ``product_ids`` in order, ``train.products_per_step`` at a time: a group is
+        filled with the next products that load, so a bad product never shrinks a group."""
+        group: list[_Prepared] = []
         for pid in product_ids:
             if storage.exists(self.layout.metadata(pid)):  # finished by an earlier attempt
                 continue
             try:
-                meta = self.train_product(pid)
+                group.append(self.prepare(pid))
             except Exception as exc:  # a product's failure never stops the others
-                stage = exc.stage if isinstance(exc, ProductError) else "train"
-                reason = (
-                    str(exc) if isinstance(exc, ProductError) else f"{type(exc).__name__}: {exc}"
-                )
-                write_errors(self.layout, pid, [ErrorRow(JOB, stage, reason, pid)])
+                self._fail(pid, exc, "load")
                 continue
-            write_errors(self.layout, pid, [])  # a stale errors shard of an earlier run goes
-            storage.write_json(self.layout.metadata(pid), meta)  # the completion marker, last
+            if len(group) == self.config.train.products_per_step:
+                self._train_group(group)
+                group = []
+        if group:
+            self._train_group(group)
 
-    def train_product(self, pid: str) -> dict[str, Any]:
+    def _fail(self, pid: str, exc: Exception, stage: str) -> None:
+        if isinstance(exc, ProductError):
+            stage, reason = exc.stage, str(exc)
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        write_errors(self.layout, pid, [ErrorRow(JOB, stage, reason, pid)])
+
+    def _done(self, pid: str, meta: dict[str, Any]) -> None:
+        write_errors(self.layout, pid, [])  # a stale errors shard of an earlier run goes
+        storage.write_json(self.layout.metadata(pid), meta)  # the completion marker, last
+
+    def _train_group(self, group: list[_Prepared]) -> None:
+        """One product alone (with its token sweep), or several in multi-product steps; when
+        the group's loss is not finite (or it runs out of memory), each product alone."""
+        import torch
+
+        if len(group) > 1:
+            samples = [(self.samples(p.ts, p.token), p.seed) for p in group]
+            try:
+                results = self.trainer.train_many(samples)
+            except (FloatingPointError, torch.cuda.OutOfMemoryError):
+                pass  # retried one by one below: a product that fails alone gets its error row
+            else:
+                for p, result in zip(group, results, strict=True):
+                    try:
+                        self._done(p.ts.product_id, self.finish(p, result))
+                    except Exception as exc:
+                        self._fail(p.ts.product_id, exc, "write")
+                return
+        for p in group:
+            try:
+                self._done(p.ts.product_id, self.finish(p, *self.train_one(p)))
+            except Exception as exc:
+                self._fail(p.ts.product_id, exc, "train")
+
+    def prepare(self, pid: str) -> _Prepared:
+        """Read a product's training set and choose its token(s)."""
         from ray_app.tokens import TokenError, choose_tokens
 
         cfg, opts = self.config, self.config.train
@@ -246,24 +305,38 @@ class ShardTrainer:
         except TokenError as exc:
             raise ProductError("token", str(exc)) from None
         seed = derive_seed(pid, "train", 0, cfg.seed)
+        return _Prepared(ts, tokens, rejected, seed, started, load_seconds)
+
+    def train_one(self, p: _Prepared) -> tuple[Any, list[dict[str, Any]], float]:
+        """Train one product alone, sweeping its candidate tokens when there are several ->
+        (result, sweep rows, sweep seconds); ``p.token`` becomes the winner."""
+        opts, ts = self.config.train, p.ts
+        if len(p.tokens) == 1:
+            return self.trainer.train(self.samples(ts, p.token), p.seed), [], 0.0
+        start = time.perf_counter()
         sweep: list[dict[str, Any]] = []
-        sweep_seconds = 0.0
-        if len(tokens) == 1:
-            token = tokens[0]
-            result = self.trainer.train(self.samples(ts, token), seed)
-        else:
-            start = time.perf_counter()
-            best = None
-            for candidate in tokens:
-                res = self.trainer.train(self.samples(ts, candidate), seed, opts.sweep_steps)
-                score = self.validate(ts, candidate)
-                sweep.append({"token": candidate, "score": score, "final_loss": res.final_loss})
-                if best is None or score > best[0]:
-                    best = (score, candidate, res)
-            _, token, result = best
-            sweep_seconds = time.perf_counter() - start
-            if opts.sweep_steps and opts.sweep_steps < opts.steps:
-                result = self.trainer.train(self.samples(ts, token), seed)
+        best = None
+        for candidate in p.tokens:
+            res = self.trainer.train(self.samples(ts, candidate), p.seed, opts.sweep_steps)
+            score = self.validate(ts, candidate)
+            sweep.append({"token": candidate, "score": score, "final_loss": res.final_loss})
+            if best is None or score > best[0]:
+                best = (score, candidate, res)
+        _, p.token, result = best
+        sweep_seconds = time.perf_counter() - start
+        if opts.sweep_steps and opts.sweep_steps < opts.steps:
+            result = self.trainer.train(self.samples(ts, p.token), p.seed)
+        return result, sweep, sweep_seconds
+
+    def finish(
+        self,
+        p: _Prepared,
+        result: Any,
+        sweep: list[dict[str, Any]] | None = None,
+        sweep_seconds: float = 0.0,
+    ) -> dict[str, Any]:
+        """Write a product's weights -> its ``adapter.json`` content."""
+        cfg, opts, ts, pid, token = self.config, self.config.train, p.ts, p.ts.product_id, p.token
         start = time.perf_counter()
         weights = self.trainer.adapter_bytes(result.state_dict)
         storage.write_bytes(self.layout.weights(pid), weights)
@@ -284,13 +357,14 @@ class ShardTrainer:
             "target_modules": list(opts.target_modules),
             "steps": result.steps,
             "batch_size": result.batch_size,
+            "products_per_step": result.extra.get("products_per_step", 1),
             "resolution": opts.resolution,
             "learning_rate": opts.learning_rate,
             "negative_ratio": opts.negative_ratio,
             "caption_mode": opts.caption_mode,
             "positives": result.positives,
             "negatives": result.negatives,
-            "seed": seed,
+            "seed": p.seed,
             "base": {
                 "role": "generator",
                 "source": spec.source,
@@ -307,16 +381,16 @@ class ShardTrainer:
             "final_loss": result.final_loss,
             "eval_loss_start": result.eval_loss_start,
             "eval_loss_end": result.eval_loss_end,
-            "token_sweep": sweep,
-            "tokens_rejected": [{"token": t, "reason": r} for t, r in rejected],
+            "token_sweep": sweep or [],
+            "tokens_rejected": [{"token": t, "reason": r} for t, r in p.rejected],
             "seconds": {
-                "load": round(load_seconds, 3),
+                "load": round(p.load_seconds, 3),
                 "setup": round(result.setup_seconds, 3),
-                "train": round(result.train_seconds, 3),
+                "train": round(result.train_seconds, 3),  # the group's over its size
                 "sweep": round(sweep_seconds, 3),
                 "write": round(write_seconds, 3),
                 "per_step": round(result.seconds_per_step, 5),
-                "total": round(time.perf_counter() - started, 3),
+                "total": round(time.perf_counter() - p.started, 3),
                 "base_load_of_worker": round(self.load_seconds, 3),
             },
             "restage_version": __version__,
