@@ -5,7 +5,9 @@ those whose adapter is complete, and starts a ``TorchTrainer`` with N workers. P
 assigned statically (sorted ids, product i -> worker i % N), so a re-run assigns the same
 way. Each worker loads the base generator once (``LoraTrainer``) and trains its products one
 after another, resetting the LoRA between them; set-up per product is reading its images
-and caching their latents and text embeddings, nothing else.
+and caching their latents and text embeddings, nothing else. With
+``train.products_per_step`` = K > 1 it trains them K at a time in shared steps
+(``LoraTrainer.train_many``), with the same adapters as one at a time.
 
 A product's adapter folder holds ``pytorch_lora_weights.safetensors`` (loadable by plain
 diffusers with ``pipe.load_lora_weights(folder)``) and ``adapter.json``, written last as the
