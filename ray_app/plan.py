@@ -472,7 +472,8 @@ def _plan_train(plan: Plan, usable: float) -> Plan:
     if need.gpu_gib > usable * max(per_worker, 1):
         plan.problems.append(
             f"a LoRA training worker needs ~{need.gpu_gib:.1f} GiB and one GPU holds "
-            f"{usable:.1f} GiB usable: lower train.batch_size or train.resolution, keep "
+            f"{usable:.1f} GiB usable: lower train.batch_size, train.products_per_step or "
+            "train.resolution, keep "
             "train.gradient_checkpointing=true, or use larger GPUs"
         )
     fit = int(plan.cluster.gpus // per_worker) if per_worker else pool.actors[1]

@@ -235,13 +235,14 @@ def train_need(config: RestageConfig) -> RoleNeed:
     t, spec = config.train, config.role("generator")
     ref = TRAIN_REFERENCE
     on_gpu = t.gpus_per_worker > 0
+    samples = t.batch_size * t.products_per_step  # a step's batch: K products' batches
     if spec.source == "tiny":
         return RoleNeed(
             "train",
             on_gpu,
             TINY_GIB,
             0.0,
-            t.batch_size,
+            samples,
             t.cpus_per_worker,
             2.0,
             ref.seconds,
@@ -252,13 +253,14 @@ def train_need(config: RestageConfig) -> RoleNeed:
     per_sample = ref.act_gib * (t.resolution**2 / ref.ref_pixels)
     if not t.gradient_checkpointing:
         per_sample *= 3  # every block's activations kept for backward
-    lora = 3 * 4 * t.rank * 2.2e6 / GIB  # fp32 LoRA + two AdamW moments; ~2.2 M per rank
+    # fp32 LoRA + two AdamW moments (~2.2 M parameters per rank), one set per product of a step
+    lora = 3 * 4 * t.rank * 2.2e6 / GIB * t.products_per_step
     return RoleNeed(
         "train",
         on_gpu,
         round(CUDA_CONTEXT_GIB + weights + lora, 2),
         round(per_sample, 3),
-        t.batch_size,
+        samples,
         t.cpus_per_worker,
         16.0,
         ref.seconds,

@@ -315,3 +315,14 @@ def test_shard_trainer_groups_products_and_keeps_going_past_a_missing_one(
             torch.equal(_weights(fallback, pid)[k], _weights(alone, pid)[k])
             for k in _weights(alone, pid)
         )
+
+
+def test_the_plan_counts_every_product_of_a_step():
+    from ray_app.resources import train_need
+
+    one, four = (
+        train_need(load_config("default", overrides=[f"train.products_per_step={k}"]))
+        for k in (1, 4)
+    )
+    assert four.batch == 4 * one.batch
+    assert four.gpu_gib > one.gpu_gib + 3 * one.batch * one.per_item_gib  # and 4 LoRA states
