@@ -63,8 +63,8 @@ class StackedLora(nn.Module):
         self.scales: list[float] = []
         for _, layer in self.layers:
             a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            self.A.append(nn.Parameter(torch.zeros(products, *a.shape, device=a.device)))
-            self.B.append(nn.Parameter(torch.zeros(products, *b.shape, device=b.device)))
+            self.A.append(nn.Parameter(a.new_zeros(products, *a.shape, dtype=torch.float32)))
+            self.B.append(nn.Parameter(b.new_zeros(products, *b.shape, dtype=torch.float32)))
             self.scales.append(float(layer.scaling[adapter]))
 
     def _peft(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
