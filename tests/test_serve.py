@@ -524,12 +524,22 @@ def test_serve_deploy_config_is_valid_and_builds(tmp_path, monkeypatch):
     ServeDeploySchema.parse_obj(config)  # Ray's own schema of `serve deploy` files
     (application,) = config["applications"]
     assert application["import_path"] == "serve.app:app_builder"
-    args = {**application["args"], "adapters": str(tmp_path), "profile": "tiny"}
+    assert "runtime_env" not in application  # no secret travels to the replicas' environment
+    keys = tmp_path / "keys"
+    keys.write_text("deploy-key-0123456789abcdef\n")
+    args = {
+        **application["args"],
+        "adapters": str(tmp_path),
+        "profile": "tiny",
+        "api_keys_file": str(keys),
+    }
     monkeypatch.delenv("RESTAGE_API_KEYS", raising=False)
     monkeypatch.delenv("RESTAGE_API_KEYS_FILE", raising=False)
-    with pytest.raises(ConfigError, match="no API key configured"):
-        app_builder(args)
-    monkeypatch.setenv("RESTAGE_API_KEYS", "deploy-key-0123456789abcdef")
     assert type(app_builder(args)).__name__ == "Application"
+    without = {k: v for k, v in args.items() if k != "api_keys_file"}
+    with pytest.raises(ConfigError, match="no API key configured"):
+        app_builder(without)
+    monkeypatch.setenv("RESTAGE_API_KEYS", "deploy-key-0123456789abcdef")
+    assert type(app_builder(without)).__name__ == "Application"
     with pytest.raises(ConfigError, match="unknown"):
         app_builder({**args, "adapter": "typo"})
