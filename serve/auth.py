@@ -67,6 +67,7 @@ class KeyCheck:
 
     status: int  # 200, 401 or 403
     reason: str
+    key_digest: str | None = None  # the matched key's digest (budgets are kept per key)
 
 
 def check_authorization(header: str | None, digests: tuple[str, ...]) -> KeyCheck:
@@ -79,5 +80,5 @@ def check_authorization(header: str | None, digests: tuple[str, ...]) -> KeyChec
     presented = digest(token.strip())
     matches = [hmac.compare_digest(presented, d) for d in digests]  # all compared, no early exit
     if any(matches):
-        return KeyCheck(200, "ok")
+        return KeyCheck(200, "ok", digests[matches.index(True)])
     return KeyCheck(403, "invalid API key")
