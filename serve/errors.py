@@ -40,7 +40,14 @@ CODES: dict[str, int] = {
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """Ray Serve's id of the request being handled (its proxy returns it in ``X-Request-ID``
+    and its replica logs carry it), else a new one."""
+    try:
+        from ray import serve
+
+        return serve.context._get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:  # outside a Serve replica
+        return uuid.uuid4().hex
 
 
 class ApiError(Exception):
@@ -66,11 +73,12 @@ class ApiError(Exception):
         return CODES[self.code]
 
 
-def error_response(err: ApiError, request_id: str) -> JSONResponse:
-    """The JSON answer of ``err``; its internal details go to the log with the request id."""
+def error_response(err: ApiError, request_id: str, id_header: bool = True) -> JSONResponse:
+    """The JSON answer of ``err``; its internal details go to the log with the request id.
+    ``id_header=False`` where Ray Serve's proxy already sets ``X-Request-ID`` to that id."""
     if err.internal:
         log.warning("request %s: %s: %s", request_id, err.code, err.internal)
-    headers = {REQUEST_ID_HEADER: request_id}
+    headers = {REQUEST_ID_HEADER: request_id} if id_header else {}
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if err.retry_after_s is not None:

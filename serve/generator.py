@@ -262,20 +262,20 @@ class GeneratorReplica:
         return out
 
     def stats(self) -> dict[str, Any]:
-        with self.lock:
-            loaded = sorted(self.slot_of)
-            occupied = [self.slot_of[p] for p in loaded]
-            return {
-                "adapters_loaded": loaded,
-                "slots": len(self.slots),
-                "slots_allocated": len(self.generator.adapters),
-                "adapter_bytes": int(sum(self.slot_bytes.get(s, 0) for s in occupied)),
-                "allocated_adapter_bytes": int(
-                    sum(self.slot_bytes.get(s, 0) for s in self.generator.adapters)
-                ),
-                "counters": dict(self.counters),
-                "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
-            }
+        # Without the pipeline lock, which a long generation holds: stats answer at once,
+        # from copies (a swap in progress may show up a moment late).
+        slot_of, slot_bytes = dict(self.slot_of), dict(self.slot_bytes)
+        allocated = list(self.generator.adapters)
+        loaded = sorted(slot_of)
+        return {
+            "adapters_loaded": loaded,
+            "slots": len(self.slots),
+            "slots_allocated": len(allocated),
+            "adapter_bytes": int(sum(slot_bytes.get(slot_of[p], 0) for p in loaded)),
+            "allocated_adapter_bytes": int(sum(slot_bytes.get(s, 0) for s in allocated)),
+            "counters": dict(self.counters),
+            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+        }
 
 
 def serve_deployment(config: RestageConfig):

@@ -28,7 +28,6 @@ from serve.auth import check_authorization
 from serve.bodies import check_media_type, parse_json
 from serve.budget import Budgets, request_cost
 from serve.errors import (
-    REQUEST_ID_HEADER,
     AdapterNotFound,
     AdapterUnavailable,
     ApiError,
@@ -282,10 +281,11 @@ class IngressService:
             raise invalid("width", f"{width}x{height} is above serve.max_pixels={s.max_pixels}")
         if body.response_format == "uri" and not s.output_uri:
             raise invalid("response_format", "'uri' needs serve.output_uri to be configured")
-        meta = self.metadata(body.product_id)
+        # Before anything touches storage: every request counts against its key's limits.
         self.budgets.charge(
             caller, request_cost(width, height, body.steps or g.steps, body.num_images)
         )
+        meta = self.metadata(body.product_id)
         seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "big")
         prompt = build_prompt(
             body.prompt, meta, self.bank, derive_seed(body.product_id, "serve-prompt", 0, seed)
@@ -351,8 +351,8 @@ class IngressService:
         )
         return response.model_dump(exclude_none=True)
 
-    async def ready(self) -> bool:
-        """Whether a generator replica is running (its base model loaded), from Serve's
+    async def ready(self) -> int:
+        """How many generator replicas are running (their base model loaded), from Serve's
         controller: answered at once, never by waiting for a replica to answer."""
         from ray import serve
 
@@ -361,8 +361,8 @@ class IngressService:
         app = status.applications.get(app_name)
         deployment = app.deployments.get("Generator") if app else None
         if deployment is None:
-            return False
-        return deployment.replica_states.get("RUNNING", 0) > 0
+            return 0
+        return int(deployment.replica_states.get("RUNNING", 0))
 
 
 def serve_deployment(config: RestageConfig):
@@ -402,10 +402,10 @@ def serve_deployment(config: RestageConfig):
             try:
                 result = await call(request_id)
             except ApiError as exc:
-                return error_response(exc, request_id)
+                return error_response(exc, request_id, id_header=False)
             except Exception as exc:  # asyncio.CancelledError (client gone) is not caught
-                return error_response(unexpected(exc), request_id)
-            return JSONResponse(result, headers={REQUEST_ID_HEADER: request_id})
+                return error_response(unexpected(exc), request_id, id_header=False)
+            return JSONResponse(result)  # Serve's proxy adds X-Request-ID: request_id
 
         @app.post(
             "/v1/generate",
@@ -458,16 +458,16 @@ def serve_deployment(config: RestageConfig):
 
             async def call(request_id: str):
                 try:
-                    ready = await self.service.ready()
+                    running = await self.service.ready()
                 except Exception as exc:
                     raise ApiError(
                         "not_ready", "Serve's status is unavailable", internal=repr(exc)
                     ) from None
-                if not ready:
+                if not running:
                     raise ApiError(
                         "not_ready", "no generator replica is running yet", retry_after_s=1
                     )
-                return {"status": "ok"}
+                return {"status": "ok", "generator_replicas": running}
 
             return await self._guard(call, request)
 
