@@ -91,8 +91,9 @@ def run_server(
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    docs = f"{url}/docs" if config.serve.docs else f"{url}/openapi.json"
     print(
-        f"restage serve: ready on {url} (docs: {url}/docs, auth: {'off' if no_auth else 'API keys'})",
+        f"restage serve: ready on {url} (API: {docs}, auth: {'off' if no_auth else 'API keys'})",
         flush=True,
     )
     if block:

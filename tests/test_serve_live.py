@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 KEY = "live-key-0123456789abcdef"
 SMALL = "small-budget-key-0123456789"  # its budget runs out in these tests
 PRODUCT = sorted(PRODUCTS)[0]
+BURST = 30
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,13 @@ def server(tmp_path_factory):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESTAGE_API_KEYS")}
     env[ENV_KEYS] = f"{KEY},{SMALL}"
-    overrides = ("serve.ranker=false",)
+    # A burst that this module's requests of KEY fit in, and almost no refill: SMALL's burst
+    # runs out in test_over_budget_requests_are_422_then_429_with_retry_after.
+    overrides = (
+        "serve.ranker=false",
+        f"serve.budget.key_request_burst={BURST}",
+        "serve.budget.key_requests_per_minute=1",
+    )
     with serve_process(adapters, root / "serve.log", env, overrides) as s:
         s.adapters = adapters
         yield s
@@ -124,7 +131,7 @@ def test_over_budget_requests_are_422_then_429_with_retry_after(server):
     body = assert_clean_error(resp, 422, "over_request_budget", server)
     assert f"serve.budget.max_request_cost={budget.max_request_cost:g}" in body["message"]
     codes = []
-    for _ in range(budget.key_request_burst + 1):  # each costs almost nothing: the rate limit
+    for _ in range(BURST + 1):  # each costs almost nothing: the rate limit stops them
         resp = post(server, {"product_id": "no-such-product"}, key=SMALL)
         codes.append(resp.status_code)
         if resp.status_code == 429:
