@@ -65,17 +65,32 @@ def generator_replicas(server_pid: int) -> list[psutil.Process]:
     return out
 
 
-async def wait_replicas(url: str, count: int, timeout: float) -> float:
-    """Seconds until /healthz reports ``count`` running generator replicas."""
+async def running_replicas(http: httpx.AsyncClient, url: str) -> int:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        resp = await http.get(f"{url}/healthz")
+        if resp.status_code == 200:
+            return int(resp.json().get("generator_replicas", 0))
+    return 0
+
+
+async def wait_replicas(url: str, count: int, timeout: float, drop_first: bool = False) -> dict:
+    """Seconds until /healthz reports ``count`` running generator replicas; with
+    ``drop_first``, first until it reports fewer (Serve noticed the death)."""
     start = time.perf_counter()
+    out: dict = {}
     async with httpx.AsyncClient(timeout=5) as http:
+        if drop_first:
+            while time.perf_counter() - start < timeout:
+                if await running_replicas(http, url) < count:
+                    out["noticed_s"] = round(time.perf_counter() - start, 3)
+                    break
+                await asyncio.sleep(0.1)
         while time.perf_counter() - start < timeout:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                resp = await http.get(f"{url}/healthz")
-                if resp.status_code == 200 and resp.json().get("generator_replicas", 0) >= count:
-                    return time.perf_counter() - start
+            if await running_replicas(http, url) >= count:
+                out["ready_s"] = round(time.perf_counter() - start, 3)
+                break
             await asyncio.sleep(0.25)
-    return float("nan")
+    return out
 
 
 async def run_load(args, url: str, key: str, products: list[str], server_pid: int) -> dict:
@@ -111,7 +126,8 @@ async def run_load(args, url: str, key: str, products: list[str], server_pid: in
         kill["at"] = time.perf_counter() - t0
         kill["pid"] = victim.pid
         victim.send_signal(signal.SIGKILL)
-        kill["replaced_s"] = await wait_replicas(url, args.replicas, args.seconds)
+        kill["replaced"] = await wait_replicas(url, args.replicas, args.seconds, drop_first=True)
+        kill["replica_processes_after"] = len(generator_replicas(server_pid))
 
     async with httpx.AsyncClient(timeout=args.request_timeout) as http:
         await asyncio.gather(*(client(http) for _ in range(args.clients)), killer())
@@ -152,8 +168,10 @@ def summarise(raw: dict, seconds: float) -> dict:
         "kill_at_s": round(at, 3),
         "first_success_after_kill_s": round(ok_after[0] - at, 3) if ok_after else None,
         "longest_stall_after_kill_s": round(float(np.max(gaps)), 3),
-        "recovery_s": round(kill.get("replaced_s", float("nan")), 3),
-        "kill": {k: v for k, v in kill.items() if k != "replaced_s"},
+        # From the kill until Serve runs all replicas again (noticed_s: until it saw one fewer).
+        "recovery_s": kill.get("replaced", {}).get("ready_s"),
+        "death_noticed_s": kill.get("replaced", {}).get("noticed_s"),
+        "kill": {k: v for k, v in kill.items() if k != "replaced"},
     }
 
 
@@ -192,7 +210,7 @@ def main() -> int:
     log = work / "serve.log"
     proc, url = start_server(adapters, args.profile, key, overrides, log)
     try:
-        ready_s = asyncio.run(wait_replicas(url, args.replicas, 600))
+        ready_s = asyncio.run(wait_replicas(url, args.replicas, 600)).get("ready_s", float("nan"))
         for product in products:  # warm each replica's adapter cache a little
             httpx.post(
                 f"{url}/v1/generate",
@@ -239,6 +257,7 @@ def main() -> int:
         "p99_in_flight_at_kill_s",
         "first_success_after_kill_s",
         "longest_stall_after_kill_s",
+        "death_noticed_s",
         "recovery_s",
     ):
         print(f"{k:28s} {out[k]}")
