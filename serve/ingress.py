@@ -396,7 +396,7 @@ def serve_deployment(config: RestageConfig):
                 config, adapters_root, key_digests, generator, ranker, require_auth
             )
 
-        async def _guard(self, call, request: Request):
+        async def _guard(self, call):
             """Every answer carries the request id; every error is a coded ``ErrorBody``."""
             request_id = new_request_id()
             try:
@@ -420,7 +420,7 @@ def serve_deployment(config: RestageConfig):
             responses=errors,
         )
         async def generate(self, request: Request):
-            return await self._guard(lambda rid: self.service.generate(request, rid), request)
+            return await self._guard(lambda rid: self.service.generate(request, rid))
 
         @app.get("/v1/products/{product_id}", responses=errors)
         async def product(self, product_id: str, request: Request):
@@ -428,7 +428,7 @@ def serve_deployment(config: RestageConfig):
                 self.service.authorize(request)
                 return public_metadata(self.service.metadata(product_id))
 
-            return await self._guard(call, request)
+            return await self._guard(call)
 
         @app.get("/v1/stats", responses=errors)
         async def stats(self, request: Request):
@@ -449,7 +449,7 @@ def serve_deployment(config: RestageConfig):
                     ) from None
                 return {**stats, "metrics_endpoints": await asyncio.to_thread(metrics_endpoints)}
 
-            return await self._guard(call, request)
+            return await self._guard(call)
 
         @app.get("/healthz", responses=errors)
         async def healthz(self, request: Request):
@@ -469,6 +469,6 @@ def serve_deployment(config: RestageConfig):
                     )
                 return {"status": "ok", "generator_replicas": running}
 
-            return await self._guard(call, request)
+            return await self._guard(call)
 
     return Ingress
