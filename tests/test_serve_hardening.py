@@ -395,3 +395,30 @@ def test_queue_ms_includes_the_wait_for_the_pipeline_lock(replica):
     replica.lock.release()
     worker.join()
     assert result["queue_ms"] >= held * 1000, (result["queue_ms"], held)
+
+
+def test_readiness_comes_from_serve_status_without_waiting_for_a_replica(tmp_path, monkeypatch):
+    """A replica still loading (or dead) must not make /healthz wait: the count of running
+    generator replicas comes from Serve's controller."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    class Hangs:
+        def __getattr__(self, name):
+            raise AssertionError("readiness must not call a generator replica")
+
+    def status_with(running: int | None):
+        deployments = (
+            {}
+            if running is None
+            else {"Generator": SimpleNamespace(replica_states={"RUNNING": running, "STARTING": 1})}
+        )
+        app = SimpleNamespace(deployments=deployments)
+        return lambda: SimpleNamespace(applications={"restage": app})
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="restage"))
+    svc = service(tmp_path, generator=Hangs())
+    for running, expected in ((None, 0), (0, 0), (2, 2)):
+        monkeypatch.setattr(serve, "status", status_with(running))
+        assert asyncio.run(svc.ready()) == expected
