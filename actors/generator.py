@@ -7,6 +7,7 @@ pipeline: ``load_adapter`` reads a ``restage train`` adapter folder from any fss
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,10 +154,21 @@ class Generator:
         seeds: list[int],
         negatives: list[str],
         options: GenerationOptions | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[np.ndarray]:
         """One image per (prompt, seed) with the active adapter; ``options`` overrides the
-        actor's for this call (a served request's size, steps and guidance)."""
+        actor's for this call (a served request's size, steps and guidance). ``on_step(i)``
+        is called after each denoising step; an exception it raises stops the generation
+        there (a server cancels a request whose client went away this way)."""
         o = options or self.options
+        extra: dict[str, Any] = {}
+        if on_step is not None:
+
+            def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+                on_step(step)
+                return tensors
+
+            extra["callback_on_step_end"] = callback
         out = self.loaded.model(
             prompt=prompts,
             negative_prompt=negatives,
@@ -166,6 +178,7 @@ class Generator:
             guidance_scale=o.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="np",
+            **extra,
         ).images
         return list((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
 

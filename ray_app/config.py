@@ -565,6 +565,38 @@ class GenerateConfig(StrictModel):
         return self
 
 
+class ServeBudgetConfig(StrictModel):
+    """Compute budget and rate limits of `restage serve` (serve/budget.py). A request costs
+    width x height x steps x num_images / 10^6 megapixel-steps (1024x1024, 30 steps: 31.5)."""
+
+    max_request_cost: PositiveFloat = Field(
+        200.0,
+        description="Megapixel-steps one request may cost; above it the request is a 422 "
+        "(200: e.g. 4 images of 1024x1024 at 45 steps).",
+    )
+    key_cost_per_minute: PositiveFloat = Field(
+        2000.0,
+        description="Megapixel-steps per API key per minute (a token bucket holding one "
+        "minute's worth); beyond it a 429 with Retry-After.",
+    )
+    key_requests_per_minute: PositiveFloat = Field(
+        120.0, description="Requests per API key per minute (token bucket); beyond it a 429."
+    )
+    key_request_burst: PositiveInt = Field(
+        20, description="Requests a key may send at once before key_requests_per_minute applies."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeBudgetConfig:
+        if self.max_request_cost > self.key_cost_per_minute:
+            raise ValueError(
+                f"max_request_cost={self.max_request_cost:g} is above key_cost_per_minute="
+                f"{self.key_cost_per_minute:g}: such a request could never be admitted; raise "
+                "key_cost_per_minute or lower max_request_cost"
+            )
+        return self
+
+
 class ServeConfig(StrictModel):
     """`restage serve`: the on-line endpoint (Ray Serve)."""
 
@@ -611,6 +643,20 @@ class ServeConfig(StrictModel):
     output_uri: str | None = Field(
         None,
         description="Where images of response_format=uri requests are stored (any fsspec URI).",
+    )
+    budget: ServeBudgetConfig = Field(default_factory=ServeBudgetConfig)
+    max_json_depth: Annotated[int, Field(ge=2, le=64)] = Field(
+        8, description="Request bodies nested deeper than this are a 422, before parsing."
+    )
+    request_timeout_s: PositiveFloat = Field(
+        600.0,
+        description="A generation still running this long after the ingress received it is "
+        "stopped between two denoising steps (504), freeing the replica.",
+    )
+    docs: bool = Field(
+        False,
+        description="Serve the Swagger UI at /docs and ReDoc at /redoc (their scripts load from "
+        "a CDN in the browser); /openapi.json is always served.",
     )
 
     @model_validator(mode="after")

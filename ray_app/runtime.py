@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any
 
+from ray_app import secrets
 from ray_app.config import RestageConfig
 from ray_app.models import apply_environment
 
@@ -17,10 +18,11 @@ log = logging.getLogger("restage")
 
 
 def worker_env(config: RestageConfig) -> dict[str, str]:
-    """Environment every Ray worker of the job gets (offline flags, cache location)."""
+    """Environment every Ray worker of the job gets (offline flags, cache location), never a
+    secret (``ray_app.secrets``)."""
     env = apply_environment(config.offline)
     env["RESTAGE_CACHE"] = str(config.cache_path)
-    return env
+    return secrets.without_secrets(env)
 
 
 def init_ray(config: RestageConfig) -> dict[str, Any]:
@@ -30,6 +32,9 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
 
     env = worker_env(config)
     info: dict[str, Any] = {}
+    # Ray's processes inherit this environment: a secret still in it would reach all of them
+    # (whoever needed one has read it by now).
+    info["secrets_removed"] = secrets.scrub()
     if ray.is_initialized():
         info["mode"] = "existing"
     else:

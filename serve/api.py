@@ -18,7 +18,9 @@ MAX_SEED = 2**63 - 1
 class GenerateRequest(BaseModel):
     """POST /v1/generate"""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: true is not 1, "3" is not 3, "yes" is not true (the ingress also validates
+    # with strict=True).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     product_id: str = Field(description="A product with an adapter from `restage train`.")
     prompt: str | None = Field(
@@ -61,7 +63,9 @@ class GenerateRequest(BaseModel):
 
 class Timings(BaseModel):
     queue_ms: float = Field(
-        description="From the ingress receiving the request to the replica taking it."
+        description="From the ingress receiving the request to its generation starting "
+        "(routing, the replica's queue and the wait for the pipeline lock), less its own "
+        "adapter load."
     )
     adapter_load_ms: float = Field(description="0 when the replica already held the adapter.")
     generation_ms: float
@@ -84,9 +88,21 @@ class GenerateResponse(BaseModel):
     images: list[ImageOut]
     adapter: dict[str, Any] = Field(description="The adapter's metadata (adapter.json).")
     replica: str
+    request_id: str = Field(description="Also in the X-Request-ID header; quote it in reports.")
     timings: Timings
 
 
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
 class ErrorBody(BaseModel):
-    error: str
-    detail: Any = None
+    """Every error answer (serve/errors.py lists the codes)."""
+
+    error: str = Field(description="A stable code, e.g. invalid_request, rate_limited.")
+    message: str = Field(description="What went wrong, for people.")
+    request_id: str = Field(description="The server's logs hold the details under this id.")
+    detail: list[FieldError] | None = Field(
+        None, description="The fields at fault, for invalid input."
+    )

@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Any
 
-from ray_app import storage
+from ray_app import secrets, storage
 from ray_app.config import ConfigError, RestageConfig, load_config
 from serve import generator, ingress, ranker
 from serve.auth import ENV_KEYS, ENV_KEYS_FILE, load_key_digests
@@ -37,21 +37,27 @@ def build_app(
     )
 
 
+APP_ARGS = ("adapters", "profile", "config", "set", "api_keys_file")
+
+
 def app_builder(args: dict[str, Any]):
-    """Entry for ``serve deploy``: ``args`` = {adapters, profile?, config?: [files], set?: [k=v]}.
-    API keys come from the environment of the application (its runtime_env)."""
-    unknown = set(args) - {"adapters", "profile", "config", "set"}
+    """Entry for ``serve deploy``: ``args`` = {adapters, profile?, config?: [files], set?: [k=v],
+    api_keys_file?}. Keys come from ``api_keys_file`` (a path on the node that builds the
+    application; only the digests go on to the replicas), else from the builder's environment."""
+    unknown = set(args) - set(APP_ARGS)
     if unknown or "adapters" not in args:
         raise ConfigError(
             f"serve application args: need 'adapters'; unknown: {sorted(unknown) or 'none'}; "
-            "allowed: adapters, profile, config, set"
+            f"allowed: {', '.join(APP_ARGS)}"
         )
     config = load_config(
         args.get("profile", "default"),
         files=args.get("config") or [],
         overrides=args.get("set") or [],
     )
-    return build_app(config, args["adapters"], load_key_digests())
+    return build_app(
+        config, args["adapters"], load_key_digests(keys_file=args.get("api_keys_file"))
+    )
 
 
 def run_server(
@@ -69,6 +75,9 @@ def run_server(
     from ray_app.runtime import init_ray
 
     digests = load_key_digests()
+    # The keys have been read: Ray's processes (started below, inheriting this environment)
+    # and its workers never see them, only their digests as deployment arguments.
+    secrets.scrub()
     if no_auth:
         if host is not None and host not in LOOPBACK:
             raise ConfigError(
@@ -82,8 +91,9 @@ def run_server(
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    docs = f"{url}/docs" if config.serve.docs else f"{url}/openapi.json"
     print(
-        f"restage serve: ready on {url} (docs: {url}/docs, auth: {'off' if no_auth else 'API keys'})",
+        f"restage serve: ready on {url} (API: {docs}, auth: {'off' if no_auth else 'API keys'})",
         flush=True,
     )
     if block:

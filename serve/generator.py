@@ -27,10 +27,9 @@ from ray_app import storage
 from ray_app.config import RestageConfig
 from ray_app.images import encode_png
 from ray_app.storage import AdapterLayout
+from serve.errors import AdapterNotFound, AdapterUnavailable, GenerationCancelled
 
-
-class AdapterNotFound(LookupError):
-    """No trained adapter for the product."""
+__all__ = ["AdapterHandle", "AdapterNotFound", "GeneratorReplica", "serve_deployment"]
 
 
 class AdapterHandle:
@@ -108,9 +107,11 @@ class GeneratorReplica:
                 read_adapter_weights, self.layout.adapter_dir(product_id)
             )
             await asyncio.to_thread(self._place, product_id, weights)
-        except Exception:
+        except Exception as exc:
             self.count("load_failures")
-            raise
+            raise AdapterUnavailable(
+                f"adapter of {product_id!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         self.count("loads")
         return AdapterHandle(self, product_id, (time.perf_counter() - start) * 1000)
 
@@ -157,8 +158,13 @@ class GeneratorReplica:
         guidance_scale: float | None,
         width: int | None,
         height: int | None,
+        cancel: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
-        """Images of ``product_id`` (its adapter was loaded with ``load``)."""
+        """Images of ``product_id`` (its adapter was loaded with ``load``). The generation
+        stops between two denoising steps (``GenerationCancelled``, the lock released) once
+        ``cancel`` is set or the wall clock passes ``deadline``; a request cancelled while it
+        waited for the lock never starts. ``started_at``: wall clock when it got the lock."""
         options = GenerationOptions(
             width or self.options.width,
             height or self.options.height,
@@ -166,8 +172,26 @@ class GeneratorReplica:
             self.options.guidance_scale if guidance_scale is None else guidance_scale,
             self.options.negative_prompt,
         )
+        done = 0
+
+        def check(step: int | None = None) -> None:
+            nonlocal done
+            if step is not None:
+                done += 1
+                self.count("steps")
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("the client went away", done)
+            if deadline is not None and time.time() > deadline:
+                raise GenerationCancelled("the deadline passed", done)
+
         with self.lock:
+            started_at = time.time()
             start = time.perf_counter()
+            try:
+                check()
+            except GenerationCancelled:
+                self.count("cancelled")
+                raise
             slot = self.slot_of.get(product_id)
             temporary = slot is None
             if temporary:  # evicted while queued: use a free slot for this request only
@@ -182,7 +206,11 @@ class GeneratorReplica:
                     seeds,
                     [options.negative_prompt] * len(seeds),
                     options=options,
+                    on_step=check,
                 )
+            except GenerationCancelled:
+                self.count("cancelled")
+                raise
             finally:
                 self.generator.set_adapter(None)
                 if temporary:
@@ -193,23 +221,61 @@ class GeneratorReplica:
             return {
                 "images": [encode_png(img) for img in images],
                 "generation_ms": (time.perf_counter() - start) * 1000,
+                "started_at": started_at,
             }
 
+    async def serve_request(
+        self,
+        product_id: str,
+        request: dict[str, Any],
+        get_adapter: Callable[[str], Any],
+    ) -> dict[str, Any]:
+        """One request of the deployment: the adapter (through the multiplexer's cache), then
+        the generation in a thread. When the request is cancelled (its client went away:
+        Serve cancels this coroutine) the thread is told to stop at its next step.
+        ``queue_ms`` is everything between the ingress receiving the request and the
+        generation starting (routing, the replica's queue, the pipeline lock) except this
+        request's own adapter load."""
+        handle = await get_adapter(product_id)
+        load_ms = handle.take_load_ms()
+        cancel = threading.Event()
+        try:
+            out = await asyncio.to_thread(
+                self.generate,
+                product_id,
+                request["prompt"],
+                request["seeds"],
+                request.get("steps"),
+                request.get("guidance_scale"),
+                request.get("width"),
+                request.get("height"),
+                cancel,
+                request.get("deadline_at"),
+            )
+        except asyncio.CancelledError:  # the thread runs on: tell it to stop
+            cancel.set()
+            self.count("client_gone")
+            raise
+        received = request.get("received_at", out["started_at"])
+        out["queue_ms"] = max(0.0, (out.pop("started_at") - received) * 1000 - load_ms)
+        out["adapter_load_ms"] = load_ms
+        return out
+
     def stats(self) -> dict[str, Any]:
-        with self.lock:
-            loaded = sorted(self.slot_of)
-            occupied = [self.slot_of[p] for p in loaded]
-            return {
-                "adapters_loaded": loaded,
-                "slots": len(self.slots),
-                "slots_allocated": len(self.generator.adapters),
-                "adapter_bytes": int(sum(self.slot_bytes.get(s, 0) for s in occupied)),
-                "allocated_adapter_bytes": int(
-                    sum(self.slot_bytes.get(s, 0) for s in self.generator.adapters)
-                ),
-                "counters": dict(self.counters),
-                "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
-            }
+        # Without the pipeline lock, which a long generation holds: stats answer at once,
+        # from copies (a swap in progress may show up a moment late).
+        slot_of, slot_bytes = dict(self.slot_of), dict(self.slot_bytes)
+        allocated = list(self.generator.adapters)
+        loaded = sorted(slot_of)
+        return {
+            "adapters_loaded": loaded,
+            "slots": len(self.slots),
+            "slots_allocated": len(allocated),
+            "adapter_bytes": int(sum(slot_bytes.get(slot_of[p], 0) for p in loaded)),
+            "allocated_adapter_bytes": int(sum(slot_bytes.get(s, 0) for s in allocated)),
+            "counters": dict(self.counters),
+            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+        }
 
 
 def serve_deployment(config: RestageConfig):
@@ -251,23 +317,8 @@ def serve_deployment(config: RestageConfig):
 
         async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
             product_id = serve.get_multiplexed_model_id()
-            taken = time.time()
-            handle = await self.get_adapter(product_id)
-            out = await asyncio.to_thread(
-                self.replica.generate,
-                product_id,
-                request["prompt"],
-                request["seeds"],
-                request.get("steps"),
-                request.get("guidance_scale"),
-                request.get("width"),
-                request.get("height"),
-            )
-            out.update(
-                replica=self.replica_id,
-                adapter_load_ms=handle.take_load_ms(),
-                queue_ms=max(0.0, (taken - request["received_at"]) * 1000),
-            )
+            out = await self.replica.serve_request(product_id, request, self.get_adapter)
+            out["replica"] = self.replica_id
             self.metrics.request(out["generation_ms"], out["adapter_load_ms"], out["queue_ms"])
             return out
 

@@ -1,9 +1,10 @@
-"""The HTTP ingress: authentication, validation and limits, then the generator (and the
-ranker) through deployment handles.
+"""The HTTP ingress: authentication, validation, budgets and limits, then the generator (and
+the ranker) through deployment handles.
 
 Nothing from a request reaches storage before ``product_id`` has passed the same rule as
 the manifest's records (a path segment of letters, digits, ``.``, ``_``, ``-``), so no
-request can name a path outside the adapters root.
+request can name a path outside the adapters root. Error answers carry a stable code, a
+short message and the request id, never internal text (``serve.errors``).
 """
 
 import asyncio
@@ -14,7 +15,6 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from ray_app import storage
@@ -25,26 +25,33 @@ from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout
 from serve.api import ErrorBody, GenerateRequest, GenerateResponse
 from serve.auth import check_authorization
-
-app = FastAPI(
-    title="restage",
-    description="Generate images of a trained product in new scenes. Send `Authorization: Bearer "
-    "<key>`; keys come from RESTAGE_API_KEYS or RESTAGE_API_KEYS_FILE.",
-    version="1",
+from serve.bodies import check_media_type, parse_json
+from serve.budget import Budgets, request_cost
+from serve.errors import (
+    AdapterNotFound,
+    AdapterUnavailable,
+    ApiError,
+    GenerationCancelled,
+    error_response,
+    log,
+    new_request_id,
+    unexpected,
 )
 
 _GENERATE_SCHEMA = GenerateRequest.model_json_schema()
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, error: str, detail: Any = None):
-        self.status, self.error, self.detail = status, error, detail
-
-
-def error_response(status: int, error: str, detail: Any = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers
+def make_app(config: RestageConfig) -> FastAPI:
+    """The FastAPI app of the ingress. The Swagger UI and ReDoc pages load their scripts from
+    a CDN in the browser, so they are off unless ``serve.docs``; /openapi.json is served."""
+    docs = config.serve.docs
+    return FastAPI(
+        title="restage",
+        description="Generate images of a trained product in new scenes. Send `Authorization: "
+        "Bearer <key>`. Errors are `{error, message, request_id}`; `error` is a stable code.",
+        version="1",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
 
 
@@ -55,6 +62,12 @@ def field_errors(err: ValidationError) -> list[dict[str, Any]]:
         field = ".".join(str(p) for p in item["loc"]) or "body"
         out.append({"field": field, "message": item["msg"].removeprefix("Value error, ")})
     return out
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(
+        "invalid_request", f"{field}: {message}", [{"field": field, "message": message}]
+    )
 
 
 # What a client sees of adapter.json (the rest names internal storage and training details).
@@ -81,6 +94,21 @@ def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_adapter_metadata(raw: bytes) -> dict[str, Any]:
+    """adapter.json as the ingress needs it: a JSON object with string ``token`` and ``noun``;
+    ValueError (saying what is wrong) for a truncated, empty or malformed file."""
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    bad = [k for k in ("token", "noun") if not isinstance(meta.get(k), str) or not meta[k]]
+    if bad:
+        raise ValueError(f"missing or not a string: {', '.join(bad)}")
+    return meta
+
+
 def product_phrase(meta: dict[str, Any]) -> str:
     return f"{meta['token']} {meta['noun']}"
 
@@ -90,10 +118,54 @@ def build_prompt(prompt: str | None, meta: dict[str, Any], bank: PromptBank, see
     prompt-bank scene of the product's type."""
     phrase = product_phrase(meta)
     if prompt is None:
-        prompt = bank.prompts(meta.get("product_type"), 1, seed)[0]
+        product_type = meta.get("product_type")
+        prompt = bank.prompts(product_type if isinstance(product_type, str) else None, 1, seed)[0]
     if PLACEHOLDER in prompt:
         return fill(prompt, phrase)
     return f"a photo of {phrase}, {prompt}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (Ray's task errors keep the replica's error in ``cause``)."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return chain
+
+
+def replica_died(exc: BaseException) -> bool:
+    """The generator replica (not the request) failed: the same request may succeed on
+    another replica."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    died = (RayActorError, WorkerCrashedError, ReplicaUnavailableError)
+    return any(isinstance(e, died) for e in _causes(exc))
+
+
+def generation_error(exc: BaseException) -> ApiError:
+    """The client's answer for a generator failure; the text only goes to the log."""
+    internal = f"{type(exc).__name__}: {exc}"[:4000]
+    for cause in _causes(exc):
+        if isinstance(cause, AdapterNotFound):
+            return ApiError("unknown_product", "no adapter for this product", internal=internal)
+        if isinstance(cause, AdapterUnavailable):
+            return ApiError(
+                "adapter_unavailable", "the product's adapter is unavailable", internal=internal
+            )
+        if isinstance(cause, GenerationCancelled):
+            return ApiError(
+                "deadline_exceeded",
+                "the generation was stopped at serve.request_timeout_s",
+                internal=internal,
+            )
+    return ApiError(
+        "generation_unavailable",
+        "generation failed; retry later",
+        internal=internal,
+        retry_after_s=1,
+    )
 
 
 class IngressService:
@@ -115,132 +187,144 @@ class IngressService:
         self.generator = generator
         self.ranker = ranker
         self.bank = PromptBank.load(config.augment.prompt_bank)
+        self.budgets = Budgets(config.serve.budget)
         self._meta: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     # ------------------------------------------------------------------ checks
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> str:
+        """-> the caller's identity for budgets: its key's digest (``anonymous`` without auth)."""
         if not self.require_auth:
-            return
+            return "anonymous"
         check = check_authorization(request.headers.get("authorization"), self.key_digests)
         if check.status != 200:
-            raise HTTPError(
-                check.status, "unauthorized" if check.status == 401 else "forbidden", check.reason
-            )
+            raise ApiError("unauthorized" if check.status == 401 else "forbidden", check.reason)
+        return check.key_digest
 
     async def read_json(self, request: Request) -> Any:
+        check_media_type(request.headers.get("content-type"))
         limit = self.config.serve.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise HTTPError(413, "body too large", f"{declared} bytes; the limit is {limit}")
+            raise ApiError(
+                "body_too_large", f"{declared} bytes; the limit is serve.max_body_bytes={limit}"
+            )
         body = bytearray()
         async for chunk in request.stream():  # also bounds bodies sent without a length
             body += chunk
             if len(body) > limit:
-                raise HTTPError(413, "body too large", f"over {limit} bytes")
-        try:
-            return json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPError(422, "invalid JSON", [{"field": "body", "message": str(exc)}]) from None
+                raise ApiError("body_too_large", f"over serve.max_body_bytes={limit} bytes")
+        return parse_json(bytes(body), self.config.serve.max_json_depth)
 
     def metadata(self, product_id: str) -> dict[str, Any]:
-        """adapter.json of a product (cached briefly); 404 when there is none."""
+        """adapter.json of a product (cached briefly); 404 when there is none, 503 when it is
+        unreadable or malformed."""
         try:
             validate_product_id(product_id)
         except RecordError as exc:
-            raise HTTPError(
-                422, "invalid product_id", [{"field": "product_id", "message": str(exc)}]
-            ) from None
+            raise invalid("product_id", str(exc)) from None
         now = time.monotonic()
         cached = self._meta.get(product_id)
         if cached is None or now - cached[0] > self.config.serve.metadata_ttl_s:
             uri = self.layout.metadata(product_id)
-            meta = storage.read_json(uri) if storage.exists(uri) else None
+            try:
+                meta = (
+                    parse_adapter_metadata(storage.read_bytes(uri)) if storage.exists(uri) else None
+                )
+            except (OSError, ValueError) as exc:  # not cached: a rewritten file is read again
+                raise ApiError(
+                    "adapter_unavailable",
+                    "the product's adapter is unavailable",
+                    internal=f"{uri}: {exc}",
+                ) from None
             if len(self._meta) > 10_000:
                 self._meta.clear()
             self._meta[product_id] = cached = (now, meta)
         if cached[1] is None:
-            raise HTTPError(404, "unknown product", f"no adapter for product {product_id!r}")
+            raise ApiError("unknown_product", f"no adapter for product {product_id!r}")
         return cached[1]
 
     # ------------------------------------------------------------------ routes
 
-    async def generate(self, request: Request) -> dict[str, Any]:
+    async def call_generator(self, product_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The generation, retried once when its replica dies (generations are idempotent:
+        the ingress fixed the seeds), which Serve routes to a live replica."""
+        for attempt in (1, 2):
+            try:
+                return await self.generator.options(
+                    multiplexed_model_id=product_id
+                ).generate.remote(payload)
+            except Exception as exc:
+                if attempt == 1 and replica_died(exc):
+                    log.warning(
+                        "request %s: generator replica died (%s); retrying once",
+                        payload["request_id"],
+                        type(exc).__name__,
+                    )
+                    continue
+                raise generation_error(exc) from None
+        raise AssertionError("unreachable")
+
+    async def generate(self, request: Request, request_id: str) -> dict[str, Any]:
         received = time.time()
-        self.authorize(request)
+        caller = self.authorize(request)
         try:
-            body = GenerateRequest.model_validate(await self.read_json(request))
+            body = GenerateRequest.model_validate(await self.read_json(request), strict=True)
         except ValidationError as err:
-            raise HTTPError(422, "invalid request", field_errors(err)) from None
+            raise ApiError(
+                "invalid_request", "the body does not match the API", field_errors(err)
+            ) from None
         s = self.config.serve
-        width, height = (
-            body.width or self.config.generate.width,
-            body.height or self.config.generate.height,
-        )
+        g = self.config.generate
+        width, height = body.width or g.width, body.height or g.height
         if width * height > s.max_pixels:
-            raise HTTPError(
-                422,
-                "invalid request",
-                [
-                    {
-                        "field": "width",
-                        "message": f"{width}x{height} is above serve.max_pixels={s.max_pixels}",
-                    }
-                ],
-            )
+            raise invalid("width", f"{width}x{height} is above serve.max_pixels={s.max_pixels}")
         if body.response_format == "uri" and not s.output_uri:
-            raise HTTPError(
-                422,
-                "invalid request",
-                [
-                    {
-                        "field": "response_format",
-                        "message": "'uri' needs serve.output_uri to be configured",
-                    }
-                ],
-            )
+            raise invalid("response_format", "'uri' needs serve.output_uri to be configured")
+        # Before anything touches storage: every request counts against its key's limits.
+        self.budgets.charge(
+            caller, request_cost(width, height, body.steps or g.steps, body.num_images)
+        )
         meta = self.metadata(body.product_id)
         seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "big")
         prompt = build_prompt(
             body.prompt, meta, self.bank, derive_seed(body.product_id, "serve-prompt", 0, seed)
         )
         seeds = [derive_seed(body.product_id, f"serve/{seed}", i) for i in range(body.num_images)]
-        try:
-            out = await self.generator.options(
-                multiplexed_model_id=body.product_id
-            ).generate.remote(
-                {
-                    "prompt": prompt,
-                    "seeds": seeds,
-                    "steps": body.steps,
-                    "guidance_scale": body.guidance_scale,
-                    "width": body.width,
-                    "height": body.height,
-                    "received_at": received,
-                }
-            )
-        except (
-            Exception
-        ) as exc:  # the adapter failed to load or the replica failed: this request only
-            raise HTTPError(503, "generation unavailable", _root_cause(exc)) from None
+        out = await self.call_generator(
+            body.product_id,
+            {
+                "prompt": prompt,
+                "seeds": seeds,
+                "steps": body.steps,
+                "guidance_scale": body.guidance_scale,
+                "width": body.width,
+                "height": body.height,
+                "received_at": received,
+                "deadline_at": received + s.request_timeout_s,
+                "request_id": request_id,
+            },
+        )
         images = [{"seed": s_, "data": data} for s_, data in zip(seeds, out["images"], strict=True)]
         ranking_ms = 0.0
         if body.rank:
             if self.ranker is None:
-                raise HTTPError(
-                    503, "ranking unavailable", "the server was started without a ranker"
-                )
+                raise ApiError("ranking_unavailable", "the server runs without a ranker")
             start = time.perf_counter()
-            ranked = await self.ranker.rank.remote(
-                body.product_id, meta, [i["data"] for i in images], prompt
-            )
+            try:
+                ranked = await self.ranker.rank.remote(
+                    body.product_id, meta, [i["data"] for i in images], prompt
+                )
+            except Exception as exc:
+                raise ApiError(
+                    "ranking_unavailable", "ranking failed; retry later", internal=repr(exc)
+                ) from None
             ranking_ms = (time.perf_counter() - start) * 1000
             for image, rank, score, scores in zip(
                 images, ranked["ranks"], ranked["scores"], ranked["metrics"], strict=True
             ):
                 image.update(rank=rank, score=score, scores=scores)
             images.sort(key=lambda i: (i["rank"] is None, i["rank"] or 0))
-        request_id = uuid.uuid4().hex[:12]
         for i, image in enumerate(images):
             data = image.pop("data")
             if body.response_format == "uri":
@@ -256,6 +340,7 @@ class IngressService:
             images=images,
             adapter=public_metadata(meta),
             replica=out["replica"],
+            request_id=request_id,
             timings={
                 "queue_ms": out["queue_ms"],
                 "adapter_load_ms": out["adapter_load_ms"],
@@ -266,18 +351,29 @@ class IngressService:
         )
         return response.model_dump(exclude_none=True)
 
+    async def ready(self) -> int:
+        """How many generator replicas are running (their base model loaded), from Serve's
+        controller: answered at once, never by waiting for a replica to answer."""
+        from ray import serve
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost message of a Ray error chain (the user error, not Ray's wrapping)."""
-    while getattr(exc, "cause", None) is not None:
-        exc = exc.cause
-    text = str(exc).strip().splitlines()
-    return text[-1][:500] if text else type(exc).__name__
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(app_name)
+        deployment = app.deployments.get("Generator") if app else None
+        if deployment is None:
+            return 0
+        return int(deployment.replica_states.get("RUNNING", 0))
 
 
 def serve_deployment(config: RestageConfig):
-    """The Ray Serve ingress deployment class (routes on the module's FastAPI app)."""
+    """The Ray Serve ingress deployment class (routes on a FastAPI app made from config)."""
+    from fastapi.responses import JSONResponse
     from ray import serve
+
+    app = make_app(config)
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody} for status in (401, 403, 404, 413, 415, 422, 429, 503, 504)
+    }
 
     @serve.deployment(
         name="Ingress",
@@ -301,10 +397,15 @@ def serve_deployment(config: RestageConfig):
             )
 
         async def _guard(self, call):
+            """Every answer carries the request id; every error is a coded ``ErrorBody``."""
+            request_id = new_request_id()
             try:
-                return await call()
-            except HTTPError as exc:
-                return error_response(exc.status, exc.error, exc.detail)
+                result = await call(request_id)
+            except ApiError as exc:
+                return error_response(exc, request_id, id_header=False)
+            except Exception as exc:  # asyncio.CancelledError (client gone) is not caught
+                return error_response(unexpected(exc), request_id, id_header=False)
+            return JSONResponse(result)  # Serve's proxy adds X-Request-ID: request_id
 
         @app.post(
             "/v1/generate",
@@ -316,49 +417,58 @@ def serve_deployment(config: RestageConfig):
                     "content": {"application/json": {"schema": _GENERATE_SCHEMA}},
                 },
             },
-            responses={
-                401: {"model": ErrorBody},
-                403: {"model": ErrorBody},
-                404: {"model": ErrorBody},
-                413: {"model": ErrorBody},
-                422: {"model": ErrorBody},
-                503: {"model": ErrorBody},
-            },
+            responses=errors,
         )
         async def generate(self, request: Request):
-            return await self._guard(lambda: self.service.generate(request))
+            return await self._guard(lambda rid: self.service.generate(request, rid))
 
-        @app.get("/v1/products/{product_id}", responses={404: {"model": ErrorBody}})
+        @app.get("/v1/products/{product_id}", responses=errors)
         async def product(self, product_id: str, request: Request):
-            async def call():
+            async def call(request_id: str):
                 self.service.authorize(request)
                 return public_metadata(self.service.metadata(product_id))
 
             return await self._guard(call)
 
-        @app.get("/v1/stats")
+        @app.get("/v1/stats", responses=errors)
         async def stats(self, request: Request):
             """One generator replica's adapters, counters and memory, and the Prometheus
             endpoints whose metrics cover every replica."""
 
-            async def call():
+            async def call(request_id: str):
                 from serve.metrics import metrics_endpoints
 
                 self.service.authorize(request)
-                stats = await self.service.generator.stats.remote()
+                try:
+                    stats = await self.service.generator.stats.remote()
+                except Exception as exc:
+                    raise ApiError(
+                        "generation_unavailable",
+                        "no generator replica answered",
+                        internal=repr(exc),
+                    ) from None
                 return {**stats, "metrics_endpoints": await asyncio.to_thread(metrics_endpoints)}
 
             return await self._guard(call)
 
-        @app.get("/healthz")
-        async def healthz(self):
-            """200 only when a generator replica has its base model loaded."""
-            try:
-                await asyncio.wait_for(self.service.generator.ready.remote(), timeout=5)
-            except Exception as exc:
-                return error_response(
-                    503, "not ready", _root_cause(exc) or "no generator replica yet"
-                )
-            return {"status": "ok"}
+        @app.get("/healthz", responses=errors)
+        async def healthz(self, request: Request):
+            """200 when a generator replica is running (its base model loaded), else 503 at
+            once (Serve's controller is asked; no replica is waited for)."""
+
+            async def call(request_id: str):
+                try:
+                    running = await self.service.ready()
+                except Exception as exc:
+                    raise ApiError(
+                        "not_ready", "Serve's status is unavailable", internal=repr(exc)
+                    ) from None
+                if not running:
+                    raise ApiError(
+                        "not_ready", "no generator replica is running yet", retry_after_s=1
+                    )
+                return {"status": "ok", "generator_replicas": running}
+
+            return await self._guard(call)
 
     return Ingress

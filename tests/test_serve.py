@@ -25,7 +25,8 @@ from ray_app.config import load_config
 from ray_app.prompts import PromptBank
 from serve.api import GenerateRequest
 from serve.auth import AuthConfigError, check_authorization, digest, load_key_digests
-from serve.ingress import HTTPError, IngressService, build_prompt, public_metadata
+from serve.errors import ApiError
+from serve.ingress import IngressService, build_prompt, public_metadata
 
 URL = "http://127.0.0.1:8000"
 
@@ -159,7 +160,8 @@ def test_auth(server, key, status):
 
 def test_unknown_product_is_404(server):
     resp = post({"product_id": "no-such-product"})
-    assert resp.status_code == 404 and "no-such-product" in resp.json()["detail"]
+    assert resp.status_code == 404 and "no-such-product" in resp.json()["message"]
+    assert resp.json()["error"] == "unknown_product" and resp.json()["request_id"]
     assert get("/v1/products/no-such-product").status_code == 404
     meta = get("/v1/products/mug-red-001")
     assert meta.status_code == 200 and meta.json()["product_id"] == "mug-red-001"
@@ -195,7 +197,7 @@ def test_body_limits(server):
         timeout=60,
         headers={"Authorization": f"Bearer {_key()}", "Content-Type": "application/json"},
     )
-    assert resp.status_code == 422 and resp.json()["error"] == "invalid JSON"
+    assert resp.status_code == 422 and resp.json()["error"] == "invalid_json"
 
 
 def test_path_traversal_never_reaches_storage(server):
@@ -344,7 +346,8 @@ def test_openapi_documents_the_api(server):
         "schema"
     ]
     assert "num_images" in body["properties"]
-    assert httpx.get(f"{URL}/docs", timeout=60).status_code == 200
+    # The Swagger UI loads its scripts from a CDN: off unless serve.docs is set.
+    assert httpx.get(f"{URL}/docs", timeout=60).status_code == 404
 
 
 def test_load_test_smoke(server, tmp_path):
@@ -502,7 +505,7 @@ def test_invalid_product_id_never_reaches_storage(monkeypatch, tmp_path):
     monkeypatch.setattr(storage, "read_json", boom)
     service = IngressService(load_config("tiny"), str(tmp_path), (), None, None, require_auth=False)
     for pid in ("../etc", "..", "a/b", "", "x" * 200):
-        with pytest.raises(HTTPError) as err:
+        with pytest.raises(ApiError) as err:
             service.metadata(pid)
         assert err.value.status == 422
 
@@ -524,12 +527,22 @@ def test_serve_deploy_config_is_valid_and_builds(tmp_path, monkeypatch):
     ServeDeploySchema.parse_obj(config)  # Ray's own schema of `serve deploy` files
     (application,) = config["applications"]
     assert application["import_path"] == "serve.app:app_builder"
-    args = {**application["args"], "adapters": str(tmp_path), "profile": "tiny"}
+    assert "runtime_env" not in application  # no secret travels to the replicas' environment
+    keys = tmp_path / "keys"
+    keys.write_text("deploy-key-0123456789abcdef\n")
+    args = {
+        **application["args"],
+        "adapters": str(tmp_path),
+        "profile": "tiny",
+        "api_keys_file": str(keys),
+    }
     monkeypatch.delenv("RESTAGE_API_KEYS", raising=False)
     monkeypatch.delenv("RESTAGE_API_KEYS_FILE", raising=False)
-    with pytest.raises(ConfigError, match="no API key configured"):
-        app_builder(args)
-    monkeypatch.setenv("RESTAGE_API_KEYS", "deploy-key-0123456789abcdef")
     assert type(app_builder(args)).__name__ == "Application"
+    without = {k: v for k, v in args.items() if k != "api_keys_file"}
+    with pytest.raises(ConfigError, match="no API key configured"):
+        app_builder(without)
+    monkeypatch.setenv("RESTAGE_API_KEYS", "deploy-key-0123456789abcdef")
+    assert type(app_builder(without)).__name__ == "Application"
     with pytest.raises(ConfigError, match="unknown"):
         app_builder({**args, "adapter": "typo"})
