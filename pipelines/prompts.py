@@ -43,6 +43,7 @@ def build(
 ) -> JobSummary:
     import ray
 
+    from ray_app.plan import preflight
     from ray_app.runtime import init_ray, role_resources
 
     if config.llm is None:
@@ -64,6 +65,7 @@ def build(
         }
         for name in names
     ]
+    config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
     init_ray(config)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _TypeWriter,

@@ -18,6 +18,7 @@ from typing import Any
 
 from ray_app import __version__
 from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
+from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
 
 EXIT_USAGE = 2
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mode (streaming, packed or stage). --products N adds GPU-hours and wall hours. "
         "Exits 4 when the job cannot run on that cluster, with the reason and the fix.",
     )
-    p.add_argument("job", choices=("augment", "train", "generate", "serve"))
+    p.add_argument("job", choices=PLAN_JOBS)
     p.add_argument("--gpus", type=float, help="GPUs in the cluster")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU [%(default)s]")
     p.add_argument("--cpus", type=float, default=64.0, help="CPUs in the cluster [%(default)s]")

@@ -29,7 +29,7 @@ from ray_app.resources import RoleNeed, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
-JOBS = ("augment", "train", "generate", "serve")
+JOBS = ("augment", "train", "generate", "serve", "prompts")
 STAGED_JOBS = ("augment",)  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
@@ -97,10 +97,49 @@ class Cluster:
                 key, mem = "GPU", gib
             c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, key))
             c.gpus += node_res["GPU"]
+        cpus = float(res.get("CPU", 0))
+        # An autoscaling cluster holds what its node types can add, not only what is up now.
+        scaled = autoscaler_node_types()
+        for _, count, node_res in scaled:
+            if node_res.get("GPU"):
+                key, mem = _gpu_class_of(node_res)
+                key, mem = (key, mem) if key else ("GPU", gib)
+                c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, key))
+                c.gpus += count * node_res["GPU"]
+                gpus += count * node_res["GPU"]
+            cpus += count * node_res.get("CPU", 0)
+        if scaled:
+            source += f"; autoscaler node types {', '.join(n for n, _, _ in scaled)} at max_workers"
         found = sorted(classes.values(), key=lambda c: c.gpu_gib)
         if len({c.gpu_gib for c in found}) < 2:
             found = []  # one kind of GPU: no routing needed
-        return cls(gpus, gib, float(res.get("CPU", 0)), f"ray.cluster_resources(); {source}", found)
+        return cls(gpus, gib, cpus, f"ray.cluster_resources(); {source}", found)
+
+
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"  # the cluster launcher writes it on the head
+
+
+def autoscaler_node_types(path: str | None = None) -> list[tuple[str, int, dict[str, float]]]:
+    """Worker node types the autoscaler may still start: (name, nodes it can add, resources
+    per node), from the cluster launcher's config on the head (``RAY_BOOTSTRAP_CONFIG`` or
+    ``~/ray_bootstrap_config.yaml``); [] where there is none (a fixed cluster, local Ray)."""
+    import yaml
+
+    file = os.path.expanduser(path or os.environ.get("RAY_BOOTSTRAP_CONFIG", AUTOSCALER_CONFIG))
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        config = yaml.safe_load(f) or {}
+    head = config.get("head_node_type")
+    out = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        if name == head:
+            continue
+        count = int(spec.get("max_workers", 0)) - int(spec.get("min_workers", 0))
+        if count > 0:  # min_workers are already up, so in ray.cluster_resources()
+            res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+            out.append((name, count, res))
+    return out
 
 
 def _gpu_class_of(resources: dict[str, float]) -> tuple[str | None, float]:
@@ -230,6 +269,8 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
         pool.gpu_fraction, pool.cpus = float(t.gpus_per_worker), t.cpus_per_worker
         pool.batch = {"train": t.batch_size}
         return [pool]
+    elif job == "prompts":
+        stages = [("llm", ("llm",))]
     elif job == "serve":
         s = config.serve
         ranker = ("clip", "dino") + (("segmenter",) if config.generate.segment else ())

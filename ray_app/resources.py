@@ -23,7 +23,9 @@ from ray_app.config import RestageConfig
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}  # auto is bf16 on CUDA
 GIB = 2**30
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-MEASURED_FILE = "roles_gpu.json"  # written by bench/gpu_roles.py on a GPU (issue 18)
+# Per-role peak memory measured on a GPU (issue 18's bench/gpu_roles.py, not written yet: no
+# GPU was available); when present, its figures replace the estimates.
+MEASURED_FILE = "roles_gpu.json"
 
 
 @dataclass(frozen=True)

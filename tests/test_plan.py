@@ -16,6 +16,7 @@ from ray_app.plan import (
     Cluster,
     GpuClass,
     _fits,
+    autoscaler_node_types,
     build_plan,
     estimate,
     job_pools,
@@ -175,6 +176,30 @@ def test_default_profile_without_gpus_or_hub_fails_in_seconds_without_a_tracebac
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("gpus", "mode"), [(1, "packed"), (2, "packed"), (8, "streaming")])
+def test_preflight_on_logical_gpus_picks_the_mode(gpus, mode):
+    """A local Ray with N logical GPUs and the default profile's fractions (4.5 GPUs in all;
+    tiny models): the preflight reads the running cluster and chooses the mode."""
+    import ray
+
+    from ray_app.plan import preflight
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cfg = load_config(
+        "tiny", overrides=[*DEFAULT_FRACTIONS, "ray.progress_bars=false", "ray.dashboard=false"]
+    )
+    ray.init(num_gpus=gpus, num_cpus=4, include_dashboard=False)
+    try:
+        run, plan = preflight(cfg, "augment")
+    finally:
+        ray.shutdown()
+    assert plan.mode == mode and plan.cluster.gpus == gpus, render(plan)
+    fractions = [run.role(r).num_gpus for p in plan.pools for r in p.roles]
+    assert sum(fractions) <= gpus
+
+
+@pytest.mark.slow
 def test_one_logical_gpu_with_default_fractions_runs_packed(tmp_path):
     """The default profile's fractions add up to 4.5 GPUs: on 1 GPU the plan packs them
     instead of leaving Ray Data waiting forever (tiny models, logical GPU, CPU compute)."""
@@ -220,8 +245,16 @@ def test_mixed_cluster_routes_heavy_roles_to_large_gpus_and_pins_them():
     assert not build_plan("train", load_config("default"), small_only).runnable
 
 
+def test_autoscaler_node_types_count_toward_the_plan():
+    types = {name: (n, res) for name, n, res in autoscaler_node_types(str(ROOT / "cluster.yaml"))}
+    assert set(types) == {"gpu_a10g", "gpu_a100"}
+    n, res = types["gpu_a100"]
+    assert n == 16 and res["GPU"] == 8 and res["restage_gpu_80gb"] == 8
+    assert autoscaler_node_types(str(ROOT / "no-such-file.yaml")) == []
+
+
 @pytest.mark.slow
-def test_gpu_classes_are_read_from_a_mixed_ray_cluster():
+def test_gpu_classes_are_read_from_a_mixed_ray_cluster(monkeypatch):
     """Two worker nodes with different restage_gpu_<N>gb resources (logical GPUs)."""
     import ray
     from ray.cluster_utils import Cluster as RayCluster
@@ -240,6 +273,11 @@ def test_gpu_classes_are_read_from_a_mixed_ray_cluster():
         ]  # fmt: skip
         plan = build_plan("train", load_config("default"), cluster)
         assert plan.pools[0].resources == {"restage_gpu_80gb": 0.001}
+        # On the cluster launcher's head, the node types the autoscaler may add count too.
+        monkeypatch.setenv("RAY_BOOTSTRAP_CONFIG", str(ROOT / "cluster.yaml"))
+        scaled = Cluster.from_ray(load_config("default"))
+        assert scaled.gpus == 3 + 32 * 1 + 16 * 8 and "autoscaler" in scaled.source
+        assert {c.name: c.gpus for c in scaled.classes}["restage_gpu_80gb"] == 2 + 16 * 8
     finally:
         ray.shutdown()
         nodes.shutdown()
