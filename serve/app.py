@@ -72,6 +72,7 @@ def run_server(
     interrupted. -> the base URL."""
     from ray import serve
 
+    from ray_app.plan import preflight
     from ray_app.runtime import init_ray
 
     digests = load_key_digests()
@@ -85,6 +86,7 @@ def run_server(
             )
         host = "127.0.0.1"
     host = host or config.serve.host
+    config, _ = preflight(config, "serve")  # before Ray starts: fails now if it cannot run
     app = build_app(config, adapters, digests, require_auth=not no_auth)
     port = port or config.serve.port
     init_ray(config)

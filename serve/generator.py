@@ -295,7 +295,11 @@ def serve_deployment(config: RestageConfig):
             "downscale_delay_s": s.downscale_delay_s,
         },
         max_ongoing_requests=s.max_ongoing_requests,
-        ray_actor_options={"num_gpus": spec.num_gpus, "num_cpus": spec.num_cpus},
+        ray_actor_options={
+            "num_gpus": spec.num_gpus,
+            "num_cpus": spec.num_cpus,
+            "resources": dict(spec.resources),  # the GPU class the placement plan chose
+        },
         health_check_period_s=10,
     )
     class GeneratorDeployment:

@@ -69,7 +69,11 @@ def serve_deployment(config: RestageConfig):
     @serve.deployment(
         name="Ranker",
         num_replicas=config.serve.ranker_replicas,
-        ray_actor_options={"num_gpus": gpus, "num_cpus": config.clip.num_cpus},
+        ray_actor_options={
+            "num_gpus": gpus,
+            "num_cpus": config.clip.num_cpus,
+            "resources": {k: v for r in roles for k, v in config.role(r).resources.items()},
+        },
         max_ongoing_requests=config.serve.max_ongoing_requests,
     )
     class RankerDeployment:

@@ -281,3 +281,20 @@ def test_gpu_classes_are_read_from_a_mixed_ray_cluster(monkeypatch):
     finally:
         ray.shutdown()
         nodes.shutdown()
+
+
+def test_serve_preflight_refuses_a_cluster_that_cannot_hold_it(tmp_path):
+    """`restage serve` plans before Ray starts: no GPU and no hub here, so it ends at once."""
+    import os
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_app.cli", "serve", "--profile", "default",
+         "--adapters", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+        env={**os.environ, "RESTAGE_API_KEYS": "k" * 32},
+    )  # fmt: skip
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "Generator" in proc.stderr and "needs a GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    print(f"serve preflight ended in {time.monotonic() - start:.1f}s")
