@@ -55,6 +55,7 @@ from ray_app.records import (
 )
 from ray_app.report import JobSummary, StageStats
 from ray_app.seeds import derive_seed
+from ray_app.sources import SourcePolicy
 from ray_app.storage import AugmentLayout, write_errors
 
 JOB = "augment"
@@ -89,6 +90,7 @@ class Sample:
     prompt: str | None = None
     source_sample: str | None = None
     origin_uri: str | None = None  # real images: the input URI
+    origin_frames: int | None = None  # real images from an animation: its frame count
     seed: int | None = None
     alpha: bytes | None = None  # real images: the file's alpha channel, a mask hint
     mask: bytes | None = None
@@ -325,8 +327,11 @@ def _column(values: list[Any]) -> np.ndarray:
     return object_array(values)
 
 
-def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:
-    """Records -> product states with their real images, decoded and re-encoded."""
+def decode_products(
+    batch: dict[str, np.ndarray], config: RestageConfig, policy: SourcePolicy
+) -> dict[str, np.ndarray]:
+    """Records -> product states with their real images, decoded and re-encoded. Every URI
+    is checked against ``policy`` first: a refused one is an error row, never read."""
     img_cfg, fmt = config.images, config.augment.image_format
     states = []
     for row in _rows(batch):
@@ -338,6 +343,7 @@ def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict
             max_megapixels=img_cfg.max_megapixels,
             max_side=img_cfg.max_side,
             min_side=img_cfg.min_side,
+            read=policy.read,
         )
         stat.items_in = len(state.record.image_uris)
         for uri, reason in failed:
@@ -353,6 +359,7 @@ def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict
                     w,
                     h,
                     origin_uri=img.uri,
+                    origin_frames=img.image.frames if img.image.frames > 1 else None,
                     alpha=alpha,
                 )
             )
@@ -812,6 +819,7 @@ def _manifest_row(
         "prompt": s.prompt,
         "source_sample": s.source_sample,
         "origin_uri": s.origin_uri,
+        "origin_frames": s.origin_frames,
         "seed": s.seed,
         "product_type": state.product_type,
         "type_source": state.type_source,
@@ -861,7 +869,9 @@ def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, .
     return plan
 
 
-def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str):
+def build_dataset(
+    records: list[ProductRecord], config: RestageConfig, root: str, policy: SourcePolicy
+):
     """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed)."""
     import ray
 
@@ -869,7 +879,10 @@ def build_dataset(records: list[ProductRecord], config: RestageConfig, root: str
     per_call = config.augment.products_per_batch
     ds = ray.data.from_arrow(input_blocks(records_table(records), MAX_INPUT_BLOCKS))
     ds = ds.map_batches(
-        decode_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
+        decode_products,
+        fn_kwargs={"config": config, "policy": policy},
+        batch_size=per_call,
+        num_cpus=cpu,
     )
 
     for cls, roles in model_stages(config):
@@ -895,6 +908,7 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     root = storage.normalize_uri(out)
     layout = AugmentLayout(root)
     parsed = read_manifest(manifest, job=JOB)
+    policy = SourcePolicy.for_manifest(parsed.uri, config.storage)
     write_errors(layout, "_records", parsed.errors)
     done = layout.completed()
     todo = [r for r in parsed.records if r.product_id not in done]
@@ -914,7 +928,7 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         init_ray(config)
         config, placed = preflight(config, JOB)
         placement = placed.mode
-        for batch in build_dataset(todo, config, root).iter_batches(
+        for batch in build_dataset(todo, config, root, policy).iter_batches(
             batch_size=16, batch_format="numpy"
         ):
             for status, stats in zip(batch["status"], batch["stats"], strict=True):

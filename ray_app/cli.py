@@ -19,6 +19,7 @@ from typing import Any
 from ray_app import __version__
 from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
 from ray_app.plan import PlanError
+from ray_app.storage import MissingBackendError
 
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         print(f"restage {args.command}: cannot run on this cluster.\n{exc}", file=sys.stderr)
         return EXIT_PLAN
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, MissingBackendError) as exc:
         print(f"restage {args.command}: {exc}", file=sys.stderr)
         return 1
 

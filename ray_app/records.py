@@ -164,6 +164,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("prompt", pa.string()),
         pa.field("source_sample", pa.string()),
         pa.field("origin_uri", pa.string()),
+        # Frames of an animated source (GIF, APNG, WebP): its first frame was used. None: a still.
+        pa.field("origin_frames", pa.int32()),
         pa.field("seed", pa.int64()),
         pa.field("product_type", pa.string()),
         pa.field("type_source", pa.string()),

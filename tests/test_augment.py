@@ -29,6 +29,9 @@ KINDS = {"real", "view", "context", "negative", "counterfactual"}
 POSITIVE = {"real", "view", "context"}
 DREAMBOOTH_IDS = ["backpack", "teapot", "duck_toy"]
 RESTAGE = str(Path(sys.executable).with_name("restage"))
+# The manifests of these tests live in temporary folders and name the example images by
+# absolute path: trust those folders explicitly, as a user would.
+ALLOW = f"storage.allowed_sources=[{EXAMPLES}, {DREAMBOOTH}]"
 
 
 def _examples() -> list[dict]:
@@ -89,7 +92,7 @@ def run(ray_local, tmp_path_factory):
         "".join(json.dumps(r) + "\n" for r in _examples() + _bad_inputs(folder) + _dreambooth())
     )
     out = folder / "out"
-    config = load_config("tiny", overrides=["ray.progress_bars=false"])
+    config = load_config("tiny", overrides=["ray.progress_bars=false", ALLOW])
     summary = augment(config, str(manifest), str(out))
     table = storage.read_parquet(str(out / "manifest")).to_pandas()
     errors = storage.read_parquet(str(out / "errors")).to_pandas()
@@ -212,6 +215,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
         str(out),
         "--set",
         "ray.progress_bars=false",
+        "--set",
+        ALLOW,
     ]
     before = ray_pids()
     log = tmp_path / "killed.log"  # a pipe that nobody reads would fill and stall the job
