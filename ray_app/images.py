@@ -98,6 +98,9 @@ def decode_image(
             f"{max_megapixels:g}: refusing to decode (decompression-bomb guard)"
         )
     try:
+        # Pillow decodes the first frame of an animation; the caller records that it was one.
+        frames = int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+        img.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
@@ -110,8 +113,6 @@ def decode_image(
         raise ImageError(
             f"image is {img.size[0]}x{img.size[1]}: the shorter side is below {min_side} px"
         )
-    # Pillow loads the first frame of an animation; the caller records that it was one.
-    frames = int(getattr(img, "n_frames", 1) or 1) if getattr(img, "is_animated", False) else 1
     source_mode = img.mode
     rgb, alpha = _to_rgb(img)
     if max_side and max(rgb.shape[:2]) > max_side:
