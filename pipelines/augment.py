@@ -45,7 +45,7 @@ from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
-from ray_app.prompts import GENERIC, PromptBank, classify, fill
+from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
     SAMPLE_SCHEMA,
@@ -409,7 +409,8 @@ class CaptionStage(_Stage):
         if ptype is None:
             ptype, source = self._zero_shot(reals)
         state.product_type, state.type_source = ptype, source
-        state.noun = rec.category or self.bank.type_of(ptype).noun
+        # Never the raw category: it is free text from an untrusted manifest.
+        state.noun = category_noun(self.bank, rec.category) or self.bank.type_of(ptype).noun
         for s in reals:
             s.caption = s.caption or f"a photo of a {state.noun}"
 

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from ray_app import __version__, storage
 from ray_app.config import RestageConfig
-from ray_app.prompts import PromptBank, fill
+from ray_app.prompts import PromptBank, category_noun, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
     POSITIVE_KINDS,
@@ -163,7 +163,11 @@ def load_training_set(
         blobs = list(pool.map(storage.read_bytes, [r["image_uri"] for r in rows]))
     record = product_record(data_root, product_id, records)
     product_type = next((r["product_type"] for r in rows if r["product_type"]), None)
-    noun = record.get("noun") or record.get("category") or bank.type_of(product_type).noun
+    noun = (
+        record.get("noun")
+        or category_noun(bank, record.get("category"))
+        or bank.type_of(product_type).noun
+    )
     return TrainingSet(
         product_id,
         shard,
