@@ -45,6 +45,7 @@ from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
+from ray_app.node_loss import node_loss_guard
 from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
@@ -53,7 +54,7 @@ from ray_app.records import (
     read_manifest,
     records_table,
 )
-from ray_app.report import JobSummary, StageStats
+from ray_app.report import CompletedTotals, JobSummary, StageStats
 from ray_app.seeds import derive_seed
 from ray_app.sources import SourcePolicy
 from ray_app.storage import AugmentLayout, write_errors
@@ -772,6 +773,7 @@ def write_products(
                 k: sum(1 for r in rows if r["kind"] == k and r["kept"])
                 for k in ("real", "view", "context", "negative", "counterfactual")
             }
+            stat.seconds = time.perf_counter() - start
             storage.write_json(
                 layout.marker(pid),
                 {
@@ -783,6 +785,8 @@ def write_products(
                     "product_type": state.product_type,
                     "type_source": state.type_source,
                     "finished": time.time(),
+                    # A resumed job's summary adds these up for the products it skips.
+                    "stats": {k: v.__dict__ for k, v in state.stats.items()},
                 },
             )
         stat.seconds = time.perf_counter() - start
@@ -913,31 +917,49 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     write_errors(layout, "_records", parsed.errors)
     done = layout.completed()
     todo = [r for r in parsed.records if r.product_id not in done]
-    summary = JobSummary(JOB, root)
-    summary.products = {
-        "in manifest": len(parsed.records) + len(parsed.errors),
-        "invalid": len(parsed.errors),
-        "already complete": len(parsed.records) - len(todo),
-        "ok": 0,
-        "partial": 0,
-        "failed": 0,
-    }
-    for name in STAGES:
-        summary.stage(name, "images")
+    completed = CompletedTotals.before_this_run(
+        _previous_summary(layout), done, lambda pid: storage.read_json(layout.marker(pid))
+    )
+    this_run = {"ok": 0, "partial": 0, "failed": 0}
+    failed_stats = JobSummary(JOB, root)  # stages of the products that failed this time
     placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
     if todo:
         init_ray(config)
         config, placed = preflight(config, JOB)
         placement = placed.mode
-        for batch in build_dataset(todo, config, root, policy).iter_batches(
-            batch_size=16, batch_format="numpy"
-        ):
-            for status, stats in zip(batch["status"], batch["stats"], strict=True):
-                summary.products[status] += 1
-                for name, values in json.loads(stats).items():
-                    summary.stage(name).add(StageStats(**values))
+        with node_loss_guard(JOB, config):
+            for batch in build_dataset(todo, config, root, policy).iter_batches(
+                batch_size=16, batch_format="numpy"
+            ):
+                for status, stats in zip(batch["status"], batch["stats"], strict=True):
+                    this_run[status] += 1
+                    if status == "failed":
+                        for name, values in json.loads(stats).items():
+                            failed_stats.stage(name).add(StageStats(**values))
+                    else:
+                        completed.add(status, json.loads(stats))
+    # The whole job: every complete product (this run's and earlier ones') and the products
+    # that failed this time (earlier failures were retried now, so they count once).
+    summary = JobSummary(JOB, root, whole_job=True)
+    summary.products = {
+        "in manifest": len(parsed.records) + len(parsed.errors),
+        "invalid": len(parsed.errors),
+        "already complete": len(parsed.records) - len(todo),
+        "ok": completed.ok,
+        "partial": completed.partial,
+        "failed": this_run["failed"],
+    }
+    for name in STAGES:
+        stage = summary.stage(name, "images")
+        for part in (completed.stages.get(name), failed_stats.stages.get(name)):
+            if part is not None:
+                stage.add(part)
     summary.wall_seconds = time.perf_counter() - start
+    completed.invocations += 1
+    completed.wall_seconds += summary.wall_seconds
     summary.extra = {
+        "this_run": {**this_run, "wall_seconds": round(summary.wall_seconds, 3)},
+        "completed": completed.to_dict(),
         "manifest": manifest,
         "placement": placement,
         "ignored_columns": parsed.ignored_columns,
@@ -946,6 +968,14 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     }
     storage.write_json(layout.summary(), summary.to_dict())
     return summary
+
+
+def _previous_summary(layout: AugmentLayout) -> dict[str, Any] | None:
+    """The summary.json of an earlier invocation, or None (none, or unreadable)."""
+    try:
+        return storage.read_json(layout.summary())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

@@ -54,7 +54,11 @@ def test_refused_sources_get_no_request_and_good_products_finish(ray_local, tmp_
                 "category": "mug",
                 "image_uris": ["mug/00-white.jpg", "mug/spin.gif", bad["escaping-sibling"]],
             },
-            {"product_id": "bottle-http", "category": "bottle", "image_uris": [good_http]},
+            {
+                "product_id": "bottle-http",
+                "category": "Flacon <b>@admin</b> x=1\x1b[31m",  # free text: never raw in prompts
+                "image_uris": [good_http],
+            },
             *({"product_id": f"bad-{name}", "image_uris": [uri]} for name, uri in bad.items()),
         ]
         manifest = vendor / "products.jsonl"
@@ -74,7 +78,9 @@ def test_refused_sources_get_no_request_and_good_products_finish(ray_local, tmp_
     errors = storage.read_parquet(str(tmp_path / "out" / "errors")).to_pandas()
     decode = errors[errors.stage == "decode"]
     refused = decode[decode.item.notna()]
-    assert set(refused.item) == set(bad.values()), refused[["item", "reason"]]
+    # Items are the URIs as the manifest resolved them (relative to its folder).
+    expected = {storage.resolve_relative(uri, str(vendor)) for uri in bad.values()}
+    assert set(refused.item) == expected, refused[["item", "reason"]]
     assert refused.reason.str.startswith(REFUSED).all(), refused.reason.tolist()
     # No size, no existence: the reasons never carry what a read would have learnt.
     assert not refused.reason.str.contains("bytes|not found|exist", regex=True).any()
@@ -85,4 +91,7 @@ def test_refused_sources_get_no_request_and_good_products_finish(ray_local, tmp_
     reals = table[table.kind == "real"].set_index("origin_uri")
     gif = str(vendor / "mug" / "spin.gif")
     assert reals.loc[gif, "origin_frames"] == 3  # an animation: its first frame, recorded
+    contexts = table[(table.product_id == "bottle-http") & (table.kind == "context")]
+    prompts = " ".join(contexts.prompt)  # bank scenes filled with the product's noun
+    assert "flacon" in prompts and not set("<>@=\x1b") & set(prompts)
     assert pd.isna(reals.loc[str(vendor / "mug" / "00-white.jpg"), "origin_frames"])  # a still
