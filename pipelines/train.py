@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from ray_app import __version__, storage
 from ray_app.config import RestageConfig
+from ray_app.node_loss import node_loss_guard
 from ray_app.prompts import PromptBank, category_noun, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
@@ -406,7 +407,8 @@ def train(config: RestageConfig, data: str, out: str, manifest: str | None = Non
     for name in STAGES:
         summary.stage(name, "steps" if name in ("train", "sweep") else "products")
     if todo:
-        _fit(config, data_root, root, todo, manifest)
+        with node_loss_guard(JOB, config):
+            _fit(config, data_root, root, todo, manifest)
     for pid in todo:
         meta_uri = layout.metadata(pid)
         if not storage.exists(meta_uri):

@@ -18,8 +18,8 @@ from typing import Any
 
 from ray_app import __version__
 from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
-from ray_app.plan import PlanError
 from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
+from ray_app.plan import PlanError
 from ray_app.storage import MissingBackendError
 
 EXIT_USAGE = 2

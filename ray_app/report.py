@@ -115,6 +115,8 @@ class JobSummary:
     # True when ok/partial/failed count every product of the job (complete ones from earlier
     # invocations too); False when they count this invocation and "already complete" the rest.
     whole_job: bool = False
+    # (done, failed) when the product counts are not plain ok/partial/failed (``restage run``).
+    totals: tuple[int, int] | None = None
 
     def stage(self, name: str, unit: str = "items") -> StageStats:
         if name not in self.stages:
@@ -145,6 +147,8 @@ class JobSummary:
 
     def counts(self) -> tuple[int, int]:
         """(products done, products failed) over the whole job; invalid records are failed."""
+        if self.totals is not None:
+            return self.totals
         p = self.products
         done = p.get("ok", 0) + p.get("partial", 0)
         if not self.whole_job:
@@ -152,7 +156,10 @@ class JobSummary:
         return done, p.get("failed", 0) + p.get("invalid", 0)
 
     def outcome(self) -> str:
-        """The last line a job prints: whether every product is done, some failed, or all."""
+        """The last line a job prints: whether every product is done, some failed, or all
+        ("" for a job that does not count products, e.g. ``prompts build``)."""
+        if self.totals is None and not {"ok", "failed"} & set(self.products):
+            return ""
         done, failed = self.counts()
         errors = self.extra.get("errors") or self.out
         if failed and not done:
@@ -171,10 +178,11 @@ class JobSummary:
 
     def render(self) -> str:
         products = ", ".join(f"{k}: {v}" for k, v in self.products.items())
-        return (
+        text = (
             f"restage {self.job}: {products}; {self.wall_seconds:.1f}s wall\n"
-            f"{self.table()}\noutputs: {self.out}\n{self.outcome()}"
+            f"{self.table()}\noutputs: {self.out}"
         )
+        return f"{text}\n{self.outcome()}" if self.outcome() else text
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:
