@@ -88,6 +88,8 @@ def check_allowed_source(entry: str) -> str:
             raise ValueError(
                 f"allowed_sources entry {entry!r}: give a host, e.g. https://cdn.example.com"
             )
+        host, _, path = rest.partition("/")
+        rest = f"{host.lower()}/{path}"  # host names are case-insensitive; URIs are lowered too
     return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else f"{scheme}://"
 
 

@@ -118,6 +118,10 @@ def test_named_prefixes_match_on_segment_boundaries(tree, tmp_path):
         with pytest.raises(SourceRefused):
             policy.check(uri)
     assert _policy(manifest, "s3://").check("s3://any/key.png") == "s3://any/key.png"
+    https = _policy(manifest, "HTTPS://CDN.Example.com/")
+    assert https.check("https://cdn.EXAMPLE.com/a.png") == "https://cdn.example.com/a.png"
+    with pytest.raises(SourceRefused):
+        https.check("https://cdn.example.com.evil.net/a.png")
 
 
 @pytest.mark.parametrize(
