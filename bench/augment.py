@@ -31,6 +31,7 @@ from ray_app import storage  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.records import ProductRecord, read_manifest, records_table  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
+from ray_app.sources import SourcePolicy  # noqa: E402
 
 
 class MemoryPeak:
@@ -57,7 +58,7 @@ class MemoryPeak:
         return self.peak / 2**30
 
 
-def run_sequential(records: list[ProductRecord], config, root: str) -> dict:
+def run_sequential(records: list[ProductRecord], config, root: str, policy: SourcePolicy) -> dict:
     """The same stage classes, one product at a time, in this process, models loaded once."""
     start = time.perf_counter()
     stages = [cls(config) for cls, _ in job.model_stages(config)]
@@ -67,7 +68,7 @@ def run_sequential(records: list[ProductRecord], config, root: str) -> dict:
     for i in range(table.num_rows):
         row = table.slice(i, 1).to_pydict()
         batch = {k: np.array(v, dtype=object) for k, v in row.items()}
-        batch = job.decode_products(batch, config)
+        batch = job.decode_products(batch, config, policy)
         for stage in stages:
             batch = stage(batch)
         batch = job.select_products(batch, config)
@@ -104,7 +105,11 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "augment_tiny_cpu.json"))
     args = parser.parse_args()
 
-    config = load_config(args.profile, overrides=["ray.progress_bars=false", *args.overrides])
+    # The bench manifest names the example images by absolute path, outside its own folder.
+    allow = f"storage.allowed_sources=[{ROOT / 'examples'}]"
+    config = load_config(
+        args.profile, overrides=["ray.progress_bars=false", allow, *args.overrides]
+    )
     work = Path(args.out or tempfile.mkdtemp(prefix="restage-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     manifest = example_manifest(args.products, "bench", work / "products.jsonl")
@@ -112,7 +117,10 @@ def main() -> None:
 
     with MemoryPeak() as seq_mem:
         sequential = run_sequential(
-            records[: args.sequential_products], config, str(work / "sequential")
+            records[: args.sequential_products],
+            config,
+            str(work / "sequential"),
+            SourcePolicy.for_manifest(str(manifest), config.storage),
         )
     sequential["peak_memory_gib"] = round(seq_mem.peak_gib, 2)
 

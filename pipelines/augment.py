@@ -46,7 +46,8 @@ from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
-from ray_app.prompts import GENERIC, PromptBank, classify, fill
+from ray_app.node_loss import node_loss_guard
+from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
     SAMPLE_SCHEMA,
@@ -54,8 +55,9 @@ from ray_app.records import (
     read_manifest,
     records_table,
 )
-from ray_app.report import JobSummary, StageStats
+from ray_app.report import CompletedTotals, JobSummary, StageStats
 from ray_app.seeds import derive_seed
+from ray_app.sources import SourcePolicy
 from ray_app.storage import AugmentLayout, write_errors
 
 JOB = "augment"
@@ -90,6 +92,7 @@ class Sample:
     prompt: str | None = None
     source_sample: str | None = None
     origin_uri: str | None = None  # real images: the input URI
+    origin_frames: int | None = None  # real images from an animation: its frame count
     seed: int | None = None
     alpha: bytes | None = None  # real images: the file's alpha channel, a mask hint
     mask: bytes | None = None
@@ -326,8 +329,11 @@ def _column(values: list[Any]) -> np.ndarray:
     return object_array(values)
 
 
-def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:
-    """Records -> product states with their real images, decoded and re-encoded."""
+def decode_products(
+    batch: dict[str, np.ndarray], config: RestageConfig, policy: SourcePolicy
+) -> dict[str, np.ndarray]:
+    """Records -> product states with their real images, decoded and re-encoded. Every URI
+    is checked against ``policy`` first: a refused one is an error row, never read."""
     img_cfg, fmt = config.images, config.augment.image_format
     states = []
     for row in _rows(batch):
@@ -339,6 +345,7 @@ def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict
             max_megapixels=img_cfg.max_megapixels,
             max_side=img_cfg.max_side,
             min_side=img_cfg.min_side,
+            read=policy.read,
         )
         stat.items_in = len(state.record.image_uris)
         for uri, reason in failed:
@@ -354,6 +361,7 @@ def decode_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict
                     w,
                     h,
                     origin_uri=img.uri,
+                    origin_frames=img.image.frames if img.image.frames > 1 else None,
                     alpha=alpha,
                 )
             )
@@ -403,7 +411,8 @@ class CaptionStage(_Stage):
         if ptype is None:
             ptype, source = self._zero_shot(reals)
         state.product_type, state.type_source = ptype, source
-        state.noun = rec.category or self.bank.type_of(ptype).noun
+        # Never the raw category: it is free text from an untrusted manifest.
+        state.noun = category_noun(self.bank, rec.category) or self.bank.type_of(ptype).noun
         for s in reals:
             s.caption = s.caption or f"a photo of a {state.noun}"
 
@@ -765,6 +774,7 @@ def write_products(
                 k: sum(1 for r in rows if r["kind"] == k and r["kept"])
                 for k in ("real", "view", "context", "negative", "counterfactual")
             }
+            stat.seconds = time.perf_counter() - start
             storage.write_json(
                 layout.marker(pid),
                 {
@@ -776,6 +786,8 @@ def write_products(
                     "product_type": state.product_type,
                     "type_source": state.type_source,
                     "finished": time.time(),
+                    # A resumed job's summary adds these up for the products it skips.
+                    "stats": {k: v.__dict__ for k, v in state.stats.items()},
                 },
             )
         stat.seconds = time.perf_counter() - start
@@ -813,6 +825,7 @@ def _manifest_row(
         "prompt": s.prompt,
         "source_sample": s.source_sample,
         "origin_uri": s.origin_uri,
+        "origin_frames": s.origin_frames,
         "seed": s.seed,
         "product_type": state.product_type,
         "type_source": state.type_source,
@@ -866,6 +879,7 @@ def build_dataset(
     records: list[ProductRecord],
     config: RestageConfig,
     root: str,
+    policy: SourcePolicy,
     staged: dict[str, int] | None = None,
 ):
     """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed).
@@ -880,7 +894,10 @@ def build_dataset(
     def decoded(chosen: list[ProductRecord]):
         ds = ray.data.from_arrow(input_blocks(records_table(chosen), MAX_INPUT_BLOCKS))
         return ds.map_batches(
-            decode_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
+            decode_products,
+            fn_kwargs={"config": config, "policy": policy},
+            batch_size=per_call,
+            num_cpus=cpu,
         )
 
     if staged is not None:
@@ -920,38 +937,58 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     root = storage.normalize_uri(out)
     layout = AugmentLayout(root)
     parsed = read_manifest(manifest, job=JOB)
+    policy = SourcePolicy.for_manifest(parsed.uri, config.storage)
     write_errors(layout, "_records", parsed.errors)
     done = layout.completed()
     todo = [r for r in parsed.records if r.product_id not in done]
-    summary = JobSummary(JOB, root)
-    summary.products = {
-        "in manifest": len(parsed.records) + len(parsed.errors),
-        "invalid": len(parsed.errors),
-        "already complete": len(parsed.records) - len(todo),
-        "ok": 0,
-        "partial": 0,
-        "failed": 0,
-    }
-    for name in STAGES:
-        summary.stage(name, "images")
+    completed = CompletedTotals.before_this_run(
+        _previous_summary(layout), done, lambda pid: storage.read_json(layout.marker(pid))
+    )
+    this_run = {"ok": 0, "partial": 0, "failed": 0}
+    failed_stats = JobSummary(JOB, root)  # stages of the products that failed this time
     placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
+    staged: dict[str, int] | None = None  # products each stage ran, in stage-by-stage mode
     if todo:
         config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
         init_ray(config)
         placement = placed.mode
         staged = {} if placement == "stage" else None
-        for batch in build_dataset(todo, config, root, staged).iter_batches(
-            batch_size=16, batch_format="numpy"
-        ):
-            for status, stats in zip(batch["status"], batch["stats"], strict=True):
-                summary.products[status] += 1
-                for name, values in json.loads(stats).items():
-                    summary.stage(name).add(StageStats(**values))
+        with node_loss_guard(JOB, config):
+            for batch in build_dataset(todo, config, root, policy, staged).iter_batches(
+                batch_size=16, batch_format="numpy"
+            ):
+                for status, stats in zip(batch["status"], batch["stats"], strict=True):
+                    this_run[status] += 1
+                    if status == "failed":
+                        for name, values in json.loads(stats).items():
+                            failed_stats.stage(name).add(StageStats(**values))
+                    else:
+                        completed.add(status, json.loads(stats))
         if staged is not None:  # every product is written, marker last: stage rows are spent
             storage.remove(storage.join(root, STAGES_DIR), recursive=True)
-            summary.extra["staged"] = staged
+    # The whole job: every complete product (this run's and earlier ones') and the products
+    # that failed this time (earlier failures were retried now, so they count once).
+    summary = JobSummary(JOB, root, whole_job=True)
+    summary.products = {
+        "in manifest": len(parsed.records) + len(parsed.errors),
+        "invalid": len(parsed.errors),
+        "already complete": len(parsed.records) - len(todo),
+        "ok": completed.ok,
+        "partial": completed.partial,
+        "failed": this_run["failed"],
+    }
+    for name in STAGES:
+        stage = summary.stage(name, "images")
+        for part in (completed.stages.get(name), failed_stats.stages.get(name)):
+            if part is not None:
+                stage.add(part)
     summary.wall_seconds = time.perf_counter() - start
-    summary.extra |= {
+    completed.invocations += 1
+    completed.wall_seconds += summary.wall_seconds
+    summary.extra = {
+        "this_run": {**this_run, "wall_seconds": round(summary.wall_seconds, 3)},
+        "completed": completed.to_dict(),
+        "staged": staged,
         "manifest": manifest,
         "placement": placement,
         "ignored_columns": parsed.ignored_columns,
@@ -960,6 +997,14 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     }
     storage.write_json(layout.summary(), summary.to_dict())
     return summary
+
+
+def _previous_summary(layout: AugmentLayout) -> dict[str, Any] | None:
+    """The summary.json of an earlier invocation, or None (none, or unreadable)."""
+    try:
+        return storage.read_json(layout.summary())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

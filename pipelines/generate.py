@@ -39,6 +39,7 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.models import source_tag
+from ray_app.node_loss import node_loss_guard
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import GENERATION_SCHEMA, ErrorRow
 from ray_app.report import JobSummary, StageStats
@@ -414,20 +415,21 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
         config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
         init_ray(config)
         placement = placed.mode
-        for batch in build_dataset(states, config, root).iter_batches(
-            batch_size=16, batch_format="numpy"
-        ):
-            for pid, status, n, stats in zip(
-                batch["product_id"],
-                batch["status"],
-                batch["adapter_loads"],
-                batch["stats"],
-                strict=True,
+        with node_loss_guard(JOB, config):
+            for batch in build_dataset(states, config, root).iter_batches(
+                batch_size=16, batch_format="numpy"
             ):
-                summary.products[status] += 1
-                loads[pid] = loads.get(pid, 0) + int(n)
-                for name, values in json.loads(stats).items():
-                    summary.stage(name).add(StageStats(**values))
+                for pid, status, n, stats in zip(
+                    batch["product_id"],
+                    batch["status"],
+                    batch["adapter_loads"],
+                    batch["stats"],
+                    strict=True,
+                ):
+                    summary.products[status] += 1
+                    loads[pid] = loads.get(pid, 0) + int(n)
+                    for name, values in json.loads(stats).items():
+                        summary.stage(name).add(StageStats(**values))
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "adapters": adapters_root,

@@ -43,6 +43,9 @@ def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         stage.seconds = job.wall_seconds
         for key, value in job.products.items():
             summary.products[f"{name} {key}"] = value
+    # The run's outcome: products that came out of generate, against every failure on the way.
+    generated = jobs[-1].counts()[0]
+    summary.totals = (generated, sum(j.counts()[1] for j in jobs))
     summary.products = {
         k: v for k, v in summary.products.items() if k.split(" ", 1)[1] in ("ok", "failed")
     }

@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 
 from ray_app import __version__, storage
 from ray_app.config import RestageConfig
-from ray_app.prompts import PromptBank, fill
+from ray_app.node_loss import node_loss_guard
+from ray_app.prompts import PromptBank, category_noun, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
     POSITIVE_KINDS,
@@ -165,7 +166,11 @@ def load_training_set(
         blobs = list(pool.map(storage.read_bytes, [r["image_uri"] for r in rows]))
     record = product_record(data_root, product_id, records)
     product_type = next((r["product_type"] for r in rows if r["product_type"]), None)
-    noun = record.get("noun") or record.get("category") or bank.type_of(product_type).noun
+    noun = (
+        record.get("noun")
+        or category_noun(bank, record.get("category"))
+        or bank.type_of(product_type).noun
+    )
     return TrainingSet(
         product_id,
         shard,
@@ -478,7 +483,8 @@ def train(config: RestageConfig, data: str, out: str, manifest: str | None = Non
     for name in STAGES:
         summary.stage(name, "steps" if name in ("train", "sweep") else "products")
     if todo:
-        _fit(config, data_root, root, todo, manifest)
+        with node_loss_guard(JOB, config):
+            _fit(config, data_root, root, todo, manifest)
     for pid in todo:
         meta_uri = layout.metadata(pid)
         if not storage.exists(meta_uri):

@@ -18,8 +18,10 @@ from typing import Any
 
 from ray_app import __version__
 from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
+from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
+from ray_app.storage import MissingBackendError
 
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
@@ -199,8 +201,8 @@ def _job(target: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         summary = _call(target, cfg, args)
-        print(summary.render())
-        return 0
+        print(summary.render())  # its last line says whether any product failed
+        return summary.exit_code()
 
     return run
 
@@ -442,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         print(f"restage {args.command}: cannot run on this cluster.\n{exc}", file=sys.stderr)
         return EXIT_PLAN
-    except (FileNotFoundError, ValueError) as exc:
+    except NodeLost as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_NODE_LOST
+    except (FileNotFoundError, ValueError, MissingBackendError) as exc:
         print(f"restage {args.command}: {exc}", file=sys.stderr)
         return 1
 

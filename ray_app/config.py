@@ -16,7 +16,14 @@ from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ROLES = (
     "captioner",
@@ -131,6 +138,84 @@ class RayConfig(StrictModel):
         description="Start the Ray dashboard with a local Ray (127.0.0.1:8265); Ray Train's "
         "state queries need it.",
     )
+    # Ray marks a node dead after `failure_threshold` health checks in a row went
+    # unanswered for `timeout_ms`; a loaded machine (all cores busy with model actors) can
+    # miss Ray's defaults (3 s period, 10 s timeout, 5 failures) and lose its only node.
+    health_check_period_ms: PositiveInt = Field(
+        5000,
+        description="How often Ray's GCS checks that each node is alive (local Ray; on a "
+        "cluster: RAY_health_check_period_ms for `ray start`).",
+    )
+    health_check_timeout_ms: PositiveInt = Field(
+        30000, description="How long one health check may take before it counts as missed."
+    )
+    health_check_failure_threshold: PositiveInt = Field(
+        10, description="Missed health checks in a row before Ray marks a node dead."
+    )
+
+    def system_config(self) -> dict[str, int]:
+        """Ray ``_system_config`` (and, as ``RAY_<key>``, cluster env) for the health checks."""
+        return {
+            "health_check_period_ms": self.health_check_period_ms,
+            "health_check_timeout_ms": self.health_check_timeout_ms,
+            "health_check_failure_threshold": self.health_check_failure_threshold,
+        }
+
+
+class HttpSourcesConfig(StrictModel):
+    """How http(s) image sources are read, when ``storage.allowed_sources`` allows them."""
+
+    timeout_s: PositiveFloat = Field(
+        10.0, description="Seconds allowed to connect, and to wait for each read."
+    )
+    deadline_s: PositiveFloat = Field(
+        60.0, description="Seconds allowed for a whole fetch, redirects included (slow senders)."
+    )
+    max_bytes: PositiveInt = Field(
+        64 * 2**20, description="Largest response body read, in bytes; larger is an error."
+    )
+    max_redirects: NonNegativeInt = Field(
+        3, description="Redirects followed (each one checked like the first URI)."
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs exempt from the refusal of non-public addresses (e.g. an image "
+        "server on the private network, 10.2.0.0/16). Empty: only public addresses.",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR, e.g. 10.2.0.0/16") from None
+        return value
+
+
+class StorageConfig(StrictModel):
+    """Which sources an (untrusted) manifest may name; see ray_app/sources.py."""
+
+    allowed_sources: list[str] = Field(
+        default_factory=list,
+        description="URI prefixes that image URIs may name besides the manifest's own folder "
+        "tree: object-store buckets or prefixes (s3://bucket, gs://bucket/photos), extra "
+        "absolute local folders (/data/photos), http(s) hosts (https://cdn.example.com) or "
+        "whole schemes (s3://, https://). http(s) is refused unless listed here.",
+    )
+    http: HttpSourcesConfig = Field(default_factory=HttpSourcesConfig)
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        from ray_app.sources import check_allowed_source
+
+        for entry in value:
+            check_allowed_source(entry)
+        return value
 
 
 class ImagesConfig(StrictModel):
@@ -683,6 +768,7 @@ class RestageConfig(StrictModel):
     seed: NonNegativeInt = Field(0, description="Run seed mixed into every derived seed.")
     ray: RayConfig = Field(default_factory=RayConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     captioner: RoleSpec
     segmenter: RoleSpec
     novel_view: RoleSpec

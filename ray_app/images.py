@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,7 @@ class DecodedImage:
     alpha: np.ndarray | None  # (H, W) uint8, or None when the source had no transparency
     source_mode: str
     source_size: tuple[int, int]  # (width, height) before any downscale
+    frames: int = 1  # frames in the source; an animation (GIF, APNG, WebP) uses its first
 
 
 def _to_rgb(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -97,6 +98,9 @@ def decode_image(
             f"{max_megapixels:g}: refusing to decode (decompression-bomb guard)"
         )
     try:
+        # Pillow decodes the first frame of an animation; the caller records that it was one.
+        frames = int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+        img.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
@@ -116,7 +120,13 @@ def decode_image(
             downscale(rgb, max_side),
             (downscale(alpha, max_side) if alpha is not None else None),
         )
-    return DecodedImage(rgb=rgb, alpha=alpha, source_mode=source_mode, source_size=(width, height))
+    return DecodedImage(
+        rgb=rgb,
+        alpha=alpha,
+        source_mode=source_mode,
+        source_size=(width, height),
+        frames=frames,
+    )
 
 
 def downscale(arr: np.ndarray, max_side: int) -> np.ndarray:
@@ -210,18 +220,26 @@ def load_images(
     max_megapixels: float,
     max_side: int | None,
     min_side: int = 1,
+    read: Callable[[str], bytes] | None = None,
 ) -> tuple[list[LoadedImage], list[tuple[str, str]]]:
-    """Read and decode each URI through fsspec; -> (decoded images, [(uri, reason), ...]).
+    """Read and decode each URI; -> (decoded images, [(uri, reason), ...]).
 
-    One bad image never fails the others: a missing file, a read error or a decode error
-    becomes a (uri, reason) pair for the errors manifest.
+    ``read`` is how bytes are fetched: a ``SourcePolicy.read`` for untrusted manifests
+    (a refused URI is never touched), plain fsspec otherwise. One bad image never fails the
+    others: a refusal, a missing file, a read error or a decode error becomes a
+    (uri, reason) pair for the errors manifest.
     """
     from ray_app import storage
+    from ray_app.sources import SourceRefused
 
+    read = read or storage.read_bytes
     loaded, failed = [], []
     for uri in uris:
         try:
-            data = storage.read_bytes(uri)
+            data = read(uri)
+        except SourceRefused as exc:
+            failed.append((uri, str(exc)))
+            continue
         except FileNotFoundError:
             failed.append((uri, "file not found"))
             continue

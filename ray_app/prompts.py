@@ -267,6 +267,41 @@ def curate(
     return kept, rejected
 
 
+NOUN_MAX_WORDS = 4
+NOUN_MAX_CHARS = 40
+_MARKUP = re.compile(r"<[^>]*>|\[[^\]]*\]\([^)]*\)|\{[^}]*\}")  # tags, [md](links), {templates}
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal escape sequences
+_NOT_A_WORD = re.compile(r"\S*(?:://|@|=|\\)\S*")  # URLs, handles, emails, key=value, escapes
+
+
+def category_noun(bank: PromptBank, category: str | None) -> str | None:
+    """The phrase that stands for a product in prompts, from its free-text ``category``.
+
+    A category that matches a bank type gives that type's noun (curated text). Any other is
+    reduced to a short noun phrase: markup, URLs, handles, ``key=value`` pairs and control
+    characters removed, lower-case ASCII words only, banned words dropped, at most
+    ``NOUN_MAX_WORDS`` words and ``NOUN_MAX_CHARS`` characters. None when nothing is left (the
+    caller uses the type's noun). Raw manifest text never reaches a prompt.
+    """
+    if not category:
+        return None
+    name = bank.match(category)
+    if name:
+        return bank.type_of(name).noun
+    text = _NOT_A_WORD.sub(" ", _MARKUP.sub(" ", _ANSI.sub(" ", category)))
+    text = " " + " ".join(w for w in _WORD.findall(text.lower()) if not w.isdigit()) + " "
+    for phrase in bank.rules.banned_words:  # words and phrases ("held by")
+        while f" {phrase} " in text:  # adjacent repeats share their spaces
+            text = text.replace(f" {phrase} ", " ")
+    words = text.split()
+    noun = ""
+    for word in words[:NOUN_MAX_WORDS]:
+        if len(noun) + len(word) + 1 > NOUN_MAX_CHARS:
+            break
+        noun = f"{noun} {word}".strip()
+    return noun or None
+
+
 def classify(
     bank: PromptBank, category: str | None, title: str | None, captions: Iterable[str | None]
 ) -> tuple[str | None, str]:

@@ -23,6 +23,11 @@ from ray_app import storage
 PRODUCT_ID_MAX_LEN = 128
 _PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PRODUCT_ID_RULE = f"1-{PRODUCT_ID_MAX_LEN} ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Names Windows (NTFS, SMB shares, and tools that copy outputs there) reserves for devices,
+# with or without an extension: "NUL.json" opens the null device, not a file.
+RESERVED_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{d}{i}" for d in ("COM", "LPT") for i in range(10)]
+)
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
 _KNOWN_FIELDS = ("product_id", "category", "title", "description", "attributes", "image_uris")
 
@@ -51,6 +56,17 @@ def validate_product_id(value: Any) -> str:
         )
         raise RecordError(
             f"product_id {value!r} is not safe as a path segment: {why}; use {PRODUCT_ID_RULE}"
+        )
+    if value.split(".", 1)[0].upper() in RESERVED_NAMES:
+        raise RecordError(
+            f"product_id {value!r} is a reserved device name on Windows filesystems "
+            f"({', '.join(sorted(RESERVED_NAMES))}, with or without an extension): "
+            "rename the product, e.g. with a prefix"
+        )
+    if value.endswith("."):
+        raise RecordError(
+            f"product_id {value!r} ends with '.': Windows filesystems drop trailing dots, "
+            "so it would share files with another id; remove the dot"
         )
     return value
 
@@ -164,6 +180,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("prompt", pa.string()),
         pa.field("source_sample", pa.string()),
         pa.field("origin_uri", pa.string()),
+        # Frames of an animated source (GIF, APNG, WebP): its first frame was used. None: a still.
+        pa.field("origin_frames", pa.int32()),
         pa.field("seed", pa.int64()),
         pa.field("product_type", pa.string()),
         pa.field("type_source", pa.string()),

@@ -1,9 +1,20 @@
-"""The summary a job prints at its end and writes as JSON: one row per stage."""
+"""The summary a job prints at its end and writes as JSON: one row per stage.
+
+A resumed job's summary covers the whole job, not only its last invocation: the totals of
+complete products (which a re-run skips) are carried in ``summary.json`` under
+``completed`` and added to what the new invocation did; products that failed before are
+redone, so only the latest attempt of each counts. A killed invocation writes no summary:
+then the totals are rebuilt from the completion markers, which carry each product's stats.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+EXIT_ALL_FAILED = 1
 
 
 @dataclass
@@ -27,6 +38,71 @@ class StageStats:
 
 
 @dataclass
+class CompletedTotals:
+    """What the complete products of a job add up to, over every invocation."""
+
+    products: int = 0
+    ok: int = 0
+    partial: int = 0
+    stages: dict[str, StageStats] = field(default_factory=dict)
+    invocations: int = 0
+    wall_seconds: float = 0.0
+
+    def add(self, status: str, stats: dict[str, dict[str, Any]]) -> None:
+        self.products += 1
+        if status == "partial":
+            self.partial += 1
+        else:
+            self.ok += 1
+        for name, values in stats.items():
+            self.stages.setdefault(name, StageStats(name, values.get("unit", "items"))).add(
+                StageStats(**values)
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "products": self.products,
+            "ok": self.ok,
+            "partial": self.partial,
+            "invocations": self.invocations,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "stages": [asdict(s) for s in self.stages.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompletedTotals:
+        stages = {s["stage"]: StageStats(**s) for s in data.get("stages", [])}
+        return cls(
+            int(data.get("products", 0)),
+            int(data.get("ok", 0)),
+            int(data.get("partial", 0)),
+            stages,
+            int(data.get("invocations", 0)),
+            float(data.get("wall_seconds", 0.0)),
+        )
+
+    @classmethod
+    def before_this_run(
+        cls,
+        previous: dict[str, Any] | None,
+        done: Iterable[str],
+        read_marker: Callable[[str], dict[str, Any]],
+    ) -> CompletedTotals:
+        """The totals of the products in ``done`` (complete before this invocation): from
+        the previous summary when it counted exactly them, else from their markers (a killed
+        invocation completed products that no summary counted)."""
+        done = sorted(done)
+        kept = cls.from_dict(previous.get("completed") or {}) if previous else cls()
+        if kept.products == len(done):
+            return kept
+        totals = cls(invocations=kept.invocations, wall_seconds=kept.wall_seconds)
+        with ThreadPoolExecutor(32) as pool:  # one small read per product, on any store
+            for marker in pool.map(read_marker, done):
+                totals.add(marker.get("status", "ok"), marker.get("stats", {}))
+        return totals
+
+
+@dataclass
 class JobSummary:
     """A job's summary: stages in order, product counts, wall time and where outputs are."""
 
@@ -36,6 +112,11 @@ class JobSummary:
     products: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # True when ok/partial/failed count every product of the job (complete ones from earlier
+    # invocations too); False when they count this invocation and "already complete" the rest.
+    whole_job: bool = False
+    # (done, failed) when the product counts are not plain ok/partial/failed (``restage run``).
+    totals: tuple[int, int] | None = None
 
     def stage(self, name: str, unit: str = "items") -> StageStats:
         if name not in self.stages:
@@ -64,12 +145,44 @@ class JobSummary:
             ],
         )
 
+    def counts(self) -> tuple[int, int]:
+        """(products done, products failed) over the whole job; invalid records are failed."""
+        if self.totals is not None:
+            return self.totals
+        p = self.products
+        done = p.get("ok", 0) + p.get("partial", 0)
+        if not self.whole_job:
+            done += p.get("already complete", 0)
+        return done, p.get("failed", 0) + p.get("invalid", 0)
+
+    def outcome(self) -> str:
+        """The last line a job prints: whether every product is done, some failed, or all
+        ("" for a job that does not count products, e.g. ``prompts build``)."""
+        if self.totals is None and not {"ok", "failed"} & set(self.products):
+            return ""
+        done, failed = self.counts()
+        errors = self.extra.get("errors") or self.out
+        if failed and not done:
+            return f"restage {self.job}: FAILED: all {failed} products failed; reasons in {errors}"
+        if failed:
+            return (
+                f"restage {self.job}: done with failures: {failed} of {done + failed} products "
+                f"failed (reasons in {errors}); re-running retries them"
+            )
+        return f"restage {self.job}: done: {done} products"
+
+    def exit_code(self) -> int:
+        """Non-zero only when products were attempted and every one failed."""
+        done, failed = self.counts()
+        return EXIT_ALL_FAILED if failed and not done else 0
+
     def render(self) -> str:
         products = ", ".join(f"{k}: {v}" for k, v in self.products.items())
-        return (
+        text = (
             f"restage {self.job}: {products}; {self.wall_seconds:.1f}s wall\n"
             f"{self.table()}\noutputs: {self.out}"
         )
+        return f"{text}\n{self.outcome()}" if self.outcome() else text
 
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -55,6 +55,7 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
                 kwargs["object_store_memory"] = config.ray.object_store_mb * 2**20
             if config.ray.metrics_export_port is not None:
                 kwargs["_metrics_export_port"] = config.ray.metrics_export_port
+            kwargs["_system_config"] = config.ray.system_config()
             ray.init(**kwargs)
             info["mode"] = "local"
     ctx = DataContext.get_current()

@@ -68,15 +68,42 @@ def resolve_relative(uri: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, uri))
 
 
+class MissingBackendError(ImportError):
+    """A URI's filesystem needs a package that is not installed; the message names it."""
+
+
+# fsspec's backends of the object stores, installed by `pip install restage[cloud]`.
+_CLOUD_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+
+
+def _missing_backend(uri: str, exc: ImportError) -> MissingBackendError:
+    proto = uri.partition("://")[0] if has_protocol(uri) else "file"
+    package = _CLOUD_BACKENDS.get(proto)
+    fix = (
+        f"pip install restage[cloud] (or pip install {package})"
+        if package
+        else f"install the fsspec backend of {proto}:// ({exc})"
+    )
+    return MissingBackendError(
+        f"reading or writing {proto}:// URIs needs {package or 'a backend'}: {fix}"
+    )
+
+
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(uri)
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except ImportError as exc:
+        raise _missing_backend(uri, exc) from None
 
 
 # --------------------------------------------------------------------------- files
 
 
 def open_file(uri: str, mode: str = "rb", **kwargs: Any):
-    return fsspec.open(uri, mode, **kwargs).open()
+    try:
+        return fsspec.open(uri, mode, **kwargs).open()
+    except ImportError as exc:
+        raise _missing_backend(uri, exc) from None
 
 
 def exists(uri: str) -> bool:

@@ -29,6 +29,9 @@ KINDS = {"real", "view", "context", "negative", "counterfactual"}
 POSITIVE = {"real", "view", "context"}
 DREAMBOOTH_IDS = ["backpack", "teapot", "duck_toy"]
 RESTAGE = str(Path(sys.executable).with_name("restage"))
+# The manifests of these tests live in temporary folders and name the example images by
+# absolute path: trust those folders explicitly, as a user would.
+ALLOW = f"storage.allowed_sources=[{EXAMPLES}, {DREAMBOOTH}]"
 
 
 def _examples() -> list[dict]:
@@ -89,7 +92,7 @@ def run(ray_local, tmp_path_factory):
         "".join(json.dumps(r) + "\n" for r in _examples() + _bad_inputs(folder) + _dreambooth())
     )
     out = folder / "out"
-    config = load_config("tiny", overrides=["ray.progress_bars=false"])
+    config = load_config("tiny", overrides=["ray.progress_bars=false", ALLOW])
     summary = augment(config, str(manifest), str(out))
     table = storage.read_parquet(str(out / "manifest")).to_pandas()
     errors = storage.read_parquet(str(out / "errors")).to_pandas()
@@ -192,9 +195,16 @@ def test_rerun_skips_complete_products(run, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in _examples()))
     marker = run["out"] / "_done" / "mug-red-001.json"
     before = marker.stat().st_mtime_ns
+    first = json.loads((run["out"] / "summary.json").read_text())
     summary = augment(run["config"], str(manifest), str(run["out"]))
-    assert summary.products["already complete"] == 5 and summary.products["ok"] == 0
+    assert summary.products["already complete"] == 5 and summary.extra["this_run"]["ok"] == 0
     assert marker.stat().st_mtime_ns == before
+    # The summary still covers the whole job: the complete products of the first run.
+    saved = json.loads((run["out"] / "summary.json").read_text())
+    for key in ("ok", "partial"):
+        assert saved["products"][key] == first["products"][key]
+    assert saved["completed"]["stages"] == first["completed"]["stages"]
+    assert saved["completed"]["invocations"] == 2
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
@@ -212,6 +222,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
         str(out),
         "--set",
         "ray.progress_bars=false",
+        "--set",
+        ALLOW,
     ]
     before = ray_pids()
     log = tmp_path / "killed.log"  # a pipe that nobody reads would fill and stall the job
@@ -238,6 +250,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already complete:" in resumed.stdout
+    assert resumed.stdout.strip().splitlines()[-1] == "restage augment: done: 5 products"
+    # summary.json covers the whole job, the products finished before the kill included.
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["products"]["ok"] + saved["products"]["partial"] == 5
+    assert saved["this_run"]["ok"] + saved["this_run"]["partial"] == 5 - done_at_kill
+    decode = next(s for s in saved["stages"] if s["stage"] == "decode")
+    assert decode["items_in"] == sum(len(r["image_uris"]) for r in _examples())
     table = storage.read_parquet(str(out / "manifest")).to_pandas()
     reference = run["table"][run["table"].product_id.isin(set(table.product_id))]
     assert set(table.product_id) == {r["product_id"] for r in _examples()}

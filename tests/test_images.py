@@ -107,3 +107,18 @@ def test_every_bad_image_lands_in_errors_manifest(tmp_path):
 def test_decode_error_messages_are_specific():
     with pytest.raises(ImageError, match=r"9000x9000 \(81.0 MP\), above images.max_megapixels=50"):
         decode_image(_encode(Image.new("L", (9000, 9000))), max_megapixels=50)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_an_animation_decodes_to_its_first_frame_and_says_how_many_it_had(fmt):
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    frames = [Image.new("RGB", (64, 48), c) for c in colours]
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=40, loop=0)
+    decoded = decode_image(buf.getvalue())
+    assert decoded.frames == 3
+    assert decoded.rgb.shape == (48, 64, 3)
+    assert tuple(decoded.rgb[24, 32]) == pytest.approx(colours[0], abs=8)
+    still = io.BytesIO()
+    frames[1].save(still, format=fmt)
+    assert decode_image(still.getvalue()).frames == 1

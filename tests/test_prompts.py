@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from actors.llm import instruction, split_lines
 from pipelines.prompts import build
 from ray_app.config import load_config
-from ray_app.prompts import PromptBank, curate
+from ray_app.prompts import NOUN_MAX_CHARS, NOUN_MAX_WORDS, PromptBank, category_noun, curate
 
 
 def test_bank_round_trips_through_a_file(tmp_path):
@@ -40,3 +42,33 @@ def test_build_extends_with_curated_llm_output(ray_local, tmp_path):
     stat = summary.stages["curate"]
     assert stat.items_in > 0 and stat.items_in == stat.items_out + stat.dropped
     assert {row[0] for row in summary.extra["per_type"]} == {"lamp", "mug"}
+
+
+def test_a_category_that_matches_the_bank_gives_the_types_noun():
+    bank = PromptBank.load()
+    assert category_noun(bank, "Coffee Tables") == bank.type_of("table").noun
+    assert category_noun(bank, None) is None and category_noun(bank, "") is None
+
+
+@pytest.mark.parametrize(
+    ("category", "noun"),
+    [
+        ("Flacon", "flacon"),
+        ("Flacon <script>alert(1)</script>", "flacon alert"),
+        ("flacon price=1 @admin admin@example.com", "flacon"),
+        ("[flacon](https://evil.example/x) {product}", None),
+        ("flacon\x00\x1b[31m\u202e red", "flacon red"),
+        ("glass flacon held by a woman", "glass flacon a"),
+        ("x" * 300, None),
+        ("a b c d e f g h", "a b c d"),
+        ("woman woman woman vase", "vase"),
+        ("=@<>", None),
+    ],
+)
+def test_a_free_text_category_becomes_a_sanitised_noun(category, noun):
+    got = category_noun(PromptBank.load(), category)
+    assert got == noun
+    if got:
+        assert got.isascii() and got.isprintable() and len(got) <= NOUN_MAX_CHARS
+        assert not set(got) & set("=@<>[]{}()\\/:")
+        assert len(got.split()) <= NOUN_MAX_WORDS

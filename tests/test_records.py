@@ -15,6 +15,24 @@ def test_valid_product_ids(pid):
 
 
 @pytest.mark.parametrize(
+    "pid", ["CON", "con", "Nul", "NUL.json", "aux.tar.gz", "COM1", "lpt9", "PRN.png", "com0"]
+)
+def test_reserved_device_names_are_rejected(pid):
+    with pytest.raises(RecordError, match="reserved device name"):
+        validate_product_id(pid)
+
+
+@pytest.mark.parametrize("pid", ["CONSOLE", "nul1", "COM10", "LPT", "aux-box", "con_1", "mycon"])
+def test_names_that_only_start_like_a_device_are_fine(pid):
+    assert validate_product_id(pid) == pid
+
+
+def test_a_trailing_dot_is_rejected():
+    with pytest.raises(RecordError, match="trailing dots"):
+        validate_product_id("mug.")
+
+
+@pytest.mark.parametrize(
     ("pid", "why"),
     [
         ("../x", "'/' are not allowed"),

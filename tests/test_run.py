@@ -22,7 +22,9 @@ def test_run_chains_the_three_jobs_and_resumes(ray_local, tmp_path):
     manifest = str(tmp_path / "two.jsonl")
     write_manifest([r.to_row() for r in records], manifest)
     out = str(tmp_path / "run")
-    cfg = load_config("tiny", overrides=["ray.progress_bars=false"])
+    # The manifest names the example images by absolute path, outside its own folder.
+    allow = f"storage.allowed_sources=[{EXAMPLES}]"
+    cfg = load_config("tiny", overrides=["ray.progress_bars=false", allow])
     summary = run(cfg, manifest, out)
     layout = RunLayout(out)
     ids = {r.product_id for r in records}
