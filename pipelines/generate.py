@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from actors.scorer import METRICS, Scorer, rank_and_keep, references
 from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
+from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
@@ -347,18 +348,41 @@ def model_stages(config: RestageConfig) -> list[tuple[type[ProductStage], tuple[
     return [*stages, (ScoreStage, ("clip", "dino"))]
 
 
-def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
-    """The lazy Ray Data pipeline over planned products."""
+def build_dataset(
+    states: list[ProductState],
+    config: RestageConfig,
+    root: str,
+    staged: dict[str, int] | None = None,
+):
+    """The lazy Ray Data pipeline over planned products. ``staged`` (a dict): stage-by-stage
+    mode; the model stages run here, one at a time, filling ``staged`` with the products each
+    ran (pipelines/_staged.py)."""
     import ray
 
     g = config.generate
     per_call = g.products_per_batch
     packed = pack(states)
     rows = [{"product_id": pid, "state": blob} for pid, blob in zip(*packed.values(), strict=True)]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
 
-    for cls, roles in model_stages(config):
-        ds = map_stage(ds, cls, config, roles, per_call)
+    def planned(chosen: list[dict[str, Any]]):
+        return ray.data.from_items(chosen, override_num_blocks=max(1, len(chosen)))
+
+    if staged is not None:
+        by_id = {row["product_id"]: row for row in rows}
+        ds, ran = run_staged(
+            lambda pending: planned([by_id[pid] for pid in pending]),
+            model_stages(config),
+            config,
+            storage.join(root, STAGES_DIR),
+            list(by_id),
+            per_call,
+            g.cpus_per_task,
+        )
+        staged.update(ran)
+    else:
+        ds = planned(rows)
+        for cls, roles in model_stages(config):
+            ds = map_stage(ds, cls, config, roles, per_call)
     return ds.map_batches(
         write_products,
         fn_kwargs={"config": config, "root": root},
@@ -411,12 +435,14 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     summary.products["failed"] += len(plan_errors)
     loads: dict[str, int] = {}
     placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
+    staged: dict[str, int] | None = None  # products each stage ran, in stage-by-stage mode
     if states:
         config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
         init_ray(config)
         placement = placed.mode
+        staged = {} if placement == "stage" else None
         with node_loss_guard(JOB, config):
-            for batch in build_dataset(states, config, root).iter_batches(
+            for batch in build_dataset(states, config, root, staged).iter_batches(
                 batch_size=16, batch_format="numpy"
             ):
                 for pid, status, n, stats in zip(
@@ -430,10 +456,13 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
                     loads[pid] = loads.get(pid, 0) + int(n)
                     for name, values in json.loads(stats).items():
                         summary.stage(name).add(StageStats(**values))
+        if staged is not None:  # every product is written, marker last: stage rows are spent
+            storage.remove(storage.join(root, STAGES_DIR), recursive=True)
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "adapters": adapters_root,
         "placement": placement,
+        "staged": staged,
         "adapter_loads": loads,
         "adapter_loads_per_product_max": max(loads.values(), default=0),
         "errors": layout.errors_dir(),

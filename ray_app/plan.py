@@ -9,7 +9,7 @@ prints the same plan. Three modes, chosen in this order unless ``ray.placement``
 - ``packed``: every pool at once, with GPU fractions derived from memory (``ray_app.resources``)
   and batch sizes halved where needed, when the pools fit the GPUs by first-fit-decreasing;
 - ``stage``: one model stage at a time, each alone on its GPUs, for clusters too small to
-  pack (``pipelines/_staged.py``; augment runs this way, other jobs fail the preflight).
+  pack (``pipelines/_staged.py``; augment and generate run this way, the others fail the preflight).
 
 A plan that cannot run fails within seconds, naming each role, what it needs, what the
 cluster has, and the fix, instead of leaving Ray Data waiting for resources that never come.
@@ -30,7 +30,7 @@ from ray_app.resources import RoleNeed, role_need, train_need
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
 JOBS = ("augment", "train", "generate", "serve", "prompts")
-STAGED_JOBS = ("augment",)  # jobs that can run stage by stage (pipelines/_staged.py)
+STAGED_JOBS = ("augment", "generate")  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
     "H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "L40": 48,

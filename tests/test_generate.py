@@ -109,3 +109,19 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
         assert marker["adapter_loads"] == 1 and marker["kept"] == g.top_n
     again = generate(cfg, adapters, out)
     assert again.products["already complete"] == 2 and again.products["ok"] == 0
+    # Stage by stage (each model stage alone, rows under _stages/): the same ranked images.
+    staged_out = str(tmp_path / "staged")
+    staged_cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"placement": "stage"})})
+    staged = generate(staged_cfg, adapters, staged_out)
+    assert staged.extra["placement"] == "stage" and staged.extra["staged"]["generate"] == 2
+    assert not Path(staged_out, "_stages").exists()
+
+    def ranked(root: str) -> list[tuple]:
+        rows = [
+            r
+            for pid in PRODUCTS
+            for r in pq.read_table(GenerationLayout(root).manifest_shard(pid)).to_pylist()
+        ]
+        return sorted((r["product_id"], r["rank"], r["kept"], round(r["score"], 5)) for r in rows)
+
+    assert ranked(staged_out) == ranked(out)

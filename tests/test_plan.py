@@ -82,10 +82,12 @@ def test_one_24gb_gpu_runs_augment_stage_by_stage():
             r: cfg.role(r).batch_size for r in pool.roles
         }
         assert pool.gpu_fraction * 24 * USABLE >= pool.gpu_gib - 1e-6
-    # Jobs without a stage-by-stage mode say so instead.
+    # generate runs stage by stage too; serve cannot, and says so.
     tight = load_config("default", overrides=["generate.width=2048", "generate.height=2048"])
     generate = build_plan("generate", tight, gpus(1, 24))
-    assert not generate.runnable, render(generate)
+    assert generate.runnable and generate.mode == "stage", render(generate)
+    serve = build_plan("serve", tight, gpus(1, 24))
+    assert not serve.runnable, render(serve)
     forced = load_config("tiny", overrides=["ray.placement=stage"])
     assert build_plan("augment", forced, gpus(0, 0, cpus=4)).mode == "stage"
     assert not build_plan("train", forced, gpus(0, 0, cpus=4)).runnable
