@@ -146,13 +146,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     from ray_app import models, tiny
 
-    models.apply_environment(offline=True)
     roles = args.roles.split(",") if args.roles else None
     unknown = sorted(set(roles or []) - set(tiny.tiny_roles()))
     if unknown:
         raise ConfigError(
             f"--roles: unknown role(s) {', '.join(unknown)}; roles: {', '.join(tiny.tiny_roles())}"
         )
+    models.apply_environment(offline=True)
     start = time.perf_counter()
     timings = tiny.make_all(Path(args.dir), roles)
     from ray_app.report import format_table

@@ -30,6 +30,8 @@ POSITIVE = {"real", "view", "context"}
 DREAMBOOTH_IDS = ["backpack", "teapot", "duck_toy"]
 RESTAGE = str(Path(sys.executable).with_name("restage"))
 
+pytestmark = pytest.mark.slow  # every test here uses the module's augment run on Ray
+
 
 def _examples() -> list[dict]:
     """The three sample products plus two renamed copies (more products, same images)."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, readme_command
 
 from ray_app.config import FilterConfig
@@ -37,6 +38,7 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert os.access(script, os.X_OK)
 
 
+@pytest.mark.slow
 def test_quickstart(quickstart):
     proc, out = quickstart
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,6 +58,7 @@ def test_quickstart(quickstart):
     assert len(list((out / "generations" / "images").glob("*/*.png"))) >= 3
 
 
+@pytest.mark.slow
 def test_quickstart_rerun_resumes(quickstart, user_dir):
     proc = run(readme_command("quickstart"), user_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +78,7 @@ def test_config_error_example(user_dir):
     assert "generator.batch_size=-1: Input should be greater than 0" in proc.stderr
 
 
+@pytest.mark.slow  # builds every role's checkpoint; test_cli's make-tiny tests build two
 def test_make_tiny_example(user_dir):
     proc = run(readme_command("make-tiny"), user_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]

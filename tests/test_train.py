@@ -195,6 +195,7 @@ def test_one_text_encoder_pipelines_train_too(trainset):
 # --------------------------------------------------------------------------- the job
 
 
+@pytest.mark.slow
 def test_train_job_writes_adapters_and_keeps_going_past_a_bad_product(ray_local, tmp_path):
     from pipelines.train import train
 
@@ -240,6 +241,7 @@ def _train_cmd(data: str, out: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_skipping_the_finished_product(ray_local, tmp_path):
     from pipelines.train import train
 
@@ -299,6 +301,7 @@ def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset
     assert meta["steps"] == 3  # the winner is retrained for the full steps
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_restarted_and_redoes_only_its_unfinished_product(ray_local, tmp_path):
     import threading
 
