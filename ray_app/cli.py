@@ -2,6 +2,14 @@
 
 Jobs are dispatched by dotted name (``pipelines.augment:augment``) and imported only when
 run, so ``ray_app`` never imports the job packages at import time.
+
+Exit status, the same for every command: 0 done; 2 a usage error, i.e. something the command
+was given is wrong (an argument, a config value, an API key, an input file that is missing or
+malformed; argparse's own errors are 2 too), reported in one line that names it, before any
+work starts where it can be checked up front; 3 a job that is not built yet; 4 a job that
+cannot run on this cluster (its placement plan says what to change); 141 the reader
+of the output went away (``restage prompts show | head``), as for a process that SIGPIPE
+ends; anything else is a bug or an outage and exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from ray_app import __version__
-from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
+from ray_app.config import PROFILES, ConfigError, RestageConfig, ServeConfig, load_config
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
 
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
 EXIT_PLAN = 4  # the job cannot run on this cluster (restage plan, every job's preflight)
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 # Jobs that later work builds; until then they say so and exit non-zero.
 NOT_BUILT = {
@@ -357,8 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted. To deploy on a running cluster instead: serve deploy serve/restage.yaml.",
     )
     p.add_argument("--adapters", required=True, help="adapters root URI (`restage train` output)")
-    p.add_argument("--host", help="interface to bind [serve.host]")
-    p.add_argument("--port", type=int, help="HTTP port [serve.port]")
+    serve_defaults = ServeConfig()
+    p.add_argument(
+        "--host",
+        help=f"interface to bind [default: serve.host, {serve_defaults.host}; 127.0.0.1 with "
+        "--no-auth]",
+    )
+    p.add_argument(
+        "--port", type=int, help=f"HTTP port [default: serve.port, {serve_defaults.port}]"
+    )
     p.add_argument("--no-auth", action="store_true", help="no API keys; serve on 127.0.0.1 only")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
@@ -435,16 +452,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"restage: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        status = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+        return status
+    except BrokenPipeError:
+        # Nothing more can be written; point stdout at /dev/null so that the interpreter's
+        # final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except PlanError as exc:
         print(f"restage {args.command}: cannot run on this cluster.\n{exc}", file=sys.stderr)
         return EXIT_PLAN
-    except (FileNotFoundError, ValueError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and AuthConfigError included
         print(f"restage {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

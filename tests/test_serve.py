@@ -102,6 +102,7 @@ def test_readme_curl_example(server):
     decoded = [Image.open(io.BytesIO(base64.b64decode(i["png_base64"]))) for i in body["images"]]
     assert all(img.size == (64, 64) for img in decoded)
     assert [i["rank"] for i in body["images"]] == [1, 2]
+    assert all(0 <= i["seed"] < 2**53 for i in body["images"])  # exact in JavaScript
     assert body["images"][0]["score"] >= body["images"][1]["score"]
     assert set(body["images"][0]["scores"]) == {
         "clip_t",

@@ -285,17 +285,17 @@ def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset
     cfg = load_config(
         "tiny",
         overrides=[
-            "train.token_sweep=3",
+            "train.token_sweep=2",
             "train.sweep_steps=2",
             "train.steps=3",
-            "train.sweep_images=2",
+            "train.sweep_images=1",
         ],
     )
     out = str(tmp_path / "adapters")
     ShardTrainer(cfg, trainset, out, None).run(["lamp-blue-01"])
     meta = json.loads(Path(AdapterLayout(out).metadata("lamp-blue-01")).read_text())
     sweep = meta["token_sweep"]
-    assert len(sweep) == 3 and len({s["token"] for s in sweep}) == 3
+    assert len(sweep) == 2 and len({s["token"] for s in sweep}) == 2
     assert all(np.isfinite(s["score"]) for s in sweep)
     assert meta["token"] == max(sweep, key=lambda s: s["score"])["token"]
     assert meta["steps"] == 3  # the winner is retrained for the full steps
