@@ -46,6 +46,7 @@ from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
+from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import GENERIC, PromptBank, classify, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
@@ -914,7 +915,7 @@ def build_dataset(
 def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     """Run the augment job: ``manifest`` (JSONL/CSV/Parquet URI) -> training sets under ``out``."""
     from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
+    from ray_app.runtime import init_ray, progress_bars
 
     start = time.perf_counter()
     root = storage.normalize_uri(out)
@@ -940,6 +941,7 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         init_ray(config)
         placement = placed.mode
         staged = {} if placement == "stage" else None
+        lines = StageLines(JOB, len(todo), enabled=not progress_bars(config))
         for batch in build_dataset(todo, config, root, staged).iter_batches(
             batch_size=16, batch_format="numpy"
         ):
@@ -947,6 +949,8 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
                 summary.products[status] += 1
                 for name, values in json.loads(stats).items():
                     summary.stage(name).add(StageStats(**values))
+            lines.update(finished(summary.products), counts(summary.products))
+        lines.finish(counts(summary.products))
         if staged is not None:  # every product is written, marker last: stage rows are spent
             storage.remove(storage.join(root, STAGES_DIR), recursive=True)
             summary.extra["staged"] = staged

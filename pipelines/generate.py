@@ -39,6 +39,7 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.models import source_tag
+from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import GENERATION_SCHEMA, ErrorRow
 from ray_app.report import JobSummary, StageStats
@@ -369,7 +370,7 @@ def build_dataset(states: list[ProductState], config: RestageConfig, root: str):
 def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     """Run the generate job: adapters under ``adapters`` -> ranked images under ``out``."""
     from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
+    from ray_app.runtime import init_ray, progress_bars
 
     start = time.perf_counter()
     adapters_root, root = storage.normalize_uri(adapters), storage.normalize_uri(out)
@@ -414,6 +415,7 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
         config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
         init_ray(config)
         placement = placed.mode
+        lines = StageLines(JOB, len(states), enabled=not progress_bars(config))
         for batch in build_dataset(states, config, root).iter_batches(
             batch_size=16, batch_format="numpy"
         ):
@@ -428,6 +430,8 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
                 loads[pid] = loads.get(pid, 0) + int(n)
                 for name, values in json.loads(stats).items():
                     summary.stage(name).add(StageStats(**values))
+            lines.update(finished(summary.products) - len(plan_errors), counts(summary.products))
+        lines.finish(counts(summary.products))
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "adapters": adapters_root,

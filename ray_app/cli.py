@@ -205,10 +205,25 @@ def cmd_prompts_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job(target: str) -> Callable[[argparse.Namespace], int]:
+def _say_where_ray_logs_are(out: str | None) -> None:
+    """Ray's own logs stay in files (``ray.log_to_driver``): link a local Ray's log folder
+    into the job's output folder ``out`` and say where it is."""
+    if "ray" not in sys.modules:
+        return
+    from ray_app import runtime
+
+    where = runtime.link_ray_logs(out) if out else runtime.ray_logs_dir()
+    if where:
+        print(f"Ray's logs: {where}", file=sys.stderr)
+
+
+def _job(target: str, out_is_folder: bool = True) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
-        summary = _call(target, cfg, args)
+        try:
+            summary = _call(target, cfg, args)
+        finally:
+            _say_where_ray_logs_are(args.out if out_is_folder else None)
         print(summary.render())
         return 0
 
@@ -427,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bank", help="bank to extend (default: augment.prompt_bank or the packaged one)"
     )
     _add_config_args(b)
-    b.set_defaults(func=_job("pipelines.prompts:main"))
+    b.set_defaults(func=_job("pipelines.prompts:main", out_is_folder=False))
     s = psub.add_parser(
         "show", help="list the bank's product types with their aliases and prompt counts"
     )
