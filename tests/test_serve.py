@@ -560,3 +560,13 @@ def test_serve_deploy_config_is_valid_and_builds(tmp_path, monkeypatch):
     assert type(app_builder(without)).__name__ == "Application"
     with pytest.raises(ConfigError, match="unknown"):
         app_builder({**args, "adapter": "typo"})
+
+
+def test_ready_message_names_the_real_bind_address():
+    from serve.app import ready_message
+
+    everywhere = ready_message("0.0.0.0", 8000, no_auth=False)
+    assert "listening on http://0.0.0.0:8000 (all interfaces" in everywhere
+    assert "http://127.0.0.1:8000/docs" in everywhere and "SIGTERM" in everywhere
+    local = ready_message("127.0.0.1", 8001, no_auth=True)
+    assert "listening on http://127.0.0.1:8001;" in local and "auth: off" in local
