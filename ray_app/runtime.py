@@ -112,8 +112,11 @@ def quiet_ray_driver() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _TOKEN_AUTH_DEFAULT
     )
+    # Off a terminal restage turns Ray Data's bars off on purpose and prints its own lines.
+    logging.getLogger("ray.data._internal.progress").addFilter(_BARS_OFF)
 
 
+_BARS_OFF = _DropMessages("Progress bars disabled")
 _SERVE_RECONNECT = _DropMessages('Connecting to existing Serve app in namespace "serve"')
 _TOKEN_AUTH_DEFAULT = _DropMessages("Token authentication is enabled for this Ray cluster")
 
