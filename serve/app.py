@@ -8,6 +8,7 @@ Start it with ``restage serve --adapters URI`` (a local Ray, or the cluster name
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -89,7 +90,7 @@ def run_server(
     from ray import serve
 
     from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
+    from ray_app.runtime import init_ray, ray_logs_dir
 
     digests = load_key_digests()
     # The keys have been read: Ray's processes (started below, inheriting this environment)
@@ -109,6 +110,9 @@ def run_server(
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     print(ready_message(host, port, no_auth, docs=config.serve.docs), flush=True)
+    logs = ray_logs_dir()
+    if logs:  # replicas' output goes to Ray's log files (ray.log_to_driver)
+        print(f"Ray's logs: {logs}", file=sys.stderr, flush=True)
     url = f"http://{local_host(host)}:{port}"
     if block:
         stop = threading.Event()
