@@ -66,7 +66,7 @@ class StageLines:
     def update(self, done: int, detail: str = "") -> None:
         self.done = done
         now = self.clock()
-        if now - self.last >= self.interval:
+        if done < self.total and now - self.last >= self.interval:  # the end has its own line
             self.last = now
             self._print(self._line(detail))
 

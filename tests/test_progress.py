@@ -31,6 +31,18 @@ def test_lines_are_compact_and_at_a_bounded_rate():
     assert printed[-1] == "restage augment: done: 100/100 products (ok 100), 100s"
 
 
+def test_the_last_update_leaves_the_end_to_finish():
+    out, clock = io.StringIO(), Clock()
+    lines = StageLines("augment", 3, enabled=True, interval=30, stream=out, clock=clock)
+    clock.now = 377.0
+    lines.update(3, "ok 3")  # all at once, long after the start line
+    lines.finish("ok 3")
+    assert out.getvalue().splitlines() == [
+        "restage augment: 3 products to do",
+        "restage augment: done: 3/3 products (ok 3), 377s",
+    ]
+
+
 def test_nothing_is_printed_when_disabled():
     out = io.StringIO()
     lines = StageLines("train", 3, enabled=False, interval=0, stream=out)
