@@ -538,7 +538,7 @@ def test_serve_deploy_config_is_valid_and_builds(tmp_path, monkeypatch):
     from serve.app import app_builder
 
     config = yaml.safe_load((ROOT / "serve" / "restage.yaml").read_text())
-    ServeDeploySchema.parse_obj(config)  # Ray's own schema of `serve deploy` files
+    ServeDeploySchema.model_validate(config)  # Ray's own schema of `serve deploy` files
     (application,) = config["applications"]
     assert application["import_path"] == "serve.app:app_builder"
     assert "runtime_env" not in application  # no secret travels to the replicas' environment
