@@ -6,6 +6,7 @@ pipeline: ``load_adapter`` reads a ``restage train`` adapter folder from any fss
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,21 @@ def read_adapter_weights(folder_uri: str) -> dict[str, torch.Tensor]:
 
     uri = storage.join(storage.normalize_uri(folder_uri), ADAPTER_WEIGHTS)
     return load_safetensors(storage.read_bytes(uri))
+
+
+def _quiet_multi_adapter_warning() -> None:
+    """peft warns "Already found a `peft_config` attribute in the model" whenever an adapter
+    is added to a model that holds one already. That is exactly how diffusers keeps several
+    named adapters on one pipeline (the generator's slots), and diffusers tracks them by name,
+    so the warning is harmless here; silence that one message of that one module. Installed
+    at each load (``filterwarnings`` replaces an identical filter) so that a caller's
+    ``catch_warnings`` cannot drop it."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Already found a `peft_config` attribute in the model",
+        category=UserWarning,
+        module=r"peft\.tuners\.tuners_utils",
+    )
 
 
 class AdapterError(KeyError):
@@ -96,6 +112,7 @@ class Generator:
         """
         state = read_adapter_weights(source) if isinstance(source, str) else source
         pipe = self.loaded.model
+        _quiet_multi_adapter_warning()
         if name in self._adapters:
             if not replace:
                 raise AdapterError(

@@ -47,6 +47,7 @@ from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_ima
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
 from ray_app.node_loss import node_loss_guard
+from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
@@ -931,7 +932,7 @@ def build_dataset(
 def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     """Run the augment job: ``manifest`` (JSONL/CSV/Parquet URI) -> training sets under ``out``."""
     from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
+    from ray_app.runtime import init_ray, progress_bars
 
     start = time.perf_counter()
     root = storage.normalize_uri(out)
@@ -953,6 +954,7 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         init_ray(config)
         placement = placed.mode
         staged = {} if placement == "stage" else None
+        lines = StageLines(JOB, len(todo), enabled=not progress_bars(config))
         with node_loss_guard(JOB, config):
             for batch in build_dataset(todo, config, root, policy, staged).iter_batches(
                 batch_size=16, batch_format="numpy"
@@ -964,6 +966,8 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
                             failed_stats.stage(name).add(StageStats(**values))
                     else:
                         completed.add(status, json.loads(stats))
+                lines.update(finished(this_run), counts(this_run))
+        lines.finish(counts(this_run))
         if staged is not None:  # every product is written, marker last: stage rows are spent
             storage.remove(storage.join(root, STAGES_DIR), recursive=True)
     # The whole job: every complete product (this run's and earlier ones') and the products

@@ -41,6 +41,7 @@ from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.models import source_tag
 from ray_app.node_loss import node_loss_guard
+from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import GENERATION_SCHEMA, ErrorRow
 from ray_app.report import JobSummary, StageStats
@@ -394,7 +395,7 @@ def build_dataset(
 def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     """Run the generate job: adapters under ``adapters`` -> ranked images under ``out``."""
     from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
+    from ray_app.runtime import init_ray, progress_bars
 
     start = time.perf_counter()
     adapters_root, root = storage.normalize_uri(adapters), storage.normalize_uri(out)
@@ -441,6 +442,7 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
         init_ray(config)
         placement = placed.mode
         staged = {} if placement == "stage" else None
+        lines = StageLines(JOB, len(states), enabled=not progress_bars(config))
         with node_loss_guard(JOB, config):
             for batch in build_dataset(states, config, root, staged).iter_batches(
                 batch_size=16, batch_format="numpy"
@@ -456,6 +458,10 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
                     loads[pid] = loads.get(pid, 0) + int(n)
                     for name, values in json.loads(stats).items():
                         summary.stage(name).add(StageStats(**values))
+                lines.update(
+                    finished(summary.products) - len(plan_errors), counts(summary.products)
+                )
+        lines.finish(counts(summary.products))
         if staged is not None:  # every product is written, marker last: stage rows are spent
             storage.remove(storage.join(root, STAGES_DIR), recursive=True)
     summary.wall_seconds = time.perf_counter() - start

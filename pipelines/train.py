@@ -24,7 +24,9 @@ sequence per worker.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import tempfile
 import time
 import uuid
@@ -37,6 +39,7 @@ import pyarrow.compute as pc
 from ray_app import __version__, storage
 from ray_app.config import RestageConfig
 from ray_app.node_loss import node_loss_guard
+from ray_app.progress import StageLines
 from ray_app.prompts import PromptBank, category_noun, fill
 from ray_app.records import (
     NEGATIVE_KINDS,
@@ -465,6 +468,8 @@ def ray_train_storage(root: str) -> str:
 
 def train(config: RestageConfig, data: str, out: str, manifest: str | None = None) -> JobSummary:
     """Run the train job: augment output ``data`` -> one adapter per product under ``out``."""
+    from ray_app.runtime import progress_bars
+
     start = time.perf_counter()
     data_root, root = storage.normalize_uri(data), storage.normalize_uri(out)
     layout = AdapterLayout(root)
@@ -483,8 +488,11 @@ def train(config: RestageConfig, data: str, out: str, manifest: str | None = Non
     for name in STAGES:
         summary.stage(name, "steps" if name in ("train", "sweep") else "products")
     if todo:
+        lines = StageLines(JOB, len(todo), enabled=not progress_bars(config))
         with node_loss_guard(JOB, config):
             _fit(config, data_root, root, todo, manifest)
+        lines.update(sum(storage.exists(layout.metadata(pid)) for pid in todo))
+        lines.finish()
     for pid in todo:
         meta_uri = layout.metadata(pid)
         if not storage.exists(meta_uri):
@@ -563,7 +571,11 @@ def _fit(
     )
     trainer.fit()
     # Ray Train's run state is only useful to debug a failed run; the adapters are the output.
-    storage.remove(storage.join(ray_train_storage(root), name), recursive=True)
+    state = ray_train_storage(root)
+    storage.remove(storage.join(state, name), recursive=True)
+    if not storage.has_protocol(state):  # object stores have no empty folders
+        with contextlib.suppress(OSError):  # not empty: another run's state is still there
+            os.rmdir(state)
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

@@ -2,6 +2,14 @@
 
 Jobs are dispatched by dotted name (``pipelines.augment:augment``) and imported only when
 run, so ``ray_app`` never imports the job packages at import time.
+
+Exit status, the same for every command: 0 done; 2 a usage error, i.e. something the command
+was given is wrong (an argument, a config value, an API key, an input file that is missing or
+malformed; argparse's own errors are 2 too), reported in one line that names it, before any
+work starts where it can be checked up front; 3 a job that is not built yet; 4 a job that
+cannot run on this cluster (its placement plan says what to change); 141 the reader
+of the output went away (``restage prompts show | head``), as for a process that SIGPIPE
+ends; anything else is a bug or an outage and exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_app import __version__
-from ray_app.config import PROFILES, ConfigError, RestageConfig, load_config
+from ray_app.config import PROFILES, ConfigError, RestageConfig, ServeConfig, load_config
 from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
@@ -26,6 +35,7 @@ from ray_app.storage import MissingBackendError
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
 EXIT_PLAN = 4  # the job cannot run on this cluster (restage plan, every job's preflight)
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 # Jobs that later work builds; until then they say so and exit non-zero.
 NOT_BUILT = {
@@ -148,13 +158,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
     from ray_app import models, tiny
 
-    models.apply_environment(offline=True)
     roles = args.roles.split(",") if args.roles else None
     unknown = sorted(set(roles or []) - set(tiny.tiny_roles()))
     if unknown:
         raise ConfigError(
             f"--roles: unknown role(s) {', '.join(unknown)}; roles: {', '.join(tiny.tiny_roles())}"
         )
+    models.apply_environment(offline=True)
     start = time.perf_counter()
     timings = tiny.make_all(Path(args.dir), roles)
     from ray_app.report import format_table
@@ -197,10 +207,25 @@ def cmd_prompts_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _job(target: str) -> Callable[[argparse.Namespace], int]:
+def _say_where_ray_logs_are(out: str | None) -> None:
+    """Ray's own logs stay in files (``ray.log_to_driver``): link a local Ray's log folder
+    into the job's output folder ``out`` and say where it is."""
+    if "ray" not in sys.modules:
+        return
+    from ray_app import runtime
+
+    where = runtime.link_ray_logs(out) if out else runtime.ray_logs_dir()
+    if where:
+        print(f"Ray's logs: {where}", file=sys.stderr)
+
+
+def _job(target: str, out_is_folder: bool = True) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
-        summary = _call(target, cfg, args)
+        try:
+            summary = _call(target, cfg, args)
+        finally:
+            _say_where_ray_logs_are(args.out if out_is_folder else None)
         print(summary.render())  # its last line says whether any product failed
         return summary.exit_code()
 
@@ -359,8 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted. To deploy on a running cluster instead: serve deploy serve/restage.yaml.",
     )
     p.add_argument("--adapters", required=True, help="adapters root URI (`restage train` output)")
-    p.add_argument("--host", help="interface to bind [serve.host]")
-    p.add_argument("--port", type=int, help="HTTP port [serve.port]")
+    serve_defaults = ServeConfig()
+    p.add_argument(
+        "--host",
+        help=f"interface to bind [default: serve.host, {serve_defaults.host}; 127.0.0.1 with "
+        "--no-auth]",
+    )
+    p.add_argument(
+        "--port", type=int, help=f"HTTP port [default: serve.port, {serve_defaults.port}]"
+    )
     p.add_argument("--no-auth", action="store_true", help="no API keys; serve on 127.0.0.1 only")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
@@ -412,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bank", help="bank to extend (default: augment.prompt_bank or the packaged one)"
     )
     _add_config_args(b)
-    b.set_defaults(func=_job("pipelines.prompts:main"))
+    b.set_defaults(func=_job("pipelines.prompts:main", out_is_folder=False))
     s = psub.add_parser(
         "show", help="list the bank's product types with their aliases and prompt counts"
     )
@@ -437,19 +469,23 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"restage: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        status = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+        return status
+    except BrokenPipeError:
+        # Nothing more can be written; point stdout at /dev/null so that the interpreter's
+        # final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except PlanError as exc:
         print(f"restage {args.command}: cannot run on this cluster.\n{exc}", file=sys.stderr)
         return EXIT_PLAN
     except NodeLost as exc:
         print(exc, file=sys.stderr)
         return EXIT_NODE_LOST
-    except (FileNotFoundError, ValueError, MissingBackendError) as exc:
+    except (FileNotFoundError, ValueError, MissingBackendError) as exc:  # ConfigError included
         print(f"restage {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

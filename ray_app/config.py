@@ -114,7 +114,17 @@ class RayConfig(StrictModel):
         description="Upper bound on the object store memory that a Ray Data job may use, in "
         "MiB; bounds streaming back-pressure (None: Ray Data's default fraction).",
     )
-    progress_bars: bool = Field(True, description="Show Ray Data's progress display.")
+    progress_bars: bool | Literal["auto"] = Field(
+        "auto",
+        description="Ray Data's progress bars: 'auto' shows them on a terminal; elsewhere (CI, "
+        "a log file) a job prints one compact line per stage instead, at most every 30 s.",
+    )
+    log_to_driver: bool = Field(
+        False,
+        description="Also print the output of Ray's worker processes in the job's output. It "
+        "is always in Ray's log files (the `_ray_logs` link in the job's output folder, for a "
+        "local Ray); errors that stop a product or the job are reported either way.",
+    )
     placement: Literal["streaming", "packed", "stage"] | None = Field(
         None,
         description="How a job places its actor pools on the GPUs (ray_app/plan.py); None: "

@@ -13,6 +13,7 @@ from typing import Any
 from ray_app import secrets
 from ray_app.config import RestageConfig
 from ray_app.models import apply_environment
+from ray_app.progress import interactive
 
 log = logging.getLogger("restage")
 
@@ -39,13 +40,19 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
         info["mode"] = "existing"
     else:
         address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        quiet_ray_driver()
         if address:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+            ray.init(
+                address=address,
+                runtime_env={"env_vars": env},
+                log_to_driver=config.ray.log_to_driver,
+            )
             info["mode"] = f"cluster {address}"
         else:
             kwargs: dict[str, Any] = {
                 "include_dashboard": config.ray.dashboard,
                 "runtime_env": {"env_vars": env},
+                "log_to_driver": config.ray.log_to_driver,
             }
             if config.ray.num_cpus is not None:
                 kwargs["num_cpus"] = config.ray.num_cpus
@@ -59,14 +66,91 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             ray.init(**kwargs)
             info["mode"] = "local"
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = config.ray.progress_bars
-    ctx.enable_operator_progress_bars = config.ray.progress_bars
+    bars = progress_bars(config)
+    ctx.enable_progress_bars = bars
+    ctx.enable_operator_progress_bars = bars
+    # Without bars Ray Data prints each dataset's plan and a summary per run at INFO: the
+    # job's own lines say the same, so its console shows warnings only (its log file,
+    # ray-data.log among Ray's logs, keeps everything).
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.INFO if bars else logging.WARNING)
     if config.ray.data_object_store_limit_mb is not None:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=config.ray.data_object_store_limit_mb * 2**20
         )
     info["resources"] = ray.cluster_resources()
     return info
+
+
+def progress_bars(config: RestageConfig) -> bool:
+    """Whether Ray Data draws its progress bars: ``ray.progress_bars``, where 'auto' means
+    on a terminal only (elsewhere a job prints ``ray_app.progress`` lines instead)."""
+    bars = config.ray.progress_bars
+    return interactive() if bars == "auto" else bool(bars)
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_ray_driver() -> None:
+    """Silence messages of Ray in this process that are known to be harmless here (each
+    with why); Ray's warnings and errors otherwise stay visible."""
+    # `serve.run` connects to the Serve instance `restage serve` has just started with our
+    # host and port, and says that "new" (default) http_options will not be applied: they
+    # are not meant to be; ours were applied.
+    logging.getLogger("ray.serve").addFilter(_SERVE_RECONNECT)  # once: the same objects
+    # A new local Ray turns token authentication on by default and warns that it did, at
+    # every start: that is the safe setting (and RAY_AUTH_MODE still chooses).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _TOKEN_AUTH_DEFAULT
+    )
+    # Off a terminal restage turns Ray Data's bars off on purpose and prints its own lines.
+    logging.getLogger("ray.data._internal.progress").addFilter(_BARS_OFF)
+
+
+_BARS_OFF = _DropMessages("Progress bars disabled")
+_SERVE_RECONNECT = _DropMessages('Connecting to existing Serve app in namespace "serve"')
+_TOKEN_AUTH_DEFAULT = _DropMessages("Token authentication is enabled for this Ray cluster")
+
+
+def ray_logs_dir() -> str | None:
+    """The log folder of the local Ray session of this process (None when joined to a
+    cluster: its logs are on the cluster's nodes)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API for this
+    if not ray.is_initialized() or node is None or not node.head:
+        return None
+    return node.get_logs_dir_path()
+
+
+def link_ray_logs(out: str) -> str | None:
+    """Link Ray's log folder as ``OUT/_ray_logs`` (a local ``out`` only) -> where they are."""
+    from ray_app import storage
+
+    logs = ray_logs_dir()
+    if logs is None:
+        return None
+    root = storage.normalize_uri(out)
+    if storage.has_protocol(root):
+        return logs
+    link = os.path.join(root, "_ray_logs")
+    if os.path.islink(link):
+        os.remove(link)
+    if os.path.exists(link):
+        return logs
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(logs, link)
+    return link
 
 
 def role_resources(config: RestageConfig, role: str) -> dict[str, Any]:

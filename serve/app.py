@@ -8,6 +8,7 @@ Start it with ``restage serve --adapters URI`` (a local Ray, or the cluster name
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -60,6 +61,22 @@ def app_builder(args: dict[str, Any]):
     )
 
 
+def local_host(host: str) -> str:
+    """The address this machine reaches a server bound to ``host`` at."""
+    return "127.0.0.1" if host == "0.0.0.0" else host
+
+
+def ready_message(host: str, port: int, no_auth: bool, docs: bool = True) -> str:
+    """The line printed when the server is up: the address it is bound to, and where to reach
+    it from this machine when that is all interfaces."""
+    bound = f"http://{host}:{port}"
+    local = f"http://{local_host(host)}:{port}"
+    where = bound if local == bound else f"{bound} (all interfaces; from this machine: {local})"
+    api = f"docs: {local}/docs" if docs else f"API: {local}/openapi.json"
+    auth = "off" if no_auth else "API keys"
+    return f"restage serve: listening on {where}; {api}; auth: {auth}; Ctrl-C or SIGTERM stops it"
+
+
 def run_server(
     config: RestageConfig,
     adapters: str,
@@ -73,7 +90,7 @@ def run_server(
     from ray import serve
 
     from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
+    from ray_app.runtime import init_ray, ray_logs_dir
 
     digests = load_key_digests()
     # The keys have been read: Ray's processes (started below, inheriting this environment)
@@ -92,12 +109,11 @@ def run_server(
     init_ray(config)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    docs = f"{url}/docs" if config.serve.docs else f"{url}/openapi.json"
-    print(
-        f"restage serve: ready on {url} (API: {docs}, auth: {'off' if no_auth else 'API keys'})",
-        flush=True,
-    )
+    print(ready_message(host, port, no_auth, docs=config.serve.docs), flush=True)
+    logs = ray_logs_dir()
+    if logs:  # replicas' output goes to Ray's log files (ray.log_to_driver)
+        print(f"Ray's logs: {logs}", file=sys.stderr, flush=True)
+    url = f"http://{local_host(host)}:{port}"
     if block:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,33 @@ DREAMBOOTH = ROOT.parent / "shared" / "data" / "dreambooth"
 EXAMPLES = ROOT / "examples"
 
 
+# Fixtures that start Ray, a `restage` job or the server: a test using one is end to end.
+END_TO_END_FIXTURES = {"ray_local", "quickstart", "server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every end-to-end test is marked `slow` (so that `-m "not slow"` stays fast), and `gpu`
+    tests run only where CUDA is (not with `-m` in addopts, which `-m "not slow"` replaces)."""
+    import torch
+
+    unmarked = [
+        item.nodeid
+        for item in items
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and "slow" not in item.keywords
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "end-to-end tests must be marked @pytest.mark.slow: " + ", ".join(unmarked)
+        )
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def restage_cache(tmp_path_factory) -> Path:
     """Tiny checkpoints are built once per session into a private cache (or a reused one)."""
@@ -41,6 +68,24 @@ def ray_local():
     runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory) -> str:
+    """Adapters of the products of ``trainset.PRODUCTS``, trained on one worker without Ray
+    (the train job's own code), for the tests of generation and serving."""
+    from trainset import PRODUCTS, write_training_set
+
+    from pipelines.train import ShardTrainer
+    from ray_app.config import load_config
+    from ray_app.storage import AdapterLayout
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_training_set(str(root / "aug"))
+    out = str(root / "adapters")
+    ShardTrainer(load_config("tiny"), data, out, None).run(sorted(PRODUCTS))
+    assert AdapterLayout(out).completed() == set(PRODUCTS)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ RESTAGE = str(Path(sys.executable).with_name("restage"))
 # absolute path: trust those folders explicitly, as a user would.
 ALLOW = f"storage.allowed_sources=[{EXAMPLES}, {DREAMBOOTH}]"
 
+pytestmark = pytest.mark.slow  # every test here uses the module's augment run on Ray
+
 
 def _examples() -> list[dict]:
     """The three sample products plus two renamed copies (more products, same images)."""

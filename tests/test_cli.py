@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_app.cli import NOT_BUILT, build_parser
+from ray_app.cli import EXIT_BROKEN_PIPE, EXIT_USAGE, NOT_BUILT, build_parser
 
 RESTAGE = str(Path(sys.executable).with_name("restage"))
 
@@ -88,3 +88,61 @@ def test_make_tiny_subset(tmp_path):
     proc = run("models", "make-tiny", str(tmp_path / "t"), "--roles", "dino,clip", env=env)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["clip", "dino"]
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`restage prompts show | head`: the reader goes away before restage has written all."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: deterministic
+    try:
+        proc = subprocess.run(
+            [RESTAGE, "prompts", "show", "--type", "mug"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == EXIT_BROKEN_PIPE, proc.stderr
+    assert proc.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["config", "show", "--set", "serve.port=0"], {}, "serve.port=0"),
+        (
+            ["augment", "--profile", "tiny", "--manifest", "/nonexistent.jsonl", "--out", "o"],
+            {},
+            "does not exist",
+        ),
+        (
+            ["serve", "--profile", "tiny", "--adapters", "a"],
+            {"RESTAGE_API_KEYS": "short"},
+            "shorter than 16",
+        ),
+        (["models", "make-tiny", "d", "--roles", "flux"], {}, "unknown role(s) flux"),
+        (["augment", "--manifest"], {}, "expected one argument"),  # argparse's own
+    ],
+    ids=["config", "missing-input", "short-key", "bad-role", "argparse"],
+)
+def test_every_usage_error_exits_2_naming_the_problem(args, env, needle, tmp_path):
+    """(A missing API key: test_serve.py::test_serve_refuses_to_start_without_keys.)"""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RESTAGE_API_KEYS")}
+    proc = run(*args, env={**base, **env}, cwd=tmp_path)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_help_shows_the_values_in_force():
+    from ray_app.config import ServeConfig
+
+    serve = (
+        next(a for a in build_parser()._actions if a.dest == "command")
+        .choices["serve"]
+        .format_help()
+    )
+    defaults = ServeConfig()
+    assert f"serve.host, {defaults.host}" in serve and f"serve.port, {defaults.port}" in serve
+    assert "[serve.host]" not in serve and "[serve.port]" not in serve

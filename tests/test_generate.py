@@ -4,12 +4,13 @@ Ray Data job (one adapter load per product, top-N images and scores for every pr
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from trainset import PRODUCTS, write_training_set
+from trainset import PRODUCTS
 
 from actors.generator import AdapterError, GenerationOptions, Generator
 from actors.scorer import rank_and_keep
@@ -38,27 +39,17 @@ def test_user_prompts_need_the_placeholder(tmp_path):
         read_user_prompts(str(bad))
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> str:
-    """Adapters of both products, trained on one worker without Ray (the job's own code)."""
-    from pipelines.train import ShardTrainer
-
-    root = tmp_path_factory.mktemp("gen")
-    data = write_training_set(str(root / "aug"))
-    out = str(root / "adapters")
-    ShardTrainer(load_config("tiny"), data, out, None).run(sorted(PRODUCTS))
-    assert AdapterLayout(out).completed() == set(PRODUCTS)
-    return out
-
-
 def test_generator_swaps_adapters_without_reloading_the_base(adapters):
     gen = Generator(load_config("tiny"), GenerationOptions(64, 64, 2, 2.0))
     base_pipe = gen.loaded.model
     lamp, mug = sorted(PRODUCTS)
     batch = {"prompt": np.array(["a photo of a lamp"] * 3, dtype=object), "seed": np.array([3] * 3)}
     base = decode_rgb(gen(batch)["image"][0])
-    gen.load_adapter(lamp, AdapterLayout(adapters).adapter_dir(lamp))
-    gen.load_adapter(mug, AdapterLayout(adapters).adapter_dir(mug))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen.load_adapter(lamp, AdapterLayout(adapters).adapter_dir(lamp))
+        gen.load_adapter(mug, AdapterLayout(adapters).adapter_dir(mug))
+    assert not [w for w in caught if "peft_config" in str(w.message)]  # a known, harmless one
     assert gen.loaded.model is base_pipe and gen.active_adapter is None
     out = gen({**batch, "adapter": np.array([lamp, None, mug], dtype=object)})
     with_lamp, plain, with_mug = (decode_rgb(x) for x in out["image"])
@@ -76,6 +67,7 @@ def test_generator_swaps_adapters_without_reloading_the_base(adapters):
     assert gen.adapter_loads == {lamp: 1, mug: 1}
 
 
+@pytest.mark.slow
 def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp_path):
     from pipelines.generate import generate
 

@@ -135,7 +135,9 @@ def test_the_cli_says_the_node_was_lost_and_how_to_resume(tmp_path, monkeypatch,
     argv += ["--out", str(tmp_path / "out"), "--set", "ray.health_check_failure_threshold=7"]
     assert cli.main(argv) == EXIT_NODE_LOST
     err = capsys.readouterr().err
-    assert err.startswith("restage augment: Ray lost a node this job was running on")
+    # After the job's own progress line, the message, and no traceback.
+    assert "\nrestage augment: Ray lost a node this job was running on" in "\n" + err
+    assert "Traceback" not in err
     assert "Re-run the same command to resume" in err
     assert "--set ray.health_check_failure_threshold=14" in err
 

@@ -201,6 +201,7 @@ NO_NETWORK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # builds and loads every role in a fresh cache, in a subprocess
 def test_tiny_profile_never_touches_the_network(tmp_path):
     env = {"RESTAGE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run(

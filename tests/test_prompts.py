@@ -29,6 +29,7 @@ def test_instruction_and_line_splitting():
     assert kept == ["a {product} on a shelf in a bright kitchen with plants"]
 
 
+@pytest.mark.slow
 def test_build_extends_with_curated_llm_output(ray_local, tmp_path):
     out = tmp_path / "bank.yaml"
     config = load_config("tiny", overrides=["ray.progress_bars=false"])
@@ -72,3 +73,31 @@ def test_a_free_text_category_becomes_a_sanitised_noun(category, noun):
         assert got.isascii() and got.isprintable() and len(got) <= NOUN_MAX_CHARS
         assert not set(got) & set("=@<>[]{}()\\/:")
         assert len(got.split()) <= NOUN_MAX_WORDS
+
+
+def test_build_refuses_unknown_types_before_starting_ray(tmp_path):
+    import ray
+
+    from ray_app.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--types: unknown type\(s\) unicorn"):
+        build(load_config("tiny"), str(tmp_path / "bank.yaml"), types=["mug", "unicorn"])
+    assert not ray.is_initialized()
+
+
+def test_type_writer_passes_each_rows_type_through():
+    import numpy as np
+
+    from pipelines.prompts import _TypeWriter
+
+    writer = _TypeWriter(load_config("tiny"), per_type=2)
+    writer.writer.max_new_tokens = 16  # random weights: the text is noise, its shape is not
+    batch = {
+        "type": np.array(["mug"], dtype=object),
+        "noun": np.array(["mug"], dtype=object),
+        "examples": np.array([["a {product} on a desk"]], dtype=object),
+        "seed": np.array([3]),
+    }
+    out = writer(batch)
+    assert list(out["type"]) == ["mug"] and out["error"][0] is None
+    assert all(isinstance(line, str) for line in out["candidates"][0])

@@ -7,12 +7,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, readme_command
 
 from ray_app.config import FilterConfig
 from ray_app.storage import RunLayout
 
 README = (ROOT / "README.md").read_text()
+MAX_QUICKSTART_LINES = 60  # the whole output of the quick start when it is not a terminal
 
 
 def run(command: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -37,6 +39,7 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert os.access(script, os.X_OK)
 
 
+@pytest.mark.slow
 def test_quickstart(quickstart):
     proc, out = quickstart
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,8 +57,25 @@ def test_quickstart(quickstart):
         )
     assert len(list((out / "adapters").glob("*/pytorch_lora_weights.safetensors"))) == 3
     assert len(list((out / "generations" / "images").glob("*/*.png"))) >= 3
+    assert (out / "_ray_logs").is_symlink() and (out / "_ray_logs").is_dir()
+    said = [line for line in proc.stderr.splitlines() if line.startswith("Ray's logs: ")]
+    assert said and Path(said[-1].split(": ", 1)[1]).samefile(out / "_ray_logs")
+    assert not (out / "adapters" / "_ray_train").exists()  # no empty leftovers
 
 
+@pytest.mark.slow
+def test_quickstart_output_off_a_terminal_is_short(quickstart):
+    """The fixture runs the quick start with its output captured (not a terminal): one
+    compact line per stage and the summary, not Ray Data's progress blocks or Ray's logs."""
+    proc, _ = quickstart
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= MAX_QUICKSTART_LINES, "\n".join(lines)
+    assert not [line for line in lines if "logging_progress" in line or "RAW:" in line]
+    for job in ("augment", "train", "generate"):
+        assert f"restage {job}: done: 3/3 products" in proc.stderr, job
+
+
+@pytest.mark.slow
 def test_quickstart_rerun_resumes(quickstart, user_dir):
     proc = run(readme_command("quickstart"), user_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,6 +95,7 @@ def test_config_error_example(user_dir):
     assert "generator.batch_size=-1: Input should be greater than 0" in proc.stderr
 
 
+@pytest.mark.slow  # builds every role's checkpoint; test_cli's make-tiny tests build two
 def test_make_tiny_example(user_dir):
     proc = run(readme_command("make-tiny"), user_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -85,3 +106,17 @@ def test_make_tiny_example(user_dir):
 def test_every_threshold_is_documented():
     for name in FilterConfig.model_fields:
         assert f"`{name}`" in README, f"augment.filter.{name} is not documented in the README"
+
+
+def test_deprecations_in_our_code_fail_the_tests():
+    """pyproject's warnings policy: API drift in our own modules is an error in tests; a
+    library's deprecation about its own internals stays visible, not fatal."""
+    import warnings
+
+    for module in ("ray_app.models", "actors.generator", "pipelines.train", "serve.ingress"):
+        for category in (DeprecationWarning, FutureWarning):
+            with pytest.raises(category):
+                warnings.warn_explicit("old API", category, f"{module}.py", 1, module=module)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn_explicit("old API", DeprecationWarning, "lib.py", 1, module="somelib.x")
+    assert len(shown) == 1

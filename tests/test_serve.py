@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, ray_pids, readme_command
 from PIL import Image
+from trainset import PRODUCTS
 
 from ray_app.config import load_config
 from ray_app.prompts import PromptBank
@@ -29,6 +30,7 @@ from serve.errors import ApiError
 from serve.ingress import IngressService, build_prompt, public_metadata
 
 URL = "http://127.0.0.1:8000"
+LAMP, MUG = sorted(PRODUCTS)  # the products of the adapters fixture
 
 
 def _key() -> str:
@@ -90,6 +92,7 @@ def images(resp: httpx.Response) -> list[np.ndarray]:
     ]
 
 
+@pytest.mark.slow
 def test_readme_curl_example(server):
     proc = subprocess.run(
         ["bash", "-c", readme_command("curl")], capture_output=True, text=True, timeout=300
@@ -99,6 +102,7 @@ def test_readme_curl_example(server):
     decoded = [Image.open(io.BytesIO(base64.b64decode(i["png_base64"]))) for i in body["images"]]
     assert all(img.size == (64, 64) for img in decoded)
     assert [i["rank"] for i in body["images"]] == [1, 2]
+    assert all(0 <= i["seed"] < 2**53 for i in body["images"])  # exact in JavaScript
     assert body["images"][0]["score"] >= body["images"][1]["score"]
     assert set(body["images"][0]["scores"]) == {
         "clip_t",
@@ -118,6 +122,7 @@ def test_readme_curl_example(server):
     }
 
 
+@pytest.mark.slow
 def test_generate_returns_decodable_images_deterministically(server):
     first = post({"product_id": "bottle-teal-002", "num_images": 3, "seed": 11})
     assert first.status_code == 200, first.text
@@ -129,6 +134,7 @@ def test_generate_returns_decodable_images_deterministically(server):
     assert not (other[0] == a[0]).all()
 
 
+@pytest.mark.slow
 def test_different_products_give_different_images(server):
     body = {"prompt": "a {product} on a plain grey table", "num_images": 1, "seed": 5}
     mug = images(post({**body, "product_id": "mug-red-001"}))[0]
@@ -140,6 +146,7 @@ def test_different_products_give_different_images(server):
     ("key", "status"),
     [(None, 401), ("", 401), ("not-the-key-but-long-enough", 403)],
 )
+@pytest.mark.slow
 def test_auth(server, key, status):
     resp = (
         post({"product_id": "mug-red-001"}, key=key)
@@ -158,6 +165,7 @@ def test_auth(server, key, status):
     assert get("/v1/stats", key="not-the-key-but-long-enough").status_code == 403
 
 
+@pytest.mark.slow
 def test_unknown_product_is_404(server):
     resp = post({"product_id": "no-such-product"})
     assert resp.status_code == 404 and "no-such-product" in resp.json()["message"]
@@ -183,12 +191,14 @@ def test_unknown_product_is_404(server):
         ({"product_id": "café"}, "product_id"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_422_naming_the_field(server, body, field):
     resp = post(body)
     assert resp.status_code == 422, resp.text
     assert field in {d["field"] for d in resp.json()["detail"]}
 
 
+@pytest.mark.slow
 def test_body_limits(server):
     assert post({"product_id": "mug-red-001", "prompt": "x" * 20000}).status_code == 413
     resp = httpx.post(
@@ -200,6 +210,7 @@ def test_body_limits(server):
     assert resp.status_code == 422 and resp.json()["error"] == "invalid_json"
 
 
+@pytest.mark.slow
 def test_path_traversal_never_reaches_storage(server):
     # A file that a traversal from the adapters root would reach.
     secret = server["adapters"].parent.parent / "etc"
@@ -219,6 +230,7 @@ def test_path_traversal_never_reaches_storage(server):
         assert resp.status_code == 422 and "SECRET" not in resp.text
 
 
+@pytest.mark.slow
 def test_failed_adapter_load_is_503_and_the_replica_keeps_serving(server):
     broken = server["adapters"] / "broken-adapter"  # an adapter whose weights cannot be loaded
     shutil.copytree(server["adapters"] / "mug-red-001", broken)
@@ -233,6 +245,7 @@ def test_failed_adapter_load_is_503_and_the_replica_keeps_serving(server):
         shutil.rmtree(broken)
 
 
+@pytest.mark.slow
 def test_eviction_beyond_k_keeps_adapter_memory_bounded(server):
     k = load_config("tiny").serve.max_adapters_per_replica
     products = ["mug-red-001", "bottle-teal-002", "cereal-box-003"]
@@ -269,6 +282,7 @@ def prometheus_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_prometheus_metrics_count_what_the_replicas_did(server):
     assert post({"product_id": "mug-red-001", "seed": 11}).status_code == 200
     stats = get("/v1/stats").json()
@@ -289,23 +303,22 @@ def test_prometheus_metrics_count_what_the_replicas_did(server):
     assert prometheus_sum(text, "ray_restage_adapter_load_ms_count") >= 1
 
 
-def test_hot_swapped_adapter_generates_like_a_fresh_load(quickstart):
+def test_hot_swapped_adapter_generates_like_a_fresh_load(adapters):
     """Swapping B into the slot A held gives B's images exactly (no trace of A)."""
     import asyncio
 
     from serve.generator import GeneratorReplica
 
-    adapters = quickstart[1] / "adapters"
     config = load_config("tiny", overrides=["serve.max_adapters_per_replica=1"])
     swapped = GeneratorReplica(config, str(adapters))
-    mug = asyncio.run(swapped.load("mug-red-001"))
+    mug = asyncio.run(swapped.load(MUG))
     del mug  # what the multiplexer does on eviction: the handle goes, its slot is freed
-    held = [asyncio.run(swapped.load("bottle-teal-002"))]  # handles are held while cached
-    assert swapped.slot_of == {"bottle-teal-002": "slot-0"}  # the same slot, hot-swapped
+    held = [asyncio.run(swapped.load(LAMP))]  # handles are held while cached
+    assert swapped.slot_of == {LAMP: "slot-0"}  # the same slot, hot-swapped
     assert swapped.counters["evictions"] == 1
     fresh = GeneratorReplica(config, str(adapters))
-    held.append(asyncio.run(fresh.load("bottle-teal-002")))
-    args = ("bottle-teal-002", "a {product} on a table", [4, 5], None, None, None, None)
+    held.append(asyncio.run(fresh.load(LAMP)))
+    args = (LAMP, "a {product} on a table", [4, 5], None, None, None, None)
     assert swapped.generate(*args)["images"] == fresh.generate(*args)["images"]
     base = fresh.generator.generate(["a {product} on a table"], [4], [""])[0]
     assert not (
@@ -313,20 +326,19 @@ def test_hot_swapped_adapter_generates_like_a_fresh_load(quickstart):
     ).all()
 
 
-def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(quickstart):
+def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(adapters):
     import asyncio
 
     from actors.scorer import references
     from serve.generator import GeneratorReplica
     from serve.ranker import RankerReplica
 
-    adapters = quickstart[1] / "adapters"
-    meta = json.loads((adapters / "mug-red-001" / "adapter.json").read_text())
+    meta = json.loads((Path(adapters) / MUG / "adapter.json").read_text())
     config = load_config("tiny")
     ranker = RankerReplica(config)
-    args = ("mug-red-001", "a {product} on a table", [4, 5, 6], None, None, None, None)
+    args = (MUG, "a {product} on a table", [4, 5, 6], None, None, None, None)
     replica = GeneratorReplica(config, str(adapters))
-    handle = asyncio.run(replica.load("mug-red-001"))
+    handle = asyncio.run(replica.load(MUG))
     generated = replica.generate(*args)["images"]
     del handle
     first = ranker.rank(meta, generated, "a photo of a mug")
@@ -339,6 +351,7 @@ def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(qui
     assert ranker.reference_loads == 2  # a retrained product is embedded afresh
 
 
+@pytest.mark.slow
 def test_openapi_documents_the_api(server):
     spec = httpx.get(f"{URL}/openapi.json", timeout=60).json()
     assert {"/v1/generate", "/v1/products/{product_id}", "/healthz"} <= set(spec["paths"])
@@ -350,6 +363,7 @@ def test_openapi_documents_the_api(server):
     assert httpx.get(f"{URL}/docs", timeout=60).status_code == 404
 
 
+@pytest.mark.slow
 def test_load_test_smoke(server, tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run(
@@ -524,7 +538,7 @@ def test_serve_deploy_config_is_valid_and_builds(tmp_path, monkeypatch):
     from serve.app import app_builder
 
     config = yaml.safe_load((ROOT / "serve" / "restage.yaml").read_text())
-    ServeDeploySchema.parse_obj(config)  # Ray's own schema of `serve deploy` files
+    ServeDeploySchema.model_validate(config)  # Ray's own schema of `serve deploy` files
     (application,) = config["applications"]
     assert application["import_path"] == "serve.app:app_builder"
     assert "runtime_env" not in application  # no secret travels to the replicas' environment
@@ -546,3 +560,13 @@ def test_serve_deploy_config_is_valid_and_builds(tmp_path, monkeypatch):
     assert type(app_builder(without)).__name__ == "Application"
     with pytest.raises(ConfigError, match="unknown"):
         app_builder({**args, "adapter": "typo"})
+
+
+def test_ready_message_names_the_real_bind_address():
+    from serve.app import ready_message
+
+    everywhere = ready_message("0.0.0.0", 8000, no_auth=False)
+    assert "listening on http://0.0.0.0:8000 (all interfaces" in everywhere
+    assert "http://127.0.0.1:8000/docs" in everywhere and "SIGTERM" in everywhere
+    local = ready_message("127.0.0.1", 8001, no_auth=True)
+    assert "listening on http://127.0.0.1:8001;" in local and "auth: off" in local
