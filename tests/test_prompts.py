@@ -80,6 +80,8 @@ def test_build_refuses_unknown_types_before_starting_ray(tmp_path):
 
     from ray_app.config import ConfigError
 
+    if ray.is_initialized():  # an earlier test's Ray: this one must show none is started
+        ray.shutdown()
     with pytest.raises(ConfigError, match=r"--types: unknown type\(s\) unicorn"):
         build(load_config("tiny"), str(tmp_path / "bank.yaml"), types=["mug", "unicorn"])
     assert not ray.is_initialized()
