@@ -22,7 +22,7 @@ HUB_TIMEOUT_S = 5.0
 SOURCES_FILE = "sources.yaml"  # a config overlay pointing every fetched role at the URI
 
 
-def _hub_cached(repo: str, revision: str | None, cache_dir: Path) -> bool:
+def _hub_cached(repo: str, revision: str | None) -> bool:
     from huggingface_hub import snapshot_download
 
     try:
@@ -72,7 +72,7 @@ def unavailable(config: RestageConfig, role: str) -> str | None:
         return f"{role}: source {src} is not reachable ({why}); looked in the URI and {config.cache_path}/sources; {fixes}"
     if src.startswith(("/", "./", "../", "~")) or src.count("/") != 1:
         return f"{role}: source {src!r} is no local path, hub id (org/name) or URI; {fixes}"
-    if _hub_cached(src, spec.revision, config.cache_path):
+    if _hub_cached(src, spec.revision):
         return None
     if config.offline:
         return f"{role}: hub id {src} is not in the hub cache and offline=true; {fixes}"

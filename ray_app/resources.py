@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ def _pixels(config: RestageConfig, role: str) -> int:
     return 0
 
 
+@cache  # read once per process: every role's figures consult it
 def measured() -> dict[str, Any]:
     """Figures that ``bench/gpu_roles.py`` measured on a GPU, keyed by role ({} if none)."""
     path = RESULTS / MEASURED_FILE
