@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,26 +71,86 @@ class ProductError(ValueError):
 # --------------------------------------------------------------------------- planning
 
 
-def assign(product_ids: list[str], rank: int, world: int) -> list[str]:
-    """Static share of worker ``rank`` of ``world``: sorted ids, product i -> worker i % world."""
-    return [pid for i, pid in enumerate(sorted(product_ids)) if i % world == rank]
+def product_ids(data_root: str):
+    """The products of an augment output as a Ray Data dataset, read in Ray Data tasks: one
+    row per manifest shard, ``product_id`` (its name), ``shard`` and ``error`` (why the name
+    is not a product id, or null). The one place train learns its product list."""
+    import pyarrow as pa
+    import ray.data
 
-
-def list_products(data_root: str) -> tuple[list[str], list[ErrorRow]]:
-    """Product ids of an augment output (its manifest shards) and invalid shard names."""
     manifest_dir = AugmentLayout(data_root).manifest_dir()
     if not storage.exists(manifest_dir):
         raise FileNotFoundError(
             f"--data {data_root}: no manifest/ folder; give the output root of `restage augment`"
         )
-    ids, errors = [], []
-    for name in storage.list_names(manifest_dir, ".parquet"):
-        pid = name[: -len(".parquet")]
+    try:
+        ds = ray.data.read_parquet(
+            manifest_dir, include_paths=True, num_cpus=0, concurrency=LISTING_TASKS
+        ).select_columns(["path"])  # pushed down into the read: no sample columns are read
+    except ValueError as exc:  # Ray Data refuses a folder with no parquet files
+        if "no files found" not in str(exc).lower():
+            raise
+        ds = ray.data.from_arrow(pa.table({"path": pa.array([], pa.string())}))
+    return ds.map_batches(
+        _shard_rows, batch_format="pyarrow", num_cpus=0, concurrency=LISTING_TASKS
+    )
+
+
+# The listing tasks only read parquet footers and check that files exist: they take no CPU
+# slot, so they run while the training workers hold every CPU; at most this many at once.
+LISTING_TASKS = 4
+
+
+def _shard_rows(batch: Any) -> Any:
+    """Sample rows with their shard's path -> one row per shard (a shard's few dozen rows
+    are never split across blocks; a duplicate row would be dropped by the queue anyway)."""
+    import pyarrow as pa
+
+    ids, shards, errors = [], [], []
+    for path in dict.fromkeys(batch["path"].to_pylist()):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        pid = name[: -len(".parquet")] if name.endswith(".parquet") else name
         try:
             ids.append(validate_product_id(pid))
+            errors.append(None)
         except RecordError as exc:
-            errors.append(ErrorRow(JOB, "load", str(exc), item=name))
-    return ids, errors
+            ids.append(pid)
+            errors.append(str(exc))
+        shards.append(name)
+    return pa.table(
+        {
+            "product_id": pa.array(ids, pa.string()),
+            "shard": pa.array(shards, pa.string()),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+
+
+def _with_completion(batch: Any, out_root: str) -> Any:
+    """Adds ``complete``: whether the product's ``adapter.json`` exists (checked here, in
+    Ray Data tasks, a few requests at a time; never a driver listing of the output)."""
+    import pyarrow as pa
+
+    layout = AdapterLayout(out_root)
+    ids, errors = batch["product_id"].to_pylist(), batch["error"].to_pylist()
+
+    def done(i: int) -> bool:
+        return errors[i] is None and storage.exists(layout.metadata(ids[i]))
+
+    with ThreadPoolExecutor(8) as pool:
+        complete = list(pool.map(done, range(len(ids))))
+    return batch.append_column("complete", pa.array(complete, pa.bool_()))
+
+
+def work_dataset(data_root: str, out_root: str):
+    """The train job's input stream: ``product_ids`` with each product's completion."""
+    return product_ids(data_root).map_batches(
+        _with_completion,
+        fn_kwargs={"out_root": out_root},
+        batch_format="pyarrow",
+        num_cpus=0,
+        concurrency=LISTING_TASKS,
+    )
 
 
 def read_records(data_root: str, manifest: str | None) -> dict[str, dict[str, Any]]:
@@ -228,6 +290,7 @@ class ShardTrainer:
         pipe = self.trainer.pipe
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
         self._scorer = None
+        self._on_result: Callable[[dict[str, Any]], None] | None = None
 
     def samples(self, ts: TrainingSet, token: str) -> list:
         from actors.lora_trainer import TrainingSample, positive_prompt
@@ -242,12 +305,20 @@ class ShardTrainer:
             out.append(TrainingSample(r["sample_id"], ts.images[r["sample_id"]], prompt, True))
         return out
 
-    def run(self, product_ids: list[str]) -> None:
+    def run(
+        self,
+        product_ids: Iterable[str],
+        on_result: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         """Train ``product_ids`` in order, ``train.products_per_step`` at a time: a group is
-        filled with the next products that load, so a bad product never shrinks a group."""
+        filled with the next products that load, so a bad product never shrinks a group.
+        ``product_ids`` is read lazily (the job's workers lease from a queue as they go);
+        ``on_result`` gets each product's result row (``status`` ok, failed or complete)."""
+        self._on_result = on_result
         group: list[_Prepared] = []
         for pid in product_ids:
             if storage.exists(self.layout.metadata(pid)):  # finished by an earlier attempt
+                self._report({"product_id": pid, "status": "complete"})
                 continue
             try:
                 group.append(self.prepare(pid))
@@ -260,16 +331,24 @@ class ShardTrainer:
         if group:
             self._train_group(group)
 
+    def _report(self, row: dict[str, Any]) -> None:
+        if self._on_result is not None:
+            self._on_result(row)
+
     def _fail(self, pid: str, exc: Exception, stage: str) -> None:
         if isinstance(exc, ProductError):
             stage, reason = exc.stage, str(exc)
         else:
             reason = f"{type(exc).__name__}: {exc}"
         write_errors(self.layout, pid, [ErrorRow(JOB, stage, reason, pid)])
+        self._report({"product_id": pid, "status": "failed", "stage": stage})
 
     def _done(self, pid: str, meta: dict[str, Any]) -> None:
         write_errors(self.layout, pid, [])  # a stale errors shard of an earlier run goes
         storage.write_json(self.layout.metadata(pid), meta)  # the completion marker, last
+        self._report(
+            {"product_id": pid, "status": "ok", "seconds": meta["seconds"], "steps": meta["steps"]}
+        )
 
     def _train_group(self, group: list[_Prepared]) -> None:
         """One product alone (with its token sweep), or several in multi-product steps; when
@@ -432,26 +511,40 @@ class ShardTrainer:
         return float(scores["score"].mean())
 
 
+def _leases(queue: Any, rank: int, delays: dict[str, float]) -> Iterator[str]:
+    """The products this worker leases from the queue, one per request, as it gets to them."""
+    import ray
+
+    key = uuid.uuid4().hex  # this incarnation: a restarted worker gets a new one
+    while (pid := ray.get(queue.next.remote(key, rank))) is not None:
+        time.sleep(delays.get(pid, 0.0))  # test-only: a slow product
+        yield pid
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point of every worker."""
+    """Ray Train entry point of every worker: lease products from the queue until it is
+    empty; the base model is loaded once, when the first product arrives."""
+    import ray
     import ray.train
 
     from ray_app.models import apply_environment
 
     config = RestageConfig.model_validate(loop_config["config"])
     apply_environment(config.offline)
-    ctx = ray.train.get_context()
-    layout = AdapterLayout(loop_config["out"])
-    done = layout.completed()  # a restarted worker skips what an earlier attempt finished
-    mine = [
-        pid
-        for pid in assign(loop_config["products"], ctx.get_world_rank(), ctx.get_world_size())
-        if pid not in done
-    ]
-    if mine:
-        ShardTrainer(config, loop_config["data"], loop_config["out"], loop_config["manifest"]).run(
-            mine
-        )
+    queue, rank = loop_config["queue"], ray.train.get_context().get_world_rank()
+    # Test-only: {product_id: seconds} that a worker waits after leasing the product, so that
+    # a test can make one product slow. Not a config field; only tests pass it.
+    delays = loop_config.get("test_delays") or {}
+    leases = _leases(queue, rank, delays)
+    first = next(leases, None)
+    if first is None:
+        return  # nothing left for this worker: no model load
+    trainer = ShardTrainer(config, loop_config["data"], loop_config["out"], loop_config["manifest"])
+
+    def report(row: dict[str, Any]) -> None:  # ends the lease: before the next request
+        ray.get(queue.report.remote(rank, row))
+
+    trainer.run(itertools.chain([first], leases), report)
 
 
 # --------------------------------------------------------------------------- job
@@ -466,78 +559,83 @@ def ray_train_storage(root: str) -> str:
     return storage.join(tempfile.gettempdir(), "restage-ray-train")
 
 
-def train(config: RestageConfig, data: str, out: str, manifest: str | None = None) -> JobSummary:
-    """Run the train job: augment output ``data`` -> one adapter per product under ``out``."""
-    from ray_app.runtime import progress_bars
+def train(
+    config: RestageConfig,
+    data: str,
+    out: str,
+    manifest: str | None = None,
+    *,
+    test_delays: dict[str, float] | None = None,
+) -> JobSummary:
+    """Run the train job: augment output ``data`` -> one adapter per product under ``out``.
+    ``test_delays`` ({product_id: seconds} a worker waits after leasing it) is for tests."""
+    import ray
+
+    from pipelines.train_queue import ProductQueue
+    from ray_app.plan import preflight
+    from ray_app.runtime import init_ray, progress_bars
 
     start = time.perf_counter()
     data_root, root = storage.normalize_uri(data), storage.normalize_uri(out)
     layout = AdapterLayout(root)
-    ids, bad = list_products(data_root)
-    write_errors(layout, "_records", bad)
-    done = layout.completed() & set(ids)
-    todo = sorted(set(ids) - done)
+    config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
+    init_ray(config)
+    queue = ray.remote(num_cpus=0)(ProductQueue).remote(work_dataset(data_root, root))
+    workers = 0
+    if ray.get(queue.has_work.remote()):
+        workers = config.train.num_workers
+        with node_loss_guard(JOB, config):
+            _fit(config, data_root, root, queue, workers, manifest, test_delays or {})
+    res = ray.get(queue.result.remote())
+    ray.kill(queue)
+    write_errors(
+        layout,
+        "_records",
+        [ErrorRow(JOB, "load", why, item=name) for name, why in res["invalid_rows"]],
+    )
+    failed = res["failed"] + len(res["unreported"])
     summary = JobSummary(JOB, root)
     summary.products = {
-        "in training set": len(ids) + len(bad),
-        "invalid": len(bad),
-        "already complete": len(done),
-        "ok": 0,
-        "failed": 0,
+        "in training set": res["listed"],
+        "invalid": res["invalid"],
+        "already complete": res["complete"],
+        "ok": res["ok"],
+        "failed": failed,
     }
     for name in STAGES:
-        summary.stage(name, "steps" if name in ("train", "sweep") else "products")
+        stage = summary.stage(name, "steps" if name in ("train", "sweep") else "products")
+        stage.items_in = stage.items_out = res["stages"][name]["items"]
+        stage.seconds = res["stages"][name]["seconds"]
+    summary.stage("train").errors = failed
+    todo = res["ok"] + failed
     if todo:
-        lines = StageLines(JOB, len(todo), enabled=not progress_bars(config))
-        with node_loss_guard(JOB, config):
-            _fit(config, data_root, root, todo, manifest)
-        lines.update(sum(storage.exists(layout.metadata(pid)) for pid in todo))
+        lines = StageLines(JOB, todo, enabled=not progress_bars(config))
+        lines.update(res["ok"])
         lines.finish()
-    for pid in todo:
-        meta_uri = layout.metadata(pid)
-        if not storage.exists(meta_uri):
-            summary.products["failed"] += 1
-            summary.stage("train").errors += 1
-            continue
-        meta = storage.read_json(meta_uri)
-        summary.products["ok"] += 1
-        sec = meta["seconds"]
-        for name, key, items in (
-            ("load", "load", 1),
-            ("setup", "setup", 1),
-            ("train", "train", meta["steps"]),
-            ("sweep", "sweep", 0),
-            ("write", "write", 1),
-        ):
-            stage = summary.stage(name)
-            stage.items_in += items
-            stage.items_out += items
-            stage.seconds += sec[key]
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "data": data_root,
         "errors": layout.errors_dir(),
-        "workers": _workers(config, todo),
+        "workers": workers,
+        # what each worker did: how evenly the queue spread the products
+        "per_worker": res["workers"],
     }
     storage.write_json(layout.summary(), summary.to_dict())
     return summary
 
 
-def _workers(config: RestageConfig, todo: list[str]) -> int:
-    return min(config.train.num_workers, len(todo))
-
-
 def _fit(
-    config: RestageConfig, data_root: str, root: str, todo: list[str], manifest: str | None
+    config: RestageConfig,
+    data_root: str,
+    root: str,
+    queue: Any,
+    workers: int,
+    manifest: str | None,
+    test_delays: dict[str, float],
 ) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_app.plan import preflight
-    from ray_app.runtime import init_ray
-
-    config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
-    init_ray(config)
     opts = config.train
     if config.generator.source.strip() == "tiny":
         # Build the tiny checkpoint here, not in a worker: under Ray Train's process group,
@@ -549,17 +647,20 @@ def _fit(
     if opts.gpus_per_worker > 0:
         resources["GPU"] = opts.gpus_per_worker
     name = f"restage-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "data": data_root,
+        "out": root,
+        "manifest": storage.normalize_uri(manifest) if manifest else None,
+        "queue": queue,
+    }
+    if test_delays:
+        loop_config["test_delays"] = test_delays
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "data": data_root,
-            "out": root,
-            "manifest": storage.normalize_uri(manifest) if manifest else None,
-            "products": todo,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=_workers(config, todo),
+            num_workers=workers,
             use_gpu=opts.gpus_per_worker > 0,
             resources_per_worker=resources,
         ),
