@@ -143,14 +143,17 @@ def _with_completion(batch: Any, out_root: str) -> Any:
 
 
 def work_dataset(data_root: str, out_root: str):
-    """The train job's input stream: ``product_ids`` with each product's completion."""
-    return product_ids(data_root).map_batches(
+    """The train job's input stream: ``product_ids`` with each product's completion, in
+    listing order (products are leased in the same order on every run)."""
+    ds = product_ids(data_root).map_batches(
         _with_completion,
         fn_kwargs={"out_root": out_root},
         batch_format="pyarrow",
         num_cpus=0,
         concurrency=LISTING_TASKS,
     )
+    ds.context.execution_options.preserve_order = True  # costs nothing on a listing
+    return ds
 
 
 def read_records(data_root: str, manifest: str | None) -> dict[str, dict[str, Any]]:
@@ -291,6 +294,7 @@ class ShardTrainer:
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
         self._scorer = None
         self._on_result: Callable[[dict[str, Any]], None] | None = None
+        self.test_delays: dict[str, float] = {}  # test-only: see _worker_loop
 
     def samples(self, ts: TrainingSet, token: str) -> list:
         from actors.lora_trainer import TrainingSample, positive_prompt
@@ -380,6 +384,7 @@ class ShardTrainer:
 
         cfg, opts = self.config, self.config.train
         started = time.perf_counter()
+        time.sleep(self.test_delays.get(pid, 0.0))
         ts = load_training_set(cfg, self.data_root, pid, self.bank, self.records)
         load_seconds = time.perf_counter() - started
         try:
@@ -511,13 +516,12 @@ class ShardTrainer:
         return float(scores["score"].mean())
 
 
-def _leases(queue: Any, rank: int, delays: dict[str, float]) -> Iterator[str]:
+def _leases(queue: Any, rank: int) -> Iterator[str]:
     """The products this worker leases from the queue, one per request, as it gets to them."""
     import ray
 
     key = uuid.uuid4().hex  # this incarnation: a restarted worker gets a new one
     while (pid := ray.get(queue.next.remote(key, rank))) is not None:
-        time.sleep(delays.get(pid, 0.0))  # test-only: a slow product
         yield pid
 
 
@@ -532,14 +536,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = RestageConfig.model_validate(loop_config["config"])
     apply_environment(config.offline)
     queue, rank = loop_config["queue"], ray.train.get_context().get_world_rank()
-    # Test-only: {product_id: seconds} that a worker waits after leasing the product, so that
-    # a test can make one product slow. Not a config field; only tests pass it.
-    delays = loop_config.get("test_delays") or {}
-    leases = _leases(queue, rank, delays)
+    leases = _leases(queue, rank)
     first = next(leases, None)
     if first is None:
         return  # nothing left for this worker: no model load
     trainer = ShardTrainer(config, loop_config["data"], loop_config["out"], loop_config["manifest"])
+    # Test-only ({product_id: seconds}, passed by tests through ``train(test_delays=...)``,
+    # never a config field): the product's load waits that long, so one product is slow.
+    trainer.test_delays = loop_config.get("test_delays") or {}
 
     def report(row: dict[str, Any]) -> None:  # ends the lease: before the next request
         ray.get(queue.report.remote(rank, row))

@@ -335,3 +335,34 @@ def test_a_dead_worker_is_restarted_and_redoes_only_its_unfinished_product(ray_l
     assert result["summary"].products["ok"] == 2
     assert Path(layout.weights(first)).read_bytes() == weights  # not redone after the restart
     assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
+
+
+@pytest.mark.slow
+def test_a_fast_worker_takes_the_products_queued_behind_a_slow_one(ray_local, tmp_path):
+    from pipelines.train import train
+
+    slow, fast = "a-slow-00", [f"b-fast-{i:02d}" for i in range(4)]
+    data = write_training_set(
+        str(tmp_path / "aug"),
+        {
+            pid: ("mug", "a red ceramic mug", (200, 40, 10 * i))
+            for i, pid in enumerate([slow, *fast])
+        },
+        reals=2,
+        contexts=0,
+        negatives=1,
+    )
+    cfg = load_config(
+        "tiny", overrides=["train.num_workers=2", "train.steps=1", "ray.progress_bars=false"]
+    )
+    # The slow product is leased first (products are leased in listing order); while it
+    # loads, the other worker must take every fast one. Statically, rank 0 would own
+    # products 0, 2, 4 and the slow worker would train three.
+    summary = train(cfg, data, str(tmp_path / "adapters"), test_delays={slow: 60.0})
+    assert summary.products["ok"] == 1 + len(fast) and summary.products["failed"] == 0
+    workers = {w["slowest"]["product_id"]: w for w in summary.extra["per_worker"]}
+    assert len(workers) == 2 and slow in workers, summary.extra["per_worker"]
+    assert workers[slow]["products"] == 1  # the slow worker trained only the slow product
+    (other,) = (w for pid, w in workers.items() if pid != slow)
+    assert other["products"] == other["ok"] == len(fast)
+    assert AdapterLayout(str(tmp_path / "adapters")).completed() == {slow, *fast}
