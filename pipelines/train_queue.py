@@ -89,7 +89,9 @@ class ProductQueue:
 
     def _ingest(self, batch: Any) -> None:
         cols = batch.to_pydict()
-        leased = set().union(*self._leases.values()) if self._leases else set()
+        # A product listed twice is leased once while it is queued or in flight (once done,
+        # its worker finds its adapter and reports it complete).
+        seen = set(self._ready).union(*self._leases.values())
         for pid, shard, error, complete in zip(
             cols["product_id"], cols["shard"], cols["error"], cols["complete"], strict=True
         ):
@@ -99,7 +101,8 @@ class ProductQueue:
                 self.invalid_rows.append((shard, error))
             elif complete:
                 self.complete += 1
-            elif pid not in leased:
+            elif pid not in seen:
+                seen.add(pid)
                 self._ready.append(pid)
 
     # ------------------------------------------------------------------ results

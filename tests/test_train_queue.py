@@ -1,0 +1,122 @@
+"""The work queue of `restage train` without Ray: leases on demand, a restarted worker's
+in-flight product goes back to the queue, and the summary sums come from the reports."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipelines.train import _shard_rows, _with_completion
+from pipelines.train_queue import STAGE_KEYS, ProductQueue
+from ray_app import storage
+from ray_app.storage import AdapterLayout
+
+
+def _batch(*rows: tuple[str, str | None, bool]) -> pa.Table:
+    ids = [r[0] for r in rows]
+    return pa.table(
+        {
+            "product_id": pa.array(ids, pa.string()),
+            "shard": pa.array([f"{i}.parquet" for i in ids], pa.string()),
+            "error": pa.array([r[1] for r in rows], pa.string()),
+            "complete": pa.array([r[2] for r in rows], pa.bool_()),
+        }
+    )
+
+
+def _ok(pid: str, total: float = 1.0) -> dict:
+    seconds = {k: 0.5 for k in STAGE_KEYS} | {"total": total}
+    return {"product_id": pid, "status": "ok", "seconds": seconds, "steps": 3}
+
+
+def test_products_go_to_whichever_worker_asks_next():
+    queue = ProductQueue([_batch(*[(f"p{i}", None, False) for i in range(5)])])
+    assert queue.has_work()
+    first = queue.next("a", 0)  # rank 0 is slow with its first product
+    taken = []
+    while (pid := queue.next("b", 1)) is not None:
+        taken.append(pid)
+        queue.report(1, _ok(pid))
+    assert first == "p0" and taken == ["p1", "p2", "p3", "p4"]
+    queue.report(0, _ok(first, total=9.0))
+    assert queue.next("a", 0) is None and not queue.has_work()
+    res = queue.result()
+    assert res["ok"] == 5 and res["failed"] == 0 and res["unreported"] == []
+    by_rank = {w["rank"]: w for w in res["workers"]}
+    assert by_rank[0]["products"] == 1 and by_rank[0]["slowest"]["product_id"] == "p0"
+    assert by_rank[1]["products"] == 4
+    assert res["stages"]["train"] == {"items": 15, "seconds": 2.5}
+    assert res["stages"]["sweep"]["items"] == 0 and res["stages"]["load"]["items"] == 5
+
+
+def test_complete_and_invalid_shards_are_counted_and_never_leased():
+    queue = ProductQueue(
+        [
+            _batch(("p0", None, True), ("Bad Id", "not a product id", False)),
+            _batch(("p1", None, False)),
+        ]
+    )
+    assert queue.next("a", 0) == "p1"
+    queue.report(0, {"product_id": "p1", "status": "failed", "stage": "load"})
+    assert queue.next("a", 0) is None
+    res = queue.result()
+    assert (res["listed"], res["invalid"], res["complete"], res["ok"], res["failed"]) == (
+        3,
+        1,
+        1,
+        0,
+        1,
+    )
+    assert res["invalid_rows"] == [("Bad Id.parquet", "not a product id")]
+
+
+def test_a_restarted_worker_redoes_only_its_unreported_product():
+    queue = ProductQueue([_batch(*[(f"p{i}", None, False) for i in range(4)])])
+    assert queue.next("old0", 0) == "p0"
+    queue.report(0, _ok("p0"))
+    assert queue.next("old0", 0) == "p1"  # in flight when the worker group restarts
+    assert queue.next("old1", 1) == "p2"  # finished, but its report did not get through
+    # The restarted group: each rank asks under a new key; its unreported lease comes back.
+    assert queue.next("new1", 1) == "p2"
+    queue.report(1, {"product_id": "p2", "status": "complete"})  # its adapter.json exists
+    assert queue.next("new0", 0) == "p1"
+    queue.report(0, _ok("p1"))
+    assert queue.next("new0", 0) == "p3"
+    queue.report(0, _ok("p3"))
+    assert queue.next("new0", 0) is None and queue.next("new1", 1) is None
+    res = queue.result()
+    assert res["ok"] == 4 and res["complete"] == 0 and res["unreported"] == []
+
+
+def test_a_product_listed_twice_or_finished_elsewhere_is_not_counted_twice():
+    queue = ProductQueue([_batch(("p0", None, False), ("p0", None, False), ("p1", None, False))])
+    assert queue.next("a", 0) == "p0"
+    assert queue.next("b", 1) == "p1"  # not p0 again: it is in flight
+    queue.report(0, {"product_id": "p0", "status": "complete"})  # another run finished it
+    queue.report(0, _ok("p0"))  # not a lease any more: ignored
+    queue.report(1, _ok("p1"))
+    assert queue.next("a", 0) is None
+    res = queue.result()
+    assert (res["listed"], res["complete"], res["ok"]) == (3, 1, 1)
+
+
+def test_shard_rows_name_one_product_per_shard_and_the_completion_is_checked(tmp_path):
+    root = str(tmp_path / "aug")
+    paths = [f"{root}/manifest/{name}" for name in ("p0.parquet", "p0.parquet", "Bad Id.parquet")]
+    rows = _shard_rows(pa.table({"path": paths})).to_pylist()
+    assert [(r["product_id"], r["shard"]) for r in rows] == [
+        ("p0", "p0.parquet"),
+        ("Bad Id", "Bad Id.parquet"),
+    ]
+    assert rows[0]["error"] is None and "Bad Id" in rows[1]["error"]
+    out = str(tmp_path / "adapters")
+    storage.write_json(AdapterLayout(out).metadata("p0"), {})
+    done = _with_completion(_shard_rows(pa.table({"path": paths})), out)
+    assert done["complete"].to_pylist() == [True, False]
+
+
+@pytest.mark.parametrize("status", ["ok", "failed"])
+def test_a_report_for_a_product_never_leased_is_ignored(status):
+    queue = ProductQueue([_batch(("p0", None, False))])
+    queue.report(0, {"product_id": "p0", "status": status})
+    assert queue.result()["ok"] == queue.result()["failed"] == 0
