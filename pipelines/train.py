@@ -1,25 +1,31 @@
 """`restage train`: one LoRA adapter per product on Ray Train (paper 2.4, A.5).
 
-The driver lists the products of an augment output (one manifest shard per product), drops
-those whose adapter is complete, and starts a ``TorchTrainer`` with N workers. Products are
-assigned statically (sorted ids, product i -> worker i % N), so a re-run assigns the same
-way. Each worker loads the base generator once (``LoraTrainer``) and trains its products one
-after another, resetting the LoRA between them; set-up per product is reading its images
-and caching their latents and text embeddings, nothing else. With
-``train.products_per_step`` = K > 1 it trains them K at a time in shared steps
-(``LoraTrainer.train_many``), with the same adapters as one at a time.
+The product list is one Ray Data stream (``work_dataset``): the augment output's manifest
+shards, read in Ray Data tasks, one row per product, each row's completion (its
+``adapter.json`` exists) checked in those tasks; the driver lists nothing. A work-queue
+actor (``pipelines.train_queue``) reads that stream and a ``TorchTrainer`` with N workers
+leases products from it one at a time, as each worker gets to them (in listing order): a
+fast worker takes more products, a slow product holds back only its own worker, and more
+workers speed a job up without reassigning finished work. Each worker loads the base
+generator once (``LoraTrainer``, when its first product arrives) and trains its products
+one after another, resetting the LoRA between them; set-up per product is reading its
+images and caching their latents and text embeddings, nothing else. With
+``train.products_per_step`` = K > 1 a worker leases K products and trains them in shared
+steps (``LoraTrainer.train_many``), with the same adapters as one at a time.
 
 A product's adapter folder holds ``pytorch_lora_weights.safetensors`` (loadable by plain
 diffusers with ``pipe.load_lora_weights(folder)``) and ``adapter.json``, written last as the
-completion marker. A re-run (or a worker restarted by ``FailureConfig`` after it died)
-skips complete products and redoes only the unfinished one. A product that cannot be
-trained (too few samples, no usable token, a non-finite loss) becomes a row of the errors
-manifest; the other products go on.
+completion marker. A re-run skips complete products; a worker restarted by
+``FailureConfig`` after a worker died gets back only the products its rank had in flight.
+A product that cannot be trained (too few samples, no usable token, a non-finite loss)
+becomes a row of the errors manifest; the other products go on. Each worker reports a row
+per product to the queue, which keeps running sums: the summary adds up W per-worker
+aggregates, never reads the adapters back.
 
 Cost per product: ``steps`` optimiser steps (the GPU's work) plus set-up (image reads,
 one VAE and text-encoder pass over its ~40 samples); the base model load is paid once per
 worker, not per product. At 10^6 products and W workers the job is ~10^6 / W products in
-sequence per worker.
+sequence per worker, balanced by the queue whatever each product's speed.
 """
 
 from __future__ import annotations
@@ -71,6 +77,11 @@ class ProductError(ValueError):
 # --------------------------------------------------------------------------- planning
 
 
+# The listing tasks only read parquet footers and check that files exist: they take no CPU
+# slot, so they run while the training workers hold every CPU; at most this many at once.
+LISTING_TASKS = 4
+
+
 def product_ids(data_root: str):
     """The products of an augment output as a Ray Data dataset, read in Ray Data tasks: one
     row per manifest shard, ``product_id`` (its name), ``shard`` and ``error`` (why the name
@@ -94,11 +105,6 @@ def product_ids(data_root: str):
     return ds.map_batches(
         _shard_rows, batch_format="pyarrow", num_cpus=0, concurrency=LISTING_TASKS
     )
-
-
-# The listing tasks only read parquet footers and check that files exist: they take no CPU
-# slot, so they run while the training workers hold every CPU; at most this many at once.
-LISTING_TASKS = 4
 
 
 def _shard_rows(batch: Any) -> Any:
