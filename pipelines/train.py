@@ -578,26 +578,28 @@ def train(
     test_delays: dict[str, float] | None = None,
 ) -> JobSummary:
     """Run the train job: augment output ``data`` -> one adapter per product under ``out``.
-    ``test_delays`` ({product_id: seconds} a worker waits after leasing it) is for tests."""
+    ``test_delays`` ({product_id: seconds} that the product's load waits) is for tests only."""
     import ray
 
     from pipelines.train_queue import ProductQueue
     from ray_app.plan import preflight
     from ray_app.runtime import init_ray, progress_bars
 
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.monotonic()
     data_root, root = storage.normalize_uri(data), storage.normalize_uri(out)
     layout = AdapterLayout(root)
     config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
     init_ray(config)
     queue = ray.remote(num_cpus=0)(ProductQueue).remote(work_dataset(data_root, root))
     workers = 0
-    if ray.get(queue.has_work.remote()):
-        workers = config.train.num_workers
-        with node_loss_guard(JOB, config):
-            _fit(config, data_root, root, queue, workers, manifest, test_delays or {})
-    res = ray.get(queue.result.remote())
-    ray.kill(queue)
+    try:
+        if ray.get(queue.has_work.remote()):
+            workers = config.train.num_workers  # a worker that finds the queue empty just ends
+            with node_loss_guard(JOB, config):
+                _fit(config, data_root, root, queue, workers, manifest, test_delays or {})
+        res = ray.get(queue.result.remote())
+    finally:
+        ray.kill(queue)
     write_errors(
         layout,
         "_records",
@@ -618,8 +620,9 @@ def train(
         stage.seconds = res["stages"][name]["seconds"]
     summary.stage("train").errors = failed
     todo = res["ok"] + failed
-    if todo:
+    if todo:  # the count is known once the stream has been read: the lines come at the end
         lines = StageLines(JOB, todo, enabled=not progress_bars(config))
+        lines.start = started  # elapsed since the job began
         lines.update(res["ok"])
         lines.finish()
     summary.wall_seconds = time.perf_counter() - start
