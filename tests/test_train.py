@@ -366,3 +366,24 @@ def test_a_fast_worker_takes_the_products_queued_behind_a_slow_one(ray_local, tm
     (other,) = (w for pid, w in workers.items() if pid != slow)
     assert other["products"] == other["ok"] == len(fast)
     assert AdapterLayout(str(tmp_path / "adapters")).completed() == {slow, *fast}
+
+
+@pytest.mark.slow
+def test_groups_of_products_are_leased_and_trained_together(ray_local, tmp_path):
+    from pipelines.train import train
+
+    data = write_training_set(str(tmp_path / "aug"))
+    write_training_set(data, {"zz-too-few": ("vase", "a vase", (9, 9, 9))}, reals=1, contexts=0)
+    out = str(tmp_path / "adapters")
+    cfg = load_config(
+        "tiny",
+        overrides=["train.products_per_step=2", "train.steps=2", "ray.progress_bars=false"],
+    )
+    summary = train(cfg, data, out)
+    assert summary.products["ok"] == len(PRODUCTS) and summary.products["failed"] == 1
+    (worker,) = summary.extra["per_worker"]
+    assert worker["products"] == len(PRODUCTS) + 1 and worker["failed"] == 1
+    for pid in PRODUCTS:
+        meta = json.loads(Path(AdapterLayout(out).metadata(pid)).read_text())
+        assert meta["products_per_step"] == 2 and meta["steps"] == 2
+    assert summary.stage("train").items_out == 2 * len(PRODUCTS)  # steps, summed from reports
