@@ -356,8 +356,13 @@ class ShardTrainer:
     def _done(self, pid: str, meta: dict[str, Any]) -> None:
         write_errors(self.layout, pid, [])  # a stale errors shard of an earlier run goes
         storage.write_json(self.layout.metadata(pid), meta)  # the completion marker, last
+
+    def _finished(self, pid: str, meta: Any) -> None:
+        """Write a trained product's adapter metadata, then report its result row."""
+        self._done(pid, meta)
+        data = meta if isinstance(meta, dict) else meta.to_dict()  # a mapping or a model
         self._report(
-            {"product_id": pid, "status": "ok", "seconds": meta["seconds"], "steps": meta["steps"]}
+            {"product_id": pid, "status": "ok", "seconds": data["seconds"], "steps": data["steps"]}
         )
 
     def _train_group(self, group: list[_Prepared]) -> None:
@@ -374,13 +379,13 @@ class ShardTrainer:
             else:
                 for p, result in zip(group, results, strict=True):
                     try:
-                        self._done(p.ts.product_id, self.finish(p, result))
+                        self._finished(p.ts.product_id, self.finish(p, result))
                     except Exception as exc:
                         self._fail(p.ts.product_id, exc, "write")
                 return
         for p in group:
             try:
-                self._done(p.ts.product_id, self.finish(p, *self.train_one(p)))
+                self._finished(p.ts.product_id, self.finish(p, *self.train_one(p)))
             except Exception as exc:
                 self._fail(p.ts.product_id, exc, "train")
 
