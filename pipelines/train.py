@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
@@ -62,6 +62,9 @@ from ray_app.report import JobSummary
 from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout, AugmentLayout, write_errors
 
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
 JOB = "train"
 STAGES = ("load", "setup", "train", "sweep", "write")
 
@@ -82,7 +85,7 @@ class ProductError(ValueError):
 LISTING_TASKS = 4
 
 
-def product_ids(data_root: str):
+def product_ids(data_root: str) -> Dataset:
     """The products of an augment output as a Ray Data dataset, read in Ray Data tasks: one
     row per manifest shard, ``product_id`` (its name), ``shard`` and ``error`` (why the name
     is not a product id, or null). The one place train learns its product list."""
@@ -148,7 +151,7 @@ def _with_completion(batch: Any, out_root: str) -> Any:
     return batch.append_column("complete", pa.array(complete, pa.bool_()))
 
 
-def work_dataset(data_root: str, out_root: str):
+def work_dataset(data_root: str, out_root: str) -> Dataset:
     """The train job's input stream: ``product_ids`` with each product's completion, in
     listing order (products are leased in the same order on every run)."""
     ds = product_ids(data_root).map_batches(
