@@ -209,9 +209,13 @@ def test_rerun_skips_complete_products(run, tmp_path):
     assert saved["completed"]["invocations"] == 2
 
 
+N_KILLED = 3
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
-    manifest = tmp_path / "five.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in _examples()))
+    products = _examples()[:N_KILLED]  # enough to kill half-way, few enough to be quick
+    manifest = tmp_path / "three.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in products))
     out = tmp_path / "out"
     cmd = [
         RESTAGE,
@@ -242,7 +246,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = len(markers())
-    assert done_at_kill < 5, "the run finished before it could be killed half-way"
+    assert done_at_kill < len(products), "the run finished before it could be killed half-way"
     # Ray's own processes run in their own sessions: kill the ones this run started too,
     # so that nothing of the killed job survives (they would exit by themselves later).
     for pid in ray_pids() - before:
@@ -252,16 +256,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already complete:" in resumed.stdout
-    assert resumed.stdout.strip().splitlines()[-1] == "restage augment: done: 5 products"
+    assert (
+        resumed.stdout.strip().splitlines()[-1]
+        == f"restage augment: done: {len(products)} products"
+    )
     # summary.json covers the whole job, the products finished before the kill included.
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["products"]["ok"] + saved["products"]["partial"] == 5
-    assert saved["this_run"]["ok"] + saved["this_run"]["partial"] == 5 - done_at_kill
+    assert saved["products"]["ok"] + saved["products"]["partial"] == len(products)
+    assert saved["this_run"]["ok"] + saved["this_run"]["partial"] == len(products) - done_at_kill
     decode = next(s for s in saved["stages"] if s["stage"] == "decode")
-    assert decode["items_in"] == sum(len(r["image_uris"]) for r in _examples())
+    assert decode["items_in"] == sum(len(r["image_uris"]) for r in products)
     table = storage.read_parquet(str(out / "manifest")).to_pandas()
     reference = run["table"][run["table"].product_id.isin(set(table.product_id))]
-    assert set(table.product_id) == {r["product_id"] for r in _examples()}
+    assert set(table.product_id) == {r["product_id"] for r in products}
     assert not table.duplicated(["product_id", "sample_id"]).any()
     kept = lambda t: set(zip(t[t.kept].product_id, t[t.kept].sample_id, strict=True))  # noqa: E731
     assert kept(table) == kept(reference)
