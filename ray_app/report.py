@@ -9,8 +9,7 @@ then the totals are rebuilt from the completion markers, which carry each produc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -81,24 +80,29 @@ class CompletedTotals:
             float(data.get("wall_seconds", 0.0)),
         )
 
+    def merge(self, other: CompletedTotals) -> None:
+        """Add ``other``'s products and stages (the totals of another block of products)."""
+        self.products += other.products
+        self.ok += other.ok
+        self.partial += other.partial
+        for name, stat in other.stages.items():
+            self.stages.setdefault(name, StageStats(name, stat.unit)).add(stat)
+
     @classmethod
     def before_this_run(
         cls,
         previous: dict[str, Any] | None,
-        done: Iterable[str],
-        read_marker: Callable[[str], dict[str, Any]],
+        complete: int,
+        from_markers: Callable[[], CompletedTotals],
     ) -> CompletedTotals:
-        """The totals of the products in ``done`` (complete before this invocation): from
-        the previous summary when it counted exactly them, else from their markers (a killed
-        invocation completed products that no summary counted)."""
-        done = sorted(done)
+        """The totals of the ``complete`` products (complete before this invocation): from
+        the previous summary when it counted exactly as many, else ``from_markers()`` (a
+        killed invocation completed products that no summary counted)."""
         kept = cls.from_dict(previous.get("completed") or {}) if previous else cls()
-        if kept.products == len(done):
+        if kept.products == complete:
             return kept
-        totals = cls(invocations=kept.invocations, wall_seconds=kept.wall_seconds)
-        with ThreadPoolExecutor(32) as pool:  # one small read per product, on any store
-            for marker in pool.map(read_marker, done):
-                totals.add(marker.get("status", "ok"), marker.get("stats", {}))
+        totals = from_markers()
+        totals.invocations, totals.wall_seconds = kept.invocations, kept.wall_seconds
         return totals
 
 

@@ -31,14 +31,16 @@ def _augment(tmp_path: Path, rows: list[dict]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # the manifest is read on Ray
 def test_a_job_where_every_product_failed_exits_non_zero(tmp_path):
-    proc = _augment(tmp_path, INVALID)  # no valid record: nothing reaches Ray
+    proc = _augment(tmp_path, INVALID)  # no valid record: no model runs
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("restage augment: FAILED: all 2 products failed")
     assert str(tmp_path / "out" / "errors") in last
 
 
+@pytest.mark.slow  # the manifest is read on Ray
 def test_a_job_where_some_products_failed_exits_zero_and_says_so(tmp_path):
     # A product finished by an earlier (killed) invocation: its marker, no summary.json.
     marker = {"product_id": "mug-1", "status": "ok", "stats": {}}
@@ -60,7 +62,7 @@ def test_completed_totals_come_from_the_previous_summary_when_it_counted_them():
     previous.add("ok", _stats(3))
     previous.add("partial", _stats(2))
     read = pytest.fail  # a consistent summary means no marker is read
-    totals = CompletedTotals.before_this_run({"completed": previous.to_dict()}, {"a", "b"}, read)
+    totals = CompletedTotals.before_this_run({"completed": previous.to_dict()}, 2, read)
     assert (totals.products, totals.ok, totals.partial) == (2, 1, 1)
     assert totals.stages["decode"].items_in == 5
 
@@ -68,13 +70,23 @@ def test_completed_totals_come_from_the_previous_summary_when_it_counted_them():
 def test_completed_totals_are_rebuilt_from_markers_after_a_killed_run():
     previous = CompletedTotals(invocations=1)
     previous.add("ok", _stats(3))  # counted by the last summary
-    markers = {
-        "a": {"status": "ok", "stats": _stats(3)},
-        "b": {"status": "partial", "stats": _stats(4)},  # finished by a killed invocation
-        "c": {"status": "ok"},  # a marker of an older version, without stats
-    }
+    markers = [
+        {"status": "ok", "stats": _stats(3)},
+        {"status": "partial", "stats": _stats(4)},  # finished by a killed invocation
+        {"status": "ok"},  # a marker of an older version, without stats
+    ]
+
+    def from_markers() -> CompletedTotals:  # two blocks of markers, as tasks return them
+        totals = CompletedTotals()
+        for block in (markers[:1], markers[1:]):
+            part = CompletedTotals()
+            for marker in block:
+                part.add(marker["status"], marker.get("stats", {}))
+            totals.merge(part)
+        return totals
+
     totals = CompletedTotals.before_this_run(
-        {"completed": previous.to_dict()}, set(markers), markers.__getitem__
+        {"completed": previous.to_dict()}, len(markers), from_markers
     )
     assert (totals.products, totals.ok, totals.partial, totals.invocations) == (3, 2, 1, 1)
     assert totals.stages["decode"].items_in == 7

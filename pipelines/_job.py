@@ -1,0 +1,289 @@
+"""One job skeleton: what augment and generate (and later jobs) share.
+
+A job's driver holds counters, never one entry per product:
+
+- **intake**: the job's input rows (a Ray Data dataset with ``product_id`` and ``status``)
+  get each product's marker checked in a task; they are materialised in the object store
+  (the driver holds block references only), the valid ids are written to the job's input
+  index (``layout.inputs_dir()``, read by ``input_ids``), and the rows are counted per
+  block. Complete products never reach the model stages.
+- **the writer** (``write_product``): a product's files, manifest shard and errors shard,
+  then its marker last; one small outcome row per product is all the driver receives.
+- **the driver loop** (``run``): outcome rows -> counters and progress lines, under the
+  caller's node-loss guard; in stage-by-stage mode the stage rows go once every product is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines._product_rows import ProductRow
+from pipelines._staged import STAGES_DIR
+from ray_app import storage
+from ray_app.batching import object_array
+from ray_app.config import RestageConfig
+from ray_app.records import VALID
+from ray_app.report import CompletedTotals, StageStats
+from ray_app.storage import JobLayout, write_errors
+
+# Intake statuses besides VALID and INVALID (ray_app/records.py): a valid product whose
+# marker exists is complete, the others are to do.
+TODO, COMPLETE = "todo", "complete"
+# Rows per file of the input index: a few files for a large catalog.
+INDEX_ROWS_PER_FILE = 1_000_000
+# Concurrent marker checks in one task (one small request each, on any store).
+CHECK_THREADS = 16
+
+
+def pyarrow_fs(uri: str) -> tuple[Any, str]:
+    """``uri`` as (a pyarrow filesystem over its fsspec one, path) for Ray Data's I/O."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.url_to_fs(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+# --------------------------------------------------------------------------- intake
+
+
+def check_markers(batch: pa.Table, layout: JobLayout) -> pa.Table:
+    """A Ray Data task: valid rows -> complete (their marker exists) or to do."""
+    pids, status = batch["product_id"].to_pylist(), batch["status"].to_pylist()
+    valid = [i for i, s in enumerate(status) if s == VALID]
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        done = list(pool.map(lambda i: storage.exists(layout.marker(pids[i])), valid))
+    for i, complete in zip(valid, done, strict=True):
+        status[i] = COMPLETE if complete else TODO
+    return batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status))
+
+
+def keep(batch: pa.Table, statuses: tuple[str, ...]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["status"], pa.array(statuses)))
+
+
+def _count(batch: pa.Table) -> pa.Table:
+    """One row per batch: products per status, and the manifest columns ignored."""
+    ignored = set()
+    if "ignored" in batch.column_names:
+        ignored = {c for cols in batch["ignored"].to_pylist() for c in cols or ()}
+    counts = Counter(batch["status"].to_pylist())
+    return pa.table({"counts": [json.dumps(counts)], "ignored": [json.dumps(sorted(ignored))]})
+
+
+@dataclass
+class Intake:
+    """A job's checked input rows (materialised) and what the driver knows of them."""
+
+    rows: Any
+    counts: Counter = field(default_factory=Counter)  # products per status
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def todo(self) -> int:
+        return self.counts[TODO]
+
+
+def intake(rows: Any, layout: JobLayout, cpus: float) -> Intake:
+    """Check every valid row's marker in tasks, write the input index, count (module doc)."""
+    checked = rows.map_batches(
+        check_markers, fn_kwargs={"layout": layout}, batch_format="pyarrow", num_cpus=cpus
+    ).materialize()
+    write_inputs(
+        checked.map_batches(keep, fn_args=((TODO, COMPLETE),), batch_format="pyarrow"), layout
+    )
+    result = Intake(checked)
+    ignored: set[str] = set()
+    for row in checked.map_batches(_count, batch_format="pyarrow", batch_size=None).iter_rows():
+        result.counts.update(json.loads(row["counts"]))
+        ignored.update(json.loads(row["ignored"]))
+    result.ignored = sorted(ignored)
+    return result
+
+
+def write_inputs(rows: Any, layout: JobLayout) -> None:
+    """Replace the job's input index with the ids of ``rows``."""
+    storage.remove(layout.inputs_dir(), recursive=True)
+    fs, path = pyarrow_fs(layout.inputs_dir())
+    rows.select_columns(["product_id"]).write_parquet(
+        path, filesystem=fs, min_rows_per_file=INDEX_ROWS_PER_FILE
+    )
+
+
+def input_ids(layout: JobLayout) -> Any:
+    """A job's input product ids of its latest run, as a lazy dataset (``product_id``);
+    None when the job has written no index."""
+    import ray
+
+    if not storage.exists(layout.inputs_dir()):
+        return None
+    fs, path = pyarrow_fs(layout.inputs_dir())
+    return ray.data.read_parquet(path, filesystem=fs)
+
+
+def todo_rows(found: Intake, per_block: int) -> Any:
+    """The rows still to do, ``per_block`` to a block (fine-grained streaming and balance)."""
+    return found.rows.map_batches(keep, fn_args=((TODO,),), batch_format="pyarrow").repartition(
+        target_num_rows_per_block=per_block
+    )
+
+
+def _marker_totals(batch: pa.Table, layout: JobLayout) -> pa.Table:
+    totals = CompletedTotals()
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        for marker in pool.map(
+            lambda pid: storage.read_json(layout.marker(pid)), batch["product_id"].to_pylist()
+        ):
+            totals.add(marker.get("status", "ok"), marker.get("stats", {}))
+    return pa.table({"totals": [json.dumps(totals.to_dict())]})
+
+
+def completed_before(found: Intake, layout: JobLayout, previous: dict | None) -> CompletedTotals:
+    """The totals of the products complete before this run (``CompletedTotals``); markers
+    are read, in tasks, only when the previous summary did not count exactly them."""
+
+    def from_markers() -> CompletedTotals:
+        totals = CompletedTotals()
+        complete = found.rows.map_batches(keep, fn_args=((COMPLETE,),), batch_format="pyarrow")
+        for row in complete.map_batches(
+            _marker_totals, fn_kwargs={"layout": layout}, batch_format="pyarrow"
+        ).iter_rows():
+            totals.merge(CompletedTotals.from_dict(json.loads(row["totals"])))
+        return totals
+
+    return CompletedTotals.before_this_run(previous, found.counts[COMPLETE], from_markers)
+
+
+def previous_summary(layout: JobLayout) -> dict[str, Any] | None:
+    """The summary.json of an earlier invocation, or None (none, or unreadable)."""
+    try:
+        return storage.read_json(layout.summary())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def write_product(
+    layout: Any,
+    state: ProductRow,
+    schema: pa.Schema,
+    files: Callable[[], list[dict[str, Any]]],
+    marker: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Write a product: ``files()`` (its files -> its manifest rows, unless it failed), its
+    manifest shard, its errors shard, then its marker last (``marker(rows)``: the job's own
+    fields). -> its outcome row: ``product_id``, ``status``, ``stats`` (JSON)."""
+    start = time.perf_counter()
+    pid, stat = state.product_id, state.stat("write")
+    rows: list[dict[str, Any]] = []
+    if not state.failed:
+        rows = files()
+        storage.write_parquet(layout.manifest_shard(pid), pa.Table.from_pylist(rows, schema=schema))
+    write_errors(layout, pid, state.errors)
+    status = "failed" if state.failed else ("partial" if state.errors else "ok")
+    stat.seconds = time.perf_counter() - start
+    stats = {k: v.__dict__ for k, v in state.stats.items()}
+    if not state.failed:
+        storage.write_json(
+            layout.marker(pid),
+            {
+                "product_id": pid,
+                "status": status,
+                "errors": len(state.errors),
+                "finished": time.time(),
+                # A resumed job's summary adds these up for the products it skips.
+                "stats": stats,
+                **marker(rows),
+            },
+        )
+    return {"product_id": pid, "status": status, "stats": json.dumps(stats)}
+
+
+def outcome_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Outcome rows -> a batch (all the driver ever receives)."""
+    return {k: object_array([r[k] for r in rows]) for k in rows[0]} if rows else {}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class Outcomes:
+    """What this run's products add up to: counters only."""
+
+    products: dict[str, int] = field(default_factory=lambda: {"ok": 0, "partial": 0, "failed": 0})
+    done: CompletedTotals = field(default_factory=CompletedTotals)  # ok and partial ones
+    failed: dict[str, StageStats] = field(default_factory=dict)  # stages of failed ones
+    sums: dict[str, int] = field(default_factory=dict)
+    maxima: dict[str, int] = field(default_factory=dict)
+
+    def add(self, status: str, stats: dict[str, dict[str, Any]]) -> None:
+        self.products[status] += 1
+        if status != "failed":
+            self.done.add(status, stats)
+            return
+        for name, values in stats.items():
+            self.failed.setdefault(name, StageStats(name, values.get("unit", "items"))).add(
+                StageStats(**values)
+            )
+
+    def stages(self) -> dict[str, list[StageStats]]:
+        """Per stage, this run's stats of every product (complete or failed)."""
+        out: dict[str, list[StageStats]] = {}
+        for part in (self.done.stages, self.failed):
+            for name, stat in part.items():
+                out.setdefault(name, []).append(stat)
+        return out
+
+
+def start(config: RestageConfig, job: str) -> tuple[RestageConfig, str]:
+    """Plan the job before Ray starts (it ends now if it cannot run), then start Ray.
+    -> (the config to run with, the placement mode)."""
+    from ray_app.plan import preflight
+    from ray_app.runtime import init_ray
+
+    config, placed = preflight(config, job)
+    init_ray(config)
+    return config, placed.mode
+
+
+def run(
+    job: str,
+    config: RestageConfig,
+    root: str,
+    total: int,
+    build: Callable[[dict[str, int] | None], Any],
+    staged: dict[str, int] | None = None,
+    numbers: tuple[str, ...] = (),
+) -> Outcomes:
+    """The driver loop over ``build(staged)``'s outcome rows (``staged``: a dict in
+    stage-by-stage mode, filled with the products each stage ran): counters, progress
+    lines; ``numbers``: integer columns of the outcome rows to sum and take the max of."""
+    from ray_app.progress import StageLines, counts, finished
+    from ray_app.runtime import progress_bars
+
+    got = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
+    lines = StageLines(job, total, enabled=not progress_bars(config))
+    for batch in build(staged).iter_batches(batch_size=16, batch_format="numpy"):
+        for i, status in enumerate(batch["status"]):
+            got.add(str(status), json.loads(batch["stats"][i]))
+            for name in numbers:
+                value = int(batch[name][i])
+                got.sums[name] += value
+                got.maxima[name] = max(got.maxima[name], value)
+        lines.update(finished(got.products), counts(got.products))
+    lines.finish(counts(got.products))
+    if staged is not None:  # every product is written, marker last: stage rows are spent
+        storage.remove(storage.join(root, STAGES_DIR), recursive=True)
+    return got
