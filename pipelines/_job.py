@@ -9,8 +9,10 @@ A job's driver holds counters, never one entry per product:
   block. Complete products never reach the model stages.
 - **the writer** (``write_product``): a product's files, manifest shard and errors shard,
   then its marker last; one small outcome row per product is all the driver receives.
-- **the driver loop** (``run``): outcome rows -> counters and progress lines, under the
-  caller's node-loss guard; in stage-by-stage mode the stage rows go once every product is written.
+- **the driver loop** (``run``): outcome rows -> counters and progress lines; in
+  stage-by-stage mode the stage rows go once every product is written.
+- **the job** (``execute``): plan, start Ray, intake, driver loop, under the node-loss
+  guard; then ``finish`` writes the summary.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from ray_app.storage import JobLayout, write_errors
 # Intake statuses besides VALID and INVALID (ray_app/records.py): a valid product whose
 # marker exists is complete, the others are to do.
 TODO, COMPLETE = "todo", "complete"
+# Input blocks of the products to do: at most this many (see ``todo_rows``).
+MAX_INPUT_BLOCKS = 1024
 # Rows per file of the input index: a few files for a large catalog.
 INDEX_ROWS_PER_FILE = 1_000_000
 # Concurrent marker checks in one task (one small request each, on any store).
@@ -85,6 +89,7 @@ class Intake:
     """A job's checked input rows (materialised) and what the driver knows of them."""
 
     rows: Any
+    cpus: float  # of each task over them: the model stages' actors may hold the rest
     counts: Counter = field(default_factory=Counter)  # products per status
     ignored: list[str] = field(default_factory=list)
 
@@ -99,11 +104,15 @@ def intake(rows: Any, layout: JobLayout, cpus: float) -> Intake:
         check_markers, fn_kwargs={"layout": layout}, batch_format="pyarrow", num_cpus=cpus
     ).materialize()
     write_inputs(
-        checked.map_batches(keep, fn_args=((TODO, COMPLETE),), batch_format="pyarrow"), layout
+        checked.map_batches(
+            keep, fn_args=((TODO, COMPLETE),), batch_format="pyarrow", num_cpus=cpus
+        ),
+        layout,
     )
-    result = Intake(checked)
+    result = Intake(checked, cpus)
     ignored: set[str] = set()
-    for row in checked.map_batches(_count, batch_format="pyarrow", batch_size=None).iter_rows():
+    counted = checked.map_batches(_count, batch_format="pyarrow", batch_size=None, num_cpus=cpus)
+    for row in counted.iter_rows():
         result.counts.update(json.loads(row["counts"]))
         ignored.update(json.loads(row["ignored"]))
     result.ignored = sorted(ignored)
@@ -130,11 +139,15 @@ def input_ids(layout: JobLayout) -> Any:
     return ray.data.read_parquet(path, filesystem=fs)
 
 
-def todo_rows(found: Intake, per_block: int) -> Any:
-    """The rows still to do, ``per_block`` to a block (fine-grained streaming and balance)."""
-    return found.rows.map_batches(keep, fn_args=((TODO,),), batch_format="pyarrow").repartition(
-        target_num_rows_per_block=per_block
+def todo_rows(found: Intake) -> Any:
+    """The rows still to do, materialised before any model stage starts: one product per
+    block up to ``MAX_INPUT_BLOCKS`` products (fine-grained streaming and load balance),
+    then several per block (the driver holds one reference per block, so it stays bounded).
+    Split here because no task may ask for a whole CPU once the stages' actors hold them."""
+    todo = found.rows.map_batches(
+        keep, fn_args=((TODO,),), batch_format="pyarrow", num_cpus=found.cpus
     )
+    return todo.repartition(min(found.todo, MAX_INPUT_BLOCKS)).materialize()
 
 
 def _marker_totals(batch: pa.Table, layout: JobLayout) -> pa.Table:
@@ -153,9 +166,14 @@ def completed_before(found: Intake, layout: JobLayout, previous: dict | None) ->
 
     def from_markers() -> CompletedTotals:
         totals = CompletedTotals()
-        complete = found.rows.map_batches(keep, fn_args=((COMPLETE,),), batch_format="pyarrow")
+        complete = found.rows.map_batches(
+            keep, fn_args=((COMPLETE,),), batch_format="pyarrow", num_cpus=found.cpus
+        )
         for row in complete.map_batches(
-            _marker_totals, fn_kwargs={"layout": layout}, batch_format="pyarrow"
+            _marker_totals,
+            fn_kwargs={"layout": layout},
+            batch_format="pyarrow",
+            num_cpus=found.cpus,
         ).iter_rows():
             totals.merge(CompletedTotals.from_dict(json.loads(row["totals"])))
         return totals
@@ -238,14 +256,6 @@ class Outcomes:
                 StageStats(**values)
             )
 
-    def stages(self) -> dict[str, list[StageStats]]:
-        """Per stage, this run's stats of every product (complete or failed)."""
-        out: dict[str, list[StageStats]] = {}
-        for part in (self.done.stages, self.failed):
-            for name, stat in part.items():
-                out.setdefault(name, []).append(stat)
-        return out
-
 
 def start(config: RestageConfig, job: str) -> tuple[RestageConfig, str]:
     """Plan the job before Ray starts (it ends now if it cannot run), then start Ray.
@@ -287,3 +297,88 @@ def run(
     if staged is not None:  # every product is written, marker last: stage rows are spent
         storage.remove(storage.join(root, STAGES_DIR), recursive=True)
     return got
+
+
+# --------------------------------------------------------------------------- a whole job
+
+
+@dataclass
+class Execution:
+    """What a job's run left on the driver: counters, the placement, the stage counts."""
+
+    found: Intake
+    got: Outcomes
+    placement: str | None  # the plan's mode (ray_app/plan.py); None when nothing ran
+    staged: dict[str, int] | None  # products each stage ran, in stage-by-stage mode
+    completed: CompletedTotals | None = None  # whole-job totals before this run
+
+
+def execute(
+    job: str,
+    config: RestageConfig,
+    layout: JobLayout,
+    rows: Callable[[], Any],
+    build: Callable[[Any, RestageConfig, dict[str, int] | None], Any],
+    *,
+    numbers: tuple[str, ...] = (),
+    whole_job: bool = False,
+) -> Execution:
+    """Run a job: plan it and start Ray, take in ``rows()`` (its input rows), then stream
+    the products to do through ``build(todo, config, staged)`` (its pipeline, ending in
+    ``write_product``'s outcome rows). ``whole_job``: also total the products complete
+    before this run (for a summary of every invocation)."""
+    from ray_app.node_loss import node_loss_guard
+
+    config, placement = start(config, job)  # ends now if the job cannot run
+    section = getattr(config, job)  # its cpus_per_task
+    staged: dict[str, int] | None = {} if placement == "stage" else None
+    with node_loss_guard(job, config):
+        found = intake(rows(), layout, section.cpus_per_task)
+        nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
+        done = Execution(found, nothing, placement, staged)
+        if whole_job:
+            done.completed = completed_before(found, layout, previous_summary(layout))
+        if not found.todo:
+            done.placement = done.staged = None
+            return done
+        todo = todo_rows(found)
+        done.got = run(
+            job,
+            config,
+            layout.root,
+            found.todo,
+            lambda stage_rows: build(todo, config, stage_rows),
+            staged,
+            numbers,
+        )
+    return done
+
+
+def finish(
+    summary: Any,
+    layout: Any,
+    done: Execution,
+    units: dict[str, str],
+    parts: list[dict[str, StageStats]],
+    start_time: float,
+    extra: Callable[[], dict[str, Any]],
+) -> Any:
+    """Complete ``summary`` (a ``JobSummary`` with its product counts): its stages in
+    order (``units``: name -> unit), each the sum of ``parts``; its wall time; ``extra()``
+    (called once the wall time is known) and where the outputs are. Writes it."""
+    for name, unit in units.items():
+        stage = summary.stage(name, unit)
+        for part in parts:
+            if name in part:
+                stage.add(part[name])
+    summary.wall_seconds = time.perf_counter() - start_time
+    summary.extra = {
+        **extra(),
+        "placement": done.placement,
+        "staged": done.staged,
+        "errors": layout.errors_dir(),
+        "manifest_out": layout.manifest_dir(),
+        "inputs": layout.inputs_dir(),
+    }
+    storage.write_json(layout.summary(), summary.to_dict())
+    return summary

@@ -11,6 +11,9 @@ config); decode, select and write are CPU tasks. A row carries the product's who
 (how many negatives, the positive:negative ratio, top-k per source) is local to the row and
 nothing is ever grouped or materialised across products.
 
+The driver holds counters only: the manifest is read, validated and de-duplicated in Ray
+Data tasks, and each product's marker is checked in a task (pipelines/_job.py).
+
 Resume: a product's completion marker is written after its images, manifest shard and errors
 shard; a re-run skips products with a marker and redoes the others from scratch, with the
 same seeds, so it ends with the same samples. We use our own markers rather than Ray Data
@@ -46,7 +49,6 @@ from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
-from ray_app.node_loss import node_loss_guard
 from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
     INVALID,
@@ -900,30 +902,22 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     if not storage.exists(manifest_uri):
         raise FileNotFoundError(f"manifest {manifest_uri!r} does not exist")
     policy = SourcePolicy.for_manifest(manifest_uri, config.storage)
-    config, placement = _job.start(config, JOB)  # ends now if the job cannot run
-    staged: dict[str, int] | None = {} if placement == "stage" else None
-    with node_loss_guard(JOB, config):
+
+    def rows() -> Any:
         write_errors(layout, "_records", [])  # an older version's one manifest errors shard
         storage.remove(manifest_errors_dir(layout.errors_dir()), recursive=True)
-        found = _job.intake(
-            manifest_dataset(manifest_uri, JOB, layout.errors_dir()),
-            layout,
-            config.augment.cpus_per_task,
-        )
-        completed = _job.completed_before(found, layout, _job.previous_summary(layout))
-        got = _job.Outcomes()
-        if found.todo:
-            rows = _job.todo_rows(found, config.augment.products_per_batch)
-            got = _job.run(
-                JOB,
-                config,
-                root,
-                found.todo,
-                lambda stage_rows: build_dataset(rows, config, root, policy, stage_rows),
-                staged,
-            )
-        else:
-            placement, staged = None, None  # nothing ran
+        return manifest_dataset(manifest_uri, JOB, layout.errors_dir())
+
+    done = _job.execute(
+        JOB,
+        config,
+        layout,
+        rows,
+        lambda todo, cfg, staged: build_dataset(todo, cfg, root, policy, staged),
+        whole_job=True,
+    )
+    found, got, completed = done.found, done.got, done.completed
+    assert completed is not None
     completed.merge(got.done)
     # The whole job: every complete product (this run's and earlier ones') and the products
     # that failed this time (earlier failures were retried now, so they count once).
@@ -937,27 +931,19 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         "partial": completed.partial,
         "failed": got.products["failed"],
     }
-    for name in STAGES:
-        stage = summary.stage(name, "images")
-        for part in (completed.stages.get(name), got.failed.get(name)):
-            if part is not None:
-                stage.add(part)
-    summary.wall_seconds = time.perf_counter() - start
-    completed.invocations += 1
-    completed.wall_seconds += summary.wall_seconds
-    summary.extra = {
-        "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
-        "completed": completed.to_dict(),
-        "staged": staged,
-        "manifest": manifest,
-        "placement": placement,
-        "ignored_columns": found.ignored,
-        "errors": layout.errors_dir(),
-        "manifest_out": layout.manifest_dir(),
-        "inputs": layout.inputs_dir(),
-    }
-    storage.write_json(layout.summary(), summary.to_dict())
-    return summary
+
+    def extra() -> dict[str, Any]:
+        completed.invocations += 1
+        completed.wall_seconds += summary.wall_seconds
+        return {
+            "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
+            "completed": completed.to_dict(),
+            "manifest": manifest,
+            "ignored_columns": found.ignored,
+        }
+
+    units = dict.fromkeys(STAGES, "images")
+    return _job.finish(summary, layout, done, units, [completed.stages, got.failed], start, extra)
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

@@ -42,7 +42,6 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.models import source_tag
-from ray_app.node_loss import node_loss_guard
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import GENERATION_SCHEMA, VALID
 from ray_app.report import JobSummary, StageStats
@@ -452,51 +451,42 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
             f"--adapters {adapters}: no such folder (the output of `restage train`)"
         )
     read_user_prompts(config.generate.user_prompts)  # a bad file fails before Ray starts
-    config, placement = _job.start(config, JOB)  # ends now if the job cannot run
-    staged: dict[str, int] | None = {} if placement == "stage" else None
-    with node_loss_guard(JOB, config):
+
+    def rows() -> Any:
         write_errors(layout, "_plan", [])  # an older version's one plan errors shard
-        ready = adapter_ids(alayout).map_batches(
+        return adapter_ids(alayout).map_batches(
             _ready, fn_kwargs={"adapters": alayout}, batch_format="pyarrow"
         )
-        found = _job.intake(ready, layout, config.generate.cpus_per_task)
-        got = _job.Outcomes(sums={"adapter_loads": 0}, maxima={"adapter_loads": 0})
-        if found.todo:
-            rows = _job.todo_rows(found, config.generate.products_per_batch)
-            got = _job.run(
-                JOB,
-                config,
-                root,
-                found.todo,
-                lambda stage_rows: build_dataset(rows, config, root, alayout, stage_rows),
-                staged,
-                numbers=("adapter_loads",),
-            )
-        else:
-            placement, staged = None, None  # nothing ran
+
+    done = _job.execute(
+        JOB,
+        config,
+        layout,
+        rows,
+        lambda todo, cfg, staged: build_dataset(todo, cfg, root, alayout, staged),
+        numbers=("adapter_loads",),
+    )
+    found, got = done.found, done.got
     summary = JobSummary(JOB, root)
     summary.products = {
         "adapters": found.todo + found.counts[_job.COMPLETE],
         "already complete": found.counts[_job.COMPLETE],
         **got.products,
     }
-    for name in STAGES:
-        stage = summary.stage(name, "products" if name == "plan" else "images")
-        for part in got.stages().get(name, []):
-            stage.add(part)
-    summary.wall_seconds = time.perf_counter() - start
-    summary.extra = {
-        "adapters": adapters_root,
-        "placement": placement,
-        "staged": staged,
-        "adapter_loads": got.sums["adapter_loads"],
-        "adapter_loads_per_product_max": got.maxima["adapter_loads"],
-        "errors": layout.errors_dir(),
-        "manifest_out": layout.manifest_dir(),
-        "inputs": layout.inputs_dir(),
-    }
-    storage.write_json(layout.summary(), summary.to_dict())
-    return summary
+    units = {name: "products" if name == "plan" else "images" for name in STAGES}
+    return _job.finish(
+        summary,
+        layout,
+        done,
+        units,
+        [got.done.stages, got.failed],
+        start,
+        lambda: {
+            "adapters": adapters_root,
+            "adapter_loads": got.sums["adapter_loads"],
+            "adapter_loads_per_product_max": got.maxima["adapter_loads"],
+        },
+    )
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:
