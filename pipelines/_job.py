@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines._product_rows import ProductRow
-from pipelines._staged import STAGES_DIR
+from pipelines._product_rows import ProductRow, ProductStage, map_stage
+from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
@@ -255,6 +255,30 @@ class Outcomes:
             self.failed.setdefault(name, StageStats(name, values.get("unit", "items"))).add(
                 StageStats(**values)
             )
+
+
+def through_stages(
+    rows: Any,
+    first: Callable[[Any], Any],
+    stages: list[tuple[type[ProductStage], tuple[str, ...]]],
+    config: RestageConfig,
+    root: str,
+    staged: dict[str, int] | None,
+    per_call: int,
+    cpus: float,
+) -> Any:
+    """``first(rows)`` (a task making product rows), then every model stage: streamed, or
+    one stage at a time when ``staged`` is a dict, which gets the products each stage ran
+    (pipelines/_staged.py)."""
+    if staged is not None:
+        stage_root = storage.join(root, STAGES_DIR)
+        ds, ran = run_staged(first, stages, config, stage_root, rows, per_call, cpus)
+        staged.update(ran)
+        return ds
+    ds = first(rows)
+    for cls, roles in stages:
+        ds = map_stage(ds, cls, config, roles, per_call)
+    return ds
 
 
 def start(config: RestageConfig, job: str) -> tuple[RestageConfig, str]:

@@ -41,8 +41,7 @@ from actors.scorer import METRICS, Scorer
 from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
-from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
-from pipelines._staged import STAGES_DIR, run_staged
+from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
@@ -863,21 +862,9 @@ def build_dataset(
             num_cpus=cpu,
         )
 
-    if staged is not None:
-        ds, ran = run_staged(
-            decoded,
-            model_stages(config),
-            config,
-            storage.join(root, STAGES_DIR),
-            records,
-            per_call,
-            cpu,
-        )
-        staged.update(ran)
-    else:
-        ds = decoded(records)
-        for cls, roles in model_stages(config):
-            ds = map_stage(ds, cls, config, roles, per_call)
+    ds = _job.through_stages(
+        records, decoded, model_stages(config), config, root, staged, per_call, cpu
+    )
     ds = ds.map_batches(
         select_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
     )

@@ -36,8 +36,7 @@ import pyarrow as pa
 from actors.scorer import METRICS, Scorer, rank_and_keep, references
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
-from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
-from pipelines._staged import STAGES_DIR, run_staged
+from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
@@ -416,21 +415,9 @@ def build_dataset(
             num_cpus=g.cpus_per_task,
         )
 
-    if staged is not None:
-        ds, ran = run_staged(
-            planned,
-            model_stages(config),
-            config,
-            storage.join(root, STAGES_DIR),
-            todo,
-            per_call,
-            g.cpus_per_task,
-        )
-        staged.update(ran)
-    else:
-        ds = planned(todo)
-        for cls, roles in model_stages(config):
-            ds = map_stage(ds, cls, config, roles, per_call)
+    ds = _job.through_stages(
+        todo, planned, model_stages(config), config, root, staged, per_call, g.cpus_per_task
+    )
     return ds.map_batches(
         write_products,
         fn_kwargs={"config": config, "root": root},

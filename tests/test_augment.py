@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH, EXAMPLES, ray_pids
+from conftest import DREAMBOOTH, EXAMPLES, driver_never_lists_the_catalog, ray_pids
 from PIL import Image
 
 from pipelines.augment import augment
-from ray_app import records, storage
+from ray_app import storage
 from ray_app.config import load_config
 from ray_app.images import decode_mask
 from ray_app.records import SAMPLE_SCHEMA
-from ray_app.storage import AdapterLayout, AugmentLayout, JobLayout
+from ray_app.storage import AugmentLayout
 
 KINDS = {"real", "view", "context", "negative", "counterfactual"}
 POSITIVE = {"real", "view", "context"}
@@ -97,7 +97,7 @@ def run(ray_local, tmp_path_factory):
     out = folder / "out"
     config = load_config("tiny", overrides=["ray.progress_bars=false", ALLOW])
     with pytest.MonkeyPatch.context() as patch:
-        _driver_never_lists_the_catalog(patch)
+        driver_never_lists_the_catalog(patch)
         summary = augment(config, str(manifest), str(out))
     table = storage.read_parquet(str(out / "manifest")).to_pandas()
     errors = storage.read_parquet(str(out / "errors")).to_pandas()
@@ -109,19 +109,6 @@ def run(ray_local, tmp_path_factory):
         "manifest": manifest,
         "config": config,
     }
-
-
-def _driver_never_lists_the_catalog(patch: pytest.MonkeyPatch) -> None:
-    """Make every driver-side way of holding the catalog fail: reading the manifest here,
-    listing markers or folders. Ray's workers are other processes: the tasks are unaffected."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the driver listed or read the whole catalog")
-
-    patch.setattr(records, "read_manifest", refuse)
-    patch.setattr(storage, "list_names", refuse)
-    for layout in (JobLayout, AdapterLayout):
-        patch.setattr(layout, "completed", refuse)
 
 
 def test_the_driver_never_holds_the_catalog(ray_local, tmp_path, monkeypatch):
@@ -136,7 +123,7 @@ def test_the_driver_never_holds_the_catalog(ray_local, tmp_path, monkeypatch):
     for i in range(5):  # complete, as a killed invocation left them: markers, no summary
         status = "partial" if i == 0 else "ok"
         storage.write_json(layout.marker(f"p-{i}"), {"status": status, "stats": stats})
-    _driver_never_lists_the_catalog(monkeypatch)
+    driver_never_lists_the_catalog(monkeypatch)
     config = load_config("tiny", overrides=["ray.progress_bars=false"])
     summary = augment(config, str(manifest), layout.root)
     assert summary.products == {
