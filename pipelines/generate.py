@@ -4,11 +4,15 @@ Ray Data streams one row per product, carrying all of that product's prompts and
 
     plan -> generate (adapter loaded once per product) -> segment -> score -> write
 
+The products come from train's input index, or its folders listed in a task; which have an
+adapter, which are complete, and each plan (its adapter.json read) are found in tasks, so
+the driver holds counters only (pipelines/_job.py). A bad adapter.json fails its product.
+
 Prompts come from the prompt bank of the product's type (plus user prompts from a file),
 with ``TOKEN NOUN`` in place of ``{product}``; seeds from (product id, prompt index, image
 index). Because a row is a whole product, the generator actor loads the product's adapter
 once, makes every image of the product, and unloads it before the next product; the number
-of loads per product is counted and reported.
+of loads is counted and reported (the total, and the most for one product).
 
 Ranking: every image is scored with CLIP-T (its prompt), CLIP-I and DINO against the
 product's real images from the training set named in ``adapter.json``, plus segmented CLIP-I
