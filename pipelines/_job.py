@@ -18,6 +18,7 @@ A job's driver holds counters, never one entry per product:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,15 +61,31 @@ def pyarrow_fs(uri: str) -> tuple[Any, str]:
 # --------------------------------------------------------------------------- intake
 
 
-def check_markers(batch: pa.Table, layout: JobLayout) -> pa.Table:
-    """A Ray Data task: valid rows -> complete (their marker exists) or to do."""
+def check_markers(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table:
+    """A Ray Data task: valid rows -> complete (their marker exists) or to do. A complete
+    product whose marker no summary has counted (it finished after ``since``, the previous
+    summary's ``counted_until``; any when None) gets its marker's status and stats in
+    ``uncounted``. One small read per product: the marker itself, no existence check."""
     pids, status = batch["product_id"].to_pylist(), batch["status"].to_pylist()
+    uncounted: list[str | None] = [None] * len(pids)
     valid = [i for i, s in enumerate(status) if s == VALID]
+
+    def read(i: int) -> dict[str, Any] | None:
+        try:
+            return storage.read_json(layout.marker(pids[i]))
+        except FileNotFoundError:
+            return None
+
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        done = list(pool.map(lambda i: storage.exists(layout.marker(pids[i])), valid))
-    for i, complete in zip(valid, done, strict=True):
-        status[i] = COMPLETE if complete else TODO
-    return batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status))
+        markers = list(pool.map(read, valid))
+    for i, marker in zip(valid, markers, strict=True):
+        status[i] = TODO if marker is None else COMPLETE
+        if marker is not None and (since is None or marker.get("finished", math.inf) > since):
+            uncounted[i] = json.dumps(
+                {"status": marker.get("status", "ok"), "stats": marker.get("stats", {})}
+            )
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status))
+    return batch.append_column("uncounted", pa.array(uncounted, pa.string()))
 
 
 def keep(batch: pa.Table, statuses: tuple[str, ...]) -> pa.Table:
@@ -76,12 +93,23 @@ def keep(batch: pa.Table, statuses: tuple[str, ...]) -> pa.Table:
 
 
 def _count(batch: pa.Table) -> pa.Table:
-    """One row per batch: products per status, and the manifest columns ignored."""
+    """One row per batch: products per status, the manifest columns ignored, and the
+    totals of the complete products no summary has counted."""
     ignored = set()
     if "ignored" in batch.column_names:
         ignored = {c for cols in batch["ignored"].to_pylist() for c in cols or ()}
-    counts = Counter(batch["status"].to_pylist())
-    return pa.table({"counts": [json.dumps(counts)], "ignored": [json.dumps(sorted(ignored))]})
+    totals = CompletedTotals()
+    for text in batch["uncounted"].to_pylist():
+        if text is not None:
+            marker = json.loads(text)
+            totals.add(marker["status"], marker["stats"])
+    return pa.table(
+        {
+            "counts": [json.dumps(Counter(batch["status"].to_pylist()))],
+            "ignored": [json.dumps(sorted(ignored))],
+            "uncounted": [json.dumps(totals.to_dict())],
+        }
+    )
 
 
 @dataclass
@@ -92,16 +120,22 @@ class Intake:
     cpus: float  # of each task over them: the model stages' actors may hold the rest
     counts: Counter = field(default_factory=Counter)  # products per status
     ignored: list[str] = field(default_factory=list)
+    # The complete products whose markers no summary has counted (check_markers).
+    uncounted: CompletedTotals = field(default_factory=CompletedTotals)
 
     @property
     def todo(self) -> int:
         return self.counts[TODO]
 
 
-def intake(rows: Any, layout: JobLayout, cpus: float) -> Intake:
-    """Check every valid row's marker in tasks, write the input index, count (module doc)."""
+def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None) -> Intake:
+    """Check every valid row's marker in tasks, write the input index, count (module doc);
+    ``since``: see ``check_markers``."""
     checked = rows.map_batches(
-        check_markers, fn_kwargs={"layout": layout}, batch_format="pyarrow", num_cpus=cpus
+        check_markers,
+        fn_kwargs={"layout": layout, "since": since},
+        batch_format="pyarrow",
+        num_cpus=cpus,
     ).materialize()
     write_inputs(
         checked.map_batches(
@@ -115,6 +149,7 @@ def intake(rows: Any, layout: JobLayout, cpus: float) -> Intake:
     for row in counted.iter_rows():
         result.counts.update(json.loads(row["counts"]))
         ignored.update(json.loads(row["ignored"]))
+        result.uncounted.merge(CompletedTotals.from_dict(json.loads(row["uncounted"])))
     result.ignored = sorted(ignored)
     return result
 
@@ -150,37 +185,6 @@ def todo_rows(found: Intake) -> Any:
     return todo.repartition(min(found.todo, MAX_INPUT_BLOCKS)).materialize()
 
 
-def _marker_totals(batch: pa.Table, layout: JobLayout) -> pa.Table:
-    totals = CompletedTotals()
-    with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        for marker in pool.map(
-            lambda pid: storage.read_json(layout.marker(pid)), batch["product_id"].to_pylist()
-        ):
-            totals.add(marker.get("status", "ok"), marker.get("stats", {}))
-    return pa.table({"totals": [json.dumps(totals.to_dict())]})
-
-
-def completed_before(found: Intake, layout: JobLayout, previous: dict | None) -> CompletedTotals:
-    """The totals of the products complete before this run (``CompletedTotals``); markers
-    are read, in tasks, only when the previous summary did not count exactly them."""
-
-    def from_markers() -> CompletedTotals:
-        totals = CompletedTotals()
-        complete = found.rows.map_batches(
-            keep, fn_args=((COMPLETE,),), batch_format="pyarrow", num_cpus=found.cpus
-        )
-        for row in complete.map_batches(
-            _marker_totals,
-            fn_kwargs={"layout": layout},
-            batch_format="pyarrow",
-            num_cpus=found.cpus,
-        ).iter_rows():
-            totals.merge(CompletedTotals.from_dict(json.loads(row["totals"])))
-        return totals
-
-    return CompletedTotals.before_this_run(previous, found.counts[COMPLETE], from_markers)
-
-
 def previous_summary(layout: JobLayout) -> dict[str, Any] | None:
     """The summary.json of an earlier invocation, or None (none, or unreadable)."""
     try:
@@ -201,7 +205,7 @@ def write_product(
 ) -> dict[str, Any]:
     """Write a product: ``files()`` (its files -> its manifest rows, unless it failed), its
     manifest shard, its errors shard, then its marker last (``marker(rows)``: the job's own
-    fields). -> its outcome row: ``product_id``, ``status``, ``stats`` (JSON)."""
+    fields). -> its outcome row: ``product_id``, ``status``, ``stats`` (JSON), ``finished``."""
     start = time.perf_counter()
     pid, stat = state.product_id, state.stat("write")
     rows: list[dict[str, Any]] = []
@@ -212,6 +216,7 @@ def write_product(
     status = "failed" if state.failed else ("partial" if state.errors else "ok")
     stat.seconds = time.perf_counter() - start
     stats = {k: v.__dict__ for k, v in state.stats.items()}
+    finished = time.time()
     if not state.failed:
         storage.write_json(
             layout.marker(pid),
@@ -219,13 +224,13 @@ def write_product(
                 "product_id": pid,
                 "status": status,
                 "errors": len(state.errors),
-                "finished": time.time(),
+                "finished": finished,
                 # A resumed job's summary adds these up for the products it skips.
                 "stats": stats,
                 **marker(rows),
             },
         )
-    return {"product_id": pid, "status": status, "stats": json.dumps(stats)}
+    return {"product_id": pid, "status": status, "stats": json.dumps(stats), "finished": finished}
 
 
 def outcome_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -245,6 +250,7 @@ class Outcomes:
     failed: dict[str, StageStats] = field(default_factory=dict)  # stages of failed ones
     sums: dict[str, int] = field(default_factory=dict)
     maxima: dict[str, int] = field(default_factory=dict)
+    latest: float = 0.0  # the last marker's time (the writers' clocks)
 
     def add(self, status: str, stats: dict[str, dict[str, Any]]) -> None:
         self.products[status] += 1
@@ -312,6 +318,7 @@ def run(
     for batch in build(staged).iter_batches(batch_size=16, batch_format="numpy"):
         for i, status in enumerate(batch["status"]):
             got.add(str(status), json.loads(batch["stats"][i]))
+            got.latest = max(got.latest, float(batch["finished"][i]))
             for name in numbers:
                 value = int(batch[name][i])
                 got.sums[name] += value
@@ -357,11 +364,13 @@ def execute(
     section = getattr(config, job)  # its cpus_per_task
     staged: dict[str, int] | None = {} if placement == "stage" else None
     with node_loss_guard(job, config):
-        found = intake(rows(), layout, section.cpus_per_task)
+        previous = previous_summary(layout) if whole_job else None
+        since = (previous or {}).get("completed", {}).get("counted_until")
+        found = intake(rows(), layout, section.cpus_per_task, since)
         nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
         done = Execution(found, nothing, placement, staged)
         if whole_job:
-            done.completed = completed_before(found, layout, previous_summary(layout))
+            done.completed = CompletedTotals.before_this_run(previous, found.uncounted)
         if not found.todo:
             done.placement = done.staged = None
             return done

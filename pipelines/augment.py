@@ -922,6 +922,8 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     def extra() -> dict[str, Any]:
         completed.invocations += 1
         completed.wall_seconds += summary.wall_seconds
+        # Every marker up to now is counted (its own time too: a writer's clock may run ahead).
+        completed.counted_until = max(time.time(), got.latest, completed.counted_until or 0.0)
         return {
             "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
             "completed": completed.to_dict(),

@@ -9,7 +9,6 @@ then the totals are rebuilt from the completion markers, which carry each produc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,6 +45,8 @@ class CompletedTotals:
     stages: dict[str, StageStats] = field(default_factory=dict)
     invocations: int = 0
     wall_seconds: float = 0.0
+    # Markers finished up to this time (the writer's clock) are counted here.
+    counted_until: float | None = None
 
     def add(self, status: str, stats: dict[str, dict[str, Any]]) -> None:
         self.products += 1
@@ -66,6 +67,7 @@ class CompletedTotals:
             "invocations": self.invocations,
             "wall_seconds": round(self.wall_seconds, 3),
             "stages": [asdict(s) for s in self.stages.values()],
+            **({} if self.counted_until is None else {"counted_until": self.counted_until}),
         }
 
     @classmethod
@@ -78,6 +80,7 @@ class CompletedTotals:
             stages,
             int(data.get("invocations", 0)),
             float(data.get("wall_seconds", 0.0)),
+            data.get("counted_until"),
         )
 
     def merge(self, other: CompletedTotals) -> None:
@@ -90,20 +93,18 @@ class CompletedTotals:
 
     @classmethod
     def before_this_run(
-        cls,
-        previous: dict[str, Any] | None,
-        complete: int,
-        from_markers: Callable[[], CompletedTotals],
+        cls, previous: dict[str, Any] | None, uncounted: CompletedTotals
     ) -> CompletedTotals:
-        """The totals of the ``complete`` products (complete before this invocation): from
-        the previous summary when it counted exactly as many, else ``from_markers()`` (a
-        killed invocation completed products that no summary counted)."""
+        """The totals of the products complete before this invocation: the previous
+        summary's, plus ``uncounted`` (products whose markers are newer than it: a killed
+        invocation completed them). Without a previous summary that says until when it
+        counted, ``uncounted`` holds every complete product's marker."""
         kept = cls.from_dict(previous.get("completed") or {}) if previous else cls()
-        if kept.products == complete:
-            return kept
-        totals = from_markers()
-        totals.invocations, totals.wall_seconds = kept.invocations, kept.wall_seconds
-        return totals
+        if previous is None or "counted_until" not in (previous.get("completed") or {}):
+            uncounted.invocations, uncounted.wall_seconds = kept.invocations, kept.wall_seconds
+            return uncounted
+        kept.merge(uncounted)
+        return kept
 
 
 @dataclass

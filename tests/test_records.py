@@ -161,6 +161,7 @@ def test_errors_table_schema():
     assert isinstance(table, pa.Table)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp_path):
     """``manifest_dataset`` (Ray Data tasks, duplicates by a shuffle) keeps the same
