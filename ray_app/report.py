@@ -4,7 +4,8 @@ A resumed job's summary covers the whole job, not only its last invocation: the 
 complete products (which a re-run skips) are carried in ``summary.json`` under
 ``completed`` and added to what the new invocation did; products that failed before are
 redone, so only the latest attempt of each counts. A killed invocation writes no summary:
-then the totals are rebuilt from the completion markers, which carry each product's stats.
+the markers it wrote are newer than the last summary's ``counted_until``, and their stats
+(each marker carries its product's) are added; the job's intake tasks read them.
 """
 
 from __future__ import annotations
