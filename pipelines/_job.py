@@ -365,7 +365,10 @@ def execute(
     staged: dict[str, int] | None = {} if placement == "stage" else None
     with node_loss_guard(job, config):
         previous = previous_summary(layout) if whole_job else None
-        since = (previous or {}).get("completed", {}).get("counted_until")
+        # Without a whole-job summary no marker's stats are wanted: none is "uncounted".
+        since = (
+            (previous or {}).get("completed", {}).get("counted_until") if whole_job else math.inf
+        )
         found = intake(rows(), layout, section.cpus_per_task, since)
         nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
         done = Execution(found, nothing, placement, staged)
