@@ -11,6 +11,9 @@ config); decode, select and write are CPU tasks. A row carries the product's who
 (how many negatives, the positive:negative ratio, top-k per source) is local to the row and
 nothing is ever grouped or materialised across products.
 
+The driver holds counters only: the manifest is read, validated and de-duplicated in Ray
+Data tasks, and each product's marker is checked in a task (pipelines/_job.py).
+
 Resume: a product's completion marker is written after its images, manifest shard and errors
 shard; a re-run skips products with a marker and redoes the others from scratch, with the
 same seeds, so it ends with the same samples. We use our own markers rather than Ray Data
@@ -19,17 +22,15 @@ checkpointing because the unit of completeness is a product (many files), not a 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow as pa
 
 from actors.captioner import Captioner, type_question
 from actors.clip import ClipEmbedder, zero_shot
@@ -38,25 +39,27 @@ from actors.inpainter import Inpainter, dilate, place_product, square_canvas
 from actors.novel_view import NovelView
 from actors.scorer import METRICS, Scorer
 from actors.segmenter import Segmenter
-from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
-from pipelines._staged import STAGES_DIR, run_staged
+from pipelines import _job
+from pipelines._job import outcome_batch, write_product
+from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
-from ray_app.node_loss import node_loss_guard
-from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
+    INVALID,
     NEGATIVE_KINDS,
+    SAMPLE_KINDS,
     SAMPLE_SCHEMA,
     ProductRecord,
-    read_manifest,
-    records_table,
+    manifest_dataset,
+    manifest_errors_dir,
+    manifest_format,
 )
-from ray_app.report import CompletedTotals, JobSummary, StageStats
+from ray_app.report import JobSummary
 from ray_app.seeds import derive_seed
 from ray_app.sources import SourcePolicy
 from ray_app.storage import AugmentLayout, write_errors
@@ -729,21 +732,15 @@ def select_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict
 def write_products(
     batch: dict[str, np.ndarray], config: RestageConfig, root: str
 ) -> dict[str, np.ndarray]:
-    """Write each product's images, masks, manifest shard and errors, then its marker last.
-    Returns one small summary row per product (all the driver ever receives)."""
+    """Write each product's images, masks, manifest shard and errors, then its marker last
+    (pipelines/_job.py). Returns one small outcome row per product."""
     layout = AugmentLayout(root)
     ext = "jpg" if config.augment.image_format == "jpeg" else "png"
-    out = []
-    for state in unpack(batch):
-        start = time.perf_counter()
-        pid = state.product_id
-        stat = state.stat("write")
-        rows = []
-        if not state.failed:
-            for folder in (
-                layout.image(pid, "x"),
-                layout.mask(pid, "x"),
-            ):  # leftovers of a killed run
+
+    def writer(state: ProductState) -> Callable[[], list[dict[str, Any]]]:
+        def files() -> list[dict[str, Any]]:
+            pid, rows = state.product_id, []
+            for folder in (layout.image(pid, "x"), layout.mask(pid, "x")):  # a killed run's
                 storage.remove(storage.parent_uri(folder), recursive=True)
             for s in state.samples:
                 if s.image is None:
@@ -753,12 +750,7 @@ def write_products(
                     storage.write_bytes(layout.mask(pid, s.sample_id), s.mask) if s.mask else None
                 )
                 rows.append(_manifest_row(state, s, image_uri, mask_uri))
-            stat.items_in = stat.items_out = len(rows)
-            storage.write_parquet(
-                layout.manifest_shard(pid), pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-            )
-        write_errors(layout, pid, state.errors)
-        if not state.failed:
+            state.stat("write").items_in = state.stat("write").items_out = len(rows)
             # The record travels with the training set: `restage train` checks its token
             # against the title and attributes, and uses the noun in captions.
             storage.write_json(
@@ -771,40 +763,26 @@ def write_products(
                     "type_source": state.type_source,
                 },
             )
-            counts = {
-                k: sum(1 for r in rows if r["kind"] == k and r["kept"])
-                for k in ("real", "view", "context", "negative", "counterfactual")
-            }
-            stat.seconds = time.perf_counter() - start
-            storage.write_json(
-                layout.marker(pid),
-                {
-                    "product_id": pid,
-                    "status": "partial" if state.errors else "ok",
-                    "kept": counts,
-                    "samples": len(rows),
-                    "errors": len(state.errors),
-                    "product_type": state.product_type,
-                    "type_source": state.type_source,
-                    "finished": time.time(),
-                    # A resumed job's summary adds these up for the products it skips.
-                    "stats": {k: v.__dict__ for k, v in state.stats.items()},
-                },
+            return rows
+
+        return files
+
+    def marker(state: ProductState, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "kept": {k: sum(1 for r in rows if r["kind"] == k and r["kept"]) for k in SAMPLE_KINDS},
+            "samples": len(rows),
+            "product_type": state.product_type,
+            "type_source": state.type_source,
+        }
+
+    return outcome_batch(
+        [
+            write_product(
+                layout, state, SAMPLE_SCHEMA, writer(state), lambda rows, st=state: marker(st, rows)
             )
-        stat.seconds = time.perf_counter() - start
-        out.append(
-            {
-                "product_id": pid,
-                "status": "failed" if state.failed else ("partial" if state.errors else "ok"),
-                "kept": sum(1 for r in rows if r["kept"]),
-                "errors": len(state.errors),
-                "stats": json.dumps({k: v.__dict__ for k, v in state.stats.items()}),
-            }
-        )
-    return {
-        k: np.array([o[k] for o in out], dtype=object)
-        for k in ("product_id", "status", "kept", "errors", "stats")
-    }
+            for state in unpack(batch)
+        ]
+    )
 
 
 def _manifest_row(
@@ -846,21 +824,6 @@ def _manifest_row(
 # --------------------------------------------------------------------------- job
 
 
-# Input blocks: one product per block up to this many products (fine-grained streaming and
-# load balance), then several products per block (bounded driver and scheduler overhead).
-MAX_INPUT_BLOCKS = 1024
-
-
-def input_blocks(table: pa.Table, max_blocks: int) -> list[pa.Table]:
-    """Split the records table into at most ``max_blocks`` contiguous, near-equal blocks."""
-    n = table.num_rows
-    if n == 0:
-        return [table]
-    blocks = min(n, max_blocks)
-    bounds = np.linspace(0, n, blocks + 1).round().astype(int)
-    return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
-
-
 def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, ...]]]:
     """The model stages in pipeline order, each with the roles it loads (first: its pool's)."""
     plan: list[tuple[type[_Stage], tuple[str, ...]]] = [(CaptionStage, ("captioner",))]
@@ -877,46 +840,31 @@ def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, .
 
 
 def build_dataset(
-    records: list[ProductRecord],
+    records: Any,
     config: RestageConfig,
     root: str,
     policy: SourcePolicy,
     staged: dict[str, int] | None = None,
 ):
-    """The lazy Ray Data pipeline over ``records`` (nothing runs until it is consumed).
-    ``staged`` (a dict): stage-by-stage mode; the model stages run here, one at a time,
-    filling ``staged`` with the products each ran, and the pipeline returned selects and
-    writes their results (pipelines/_staged.py)."""
-    import ray
-
+    """The lazy Ray Data pipeline over ``records`` (a dataset of the products to do, one
+    record a row; nothing runs until it is consumed). ``staged`` (a dict): stage-by-stage
+    mode; the model stages run here, one at a time, filling ``staged`` with the products
+    each ran, and the pipeline returned selects and writes their results
+    (pipelines/_staged.py)."""
     cpu = config.augment.cpus_per_task
     per_call = config.augment.products_per_batch
 
-    def decoded(chosen: list[ProductRecord]):
-        ds = ray.data.from_arrow(input_blocks(records_table(chosen), MAX_INPUT_BLOCKS))
-        return ds.map_batches(
+    def decoded(chosen: Any) -> Any:
+        return chosen.map_batches(
             decode_products,
             fn_kwargs={"config": config, "policy": policy},
             batch_size=per_call,
             num_cpus=cpu,
         )
 
-    if staged is not None:
-        by_id = {r.product_id: r for r in records}
-        ds, ran = run_staged(
-            lambda pending: decoded([by_id[pid] for pid in pending]),
-            model_stages(config),
-            config,
-            storage.join(root, STAGES_DIR),
-            list(by_id),
-            per_call,
-            cpu,
-        )
-        staged.update(ran)
-    else:
-        ds = decoded(records)
-        for cls, roles in model_stages(config):
-            ds = map_stage(ds, cls, config, roles, per_call)
+    ds = _job.through_stages(
+        records, decoded, model_stages(config), config, root, staged, per_call, cpu
+    )
     ds = ds.map_batches(
         select_products, fn_kwargs={"config": config}, batch_size=per_call, num_cpus=cpu
     )
@@ -930,85 +878,61 @@ def build_dataset(
 
 
 def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
-    """Run the augment job: ``manifest`` (JSONL/CSV/Parquet URI) -> training sets under ``out``."""
-    from ray_app.plan import preflight
-    from ray_app.runtime import init_ray, progress_bars
-
+    """Run the augment job: ``manifest`` (JSONL/CSV/Parquet URI) -> training sets under ``out``.
+    The driver holds counters only: the manifest is read, validated and checked against
+    the markers in Ray Data tasks (pipelines/_job.py)."""
     start = time.perf_counter()
     root = storage.normalize_uri(out)
     layout = AugmentLayout(root)
-    parsed = read_manifest(manifest, job=JOB)
-    policy = SourcePolicy.for_manifest(parsed.uri, config.storage)
-    write_errors(layout, "_records", parsed.errors)
-    done = layout.completed()
-    todo = [r for r in parsed.records if r.product_id not in done]
-    completed = CompletedTotals.before_this_run(
-        _previous_summary(layout), done, lambda pid: storage.read_json(layout.marker(pid))
+    manifest_uri = storage.normalize_uri(manifest)
+    manifest_format(manifest_uri)  # an unknown format fails before Ray starts
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"manifest {manifest_uri!r} does not exist")
+    policy = SourcePolicy.for_manifest(manifest_uri, config.storage)
+
+    def rows() -> Any:
+        write_errors(layout, "_records", [])  # an older version's one manifest errors shard
+        storage.remove(manifest_errors_dir(layout.errors_dir()), recursive=True)
+        return manifest_dataset(manifest_uri, JOB, layout.errors_dir())
+
+    done = _job.execute(
+        JOB,
+        config,
+        layout,
+        rows,
+        lambda todo, cfg, staged: build_dataset(todo, cfg, root, policy, staged),
+        whole_job=True,
     )
-    this_run = {"ok": 0, "partial": 0, "failed": 0}
-    failed_stats = JobSummary(JOB, root)  # stages of the products that failed this time
-    placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
-    staged: dict[str, int] | None = None  # products each stage ran, in stage-by-stage mode
-    if todo:
-        config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
-        init_ray(config)
-        placement = placed.mode
-        staged = {} if placement == "stage" else None
-        lines = StageLines(JOB, len(todo), enabled=not progress_bars(config))
-        with node_loss_guard(JOB, config):
-            for batch in build_dataset(todo, config, root, policy, staged).iter_batches(
-                batch_size=16, batch_format="numpy"
-            ):
-                for status, stats in zip(batch["status"], batch["stats"], strict=True):
-                    this_run[status] += 1
-                    if status == "failed":
-                        for name, values in json.loads(stats).items():
-                            failed_stats.stage(name).add(StageStats(**values))
-                    else:
-                        completed.add(status, json.loads(stats))
-                lines.update(finished(this_run), counts(this_run))
-        lines.finish(counts(this_run))
-        if staged is not None:  # every product is written, marker last: stage rows are spent
-            storage.remove(storage.join(root, STAGES_DIR), recursive=True)
+    found, got, completed = done.found, done.got, done.completed
+    assert completed is not None
+    completed.merge(got.done)
     # The whole job: every complete product (this run's and earlier ones') and the products
     # that failed this time (earlier failures were retried now, so they count once).
     summary = JobSummary(JOB, root, whole_job=True)
+    valid = found.counts[_job.TODO] + found.counts[_job.COMPLETE]
     summary.products = {
-        "in manifest": len(parsed.records) + len(parsed.errors),
-        "invalid": len(parsed.errors),
-        "already complete": len(parsed.records) - len(todo),
+        "in manifest": valid + found.counts[INVALID],
+        "invalid": found.counts[INVALID],
+        "already complete": found.counts[_job.COMPLETE],
         "ok": completed.ok,
         "partial": completed.partial,
-        "failed": this_run["failed"],
+        "failed": got.products["failed"],
     }
-    for name in STAGES:
-        stage = summary.stage(name, "images")
-        for part in (completed.stages.get(name), failed_stats.stages.get(name)):
-            if part is not None:
-                stage.add(part)
-    summary.wall_seconds = time.perf_counter() - start
-    completed.invocations += 1
-    completed.wall_seconds += summary.wall_seconds
-    summary.extra = {
-        "this_run": {**this_run, "wall_seconds": round(summary.wall_seconds, 3)},
-        "completed": completed.to_dict(),
-        "staged": staged,
-        "manifest": manifest,
-        "placement": placement,
-        "ignored_columns": parsed.ignored_columns,
-        "errors": layout.errors_dir(),
-        "manifest_out": layout.manifest_dir(),
-    }
-    storage.write_json(layout.summary(), summary.to_dict())
-    return summary
 
+    def extra() -> dict[str, Any]:
+        completed.invocations += 1
+        completed.wall_seconds += summary.wall_seconds
+        # Every marker up to now is counted (its own time too: a writer's clock may run ahead).
+        completed.counted_until = max(time.time(), got.latest, completed.counted_until or 0.0)
+        return {
+            "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
+            "completed": completed.to_dict(),
+            "manifest": manifest,
+            "ignored_columns": found.ignored,
+        }
 
-def _previous_summary(layout: AugmentLayout) -> dict[str, Any] | None:
-    """The summary.json of an earlier invocation, or None (none, or unreadable)."""
-    try:
-        return storage.read_json(layout.summary())
-    except (FileNotFoundError, ValueError):
-        return None
+    units = dict.fromkeys(STAGES, "images")
+    return _job.finish(summary, layout, done, units, [completed.stages, got.failed], start, extra)
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

@@ -2,13 +2,17 @@
 
 Ray Data streams one row per product, carrying all of that product's prompts and seeds:
 
-    plan (driver) -> generate (adapter loaded once per product) -> segment -> score -> write
+    plan -> generate (adapter loaded once per product) -> segment -> score -> write
+
+The products come from train's input index, or its folders listed in a task; which have an
+adapter, which are complete, and each plan (its adapter.json read) are found in tasks, so
+the driver holds counters only (pipelines/_job.py). A bad adapter.json fails its product.
 
 Prompts come from the prompt bank of the product's type (plus user prompts from a file),
 with ``TOKEN NOUN`` in place of ``{product}``; seeds from (product id, prompt index, image
 index). Because a row is a whole product, the generator actor loads the product's adapter
 once, makes every image of the product, and unloads it before the next product; the number
-of loads per product is counted and reported.
+of loads is counted and reported (the total, and the most for one product).
 
 Ranking: every image is scored with CLIP-T (its prompt), CLIP-I and DINO against the
 product's real images from the training set named in ``adapter.json``, plus segmented CLIP-I
@@ -24,9 +28,9 @@ over the images and the product's real images.
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,21 +38,21 @@ import numpy as np
 import pyarrow as pa
 
 from actors.scorer import METRICS, Scorer, rank_and_keep, references
-from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
-from pipelines._staged import STAGES_DIR, run_staged
+from pipelines import _job
+from pipelines._job import outcome_batch, write_product
+from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.models import source_tag
-from ray_app.node_loss import node_loss_guard
-from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
-from ray_app.records import GENERATION_SCHEMA, ErrorRow
+from ray_app.records import GENERATION_SCHEMA, VALID
 from ray_app.report import JobSummary, StageStats
 from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout, GenerationLayout, write_errors
 
 JOB = "generate"
+NO_ADAPTER = "no adapter"  # a product of train's output without its adapter.json (not ready)
 STAGES = ("plan", "generate", "segment", "score", "write")
 
 
@@ -260,15 +264,14 @@ class ScoreStage(ProductStage):
 def write_products(
     batch: dict[str, np.ndarray], config: RestageConfig, root: str
 ) -> dict[str, np.ndarray]:
-    """Write each product's images, manifest shard and errors, then its marker last."""
+    """Write each product's images, manifest shard and errors, then its marker last
+    (pipelines/_job.py). Returns one small outcome row per product."""
     layout = GenerationLayout(root)
     g = config.generate
-    out = []
-    for state in unpack(batch):
-        start = time.perf_counter()
-        pid, stat = state.product_id, state.stat("write")
-        rows = []
-        if not state.failed:
+
+    def writer(state: ProductState) -> Callable[[], list[dict[str, Any]]]:
+        def files() -> list[dict[str, Any]]:
+            pid, stat, rows = state.product_id, state.stat("write"), []
             storage.remove(storage.parent_uri(layout.image(pid, "x")), recursive=True)
             for im in state.images:
                 uri = None
@@ -277,36 +280,25 @@ def write_products(
                     stat.items_out += 1
                 rows.append(_row(state, im, uri, config))
             stat.items_in = len(rows)
-            storage.write_parquet(
-                layout.manifest_shard(pid), pa.Table.from_pylist(rows, schema=GENERATION_SCHEMA)
-            )
-        write_errors(layout, pid, state.errors)
-        kept = sum(1 for r in rows if r["kept"])
-        if not state.failed:
-            storage.write_json(
-                layout.marker(pid),
-                {
-                    "product_id": pid,
-                    "status": "partial" if state.errors else "ok",
-                    "images": len(rows),
-                    "kept": kept,
-                    "errors": len(state.errors),
-                    "adapter": state.adapter_uri,
-                    "adapter_loads": state.adapter_loads,
-                    "finished": time.time(),
-                },
-            )
-        stat.seconds = time.perf_counter() - start
-        out.append(
-            {
-                "product_id": pid,
-                "status": "failed" if state.failed else ("partial" if state.errors else "ok"),
-                "kept": kept,
-                "adapter_loads": state.adapter_loads,
-                "stats": json.dumps({k: v.__dict__ for k, v in state.stats.items()}),
-            }
+            return rows
+
+        return files
+
+    def marker(state: ProductState, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "images": len(rows),
+            "kept": sum(1 for r in rows if r["kept"]),
+            "adapter": state.adapter_uri,
+            "adapter_loads": state.adapter_loads,
+        }
+
+    out = []
+    for state in unpack(batch):
+        row = write_product(
+            layout, state, GENERATION_SCHEMA, writer(state), lambda rows, st=state: marker(st, rows)
         )
-    return {k: object_array([o[k] for o in out]) for k in out[0]} if out else {}
+        out.append({**row, "adapter_loads": state.adapter_loads})
+    return outcome_batch(out)
 
 
 def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig) -> dict[str, Any]:
@@ -349,41 +341,87 @@ def model_stages(config: RestageConfig) -> list[tuple[type[ProductStage], tuple[
     return [*stages, (ScoreStage, ("clip", "dino"))]
 
 
-def build_dataset(
-    states: list[ProductState],
-    config: RestageConfig,
-    root: str,
-    staged: dict[str, int] | None = None,
-):
-    """The lazy Ray Data pipeline over planned products. ``staged`` (a dict): stage-by-stage
-    mode; the model stages run here, one at a time, filling ``staged`` with the products each
-    ran (pipelines/_staged.py)."""
+def adapter_ids(adapters: AdapterLayout) -> Any:
+    """The products of ``restage train``'s output as a lazy dataset (``product_id``): its
+    input index when it wrote one, else its folders, listed in a task (not here)."""
     import ray
 
+    index = _job.input_ids(adapters)
+    if index is not None:
+        return index
+    return ray.data.from_items([{"root": adapters.root}]).map_batches(
+        _list_adapters, batch_size=1, batch_format="pyarrow"
+    )
+
+
+def _list_adapters(batch: pa.Table, chunk: int = 10_000) -> Any:
+    for root in batch["root"].to_pylist():
+        names = [n for n in storage.list_names(root) if not n.startswith("_")]  # ids never do
+        for i in range(0, len(names), chunk):
+            yield pa.table({"product_id": names[i : i + chunk]})
+
+
+def _ready(batch: pa.Table, adapters: AdapterLayout) -> pa.Table:
+    """A task: which products have an adapter (its adapter.json, written last, exists)."""
+    pids = batch["product_id"].to_pylist()
+    status = [VALID if storage.exists(adapters.metadata(pid)) else NO_ADAPTER for pid in pids]
+    return pa.table({"product_id": pids, "status": status})
+
+
+def plan_products(
+    batch: dict[str, np.ndarray],
+    config: RestageConfig,
+    adapters: AdapterLayout,
+    user_prompts: list[str],
+) -> dict[str, np.ndarray]:
+    """A task: each product's adapter.json -> its planned state; a bad adapter.json fails
+    the product (an error row of the plan stage), never the job."""
+    bank = PromptBank.load(config.augment.prompt_bank)
+    states = []
+    for pid in map(str, batch["product_id"]):
+        start = time.perf_counter()
+        stat = StageStats("plan", "products", items_in=1)
+        try:
+            meta = storage.read_json(adapters.metadata(pid))
+            state = plan_product(config, bank, user_prompts, pid, adapters.adapter_dir(pid), meta)
+            stat.items_out = 1
+        except Exception as exc:
+            state = ProductState(pid, adapters.adapter_dir(pid), {}, [])
+            state.error("plan", f"{type(exc).__name__}: {exc}")
+            state.failed = f"plan failed: {exc}"
+            stat.errors = 1
+        stat.seconds = time.perf_counter() - start
+        state.stats["plan"] = stat
+        states.append(state)
+    return pack(states)
+
+
+def build_dataset(
+    todo: Any,
+    config: RestageConfig,
+    root: str,
+    adapters: AdapterLayout,
+    staged: dict[str, int] | None = None,
+):
+    """The lazy Ray Data pipeline over the products to do (a dataset of ``product_id``
+    rows), planned in tasks. ``staged`` (a dict): stage-by-stage mode; the model stages run
+    here, one at a time, filling ``staged`` with the products each ran
+    (pipelines/_staged.py)."""
     g = config.generate
     per_call = g.products_per_batch
-    packed = pack(states)
-    rows = [{"product_id": pid, "state": blob} for pid, blob in zip(*packed.values(), strict=True)]
+    user_prompts = read_user_prompts(g.user_prompts)  # a bad file fails here, before any work
 
-    def planned(chosen: list[dict[str, Any]]):
-        return ray.data.from_items(chosen, override_num_blocks=max(1, len(chosen)))
-
-    if staged is not None:
-        by_id = {row["product_id"]: row for row in rows}
-        ds, ran = run_staged(
-            lambda pending: planned([by_id[pid] for pid in pending]),
-            model_stages(config),
-            config,
-            storage.join(root, STAGES_DIR),
-            list(by_id),
-            per_call,
-            g.cpus_per_task,
+    def planned(chosen: Any) -> Any:
+        return chosen.map_batches(
+            plan_products,
+            fn_kwargs={"config": config, "adapters": adapters, "user_prompts": user_prompts},
+            batch_size=per_call,
+            num_cpus=g.cpus_per_task,
         )
-        staged.update(ran)
-    else:
-        ds = planned(rows)
-        for cls, roles in model_stages(config):
-            ds = map_stage(ds, cls, config, roles, per_call)
+
+    ds = _job.through_stages(
+        todo, planned, model_stages(config), config, root, staged, per_call, g.cpus_per_task
+    )
     return ds.map_batches(
         write_products,
         fn_kwargs={"config": config, "root": root},
@@ -393,10 +431,9 @@ def build_dataset(
 
 
 def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
-    """Run the generate job: adapters under ``adapters`` -> ranked images under ``out``."""
-    from ray_app.plan import preflight
-    from ray_app.runtime import init_ray, progress_bars
-
+    """Run the generate job: adapters under ``adapters`` -> ranked images under ``out``.
+    The driver holds counters only: the products, their markers and their plans are read
+    in Ray Data tasks (pipelines/_job.py)."""
     start = time.perf_counter()
     adapters_root, root = storage.normalize_uri(adapters), storage.normalize_uri(out)
     alayout, layout = AdapterLayout(adapters_root), GenerationLayout(root)
@@ -404,78 +441,43 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
         raise FileNotFoundError(
             f"--adapters {adapters}: no such folder (the output of `restage train`)"
         )
-    bank = PromptBank.load(config.augment.prompt_bank)
-    user_prompts = read_user_prompts(config.generate.user_prompts)
-    ready = sorted(alayout.completed())
-    done = layout.completed()
-    todo = [pid for pid in ready if pid not in done]
+    read_user_prompts(config.generate.user_prompts)  # a bad file fails before Ray starts
+
+    def rows() -> Any:
+        write_errors(layout, "_plan", [])  # an older version's one plan errors shard
+        return adapter_ids(alayout).map_batches(
+            _ready, fn_kwargs={"adapters": alayout}, batch_format="pyarrow"
+        )
+
+    done = _job.execute(
+        JOB,
+        config,
+        layout,
+        rows,
+        lambda todo, cfg, staged: build_dataset(todo, cfg, root, alayout, staged),
+        numbers=("adapter_loads",),
+    )
+    found, got = done.found, done.got
     summary = JobSummary(JOB, root)
     summary.products = {
-        "adapters": len(ready),
-        "already complete": len(ready) - len(todo),
-        "ok": 0,
-        "partial": 0,
-        "failed": 0,
+        "adapters": found.todo + found.counts[_job.COMPLETE],
+        "already complete": found.counts[_job.COMPLETE],
+        **got.products,
     }
-    for name in STAGES:
-        summary.stage(name, "products" if name == "plan" else "images")
-    plan_start = time.perf_counter()
-    states, plan_errors = [], []
-    for pid in todo:
-        try:
-            meta = storage.read_json(alayout.metadata(pid))
-            states.append(
-                plan_product(config, bank, user_prompts, pid, alayout.adapter_dir(pid), meta)
-            )
-        except Exception as exc:
-            plan_errors.append(ErrorRow(JOB, "plan", f"{type(exc).__name__}: {exc}", pid))
-    write_errors(layout, "_plan", plan_errors)
-    plan = summary.stage("plan")
-    plan.items_in, plan.items_out, plan.errors = len(todo), len(states), len(plan_errors)
-    plan.seconds = time.perf_counter() - plan_start
-    summary.products["failed"] += len(plan_errors)
-    loads: dict[str, int] = {}
-    placement = None  # the plan's mode (ray_app/plan.py), when the job ran anything
-    staged: dict[str, int] | None = None  # products each stage ran, in stage-by-stage mode
-    if states:
-        config, placed = preflight(config, JOB)  # before Ray starts: ends now if it cannot run
-        init_ray(config)
-        placement = placed.mode
-        staged = {} if placement == "stage" else None
-        lines = StageLines(JOB, len(states), enabled=not progress_bars(config))
-        with node_loss_guard(JOB, config):
-            for batch in build_dataset(states, config, root, staged).iter_batches(
-                batch_size=16, batch_format="numpy"
-            ):
-                for pid, status, n, stats in zip(
-                    batch["product_id"],
-                    batch["status"],
-                    batch["adapter_loads"],
-                    batch["stats"],
-                    strict=True,
-                ):
-                    summary.products[status] += 1
-                    loads[pid] = loads.get(pid, 0) + int(n)
-                    for name, values in json.loads(stats).items():
-                        summary.stage(name).add(StageStats(**values))
-                lines.update(
-                    finished(summary.products) - len(plan_errors), counts(summary.products)
-                )
-        lines.finish(counts(summary.products))
-        if staged is not None:  # every product is written, marker last: stage rows are spent
-            storage.remove(storage.join(root, STAGES_DIR), recursive=True)
-    summary.wall_seconds = time.perf_counter() - start
-    summary.extra = {
-        "adapters": adapters_root,
-        "placement": placement,
-        "staged": staged,
-        "adapter_loads": loads,
-        "adapter_loads_per_product_max": max(loads.values(), default=0),
-        "errors": layout.errors_dir(),
-        "manifest_out": layout.manifest_dir(),
-    }
-    storage.write_json(layout.summary(), summary.to_dict())
-    return summary
+    units = {name: "products" if name == "plan" else "images" for name in STAGES}
+    return _job.finish(
+        summary,
+        layout,
+        done,
+        units,
+        [got.done.stages, got.failed],
+        start,
+        lambda: {
+            "adapters": adapters_root,
+            "adapter_loads": got.sums["adapter_loads"],
+            "adapter_loads_per_product_max": got.maxima["adapter_loads"],
+        },
+    )
 
 
 def main(config: RestageConfig, args: Any) -> JobSummary:

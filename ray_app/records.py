@@ -1,8 +1,9 @@
 """Product records: validation, manifest reading (JSONL, CSV, Parquet on any fsspec
 filesystem) and the Arrow schemas of everything a job writes.
 
-A record that fails validation never stops a job: ``read_manifest`` returns it as an
-``ErrorRow`` with the reason and the raw record, and carries on.
+A record that fails validation never stops a job: it becomes an ``ErrorRow`` with the
+reason and the raw record, and reading carries on. Jobs read their manifest in Ray Data
+tasks (``manifest_dataset``); ``read_manifest`` reads a small one in this process.
 """
 
 from __future__ import annotations
@@ -342,10 +343,10 @@ def _raw_rows(uri: str, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
     """Yield (location, raw record) pairs; a raw string is an unparseable line."""
     compression = "gzip" if uri.endswith(".gz") else None
     if fmt == "parquet":
-        with storage.open_file(uri, "rb") as f:
-            table = pq.read_table(f)
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield f"row {i}", row
+        with storage.open_file(uri, "rb") as f:  # a batch at a time, never the whole file
+            rows = (row for b in pq.ParquetFile(f).iter_batches() for row in b.to_pylist())
+            for i, row in enumerate(rows, start=1):
+                yield f"row {i}", row
         return
     with storage.open_file(uri, "rt", compression=compression, encoding="utf-8", newline="") as f:
         if fmt == "csv":
@@ -361,54 +362,185 @@ def _raw_rows(uri: str, fmt: str) -> Iterator[tuple[str, dict[str, Any] | str]]:
                 yield f"line {i}", f"not valid JSON ({exc.msg}): {line.strip()[:200]}"
 
 
-def read_manifest(uri: str, job: str = "manifest") -> Manifest:
-    """Read and validate a manifest; bad and duplicate records become ``ErrorRow`` s."""
+def _check(
+    where: str, raw: dict[str, Any] | str, base: str, job: str
+) -> tuple[ProductRecord | None, ErrorRow | None]:
+    """One raw row -> (its record, None) or (None, why it is invalid)."""
+    if isinstance(raw, str):
+        return None, ErrorRow(job, "manifest", f"{where}: {raw}", item=where)
+    try:
+        return validate_record(raw, base), None
+    except RecordError as exc:
+        pid = raw.get("product_id") if isinstance(raw, dict) else None
+        return None, ErrorRow(
+            job,
+            "manifest",
+            f"{where}: {exc}",
+            product_id=pid if isinstance(pid, str) else None,
+            item=where,
+            record=_dump(raw),
+        )
+
+
+def _ignored(raw: dict[str, Any] | str) -> list[str]:
+    return [k for k in raw if k not in _KNOWN_FIELDS] if isinstance(raw, dict) else []
+
+
+def _duplicate(job: str, where: str, pid: str, first: str, record: str) -> ErrorRow:
+    return ErrorRow(
+        job,
+        "manifest",
+        f"{where}: duplicate product_id {pid!r} (first seen at {first}); the first record is kept",
+        product_id=pid,
+        item=where,
+        record=record,
+    )
+
+
+def _opened(uri: str) -> tuple[str, str, str]:
+    """-> (normalised URI, format, the folder relative image URIs resolve against)."""
     uri = storage.normalize_uri(uri)
     fmt = manifest_format(uri)
     if not storage.exists(uri):
         raise FileNotFoundError(f"manifest {uri!r} does not exist")
-    base = storage.parent_uri(uri)
+    return uri, fmt, storage.parent_uri(uri)
+
+
+def read_manifest(uri: str, job: str = "manifest") -> Manifest:
+    """Read and validate a small manifest here, in this process (tests, ``restage train
+    --manifest``); jobs read theirs in Ray Data tasks (``manifest_dataset``). Bad and
+    duplicate records become ``ErrorRow`` s."""
+    uri, fmt, base = _opened(uri)
     records: list[ProductRecord] = []
     errors: list[ErrorRow] = []
     seen: dict[str, str] = {}
     ignored: set[str] = set()
     for where, raw in _raw_rows(uri, fmt):
-        if isinstance(raw, str):
-            errors.append(ErrorRow(job, "manifest", f"{where}: {raw}", item=where))
-            continue
-        pid = raw.get("product_id") if isinstance(raw, dict) else None
-        if isinstance(raw, dict):
-            ignored.update(k for k in raw if k not in _KNOWN_FIELDS)
-        try:
-            rec = validate_record(raw, base)
-        except RecordError as exc:
-            errors.append(
-                ErrorRow(
-                    job,
-                    "manifest",
-                    f"{where}: {exc}",
-                    product_id=pid if isinstance(pid, str) else None,
-                    item=where,
-                    record=_dump(raw),
-                )
-            )
-            continue
-        if rec.product_id in seen:
-            errors.append(
-                ErrorRow(
-                    job,
-                    "manifest",
-                    f"{where}: duplicate product_id {rec.product_id!r} "
-                    f"(first seen at {seen[rec.product_id]}); the first record is kept",
-                    product_id=rec.product_id,
-                    item=where,
-                    record=_dump(raw),
-                )
-            )
-            continue
-        seen[rec.product_id] = where
-        records.append(rec)
+        ignored.update(_ignored(raw))
+        rec, error = _check(where, raw, base, job)
+        if rec is None:
+            errors.append(error)  # type: ignore[arg-type]
+        elif rec.product_id in seen:
+            first = seen[rec.product_id]
+            errors.append(_duplicate(job, where, rec.product_id, first, _dump(raw)))
+        else:
+            seen[rec.product_id] = where
+            records.append(rec)
     return Manifest(uri=uri, records=records, errors=errors, ignored_columns=sorted(ignored))
+
+
+# --------------------------------------------------------------------------- manifests in Ray Data
+
+# Rows per chunk of a manifest read in a task: each chunk's invalid rows are one errors
+# shard, named by the chunk's number, so a re-run over the same manifest replaces it.
+MANIFEST_CHUNK_ROWS = 1000
+# The intake columns besides the record's: ``key`` groups duplicates (an invalid row gets a
+# key no product id can take), ``seq`` is the row's position in the manifest (the first of
+# duplicates is kept), ``where`` the location errors name, ``status`` valid or invalid.
+VALID, INVALID = "valid", "invalid"
+INTAKE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("where", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("ignored", pa.list_(pa.string())),
+        *[f.with_nullable(True) for f in PRODUCT_SCHEMA],
+    ]
+)
+
+
+def manifest_errors_dir(errors_dir: str) -> str:
+    """Where the manifest's errors shards go, below a job's errors folder: the driver
+    clears it once per run, before the tasks write it again."""
+    return storage.join(errors_dir, "_manifest")
+
+
+def _intake_row(seq: int, where: str, raw: Any, rec: ProductRecord | None) -> dict[str, Any]:
+    row = rec.to_row() if rec is not None else {"image_uris": []}
+    return {
+        **row,
+        "key": rec.product_id if rec is not None else f" {seq}",  # ids never hold a space
+        "seq": seq,
+        "where": where,
+        "status": VALID if rec is not None else INVALID,
+        "ignored": _ignored(raw),
+    }
+
+
+def read_chunks(
+    batch: dict[str, Any], job: str, errors_dir: str, rows: int = MANIFEST_CHUNK_ROWS
+) -> Iterator[pa.Table]:
+    """A Ray Data task: the manifests named in ``batch["uri"]`` -> intake rows, validated,
+    ``rows`` at a time; each chunk's invalid rows go to its errors shard from here."""
+    for uri in batch["uri"]:
+        uri, fmt, base = _opened(str(uri))
+        chunk: list[dict[str, Any]] = []
+        errors: list[ErrorRow] = []
+        for seq, (where, raw) in enumerate(_raw_rows(uri, fmt)):
+            rec, error = _check(where, raw, base, job)
+            if error is not None:
+                errors.append(error)
+            chunk.append(_intake_row(seq, where, raw, rec))
+            if len(chunk) == rows:
+                yield _chunk_table(chunk, errors, seq // rows, errors_dir)
+                chunk, errors = [], []
+        if chunk:
+            yield _chunk_table(chunk, errors, chunk[0]["seq"] // rows, errors_dir)
+
+
+def _chunk_table(
+    chunk: list[dict[str, Any]], errors: list[ErrorRow], number: int, errors_dir: str
+) -> pa.Table:
+    uri = storage.join(errors_dir, f"rows-{number:06d}.parquet")
+    if errors:
+        storage.write_parquet(uri, errors_table(errors))
+    else:
+        storage.remove(uri)
+    return pa.Table.from_pylist(chunk, schema=INTAKE_SCHEMA)
+
+
+def first_of_each_id(group: pa.Table, job: str, errors_dir: str) -> pa.Table:
+    """A Ray Data task over one ``key`` group: the first record of a product id (lowest
+    ``seq``) stays valid; the others become invalid rows with their errors shard."""
+    if group.num_rows < 2:
+        return group
+    group = group.sort_by("seq")
+    rows = group.to_pylist()
+    first = rows[0]
+    errors = []
+    for row in rows[1:]:
+        row["status"] = INVALID
+        record = {k: row[k] for k in _KNOWN_FIELDS}
+        errors.append(_duplicate(job, row["where"], first["key"], first["where"], _dump(record)))
+    storage.write_parquet(
+        storage.join(errors_dir, f"duplicates-{first['key']}.parquet"), errors_table(errors)
+    )
+    return pa.Table.from_pylist(rows, schema=group.schema)
+
+
+def manifest_dataset(uri: str, job: str, errors_dir: str) -> Any:
+    """A manifest as a lazy Ray Data dataset of intake rows (``INTAKE_SCHEMA``), read and
+    validated in tasks, with the same messages as ``read_manifest``; errors shards go under
+    ``manifest_errors_dir(errors_dir)``, which the caller clears first.
+
+    Rows are read by our own reader in one task per manifest (Ray's ``read_json`` fails on
+    a bad line, and no Ray reader keeps the line number every message names), ``rows`` at
+    a time. Duplicate ids: a ``groupby(key).map_groups`` shuffle in tasks, a barrier over the
+    records only (small), keeps the first of each id; the driver never holds a set of ids."""
+    import ray
+
+    uri, _, _ = _opened(uri)  # a missing manifest or an unknown format fails here, at once
+    errors_dir = manifest_errors_dir(errors_dir)
+    ds = ray.data.from_items([{"uri": uri}]).map_batches(
+        read_chunks,
+        fn_kwargs={"job": job, "errors_dir": errors_dir},
+        batch_size=1,
+        batch_format="pyarrow",
+    )
+    return ds.groupby("key").map_groups(
+        first_of_each_id, fn_kwargs={"job": job, "errors_dir": errors_dir}, batch_format="pyarrow"
+    )
 
 
 def _dump(raw: Any) -> str:

@@ -4,13 +4,12 @@ A resumed job's summary covers the whole job, not only its last invocation: the 
 complete products (which a re-run skips) are carried in ``summary.json`` under
 ``completed`` and added to what the new invocation did; products that failed before are
 redone, so only the latest attempt of each counts. A killed invocation writes no summary:
-then the totals are rebuilt from the completion markers, which carry each product's stats.
+the markers it wrote are newer than the last summary's ``counted_until``, and their stats
+(each marker carries its product's) are added; the job's intake tasks read them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +46,8 @@ class CompletedTotals:
     stages: dict[str, StageStats] = field(default_factory=dict)
     invocations: int = 0
     wall_seconds: float = 0.0
+    # Markers finished up to this time (the writer's clock) are counted here.
+    counted_until: float | None = None
 
     def add(self, status: str, stats: dict[str, dict[str, Any]]) -> None:
         self.products += 1
@@ -67,6 +68,7 @@ class CompletedTotals:
             "invocations": self.invocations,
             "wall_seconds": round(self.wall_seconds, 3),
             "stages": [asdict(s) for s in self.stages.values()],
+            **({} if self.counted_until is None else {"counted_until": self.counted_until}),
         }
 
     @classmethod
@@ -79,27 +81,31 @@ class CompletedTotals:
             stages,
             int(data.get("invocations", 0)),
             float(data.get("wall_seconds", 0.0)),
+            data.get("counted_until"),
         )
+
+    def merge(self, other: CompletedTotals) -> None:
+        """Add ``other``'s products and stages (the totals of another block of products)."""
+        self.products += other.products
+        self.ok += other.ok
+        self.partial += other.partial
+        for name, stat in other.stages.items():
+            self.stages.setdefault(name, StageStats(name, stat.unit)).add(stat)
 
     @classmethod
     def before_this_run(
-        cls,
-        previous: dict[str, Any] | None,
-        done: Iterable[str],
-        read_marker: Callable[[str], dict[str, Any]],
+        cls, previous: dict[str, Any] | None, uncounted: CompletedTotals
     ) -> CompletedTotals:
-        """The totals of the products in ``done`` (complete before this invocation): from
-        the previous summary when it counted exactly them, else from their markers (a killed
-        invocation completed products that no summary counted)."""
-        done = sorted(done)
+        """The totals of the products complete before this invocation: the previous
+        summary's, plus ``uncounted`` (products whose markers are newer than it: a killed
+        invocation completed them). Without a previous summary that says until when it
+        counted, ``uncounted`` holds every complete product's marker."""
         kept = cls.from_dict(previous.get("completed") or {}) if previous else cls()
-        if kept.products == len(done):
-            return kept
-        totals = cls(invocations=kept.invocations, wall_seconds=kept.wall_seconds)
-        with ThreadPoolExecutor(32) as pool:  # one small read per product, on any store
-            for marker in pool.map(read_marker, done):
-                totals.add(marker.get("status", "ok"), marker.get("stats", {}))
-        return totals
+        if previous is None or "counted_until" not in (previous.get("completed") or {}):
+            uncounted.invocations, uncounted.wall_seconds = kept.invocations, kept.wall_seconds
+            return uncounted
+        kept.merge(uncounted)
+        return kept
 
 
 @dataclass

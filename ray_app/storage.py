@@ -216,6 +216,11 @@ class JobLayout:
     def summary(self) -> str:
         return join(self.root, self.SUMMARY)
 
+    def inputs_dir(self) -> str:
+        """The job's input product ids of its latest run, a few Parquet files (Ray Data
+        writes them): what a downstream job reads instead of listing markers."""
+        return join(self.root, "_inputs")
+
     def completed(self) -> set[str]:
         """Product ids whose marker exists; one listing, not one request per product."""
         return {name[: -len(".json")] for name in list_names(self.markers_dir(), ".json")}

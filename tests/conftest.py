@@ -141,3 +141,19 @@ def ray_pids() -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     markers = ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
     return {int(line.split()[0]) for line in out.splitlines() if any(k in line for k in markers)}
+
+
+def driver_never_lists_the_catalog(patch: pytest.MonkeyPatch) -> None:
+    """Make every driver-side way of holding a job's catalog fail: reading the manifest
+    here, listing markers or folders. Ray's workers are other processes: tasks still can."""
+    from ray_app import records, storage
+    from ray_app.storage import AdapterLayout, JobLayout
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver listed or read the whole catalog")
+
+    patch.setattr(records, "read_manifest", refuse)
+    patch.setattr(records, "_raw_rows", refuse)  # whatever name read_manifest was imported as
+    patch.setattr(storage, "list_names", refuse)
+    for layout in (JobLayout, AdapterLayout):
+        patch.setattr(layout, "completed", refuse)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH, EXAMPLES, ray_pids
+from conftest import DREAMBOOTH, EXAMPLES, driver_never_lists_the_catalog, ray_pids
 from PIL import Image
 
 from pipelines.augment import augment
@@ -24,6 +24,7 @@ from ray_app import storage
 from ray_app.config import load_config
 from ray_app.images import decode_mask
 from ray_app.records import SAMPLE_SCHEMA
+from ray_app.storage import AugmentLayout
 
 KINDS = {"real", "view", "context", "negative", "counterfactual"}
 POSITIVE = {"real", "view", "context"}
@@ -95,7 +96,9 @@ def run(ray_local, tmp_path_factory):
     )
     out = folder / "out"
     config = load_config("tiny", overrides=["ray.progress_bars=false", ALLOW])
-    summary = augment(config, str(manifest), str(out))
+    with pytest.MonkeyPatch.context() as patch:
+        driver_never_lists_the_catalog(patch)
+        summary = augment(config, str(manifest), str(out))
     table = storage.read_parquet(str(out / "manifest")).to_pandas()
     errors = storage.read_parquet(str(out / "errors")).to_pandas()
     return {
@@ -106,6 +109,34 @@ def run(ray_local, tmp_path_factory):
         "manifest": manifest,
         "config": config,
     }
+
+
+def test_the_driver_never_holds_the_catalog(ray_local, tmp_path, monkeypatch):
+    """A resumed job whose summary was lost: its products are read, checked against their
+    markers and totalled in tasks, with every driver-side listing refused."""
+    rows = [{"product_id": f"p-{i}", "image_uris": ["a.png"]} for i in range(5)]
+    rows += [rows[0], {"product_id": "../x", "image_uris": ["a.png"]}]
+    manifest = tmp_path / "products.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    layout = AugmentLayout(str(tmp_path / "out"))
+    stats = {"decode": {"stage": "decode", "unit": "images", "items_in": 2, "items_out": 1}}
+    for i in range(5):  # complete, as a killed invocation left them: markers, no summary
+        status = "partial" if i == 0 else "ok"
+        storage.write_json(layout.marker(f"p-{i}"), {"status": status, "stats": stats})
+    driver_never_lists_the_catalog(monkeypatch)
+    config = load_config("tiny", overrides=["ray.progress_bars=false"])
+    summary = augment(config, str(manifest), layout.root)
+    assert summary.products == {
+        "in manifest": len(rows),
+        "invalid": 2,
+        "already complete": 5,
+        "ok": 4,
+        "partial": 1,
+        "failed": 0,
+    }
+    assert summary.stages["decode"].items_in == 2 * 5  # the markers' stats, added up
+    index = storage.read_parquet(layout.inputs_dir()).column("product_id").to_pylist()
+    assert sorted(index) == [f"p-{i}" for i in range(5)]
 
 
 def _check_product(table, pid: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from actors.captioner import clean_caption
@@ -23,7 +22,6 @@ from pipelines.augment import (
     ProductState,
     Sample,
     balance_ratio,
-    input_blocks,
     negatives_needed,
     select_samples,
     strip_product_words,
@@ -301,14 +299,6 @@ def test_strip_product_words_keeps_the_class_noun():
     out = strip_product_words(caption, rec, "mug")
     assert out == "A mug with printed on it, on a wooden table by a window"
     assert strip_product_words("Acme red ceramic", rec, "mug") == "a photo of a mug"
-
-
-def test_input_blocks_split_evenly():
-    table = pa.table({"x": list(range(10))})
-    blocks = input_blocks(table, 4)
-    assert [b.num_rows for b in blocks] == [2, 3, 2, 3] or sum(b.num_rows for b in blocks) == 10
-    assert len(input_blocks(table, 100)) == 10
-    assert pa.concat_tables(blocks).column("x").to_pylist() == list(range(10))
 
 
 # --------------------------------------------------------------------------- actors' pure functions

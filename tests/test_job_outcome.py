@@ -3,6 +3,7 @@ after a resume, and a restage message when Ray loses its node."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -31,14 +32,16 @@ def _augment(tmp_path: Path, rows: list[dict]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # the manifest is read on Ray
 def test_a_job_where_every_product_failed_exits_non_zero(tmp_path):
-    proc = _augment(tmp_path, INVALID)  # no valid record: nothing reaches Ray
+    proc = _augment(tmp_path, INVALID)  # no valid record: no model runs
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("restage augment: FAILED: all 2 products failed")
     assert str(tmp_path / "out" / "errors") in last
 
 
+@pytest.mark.slow  # the manifest is read on Ray
 def test_a_job_where_some_products_failed_exits_zero_and_says_so(tmp_path):
     # A product finished by an earlier (killed) invocation: its marker, no summary.json.
     marker = {"product_id": "mug-1", "status": "ok", "stats": {}}
@@ -55,29 +58,36 @@ def _stats(n: int) -> dict:
     return {"decode": StageStats("decode", "images", items_in=n, items_out=n).__dict__}
 
 
-def test_completed_totals_come_from_the_previous_summary_when_it_counted_them():
-    previous = CompletedTotals()
+def test_completed_totals_add_only_what_the_previous_summary_did_not_count():
+    previous = CompletedTotals(invocations=1, counted_until=100.0)
     previous.add("ok", _stats(3))
     previous.add("partial", _stats(2))
-    read = pytest.fail  # a consistent summary means no marker is read
-    totals = CompletedTotals.before_this_run({"completed": previous.to_dict()}, {"a", "b"}, read)
-    assert (totals.products, totals.ok, totals.partial) == (2, 1, 1)
-    assert totals.stages["decode"].items_in == 5
-
-
-def test_completed_totals_are_rebuilt_from_markers_after_a_killed_run():
-    previous = CompletedTotals(invocations=1)
-    previous.add("ok", _stats(3))  # counted by the last summary
-    markers = {
-        "a": {"status": "ok", "stats": _stats(3)},
-        "b": {"status": "partial", "stats": _stats(4)},  # finished by a killed invocation
-        "c": {"status": "ok"},  # a marker of an older version, without stats
-    }
-    totals = CompletedTotals.before_this_run(
-        {"completed": previous.to_dict()}, set(markers), markers.__getitem__
-    )
+    newer = CompletedTotals()  # a marker a killed invocation wrote after that summary
+    newer.add("ok", _stats(4))
+    totals = CompletedTotals.before_this_run({"completed": previous.to_dict()}, newer)
     assert (totals.products, totals.ok, totals.partial, totals.invocations) == (3, 2, 1, 1)
-    assert totals.stages["decode"].items_in == 7
+    assert totals.stages["decode"].items_in == 9 and totals.counted_until == 100.0
+
+
+def test_completed_totals_are_rebuilt_from_markers_without_a_summary_that_says_until_when():
+    markers = [
+        {"status": "ok", "stats": _stats(3)},
+        {"status": "partial", "stats": _stats(4)},
+        {"status": "ok"},  # a marker of an older version, without stats
+    ]
+    everything = CompletedTotals()
+    for block in (markers[:1], markers[1:]):  # two blocks, as the intake tasks total them
+        part = CompletedTotals()
+        for marker in block:
+            part.add(marker["status"], marker.get("stats", {}))
+        everything.merge(part)
+    older = CompletedTotals(invocations=1)  # a summary of an older version: no counted_until
+    older.add("ok", _stats(3))
+    for previous in (None, {"completed": older.to_dict()}):
+        totals = CompletedTotals.before_this_run(previous, copy.deepcopy(everything))
+        assert (totals.products, totals.ok, totals.partial) == (3, 2, 1)
+        assert totals.stages["decode"].items_in == 7
+        assert totals.invocations == (1 if previous else 0)
 
 
 def _actor_died(text: str) -> rex.ActorDiedError:

@@ -159,3 +159,28 @@ def test_errors_table_schema():
     assert table.schema.equals(records.ERROR_SCHEMA)
     assert table.column("reason").to_pylist() == ["file not found"]
     assert isinstance(table, pa.Table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp_path):
+    """``manifest_dataset`` (Ray Data tasks, duplicates by a shuffle) keeps the same
+    records and writes the same errors as ``read_manifest``; a re-run replaces its errors
+    shards, it does not add to them."""
+    uri = str(tmp_path / f"products.{fmt}")
+    write_manifest([*RAW, {"product_id": "mug-1", "image_uris": ["img/d.png"]}], uri)
+    if fmt == "jsonl":  # a line Ray's own JSON reader would fail the whole read on
+        with open(uri, "a") as f:
+            f.write("{not json\n")
+    expected = read_manifest(uri, job="augment")
+    errors_dir = str(tmp_path / "errors")
+    for _ in range(2):
+        rows = records.manifest_dataset(uri, "augment", errors_dir).take_all()
+        valid = sorted((r for r in rows if r["status"] == records.VALID), key=lambda r: r["seq"])
+        assert [r["product_id"] for r in valid] == [r.product_id for r in expected.records]
+        assert valid[0]["image_uris"] == list(expected.records[0].image_uris)
+        assert sum(r["status"] == records.INVALID for r in rows) == len(expected.errors)
+        written = storage.read_parquet(records.manifest_errors_dir(errors_dir)).to_pylist()
+        assert sorted((e["item"], e["reason"]) for e in written) == sorted(
+            (e.item, e.reason) for e in expected.errors
+        )

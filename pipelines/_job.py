@@ -1,0 +1,420 @@
+"""One job skeleton: what augment and generate (and later jobs) share.
+
+A job's driver holds counters, never one entry per product:
+
+- **intake**: the job's input rows (a Ray Data dataset with ``product_id`` and ``status``)
+  get each product's marker checked in a task; they are materialised in the object store
+  (the driver holds block references only), the valid ids are written to the job's input
+  index (``layout.inputs_dir()``, read by ``input_ids``), and the rows are counted per
+  block. Complete products never reach the model stages.
+- **the writer** (``write_product``): a product's files, manifest shard and errors shard,
+  then its marker last; one small outcome row per product is all the driver receives.
+- **the driver loop** (``run``): outcome rows -> counters and progress lines; in
+  stage-by-stage mode the stage rows go once every product is written.
+- **the job** (``execute``): plan, start Ray, intake, driver loop, under the node-loss
+  guard; then ``finish`` writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines._product_rows import ProductRow, ProductStage, map_stage
+from pipelines._staged import STAGES_DIR, run_staged
+from ray_app import storage
+from ray_app.batching import object_array
+from ray_app.config import RestageConfig
+from ray_app.records import VALID
+from ray_app.report import CompletedTotals, StageStats
+from ray_app.storage import JobLayout, write_errors
+
+# Intake statuses besides VALID and INVALID (ray_app/records.py): a valid product whose
+# marker exists is complete, the others are to do.
+TODO, COMPLETE = "todo", "complete"
+# Input blocks of the products to do: at most this many (see ``todo_rows``).
+MAX_INPUT_BLOCKS = 1024
+# Rows per file of the input index: a few files for a large catalog.
+INDEX_ROWS_PER_FILE = 1_000_000
+# Concurrent marker checks in one task (one small request each, on any store).
+CHECK_THREADS = 16
+
+
+def pyarrow_fs(uri: str) -> tuple[Any, str]:
+    """``uri`` as (a pyarrow filesystem over its fsspec one, path) for Ray Data's I/O."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.url_to_fs(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+# --------------------------------------------------------------------------- intake
+
+
+def check_markers(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table:
+    """A Ray Data task: valid rows -> complete (their marker exists) or to do. A complete
+    product whose marker no summary has counted (it finished after ``since``, the previous
+    summary's ``counted_until``; any when None) gets its marker's status and stats in
+    ``uncounted``. One small read per product: the marker itself, no existence check."""
+    pids, status = batch["product_id"].to_pylist(), batch["status"].to_pylist()
+    uncounted: list[str | None] = [None] * len(pids)
+    valid = [i for i, s in enumerate(status) if s == VALID]
+
+    def read(i: int) -> dict[str, Any] | None:
+        try:
+            return storage.read_json(layout.marker(pids[i]))
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        markers = list(pool.map(read, valid))
+    for i, marker in zip(valid, markers, strict=True):
+        status[i] = TODO if marker is None else COMPLETE
+        if marker is not None and (since is None or marker.get("finished", math.inf) > since):
+            uncounted[i] = json.dumps(
+                {"status": marker.get("status", "ok"), "stats": marker.get("stats", {})}
+            )
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status))
+    return batch.append_column("uncounted", pa.array(uncounted, pa.string()))
+
+
+def keep(batch: pa.Table, statuses: tuple[str, ...]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["status"], pa.array(statuses)))
+
+
+def _count(batch: pa.Table) -> pa.Table:
+    """One row per batch: products per status, the manifest columns ignored, and the
+    totals of the complete products no summary has counted."""
+    ignored = set()
+    if "ignored" in batch.column_names:
+        ignored = {c for cols in batch["ignored"].to_pylist() for c in cols or ()}
+    totals = CompletedTotals()
+    for text in batch["uncounted"].to_pylist():
+        if text is not None:
+            marker = json.loads(text)
+            totals.add(marker["status"], marker["stats"])
+    return pa.table(
+        {
+            "counts": [json.dumps(Counter(batch["status"].to_pylist()))],
+            "ignored": [json.dumps(sorted(ignored))],
+            "uncounted": [json.dumps(totals.to_dict())],
+        }
+    )
+
+
+@dataclass
+class Intake:
+    """A job's checked input rows (materialised) and what the driver knows of them."""
+
+    rows: Any
+    cpus: float  # of each task over them: the model stages' actors may hold the rest
+    counts: Counter = field(default_factory=Counter)  # products per status
+    ignored: list[str] = field(default_factory=list)
+    # The complete products whose markers no summary has counted (check_markers).
+    uncounted: CompletedTotals = field(default_factory=CompletedTotals)
+
+    @property
+    def todo(self) -> int:
+        return self.counts[TODO]
+
+
+def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None) -> Intake:
+    """Check every valid row's marker in tasks, write the input index, count (module doc);
+    ``since``: see ``check_markers``."""
+    checked = rows.map_batches(
+        check_markers,
+        fn_kwargs={"layout": layout, "since": since},
+        batch_format="pyarrow",
+        num_cpus=cpus,
+    ).materialize()
+    write_inputs(
+        checked.map_batches(
+            keep, fn_args=((TODO, COMPLETE),), batch_format="pyarrow", num_cpus=cpus
+        ),
+        layout,
+    )
+    result = Intake(checked, cpus)
+    ignored: set[str] = set()
+    counted = checked.map_batches(_count, batch_format="pyarrow", batch_size=None, num_cpus=cpus)
+    for row in counted.iter_rows():
+        result.counts.update(json.loads(row["counts"]))
+        ignored.update(json.loads(row["ignored"]))
+        result.uncounted.merge(CompletedTotals.from_dict(json.loads(row["uncounted"])))
+    result.ignored = sorted(ignored)
+    return result
+
+
+def write_inputs(rows: Any, layout: JobLayout) -> None:
+    """Replace the job's input index with the ids of ``rows``."""
+    storage.remove(layout.inputs_dir(), recursive=True)
+    fs, path = pyarrow_fs(layout.inputs_dir())
+    rows.select_columns(["product_id"]).write_parquet(
+        path, filesystem=fs, min_rows_per_file=INDEX_ROWS_PER_FILE
+    )
+
+
+def input_ids(layout: JobLayout) -> Any:
+    """A job's input product ids of its latest run, as a lazy dataset (``product_id``);
+    None when the job has written no index."""
+    import ray
+
+    if not storage.exists(layout.inputs_dir()):
+        return None
+    fs, path = pyarrow_fs(layout.inputs_dir())
+    return ray.data.read_parquet(path, filesystem=fs)
+
+
+def todo_rows(found: Intake) -> Any:
+    """The rows still to do, materialised before any model stage starts: one product per
+    block up to ``MAX_INPUT_BLOCKS`` products (fine-grained streaming and load balance),
+    then several per block (the driver holds one reference per block, so it stays bounded).
+    Split here because no task may ask for a whole CPU once the stages' actors hold them."""
+    todo = found.rows.map_batches(
+        keep, fn_args=((TODO,),), batch_format="pyarrow", num_cpus=found.cpus
+    )
+    return todo.repartition(min(found.todo, MAX_INPUT_BLOCKS)).materialize()
+
+
+def previous_summary(layout: JobLayout) -> dict[str, Any] | None:
+    """The summary.json of an earlier invocation, or None (none, or unreadable)."""
+    try:
+        return storage.read_json(layout.summary())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def write_product(
+    layout: Any,
+    state: ProductRow,
+    schema: pa.Schema,
+    files: Callable[[], list[dict[str, Any]]],
+    marker: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Write a product: ``files()`` (its files -> its manifest rows, unless it failed), its
+    manifest shard, its errors shard, then its marker last (``marker(rows)``: the job's own
+    fields). -> its outcome row: ``product_id``, ``status``, ``stats`` (JSON), ``finished``."""
+    start = time.perf_counter()
+    pid, stat = state.product_id, state.stat("write")
+    rows: list[dict[str, Any]] = []
+    if not state.failed:
+        rows = files()
+        storage.write_parquet(layout.manifest_shard(pid), pa.Table.from_pylist(rows, schema=schema))
+    write_errors(layout, pid, state.errors)
+    status = "failed" if state.failed else ("partial" if state.errors else "ok")
+    stat.seconds = time.perf_counter() - start
+    stats = {k: v.__dict__ for k, v in state.stats.items()}
+    finished = time.time()
+    if not state.failed:
+        storage.write_json(
+            layout.marker(pid),
+            {
+                "product_id": pid,
+                "status": status,
+                "errors": len(state.errors),
+                "finished": finished,
+                # A resumed job's summary adds these up for the products it skips.
+                "stats": stats,
+                **marker(rows),
+            },
+        )
+    return {"product_id": pid, "status": status, "stats": json.dumps(stats), "finished": finished}
+
+
+def outcome_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Outcome rows -> a batch (all the driver ever receives)."""
+    return {k: object_array([r[k] for r in rows]) for k in rows[0]} if rows else {}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class Outcomes:
+    """What this run's products add up to: counters only."""
+
+    products: dict[str, int] = field(default_factory=lambda: {"ok": 0, "partial": 0, "failed": 0})
+    done: CompletedTotals = field(default_factory=CompletedTotals)  # ok and partial ones
+    failed: dict[str, StageStats] = field(default_factory=dict)  # stages of failed ones
+    sums: dict[str, int] = field(default_factory=dict)
+    maxima: dict[str, int] = field(default_factory=dict)
+    latest: float = 0.0  # the last marker's time (the writers' clocks)
+
+    def add(self, status: str, stats: dict[str, dict[str, Any]]) -> None:
+        self.products[status] += 1
+        if status != "failed":
+            self.done.add(status, stats)
+            return
+        for name, values in stats.items():
+            self.failed.setdefault(name, StageStats(name, values.get("unit", "items"))).add(
+                StageStats(**values)
+            )
+
+
+def through_stages(
+    rows: Any,
+    first: Callable[[Any], Any],
+    stages: list[tuple[type[ProductStage], tuple[str, ...]]],
+    config: RestageConfig,
+    root: str,
+    staged: dict[str, int] | None,
+    per_call: int,
+    cpus: float,
+) -> Any:
+    """``first(rows)`` (a task making product rows), then every model stage: streamed, or
+    one stage at a time when ``staged`` is a dict, which gets the products each stage ran
+    (pipelines/_staged.py)."""
+    if staged is not None:
+        stage_root = storage.join(root, STAGES_DIR)
+        ds, ran = run_staged(first, stages, config, stage_root, rows, per_call, cpus)
+        staged.update(ran)
+        return ds
+    ds = first(rows)
+    for cls, roles in stages:
+        ds = map_stage(ds, cls, config, roles, per_call)
+    return ds
+
+
+def start(config: RestageConfig, job: str) -> tuple[RestageConfig, str]:
+    """Plan the job before Ray starts (it ends now if it cannot run), then start Ray.
+    -> (the config to run with, the placement mode)."""
+    from ray_app.plan import preflight
+    from ray_app.runtime import init_ray
+
+    config, placed = preflight(config, job)
+    init_ray(config)
+    return config, placed.mode
+
+
+def run(
+    job: str,
+    config: RestageConfig,
+    root: str,
+    total: int,
+    build: Callable[[dict[str, int] | None], Any],
+    staged: dict[str, int] | None = None,
+    numbers: tuple[str, ...] = (),
+) -> Outcomes:
+    """The driver loop over ``build(staged)``'s outcome rows (``staged``: a dict in
+    stage-by-stage mode, filled with the products each stage ran): counters, progress
+    lines; ``numbers``: integer columns of the outcome rows to sum and take the max of."""
+    from ray_app.progress import StageLines, counts, finished
+    from ray_app.runtime import progress_bars
+
+    got = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
+    lines = StageLines(job, total, enabled=not progress_bars(config))
+    for batch in build(staged).iter_batches(batch_size=16, batch_format="numpy"):
+        for i, status in enumerate(batch["status"]):
+            got.add(str(status), json.loads(batch["stats"][i]))
+            got.latest = max(got.latest, float(batch["finished"][i]))
+            for name in numbers:
+                value = int(batch[name][i])
+                got.sums[name] += value
+                got.maxima[name] = max(got.maxima[name], value)
+        lines.update(finished(got.products), counts(got.products))
+    lines.finish(counts(got.products))
+    if staged is not None:  # every product is written, marker last: stage rows are spent
+        storage.remove(storage.join(root, STAGES_DIR), recursive=True)
+    return got
+
+
+# --------------------------------------------------------------------------- a whole job
+
+
+@dataclass
+class Execution:
+    """What a job's run left on the driver: counters, the placement, the stage counts."""
+
+    found: Intake
+    got: Outcomes
+    placement: str | None  # the plan's mode (ray_app/plan.py); None when nothing ran
+    staged: dict[str, int] | None  # products each stage ran, in stage-by-stage mode
+    completed: CompletedTotals | None = None  # whole-job totals before this run
+
+
+def execute(
+    job: str,
+    config: RestageConfig,
+    layout: JobLayout,
+    rows: Callable[[], Any],
+    build: Callable[[Any, RestageConfig, dict[str, int] | None], Any],
+    *,
+    numbers: tuple[str, ...] = (),
+    whole_job: bool = False,
+) -> Execution:
+    """Run a job: plan it and start Ray, take in ``rows()`` (its input rows), then stream
+    the products to do through ``build(todo, config, staged)`` (its pipeline, ending in
+    ``write_product``'s outcome rows). ``whole_job``: also total the products complete
+    before this run (for a summary of every invocation)."""
+    from ray_app.node_loss import node_loss_guard
+
+    config, placement = start(config, job)  # ends now if the job cannot run
+    section = getattr(config, job)  # its cpus_per_task
+    staged: dict[str, int] | None = {} if placement == "stage" else None
+    with node_loss_guard(job, config):
+        previous = previous_summary(layout) if whole_job else None
+        # Without a whole-job summary no marker's stats are wanted: none is "uncounted".
+        since = (
+            (previous or {}).get("completed", {}).get("counted_until") if whole_job else math.inf
+        )
+        found = intake(rows(), layout, section.cpus_per_task, since)
+        nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
+        done = Execution(found, nothing, placement, staged)
+        if whole_job:
+            done.completed = CompletedTotals.before_this_run(previous, found.uncounted)
+        if not found.todo:
+            done.placement = done.staged = None
+            return done
+        todo = todo_rows(found)
+        done.got = run(
+            job,
+            config,
+            layout.root,
+            found.todo,
+            lambda stage_rows: build(todo, config, stage_rows),
+            staged,
+            numbers,
+        )
+    return done
+
+
+def finish(
+    summary: Any,
+    layout: Any,
+    done: Execution,
+    units: dict[str, str],
+    parts: list[dict[str, StageStats]],
+    start_time: float,
+    extra: Callable[[], dict[str, Any]],
+) -> Any:
+    """Complete ``summary`` (a ``JobSummary`` with its product counts): its stages in
+    order (``units``: name -> unit), each the sum of ``parts``; its wall time; ``extra()``
+    (called once the wall time is known) and where the outputs are. Writes it."""
+    for name, unit in units.items():
+        stage = summary.stage(name, unit)
+        for part in parts:
+            if name in part:
+                stage.add(part[name])
+    summary.wall_seconds = time.perf_counter() - start_time
+    summary.extra = {
+        **extra(),
+        "placement": done.placement,
+        "staged": done.staged,
+        "errors": layout.errors_dir(),
+        "manifest_out": layout.manifest_dir(),
+        "inputs": layout.inputs_dir(),
+    }
+    storage.write_json(layout.summary(), summary.to_dict())
+    return summary
