@@ -34,9 +34,10 @@ from PIL import Image
 from ray_app.config import RestageConfig
 from ray_app.images import decode_rgb
 from ray_app.models import load_role
+from ray_app.prompts import product_phrase
+from ray_app.storage import AdapterLayout
 
 ADAPTER = "restage"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -117,7 +118,7 @@ def positive_prompt(caption: str | None, token: str, noun: str, mode: str = "cap
     table"), or prefixes "a photo of TOKEN NOUN," when the noun is absent; ``instance`` mode
     is DreamBooth's "a photo of TOKEN NOUN".
     """
-    instance = f"a photo of {token} {noun}"
+    instance = f"a photo of {product_phrase(token, noun)}"
     if mode == "instance" or not caption or not caption.strip():
         return instance
     caption = caption.strip()
@@ -566,12 +567,12 @@ class LoraTrainer:
         return convert_state_dict_to_diffusers(out)
 
     def adapter_bytes(self, state_dict: dict[str, torch.Tensor]) -> bytes:
-        """``pytorch_lora_weights.safetensors`` as the pipeline class itself writes it."""
+        """The weights file (``AdapterLayout.WEIGHTS``) as the pipeline class itself writes it."""
         with tempfile.TemporaryDirectory() as tmp:
             type(self.pipe).save_lora_weights(
-                tmp, unet_lora_layers=state_dict, weight_name=WEIGHTS_NAME
+                tmp, unet_lora_layers=state_dict, weight_name=AdapterLayout.WEIGHTS
             )
-            return (Path(tmp) / WEIGHTS_NAME).read_bytes()
+            return (Path(tmp) / AdapterLayout.WEIGHTS).read_bytes()
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Put weights from ``lora_state_dict`` back into the live LoRA (token sweeps)."""

@@ -36,7 +36,7 @@ from actors.clip import ClipEmbedder, zero_shot
 from actors.generator import GenerationOptions, Generator
 from actors.inpainter import Inpainter, dilate, place_product, square_canvas
 from actors.novel_view import NovelView
-from actors.scorer import METRICS, Scorer
+from actors.scorer import Scorer
 from actors.segmenter import Segmenter
 from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
 from pipelines._staged import STAGES_DIR, run_staged
@@ -44,14 +44,21 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
+from ray_app.kinds import (
+    MASK_IOU,
+    NEGATIVE_KINDS,
+    SYNTHETIC_POSITIVE_KINDS,
+    Metric,
+    SampleKind,
+)
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
 from ray_app.node_loss import node_loss_guard
 from ray_app.progress import StageLines, counts, finished
 from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
-    NEGATIVE_KINDS,
     SAMPLE_SCHEMA,
+    SCORE_COLUMNS,
     ProductRecord,
     read_manifest,
     records_table,
@@ -74,7 +81,6 @@ STAGES = (
     "select",
     "write",
 )
-SYNTHETIC_POSITIVES = ("view", "context")
 
 
 # --------------------------------------------------------------------------- state
@@ -85,7 +91,7 @@ class Sample:
     """One image of a product's training set while it moves through the pipeline."""
 
     sample_id: str
-    kind: str
+    kind: SampleKind
     image: bytes | None
     width: int
     height: int
@@ -128,7 +134,7 @@ class ProductState(ProductRow):
     def product_id(self) -> str:
         return self.record.product_id
 
-    def of(self, *kinds: str) -> list[Sample]:
+    def of(self, *kinds: SampleKind) -> list[Sample]:
         return [s for s in self.samples if s.kind in kinds]
 
     def error_record(self) -> str:
@@ -201,8 +207,12 @@ def balance_ratio(
     key = lambda item: item[1] if not math.isnan(item[1]) else -math.inf  # noqa: E731
     pos_order = sorted(positives, key=lambda p: (p[2], key(p), p[0]), reverse=True)
     keep_pos = {p[0] for p in pos_order[:target_p]}
-    cfs = sorted((n for n in negatives if n[2] == "counterfactual"), key=lambda n: (key(n), n[0]))
-    ins = sorted((n for n in negatives if n[2] != "counterfactual"), key=lambda n: (key(n), n[0]))
+    cfs = sorted(
+        (n for n in negatives if n[2] == SampleKind.COUNTERFACTUAL), key=lambda n: (key(n), n[0])
+    )
+    ins = sorted(
+        (n for n in negatives if n[2] != SampleKind.COUNTERFACTUAL), key=lambda n: (key(n), n[0])
+    )
     want_cf = min(len(cfs), round(target_n * counterfactual_fraction))
     want_in = min(len(ins), target_n - want_cf)
     want_cf = min(len(cfs), target_n - want_in)
@@ -224,32 +234,32 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
     for s, value in zip(samples, agg, strict=True):
         s.score = None if np.isnan(value) else float(value)
     minimums = {
-        "clip_i": f.min_clip_i,
-        "clip_t": f.min_clip_t,
-        "seg_clip_i": f.min_seg_clip_i,
-        "dino": f.min_dino,
+        Metric.CLIP_I: f.min_clip_i,
+        Metric.CLIP_T: f.min_clip_t,
+        Metric.SEG_CLIP_I: f.min_seg_clip_i,
+        Metric.DINO: f.min_dino,
     }
     for s in samples:
-        if s.kind in SYNTHETIC_POSITIVES:
+        if s.kind in SYNTHETIC_POSITIVE_KINDS:
             for name, low in minimums.items():
                 value = s.scores.get(name, math.nan)
                 if not math.isnan(value) and value < low:
                     s.drop(f"{name}={value:.3f} < {low:g}")
                     break
-            if s.kind == "context" and s.kept:
-                iou = s.scores.get("mask_iou", 0.0)
+            if s.kind == SampleKind.CONTEXT and s.kept:
+                iou = s.scores.get(MASK_IOU, 0.0)
                 if iou < f.min_mask_iou:
                     s.drop(
                         f"mask_iou={iou:.3f} < {f.min_mask_iou:g} (outpainting changed the product)"
                     )
         elif s.kind in NEGATIVE_KINDS:
-            likeness = s.scores.get("seg_clip_i", math.nan)
+            likeness = s.scores.get(Metric.SEG_CLIP_I, math.nan)
             if not math.isnan(likeness) and likeness >= f.max_negative_seg_clip_i:
                 s.drop(
                     f"seg_clip_i={likeness:.3f} >= {f.max_negative_seg_clip_i:g}: looks like the product"
                 )
     by_id = {s.sample_id: s for s in samples}
-    for kind in SYNTHETIC_POSITIVES:
+    for kind in SYNTHETIC_POSITIVE_KINDS:
         groups: dict[str, list[Sample]] = {}
         for s in samples:
             if s.kind == kind:
@@ -265,12 +275,16 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
             for s in group[f.top_k_per_source :]:
                 s.drop(f"not in the top {f.top_k_per_source} of its source")
     pos = [
-        (s.sample_id, s.score if s.score is not None else math.nan, s.kind == "real")
+        (s.sample_id, s.score if s.score is not None else math.nan, s.kind == SampleKind.REAL)
         for s in samples
         if s.kept and s.kind not in NEGATIVE_KINDS
     ]
     negs = [
-        (s.sample_id, s.scores.get("seg_clip_i", s.scores.get("clip_i", math.nan)), s.kind)
+        (
+            s.sample_id,
+            s.scores.get(Metric.SEG_CLIP_I, s.scores.get(Metric.CLIP_I, math.nan)),
+            s.kind,
+        )
         for s in samples
         if s.kept and s.kind in NEGATIVE_KINDS
     ]
@@ -357,7 +371,7 @@ def decode_products(
             state.samples.append(
                 Sample(
                     f"real-{i:02d}",
-                    "real",
+                    SampleKind.REAL,
                     encode(img.image.rgb, fmt),
                     w,
                     h,
@@ -397,7 +411,7 @@ class CaptionStage(_Stage):
         self.tag = source_tag(config, "captioner")
 
     def process(self, state: ProductState) -> None:
-        reals = state.of("real")
+        reals = state.of(SampleKind.REAL)
         out = self.run(
             self.captioner, state, [{"image": s.image} for s in reals], [s.sample_id for s in reals]
         )
@@ -456,9 +470,10 @@ class ViewStage(_Stage):
         self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
-        reals = state.of("real")
+        reals = state.of(SampleKind.REAL)
         seeds = [
-            derive_seed(state.product_id, "view", i, self.config.seed) for i in range(len(reals))
+            derive_seed(state.product_id, SampleKind.VIEW, i, self.config.seed)
+            for i in range(len(reals))
         ]
         rows = [{"image": s.image, "seed": seed} for s, seed in zip(reals, seeds, strict=True)]
         for real, seed, r in zip(
@@ -474,7 +489,7 @@ class ViewStage(_Stage):
                 state.samples.append(
                     Sample(
                         f"view-{real.sample_id[5:]}-f{index:02d}",
-                        "view",
+                        SampleKind.VIEW,
                         encode(rgb, self.fmt),
                         rgb.shape[1],
                         rgb.shape[0],
@@ -491,7 +506,7 @@ class SegmentStage(_Stage):
     """Product masks for the images of the given kinds that have none yet."""
 
     name = "segment"
-    kinds: tuple[str, ...] = ("real", "view")
+    kinds: tuple[SampleKind, ...] = (SampleKind.REAL, SampleKind.VIEW)
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
@@ -515,7 +530,9 @@ class SegmentStage(_Stage):
         self.after(state, todo)
 
     def after(self, state: ProductState, done: list[Sample]) -> None:
-        if state.of("real", "view") and not any(s.mask for s in state.of("real", "view")):
+        if state.of(SampleKind.REAL, SampleKind.VIEW) and not any(
+            s.mask for s in state.of(SampleKind.REAL, SampleKind.VIEW)
+        ):
             state.error(
                 self.name,
                 "segmentation found no product in any image: no contexts or "
@@ -528,14 +545,14 @@ class ResegmentStage(SegmentStage):
     catches outpainting that extended or changed the product (paper 2.3)."""
 
     name = "resegment"
-    kinds = ("context", "negative", "counterfactual")
+    kinds = (SampleKind.CONTEXT, SampleKind.NEGATIVE, SampleKind.COUNTERFACTUAL)
 
     def after(self, state: ProductState, done: list[Sample]) -> None:
         for s in done:
-            if s.kind == "context":
+            if s.kind == SampleKind.CONTEXT:
                 expected = decode_mask(s.expected_mask)
                 found = decode_mask(s.mask) if s.mask else np.zeros_like(expected)
-                s.scores["mask_iou"] = mask_iou(found, expected)
+                s.scores[MASK_IOU] = mask_iou(found, expected)
 
 
 class InpaintStage(_Stage):
@@ -553,7 +570,7 @@ class InpaintStage(_Stage):
     def process(self, state: ProductState) -> None:
         cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
         rows, made = [], []
-        for s in (s for s in state.of("real", "view") if s.mask):
+        for s in (s for s in state.of(SampleKind.REAL, SampleKind.VIEW) if s.mask):
             prompts = self.bank.prompts(
                 state.product_type,
                 cfg.contexts.per_image,
@@ -578,7 +595,7 @@ class InpaintStage(_Stage):
                 made.append(
                     Sample(
                         f"ctx-{s.sample_id}-{j:02d}",
-                        "context",
+                        SampleKind.CONTEXT,
                         None,
                         cfg.contexts.size,
                         cfg.contexts.size,
@@ -590,10 +607,10 @@ class InpaintStage(_Stage):
                         models={"inpainter": self.tag},
                     )
                 )
-        reals = [s for s in state.of("real") if s.mask]
+        reals = [s for s in state.of(SampleKind.REAL) if s.mask]
         views = len(cfg.views.frame_indices) if cfg.views.enabled else 0
         total = negatives_needed(
-            len(state.of("real")),
+            len(state.of(SampleKind.REAL)),
             views,
             cfg.contexts.per_image,
             cfg.filter.top_k_per_source,
@@ -606,7 +623,7 @@ class InpaintStage(_Stage):
         size = cfg.negatives.size
         for j in range(state.counterfactuals):
             s = reals[j % len(reals)]
-            seed = derive_seed(pid, "counterfactual", j, run_seed)
+            seed = derive_seed(pid, SampleKind.COUNTERFACTUAL, j, run_seed)
             rgb, mask = square_canvas(decode_rgb(s.image), decode_mask(s.mask), size)
             region = dilate(mask, round(cfg.negatives.mask_dilation * size))
             text = f"a photo of {self.bank.counterfactual_object(state.product_type, seed)}"
@@ -622,7 +639,7 @@ class InpaintStage(_Stage):
             made.append(
                 Sample(
                     f"cf-{j:02d}",
-                    "counterfactual",
+                    SampleKind.COUNTERFACTUAL,
                     None,
                     size,
                     size,
@@ -650,18 +667,18 @@ class NegativeStage(_Stage):
 
     def process(self, state: ProductState) -> None:
         cfg = self.config.augment
-        captions = [s.caption for s in state.of("real") if s.caption] or [
+        captions = [s.caption for s in state.of(SampleKind.REAL) if s.caption] or [
             f"a photo of a {state.noun}"
         ]
         rows, made = [], []
         for j in range(state.negatives):
-            seed = derive_seed(state.product_id, "negative", j, self.config.seed)
+            seed = derive_seed(state.product_id, SampleKind.NEGATIVE, j, self.config.seed)
             prompt = strip_product_words(captions[j % len(captions)], state.record, state.noun)
             rows.append({"prompt": prompt, "seed": seed})
             made.append(
                 Sample(
                     f"neg-{j:02d}",
-                    "negative",
+                    SampleKind.NEGATIVE,
                     None,
                     cfg.negatives.size,
                     cfg.negatives.size,
@@ -687,7 +704,7 @@ class ScoreStage(_Stage):
 
     def process(self, state: ProductState) -> None:
         samples = [s for s in state.samples if s.image is not None]
-        reals = [s for s in samples if s.kind == "real"]
+        reals = [s for s in samples if s.kind == SampleKind.REAL]
         stat = state.stat(self.name)
         stat.items_in += len(samples)
         if not reals:
@@ -702,7 +719,7 @@ class ScoreStage(_Stage):
             exclude_self=[real_index.get(s.sample_id, -1) for s in samples],
         )
         for i, s in enumerate(samples):
-            s.scores.update({name: float(out[name][i]) for name in METRICS})
+            s.scores.update({name: float(out[name][i]) for name in Metric})
             s.models.update(self.tags)
             if out["error"][i]:
                 stat.errors += 1
@@ -740,11 +757,8 @@ def write_products(
         stat = state.stat("write")
         rows = []
         if not state.failed:
-            for folder in (
-                layout.image(pid, "x"),
-                layout.mask(pid, "x"),
-            ):  # leftovers of a killed run
-                storage.remove(storage.parent_uri(folder), recursive=True)
+            for folder in (layout.images_dir(pid), layout.masks_dir(pid)):  # a killed run's
+                storage.remove(folder, recursive=True)
             for s in state.samples:
                 if s.image is None:
                     continue
@@ -771,10 +785,7 @@ def write_products(
                     "type_source": state.type_source,
                 },
             )
-            counts = {
-                k: sum(1 for r in rows if r["kind"] == k and r["kept"])
-                for k in ("real", "view", "context", "negative", "counterfactual")
-            }
+            counts = {k: sum(1 for r in rows if r["kind"] == k and r["kept"]) for k in SampleKind}
             stat.seconds = time.perf_counter() - start
             storage.write_json(
                 layout.marker(pid),
@@ -832,10 +843,7 @@ def _manifest_row(
         "type_source": state.type_source,
         "mask_method": s.mask_method,
         "mask_score": None if s.mask_score is None or math.isnan(s.mask_score) else s.mask_score,
-        **{
-            name: score(name)
-            for name in ("clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino", "mask_iou")
-        },
+        **{name: score(name) for name in SCORE_COLUMNS},
         "score": s.score,
         "kept": s.kept,
         "drop_reason": s.drop_reason,

@@ -33,12 +33,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from actors.scorer import METRICS, Scorer, rank_and_keep, references
+from actors.scorer import Scorer, rank_and_keep, references
 from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
 from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
+from ray_app.kinds import Metric
 from ray_app.models import source_tag
 from ray_app.node_loss import node_loss_guard
 from ray_app.progress import StageLines, counts, finished
@@ -82,7 +84,7 @@ class ProductState(ProductRow):
     job: ClassVar[str] = JOB
     product_id: str
     adapter_uri: str
-    meta: dict[str, Any]
+    meta: AdapterMeta
     images: list[Image]
     adapter_loads: int = 0
 
@@ -115,16 +117,16 @@ def plan_product(
     user_prompts: list[str],
     product_id: str,
     adapter_uri: str,
-    meta: dict[str, Any],
+    meta: AdapterMeta,
 ) -> ProductState:
     """A product's prompts (bank, then user) and seeds; ``TOKEN NOUN`` fills ``{product}``."""
     g = config.generate
     bank_prompts = bank.prompts(
-        meta.get("product_type"),
+        meta.product_type,
         g.prompts_per_product,
         derive_seed(product_id, "generate-prompts", 0, config.seed),
     )
-    phrase = meta.get("prompt") or f"{meta['token']} {meta['noun']}"
+    phrase = meta.phrase
     prompts = [("bank", p) for p in bank_prompts] + [("user", p) for p in user_prompts]
     images = []
     for i, (source, prompt) in enumerate(prompts):
@@ -226,7 +228,7 @@ class ScoreStage(ProductStage):
         refs, ref_masks = references(state.meta)
         if not refs:
             raise ValueError(
-                f"no real image in the training set {state.meta['training_set']['manifest_shard']}"
+                f"no real image in the training set {state.meta.training_set.manifest_shard}"
             )
         todo = [im for im in state.images if im.data is not None]
         stat.items_in += len(todo)
@@ -240,7 +242,7 @@ class ScoreStage(ProductStage):
             masks=[im.mask for im in todo],
         )
         for k, im in enumerate(todo):
-            im.scores = {m: float(out[m][k]) for m in METRICS}
+            im.scores = {m: float(out[m][k]) for m in Metric}
             value = float(out["score"][k])
             im.score = None if math.isnan(value) else value
             if out["error"][k]:
@@ -269,7 +271,7 @@ def write_products(
         pid, stat = state.product_id, state.stat("write")
         rows = []
         if not state.failed:
-            storage.remove(storage.parent_uri(layout.image(pid, "x")), recursive=True)
+            storage.remove(layout.images_dir(pid), recursive=True)
             for im in state.images:
                 uri = None
                 if im.data is not None and (im.kept or g.write_all_images):
@@ -326,13 +328,13 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
         "prompt": im.prompt,
         "prompt_source": im.prompt_source,
         "seed": im.seed,
-        "token": state.meta.get("token"),
+        "token": state.meta.token,
         "adapter_uri": state.adapter_uri,
         "image_uri": uri,
         "width": config.generate.width,
         "height": config.generate.height,
         "mask_method": im.mask_method,
-        **{m: value(m) for m in METRICS},
+        **{m: value(m) for m in Metric},
         "score": im.score,
         "rank": im.rank,
         "kept": im.kept,
@@ -423,7 +425,7 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     states, plan_errors = [], []
     for pid in todo:
         try:
-            meta = storage.read_json(alayout.metadata(pid))
+            meta = AdapterMeta.read(alayout.metadata(pid))
             states.append(
                 plan_product(config, bank, user_prompts, pid, alayout.adapter_dir(pid), meta)
             )

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from ray_app.kinds import Metric
+
 ROLES = (
     "captioner",
     "segmenter",
@@ -250,15 +252,13 @@ def _multiple_of_8(name: str, value: int) -> None:
 class ScoringConfig(StrictModel):
     """How raw metrics map onto [0, 1] before weighting (filtering, ranking, serving)."""
 
-    ranges: dict[
-        Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"], tuple[float, float]
-    ] = Field(
+    ranges: dict[Metric, tuple[float, float]] = Field(
         default_factory=lambda: {
-            "clip_i": (0.5, 1.0),
-            "clip_t": (0.1, 0.35),
-            "seg_clip_i": (0.5, 1.0),
-            "dino": (0.1, 1.0),
-            "seg_dino": (0.1, 1.0),
+            Metric.CLIP_I: (0.5, 1.0),
+            Metric.CLIP_T: (0.1, 0.35),
+            Metric.SEG_CLIP_I: (0.5, 1.0),
+            Metric.DINO: (0.1, 1.0),
+            Metric.SEG_DINO: (0.1, 1.0),
         },
         description="Raw value mapped to 0 and to 1 for each metric (clipped outside).",
     )
@@ -430,15 +430,13 @@ class FilterConfig(StrictModel):
         0.95,
         description="A negative whose product-crop CLIP-I reaches this looks like the product: dropped.",
     )
-    weights: dict[
-        Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"], Annotated[float, Field(ge=0)]
-    ] = Field(
+    weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {
-            "clip_i": 1.0,
-            "clip_t": 0.5,
-            "seg_clip_i": 1.0,
-            "dino": 1.0,
-            "seg_dino": 0.5,
+            Metric.CLIP_I: 1.0,
+            Metric.CLIP_T: 0.5,
+            Metric.SEG_CLIP_I: 1.0,
+            Metric.DINO: 1.0,
+            Metric.SEG_DINO: 0.5,
         },
         description="Weights of the normalised metrics in the score that orders samples.",
     )
@@ -465,9 +463,6 @@ class AugmentConfig(StrictModel):
     contexts: ContextsConfig = Field(default_factory=ContextsConfig)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
-
-
-MetricName = Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"]
 
 
 class TrainConfig(StrictModel):
@@ -618,14 +613,8 @@ class GenerateConfig(StrictModel):
     threshold: float = Field(
         0.0, description="Minimum aggregate score (0-1) of a kept image, applied after top_n."
     )
-    weights: dict[MetricName, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: {
-            "clip_t": 1.0,
-            "clip_i": 1.0,
-            "dino": 1.0,
-            "seg_clip_i": 1.0,
-            "seg_dino": 1.0,
-        },
+    weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict.fromkeys(Metric, 1.0),
         description="Weights of the normalised metrics (scoring.ranges) in the ranking score; "
         "segmented metrics count only where both masks exist.",
     )

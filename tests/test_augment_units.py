@@ -30,6 +30,7 @@ from pipelines.augment import (
 )
 from ray_app.config import load_config
 from ray_app.images import crop_by_mask, mask_bbox
+from ray_app.kinds import POSITIVE_KINDS
 from ray_app.metrics import aggregate, mask_iou, mean_similarity
 from ray_app.prompts import GENERIC, PLACEHOLDER, CurationRules, PromptBank, classify, curate, fill
 from ray_app.records import ProductRecord
@@ -282,7 +283,7 @@ def test_select_records_every_drop_reason():
     assert reasons["ctx-view-00-f01-00"] == "source view-00-f01 dropped"
     assert "looks like the product" in reasons["neg-00"]
     kept = [s for s in samples if s.kept]
-    positives = [s for s in kept if s.kind in ("real", "view", "context")]
+    positives = [s for s in kept if s.kind in POSITIVE_KINDS]
     negatives = [s for s in kept if s.kind == "negative"]
     assert len(positives) == len(negatives) == 3  # ratio 1:1 enforced
     assert all(s.score is not None for s in samples)

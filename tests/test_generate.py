@@ -15,8 +15,10 @@ from trainset import PRODUCTS
 from actors.generator import AdapterError, GenerationOptions, Generator
 from actors.scorer import rank_and_keep
 from pipelines.generate import read_user_prompts
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
 from ray_app.images import decode_rgb
+from ray_app.kinds import Metric
 from ray_app.storage import AdapterLayout, GenerationLayout
 
 
@@ -85,18 +87,18 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
     per_product = (g.prompts_per_product + 1) * g.images_per_prompt
     for pid in PRODUCTS:
         rows = pq.read_table(layout.manifest_shard(pid)).to_pylist()
-        meta = json.loads(Path(AdapterLayout(adapters).metadata(pid)).read_text())
+        meta = AdapterMeta.read(AdapterLayout(adapters).metadata(pid))
         assert len(rows) == per_product
         assert sum(r["prompt_source"] == "user" for r in rows) == g.images_per_prompt
-        assert all(f"{meta['token']} {meta['noun']}" in r["prompt"] for r in rows)
-        for name in ("clip_t", "clip_i", "dino", "seg_clip_i", "seg_dino", "score"):
+        assert all(meta.phrase in r["prompt"] for r in rows)
+        for name in (*Metric, "score"):
             assert all(r[name] is not None and np.isfinite(r[name]) for r in rows), name
         assert sorted(r["rank"] for r in rows) == list(range(1, per_product + 1))
         kept = sorted((r for r in rows if r["kept"]), key=lambda r: r["rank"])
         assert [r["rank"] for r in kept] == list(range(1, g.top_n + 1))
         assert all(Path(r["image_uri"]).is_file() for r in kept)
         assert all(r["image_uri"] is None for r in rows if not r["kept"])
-        assert len(list(Path(layout.image(pid, "x")).parent.iterdir())) == g.top_n
+        assert len(list(Path(layout.images_dir(pid)).iterdir())) == g.top_n
         marker = json.loads(Path(layout.marker(pid)).read_text())
         assert marker["adapter_loads"] == 1 and marker["kept"] == g.top_n
     again = generate(cfg, adapters, out)
