@@ -17,9 +17,9 @@ import torch
 
 from ray_app import storage
 from ray_app.batching import batch_len, column, map_chunks, object_array
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec
 from ray_app.images import encode_png
-from ray_app.models import load_role
+from ray_app.models import load_model
 from ray_app.storage import AdapterLayout
 
 
@@ -70,11 +70,9 @@ class Generator:
 
     role = "generator"
 
-    def __init__(
-        self, config: RestageConfig, options: GenerationOptions, device: str | None = None
-    ):
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
+    def __init__(self, model: ModelSpec, options: GenerationOptions, device: str | None = None):
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
         self.options = options
         self._adapters: dict[str, str] = {}  # name -> folder URI
         self._scales: dict[str, float] = {}  # name -> adapter weight

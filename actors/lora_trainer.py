@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec, TrainConfig
 from ray_app.images import decode_rgb
-from ray_app.models import load_role
+from ray_app.models import load_model
 from ray_app.prompts import product_phrase
 from ray_app.storage import AdapterLayout
 
@@ -178,16 +178,18 @@ class LoraTrainer:
     role = "generator"
 
     def __init__(
-        self, config: RestageConfig, device: str | None = None, pipeline: Any | None = None
+        self,
+        model: ModelSpec,
+        options: TrainConfig,
+        device: str | None = None,
+        pipeline: Any | None = None,
     ):
         from diffusers import DDPMScheduler
         from peft import LoraConfig
 
-        self.options = opts = config.train
-        if pipeline is None:
-            spec = config.generator.model_copy(update={"dtype": opts.dtype})
-            train_config = config.model_copy(update={"generator": spec})
-            self.loaded = load_role(train_config, self.role, device=device)
+        self.options = opts = options
+        if pipeline is None:  # the frozen base in the training dtype, not the role's
+            self.loaded = load_model(model.with_spec(dtype=opts.dtype), device=device)
             pipeline = self.loaded.model
         self.pipe = pipe = pipeline
         pipe.set_progress_bar_config(disable=True)

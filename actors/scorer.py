@@ -18,7 +18,7 @@ from actors.dino import DinoEmbedder
 from ray_app import storage
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.batching import object_array
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec, SegmentConfig
 from ray_app.images import encode_png
 from ray_app.kinds import Metric, SampleKind
 from ray_app.metrics import aggregate, mean_similarity
@@ -37,20 +37,42 @@ class ReferenceEmbeddings:
     dino_crop: np.ndarray
 
 
-class Scorer:
-    """Scores images against reference images. ``weights`` (metric -> weight) and the
-    config's ``scoring.ranges`` make the aggregate ``score``."""
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How the metrics make the aggregate ``score``: each metric's raw ``ranges`` (mapped
+    onto [0, 1], ``scoring.ranges``) and its weight (a job's ``weights``)."""
 
-    def __init__(self, config: RestageConfig, weights: Mapping[str, float], segment: bool = False):
-        self.clip = ClipEmbedder(config)
-        self.dino = DinoEmbedder(config)
+    weights: Mapping[Metric, float]
+    ranges: Mapping[Metric, tuple[float, float]]
+
+
+class Scorer:
+    """Scores images against reference images with the ``clip`` and ``dino`` roles; with a
+    ``segmenter`` (and its ``segmentation`` options) it segments images given without
+    masks."""
+
+    def __init__(
+        self,
+        clip: ModelSpec,
+        dino: ModelSpec,
+        options: ScoringOptions,
+        segmenter: ModelSpec | None = None,
+        segmentation: SegmentConfig | None = None,
+    ):
+        if (segmenter is None) != (segmentation is None):
+            raise ValueError(
+                "segmenter and segmentation: give both (to segment images that come without "
+                "masks) or neither"
+            )
+        self.clip = ClipEmbedder(clip)
+        self.dino = DinoEmbedder(dino)
         self.segmenter = None
-        if segment:
+        if segmenter is not None:
             from actors.segmenter import Segmenter
 
-            self.segmenter = Segmenter(config)
-        self.weights = dict(weights)
-        self.ranges = dict(config.scoring.ranges)
+            self.segmenter = Segmenter(segmenter, segmentation)
+        self.weights = dict(options.weights)
+        self.ranges = dict(options.ranges)
 
     def embed_references(
         self, references: Sequence[bytes], masks: Sequence[bytes | None]

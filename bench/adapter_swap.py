@@ -105,7 +105,9 @@ def main() -> None:
     g = config.generate
     start = time.perf_counter()
     gen = Generator(
-        config, GenerationOptions(g.width, g.height, g.steps, g.guidance_scale), device=args.device
+        config.model_spec("generator"),
+        GenerationOptions(g.width, g.height, g.steps, g.guidance_scale),
+        device=args.device,
     )
     base_load_ms = (time.perf_counter() - start) * 1000
     folder = Path(tempfile.mkdtemp(prefix="restage-adapters-"))

@@ -19,6 +19,7 @@ checkpointing because the unit of completeness is a product (many files), not a 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -36,7 +37,7 @@ from actors.clip import ClipEmbedder, zero_shot
 from actors.generator import GenerationOptions, Generator
 from actors.inpainter import Inpainter, dilate, place_product, square_canvas
 from actors.novel_view import NovelView
-from actors.scorer import Scorer
+from actors.scorer import Scorer, ScoringOptions
 from actors.segmenter import Segmenter
 from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
 from pipelines._staged import STAGES_DIR, run_staged
@@ -306,13 +307,18 @@ class _Stage(ProductStage):
     """A model stage of augment: ``run`` calls an actor on a product's rows."""
 
     def add_generated(
-        self, state: ProductState, rows: list[dict[str, Any]], made: list[Sample]
+        self,
+        state: ProductState,
+        rows: list[dict[str, Any]],
+        made: list[Sample],
+        model: Any = None,
     ) -> None:
-        """Generate ``made`` samples from ``rows`` with this stage's model; keep the ones that
-        came out (the others are errors of their sample)."""
+        """Generate ``made`` samples from ``rows`` with ``model`` (this stage's by default);
+        keep the ones that came out (the others are errors of their sample)."""
         fmt = self.config.augment.image_format
+        model = model or self.model
         for sample, r in zip(
-            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
+            made, self.run(model, state, rows, [m.sample_id for m in made]), strict=True
         ):
             if not r["error"]:
                 sample.image = encode(decode_rgb(r["image"]), fmt)
@@ -405,7 +411,7 @@ class CaptionStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.captioner = Captioner(config)
+        self.captioner = Captioner(config.model_spec("captioner"), config.augment.caption)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.clip: ClipEmbedder | None = None  # loaded only if a product needs zero-shot typing
         self.tag = source_tag(config, "captioner")
@@ -445,7 +451,7 @@ class CaptionStage(_Stage):
 
     def _zero_shot(self, reals: list[Sample]) -> tuple[str, str]:
         if self.clip is None:
-            self.clip = ClipEmbedder(self.config)
+            self.clip = ClipEmbedder(self.config.model_spec("clip"))
         labels = self.bank.labels()
         images = self.clip({"image": _column([s.image for s in reals])})["image_embedding"]
         images = images[~np.isnan(images).any(axis=1)]
@@ -465,7 +471,7 @@ class ViewStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = NovelView(config)
+        self.model = NovelView(config.model_spec("novel_view"), config.augment.views)
         self.tag = source_tag(config, "novel_view")
         self.fmt = config.augment.image_format
 
@@ -510,7 +516,7 @@ class SegmentStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = Segmenter(config)
+        self.model = Segmenter(config.model_spec("segmenter"), config.augment.segment)
         self.tag = source_tag(config, "segmenter")
 
     def process(self, state: ProductState) -> None:
@@ -563,7 +569,7 @@ class InpaintStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = Inpainter(config)
+        self.model = Inpainter(config.model_spec("inpainter"), config.augment.contexts)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.tag = source_tag(config, "inpainter")
 
@@ -607,6 +613,8 @@ class InpaintStage(_Stage):
                         models={"inpainter": self.tag},
                     )
                 )
+        self.add_generated(state, rows, made)  # the inpainter's own options: cfg.contexts
+        rows, made = [], []
         reals = [s for s in state.of(SampleKind.REAL) if s.mask]
         views = len(cfg.views.frame_indices) if cfg.views.enabled else 0
         total = negatives_needed(
@@ -650,7 +658,10 @@ class InpaintStage(_Stage):
                     models={"inpainter": self.tag},
                 )
             )
-        self.add_generated(state, rows, made)
+        # The same loaded inpainter, with the counterfactuals' own settings.
+        self.add_generated(
+            state, rows, made, functools.partial(self.model, options=cfg.counterfactuals)
+        )
 
 
 class NegativeStage(_Stage):
@@ -662,7 +673,10 @@ class NegativeStage(_Stage):
     def __init__(self, config: RestageConfig):
         super().__init__(config)
         n = config.augment.negatives
-        self.model = Generator(config, GenerationOptions(n.size, n.size, n.steps, n.guidance_scale))
+        self.model = Generator(
+            config.model_spec("generator"),
+            GenerationOptions(n.size, n.size, n.steps, n.guidance_scale),
+        )
         self.tag = source_tag(config, "generator")
 
     def process(self, state: ProductState) -> None:
@@ -699,7 +713,11 @@ class ScoreStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.scorer = Scorer(config, config.augment.filter.weights)  # masks come from segment
+        self.scorer = Scorer(  # masks come from the segment stages
+            config.model_spec("clip"),
+            config.model_spec("dino"),
+            ScoringOptions(config.augment.filter.weights, config.scoring.ranges),
+        )
         self.tags = {"clip": source_tag(config, "clip"), "dino": source_tag(config, "dino")}
 
     def process(self, state: ProductState) -> None:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from actors.scorer import Scorer, rank_and_keep, references
+from actors.scorer import Scorer, ScoringOptions, rank_and_keep, references
 from pipelines._product_rows import ProductRow, ProductStage, map_stage, pack, unpack
 from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
@@ -158,7 +158,7 @@ class GenerateStage(ProductStage):
         super().__init__(config)
         g = config.generate
         self.gen = Generator(
-            config,
+            config.model_spec("generator"),
             GenerationOptions(g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt),
         )
         self.tag = source_tag(config, "generator")
@@ -198,7 +198,7 @@ class SegmentStage(ProductStage):
         from actors.segmenter import Segmenter
 
         super().__init__(config)
-        self.model = Segmenter(config)
+        self.model = Segmenter(config.model_spec("segmenter"), config.generate.segmentation)
 
     def process(self, state: ProductState) -> None:
         todo = [im for im in state.images if im.data is not None]
@@ -221,7 +221,11 @@ class ScoreStage(ProductStage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.scorer = Scorer(config, config.generate.weights)  # masks come from SegmentStage
+        self.scorer = Scorer(  # masks come from SegmentStage
+            config.model_spec("clip"),
+            config.model_spec("dino"),
+            ScoringOptions(config.generate.weights, config.scoring.ranges),
+        )
 
     def process(self, state: ProductState) -> None:
         g, stat = self.config.generate, state.stat(self.name)

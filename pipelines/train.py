@@ -225,7 +225,7 @@ class ShardTrainer:
         self.records = read_records(data_root, manifest)
         self.tokens = load_tokens(config.train.tokens_file)
         start = time.perf_counter()
-        self.trainer = LoraTrainer(config)
+        self.trainer = LoraTrainer(config.model_spec("generator"), config.train)
         self.load_seconds = time.perf_counter() - start
         if config.train.products_per_step > 1:  # refuse layers the stacked LoRA cannot run
             from actors.lora_trainer import ADAPTER
@@ -415,11 +415,15 @@ class ShardTrainer:
         """Validation fidelity of the LoRA now in the trainer: images of bank prompts with
         ``token``, scored against the product's real images (the generate job's ranking
         score, averaged)."""
-        from actors.scorer import Scorer
+        from actors.scorer import Scorer, ScoringOptions
 
         cfg, g = self.config, self.config.generate
         if self._scorer is None:
-            self._scorer = Scorer(cfg, cfg.generate.weights)
+            self._scorer = Scorer(
+                cfg.model_spec("clip"),
+                cfg.model_spec("dino"),
+                ScoringOptions(g.weights, cfg.scoring.ranges),
+            )
         n = cfg.train.sweep_images
         prompts = self.bank.prompts(
             ts.product_type, n, derive_seed(ts.product_id, "sweep-prompts", 0, cfg.seed)

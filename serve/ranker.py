@@ -8,7 +8,13 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from actors.scorer import ReferenceEmbeddings, Scorer, rank_and_keep, references
+from actors.scorer import (
+    ReferenceEmbeddings,
+    Scorer,
+    ScoringOptions,
+    rank_and_keep,
+    references,
+)
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import RestageConfig
 from ray_app.kinds import Metric
@@ -22,7 +28,14 @@ class RankerReplica:
     """The body of the ``Ranker`` Serve deployment (plain Python, testable without Serve)."""
 
     def __init__(self, config: RestageConfig):
-        self.scorer = Scorer(config, config.generate.weights, segment=config.generate.segment)
+        segment = config.generate.segment
+        self.scorer = Scorer(
+            config.model_spec("clip"),
+            config.model_spec("dino"),
+            ScoringOptions(config.generate.weights, config.scoring.ranges),
+            segmenter=config.model_spec("segmenter") if segment else None,
+            segmentation=config.serve.ranker_segmentation if segment else None,
+        )
         self._references: OrderedDict[tuple[str, str], ReferenceEmbeddings] = OrderedDict()
         self.reference_loads = 0
 

@@ -42,7 +42,7 @@ def test_user_prompts_need_the_placeholder(tmp_path):
 
 
 def test_generator_swaps_adapters_without_reloading_the_base(adapters):
-    gen = Generator(load_config("tiny"), GenerationOptions(64, 64, 2, 2.0))
+    gen = Generator(load_config("tiny").model_spec("generator"), GenerationOptions(64, 64, 2, 2.0))
     base_pipe = gen.loaded.model
     lamp, mug = sorted(PRODUCTS)
     batch = {"prompt": np.array(["a photo of a lamp"] * 3, dtype=object), "seed": np.array([3] * 3)}

@@ -105,7 +105,7 @@ def trainer():
     cfg = load_config(
         "tiny", overrides=["train.steps=20", "train.alpha=8", "train.save_dtype=float32"]
     )
-    return LoraTrainer(cfg)
+    return LoraTrainer(cfg.model_spec("generator"), cfg.train)
 
 
 def test_loss_on_a_fixed_batch_goes_down(trainer, trainset):
@@ -185,7 +185,7 @@ def _tiny_sd1_pipeline():
 
 def test_one_text_encoder_pipelines_train_too(trainset):
     cfg = load_config("tiny", overrides=["train.steps=3"])
-    trainer = LoraTrainer(cfg, pipeline=_tiny_sd1_pipeline())
+    trainer = LoraTrainer(cfg.model_spec("generator"), cfg.train, pipeline=_tiny_sd1_pipeline())
     assert not trainer.sdxl
     result = trainer.train(_samples(trainset, "lamp-blue-01"), seed=1)
     assert all(np.isfinite(result.losses)) and len(result.losses) == 3
