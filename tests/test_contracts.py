@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -58,7 +57,7 @@ def test_config_metric_keys_are_the_metrics():
 def test_an_unknown_metric_key_is_an_error_naming_it():
     from ray_app.config import ConfigError
 
-    with pytest.raises(ConfigError, match="scoring.ranges.clip_x"):
+    with pytest.raises(ConfigError, match=r"scoring\.ranges\.clip_x"):
         load_config("tiny", overrides=["scoring.ranges={clip_x: [0, 1]}"])
 
 

@@ -81,7 +81,7 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
     g = cfg.generate
     out = str(tmp_path / "generations")
     summary = generate(cfg, adapters, out)
-    assert summary.products["ok"] == 2 and summary.products["failed"] == 0
+    assert summary.products["ok"] == len(PRODUCTS) and summary.products["failed"] == 0
     assert summary.extra["adapter_loads"] == {pid: 1 for pid in PRODUCTS}  # once per product
     layout = GenerationLayout(out)
     per_product = (g.prompts_per_product + 1) * g.images_per_prompt
@@ -102,12 +102,14 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
         marker = json.loads(Path(layout.marker(pid)).read_text())
         assert marker["adapter_loads"] == 1 and marker["kept"] == g.top_n
     again = generate(cfg, adapters, out)
-    assert again.products["already complete"] == 2 and again.products["ok"] == 0
+    assert again.products["already complete"] == len(PRODUCTS) and again.products["ok"] == 0
     # Stage by stage (each model stage alone, rows under _stages/): the same ranked images.
     staged_out = str(tmp_path / "staged")
     staged_cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"placement": "stage"})})
     staged = generate(staged_cfg, adapters, staged_out)
-    assert staged.extra["placement"] == "stage" and staged.extra["staged"]["generate"] == 2
+    assert staged.extra["placement"] == "stage" and staged.extra["staged"]["generate"] == len(
+        PRODUCTS
+    )
     assert not Path(staged_out, "_stages").exists()
 
     def ranked(root: str) -> list[tuple]:
