@@ -13,7 +13,7 @@ import pytest
 from adapters import example_meta
 from trainset import PRODUCTS, write_training_set
 
-from ray_app.adapter_meta import AdapterMeta, AdapterMetaError
+from ray_app.adapter_meta import ADAPTER_META_VERSION, AdapterMeta, AdapterMetaError
 from ray_app.config import ConfigError, load_config
 from ray_app.storage import AdapterLayout
 from serve.api import GenerateRequest
@@ -229,6 +229,15 @@ def test_malformed_adapter_json_is_503_adapter_unavailable_without_internal_text
     body = json.loads(error_response(err.value, "rid").body)
     assert str(tmp_path) not in json.dumps(body) and AdapterLayout.METADATA not in json.dumps(body)
     assert str(tmp_path) in err.value.internal  # the log gets it
+
+
+def test_an_adapter_of_a_newer_restage_is_503_and_the_log_says_to_upgrade(tmp_path):
+    newer = {**json.loads(GOOD_META), "version": ADAPTER_META_VERSION + 1}
+    write_adapter(tmp_path, "mug", json.dumps(newer))
+    with pytest.raises(ApiError) as err:
+        generate(service(tmp_path), {"product_id": "mug"})
+    assert err.value.status == 503 and err.value.code == "adapter_unavailable"
+    assert "upgrade restage" in err.value.internal and "upgrade" not in err.value.message
 
 
 def test_unsupported_media_type_and_strict_types_through_the_ingress(tmp_path):
