@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from ray_app.batching import batch_len, column, decode_column, map_chunks
-from ray_app.config import RestageConfig
-from ray_app.models import load_role
+from ray_app.config import CaptionConfig, ModelSpec
+from ray_app.models import load_model
 
 _PREAMBLE = re.compile(
     r"^(?:sure[,!.]?\s*)?(?:here is|here's|this|the)?\s*(?:image|photo|picture|photograph)\s+"
@@ -51,10 +51,10 @@ class Captioner:
 
     role = "captioner"
 
-    def __init__(self, config: RestageConfig, device: str | None = None):
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
-        self.options = config.augment.caption
+    def __init__(self, model: ModelSpec, options: CaptionConfig, device: str | None = None):
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
+        self.options = options
 
     @torch.inference_mode()
     def caption(self, images: list[np.ndarray], instructions: list[str]) -> list[str]:

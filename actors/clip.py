@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from ray_app.batching import batch_len, column, decode_column, embed_present
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec
 from ray_app.images import crop_by_mask, decode_mask
 from ray_app.metrics import cosine_matrix, l2_normalize
-from ray_app.models import load_role
+from ray_app.models import load_model
 
 
 def zero_shot(image_embeddings: np.ndarray, label_embeddings: np.ndarray) -> tuple[int, float]:
@@ -33,9 +33,9 @@ class ClipEmbedder:
 
     role = "clip"
 
-    def __init__(self, config: RestageConfig, device: str | None = None):
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
+    def __init__(self, model: ModelSpec, device: str | None = None):
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
         self.dim = self.embed_texts(["a photo"]).shape[1]
 
     @torch.inference_mode()

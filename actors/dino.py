@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from ray_app.batching import batch_len, column, decode_column, embed_present
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec
 from ray_app.images import crop_by_mask, decode_mask
 from ray_app.metrics import l2_normalize
-from ray_app.models import load_role
+from ray_app.models import load_model
 
 
 class DinoEmbedder:
@@ -23,10 +23,10 @@ class DinoEmbedder:
 
     role = "dino"
 
-    def __init__(self, config: RestageConfig, device: str | None = None, role: str = "dino"):
-        self.role = role  # the same class embeds with the `encoder` role
-        self.loaded = load_role(config, role, device=device)
-        self.batch_size = config.role(role).batch_size
+    def __init__(self, model: ModelSpec, device: str | None = None):
+        self.role = model.role  # the same class embeds with the `encoder` role
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
         self.dim = int(self.loaded.model.config.hidden_size)
 
     @torch.inference_mode()

@@ -17,9 +17,10 @@ import torch
 
 from ray_app import storage
 from ray_app.batching import batch_len, column, map_chunks, object_array
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec
 from ray_app.images import encode_png
-from ray_app.models import load_role
+from ray_app.models import load_model
+from ray_app.storage import AdapterLayout
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,12 @@ class GenerationOptions:
     negative_prompt: str = ""
 
 
-ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
 def read_adapter_weights(folder_uri: str) -> dict[str, torch.Tensor]:
     """The LoRA state dict of a ``restage train`` adapter folder, from any fsspec URI (I/O and
     parsing only: it can run while the pipeline generates for another request)."""
     from safetensors.torch import load as load_safetensors
 
-    uri = storage.join(storage.normalize_uri(folder_uri), ADAPTER_WEIGHTS)
+    uri = AdapterLayout.weights_in(storage.normalize_uri(folder_uri))
     return load_safetensors(storage.read_bytes(uri))
 
 
@@ -72,11 +70,9 @@ class Generator:
 
     role = "generator"
 
-    def __init__(
-        self, config: RestageConfig, options: GenerationOptions, device: str | None = None
-    ):
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
+    def __init__(self, model: ModelSpec, options: GenerationOptions, device: str | None = None):
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
         self.options = options
         self._adapters: dict[str, str] = {}  # name -> folder URI
         self._scales: dict[str, float] = {}  # name -> adapter weight

@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from ray_app.batching import batch_len, column, map_chunks, object_array
-from ray_app.config import RestageConfig
+from ray_app.config import InpaintOptions, ModelSpec
 from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox
-from ray_app.models import load_role
+from ray_app.models import load_model
 
 
 def place_product(
@@ -101,14 +101,13 @@ class Inpainter:
 
     role = "inpainter"
 
-    def __init__(self, config: RestageConfig, device: str | None = None):
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
-        self.options = config.augment.contexts
+    def __init__(self, model: ModelSpec, options: InpaintOptions, device: str | None = None):
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
+        self.options = options
 
     @torch.inference_mode()
-    def paint(self, items: list[dict[str, Any]]) -> list[np.ndarray]:
-        o = self.options
+    def paint(self, items: list[dict[str, Any]], o: InpaintOptions) -> list[np.ndarray]:
         h, w = items[0]["rgb"].shape[:2]
         if any(it["rgb"].shape[:2] != (h, w) for it in items):
             raise ValueError("inpainter: a micro-batch mixes image sizes")
@@ -133,7 +132,12 @@ class Inpainter:
             for img, it in zip(images, items, strict=True)
         ]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(
+        self, batch: dict[str, Any], options: InpaintOptions | None = None
+    ) -> dict[str, np.ndarray]:
+        """``options`` replace the actor's own for this batch (augment paints contexts and
+        counterfactuals, each with their settings, with one loaded model)."""
+        o = options or self.options
         n = batch_len(batch)
         negatives = column(batch, "negative_prompt", n)
         keeps = column(batch, "keep", n)
@@ -156,7 +160,7 @@ class Inpainter:
                         "mask": decode_mask(mask),
                         "prompt": str(prompt),
                         "seed": int(seed),
-                        "negative_prompt": negatives[i] or self.options.negative_prompt,
+                        "negative_prompt": negatives[i] or o.negative_prompt,
                         "keep": decode_mask(keeps[i]) if keeps[i] is not None else None,
                     }
                 )
@@ -171,7 +175,9 @@ class Inpainter:
             end = start
             while end < len(items) and items[end]["rgb"].shape[:2] == shape:
                 end += 1
-            results += map_chunks(items[start:end], self.batch_size, self.paint)
+            results += map_chunks(
+                items[start:end], self.batch_size, lambda chunk: self.paint(chunk, o)
+            )
             start = end
         images: list[bytes | None] = [None] * n
         for it, (img, err) in zip(items, results, strict=True):

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ray_app.batching import batch_len, column, object_array
-from ray_app.config import RestageConfig
-from ray_app.models import load_role
+from ray_app.config import ModelSpec
+from ray_app.models import load_model
 from ray_app.prompts import PLACEHOLDER
 
 
@@ -40,13 +40,13 @@ class PromptWriter:
 
     def __init__(
         self,
-        config: RestageConfig,
+        model: ModelSpec,
         per_type: int,
         max_new_tokens: int = 1200,
         temperature: float = 0.9,
         device: str | None = None,
     ):
-        self.loaded = load_role(config, self.role, device=device)
+        self.loaded = load_model(model, device=device)
         self.per_type = per_type
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec, TrainConfig
 from ray_app.images import decode_rgb
-from ray_app.models import load_role
+from ray_app.models import load_model
+from ray_app.prompts import product_phrase
+from ray_app.storage import AdapterLayout
 
 ADAPTER = "restage"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -117,7 +118,7 @@ def positive_prompt(caption: str | None, token: str, noun: str, mode: str = "cap
     table"), or prefixes "a photo of TOKEN NOUN," when the noun is absent; ``instance`` mode
     is DreamBooth's "a photo of TOKEN NOUN".
     """
-    instance = f"a photo of {token} {noun}"
+    instance = f"a photo of {product_phrase(token, noun)}"
     if mode == "instance" or not caption or not caption.strip():
         return instance
     caption = caption.strip()
@@ -177,16 +178,18 @@ class LoraTrainer:
     role = "generator"
 
     def __init__(
-        self, config: RestageConfig, device: str | None = None, pipeline: Any | None = None
+        self,
+        model: ModelSpec,
+        options: TrainConfig,
+        device: str | None = None,
+        pipeline: Any | None = None,
     ):
         from diffusers import DDPMScheduler
         from peft import LoraConfig
 
-        self.options = opts = config.train
-        if pipeline is None:
-            spec = config.generator.model_copy(update={"dtype": opts.dtype})
-            train_config = config.model_copy(update={"generator": spec})
-            self.loaded = load_role(train_config, self.role, device=device)
+        self.options = opts = options
+        if pipeline is None:  # the frozen base in the training dtype, not the role's
+            self.loaded = load_model(model.with_spec(dtype=opts.dtype), device=device)
             pipeline = self.loaded.model
         self.pipe = pipe = pipeline
         pipe.set_progress_bar_config(disable=True)
@@ -566,12 +569,12 @@ class LoraTrainer:
         return convert_state_dict_to_diffusers(out)
 
     def adapter_bytes(self, state_dict: dict[str, torch.Tensor]) -> bytes:
-        """``pytorch_lora_weights.safetensors`` as the pipeline class itself writes it."""
+        """The weights file (``AdapterLayout.WEIGHTS``) as the pipeline class itself writes it."""
         with tempfile.TemporaryDirectory() as tmp:
             type(self.pipe).save_lora_weights(
-                tmp, unet_lora_layers=state_dict, weight_name=WEIGHTS_NAME
+                tmp, unet_lora_layers=state_dict, weight_name=AdapterLayout.WEIGHTS
             )
-            return (Path(tmp) / WEIGHTS_NAME).read_bytes()
+            return (Path(tmp) / AdapterLayout.WEIGHTS).read_bytes()
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Put weights from ``lora_state_dict`` back into the live LoRA (token sweeps)."""

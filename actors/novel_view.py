@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from ray_app.batching import batch_len, column, decode_column, map_chunks, object_array
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec, ViewsConfig
 from ray_app.images import encode_png
-from ray_app.models import load_role
+from ray_app.models import load_model
 
 
 def letterbox(
@@ -46,10 +46,10 @@ class NovelView:
 
     role = "novel_view"
 
-    def __init__(self, config: RestageConfig, device: str | None = None):
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
-        self.options = config.augment.views
+    def __init__(self, model: ModelSpec, options: ViewsConfig, device: str | None = None):
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
+        self.options = options
 
     @torch.inference_mode()
     def clips(self, images: list[np.ndarray], seeds: list[int]) -> list[list[np.ndarray]]:

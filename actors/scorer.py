@@ -16,13 +16,13 @@ import numpy as np
 from actors.clip import ClipEmbedder
 from actors.dino import DinoEmbedder
 from ray_app import storage
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.batching import object_array
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec, SegmentConfig
 from ray_app.images import encode_png
+from ray_app.kinds import Metric, SampleKind
 from ray_app.metrics import aggregate, mean_similarity
 from ray_app.records import SAMPLE_SCHEMA
-
-METRICS = ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,42 @@ class ReferenceEmbeddings:
     dino_crop: np.ndarray
 
 
-class Scorer:
-    """Scores images against reference images. ``weights`` (metric -> weight) and the
-    config's ``scoring.ranges`` make the aggregate ``score``."""
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How the metrics make the aggregate ``score``: each metric's raw ``ranges`` (mapped
+    onto [0, 1], ``scoring.ranges``) and its weight (a job's ``weights``)."""
 
-    def __init__(self, config: RestageConfig, weights: Mapping[str, float], segment: bool = False):
-        self.clip = ClipEmbedder(config)
-        self.dino = DinoEmbedder(config)
+    weights: Mapping[Metric, float]
+    ranges: Mapping[Metric, tuple[float, float]]
+
+
+class Scorer:
+    """Scores images against reference images with the ``clip`` and ``dino`` roles; with a
+    ``segmenter`` (and its ``segmentation`` options) it segments images given without
+    masks."""
+
+    def __init__(
+        self,
+        clip: ModelSpec,
+        dino: ModelSpec,
+        options: ScoringOptions,
+        segmenter: ModelSpec | None = None,
+        segmentation: SegmentConfig | None = None,
+    ):
+        if (segmenter is None) != (segmentation is None):
+            raise ValueError(
+                "segmenter and segmentation: give both (to segment images that come without "
+                "masks) or neither"
+            )
+        self.clip = ClipEmbedder(clip)
+        self.dino = DinoEmbedder(dino)
         self.segmenter = None
-        if segment:
+        if segmenter is not None:
             from actors.segmenter import Segmenter
 
-            self.segmenter = Segmenter(config)
-        self.weights = dict(weights)
-        self.ranges = dict(config.scoring.ranges)
+            self.segmenter = Segmenter(segmenter, segmentation)
+        self.weights = dict(options.weights)
+        self.ranges = dict(options.ranges)
 
     def embed_references(
         self, references: Sequence[bytes], masks: Sequence[bytes | None]
@@ -94,7 +116,7 @@ class Scorer:
         masks = list(masks) if masks is not None else [None] * n
         if n == 0:
             return {
-                **{m: np.zeros(0, np.float32) for m in METRICS},
+                **{m: np.zeros(0, np.float32) for m in Metric},
                 "score": np.zeros(0, np.float32),
                 "mask": [],
                 "error": [],
@@ -110,12 +132,12 @@ class Scorer:
         ref = references
         exclude = np.asarray(exclude_self, dtype=np.int64) if exclude_self is not None else None
         metrics = {
-            "clip_i": mean_similarity(gen_clip["image_embedding"], ref.clip_image, exclude),
-            "seg_clip_i": mean_similarity(gen_clip["crop_embedding"], ref.clip_crop, exclude),
-            "dino": mean_similarity(gen_dino["image_embedding"], ref.dino_image, exclude),
-            "seg_dino": mean_similarity(gen_dino["crop_embedding"], ref.dino_crop, exclude),
+            Metric.CLIP_I: mean_similarity(gen_clip["image_embedding"], ref.clip_image, exclude),
+            Metric.SEG_CLIP_I: mean_similarity(gen_clip["crop_embedding"], ref.clip_crop, exclude),
+            Metric.DINO: mean_similarity(gen_dino["image_embedding"], ref.dino_image, exclude),
+            Metric.SEG_DINO: mean_similarity(gen_dino["crop_embedding"], ref.dino_crop, exclude),
             # NaN where the text or the image could not be embedded
-            "clip_t": np.einsum(
+            Metric.CLIP_T: np.einsum(
                 "nd,nd->n", gen_clip["image_embedding"], gen_clip["text_embedding"]
             ).astype(np.float32),
         }
@@ -145,13 +167,13 @@ def rank_and_keep(
     return ranks, kept
 
 
-def references(meta: dict[str, Any]) -> tuple[list[bytes], list[bytes | None]]:
+def references(meta: AdapterMeta) -> tuple[list[bytes], list[bytes | None]]:
     """A product's real images and their masks, from the training set named in its
-    adapter's metadata (``adapter.json``)."""
-    shard = meta["training_set"]["manifest_shard"]
+    adapter's metadata."""
+    shard = meta.training_set.manifest_shard
     rows = storage.read_parquet(shard, schema=SAMPLE_SCHEMA).to_pylist()
     rows = sorted(
-        (r for r in rows if r["kind"] == "real" and r["product_id"] == meta["product_id"]),
+        (r for r in rows if r["kind"] == SampleKind.REAL and r["product_id"] == meta.product_id),
         key=lambda r: r["sample_id"],
     )
     images = [storage.read_bytes(r["image_uri"]) for r in rows]

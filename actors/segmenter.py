@@ -23,10 +23,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ray_app.batching import batch_len, column, decode_column, map_chunks
-from ray_app.config import RestageConfig
+from ray_app.config import ModelSpec, SegmentConfig
 from ray_app.images import decode_mask, encode_png, mask_bbox
 from ray_app.metrics import mask_iou
-from ray_app.models import load_role
+from ray_app.models import load_model
 
 # Below this IoU, SAM and the plain-background mask disagree; on a plain background the
 # colour mask is the one to trust.
@@ -157,12 +157,12 @@ class Segmenter:
 
     role = "segmenter"
 
-    def __init__(self, config: RestageConfig, device: str | None = None):
+    def __init__(self, model: ModelSpec, options: SegmentConfig, device: str | None = None):
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.loaded = load_role(config, self.role, device=device)
-        self.batch_size = config.role(self.role).batch_size
-        self.options = config.augment.segment
+        self.loaded = load_model(model, device=device)
+        self.batch_size = model.batch_size
+        self.options = options
         self.transform = ResizeLongestSide(self.loaded.model.image_encoder.img_size)
 
     @torch.inference_mode()

@@ -39,6 +39,7 @@ from bench.common import machine  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.models import load_role  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
+from ray_app.storage import AdapterLayout  # noqa: E402
 
 
 def make_adapters(gen: Generator, count: int, rank: int, folder: Path) -> list[Path]:
@@ -68,7 +69,9 @@ def make_adapters(gen: Generator, count: int, rank: int, folder: Path) -> list[P
         path = folder / f"adapter-{i:03d}"
         path.mkdir(parents=True, exist_ok=True)
         type(pipe).save_lora_weights(
-            path, unet_lora_layers={k: v.detach().to(torch.float16) for k, v in state.items()}
+            path,
+            unet_lora_layers={k: v.detach().to(torch.float16) for k, v in state.items()},
+            weight_name=AdapterLayout.WEIGHTS,
         )
         out.append(path)
     unet.delete_adapters("bench")
@@ -102,12 +105,14 @@ def main() -> None:
     g = config.generate
     start = time.perf_counter()
     gen = Generator(
-        config, GenerationOptions(g.width, g.height, g.steps, g.guidance_scale), device=args.device
+        config.model_spec("generator"),
+        GenerationOptions(g.width, g.height, g.steps, g.guidance_scale),
+        device=args.device,
     )
     base_load_ms = (time.perf_counter() - start) * 1000
     folder = Path(tempfile.mkdtemp(prefix="restage-adapters-"))
     paths = make_adapters(gen, args.adapters, args.rank, folder)
-    size_mib = os.path.getsize(paths[0] / "pytorch_lora_weights.safetensors") / 2**20
+    size_mib = os.path.getsize(AdapterLayout.weights_in(str(paths[0]))) / 2**20
 
     read, inject, switch, unload, hotswap = [], [], [], [], []
     weights = {}

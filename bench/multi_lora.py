@@ -57,10 +57,12 @@ def main() -> None:
         overrides["batch_size"] = args.batch_size
     cfg.train = opts = cfg.train.model_copy(update=overrides)
     if args.size == "tiny":
-        trainer = LoraTrainer(cfg, device=args.device)
+        trainer = LoraTrainer(cfg.model_spec("generator"), cfg.train, device=args.device)
     else:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        trainer = LoraTrainer(cfg, pipeline=sdxl_pipeline(args.device, dtype))
+        trainer = LoraTrainer(
+            cfg.model_spec("generator"), cfg.train, pipeline=sdxl_pipeline(args.device, dtype)
+        )
     cuda = args.device.startswith("cuda")
 
     def sync() -> None:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
 from bench.serve_load import start_server  # noqa: E402
+from ray_app.storage import AdapterLayout  # noqa: E402
 
 REPLICA_MARK = "ServeReplica:restage:Generator"
 
@@ -49,7 +50,7 @@ def prepare(work: Path, profile: str) -> tuple[Path, list[str]]:
 
     product = sorted(PRODUCTS)[0]
     adapters = work / "adapters"
-    if not (adapters / product / "adapter.json").exists():
+    if not Path(AdapterLayout(str(adapters)).metadata(product)).exists():
         data = write_training_set(str(work / "aug"), {product: PRODUCTS[product]})
         config = load_config(profile, overrides=["train.steps=2"])
         ShardTrainer(config, data, str(adapters), None).run([product])

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import example_manifest, machine  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
+from ray_app.storage import AdapterLayout  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -53,7 +54,7 @@ def prepare(count: int, work: Path, profile: str) -> Path:
     from ray_app.config import load_config
 
     adapters = work / "run" / "adapters"
-    done = {p.parent.name for p in adapters.glob("*/adapter.json")}
+    done = {p.parent.name for p in adapters.glob(f"*/{AdapterLayout.METADATA}")}
     if len(done) >= count:
         return adapters
     manifest = example_manifest(count, "load", work / "products.jsonl")
@@ -284,7 +285,7 @@ def main() -> None:
     if args.products:
         products = args.products.split(",")
     elif adapters is not None:
-        products = sorted(p.parent.name for p in adapters.glob("*/adapter.json"))
+        products = sorted(p.parent.name for p in adapters.glob(f"*/{AdapterLayout.METADATA}"))
     else:
         parser.error("give --products or --adapters")
     try:

@@ -158,10 +158,12 @@ def main() -> None:
 
     start = time.perf_counter()
     if args.size == "tiny":
-        trainer = LoraTrainer(cfg, device=args.device)
+        trainer = LoraTrainer(cfg.model_spec("generator"), cfg.train, device=args.device)
     else:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        trainer = LoraTrainer(cfg, pipeline=sdxl_pipeline(args.device, dtype))
+        trainer = LoraTrainer(
+            cfg.model_spec("generator"), cfg.train, pipeline=sdxl_pipeline(args.device, dtype)
+        )
     base_load = time.perf_counter() - start
     data = samples(args.samples, opts.resolution)
 

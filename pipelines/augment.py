@@ -22,6 +22,7 @@ checkpointing because the unit of completeness is a product (many files), not a 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -37,7 +38,7 @@ from actors.clip import ClipEmbedder, zero_shot
 from actors.generator import GenerationOptions, Generator
 from actors.inpainter import Inpainter, dilate, place_product, square_canvas
 from actors.novel_view import NovelView
-from actors.scorer import METRICS, Scorer
+from actors.scorer import Scorer, ScoringOptions
 from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
@@ -46,14 +47,20 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
+from ray_app.kinds import (
+    MASK_IOU,
+    NEGATIVE_KINDS,
+    SYNTHETIC_POSITIVE_KINDS,
+    Metric,
+    SampleKind,
+)
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
 from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
 from ray_app.records import (
     INVALID,
-    NEGATIVE_KINDS,
-    SAMPLE_KINDS,
     SAMPLE_SCHEMA,
+    SCORE_COLUMNS,
     ProductRecord,
     manifest_dataset,
     manifest_errors_dir,
@@ -77,7 +84,6 @@ STAGES = (
     "select",
     "write",
 )
-SYNTHETIC_POSITIVES = ("view", "context")
 
 
 # --------------------------------------------------------------------------- state
@@ -88,7 +94,7 @@ class Sample:
     """One image of a product's training set while it moves through the pipeline."""
 
     sample_id: str
-    kind: str
+    kind: SampleKind
     image: bytes | None
     width: int
     height: int
@@ -131,7 +137,7 @@ class ProductState(ProductRow):
     def product_id(self) -> str:
         return self.record.product_id
 
-    def of(self, *kinds: str) -> list[Sample]:
+    def of(self, *kinds: SampleKind) -> list[Sample]:
         return [s for s in self.samples if s.kind in kinds]
 
     def error_record(self) -> str:
@@ -204,8 +210,12 @@ def balance_ratio(
     key = lambda item: item[1] if not math.isnan(item[1]) else -math.inf  # noqa: E731
     pos_order = sorted(positives, key=lambda p: (p[2], key(p), p[0]), reverse=True)
     keep_pos = {p[0] for p in pos_order[:target_p]}
-    cfs = sorted((n for n in negatives if n[2] == "counterfactual"), key=lambda n: (key(n), n[0]))
-    ins = sorted((n for n in negatives if n[2] != "counterfactual"), key=lambda n: (key(n), n[0]))
+    cfs = sorted(
+        (n for n in negatives if n[2] == SampleKind.COUNTERFACTUAL), key=lambda n: (key(n), n[0])
+    )
+    ins = sorted(
+        (n for n in negatives if n[2] != SampleKind.COUNTERFACTUAL), key=lambda n: (key(n), n[0])
+    )
     want_cf = min(len(cfs), round(target_n * counterfactual_fraction))
     want_in = min(len(ins), target_n - want_cf)
     want_cf = min(len(cfs), target_n - want_in)
@@ -227,32 +237,32 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
     for s, value in zip(samples, agg, strict=True):
         s.score = None if np.isnan(value) else float(value)
     minimums = {
-        "clip_i": f.min_clip_i,
-        "clip_t": f.min_clip_t,
-        "seg_clip_i": f.min_seg_clip_i,
-        "dino": f.min_dino,
+        Metric.CLIP_I: f.min_clip_i,
+        Metric.CLIP_T: f.min_clip_t,
+        Metric.SEG_CLIP_I: f.min_seg_clip_i,
+        Metric.DINO: f.min_dino,
     }
     for s in samples:
-        if s.kind in SYNTHETIC_POSITIVES:
+        if s.kind in SYNTHETIC_POSITIVE_KINDS:
             for name, low in minimums.items():
                 value = s.scores.get(name, math.nan)
                 if not math.isnan(value) and value < low:
                     s.drop(f"{name}={value:.3f} < {low:g}")
                     break
-            if s.kind == "context" and s.kept:
-                iou = s.scores.get("mask_iou", 0.0)
+            if s.kind == SampleKind.CONTEXT and s.kept:
+                iou = s.scores.get(MASK_IOU, 0.0)
                 if iou < f.min_mask_iou:
                     s.drop(
                         f"mask_iou={iou:.3f} < {f.min_mask_iou:g} (outpainting changed the product)"
                     )
         elif s.kind in NEGATIVE_KINDS:
-            likeness = s.scores.get("seg_clip_i", math.nan)
+            likeness = s.scores.get(Metric.SEG_CLIP_I, math.nan)
             if not math.isnan(likeness) and likeness >= f.max_negative_seg_clip_i:
                 s.drop(
                     f"seg_clip_i={likeness:.3f} >= {f.max_negative_seg_clip_i:g}: looks like the product"
                 )
     by_id = {s.sample_id: s for s in samples}
-    for kind in SYNTHETIC_POSITIVES:
+    for kind in SYNTHETIC_POSITIVE_KINDS:
         groups: dict[str, list[Sample]] = {}
         for s in samples:
             if s.kind == kind:
@@ -268,12 +278,16 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
             for s in group[f.top_k_per_source :]:
                 s.drop(f"not in the top {f.top_k_per_source} of its source")
     pos = [
-        (s.sample_id, s.score if s.score is not None else math.nan, s.kind == "real")
+        (s.sample_id, s.score if s.score is not None else math.nan, s.kind == SampleKind.REAL)
         for s in samples
         if s.kept and s.kind not in NEGATIVE_KINDS
     ]
     negs = [
-        (s.sample_id, s.scores.get("seg_clip_i", s.scores.get("clip_i", math.nan)), s.kind)
+        (
+            s.sample_id,
+            s.scores.get(Metric.SEG_CLIP_I, s.scores.get(Metric.CLIP_I, math.nan)),
+            s.kind,
+        )
         for s in samples
         if s.kept and s.kind in NEGATIVE_KINDS
     ]
@@ -295,13 +309,18 @@ class _Stage(ProductStage):
     """A model stage of augment: ``run`` calls an actor on a product's rows."""
 
     def add_generated(
-        self, state: ProductState, rows: list[dict[str, Any]], made: list[Sample]
+        self,
+        state: ProductState,
+        rows: list[dict[str, Any]],
+        made: list[Sample],
+        model: Any = None,
     ) -> None:
-        """Generate ``made`` samples from ``rows`` with this stage's model; keep the ones that
-        came out (the others are errors of their sample)."""
+        """Generate ``made`` samples from ``rows`` with ``model`` (this stage's by default);
+        keep the ones that came out (the others are errors of their sample)."""
         fmt = self.config.augment.image_format
+        model = model or self.model
         for sample, r in zip(
-            made, self.run(self.model, state, rows, [m.sample_id for m in made]), strict=True
+            made, self.run(model, state, rows, [m.sample_id for m in made]), strict=True
         ):
             if not r["error"]:
                 sample.image = encode(decode_rgb(r["image"]), fmt)
@@ -360,7 +379,7 @@ def decode_products(
             state.samples.append(
                 Sample(
                     f"real-{i:02d}",
-                    "real",
+                    SampleKind.REAL,
                     encode(img.image.rgb, fmt),
                     w,
                     h,
@@ -394,13 +413,13 @@ class CaptionStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.captioner = Captioner(config)
+        self.captioner = Captioner(config.model_spec("captioner"), config.augment.caption)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.clip: ClipEmbedder | None = None  # loaded only if a product needs zero-shot typing
         self.tag = source_tag(config, "captioner")
 
     def process(self, state: ProductState) -> None:
-        reals = state.of("real")
+        reals = state.of(SampleKind.REAL)
         out = self.run(
             self.captioner, state, [{"image": s.image} for s in reals], [s.sample_id for s in reals]
         )
@@ -434,7 +453,7 @@ class CaptionStage(_Stage):
 
     def _zero_shot(self, reals: list[Sample]) -> tuple[str, str]:
         if self.clip is None:
-            self.clip = ClipEmbedder(self.config)
+            self.clip = ClipEmbedder(self.config.model_spec("clip"))
         labels = self.bank.labels()
         images = self.clip({"image": _column([s.image for s in reals])})["image_embedding"]
         images = images[~np.isnan(images).any(axis=1)]
@@ -454,14 +473,15 @@ class ViewStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = NovelView(config)
+        self.model = NovelView(config.model_spec("novel_view"), config.augment.views)
         self.tag = source_tag(config, "novel_view")
         self.fmt = config.augment.image_format
 
     def process(self, state: ProductState) -> None:
-        reals = state.of("real")
+        reals = state.of(SampleKind.REAL)
         seeds = [
-            derive_seed(state.product_id, "view", i, self.config.seed) for i in range(len(reals))
+            derive_seed(state.product_id, SampleKind.VIEW, i, self.config.seed)
+            for i in range(len(reals))
         ]
         rows = [{"image": s.image, "seed": seed} for s, seed in zip(reals, seeds, strict=True)]
         for real, seed, r in zip(
@@ -477,7 +497,7 @@ class ViewStage(_Stage):
                 state.samples.append(
                     Sample(
                         f"view-{real.sample_id[5:]}-f{index:02d}",
-                        "view",
+                        SampleKind.VIEW,
                         encode(rgb, self.fmt),
                         rgb.shape[1],
                         rgb.shape[0],
@@ -494,11 +514,11 @@ class SegmentStage(_Stage):
     """Product masks for the images of the given kinds that have none yet."""
 
     name = "segment"
-    kinds: tuple[str, ...] = ("real", "view")
+    kinds: tuple[SampleKind, ...] = (SampleKind.REAL, SampleKind.VIEW)
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = Segmenter(config)
+        self.model = Segmenter(config.model_spec("segmenter"), config.augment.segment)
         self.tag = source_tag(config, "segmenter")
 
     def process(self, state: ProductState) -> None:
@@ -518,7 +538,9 @@ class SegmentStage(_Stage):
         self.after(state, todo)
 
     def after(self, state: ProductState, done: list[Sample]) -> None:
-        if state.of("real", "view") and not any(s.mask for s in state.of("real", "view")):
+        if state.of(SampleKind.REAL, SampleKind.VIEW) and not any(
+            s.mask for s in state.of(SampleKind.REAL, SampleKind.VIEW)
+        ):
             state.error(
                 self.name,
                 "segmentation found no product in any image: no contexts or "
@@ -531,14 +553,14 @@ class ResegmentStage(SegmentStage):
     catches outpainting that extended or changed the product (paper 2.3)."""
 
     name = "resegment"
-    kinds = ("context", "negative", "counterfactual")
+    kinds = (SampleKind.CONTEXT, SampleKind.NEGATIVE, SampleKind.COUNTERFACTUAL)
 
     def after(self, state: ProductState, done: list[Sample]) -> None:
         for s in done:
-            if s.kind == "context":
+            if s.kind == SampleKind.CONTEXT:
                 expected = decode_mask(s.expected_mask)
                 found = decode_mask(s.mask) if s.mask else np.zeros_like(expected)
-                s.scores["mask_iou"] = mask_iou(found, expected)
+                s.scores[MASK_IOU] = mask_iou(found, expected)
 
 
 class InpaintStage(_Stage):
@@ -549,14 +571,14 @@ class InpaintStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = Inpainter(config)
+        self.model = Inpainter(config.model_spec("inpainter"), config.augment.contexts)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.tag = source_tag(config, "inpainter")
 
     def process(self, state: ProductState) -> None:
         cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
         rows, made = [], []
-        for s in (s for s in state.of("real", "view") if s.mask):
+        for s in (s for s in state.of(SampleKind.REAL, SampleKind.VIEW) if s.mask):
             prompts = self.bank.prompts(
                 state.product_type,
                 cfg.contexts.per_image,
@@ -581,7 +603,7 @@ class InpaintStage(_Stage):
                 made.append(
                     Sample(
                         f"ctx-{s.sample_id}-{j:02d}",
-                        "context",
+                        SampleKind.CONTEXT,
                         None,
                         cfg.contexts.size,
                         cfg.contexts.size,
@@ -593,10 +615,12 @@ class InpaintStage(_Stage):
                         models={"inpainter": self.tag},
                     )
                 )
-        reals = [s for s in state.of("real") if s.mask]
+        self.add_generated(state, rows, made)  # the inpainter's own options: cfg.contexts
+        rows, made = [], []
+        reals = [s for s in state.of(SampleKind.REAL) if s.mask]
         views = len(cfg.views.frame_indices) if cfg.views.enabled else 0
         total = negatives_needed(
-            len(state.of("real")),
+            len(state.of(SampleKind.REAL)),
             views,
             cfg.contexts.per_image,
             cfg.filter.top_k_per_source,
@@ -609,7 +633,7 @@ class InpaintStage(_Stage):
         size = cfg.negatives.size
         for j in range(state.counterfactuals):
             s = reals[j % len(reals)]
-            seed = derive_seed(pid, "counterfactual", j, run_seed)
+            seed = derive_seed(pid, SampleKind.COUNTERFACTUAL, j, run_seed)
             rgb, mask = square_canvas(decode_rgb(s.image), decode_mask(s.mask), size)
             region = dilate(mask, round(cfg.negatives.mask_dilation * size))
             text = f"a photo of {self.bank.counterfactual_object(state.product_type, seed)}"
@@ -625,7 +649,7 @@ class InpaintStage(_Stage):
             made.append(
                 Sample(
                     f"cf-{j:02d}",
-                    "counterfactual",
+                    SampleKind.COUNTERFACTUAL,
                     None,
                     size,
                     size,
@@ -636,7 +660,10 @@ class InpaintStage(_Stage):
                     models={"inpainter": self.tag},
                 )
             )
-        self.add_generated(state, rows, made)
+        # The same loaded inpainter, with the counterfactuals' own settings.
+        self.add_generated(
+            state, rows, made, functools.partial(self.model, options=cfg.counterfactuals)
+        )
 
 
 class NegativeStage(_Stage):
@@ -648,23 +675,26 @@ class NegativeStage(_Stage):
     def __init__(self, config: RestageConfig):
         super().__init__(config)
         n = config.augment.negatives
-        self.model = Generator(config, GenerationOptions(n.size, n.size, n.steps, n.guidance_scale))
+        self.model = Generator(
+            config.model_spec("generator"),
+            GenerationOptions(n.size, n.size, n.steps, n.guidance_scale),
+        )
         self.tag = source_tag(config, "generator")
 
     def process(self, state: ProductState) -> None:
         cfg = self.config.augment
-        captions = [s.caption for s in state.of("real") if s.caption] or [
+        captions = [s.caption for s in state.of(SampleKind.REAL) if s.caption] or [
             f"a photo of a {state.noun}"
         ]
         rows, made = [], []
         for j in range(state.negatives):
-            seed = derive_seed(state.product_id, "negative", j, self.config.seed)
+            seed = derive_seed(state.product_id, SampleKind.NEGATIVE, j, self.config.seed)
             prompt = strip_product_words(captions[j % len(captions)], state.record, state.noun)
             rows.append({"prompt": prompt, "seed": seed})
             made.append(
                 Sample(
                     f"neg-{j:02d}",
-                    "negative",
+                    SampleKind.NEGATIVE,
                     None,
                     cfg.negatives.size,
                     cfg.negatives.size,
@@ -685,12 +715,16 @@ class ScoreStage(_Stage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.scorer = Scorer(config, config.augment.filter.weights)  # masks come from segment
+        self.scorer = Scorer(  # masks come from the segment stages
+            config.model_spec("clip"),
+            config.model_spec("dino"),
+            ScoringOptions(config.augment.filter.weights, config.scoring.ranges),
+        )
         self.tags = {"clip": source_tag(config, "clip"), "dino": source_tag(config, "dino")}
 
     def process(self, state: ProductState) -> None:
         samples = [s for s in state.samples if s.image is not None]
-        reals = [s for s in samples if s.kind == "real"]
+        reals = [s for s in samples if s.kind == SampleKind.REAL]
         stat = state.stat(self.name)
         stat.items_in += len(samples)
         if not reals:
@@ -705,7 +739,7 @@ class ScoreStage(_Stage):
             exclude_self=[real_index.get(s.sample_id, -1) for s in samples],
         )
         for i, s in enumerate(samples):
-            s.scores.update({name: float(out[name][i]) for name in METRICS})
+            s.scores.update({name: float(out[name][i]) for name in Metric})
             s.models.update(self.tags)
             if out["error"][i]:
                 stat.errors += 1
@@ -740,8 +774,8 @@ def write_products(
     def writer(state: ProductState) -> Callable[[], list[dict[str, Any]]]:
         def files() -> list[dict[str, Any]]:
             pid, rows = state.product_id, []
-            for folder in (layout.image(pid, "x"), layout.mask(pid, "x")):  # a killed run's
-                storage.remove(storage.parent_uri(folder), recursive=True)
+            for folder in (layout.images_dir(pid), layout.masks_dir(pid)):  # a killed run's
+                storage.remove(folder, recursive=True)
             for s in state.samples:
                 if s.image is None:
                     continue
@@ -769,7 +803,7 @@ def write_products(
 
     def marker(state: ProductState, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "kept": {k: sum(1 for r in rows if r["kind"] == k and r["kept"]) for k in SAMPLE_KINDS},
+            "kept": {k: sum(1 for r in rows if r["kind"] == k and r["kept"]) for k in SampleKind},
             "samples": len(rows),
             "product_type": state.product_type,
             "type_source": state.type_source,
@@ -810,10 +844,7 @@ def _manifest_row(
         "type_source": state.type_source,
         "mask_method": s.mask_method,
         "mask_score": None if s.mask_score is None or math.isnan(s.mask_score) else s.mask_score,
-        **{
-            name: score(name)
-            for name in ("clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino", "mask_iou")
-        },
+        **{name: score(name) for name in SCORE_COLUMNS},
         "score": s.score,
         "kept": s.kept,
         "drop_reason": s.drop_reason,

@@ -37,13 +37,15 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from actors.scorer import METRICS, Scorer, rank_and_keep, references
+from actors.scorer import Scorer, ScoringOptions, rank_and_keep, references
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
 from ray_app import storage
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
+from ray_app.kinds import Metric
 from ray_app.models import source_tag
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import GENERATION_SCHEMA, VALID
@@ -86,7 +88,7 @@ class ProductState(ProductRow):
     job: ClassVar[str] = JOB
     product_id: str
     adapter_uri: str
-    meta: dict[str, Any]
+    meta: AdapterMeta | None  # None: its adapter.json could not be read (a failed plan)
     images: list[Image]
     adapter_loads: int = 0
 
@@ -119,16 +121,16 @@ def plan_product(
     user_prompts: list[str],
     product_id: str,
     adapter_uri: str,
-    meta: dict[str, Any],
+    meta: AdapterMeta,
 ) -> ProductState:
     """A product's prompts (bank, then user) and seeds; ``TOKEN NOUN`` fills ``{product}``."""
     g = config.generate
     bank_prompts = bank.prompts(
-        meta.get("product_type"),
+        meta.product_type,
         g.prompts_per_product,
         derive_seed(product_id, "generate-prompts", 0, config.seed),
     )
-    phrase = meta.get("prompt") or f"{meta['token']} {meta['noun']}"
+    phrase = meta.phrase
     prompts = [("bank", p) for p in bank_prompts] + [("user", p) for p in user_prompts]
     images = []
     for i, (source, prompt) in enumerate(prompts):
@@ -160,7 +162,7 @@ class GenerateStage(ProductStage):
         super().__init__(config)
         g = config.generate
         self.gen = Generator(
-            config,
+            config.model_spec("generator"),
             GenerationOptions(g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt),
         )
         self.tag = source_tag(config, "generator")
@@ -200,7 +202,7 @@ class SegmentStage(ProductStage):
         from actors.segmenter import Segmenter
 
         super().__init__(config)
-        self.model = Segmenter(config)
+        self.model = Segmenter(config.model_spec("segmenter"), config.generate.segmentation)
 
     def process(self, state: ProductState) -> None:
         todo = [im for im in state.images if im.data is not None]
@@ -223,14 +225,18 @@ class ScoreStage(ProductStage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.scorer = Scorer(config, config.generate.weights)  # masks come from SegmentStage
+        self.scorer = Scorer(  # masks come from SegmentStage
+            config.model_spec("clip"),
+            config.model_spec("dino"),
+            ScoringOptions(config.generate.weights, config.scoring.ranges),
+        )
 
     def process(self, state: ProductState) -> None:
         g, stat = self.config.generate, state.stat(self.name)
         refs, ref_masks = references(state.meta)
         if not refs:
             raise ValueError(
-                f"no real image in the training set {state.meta['training_set']['manifest_shard']}"
+                f"no real image in the training set {state.meta.training_set.manifest_shard}"
             )
         todo = [im for im in state.images if im.data is not None]
         stat.items_in += len(todo)
@@ -244,7 +250,7 @@ class ScoreStage(ProductStage):
             masks=[im.mask for im in todo],
         )
         for k, im in enumerate(todo):
-            im.scores = {m: float(out[m][k]) for m in METRICS}
+            im.scores = {m: float(out[m][k]) for m in Metric}
             value = float(out["score"][k])
             im.score = None if math.isnan(value) else value
             if out["error"][k]:
@@ -272,7 +278,7 @@ def write_products(
     def writer(state: ProductState) -> Callable[[], list[dict[str, Any]]]:
         def files() -> list[dict[str, Any]]:
             pid, stat, rows = state.product_id, state.stat("write"), []
-            storage.remove(storage.parent_uri(layout.image(pid, "x")), recursive=True)
+            storage.remove(layout.images_dir(pid), recursive=True)
             for im in state.images:
                 uri = None
                 if im.data is not None and (im.kept or g.write_all_images):
@@ -318,13 +324,13 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
         "prompt": im.prompt,
         "prompt_source": im.prompt_source,
         "seed": im.seed,
-        "token": state.meta.get("token"),
+        "token": state.meta.token,
         "adapter_uri": state.adapter_uri,
         "image_uri": uri,
         "width": config.generate.width,
         "height": config.generate.height,
         "mask_method": im.mask_method,
-        **{m: value(m) for m in METRICS},
+        **{m: value(m) for m in Metric},
         "score": im.score,
         "rank": im.rank,
         "kept": im.kept,
@@ -382,11 +388,11 @@ def plan_products(
         start = time.perf_counter()
         stat = StageStats("plan", "products", items_in=1)
         try:
-            meta = storage.read_json(adapters.metadata(pid))
+            meta = AdapterMeta.read(adapters.metadata(pid))
             state = plan_product(config, bank, user_prompts, pid, adapters.adapter_dir(pid), meta)
             stat.items_out = 1
         except Exception as exc:
-            state = ProductState(pid, adapters.adapter_dir(pid), {}, [])
+            state = ProductState(pid, adapters.adapter_dir(pid), None, [])
             state.error("plan", f"{type(exc).__name__}: {exc}")
             state.failed = f"plan failed: {exc}"
             stat.errors = 1

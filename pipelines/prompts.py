@@ -28,7 +28,7 @@ class _TypeWriter:
     """A ``PromptWriter`` that passes each row's type through (actor outputs replace the batch)."""
 
     def __init__(self, config: RestageConfig, per_type: int):
-        self.writer = PromptWriter(config, per_type)
+        self.writer = PromptWriter(config.model_spec("llm"), per_type)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"type": batch["type"], **self.writer(batch)}

@@ -13,8 +13,8 @@ images and caching their latents and text embeddings, nothing else. With
 ``train.products_per_step`` = K > 1 a worker leases K products and trains them in shared
 steps (``LoraTrainer.train_many``), with the same adapters as one at a time.
 
-A product's adapter folder holds ``pytorch_lora_weights.safetensors`` (loadable by plain
-diffusers with ``pipe.load_lora_weights(folder)``) and ``adapter.json``, written last as the
+A product's adapter folder holds its weights (``AdapterLayout.WEIGHTS``, loadable by plain
+diffusers with ``pipe.load_lora_weights(folder)``) and ``AdapterMeta``, written last as the
 completion marker. A re-run skips complete products; a worker restarted by
 ``FailureConfig`` after a worker died gets back only the products its rank had in flight.
 A product that cannot be trained (too few samples, no usable token, a non-finite loss)
@@ -45,13 +45,20 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.compute as pc
 
 from ray_app import __version__, storage
+from ray_app.adapter_meta import (
+    AdapterMeta,
+    BaseModelRef,
+    RejectedToken,
+    StageSeconds,
+    TokenTrial,
+    TrainingSetRef,
+)
 from ray_app.config import RestageConfig
+from ray_app.kinds import NEGATIVE_KINDS, POSITIVE_KINDS, SampleKind
 from ray_app.node_loss import node_loss_guard
 from ray_app.progress import StageLines
-from ray_app.prompts import PromptBank, category_noun, fill
+from ray_app.prompts import PromptBank, category_noun, fill, product_phrase
 from ray_app.records import (
-    NEGATIVE_KINDS,
-    POSITIVE_KINDS,
     SAMPLE_SCHEMA,
     ErrorRow,
     RecordError,
@@ -292,7 +299,7 @@ class ShardTrainer:
         self.records = read_records(data_root, manifest)
         self.tokens = load_tokens(config.train.tokens_file)
         start = time.perf_counter()
-        self.trainer = LoraTrainer(config)
+        self.trainer = LoraTrainer(config.model_spec("generator"), config.train)
         self.load_seconds = time.perf_counter() - start
         if config.train.products_per_step > 1:  # refuse layers the stacked LoRA cannot run
             from actors.lora_trainer import ADAPTER
@@ -356,17 +363,15 @@ class ShardTrainer:
         write_errors(self.layout, pid, [ErrorRow(JOB, stage, reason, pid)])
         self._report({"product_id": pid, "status": "failed", "stage": stage})
 
-    def _done(self, pid: str, meta: dict[str, Any]) -> None:
+    def _done(self, pid: str, meta: AdapterMeta) -> None:
         write_errors(self.layout, pid, [])  # a stale errors shard of an earlier run goes
-        storage.write_json(self.layout.metadata(pid), meta)  # the completion marker, last
+        meta.write(self.layout.metadata(pid))  # the completion marker, last
 
-    def _finished(self, pid: str, meta: Any) -> None:
+    def _finished(self, pid: str, meta: AdapterMeta) -> None:
         """Write a trained product's adapter metadata, then report its result row."""
         self._done(pid, meta)
-        data = meta if isinstance(meta, dict) else meta.to_dict()  # a mapping or a model
-        self._report(
-            {"product_id": pid, "status": "ok", "seconds": data["seconds"], "steps": data["steps"]}
-        )
+        seconds = meta.seconds.model_dump(mode="json")
+        self._report({"product_id": pid, "status": "ok", "seconds": seconds, "steps": meta.steps})
 
     def _train_group(self, group: list[_Prepared]) -> None:
         """One product alone (with its token sweep), or several in multi-product steps; when
@@ -415,19 +420,19 @@ class ShardTrainer:
         seed = derive_seed(pid, "train", 0, cfg.seed)
         return _Prepared(ts, tokens, rejected, seed, started, load_seconds)
 
-    def train_one(self, p: _Prepared) -> tuple[Any, list[dict[str, Any]], float]:
+    def train_one(self, p: _Prepared) -> tuple[Any, list[TokenTrial], float]:
         """Train one product alone, sweeping its candidate tokens when there are several ->
         (result, sweep rows, sweep seconds); ``p.token`` becomes the winner."""
         opts, ts = self.config.train, p.ts
         if len(p.tokens) == 1:
             return self.trainer.train(self.samples(ts, p.token), p.seed), [], 0.0
         start = time.perf_counter()
-        sweep: list[dict[str, Any]] = []
+        sweep: list[TokenTrial] = []
         best = None
         for candidate in p.tokens:
             res = self.trainer.train(self.samples(ts, candidate), p.seed, opts.sweep_steps)
             score = self.validate(ts, candidate)
-            sweep.append({"token": candidate, "score": score, "final_loss": res.final_loss})
+            sweep.append(TokenTrial(token=candidate, score=score, final_loss=res.final_loss))
             if best is None or score > best[0]:
                 best = (score, candidate, res)
         _, p.token, result = best
@@ -440,90 +445,91 @@ class ShardTrainer:
         self,
         p: _Prepared,
         result: Any,
-        sweep: list[dict[str, Any]] | None = None,
+        sweep: list[TokenTrial] | None = None,
         sweep_seconds: float = 0.0,
-    ) -> dict[str, Any]:
-        """Write a product's weights -> its ``adapter.json`` content."""
+    ) -> AdapterMeta:
+        """Write a product's weights -> its adapter metadata (``_done`` writes it, last)."""
         cfg, opts, ts, pid, token = self.config, self.config.train, p.ts, p.ts.product_id, p.token
         start = time.perf_counter()
         weights = self.trainer.adapter_bytes(result.state_dict)
         storage.write_bytes(self.layout.weights(pid), weights)
         write_seconds = time.perf_counter() - start
         spec = cfg.generator
-        return {
-            "product_id": pid,
-            "token": token,
-            "noun": ts.noun,
-            "prompt": f"{token} {ts.noun}",
-            "product_type": ts.product_type,
-            "format": "diffusers-lora",
-            "weights": "pytorch_lora_weights.safetensors",
-            "weights_sha256": hashlib.sha256(weights).hexdigest(),
-            "rank": opts.rank,
-            "alpha": opts.alpha or opts.rank,
-            "alpha_folded": True,
-            "target_modules": list(opts.target_modules),
-            "steps": result.steps,
-            "batch_size": result.batch_size,
-            "products_per_step": result.extra.get("products_per_step", 1),
-            "resolution": opts.resolution,
-            "learning_rate": opts.learning_rate,
-            "negative_ratio": opts.negative_ratio,
-            "caption_mode": opts.caption_mode,
-            "positives": result.positives,
-            "negatives": result.negatives,
-            "seed": p.seed,
-            "base": {
-                "role": "generator",
-                "source": spec.source,
-                "revision": spec.revision,
-                "variant": spec.variant,
-                "resolved": getattr(getattr(self.trainer, "loaded", None), "resolved", None),
-            },
-            "training_set": {
-                "uri": self.data_root,
-                "manifest_shard": ts.shard_uri,
-                "digest": ts.digest(),
-                "samples": len(ts.rows),
-            },
-            "final_loss": result.final_loss,
-            "eval_loss_start": result.eval_loss_start,
-            "eval_loss_end": result.eval_loss_end,
-            "token_sweep": sweep or [],
-            "tokens_rejected": [{"token": t, "reason": r} for t, r in p.rejected],
-            "seconds": {
-                "load": round(p.load_seconds, 3),
-                "setup": round(result.setup_seconds, 3),
-                "train": round(result.train_seconds, 3),  # the group's over its size
-                "sweep": round(sweep_seconds, 3),
-                "write": round(write_seconds, 3),
-                "per_step": round(result.seconds_per_step, 5),
-                "total": round(time.perf_counter() - p.started, 3),
-                "base_load_of_worker": round(self.load_seconds, 3),
-            },
-            "restage_version": __version__,
-            "finished": time.time(),
-        }
+        return AdapterMeta(
+            product_id=pid,
+            token=token,
+            noun=ts.noun,
+            product_type=ts.product_type,
+            weights_sha256=hashlib.sha256(weights).hexdigest(),
+            rank=opts.rank,
+            alpha=opts.alpha or opts.rank,
+            alpha_folded=True,
+            target_modules=list(opts.target_modules),
+            steps=result.steps,
+            batch_size=result.batch_size,
+            products_per_step=result.extra.get("products_per_step", 1),
+            resolution=opts.resolution,
+            learning_rate=opts.learning_rate,
+            negative_ratio=opts.negative_ratio,
+            caption_mode=opts.caption_mode,
+            positives=result.positives,
+            negatives=result.negatives,
+            seed=p.seed,
+            base=BaseModelRef(
+                role="generator",
+                source=spec.source,
+                revision=spec.revision,
+                variant=spec.variant,
+                resolved=getattr(getattr(self.trainer, "loaded", None), "resolved", None),
+            ),
+            training_set=TrainingSetRef(
+                uri=self.data_root,
+                manifest_shard=ts.shard_uri,
+                digest=ts.digest(),
+                samples=len(ts.rows),
+            ),
+            final_loss=result.final_loss,
+            eval_loss_start=result.eval_loss_start,
+            eval_loss_end=result.eval_loss_end,
+            token_sweep=sweep or [],
+            tokens_rejected=[RejectedToken(token=t, reason=r) for t, r in p.rejected],
+            seconds=StageSeconds(
+                load=round(p.load_seconds, 3),
+                setup=round(result.setup_seconds, 3),
+                train=round(result.train_seconds, 3),  # the group's over its size
+                sweep=round(sweep_seconds, 3),
+                write=round(write_seconds, 3),
+                per_step=round(result.seconds_per_step, 5),
+                total=round(time.perf_counter() - p.started, 3),
+                base_load_of_worker=round(self.load_seconds, 3),
+            ),
+            restage_version=__version__,
+            finished=time.time(),
+        )
 
     def validate(self, ts: TrainingSet, token: str) -> float:
         """Validation fidelity of the LoRA now in the trainer: images of bank prompts with
         ``token``, scored against the product's real images (the generate job's ranking
         score, averaged)."""
-        from actors.scorer import Scorer
+        from actors.scorer import Scorer, ScoringOptions
 
         cfg, g = self.config, self.config.generate
         if self._scorer is None:
-            self._scorer = Scorer(cfg, cfg.generate.weights)
+            self._scorer = Scorer(
+                cfg.model_spec("clip"),
+                cfg.model_spec("dino"),
+                ScoringOptions(g.weights, cfg.scoring.ranges),
+            )
         n = cfg.train.sweep_images
         prompts = self.bank.prompts(
             ts.product_type, n, derive_seed(ts.product_id, "sweep-prompts", 0, cfg.seed)
         )
-        prompts = [fill(p, f"{token} {ts.noun}") for p in prompts]
+        prompts = [fill(p, product_phrase(token, ts.noun)) for p in prompts]
         seeds = [derive_seed(ts.product_id, "sweep", i, cfg.seed) for i in range(n)]
         images = self.trainer.generate(
             prompts, seeds, g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt
         )
-        reals = [r for r in ts.rows if r["kind"] == "real"] or ts.positives
+        reals = [r for r in ts.rows if r["kind"] == SampleKind.REAL] or ts.positives
         scores = self._scorer.score(
             images, prompts, [ts.images[r["sample_id"]] for r in reals], [None] * len(reals)
         )

@@ -30,7 +30,7 @@ from ray_app.config import PROFILES, ConfigError, RestageConfig, ServeConfig, lo
 from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
-from ray_app.storage import MissingBackendError
+from ray_app.storage import AdapterLayout, MissingBackendError
 
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
@@ -316,10 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(train.num_workers workers, each loading the base model once and training its share "
         "of products in turn). Each product gets a rare token that does not collide with its "
         "words; negatives and counterfactuals are mixed into the batches (train.negative_ratio, "
-        "2:1). Writes OUT/<product_id>/pytorch_lora_weights.safetensors (loads with diffusers' "
-        "pipe.load_lora_weights) and adapter.json (token, rank, steps, base model, training-set "
-        "digest, losses, seconds), an errors manifest (_errors/) and _summary.json. Re-running skips "
-        "products whose adapter.json exists.",
+        f"2:1). Writes OUT/<product_id>/{AdapterLayout.WEIGHTS} (loads with diffusers' "
+        f"pipe.load_lora_weights) and {AdapterLayout.METADATA} (token, rank, steps, base model, "
+        "training-set digest, losses, seconds), an errors manifest (_errors/) and _summary.json. "
+        f"Re-running skips products whose {AdapterLayout.METADATA} exists.",
     )
     p.add_argument("--data", required=True, help="output root URI of `restage augment`")
     p.add_argument("--out", required=True, help="adapters root URI (one folder per product)")

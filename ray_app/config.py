@@ -9,7 +9,9 @@ starts with a message that names the dotted key, the value and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from ray_app.kinds import Metric
 
 ROLES = (
     "captioner",
@@ -94,6 +98,25 @@ class RoleSpec(StrictModel):
         ):
             raise ValueError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         return self
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A role as an actor takes it: the role's spec and where the run keeps model files.
+    Actors take this and their own small options object, never the whole config."""
+
+    role: str
+    spec: RoleSpec
+    cache_dir: Path
+    offline: bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size
+
+    def with_spec(self, **changes: Any) -> ModelSpec:
+        """The same role with some of its spec changed (e.g. the training dtype)."""
+        return dataclasses.replace(self, spec=self.spec.model_copy(update=changes))
 
 
 class RayConfig(StrictModel):
@@ -250,15 +273,13 @@ def _multiple_of_8(name: str, value: int) -> None:
 class ScoringConfig(StrictModel):
     """How raw metrics map onto [0, 1] before weighting (filtering, ranking, serving)."""
 
-    ranges: dict[
-        Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"], tuple[float, float]
-    ] = Field(
+    ranges: dict[Metric, tuple[float, float]] = Field(
         default_factory=lambda: {
-            "clip_i": (0.5, 1.0),
-            "clip_t": (0.1, 0.35),
-            "seg_clip_i": (0.5, 1.0),
-            "dino": (0.1, 1.0),
-            "seg_dino": (0.1, 1.0),
+            Metric.CLIP_I: (0.5, 1.0),
+            Metric.CLIP_T: (0.1, 0.35),
+            Metric.SEG_CLIP_I: (0.5, 1.0),
+            Metric.DINO: (0.1, 1.0),
+            Metric.SEG_DINO: (0.1, 1.0),
         },
         description="Raw value mapped to 0 and to 1 for each metric (clipped outside).",
     )
@@ -331,7 +352,8 @@ class ViewsConfig(StrictModel):
 
 
 class SegmentConfig(StrictModel):
-    """Automatic prompting of the segmenter and acceptance of its masks."""
+    """Automatic prompting of the segmenter and acceptance of its masks (the options of the
+    ``Segmenter`` actor; augment, generate and serve's ranker each have their own)."""
 
     min_area: Fraction = Field(
         0.005, description="A product mask covers at least this fraction of the image."
@@ -352,25 +374,30 @@ class SegmentConfig(StrictModel):
         return self
 
 
-class ContextsConfig(StrictModel):
-    """New contexts: keep the product pixels, outpaint a scene from the prompt bank (2.1.2)."""
+class InpaintOptions(StrictModel):
+    """How the inpainter paints (the options of the ``Inpainter`` actor)."""
 
-    per_image: NonNegativeInt = Field(2, description="Outpainted contexts per real or view image.")
-    size: PositiveInt = Field(1024, description="Square canvas size of an outpainted image.")
-    product_scale: tuple[Fraction, Fraction] = Field(
-        (0.45, 0.7), description="Range of the product's longer side as a fraction of the canvas."
-    )
     steps: PositiveInt = Field(30, description="Denoising steps.")
     guidance_scale: Annotated[float, Field(ge=0)] = Field(
         7.0, description="Classifier-free guidance."
     )
     strength: Annotated[float, Field(gt=0, le=1)] = Field(0.99, description="Inpainting strength.")
     feather: NonNegativeInt = Field(
-        2, description="Pixels of soft edge when pasting the product back."
+        2, description="Pixels of soft edge when pasting the kept pixels back."
     )
     negative_prompt: str = Field(
         "blurry, low quality, distorted, deformed, extra objects, duplicate, text, watermark, logo",
         description="Negative prompt of the inpainter.",
+    )
+
+
+class ContextsConfig(InpaintOptions):
+    """New contexts: keep the product pixels, outpaint a scene from the prompt bank (2.1.2)."""
+
+    per_image: NonNegativeInt = Field(2, description="Outpainted contexts per real or view image.")
+    size: PositiveInt = Field(1024, description="Square canvas size of an outpainted image.")
+    product_scale: tuple[Fraction, Fraction] = Field(
+        (0.45, 0.7), description="Range of the product's longer side as a fraction of the canvas."
     )
 
     @model_validator(mode="after")
@@ -409,6 +436,12 @@ class NegativesConfig(StrictModel):
         return self
 
 
+class CounterfactualsConfig(InpaintOptions):
+    """Counterfactuals: another object painted into the product's place in a real photo
+    (2.1.3). How many, their size and mask growth are in ``negatives``; these are the
+    inpainter's settings for them, the same defaults as ``contexts``'."""
+
+
 class FilterConfig(StrictModel):
     """Which synthetic samples are kept (2.3). Real images are always kept and scored."""
 
@@ -430,15 +463,13 @@ class FilterConfig(StrictModel):
         0.95,
         description="A negative whose product-crop CLIP-I reaches this looks like the product: dropped.",
     )
-    weights: dict[
-        Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"], Annotated[float, Field(ge=0)]
-    ] = Field(
+    weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {
-            "clip_i": 1.0,
-            "clip_t": 0.5,
-            "seg_clip_i": 1.0,
-            "dino": 1.0,
-            "seg_dino": 0.5,
+            Metric.CLIP_I: 1.0,
+            Metric.CLIP_T: 0.5,
+            Metric.SEG_CLIP_I: 1.0,
+            Metric.DINO: 1.0,
+            Metric.SEG_DINO: 0.5,
         },
         description="Weights of the normalised metrics in the score that orders samples.",
     )
@@ -464,10 +495,8 @@ class AugmentConfig(StrictModel):
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     contexts: ContextsConfig = Field(default_factory=ContextsConfig)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    counterfactuals: CounterfactualsConfig = Field(default_factory=CounterfactualsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
-
-
-MetricName = Literal["clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino"]
 
 
 class TrainConfig(StrictModel):
@@ -618,20 +647,18 @@ class GenerateConfig(StrictModel):
     threshold: float = Field(
         0.0, description="Minimum aggregate score (0-1) of a kept image, applied after top_n."
     )
-    weights: dict[MetricName, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: {
-            "clip_t": 1.0,
-            "clip_i": 1.0,
-            "dino": 1.0,
-            "seg_clip_i": 1.0,
-            "seg_dino": 1.0,
-        },
+    weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict.fromkeys(Metric, 1.0),
         description="Weights of the normalised metrics (scoring.ranges) in the ranking score; "
         "segmented metrics count only where both masks exist.",
     )
     segment: bool = Field(
         True,
         description="Segment generated images (segmenter role) for segmented CLIP-I and DINO.",
+    )
+    segmentation: SegmentConfig = Field(
+        default_factory=SegmentConfig,
+        description="How generated images are segmented (the same defaults as augment.segment).",
     )
     width: PositiveInt = Field(1024, description="Image width.")
     height: PositiveInt = Field(1024, description="Image height.")
@@ -722,6 +749,13 @@ class ServeConfig(StrictModel):
         True, description="Run the ranking deployment (clip, dino) for rank=true requests."
     )
     ranker_replicas: PositiveInt = Field(1, description="Ranker replicas.")
+    ranker_segmentation: SegmentConfig = Field(
+        default_factory=SegmentConfig,
+        description="How the ranker segments a request's images for the segmented metrics "
+        "(with generate.segment; the same defaults as augment.segment). It scores with "
+        "generate.weights and scoring.ranges, so that it orders images as `restage generate` "
+        "ranks them.",
+    )
     ingress_replicas: PositiveInt = Field(
         1, description="Ingress (HTTP, auth, validation) replicas."
     )
@@ -793,6 +827,10 @@ class RestageConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def model_spec(self, name: str) -> ModelSpec:
+        """What an actor of role ``name`` needs to load its model, and nothing else."""
+        return ModelSpec(name, self.role(name), self.cache_path, self.offline)
 
     def role(self, name: str) -> RoleSpec:
         if name not in ROLES:

@@ -1,6 +1,7 @@
 """The model registry: every model is loaded by role, through one loader per library family.
 
-``load_role(config, "generator")`` resolves the role's ``source`` to something its library
+``load_role(config, "generator")`` (or ``load_model(config.model_spec("generator"))``, as
+actors do) resolves the role's ``source`` to something its library
 can load (a hub id, a local folder, a file copied from an fsspec URI, or the project's own
 tiny checkpoint) and calls the family loader. Real and tiny checkpoints go through the same
 loader: the tiny profile only changes where the files come from.
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ray_app import storage, tiny
-from ray_app.config import ROLES, RestageConfig, RoleSpec
+from ray_app.config import ROLES, ModelSpec, RestageConfig, RoleSpec
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -199,25 +200,30 @@ def fetch_uri(uri: str, cache_dir: Path, revision: str | None = None) -> Path:
 
 def load_role(config: RestageConfig, role: str, *, device: str | None = None) -> LoadedModel:
     """Load ``role`` as configured (``device`` overrides the spec, e.g. in a GPU benchmark)."""
-    spec = config.role(role)
+    return load_model(config.model_spec(role), device=device)
+
+
+def load_model(model: ModelSpec, *, device: str | None = None) -> LoadedModel:
+    """Load an actor's role from its ``ModelSpec`` (``device`` overrides the spec)."""
+    role, spec = model.role, model.spec
     quiet_libraries()
     dev = resolve_device(device or spec.device)
     dtype = resolve_dtype(spec.dtype, dev)
     if dtype == torch.float16 and dev.type == "cpu":
         dtype = torch.float32  # many CPU kernels have no float16 implementation
-    resolved, is_local = resolve_source(role, spec, config.cache_path)
+    resolved, is_local = resolve_source(role, spec, model.cache_dir)
     fam = family(ROLE_FAMILY[role])
     if not is_local and not fam.accepts_hub_id:
         raise ValueError(
             f"{role}.source={spec.source!r}: the {fam.name} family loads checkpoint files; give a "
             "local path or a URI (https://, hf://org/repo/file.pth, s3://, ...)"
         )
-    if not is_local and config.offline:
+    if not is_local and model.offline:
         raise RuntimeError(
             f"{role}.source={spec.source!r} is a hub id but offline=true: use a local path, a "
             "mirror URI, or set offline=false"
         )
-    loaded = fam.load(role, resolved, spec, dev, dtype, config.offline)
+    loaded = fam.load(role, resolved, spec, dev, dtype, model.offline)
     loaded.source = spec.source
     return loaded
 

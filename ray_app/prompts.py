@@ -203,8 +203,15 @@ class PromptBank:
         return random.Random(seed).choice(others)
 
 
+def product_phrase(token: str, noun: str) -> str:
+    """The words that name a trained product in a prompt: its rare token before its class
+    noun ("sks mug"). Training, validation, generation and serving all build it here, so
+    the adapter is prompted the way it was trained."""
+    return f"{token} {noun}"
+
+
 def fill(prompt: str, product: str) -> str:
-    """Put the product phrase (e.g. "sks mug") into a bank prompt."""
+    """Put the product phrase (``product_phrase``) into a bank prompt."""
     return prompt.replace(PLACEHOLDER, product)
 
 

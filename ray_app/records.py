@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_app import storage
+from ray_app.kinds import MASK_IOU, Metric
 
 PRODUCT_ID_MAX_LEN = 128
 _PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -162,11 +163,9 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-# One row per sample of a product's training set (`restage augment` manifest).
-SAMPLE_KINDS = ("real", "view", "context", "negative", "counterfactual")
-POSITIVE_KINDS = ("real", "view", "context")
-NEGATIVE_KINDS = ("negative", "counterfactual")
-SCORE_COLUMNS = ("clip_i", "clip_t", "seg_clip_i", "dino", "seg_dino", "mask_iou")
+# One row per sample of a product's training set (`restage augment` manifest); ``kind`` is
+# a ray_app.kinds.SampleKind, the score columns its Metrics and augment's MASK_IOU.
+SCORE_COLUMNS = (*Metric, MASK_IOU)
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -214,10 +213,7 @@ GENERATION_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("mask_method", pa.string()),
-        *[
-            pa.field(name, pa.float32())
-            for name in ("clip_t", "clip_i", "seg_clip_i", "dino", "seg_dino")
-        ],
+        *[pa.field(name, pa.float32()) for name in Metric],
         pa.field("score", pa.float32()),
         pa.field("rank", pa.int32()),  # 1 = best of the product; None when unscored
         pa.field("kept", pa.bool_(), nullable=False),

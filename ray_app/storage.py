@@ -230,11 +230,17 @@ class JobLayout:
 class AugmentLayout(JobLayout):
     """``restage augment``: the training set of every product."""
 
+    def images_dir(self, product_id: str) -> str:
+        return join(self.root, "images", product_id)
+
     def image(self, product_id: str, sample_id: str, ext: str = "png") -> str:
-        return join(self.root, "images", product_id, f"{sample_id}.{ext}")
+        return join(self.images_dir(product_id), f"{sample_id}.{ext}")
+
+    def masks_dir(self, product_id: str) -> str:
+        return join(self.root, "masks", product_id)
 
     def mask(self, product_id: str, sample_id: str) -> str:
-        return join(self.root, "masks", product_id, f"{sample_id}.png")
+        return join(self.masks_dir(product_id), f"{sample_id}.png")
 
     def manifest_dir(self) -> str:
         return join(self.root, "manifest")
@@ -252,15 +258,24 @@ class AdapterLayout(JobLayout):
 
     ERRORS: ClassVar[str] = "_errors"
     SUMMARY: ClassVar[str] = "_summary.json"
+    # The names diffusers' ``pipe.load_lora_weights(folder)`` looks for, and the metadata
+    # (ray_app.adapter_meta.AdapterMeta).
+    WEIGHTS: ClassVar[str] = "pytorch_lora_weights.safetensors"
+    METADATA: ClassVar[str] = "adapter.json"
 
     def adapter_dir(self, product_id: str) -> str:
         return join(self.root, product_id)
 
+    @classmethod
+    def weights_in(cls, adapter_dir: str) -> str:
+        """The weights file of an adapter folder given by its URI (serve, benchmarks)."""
+        return join(adapter_dir, cls.WEIGHTS)
+
     def weights(self, product_id: str) -> str:
-        return join(self.root, product_id, "pytorch_lora_weights.safetensors")
+        return self.weights_in(self.adapter_dir(product_id))
 
     def metadata(self, product_id: str) -> str:
-        return join(self.root, product_id, "adapter.json")
+        return join(self.adapter_dir(product_id), self.METADATA)
 
     def marker(self, product_id: str) -> str:  # the adapter.json is the marker
         return self.metadata(product_id)
@@ -269,7 +284,7 @@ class AdapterLayout(JobLayout):
         fs, path = url_to_fs(self.root)
         if not fs.exists(path):
             return set()
-        found = fs.glob(posixpath.join(path, "*", "adapter.json"))
+        found = fs.glob(posixpath.join(path, "*", self.METADATA))
         return {posixpath.basename(posixpath.dirname(p)) for p in found}
 
 
@@ -277,8 +292,11 @@ class AdapterLayout(JobLayout):
 class GenerationLayout(JobLayout):
     """``restage generate``: ranked images of every product."""
 
+    def images_dir(self, product_id: str) -> str:
+        return join(self.root, "images", product_id)
+
     def image(self, product_id: str, image_id: str) -> str:
-        return join(self.root, "images", product_id, f"{image_id}.png")
+        return join(self.images_dir(product_id), f"{image_id}.png")
 
     def manifest_dir(self) -> str:
         return join(self.root, "manifest")

@@ -73,7 +73,7 @@ class GeneratorReplica:
         self.options = GenerationOptions(
             g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt
         )
-        self.generator = Generator(config, self.options)
+        self.generator = Generator(config.model_spec("generator"), self.options)
         self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
         self.lock = threading.Lock()  # the pipeline: one generation or adapter change at a time
         self.counters: Counter[str] = Counter()

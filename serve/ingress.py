@@ -9,7 +9,6 @@ short message and the request id, never internal text (``serve.errors``).
 
 import asyncio
 import base64
-import json
 import time
 import uuid
 from typing import Any
@@ -18,6 +17,7 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
 from ray_app import storage
+from ray_app.adapter_meta import AdapterMeta, AdapterMetaError
 from ray_app.config import RestageConfig
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import RecordError, validate_product_id
@@ -70,7 +70,8 @@ def invalid(field: str, message: str) -> ApiError:
     )
 
 
-# What a client sees of adapter.json (the rest names internal storage and training details).
+# What a client sees of an adapter's metadata (the rest names internal storage and training
+# details).
 PUBLIC_ADAPTER_FIELDS = (
     "product_id",
     "token",
@@ -87,39 +88,18 @@ PUBLIC_ADAPTER_FIELDS = (
 )
 
 
-def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    out = {k: meta[k] for k in PUBLIC_ADAPTER_FIELDS if k in meta}
-    if isinstance(out.get("base"), dict):
-        out["base"] = {k: out["base"].get(k) for k in ("source", "revision")}
+def public_metadata(meta: AdapterMeta) -> dict[str, Any]:
+    out = meta.model_dump(mode="json", include=set(PUBLIC_ADAPTER_FIELDS))
+    out["base"] = {k: out["base"][k] for k in ("source", "revision")}
     return out
 
 
-def parse_adapter_metadata(raw: bytes) -> dict[str, Any]:
-    """adapter.json as the ingress needs it: a JSON object with string ``token`` and ``noun``;
-    ValueError (saying what is wrong) for a truncated, empty or malformed file."""
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-    bad = [k for k in ("token", "noun") if not isinstance(meta.get(k), str) or not meta[k]]
-    if bad:
-        raise ValueError(f"missing or not a string: {', '.join(bad)}")
-    return meta
-
-
-def product_phrase(meta: dict[str, Any]) -> str:
-    return f"{meta['token']} {meta['noun']}"
-
-
-def build_prompt(prompt: str | None, meta: dict[str, Any], bank: PromptBank, seed: int) -> str:
+def build_prompt(prompt: str | None, meta: AdapterMeta, bank: PromptBank, seed: int) -> str:
     """The user's prompt with the product's token phrase at ``{product}`` (or in front), or a
     prompt-bank scene of the product's type."""
-    phrase = product_phrase(meta)
+    phrase = meta.phrase
     if prompt is None:
-        product_type = meta.get("product_type")
-        prompt = bank.prompts(product_type if isinstance(product_type, str) else None, 1, seed)[0]
+        prompt = bank.prompts(meta.product_type, 1, seed)[0]
     if PLACEHOLDER in prompt:
         return fill(prompt, phrase)
     return f"a photo of {phrase}, {prompt}"
@@ -188,7 +168,7 @@ class IngressService:
         self.ranker = ranker
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.budgets = Budgets(config.serve.budget)
-        self._meta: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._meta: dict[str, tuple[float, AdapterMeta | None]] = {}
 
     # ------------------------------------------------------------------ checks
 
@@ -216,9 +196,9 @@ class IngressService:
                 raise ApiError("body_too_large", f"over serve.max_body_bytes={limit} bytes")
         return parse_json(bytes(body), self.config.serve.max_json_depth)
 
-    def metadata(self, product_id: str) -> dict[str, Any]:
-        """adapter.json of a product (cached briefly); 404 when there is none, 503 when it is
-        unreadable or malformed."""
+    def metadata(self, product_id: str) -> AdapterMeta:
+        """A product's adapter metadata (cached briefly); 404 when there is none, 503 when it
+        is unreadable, malformed or of a newer restage."""
         try:
             validate_product_id(product_id)
         except RecordError as exc:
@@ -228,10 +208,8 @@ class IngressService:
         if cached is None or now - cached[0] > self.config.serve.metadata_ttl_s:
             uri = self.layout.metadata(product_id)
             try:
-                meta = (
-                    parse_adapter_metadata(storage.read_bytes(uri)) if storage.exists(uri) else None
-                )
-            except (OSError, ValueError) as exc:  # not cached: a rewritten file is read again
+                meta = AdapterMeta.read(uri) if storage.exists(uri) else None
+            except (OSError, AdapterMetaError) as exc:  # not cached: a rewrite is read again
                 raise ApiError(
                     "adapter_unavailable",
                     "the product's adapter is unavailable",

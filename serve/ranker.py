@@ -8,8 +8,16 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from actors.scorer import METRICS, ReferenceEmbeddings, Scorer, rank_and_keep, references
+from actors.scorer import (
+    ReferenceEmbeddings,
+    Scorer,
+    ScoringOptions,
+    rank_and_keep,
+    references,
+)
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import RestageConfig
+from ray_app.kinds import Metric
 
 # The reference embeddings of this many products stay cached per replica (a few KiB each
 # with the real checkpoints: 4 embeddings per real image).
@@ -20,29 +28,34 @@ class RankerReplica:
     """The body of the ``Ranker`` Serve deployment (plain Python, testable without Serve)."""
 
     def __init__(self, config: RestageConfig):
-        self.scorer = Scorer(config, config.generate.weights, segment=config.generate.segment)
+        segment = config.generate.segment
+        self.scorer = Scorer(
+            config.model_spec("clip"),
+            config.model_spec("dino"),
+            ScoringOptions(config.generate.weights, config.scoring.ranges),
+            segmenter=config.model_spec("segmenter") if segment else None,
+            segmentation=config.serve.ranker_segmentation if segment else None,
+        )
         self._references: OrderedDict[tuple[str, str], ReferenceEmbeddings] = OrderedDict()
         self.reference_loads = 0
 
-    def references(self, meta: dict[str, Any]) -> ReferenceEmbeddings:
+    def references(self, meta: AdapterMeta) -> ReferenceEmbeddings:
         """The product's real images, embedded once and cached (LRU). Keyed by the adapter's
         weights too, so that a retrained product is embedded afresh."""
-        key = (meta["product_id"], meta.get("weights_sha256", ""))
+        key = (meta.product_id, meta.weights_sha256)
         if key in self._references:
             self._references.move_to_end(key)
             return self._references[key]
         images, masks = references(meta)
         if not images:
-            raise ValueError(
-                f"product {meta['product_id']!r} has no real image in its training set"
-            )
+            raise ValueError(f"product {meta.product_id!r} has no real image in its training set")
         self._references[key] = embedded = self.scorer.embed_references(images, masks)
         self.reference_loads += 1
         while len(self._references) > REFERENCE_CACHE:
             self._references.popitem(last=False)
         return embedded
 
-    def rank(self, meta: dict[str, Any], images: list[bytes], prompt: str) -> dict[str, list[Any]]:
+    def rank(self, meta: AdapterMeta, images: list[bytes], prompt: str) -> dict[str, list[Any]]:
         """-> ``ranks`` (1 = best, None when unscorable), ``scores`` and ``metrics`` per image."""
         out = self.scorer.score(images, [prompt] * len(images), self.references(meta))
         ranks, _ = rank_and_keep(
@@ -55,7 +68,7 @@ class RankerReplica:
         return {
             "ranks": ranks,
             "scores": [value(s) for s in out["score"]],
-            "metrics": [{m: value(out[m][i]) for m in METRICS} for i in range(len(images))],
+            "metrics": [{m.value: value(out[m][i]) for m in Metric} for i in range(len(images))],
         }
 
 
@@ -81,7 +94,7 @@ def serve_deployment(config: RestageConfig):
             self.replica = RankerReplica(config)
 
         def rank(
-            self, product_id: str, meta: dict[str, Any], images: list[bytes], prompt: str
+            self, product_id: str, meta: AdapterMeta, images: list[bytes], prompt: str
         ) -> dict:
             return self.replica.rank(meta, images, prompt)
 

@@ -23,11 +23,10 @@ from pipelines.augment import augment
 from ray_app import storage
 from ray_app.config import load_config
 from ray_app.images import decode_mask
+from ray_app.kinds import MASK_IOU, POSITIVE_KINDS, SampleKind
 from ray_app.records import SAMPLE_SCHEMA
 from ray_app.storage import AugmentLayout
 
-KINDS = {"real", "view", "context", "negative", "counterfactual"}
-POSITIVE = {"real", "view", "context"}
 DREAMBOOTH_IDS = ["backpack", "teapot", "duck_toy"]
 RESTAGE = str(Path(sys.executable).with_name("restage"))
 # The manifests of these tests live in temporary folders and name the example images by
@@ -142,21 +141,21 @@ def test_the_driver_never_holds_the_catalog(ray_local, tmp_path, monkeypatch):
 def _check_product(table, pid: str) -> None:
     rows = table[table.product_id == pid]
     kept = rows[rows.kept]
-    assert set(kept.kind) == KINDS, (pid, set(kept.kind))
-    n_pos, n_neg = kept.kind.isin(POSITIVE).sum(), (~kept.kind.isin(POSITIVE)).sum()
+    assert set(kept.kind) == set(SampleKind), (pid, set(kept.kind))
+    n_pos, n_neg = kept.kind.isin(POSITIVE_KINDS).sum(), (~kept.kind.isin(POSITIVE_KINDS)).sum()
     assert n_neg > 0 and n_pos == 2 * n_neg, (pid, n_pos, n_neg)
     for name in ("clip_i", "clip_t", "dino", "score"):
         assert rows[name].notna().all(), (pid, name)
     masked = rows[rows.mask_uri.notna()]
     assert masked.seg_clip_i.notna().all() and masked.seg_dino.notna().all()
-    assert rows[rows.kind == "context"].mask_iou.notna().all()
+    assert rows[rows.kind == SampleKind.CONTEXT][MASK_IOU].notna().all()
     for uri in rows.image_uri:
         assert Path(uri).exists()
     for uri in masked.mask_uri:
         assert decode_mask(Path(uri).read_bytes()).any(), uri  # masks are never empty
     assert rows[~rows.kept].drop_reason.notna().all()
     assert rows[rows.kept].drop_reason.isna().all()
-    reals = rows[rows.kind == "real"]
+    reals = rows[rows.kind == SampleKind.REAL]
     assert reals.origin_uri.notna().all() and reals.mask_uri.notna().all()
     assert {"captioner", "segmenter", "clip", "dino"} <= set(dict(reals.models.iloc[0]))
 

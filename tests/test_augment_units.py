@@ -28,6 +28,7 @@ from pipelines.augment import (
 )
 from ray_app.config import load_config
 from ray_app.images import crop_by_mask, mask_bbox
+from ray_app.kinds import POSITIVE_KINDS
 from ray_app.metrics import aggregate, mask_iou, mean_similarity
 from ray_app.prompts import GENERIC, PLACEHOLDER, CurationRules, PromptBank, classify, curate, fill
 from ray_app.records import ProductRecord
@@ -280,7 +281,7 @@ def test_select_records_every_drop_reason():
     assert reasons["ctx-view-00-f01-00"] == "source view-00-f01 dropped"
     assert "looks like the product" in reasons["neg-00"]
     kept = [s for s in samples if s.kept]
-    positives = [s for s in kept if s.kind in ("real", "view", "context")]
+    positives = [s for s in kept if s.kind in POSITIVE_KINDS]
     negatives = [s for s in kept if s.kind == "negative"]
     assert len(positives) == len(negatives) == 3  # ratio 1:1 enforced
     assert all(s.score is not None for s in samples)
@@ -404,3 +405,34 @@ def test_select_mask_prefers_score_within_area_bounds():
 )
 def test_clean_caption(raw, expected):
     assert clean_caption(raw, max_words=3 if "six" in raw else 50) == expected
+
+
+# --------------------------------------------------------------------------- inpainter options
+
+
+@pytest.mark.slow  # loads the tiny inpainter and paints four times (~40 s on 2 busy cores)
+def test_inpainter_paints_with_the_options_of_the_call():
+    """augment paints contexts and counterfactuals with one loaded inpainter, each with its
+    own settings: a call's ``options`` replace the actor's, and only for that call."""
+    from actors.inpainter import Inpainter
+    from ray_app.batching import object_array
+    from ray_app.images import encode_png
+
+    cfg = load_config("tiny")
+    contexts = cfg.augment.contexts
+    other = cfg.augment.counterfactuals.model_copy(update={"steps": contexts.steps + 1})
+    model = Inpainter(cfg.model_spec("inpainter"), contexts)
+    rgb = np.full((64, 64, 3), 200, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    batch = {
+        "image": object_array([encode_png(rgb)]),
+        "mask": object_array([encode_png(mask)]),
+        "prompt": object_array(["a photo of a vase"]),
+        "seed": np.array([7], np.int64),
+    }
+    own = model(batch)["image"][0]
+    assert own is not None
+    assert model(batch, options=contexts)["image"][0] == own
+    assert model(batch, options=other)["image"][0] != own
+    assert model(batch)["image"][0] == own  # the call's options did not stick

@@ -16,8 +16,10 @@ from trainset import PRODUCTS
 from actors.generator import AdapterError, GenerationOptions, Generator
 from actors.scorer import rank_and_keep
 from pipelines.generate import read_user_prompts
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
 from ray_app.images import decode_rgb
+from ray_app.kinds import Metric
 from ray_app.storage import AdapterLayout, GenerationLayout
 
 
@@ -41,7 +43,7 @@ def test_user_prompts_need_the_placeholder(tmp_path):
 
 
 def test_generator_swaps_adapters_without_reloading_the_base(adapters):
-    gen = Generator(load_config("tiny"), GenerationOptions(64, 64, 2, 2.0))
+    gen = Generator(load_config("tiny").model_spec("generator"), GenerationOptions(64, 64, 2, 2.0))
     base_pipe = gen.loaded.model
     lamp, mug = sorted(PRODUCTS)
     batch = {"prompt": np.array(["a photo of a lamp"] * 3, dtype=object), "seed": np.array([3] * 3)}
@@ -82,7 +84,7 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
     g = cfg.generate
     out = str(tmp_path / "generations")
     summary = generate(cfg, adapters, out)
-    assert summary.products["ok"] == 2 and summary.products["failed"] == 0
+    assert summary.products["ok"] == len(PRODUCTS) and summary.products["failed"] == 0
     # Once per product: counters on the driver, not an entry per product.
     assert summary.extra["adapter_loads"] == len(PRODUCTS)
     assert summary.extra["adapter_loads_per_product_max"] == 1
@@ -90,27 +92,29 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
     per_product = (g.prompts_per_product + 1) * g.images_per_prompt
     for pid in PRODUCTS:
         rows = pq.read_table(layout.manifest_shard(pid)).to_pylist()
-        meta = json.loads(Path(AdapterLayout(adapters).metadata(pid)).read_text())
+        meta = AdapterMeta.read(AdapterLayout(adapters).metadata(pid))
         assert len(rows) == per_product
         assert sum(r["prompt_source"] == "user" for r in rows) == g.images_per_prompt
-        assert all(f"{meta['token']} {meta['noun']}" in r["prompt"] for r in rows)
-        for name in ("clip_t", "clip_i", "dino", "seg_clip_i", "seg_dino", "score"):
+        assert all(meta.phrase in r["prompt"] for r in rows)
+        for name in (*Metric, "score"):
             assert all(r[name] is not None and np.isfinite(r[name]) for r in rows), name
         assert sorted(r["rank"] for r in rows) == list(range(1, per_product + 1))
         kept = sorted((r for r in rows if r["kept"]), key=lambda r: r["rank"])
         assert [r["rank"] for r in kept] == list(range(1, g.top_n + 1))
         assert all(Path(r["image_uri"]).is_file() for r in kept)
         assert all(r["image_uri"] is None for r in rows if not r["kept"])
-        assert len(list(Path(layout.image(pid, "x")).parent.iterdir())) == g.top_n
+        assert len(list(Path(layout.images_dir(pid)).iterdir())) == g.top_n
         marker = json.loads(Path(layout.marker(pid)).read_text())
         assert marker["adapter_loads"] == 1 and marker["kept"] == g.top_n
     again = generate(cfg, adapters, out)
-    assert again.products["already complete"] == 2 and again.products["ok"] == 0
+    assert again.products["already complete"] == len(PRODUCTS) and again.products["ok"] == 0
     # Stage by stage (each model stage alone, rows under _stages/): the same ranked images.
     staged_out = str(tmp_path / "staged")
     staged_cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"placement": "stage"})})
     staged = generate(staged_cfg, adapters, staged_out)
-    assert staged.extra["placement"] == "stage" and staged.extra["staged"]["generate"] == 2
+    assert staged.extra["placement"] == "stage" and staged.extra["staged"]["generate"] == len(
+        PRODUCTS
+    )
     assert not Path(staged_out, "_stages").exists()
 
     def ranked(root: str) -> list[tuple]:

@@ -199,7 +199,7 @@ def trainer():
             "train.save_dtype=float32",
         ],
     )
-    return LoraTrainer(cfg)
+    return LoraTrainer(cfg.model_spec("generator"), cfg.train)
 
 
 def _samples(root: str, pid: str) -> list[TrainingSample]:

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, readme_command
 
 from ray_app.config import FilterConfig
-from ray_app.storage import RunLayout
+from ray_app.storage import AdapterLayout, RunLayout
 
 README = (ROOT / "README.md").read_text()
 MAX_QUICKSTART_LINES = 60  # the whole output of the quick start when it is not a terminal
@@ -55,7 +55,7 @@ def test_quickstart(quickstart):
             job,
             summary,
         )
-    assert len(list((out / "adapters").glob("*/pytorch_lora_weights.safetensors"))) == 3
+    assert len(list((out / "adapters").glob(f"*/{AdapterLayout.WEIGHTS}"))) == 3
     assert len(list((out / "generations" / "images").glob("*/*.png"))) >= 3
     assert (out / "_ray_logs").is_symlink() and (out / "_ray_logs").is_dir()
     said = [line for line in proc.stderr.splitlines() if line.startswith("Ray's logs: ")]

@@ -18,16 +18,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from adapters import example_meta
 from conftest import ROOT, ray_pids, readme_command
 from PIL import Image
 from trainset import PRODUCTS
 
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
 from ray_app.prompts import PromptBank
+from ray_app.storage import AdapterLayout
 from serve.api import GenerateRequest
 from serve.auth import AuthConfigError, check_authorization, digest, load_key_digests
 from serve.errors import ApiError
-from serve.ingress import IngressService, build_prompt, public_metadata
+from serve.ingress import PUBLIC_ADAPTER_FIELDS, IngressService, build_prompt, public_metadata
 
 URL = "http://127.0.0.1:8000"
 LAMP, MUG = sorted(PRODUCTS)  # the products of the adapters fixture
@@ -215,7 +218,9 @@ def test_path_traversal_never_reaches_storage(server):
     # A file that a traversal from the adapters root would reach.
     secret = server["adapters"].parent.parent / "etc"
     secret.mkdir(exist_ok=True)
-    (secret / "adapter.json").write_text(json.dumps({"product_id": "leaked", "token": "SECRET"}))
+    (secret / AdapterLayout.METADATA).write_text(
+        json.dumps({"product_id": "leaked", "token": "SECRET"})
+    )
     for path in (
         "/v1/products/..%2F..%2Fetc",
         "/v1/products/%2e%2e%2f%2e%2e%2fetc",
@@ -235,9 +240,11 @@ def test_failed_adapter_load_is_503_and_the_replica_keeps_serving(server):
     broken = server["adapters"] / "broken-adapter"  # an adapter whose weights cannot be loaded
     shutil.copytree(server["adapters"] / "mug-red-001", broken)
     try:
-        meta = json.loads((broken / "adapter.json").read_text())
-        (broken / "adapter.json").write_text(json.dumps({**meta, "product_id": "broken-adapter"}))
-        (broken / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
+        meta = json.loads((broken / AdapterLayout.METADATA).read_text())
+        (broken / AdapterLayout.METADATA).write_text(
+            json.dumps({**meta, "product_id": "broken-adapter"})
+        )
+        (broken / AdapterLayout.WEIGHTS).write_bytes(b"not safetensors")
         resp = post({"product_id": "broken-adapter", "seed": 1})
         assert resp.status_code == 503, resp.text
         assert post({"product_id": "mug-red-001", "seed": 1}).status_code == 200
@@ -333,7 +340,7 @@ def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(ada
     from serve.generator import GeneratorReplica
     from serve.ranker import RankerReplica
 
-    meta = json.loads((Path(adapters) / MUG / "adapter.json").read_text())
+    meta = AdapterMeta.read(AdapterLayout(str(adapters)).metadata(MUG))
     config = load_config("tiny")
     ranker = RankerReplica(config)
     args = (MUG, "a {product} on a table", [4, 5, 6], None, None, None, None)
@@ -347,7 +354,9 @@ def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(ada
     raw = ranker.scorer.score(generated, ["a photo of a mug"] * 3, *references(meta))
     assert first["scores"] == [round(float(s), 6) for s in raw["score"]]
     assert sorted(first["ranks"]) == [1, 2, 3]
-    ranker.rank({**meta, "weights_sha256": "retrained"}, generated, "a photo of a mug")
+    ranker.rank(
+        meta.model_copy(update={"weights_sha256": "retrained"}), generated, "a photo of a mug"
+    )
     assert ranker.reference_loads == 2  # a retrained product is embedded afresh
 
 
@@ -486,7 +495,7 @@ def test_check_authorization(header, status):
 
 def test_prompts_put_the_token_phrase_in():
     bank = PromptBank.load()
-    meta = {"token": "ohwx", "noun": "mug", "product_type": "mug"}
+    meta = example_meta(token="ohwx", noun="mug", product_type="mug")
     assert build_prompt("a {product} on a desk", meta, bank, 0) == "a ohwx mug on a desk"
     assert build_prompt("on a desk", meta, bank, 0) == "a photo of ohwx mug, on a desk"
     default = build_prompt(None, meta, bank, 3)
@@ -494,19 +503,17 @@ def test_prompts_put_the_token_phrase_in():
 
 
 def test_public_metadata_hides_internal_fields():
-    meta = {
-        "product_id": "p",
-        "token": "t",
-        "noun": "mug",
-        "training_set": {"uri": "s3://x"},
-        "base": {"source": "s", "revision": "r", "resolved": "/cache/x"},
-    }
-    assert public_metadata(meta) == {
-        "product_id": "p",
-        "token": "t",
-        "noun": "mug",
-        "base": {"source": "s", "revision": "r"},
-    }
+    meta = example_meta(
+        product_id="p",
+        token="t",
+        noun="mug",
+        base={"source": "s", "revision": "r", "resolved": "/cache/x"},
+    )
+    public = public_metadata(meta)
+    assert set(public) == set(PUBLIC_ADAPTER_FIELDS)
+    assert public["product_id"] == "p" and public["token"] == "t" and public["noun"] == "mug"
+    assert public["base"] == {"source": "s", "revision": "r"}
+    assert "training_set" not in public and "weights_sha256" not in public
 
 
 def test_invalid_product_id_never_reaches_storage(monkeypatch, tmp_path):

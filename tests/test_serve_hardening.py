@@ -10,15 +10,17 @@ import threading
 import time
 
 import pytest
+from adapters import example_meta
 from trainset import PRODUCTS, write_training_set
 
+from ray_app.adapter_meta import ADAPTER_META_VERSION, AdapterMeta, AdapterMetaError
 from ray_app.config import ConfigError, load_config
 from ray_app.storage import AdapterLayout
 from serve.api import GenerateRequest
 from serve.bodies import check_media_type, json_depth, parse_json
 from serve.budget import Budgets, TokenBucket, request_cost
 from serve.errors import ApiError, GenerationCancelled, error_response
-from serve.ingress import IngressService, parse_adapter_metadata
+from serve.ingress import IngressService
 
 KEY = "test-key-0123456789abcdef"
 
@@ -194,7 +196,7 @@ class FakeGenerator:
 def write_adapter(root, product_id: str, text: str) -> None:
     folder = root / product_id
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter.json").write_text(text)
+    (folder / AdapterLayout.METADATA).write_text(text)
 
 
 def service(tmp_path, generator=None, overrides=()):
@@ -211,7 +213,7 @@ def generate(svc, body: dict | bytes, **kwargs):
     return asyncio.run(svc.generate(FakeRequest(raw, **kwargs), "rid-1"))
 
 
-GOOD_META = json.dumps({"product_id": "mug", "token": "ohwx", "noun": "mug"})
+GOOD_META = json.dumps(example_meta(product_id="mug", token="ohwx", noun="mug").to_dict())
 
 
 @pytest.mark.parametrize(
@@ -219,14 +221,23 @@ GOOD_META = json.dumps({"product_id": "mug", "token": "ohwx", "noun": "mug"})
 )
 def test_malformed_adapter_json_is_503_adapter_unavailable_without_internal_text(tmp_path, text):
     write_adapter(tmp_path, "mug", text)
-    with pytest.raises(ValueError):
-        parse_adapter_metadata(text.encode())
+    with pytest.raises(AdapterMetaError):
+        AdapterMeta.from_bytes(text.encode())
     with pytest.raises(ApiError) as err:
         generate(service(tmp_path), {"product_id": "mug"})
     assert err.value.status == 503 and err.value.code == "adapter_unavailable"
     body = json.loads(error_response(err.value, "rid").body)
-    assert str(tmp_path) not in json.dumps(body) and "adapter.json" not in json.dumps(body)
+    assert str(tmp_path) not in json.dumps(body) and AdapterLayout.METADATA not in json.dumps(body)
     assert str(tmp_path) in err.value.internal  # the log gets it
+
+
+def test_an_adapter_of_a_newer_restage_is_503_and_the_log_says_to_upgrade(tmp_path):
+    newer = {**json.loads(GOOD_META), "version": ADAPTER_META_VERSION + 1}
+    write_adapter(tmp_path, "mug", json.dumps(newer))
+    with pytest.raises(ApiError) as err:
+        generate(service(tmp_path), {"product_id": "mug"})
+    assert err.value.status == 503 and err.value.code == "adapter_unavailable"
+    assert "upgrade restage" in err.value.internal and "upgrade" not in err.value.message
 
 
 def test_unsupported_media_type_and_strict_types_through_the_ingress(tmp_path):

@@ -14,6 +14,7 @@ from servers import serve_process
 from trainset import PRODUCTS, write_training_set
 
 from ray_app.config import load_config
+from ray_app.storage import AdapterLayout
 from serve.auth import ENV_KEYS
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ def test_lax_types_are_422(server, field, value):
 def test_malformed_adapter_json_is_503_without_internal_text(server, text):
     folder = server.adapters / "broken-meta"
     folder.mkdir(exist_ok=True)
-    (folder / "adapter.json").write_text(text)
+    (folder / AdapterLayout.METADATA).write_text(text)
     resp = post(server, {"product_id": "broken-meta"})
     body = assert_clean_error(resp, 503, "adapter_unavailable", server)
     assert body["message"] == "the product's adapter is unavailable"
@@ -112,9 +113,11 @@ def test_malformed_adapter_json_is_503_without_internal_text(server, text):
 def test_broken_adapter_weights_are_503_without_internal_text(server):
     folder = server.adapters / "broken-weights"
     folder.mkdir(exist_ok=True)
-    meta = json.loads((server.adapters / PRODUCT / "adapter.json").read_text())
-    (folder / "adapter.json").write_text(json.dumps({**meta, "product_id": "broken-weights"}))
-    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
+    meta = json.loads((server.adapters / PRODUCT / AdapterLayout.METADATA).read_text())
+    (folder / AdapterLayout.METADATA).write_text(
+        json.dumps({**meta, "product_id": "broken-weights"})
+    )
+    (folder / AdapterLayout.WEIGHTS).write_bytes(b"not safetensors")
     resp = post(server, {"product_id": "broken-weights"})
     assert_clean_error(resp, 503, "adapter_unavailable", server)
     assert post(server, {"product_id": PRODUCT, "seed": 2}).status_code == 200

@@ -3,7 +3,6 @@ plain diffusers, the Ray Train job with per-product errors, and resume after a k
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,17 +15,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from trainset import PRODUCTS, write_training_set
+from trainset import PRODUCTS, SAMPLES_PER_PRODUCT, write_training_set
 
 from actors.lora_trainer import (
-    WEIGHTS_NAME,
     LoraTrainer,
     TrainingSample,
     mix_schedule,
     positive_prompt,
 )
 from ray_app import storage, tiny
+from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
+from ray_app.prompts import product_phrase
 from ray_app.storage import AdapterLayout, AugmentLayout
 
 RESTAGE = str(Path(sys.executable).with_name("restage"))
@@ -105,7 +105,7 @@ def trainer():
     cfg = load_config(
         "tiny", overrides=["train.steps=20", "train.alpha=8", "train.save_dtype=float32"]
     )
-    return LoraTrainer(cfg)
+    return LoraTrainer(cfg.model_spec("generator"), cfg.train)
 
 
 def test_loss_on_a_fixed_batch_goes_down(trainer, trainset):
@@ -129,7 +129,7 @@ def test_adapter_loads_in_plain_diffusers_and_changes_the_image(trainer, trainse
     result = trainer.train(_samples(trainset, "mug-red-02"), seed=5)
     folder = tmp_path / "adapter"
     folder.mkdir()
-    (folder / WEIGHTS_NAME).write_bytes(trainer.adapter_bytes(result.state_dict))
+    (folder / AdapterLayout.WEIGHTS).write_bytes(trainer.adapter_bytes(result.state_dict))
     base_path = tiny.ensure("generator", load_config("tiny").cache_path)
 
     # Plain diffusers from here on: no restage code touches the adapter.
@@ -185,7 +185,7 @@ def _tiny_sd1_pipeline():
 
 def test_one_text_encoder_pipelines_train_too(trainset):
     cfg = load_config("tiny", overrides=["train.steps=3"])
-    trainer = LoraTrainer(cfg, pipeline=_tiny_sd1_pipeline())
+    trainer = LoraTrainer(cfg.model_spec("generator"), cfg.train, pipeline=_tiny_sd1_pipeline())
     assert not trainer.sdxl
     result = trainer.train(_samples(trainset, "lamp-blue-01"), seed=1)
     assert all(np.isfinite(result.losses)) and len(result.losses) == 3
@@ -204,21 +204,23 @@ def test_train_job_writes_adapters_and_keeps_going_past_a_bad_product(ray_local,
     out = str(tmp_path / "adapters")
     cfg = load_config("tiny", overrides=["train.num_workers=2", "ray.progress_bars=false"])
     summary = train(cfg, data, out)
-    assert summary.products["ok"] == 2 and summary.products["failed"] == 1
+    assert summary.products["ok"] == len(PRODUCTS) and summary.products["failed"] == 1
     layout = AdapterLayout(out)
     assert layout.completed() == set(PRODUCTS)
     tokens = set()
     for pid in PRODUCTS:
-        meta = json.loads(Path(layout.metadata(pid)).read_text())
+        meta = AdapterMeta.read(layout.metadata(pid))
         assert Path(layout.weights(pid)).stat().st_size > 0
-        assert meta["product_id"] == pid and meta["rank"] == cfg.train.rank
-        assert meta["noun"] == PRODUCTS[pid][0] and meta["token"] not in ("sks", "")
-        assert meta["base"]["source"] == "tiny" and meta["steps"] == cfg.train.steps
-        assert meta["training_set"]["samples"] == 9 and len(meta["training_set"]["digest"]) == 64
-        assert meta["training_set"]["manifest_shard"].endswith(f"{pid}.parquet")
-        assert meta["seconds"]["setup"] > 0 and np.isfinite(meta["final_loss"])
-        tokens.add(meta["token"])
-    assert len(tokens) == 2
+        assert meta.product_id == pid and meta.rank == cfg.train.rank
+        assert meta.noun == PRODUCTS[pid][0] and meta.token not in ("sks", "")
+        assert meta.phrase == product_phrase(meta.token, meta.noun)
+        assert meta.base.source == "tiny" and meta.steps == cfg.train.steps
+        assert meta.training_set.samples == SAMPLES_PER_PRODUCT
+        assert len(meta.training_set.digest) == 64
+        assert meta.training_set.manifest_shard == AugmentLayout(data).manifest_shard(pid)
+        assert meta.seconds.setup > 0 and np.isfinite(meta.final_loss)
+        tokens.add(meta.token)
+    assert len(tokens) == len(PRODUCTS)
     errors = pq.read_table(layout.errors_dir()).to_pylist()
     assert [(e["product_id"], e["stage"]) for e in errors] == [("zz-too-few", "load")]
     assert "below train.min_positives=2" in errors[0]["reason"]
@@ -276,7 +278,7 @@ def test_killed_run_resumes_skipping_the_finished_product(ray_local, tmp_path):
     assert again.products["already complete"] == 1 and again.products["ok"] == 1
     assert Path(layout.weights(first)).read_bytes() == weights  # skipped, not rewritten
     assert Path(layout.metadata(first)).read_bytes() == meta
-    assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
+    assert AdapterMeta.read(layout.metadata(second)).product_id == second
 
 
 def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset, tmp_path):
@@ -293,12 +295,12 @@ def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset
     )
     out = str(tmp_path / "adapters")
     ShardTrainer(cfg, trainset, out, None).run(["lamp-blue-01"])
-    meta = json.loads(Path(AdapterLayout(out).metadata("lamp-blue-01")).read_text())
-    sweep = meta["token_sweep"]
-    assert len(sweep) == 2 and len({s["token"] for s in sweep}) == 2
-    assert all(np.isfinite(s["score"]) for s in sweep)
-    assert meta["token"] == max(sweep, key=lambda s: s["score"])["token"]
-    assert meta["steps"] == 3  # the winner is retrained for the full steps
+    meta = AdapterMeta.read(AdapterLayout(out).metadata("lamp-blue-01"))
+    sweep = meta.token_sweep
+    assert len(sweep) == cfg.train.token_sweep and len({s.token for s in sweep}) == len(sweep)
+    assert all(np.isfinite(s.score) for s in sweep)
+    assert meta.token == max(sweep, key=lambda s: s.score).token
+    assert meta.steps == cfg.train.steps  # the winner is retrained for the full steps
 
 
 @pytest.mark.slow
@@ -334,7 +336,7 @@ def test_a_dead_worker_is_restarted_and_redoes_only_its_unfinished_product(ray_l
     assert not job.is_alive() and "summary" in result
     assert result["summary"].products["ok"] == 2
     assert Path(layout.weights(first)).read_bytes() == weights  # not redone after the restart
-    assert json.loads(Path(layout.metadata(second)).read_text())["product_id"] == second
+    assert AdapterMeta.read(layout.metadata(second)).product_id == second
 
 
 @pytest.mark.slow
@@ -384,6 +386,6 @@ def test_groups_of_products_are_leased_and_trained_together(ray_local, tmp_path)
     (worker,) = summary.extra["per_worker"]
     assert worker["products"] == len(PRODUCTS) + 1 and worker["failed"] == 1
     for pid in PRODUCTS:
-        meta = json.loads(Path(AdapterLayout(out).metadata(pid)).read_text())
-        assert meta["products_per_step"] == 2 and meta["steps"] == 2
+        meta = AdapterMeta.read(AdapterLayout(out).metadata(pid))
+        assert meta.products_per_step == 2 and meta.steps == 2
     assert summary.stage("train").items_out == 2 * len(PRODUCTS)  # steps, summed from reports

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from ray_app import storage
 from ray_app.images import encode_png
+from ray_app.kinds import SampleKind
 from ray_app.records import SAMPLE_SCHEMA
 from ray_app.storage import AugmentLayout
 
@@ -27,28 +28,41 @@ def _image(rng: np.random.Generator, color: tuple[int, int, int], size: int = 64
     return rgb, mask
 
 
+# Samples of each kind per product, unless a call says otherwise.
+REALS = CONTEXTS = NEGATIVES = 3
+SAMPLES_PER_PRODUCT = REALS + CONTEXTS + NEGATIVES
+
+
 def write_training_set(
     root: str,
     products: dict[str, tuple[str, str, tuple[int, int, int]]] | None = None,
-    reals: int = 3,
-    contexts: int = 3,
-    negatives: int = 3,
+    reals: int = REALS,
+    contexts: int = CONTEXTS,
+    negatives: int = NEGATIVES,
 ) -> str:
     """Write images, masks and one manifest shard per product under ``root``."""
     layout = AugmentLayout(storage.normalize_uri(str(root)))
     for k, (pid, (ptype, caption, color)) in enumerate(sorted((products or PRODUCTS).items())):
         rng = np.random.default_rng(k)
         rows = []
-        kinds = [("real", reals), ("context", contexts), ("negative", negatives)]
+        kinds = [
+            (SampleKind.REAL, reals),
+            (SampleKind.CONTEXT, contexts),
+            (SampleKind.NEGATIVE, negatives),
+        ]
         for kind, count in kinds:
             for i in range(count):
                 sid = f"{kind}-{i:02d}"
-                if kind == "negative":
+                if kind == SampleKind.NEGATIVE:
                     rgb, mask = _image(rng, tuple(int(c) for c in rng.integers(0, 255, 3)))
                     text = f"a photo of a {ptype} on a table"
                 else:
                     rgb, mask = _image(rng, color)
-                    text = caption if kind == "real" else f"a {ptype} on a wooden shelf, soft light"
+                    text = (
+                        caption
+                        if kind == SampleKind.REAL
+                        else f"a {ptype} on a wooden shelf, soft light"
+                    )
                 image_uri = storage.write_bytes(layout.image(pid, sid), encode_png(rgb))
                 mask_uri = storage.write_bytes(layout.mask(pid, sid), encode_png(mask))
                 rows.append(
@@ -61,7 +75,7 @@ def write_training_set(
                         "width": 64,
                         "height": 64,
                         "caption": text,
-                        "prompt": None if kind == "real" else text,
+                        "prompt": None if kind == SampleKind.REAL else text,
                         "product_type": ptype,
                         "kept": True,
                     }
