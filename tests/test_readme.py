@@ -7,10 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, readme_command
 
-from ray_app.config import FilterConfig
+from ray_app.adapter_meta import AdapterMeta
+from ray_app.config import FilterConfig, load_config
 from ray_app.storage import AdapterLayout, RunLayout
 
 README = (ROOT / "README.md").read_text()
@@ -55,6 +57,19 @@ def test_quickstart(quickstart):
             job,
             summary,
         )
+    run_summary = json.loads(Path(out, "summary.json").read_text())
+    assert run_summary["job"] == "run"
+    products = run_summary["products"]  # augment's partial products are not in "ok"
+    assert products["train ok"] == products["generate ok"] == 3, products
+    assert [products[f"{job} failed"] for job in ("augment", "train", "generate")] == [0, 0, 0]
+    ids = layouts.augment.completed()
+    assert len(ids) == 3 and layouts.adapters.completed() == layouts.generations.completed() == ids
+    top_n = load_config("tiny").generate.top_n
+    for pid in ids:
+        meta = AdapterMeta.read(layouts.adapters.metadata(pid))
+        assert meta.training_set.uri == layouts.augment.root
+        rows = pq.read_table(layouts.generations.manifest_shard(pid)).to_pylist()
+        assert sum(r["kept"] for r in rows) == top_n
     assert len(list((out / "adapters").glob(f"*/{AdapterLayout.WEIGHTS}"))) == 3
     assert len(list((out / "generations" / "images").glob("*/*.png"))) >= 3
     assert (out / "_ray_logs").is_symlink() and (out / "_ray_logs").is_dir()
@@ -87,6 +102,7 @@ def test_quickstart_rerun_resumes(quickstart, user_dir):
     ):
         summary = json.loads(Path(layout.summary()).read_text())
         assert summary["products"]["already complete"] == 3, (job, summary["products"])
+        assert summary["products"].get("ok", 0) == 0, (job, summary["products"])  # nothing redone
 
 
 def test_config_error_example(user_dir):
