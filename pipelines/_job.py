@@ -155,20 +155,53 @@ def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None
 
 
 def write_inputs(rows: Any, layout: JobLayout) -> None:
-    """Replace the job's input index with the ids of ``rows``."""
-    storage.remove(layout.inputs_dir(), recursive=True)
+    """Replace the job's input index with the ids of ``rows`` (Ray Data writes it)."""
+    _drop_inputs(layout)
     fs, path = pyarrow_fs(layout.inputs_dir())
     rows.select_columns(["product_id"]).write_parquet(
         path, filesystem=fs, min_rows_per_file=INDEX_ROWS_PER_FILE
     )
+    storage.write_json(layout.inputs_complete(), {"written": time.time()})
+
+
+def _drop_inputs(layout: JobLayout) -> None:
+    storage.remove(layout.inputs_complete())  # first: a half-removed index is never read
+    storage.remove(layout.inputs_dir(), recursive=True)
+
+
+class InputIndex:
+    """A job's input index written a part at a time by one process that sees the ids go by
+    (train's work queue), holding at most ``rows_per_file`` of them; the old index is
+    removed first, and the new one is read only once ``close`` has marked it whole."""
+
+    def __init__(self, layout: JobLayout, rows_per_file: int = 100_000):
+        self.layout, self.rows_per_file = layout, rows_per_file
+        self._ids: list[str] = []
+        self._parts = 0
+        _drop_inputs(layout)
+
+    def add(self, ids: list[str]) -> None:
+        self._ids.extend(ids)
+        if len(self._ids) >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._ids:
+            part = storage.join(self.layout.inputs_dir(), f"part-{self._parts:06d}.parquet")
+            storage.write_parquet(part, pa.table({"product_id": pa.array(self._ids, pa.string())}))
+            self._parts, self._ids = self._parts + 1, []
+
+    def close(self) -> None:
+        self._flush()
+        storage.write_json(self.layout.inputs_complete(), {"written": time.time()})
 
 
 def input_ids(layout: JobLayout) -> Any:
     """A job's input product ids of its latest run, as a lazy dataset (``product_id``);
-    None when the job has written no index."""
+    None when the job has written no whole index."""
     import ray
 
-    if not storage.exists(layout.inputs_dir()):
+    if not storage.exists(layout.inputs_complete()):
         return None
     fs, path = pyarrow_fs(layout.inputs_dir())
     return ray.data.read_parquet(path, filesystem=fs)

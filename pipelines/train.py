@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.compute as pc
 
+from pipelines import _job
 from ray_app import __version__, storage
 from ray_app.adapter_meta import (
     AdapterMeta,
@@ -311,6 +312,7 @@ class ShardTrainer:
         self._scorer = None
         self._on_result: Callable[[dict[str, Any]], None] | None = None
         self.test_delays: dict[str, float] = {}  # test-only: see _worker_loop
+        self.test_queue: Any = None  # the queue, when test_delays are set
 
     def samples(self, ts: TrainingSet, token: str) -> list:
         from actors.lora_trainer import TrainingSample, positive_prompt
@@ -397,13 +399,30 @@ class ShardTrainer:
             except Exception as exc:
                 self._fail(p.ts.product_id, exc, "train")
 
+    def _test_delay(self, pid: str) -> None:
+        """Test-only (``test_delays``): hold ``pid``'s load for up to its seconds, ending
+        early once nothing but ``pid`` is left (nothing to lease, no other lease out), so a
+        test waits no longer than the other workers' share."""
+        import ray
+
+        deadline = time.monotonic() + self.test_delays.get(pid, 0.0)
+        while time.monotonic() < deadline:
+            queue = self.test_queue
+            if (
+                queue is not None
+                and not ray.get(queue.has_work.remote())
+                and ray.get(queue.result.remote())["unreported"] == [pid]
+            ):
+                return
+            time.sleep(0.5)
+
     def prepare(self, pid: str) -> _Prepared:
         """Read a product's training set and choose its token(s)."""
         from ray_app.tokens import TokenError, choose_tokens
 
         cfg, opts = self.config, self.config.train
         started = time.perf_counter()
-        time.sleep(self.test_delays.get(pid, 0.0))
+        self._test_delay(pid)
         ts = load_training_set(cfg, self.data_root, pid, self.bank, self.records)
         load_seconds = time.perf_counter() - started
         try:
@@ -564,6 +583,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     # Test-only ({product_id: seconds}, passed by tests through ``train(test_delays=...)``,
     # never a config field): the product's load waits that long, so one product is slow.
     trainer.test_delays = loop_config.get("test_delays") or {}
+    trainer.test_queue = queue if trainer.test_delays else None
 
     def report(row: dict[str, Any]) -> None:  # ends the lease: before the next request
         ray.get(queue.report.remote(rank, row))
@@ -604,7 +624,9 @@ def train(
     layout = AdapterLayout(root)
     config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
     init_ray(config)
-    queue = ray.remote(num_cpus=0)(ProductQueue).remote(work_dataset(data_root, root))
+    queue = ray.remote(num_cpus=0)(ProductQueue).remote(
+        work_dataset(data_root, root), _job.InputIndex(layout)
+    )
     workers = 0
     try:
         if ray.get(queue.has_work.remote()):

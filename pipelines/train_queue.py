@@ -16,7 +16,9 @@ through is found complete by the worker and counted as done by this run.
 
 The queue holds the current batch of the stream, the leases (at most a group per worker)
 and running sums: nothing grows with the catalog, and the driver reads W per-worker
-aggregates at the end, never a per-product list.
+aggregates at the end, never a per-product list. As it reads the stream it writes train's
+input index (``pipelines._job.InputIndex``, the valid product ids), whole once the stream
+ends: `restage generate` reads it instead of listing the adapter folders.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class ProductQueue:
     pyarrow tables with columns ``product_id``, ``shard``, ``error`` (why the shard is not a
     product, or null) and ``complete`` (its adapter exists)."""
 
-    def __init__(self, source: Any):
+    def __init__(self, source: Any, index: Any = None):
         if hasattr(source, "iter_batches"):
             batches: Iterable[Any] = source.iter_batches(batch_format="pyarrow")
         else:
@@ -53,6 +55,7 @@ class ProductQueue:
         self.ok = self.failed = 0
         self.stages = {k: {"items": 0, "seconds": 0.0} for k in STAGE_KEYS}
         self.workers: dict[int, dict[str, Any]] = {}
+        self._index = index  # an InputIndex, closed (and dropped) when the stream ends
 
     # ------------------------------------------------------------------ leasing
 
@@ -83,6 +86,9 @@ class ProductQueue:
         while not self._ready:
             batch = next(self._batches, None)
             if batch is None:
+                if self._index is not None:
+                    self._index.close()
+                    self._index = None
                 return None
             self._ingest(batch)
         return self._ready[0]
@@ -92,6 +98,10 @@ class ProductQueue:
         # A product listed twice is leased once while it is queued or in flight (once done,
         # its worker finds its adapter and reports it complete).
         seen = set(self._ready).union(*self._leases.values())
+        if self._index is not None:
+            self._index.add(
+                [p for p, e in zip(cols["product_id"], cols["error"], strict=True) if e is None]
+            )
         for pid, shard, error, complete in zip(
             cols["product_id"], cols["shard"], cols["error"], cols["complete"], strict=True
         ):

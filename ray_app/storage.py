@@ -221,6 +221,11 @@ class JobLayout:
         writes them): what a downstream job reads instead of listing markers."""
         return join(self.root, "_inputs")
 
+    def inputs_complete(self) -> str:
+        """Written once the input index is whole: an index without it (a killed run's, cut
+        short) is not read."""
+        return join(self.root, "_inputs.complete")
+
     def completed(self) -> set[str]:
         """Product ids whose marker exists; one listing, not one request per product."""
         return {name[: -len(".json")] for name in list_names(self.markers_dir(), ".json")}

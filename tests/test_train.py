@@ -23,6 +23,7 @@ from actors.lora_trainer import (
     mix_schedule,
     positive_prompt,
 )
+from pipelines import _job
 from ray_app import storage, tiny
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
@@ -358,16 +359,23 @@ def test_a_fast_worker_takes_the_products_queued_behind_a_slow_one(ray_local, tm
         "tiny", overrides=["train.num_workers=2", "train.steps=1", "ray.progress_bars=false"]
     )
     # The slow product is leased first (products are leased in listing order); while it
-    # loads, the other worker must take every fast one. Statically, rank 0 would own
-    # products 0, 2, 4 and the slow worker would train three.
-    summary = train(cfg, data, str(tmp_path / "adapters"), test_delays={slow: 60.0})
+    # loads (up to 120 s, less once nothing else is left), the other worker must take every
+    # fast one. Statically, rank 0 would own products 0, 2, 4 and the slow worker would
+    # train three.
+    summary = train(cfg, data, str(tmp_path / "adapters"), test_delays={slow: 120.0})
     assert summary.products["ok"] == 1 + len(fast) and summary.products["failed"] == 0
     workers = {w["slowest"]["product_id"]: w for w in summary.extra["per_worker"]}
     assert len(workers) == 2 and slow in workers, summary.extra["per_worker"]
     assert workers[slow]["products"] == 1  # the slow worker trained only the slow product
     (other,) = (w for pid, w in workers.items() if pid != slow)
     assert other["products"] == other["ok"] == len(fast)
-    assert AdapterLayout(str(tmp_path / "adapters")).completed() == {slow, *fast}
+    layout = AdapterLayout(str(tmp_path / "adapters"))
+    assert layout.completed() == {slow, *fast}
+    # The queue wrote train's input index as it read the stream: generate reads it.
+    index = _job.input_ids(layout)
+    assert index is not None and sorted(r["product_id"] for r in index.iter_rows()) == sorted(
+        [slow, *fast]
+    )
 
 
 @pytest.mark.slow

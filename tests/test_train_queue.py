@@ -120,3 +120,33 @@ def test_a_report_for_a_product_never_leased_is_ignored(status):
     queue = ProductQueue([_batch(("p0", None, False))])
     queue.report(0, {"product_id": "p0", "status": status})
     assert queue.result()["ok"] == queue.result()["failed"] == 0
+
+
+def test_the_queue_writes_the_input_index_as_it_reads_and_marks_it_whole_at_the_end(tmp_path):
+    from pipelines._job import InputIndex
+
+    layout = AdapterLayout(str(tmp_path / "adapters"))
+    storage.write_parquet(storage.join(layout.inputs_dir(), "old.parquet"), pa.table({"x": [1]}))
+    storage.write_json(layout.inputs_complete(), {})
+    batches = [
+        _batch(("p0", None, True), ("bad name", "not a product id", False), ("p1", None, False)),
+        _batch(("p2", None, False), ("p3", None, False)),
+    ]
+    queue = ProductQueue(batches, InputIndex(layout, rows_per_file=2))
+    # The old index is gone at once, and the new one is not whole while the stream is read.
+    assert not storage.exists(layout.inputs_complete())
+    assert queue.next("a", 0) == "p1"
+    assert not storage.exists(layout.inputs_complete())
+    while (pid := queue.next("a", 0)) is not None:
+        queue.report(0, _ok(pid))
+    assert storage.exists(layout.inputs_complete())
+    names = storage.list_names(layout.inputs_dir())
+    assert names == ["part-000000.parquet", "part-000001.parquet"]  # at most 2 ids a part
+    ids = [
+        pid
+        for n in names
+        for pid in storage.read_parquet(storage.join(layout.inputs_dir(), n))
+        .column("product_id")
+        .to_pylist()
+    ]
+    assert ids == ["p0", "p1", "p2", "p3"]  # the valid ids, complete ones included
