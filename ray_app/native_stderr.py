@@ -32,10 +32,9 @@ HARMLESS = (
 )
 
 # The filter process: copies stdin to stdout by whole lines, less those containing one
-# of its arguments; a Ctrl-C meant for the command does not end it (it ends at EOF).
+# of its arguments, until its input ends (the command and its children are gone).
 _FILTER = r"""
-import os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+import os, sys
 drop = [a.encode() for a in sys.argv[1:]]
 out, rest = sys.stdout.buffer, b""
 while chunk := os.read(0, 65536):
@@ -68,8 +67,14 @@ def install(harmless: tuple[str, ...] = HARMLESS) -> bool:
         return False
     sys.stderr.flush()
     real = os.dup(2)
+    # In a session of its own: a Ctrl-C or a SIGTERM to the process group, meant for the
+    # command, would otherwise end the filter first and lose what the command writes as
+    # it stops.
     proc = subprocess.Popen(
-        [sys.executable, "-c", _FILTER, *harmless], stdin=subprocess.PIPE, stdout=real
+        [sys.executable, "-c", _FILTER, *harmless],
+        stdin=subprocess.PIPE,
+        stdout=real,
+        start_new_session=True,
     )
     assert proc.stdin is not None
     os.dup2(proc.stdin.fileno(), 2)  # C++ writes go to the filter from here on

@@ -61,6 +61,23 @@ def test_an_ordinary_exit_lets_the_filter_drain():
     assert proc.stderr.decode().splitlines() == ["keep 1", "keep 2"]
 
 
+def test_a_sigterm_to_the_process_group_ends_the_command_not_the_filter():
+    """`kill -- -PGID` (or a supervisor stopping the group): what the command wrote is shown."""
+    proc = child(
+        """
+        import signal
+        native_stderr.want()
+        native_stderr.install()
+        os.write(2, b"written before the group is stopped")
+        os.killpg(0, signal.SIGTERM)
+        """,
+        capture_output=True,
+        start_new_session=True,
+    )
+    assert proc.returncode == -15
+    assert "written before the group is stopped" in proc.stderr.decode()
+
+
 def test_nothing_changes_unless_the_command_wants_it():
     """A library caller or a test runner keeps its stderr: only `restage` itself filters."""
     proc = child(
