@@ -71,7 +71,7 @@ def install(harmless: tuple[str, ...] = HARMLESS) -> bool:
     # command, would otherwise end the filter first and lose what the command writes as
     # it stops.
     proc = subprocess.Popen(
-        [sys.executable, "-c", _FILTER, *harmless],
+        [sys.executable, "-I", "-c", _FILTER, *harmless],  # -I: os and sys only, nothing of ours
         stdin=subprocess.PIPE,
         stdout=real,
         start_new_session=True,
