@@ -114,7 +114,10 @@ def product_ids(data_root: str) -> Dataset:
             raise
         ds = ray.data.from_arrow(pa.table({"path": pa.array([], pa.string())}))
     return ds.map_batches(
-        _shard_rows, batch_format="pyarrow", num_cpus=0, concurrency=LISTING_TASKS
+        _shard_rows,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=LISTING_TASKS),
     )
 
 
@@ -162,12 +165,14 @@ def _with_completion(batch: Any, out_root: str) -> Any:
 def work_dataset(data_root: str, out_root: str) -> Dataset:
     """The train job's input stream: ``product_ids`` with each product's completion, in
     listing order (products are leased in the same order on every run)."""
+    import ray.data
+
     ds = product_ids(data_root).map_batches(
         _with_completion,
         fn_kwargs={"out_root": out_root},
         batch_format="pyarrow",
         num_cpus=0,
-        concurrency=LISTING_TASKS,
+        compute=ray.data.TaskPoolStrategy(size=LISTING_TASKS),
     )
     ds.context.execution_options.preserve_order = True  # costs nothing on a listing
     return ds

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from ray_app import secrets
+from ray_app import native_stderr, secrets
 from ray_app.config import RestageConfig
 from ray_app.models import apply_environment
 from ray_app.progress import interactive
@@ -65,6 +65,7 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             kwargs["_system_config"] = config.ray.system_config()
             ray.init(**kwargs)
             info["mode"] = "local"
+    native_stderr.install()  # after Ray's own processes started, with their own log files
     ctx = DataContext.get_current()
     bars = progress_bars(config)
     ctx.enable_progress_bars = bars

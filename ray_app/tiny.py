@@ -299,9 +299,10 @@ def _text_config():
 
 
 def sd_components() -> dict:
-    """A tiny SD 1.x/2.x-style UNet, VAE, text encoder and tokenizer (one text encoder, no
-    added embeddings), for checking code paths of that family; no role uses it."""
-    from diffusers import UNet2DConditionModel
+    """A tiny SD 1.x/2.x-style UNet, VAE, scheduler, text encoder and tokenizer (one text
+    encoder, no added embeddings, v-prediction), for checking code paths of that family; no
+    role uses it."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -317,9 +318,22 @@ def sd_components() -> dict:
         attention_head_dim=(2, 4),
         norm_num_groups=32,
     )
+    # Stable Diffusion 2.x's scheduler config: DDIMScheduler's own defaults (steps_offset=0,
+    # clip_sample=True) are its pre-SD ones, which StableDiffusionPipeline corrects with a
+    # FutureWarning.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
     return {
         "unet": unet,
         "vae": _vae(),
+        "scheduler": scheduler,
         "text_encoder": CLIPTextModel(_text_config()),
         "tokenizer": clip_tokenizer(),
     }
