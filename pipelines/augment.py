@@ -966,6 +966,14 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     return _job.finish(summary, layout, done, units, [completed.stages, got.failed], start, extra)
 
 
-def main(config: RestageConfig, args: Any) -> JobSummary:
+@dataclass(frozen=True)
+class AugmentArgs:
+    """``restage augment``'s arguments (the CLI builds them from its flags)."""
+
+    manifest: str
+    out: str
+
+
+def main(config: RestageConfig, args: AugmentArgs) -> JobSummary:
     """CLI entry: ``restage augment --manifest URI --out URI``."""
     return augment(config, args.manifest, args.out)

@@ -486,7 +486,20 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     )
 
 
-def main(config: RestageConfig, args: Any) -> JobSummary:
+@dataclass(frozen=True)
+class GenerateArgs:
+    """``restage generate``'s arguments (the CLI builds them from its flags); the optional
+    ones override their ``generate`` config values."""
+
+    adapters: str
+    out: str
+    prompts: int | None = None
+    images_per_prompt: int | None = None
+    top_n: int | None = None
+    user_prompts: str | None = None
+
+
+def main(config: RestageConfig, args: GenerateArgs) -> JobSummary:
     """CLI entry: ``restage generate --adapters URI --out URI [--prompts N ...]``."""
     config = config.model_copy(deep=True)
     for attr, key in (
@@ -495,7 +508,7 @@ def main(config: RestageConfig, args: Any) -> JobSummary:
         ("top_n", "top_n"),
         ("user_prompts", "user_prompts"),
     ):
-        value = getattr(args, attr, None)
+        value = getattr(args, attr)
         if value is not None:
             setattr(config.generate, key, value)
     return generate(config, args.adapters, args.out)

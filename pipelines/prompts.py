@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from actors.llm import PromptWriter
@@ -115,6 +116,17 @@ def build(
     return summary
 
 
-def main(config: RestageConfig, args: Any) -> JobSummary:
+@dataclass(frozen=True)
+class BuildArgs:
+    """``restage prompts build``'s arguments (the CLI builds them from its flags)."""
+
+    out: str
+    per_type: int = 30
+    types: str | None = None  # comma-separated product types; None: all and generic
+    bank: str | None = None
+
+
+def main(config: RestageConfig, args: BuildArgs) -> JobSummary:
+    """CLI entry: ``restage prompts build --out URI [--per-type N] [--types a,b] [--bank URI]``."""
     types = [t.strip() for t in args.types.split(",")] if args.types else None
     return build(config, args.out, per_type=args.per_type, types=types, bank_uri=args.bank)

@@ -9,7 +9,7 @@ folder per product) and ``OUT/generations/`` (ranked images).
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
 
 from pipelines.augment import augment
 from pipelines.generate import generate
@@ -60,6 +60,14 @@ def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     return summary
 
 
-def main(config: RestageConfig, args: Any) -> JobSummary:
+@dataclass(frozen=True)
+class RunArgs:
+    """``restage run``'s arguments (the CLI builds them from its flags)."""
+
+    manifest: str
+    out: str
+
+
+def main(config: RestageConfig, args: RunArgs) -> JobSummary:
     """CLI entry: ``restage run --manifest URI --out URI``."""
     return run(config, args.manifest, args.out)

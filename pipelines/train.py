@@ -733,6 +733,15 @@ def _fit(
             os.rmdir(state)
 
 
-def main(config: RestageConfig, args: Any) -> JobSummary:
+@dataclass(frozen=True)
+class TrainArgs:
+    """``restage train``'s arguments (the CLI builds them from its flags)."""
+
+    data: str
+    out: str
+    manifest: str | None = None
+
+
+def main(config: RestageConfig, args: TrainArgs) -> JobSummary:
     """CLI entry: ``restage train --data URI --out URI [--manifest URI]``."""
-    return train(config, args.data, args.out, getattr(args, "manifest", None))
+    return train(config, args.data, args.out, args.manifest)

@@ -15,6 +15,7 @@ ends; anything else is a bug or an outage and exits 1 with its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -78,6 +79,17 @@ def _config(args: argparse.Namespace) -> RestageConfig:
 def _call(target: str, *args: Any, **kwargs: Any) -> Any:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def _entry(target: str, args_type: str, config: RestageConfig, ns: argparse.Namespace) -> Any:
+    """Call a job's ``main`` (``target``) with its typed arguments (the dataclass
+    ``args_type`` of the same module, filled from the parsed flags): the argparse
+    ``Namespace`` stops here."""
+    module_name, _, name = target.partition(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, args_type)
+    typed = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    return getattr(module, name)(config, typed)
 
 
 # --------------------------------------------------------------------------- commands
@@ -189,7 +201,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return _call("serve.app:main", _config(args), args)
+    return _entry("serve.app:main", "ServeArgs", _config(args), args)
 
 
 def cmd_prompts_show(args: argparse.Namespace) -> int:
@@ -219,11 +231,13 @@ def _say_where_ray_logs_are(out: str | None) -> None:
         print(f"Ray's logs: {where}", file=sys.stderr)
 
 
-def _job(target: str, out_is_folder: bool = True) -> Callable[[argparse.Namespace], int]:
+def _job(
+    target: str, args_type: str, out_is_folder: bool = True
+) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         try:
-            summary = _call(target, cfg, args)
+            summary = _entry(target, args_type, cfg, args)
         finally:
             _say_where_ray_logs_are(args.out if out_is_folder else None)
         print(summary.render())  # its last line says whether any product failed
@@ -306,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="products manifest URI")
     p.add_argument("--out", required=True, help="output root URI (local folder, s3://, gs://, ...)")
     _add_config_args(p)
-    p.set_defaults(func=_job("pipelines.augment:main"))
+    p.set_defaults(func=_job("pipelines.augment:main", "AugmentArgs"))
 
     p = sub.add_parser(
         "train",
@@ -329,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "when the augment output has no product records",
     )
     _add_config_args(p)
-    p.set_defaults(func=_job("pipelines.train:main"))
+    p.set_defaults(func=_job("pipelines.train:main", "TrainArgs"))
 
     p = sub.add_parser(
         "generate",
@@ -356,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text file URI of extra prompts, one a line with {product} [generate.user_prompts]",
     )
     _add_config_args(p)
-    p.set_defaults(func=_job("pipelines.generate:main"))
+    p.set_defaults(func=_job("pipelines.generate:main", "GenerateArgs"))
 
     p = sub.add_parser(
         "run",
@@ -369,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="products manifest URI")
     p.add_argument("--out", required=True, help="output root URI")
     _add_config_args(p)
-    p.set_defaults(func=_job("pipelines.run:main"))
+    p.set_defaults(func=_job("pipelines.run:main", "RunArgs"))
 
     p = sub.add_parser(
         "serve",
@@ -444,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bank", help="bank to extend (default: augment.prompt_bank or the packaged one)"
     )
     _add_config_args(b)
-    b.set_defaults(func=_job("pipelines.prompts:main", out_is_folder=False))
+    b.set_defaults(func=_job("pipelines.prompts:main", "BuildArgs", out_is_folder=False))
     s = psub.add_parser(
         "show", help="list the bank's product types with their aliases and prompt counts"
     )

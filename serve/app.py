@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from ray_app import secrets, storage
@@ -123,6 +124,17 @@ def run_server(
     return url
 
 
-def main(config: RestageConfig, args: Any) -> int:
+@dataclass(frozen=True)
+class ServeArgs:
+    """``restage serve``'s arguments (the CLI builds them from its flags); host and port
+    None: ``serve.host`` / ``serve.port``."""
+
+    adapters: str
+    host: str | None = None
+    port: int | None = None
+    no_auth: bool = False
+
+
+def main(config: RestageConfig, args: ServeArgs) -> int:
     run_server(config, args.adapters, args.host, args.port, args.no_auth)
     return 0

@@ -146,3 +146,66 @@ def test_serve_help_shows_the_values_in_force():
     defaults = ServeConfig()
     assert f"serve.host, {defaults.host}" in serve and f"serve.port, {defaults.port}" in serve
     assert "[serve.host]" not in serve and "[serve.port]" not in serve
+
+
+@pytest.mark.parametrize(
+    ("argv", "target", "args_type", "expected"),
+    [
+        (
+            ["augment", "--manifest", "m.jsonl", "--out", "o"],
+            "pipelines.augment",
+            "AugmentArgs",
+            {"manifest": "m.jsonl", "out": "o"},
+        ),
+        (
+            ["train", "--data", "d", "--out", "o"],
+            "pipelines.train",
+            "TrainArgs",
+            {"data": "d", "out": "o", "manifest": None},
+        ),
+        (
+            ["generate", "--adapters", "a", "--out", "o", "--top-n", "2", "--user-prompts", "u"],
+            "pipelines.generate",
+            "GenerateArgs",
+            {"adapters": "a", "out": "o", "prompts": None, "top_n": 2, "user_prompts": "u"},
+        ),
+        (
+            ["run", "--manifest", "m", "--out", "o"],
+            "pipelines.run",
+            "RunArgs",
+            {"manifest": "m", "out": "o"},
+        ),
+        (
+            ["prompts", "build", "--out", "b.yaml", "--types", "mug,lamp"],
+            "pipelines.prompts",
+            "BuildArgs",
+            {"out": "b.yaml", "per_type": 30, "types": "mug,lamp", "bank": None},
+        ),
+        (
+            ["serve", "--adapters", "a", "--port", "9000", "--no-auth"],
+            "serve.app",
+            "ServeArgs",
+            {"adapters": "a", "host": None, "port": 9000, "no_auth": True},
+        ),
+    ],
+)
+def test_each_entry_gets_typed_arguments_from_its_flags(
+    monkeypatch, argv, target, args_type, expected
+):
+    """The parsed flags become the job's own typed arguments at the CLI: a flag renamed
+    without its field (or the reverse) fails here, not in a job."""
+    import dataclasses
+    import importlib
+
+    from ray_app import cli
+    from ray_app.config import load_config
+
+    module = importlib.import_module(target)
+    seen = []
+    monkeypatch.setattr(module, "main", lambda config, args: seen.append(args))
+    cli._entry(
+        f"{target}:main", args_type, load_config("tiny"), cli.build_parser().parse_args(argv)
+    )
+    (args,) = seen
+    assert type(args) is getattr(module, args_type) and dataclasses.is_dataclass(args)
+    assert {k: getattr(args, k) for k in expected} == expected
