@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "e9f5ead"
 
 
-def measure(code: Path, overrides: list[str], work: Path) -> dict:
-    """Row bytes per product after each stage, with the pipeline of the tree at ``code``."""
+def measure(code: Path, overrides: list[str], work: Path, count: int) -> dict:
+    """Row bytes per product after each stage, with the pipeline of the tree at ``code``,
+    and the manifest rows it wrote (its file URIs relative to the output root)."""
     sys.path.insert(0, str(code))
     import numpy as np
 
@@ -42,7 +43,7 @@ def measure(code: Path, overrides: list[str], work: Path) -> dict:
     manifest = str(ROOT / "examples" / "products.jsonl")
     config = load_config("tiny", overrides=overrides)
     policy = SourcePolicy.for_manifest(manifest, config.storage)
-    table = records_table(read_manifest(manifest).records)
+    table = records_table(read_manifest(manifest).records[:count])
     stages = [cls(config) for cls, _ in job.model_stages(config)]
     root = str(work / "out")
     products = []
@@ -66,14 +67,18 @@ def measure(code: Path, overrides: list[str], work: Path) -> dict:
         for folder in ("images", "masks"):
             fs, path = storage.url_to_fs(storage.join(root, folder, pid))
             files += sum(fs.du(path, total=False).values()) if fs.exists(path) else 0
-        kept = storage.read_parquet(storage.join(root, "manifest", f"{pid}.parquet"))
+        rows = storage.read_parquet(storage.join(root, "manifest", f"{pid}.parquet")).to_pylist()
+        for r in rows:
+            for key in ("image_uri", "mask_uri"):
+                r[key] = r[key] and r[key].removeprefix(root)
         products.append(
             {
                 "product_id": pid,
-                "samples": kept.num_rows,
-                "kept": sum(kept["kept"].to_pylist()),
+                "samples": len(rows),
+                "kept": sum(r["kept"] for r in rows),
                 "row_bytes": sizes,
                 "files_bytes": files,
+                "manifest": rows,
             }
         )
     return {"products": products}
@@ -81,6 +86,24 @@ def measure(code: Path, overrides: list[str], work: Path) -> dict:
 
 def _mean(products: list[dict], key) -> float:
     return round(sum(key(p) for p in products) / len(products))
+
+
+def same_outputs(before: dict, after: dict, tolerance: float = 1e-5) -> list[str]:
+    """Where the two runs' manifest rows differ (floats within ``tolerance``): empty if none."""
+    diffs = []
+    for b, a in zip(before["products"], after["products"], strict=True):
+        if len(b["manifest"]) != len(a["manifest"]):
+            diffs.append(f"{b['product_id']}: {len(b['manifest'])} vs {len(a['manifest'])} rows")
+            continue
+        for rb, ra in zip(b["manifest"], a["manifest"], strict=True):
+            for key in rb.keys() | ra.keys():
+                x, y = rb.get(key), ra.get(key)
+                if isinstance(x, float) and isinstance(y, float):
+                    if abs(x - y) > tolerance:
+                        diffs.append(f"{rb['sample_id']}.{key}: {x} vs {y}")
+                elif x != y:
+                    diffs.append(f"{rb['sample_id']}.{key}: {x!r} vs {y!r}")
+    return diffs
 
 
 def summarise(run: dict) -> dict:
@@ -100,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--products", type=int, default=1, help="example products to run")
     parser.add_argument("--baseline", default=BASELINE, help="the commit to compare against")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "row_bytes_tiny.json"))
@@ -110,7 +134,7 @@ def main() -> None:
 
     if args.measure:
         with tempfile.TemporaryDirectory(prefix="restage-rowbytes-") as work:
-            print(json.dumps(measure(Path(args.measure), overrides, Path(work))))
+            print(json.dumps(measure(Path(args.measure), overrides, Path(work), args.products)))
         return
 
     def run(code: Path) -> dict:
@@ -120,6 +144,8 @@ def main() -> None:
                 __file__,
                 "--measure",
                 str(code),
+                "--products",
+                str(args.products),
                 *[a for o in args.overrides for a in ("--set", o)],
             ],
             check=True,
@@ -147,6 +173,7 @@ def main() -> None:
         before = run(Path(old))
     after = run(ROOT)
     b, a = summarise(before), summarise(after)
+    diffs = same_outputs(before, after)
     result = {
         "benchmark": "row_bytes",
         "profile": "tiny",
@@ -154,6 +181,8 @@ def main() -> None:
         "machine": machine("cpu"),
         "before": {"commit": commit, **b, "products": before["products"]},
         "after": {"commit": head, **a, "products": after["products"]},
+        "same_manifest_rows": not diffs,
+        "manifest_differences": diffs[:50],
     }
     print(
         format_table(
@@ -169,6 +198,7 @@ def main() -> None:
         f"the product's images and masks in storage: {a['files_bytes']} B "
         f"({a['samples']} samples)"
     )
+    print("manifest rows: " + ("the same" if not diffs else f"{len(diffs)} differences"))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
