@@ -68,7 +68,7 @@ def run_sequential(records: list[ProductRecord], config, root: str, policy: Sour
     for i in range(table.num_rows):
         row = table.slice(i, 1).to_pydict()
         batch = {k: np.array(v, dtype=object) for k, v in row.items()}
-        batch = job.decode_products(batch, config, policy)
+        batch = job.decode_products(batch, config, policy, root)
         for stage in stages:
             batch = stage(batch)
         batch = job.select_products(batch, config)

@@ -1,8 +1,8 @@
 """Stage-by-stage execution: for clusters too small to hold every model stage at once.
 
 Each model stage runs alone over every pending product, writes each product's row to
-``<out>/_stages/<NN>-<stage>/<product_id>.parquet`` (the pickled product state, images
-included), and ends before the next stage starts, so its actors free their GPUs. A re-run
+``<out>/_stages/<NN>-<stage>/<product_id>.parquet`` (the pickled product state; its
+images are already in their final place, the row names them), and ends before the next stage starts, so its actors free their GPUs. A re-run
 skips, stage by stage, the products whose row that stage already wrote (checked in tasks,
 never listed on the driver), so a kill between (or inside) stages loses nothing and redoes
 nothing that finished. The rows are the same

@@ -7,9 +7,17 @@ Ray Data streams one row per product through one stage per model role:
 
 Model stages are actor pools (``ActorPoolStrategy(min, max)``, ``num_gpus`` from the role's
 config); decode, select and write are CPU tasks. A row carries the product's whole state
-(record, samples as encoded images, errors, per-stage stats), so every per-product decision
-(how many negatives, the positive:negative ratio, top-k per source) is local to the row and
-nothing is ever grouped or materialised across products.
+(record, samples, errors, per-stage stats), so every per-product decision (how many
+negatives, the positive:negative ratio, top-k per source) is local to the row and nothing is
+ever grouped or materialised across products.
+
+Images are written through: the stage that makes an image or a mask (decode for the real
+photos) writes it to its final place in the job's layout, and the row carries its URI; the
+stages that need pixels later read them back. A row stays a few kB whatever the image size
+(bench/row_bytes.py), instead of carrying every image of the product through every stage.
+The writer adds the manifest shard, the errors and the marker (last). Decode first removes
+what a killed run left of the product, and the writer removes a failed product's files, so
+the images and masks folders hold exactly the manifest's samples.
 
 The driver holds counters only: the manifest is read, validated and de-duplicated in Ray
 Data tasks, and each product's marker is checked in a task (pipelines/_job.py).
@@ -95,7 +103,7 @@ class Sample:
 
     sample_id: str
     kind: SampleKind
-    image: bytes | None
+    image_uri: str | None  # where its image was written (None: it was not made)
     width: int
     height: int
     caption: str | None = None
@@ -104,11 +112,12 @@ class Sample:
     origin_uri: str | None = None  # real images: the input URI
     origin_frames: int | None = None  # real images from an animation: its frame count
     seed: int | None = None
-    alpha: bytes | None = None  # real images: the file's alpha channel, a mask hint
-    mask: bytes | None = None
+    alpha: bytes | None = None  # real images: the file's alpha channel (PNG) until segmented
+    mask_uri: str | None = None
     mask_method: str | None = None
     mask_score: float | None = None
-    expected_mask: bytes | None = None  # contexts: where the product was pasted
+    expected_mask: bytes | None = None  # contexts: where the product was pasted (PNG), until
+    # resegmented
     scores: dict[str, float] = field(default_factory=dict)
     score: float | None = None
     kept: bool = True
@@ -119,13 +128,23 @@ class Sample:
         if self.kept:
             self.kept, self.drop_reason = False, reason
 
+    def image(self) -> bytes:
+        """Its encoded image, read back from where it was written."""
+        assert self.image_uri is not None, f"{self.sample_id} has no image"
+        return storage.read_bytes(self.image_uri)
+
+    def mask(self) -> bytes | None:
+        return storage.read_bytes(self.mask_uri) if self.mask_uri else None
+
 
 @dataclass
 class ProductState(ProductRow):
-    """Everything known about one product; pickled into its Ray Data row between stages."""
+    """Everything known about one product; pickled into its Ray Data row between stages.
+    Its samples' images and masks are in storage under ``root`` (module doc)."""
 
     job: ClassVar[str] = JOB
     record: ProductRecord
+    root: str  # the job's output root: where its images and masks are written
     samples: list[Sample] = field(default_factory=list)
     product_type: str | None = None
     type_source: str | None = None
@@ -142,6 +161,22 @@ class ProductState(ProductRow):
 
     def error_record(self) -> str:
         return json.dumps(self.record.to_row(), default=str)
+
+    def put_image(self, sample: Sample, data: bytes, image_format: str) -> None:
+        """Write ``sample``'s encoded image to its final place; the row keeps the URI."""
+        ext = "jpg" if image_format == "jpeg" else "png"
+        path = AugmentLayout(self.root).image(self.product_id, sample.sample_id, ext)
+        sample.image_uri = storage.write_bytes(path, data)
+
+    def put_mask(self, sample: Sample, data: bytes) -> None:
+        path = AugmentLayout(self.root).mask(self.product_id, sample.sample_id)
+        sample.mask_uri = storage.write_bytes(path, data)
+
+    def remove_files(self) -> None:
+        """Remove the product's images and masks (a killed run's, or a failed product's)."""
+        layout = AugmentLayout(self.root)
+        for folder in (layout.images_dir(self.product_id), layout.masks_dir(self.product_id)):
+            storage.remove(folder, recursive=True)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -230,7 +265,7 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
     """Filter synthetic samples, keep the top-k per source, then enforce the ratio. Every
     dropped sample keeps its reason; real images are only ever dropped to meet the ratio."""
     f, neg = config.augment.filter, config.augment.negatives
-    samples = [s for s in state.samples if s.image is not None]
+    samples = [s for s in state.samples if s.image_uri is not None]
     names = list(config.scoring.ranges)
     scores = {n: np.array([s.scores.get(n, np.nan) for s in samples], np.float32) for n in names}
     agg = aggregate(scores, f.weights, config.scoring.ranges) if samples else []
@@ -323,7 +358,7 @@ class _Stage(ProductStage):
             made, self.run(model, state, rows, [m.sample_id for m in made]), strict=True
         ):
             if not r["error"]:
-                sample.image = encode(decode_rgb(r["image"]), fmt)
+                state.put_image(sample, encode(decode_rgb(r["image"]), fmt), fmt)
                 state.samples.append(sample)
                 state.stat(self.name).items_out += 1
 
@@ -353,15 +388,17 @@ def _column(values: list[Any]) -> np.ndarray:
 
 
 def decode_products(
-    batch: dict[str, np.ndarray], config: RestageConfig, policy: SourcePolicy
+    batch: dict[str, np.ndarray], config: RestageConfig, policy: SourcePolicy, root: str
 ) -> dict[str, np.ndarray]:
-    """Records -> product states with their real images, decoded and re-encoded. Every URI
-    is checked against ``policy`` first: a refused one is an error row, never read."""
+    """Records -> product states with their real images, decoded, re-encoded and written
+    under ``root`` (the job's output). Every URI is checked against ``policy`` first: a
+    refused one is an error row, never read."""
     img_cfg, fmt = config.images, config.augment.image_format
     states = []
     for row in _rows(batch):
         start = time.perf_counter()
-        state = ProductState(ProductRecord.from_row(row))
+        state = ProductState(ProductRecord.from_row(row), root)
+        state.remove_files()  # a killed run's, before the first is written
         stat = state.stat("decode")
         loaded, failed = load_images(
             state.record.image_uris,
@@ -376,18 +413,18 @@ def decode_products(
         for i, img in enumerate(loaded):
             h, w = img.image.rgb.shape[:2]
             alpha = encode_png(img.image.alpha) if img.image.alpha is not None else None
-            state.samples.append(
-                Sample(
-                    f"real-{i:02d}",
-                    SampleKind.REAL,
-                    encode(img.image.rgb, fmt),
-                    w,
-                    h,
-                    origin_uri=img.uri,
-                    origin_frames=img.image.frames if img.image.frames > 1 else None,
-                    alpha=alpha,
-                )
+            sample = Sample(
+                f"real-{i:02d}",
+                SampleKind.REAL,
+                None,
+                w,
+                h,
+                origin_uri=img.uri,
+                origin_frames=img.image.frames if img.image.frames > 1 else None,
+                alpha=alpha,
             )
+            state.put_image(sample, encode(img.image.rgb, fmt), fmt)
+            state.samples.append(sample)
         stat.items_out, stat.errors = len(loaded), len(failed)
         if not loaded:
             state.failed = f"no readable image ({len(failed)} of {len(failed)} failed)"
@@ -420,8 +457,9 @@ class CaptionStage(_Stage):
 
     def process(self, state: ProductState) -> None:
         reals = state.of(SampleKind.REAL)
+        images = [s.image() for s in reals]
         out = self.run(
-            self.captioner, state, [{"image": s.image} for s in reals], [s.sample_id for s in reals]
+            self.captioner, state, [{"image": im} for im in images], [s.sample_id for s in reals]
         )
         for s, r in zip(reals, out, strict=True):
             s.caption = r["caption"] or None
@@ -430,32 +468,34 @@ class CaptionStage(_Stage):
         rec = state.record
         ptype, source = classify(self.bank, rec.category, rec.title, [s.caption for s in reals])
         if ptype is None:
-            ptype, source = self._ask_captioner(state, reals)
+            ptype, source = self._ask_captioner(state, reals, images)
         if ptype is None:
-            ptype, source = self._zero_shot(reals)
+            ptype, source = self._zero_shot(images)
         state.product_type, state.type_source = ptype, source
         # Never the raw category: it is free text from an untrusted manifest.
         state.noun = category_noun(self.bank, rec.category) or self.bank.type_of(ptype).noun
         for s in reals:
             s.caption = s.caption or f"a photo of a {state.noun}"
 
-    def _ask_captioner(self, state: ProductState, reals: list[Sample]) -> tuple[str | None, str]:
+    def _ask_captioner(
+        self, state: ProductState, reals: list[Sample], images: list[bytes]
+    ) -> tuple[str | None, str]:
         labels = [noun for _, noun in self.bank.labels()]
         question = type_question(labels)
         answers = self.run(
             self.captioner,
             state,
-            [{"image": s.image, "instruction": question} for s in reals],
+            [{"image": im, "instruction": question} for im in images],
             [s.sample_id for s in reals],
         )
         name = self.bank.vote(a["caption"] for a in answers)
         return (name, "captioner") if name else (None, "unresolved")
 
-    def _zero_shot(self, reals: list[Sample]) -> tuple[str, str]:
+    def _zero_shot(self, encoded: list[bytes]) -> tuple[str, str]:
         if self.clip is None:
             self.clip = ClipEmbedder(self.config.model_spec("clip"))
         labels = self.bank.labels()
-        images = self.clip({"image": _column([s.image for s in reals])})["image_embedding"]
+        images = self.clip({"image": _column(encoded)})["image_embedding"]
         images = images[~np.isnan(images).any(axis=1)]
         if not len(images):
             return GENERIC, "fallback"
@@ -483,7 +523,7 @@ class ViewStage(_Stage):
             derive_seed(state.product_id, SampleKind.VIEW, i, self.config.seed)
             for i in range(len(reals))
         ]
-        rows = [{"image": s.image, "seed": seed} for s, seed in zip(reals, seeds, strict=True)]
+        rows = [{"image": s.image(), "seed": seed} for s, seed in zip(reals, seeds, strict=True)]
         for real, seed, r in zip(
             reals,
             seeds,
@@ -494,19 +534,19 @@ class ViewStage(_Stage):
                 continue
             for frame, index in zip(r["frames"], r["frame_index"], strict=True):
                 rgb = decode_rgb(frame)
-                state.samples.append(
-                    Sample(
-                        f"view-{real.sample_id[5:]}-f{index:02d}",
-                        SampleKind.VIEW,
-                        encode(rgb, self.fmt),
-                        rgb.shape[1],
-                        rgb.shape[0],
-                        caption=real.caption,
-                        source_sample=real.sample_id,
-                        seed=seed,
-                        models={"novel_view": self.tag},
-                    )
+                view = Sample(
+                    f"view-{real.sample_id[5:]}-f{index:02d}",
+                    SampleKind.VIEW,
+                    None,
+                    rgb.shape[1],
+                    rgb.shape[0],
+                    caption=real.caption,
+                    source_sample=real.sample_id,
+                    seed=seed,
+                    models={"novel_view": self.tag},
                 )
+                state.put_image(view, encode(rgb, self.fmt), self.fmt)
+                state.samples.append(view)
                 state.stat(self.name).items_out += 1
 
 
@@ -522,24 +562,25 @@ class SegmentStage(_Stage):
         self.tag = source_tag(config, "segmenter")
 
     def process(self, state: ProductState) -> None:
-        todo = [s for s in state.of(*self.kinds) if s.mask is None and s.image is not None]
-        rows = [{"image": s.image, "alpha": s.alpha} for s in todo]
+        todo = [s for s in state.of(*self.kinds) if s.mask_uri is None and s.image_uri]
+        rows = [{"image": s.image(), "alpha": s.alpha} for s in todo]
+        masks: dict[str, bytes] = {}
         for s, r in zip(
             todo, self.run(self.model, state, rows, [s.sample_id for s in todo]), strict=True
         ):
             s.models["segmenter"] = self.tag
+            s.alpha = None  # a hint for this stage only
             if not r["error"]:
-                s.mask, s.mask_score, s.mask_method = (
-                    r["mask"],
-                    float(r["mask_score"]),
-                    r["mask_method"],
-                )
+                state.put_mask(s, r["mask"])
+                masks[s.sample_id] = r["mask"]
+                s.mask_score, s.mask_method = float(r["mask_score"]), r["mask_method"]
                 state.stat(self.name).items_out += 1
-        self.after(state, todo)
+        self.after(state, todo, masks)
 
-    def after(self, state: ProductState, done: list[Sample]) -> None:
+    def after(self, state: ProductState, done: list[Sample], masks: dict[str, bytes]) -> None:
+        """``masks``: the masks just made, by sample id."""
         if state.of(SampleKind.REAL, SampleKind.VIEW) and not any(
-            s.mask for s in state.of(SampleKind.REAL, SampleKind.VIEW)
+            s.mask_uri for s in state.of(SampleKind.REAL, SampleKind.VIEW)
         ):
             state.error(
                 self.name,
@@ -555,12 +596,14 @@ class ResegmentStage(SegmentStage):
     name = "resegment"
     kinds = (SampleKind.CONTEXT, SampleKind.NEGATIVE, SampleKind.COUNTERFACTUAL)
 
-    def after(self, state: ProductState, done: list[Sample]) -> None:
+    def after(self, state: ProductState, done: list[Sample], masks: dict[str, bytes]) -> None:
         for s in done:
-            if s.kind == SampleKind.CONTEXT:
+            if s.kind == SampleKind.CONTEXT and s.expected_mask is not None:
                 expected = decode_mask(s.expected_mask)
-                found = decode_mask(s.mask) if s.mask else np.zeros_like(expected)
+                mask = masks.get(s.sample_id)
+                found = decode_mask(mask) if mask else np.zeros_like(expected)
                 s.scores[MASK_IOU] = mask_iou(found, expected)
+                s.expected_mask = None  # spent
 
 
 class InpaintStage(_Stage):
@@ -578,13 +621,13 @@ class InpaintStage(_Stage):
     def process(self, state: ProductState) -> None:
         cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
         rows, made = [], []
-        for s in (s for s in state.of(SampleKind.REAL, SampleKind.VIEW) if s.mask):
+        for s in (s for s in state.of(SampleKind.REAL, SampleKind.VIEW) if s.mask_uri):
             prompts = self.bank.prompts(
                 state.product_type,
                 cfg.contexts.per_image,
                 derive_seed(pid, f"context-prompts/{s.sample_id}", 0, run_seed),
             )
-            rgb, mask = decode_rgb(s.image), decode_mask(s.mask)
+            rgb, mask = decode_rgb(s.image()), decode_mask(s.mask())
             for j, prompt in enumerate(prompts):
                 seed = derive_seed(pid, f"context/{s.sample_id}", j, run_seed)
                 canvas, keep = place_product(
@@ -617,7 +660,7 @@ class InpaintStage(_Stage):
                 )
         self.add_generated(state, rows, made)  # the inpainter's own options: cfg.contexts
         rows, made = [], []
-        reals = [s for s in state.of(SampleKind.REAL) if s.mask]
+        reals = [s for s in state.of(SampleKind.REAL) if s.mask_uri]
         views = len(cfg.views.frame_indices) if cfg.views.enabled else 0
         total = negatives_needed(
             len(state.of(SampleKind.REAL)),
@@ -634,7 +677,7 @@ class InpaintStage(_Stage):
         for j in range(state.counterfactuals):
             s = reals[j % len(reals)]
             seed = derive_seed(pid, SampleKind.COUNTERFACTUAL, j, run_seed)
-            rgb, mask = square_canvas(decode_rgb(s.image), decode_mask(s.mask), size)
+            rgb, mask = square_canvas(decode_rgb(s.image()), decode_mask(s.mask()), size)
             region = dilate(mask, round(cfg.negatives.mask_dilation * size))
             text = f"a photo of {self.bank.counterfactual_object(state.product_type, seed)}"
             rows.append(
@@ -723,19 +766,21 @@ class ScoreStage(_Stage):
         self.tags = {"clip": source_tag(config, "clip"), "dino": source_tag(config, "dino")}
 
     def process(self, state: ProductState) -> None:
-        samples = [s for s in state.samples if s.image is not None]
+        samples = [s for s in state.samples if s.image_uri is not None]
         reals = [s for s in samples if s.kind == SampleKind.REAL]
         stat = state.stat(self.name)
         stat.items_in += len(samples)
         if not reals:
             return
         real_index = {s.sample_id: j for j, s in enumerate(reals)}
+        images = {s.sample_id: s.image() for s in samples}
+        masks = {s.sample_id: s.mask() for s in samples}
         out = self.scorer.score(
-            [s.image for s in samples],
+            [images[s.sample_id] for s in samples],
             [s.prompt or s.caption for s in samples],
-            [s.image for s in reals],
-            [s.mask for s in reals],
-            masks=[s.mask for s in samples],
+            [images[s.sample_id] for s in reals],
+            [masks[s.sample_id] for s in reals],
+            masks=[masks[s.sample_id] for s in samples],
             exclude_self=[real_index.get(s.sample_id, -1) for s in samples],
         )
         for i, s in enumerate(samples):
@@ -766,24 +811,15 @@ def select_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict
 def write_products(
     batch: dict[str, np.ndarray], config: RestageConfig, root: str
 ) -> dict[str, np.ndarray]:
-    """Write each product's images, masks, manifest shard and errors, then its marker last
-    (pipelines/_job.py). Returns one small outcome row per product."""
+    """Write each product's manifest shard, record and errors, then its marker last
+    (pipelines/_job.py); its images and masks are already in place (module doc), or
+    removed here if it failed. Returns one small outcome row per product."""
     layout = AugmentLayout(root)
-    ext = "jpg" if config.augment.image_format == "jpeg" else "png"
 
     def writer(state: ProductState) -> Callable[[], list[dict[str, Any]]]:
         def files() -> list[dict[str, Any]]:
-            pid, rows = state.product_id, []
-            for folder in (layout.images_dir(pid), layout.masks_dir(pid)):  # a killed run's
-                storage.remove(folder, recursive=True)
-            for s in state.samples:
-                if s.image is None:
-                    continue
-                image_uri = storage.write_bytes(layout.image(pid, s.sample_id, ext), s.image)
-                mask_uri = (
-                    storage.write_bytes(layout.mask(pid, s.sample_id), s.mask) if s.mask else None
-                )
-                rows.append(_manifest_row(state, s, image_uri, mask_uri))
+            pid = state.product_id
+            rows = [_manifest_row(state, s) for s in state.samples if s.image_uri is not None]
             state.stat("write").items_in = state.stat("write").items_out = len(rows)
             # The record travels with the training set: `restage train` checks its token
             # against the title and attributes, and uses the noun in captions.
@@ -809,19 +845,21 @@ def write_products(
             "type_source": state.type_source,
         }
 
+    states = unpack(batch)
+    for state in states:
+        if state.failed:  # no manifest names its images: they go
+            state.remove_files()
     return outcome_batch(
         [
             write_product(
                 layout, state, SAMPLE_SCHEMA, writer(state), lambda rows, st=state: marker(st, rows)
             )
-            for state in unpack(batch)
+            for state in states
         ]
     )
 
 
-def _manifest_row(
-    state: ProductState, s: Sample, image_uri: str, mask_uri: str | None
-) -> dict[str, Any]:
+def _manifest_row(state: ProductState, s: Sample) -> dict[str, Any]:
     def score(name: str) -> float | None:
         value = s.scores.get(name)
         return None if value is None or math.isnan(value) else value
@@ -830,8 +868,8 @@ def _manifest_row(
         "product_id": state.product_id,
         "sample_id": s.sample_id,
         "kind": s.kind,
-        "image_uri": image_uri,
-        "mask_uri": mask_uri,
+        "image_uri": s.image_uri,
+        "mask_uri": s.mask_uri,
         "width": s.width,
         "height": s.height,
         "caption": s.caption,
@@ -888,7 +926,7 @@ def build_dataset(
     def decoded(chosen: Any) -> Any:
         return chosen.map_batches(
             decode_products,
-            fn_kwargs={"config": config, "policy": policy},
+            fn_kwargs={"config": config, "policy": policy, "root": root},
             batch_size=per_call,
             num_cpus=cpu,
         )

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES
 
 from actors.captioner import clean_caption
 from actors.inpainter import dilate, paste_back, place_product, square_canvas
@@ -18,20 +19,28 @@ from actors.segmenter import (
     saliency,
     select_mask,
 )
+from pipelines._product_rows import pack, unpack
 from pipelines.augment import (
     ProductState,
     Sample,
+    _Stage,
     balance_ratio,
+    decode_products,
     negatives_needed,
     select_samples,
     strip_product_words,
+    write_products,
 )
+from ray_app import storage
+from ray_app.batching import object_array
 from ray_app.config import load_config
-from ray_app.images import crop_by_mask, mask_bbox
-from ray_app.kinds import POSITIVE_KINDS
+from ray_app.images import crop_by_mask, decode_rgb, encode_png, mask_bbox
+from ray_app.kinds import POSITIVE_KINDS, SampleKind
 from ray_app.metrics import aggregate, mask_iou, mean_similarity
 from ray_app.prompts import GENERIC, PLACEHOLDER, CurationRules, PromptBank, classify, curate, fill
-from ray_app.records import ProductRecord
+from ray_app.records import ProductRecord, read_manifest, records_table
+from ray_app.sources import SourcePolicy
+from ray_app.storage import AugmentLayout
 
 # --------------------------------------------------------------------------- masks
 
@@ -238,11 +247,12 @@ def test_balance_ratio_without_negatives_keeps_nothing():
 
 
 def _state(samples: list[Sample]) -> ProductState:
-    return ProductState(ProductRecord("p1", ("a.png",), category="mug"), samples=samples)
+    record = ProductRecord("p1", ("a.png",), category="mug")
+    return ProductState(record, "memory://out", samples=samples)
 
 
 def _sample(sid, kind, source=None, **scores) -> Sample:
-    s = Sample(sid, kind, b"png", 8, 8, source_sample=source)
+    s = Sample(sid, kind, f"memory://out/images/p1/{sid}.png", 8, 8, source_sample=source)
     s.scores = {
         "clip_i": 0.9,
         "clip_t": 0.3,
@@ -436,3 +446,93 @@ def test_inpainter_paints_with_the_options_of_the_call():
     assert model(batch, options=contexts)["image"][0] == own
     assert model(batch, options=other)["image"][0] != own
     assert model(batch)["image"][0] == own  # the call's options did not stick
+
+
+# --------------------------------------------------------------------------- rows carry references
+
+MANIFEST = str(EXAMPLES / "products.jsonl")
+
+
+def _decoded(root: str) -> tuple[dict[str, np.ndarray], ProductRecord]:
+    """The first example product through the decode stage, written under ``root``."""
+    config = load_config("tiny")
+    record = read_manifest(MANIFEST).records[0]
+    row = records_table([record]).to_pydict()
+    batch = {k: object_array(v) for k, v in row.items()}
+    policy = SourcePolicy.for_manifest(MANIFEST, config.storage)
+    return decode_products(batch, config, policy, root), record
+
+
+class _Painter(_Stage):
+    """A model stage without a model: it "generates" noise images."""
+
+    name = "negatives"
+    N = 4
+
+    def __init__(self, config):
+        super().__init__(config)
+        rng = np.random.default_rng(0)
+        self.images = [encode_png(rng.integers(0, 256, (96, 96, 3), np.uint8)) for _ in range(4)]
+
+    def model(self, batch):
+        n = len(batch["seed"])
+        return {"image": object_array(self.images[:n]), "error": object_array([None] * n)}
+
+    def process(self, state):
+        made = [Sample(f"neg-{j:02d}", SampleKind.NEGATIVE, None, 96, 96) for j in range(self.N)]
+        self.add_generated(state, [{"seed": j} for j in range(self.N)], made)
+
+
+def _bytes(state: ProductState) -> int:
+    return sum(len(s.image()) for s in state.samples)
+
+
+def test_rows_carry_image_references_not_image_bytes(tmp_path):
+    root = str(tmp_path / "out")
+    batch, record = _decoded(root)
+    [state] = unpack(batch)
+    reals = state.of(SampleKind.REAL)
+    assert len(reals) == len(record.image_uris)
+    assert all(s.image_uri.startswith(root) for s in reals)  # written through, in the layout
+    assert len(batch["state"][0]) * 10 < _bytes(state)
+    painted = _Painter(load_config("tiny"))(batch)
+    [state] = unpack(painted)
+    made = state.of(SampleKind.NEGATIVE)
+    assert len(made) == _Painter.N and state.stat("negatives").items_out == _Painter.N
+    assert decode_rgb(made[0].image()).shape == (96, 96, 3)
+    # The row grew by its samples' metadata only, not by the images they name.
+    assert len(painted["state"][0]) - len(batch["state"][0]) < _bytes(state) / 10
+    assert len(painted["state"][0]) * 10 < _bytes(state)
+
+
+def test_decode_removes_a_killed_runs_leftovers(tmp_path):
+    root = str(tmp_path / "out")
+    layout = AugmentLayout(root)
+    pid = read_manifest(MANIFEST).records[0].product_id
+    stale = [layout.image(pid, "ctx-real-07-00"), layout.mask(pid, "real-09")]
+    for uri in stale:
+        storage.write_bytes(uri, b"left by a killed run")
+    _decoded(root)
+    assert not any(storage.exists(uri) for uri in stale)
+    assert storage.list_names(layout.images_dir(pid))  # its own images are there
+
+
+def test_writer_names_the_written_images_and_a_failed_product_leaves_none(tmp_path):
+    root = str(tmp_path / "out")
+    layout = AugmentLayout(root)
+    config = load_config("tiny")
+    batch, _ = _decoded(root)
+    [state] = unpack(batch)
+    pid = state.product_id
+    write_products(batch, config, root)
+    rows = storage.read_parquet(layout.manifest_shard(pid)).to_pylist()
+    assert [r["image_uri"] for r in rows] == [s.image_uri for s in state.samples]
+    written = storage.list_names(layout.images_dir(pid))
+    assert sorted(written) == sorted(r["image_uri"].rsplit("/", 1)[1] for r in rows)
+    assert storage.exists(layout.marker(pid))
+
+    storage.remove(layout.marker(pid))
+    state.failed = "inpaint failed: out of memory"
+    write_products(pack([state]), config, root)
+    assert not storage.exists(layout.images_dir(pid)) and not storage.exists(layout.masks_dir(pid))
+    assert not storage.exists(layout.marker(pid))
