@@ -1,0 +1,108 @@
+"""bench/scale.py's argument checks, its growth bars and its procedural catalog (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+sys.path.insert(0, str(ROOT))  # bench/ is scripts, not an installed package
+from bench import scale
+
+
+@pytest.mark.parametrize(
+    ("sizes", "jobs", "sample_s", "side", "names"),
+    [
+        ([], ["augment"], 0.5, 32, "--sizes"),
+        ([0, 10], ["augment"], 0.5, 32, "--sizes"),
+        ([10000, 1000], ["augment"], 0.5, 32, "increasing order"),
+        ([1000, 1000], ["augment"], 0.5, 32, "distinct"),
+        ([1000], ["augment", "serve"], 0.5, 32, "--jobs ['serve']"),
+        ([1000], ["train", "augment"], 0.5, 32, "in the order"),
+        ([1000], ["train", "generate"], 0.5, 32, "start with augment"),
+        ([1000], ["augment"], 0.0, 32, "--sample-s"),
+        ([1000], ["augment"], 0.5, 8, "--image-side"),
+    ],
+)
+def test_bad_arguments_are_named(sizes, jobs, sample_s, side, names):
+    with pytest.raises(ValueError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        scale.check_args(sizes, jobs, sample_s, side)
+
+
+def test_good_arguments_pass():
+    scale.check_args([1000, 10000], ["augment", "train", "generate"], 0.5, 32)
+    scale.check_args([10], ["augment", "generate"], 1.0, 16)
+
+
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        scale.main(["--sizes", "100", "10", "--work", str(tmp_path / "w")])
+    assert exc.value.code == 2
+    assert "increasing order" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_growth_and_the_bars():
+    assert scale.growth(100.0, 110.0) == pytest.approx(0.10)
+    assert scale.growth(2.0, 1.0) == pytest.approx(-0.5)
+    job = {"exit_status": 0, "object_store_peak_mib": 10.0}
+    small = {
+        "products": 10,
+        "jobs": {"augment": {**job, "driver_peak_rss_mib": 100.0, "seconds_per_product": 1.0}},
+    }
+    ok = {
+        "products": 100,
+        "jobs": {"augment": {**job, "driver_peak_rss_mib": 109.0, "seconds_per_product": 0.9}},
+    }
+    bad = {
+        "products": 100,
+        "jobs": {"augment": {**job, "driver_peak_rss_mib": 111.0, "seconds_per_product": 1.1}},
+    }
+    got = scale.compare(small, ok)["augment"]
+    assert got["driver_rss_ok"] and got["seconds_per_product_ok"]
+    got = scale.compare(small, bad)["augment"]
+    assert not got["driver_rss_ok"] and not got["seconds_per_product_ok"]
+    failed = {
+        "products": 100,
+        "jobs": {
+            "augment": {
+                **job,
+                "exit_status": 1,
+                "driver_peak_rss_mib": 1.0,
+                "seconds_per_product": 1.0,
+            }
+        },
+    }
+    assert scale.compare(small, failed) == {}
+
+
+def test_catalog_is_procedural_and_valid(tmp_path):
+    manifest = scale.write_catalog(5, tmp_path, 32)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["product_id"] for r in rows] == [scale.product_id(i) for i in range(5)]
+    first = np.asarray(Image.open(tmp_path / rows[0]["image_uris"][0]))
+    assert first.shape == (32, 32, 3)
+    assert np.array_equal(first, scale.product_photo(0, 32))
+    assert not np.array_equal(first, scale.product_photo(1, 32))
+    # The product differs from the plain border, so segmentation finds it.
+    assert (first != first[0, 0]).any(axis=-1).sum() >= (32 // 3) ** 2
+
+
+def test_first_marker(tmp_path):
+    assert not scale.first_marker(tmp_path, "augment")
+    (tmp_path / "_done").mkdir()
+    assert not scale.first_marker(tmp_path, "augment")
+    (tmp_path / "_done" / "p0000000.json").write_text("{}")
+    assert scale.first_marker(tmp_path, "augment")
+    assert scale.completed(tmp_path, "augment") == 1
+    adapters = tmp_path / "adapters"
+    (adapters / "_errors").mkdir(parents=True)
+    (adapters / "p0000000").mkdir()
+    assert not scale.first_marker(adapters, "train")
+    (adapters / "p0000000" / "adapter.json").write_text("{}")
+    assert scale.first_marker(adapters, "train")
+    assert scale.completed(adapters, "train") == 1
