@@ -418,6 +418,21 @@ def compare(small: dict, large: dict) -> dict:
     return out
 
 
+def result_path(results: Path, n: int) -> Path:
+    return results / f"scale_{n}_tiny_cpu.json"
+
+
+def smallest_result(results: Path, n: int) -> dict | None:
+    """The smallest size's result already in ``results`` below ``n`` (a size run on its own
+    is compared with the one before it)."""
+    found = sorted(
+        (json.loads(p.read_text()) for p in results.glob("scale_*_tiny_cpu.json")),
+        key=lambda r: r.get("products", 0),
+    )
+    found = [r for r in found if r.get("benchmark") == "scale" and r["products"] < n]
+    return found[0] if found else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -481,14 +496,15 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average_after": os.getloadavg(),
                 **r,
             }
-            if results:
-                r["growth"] = compare(results[0], r)
+            base = results[0] if results else smallest_result(args.results, n)
+            if base is not None:
+                r["growth"] = compare(base, r)
                 failed |= any(
                     not (g["driver_rss_ok"] and g["seconds_per_product_ok"])
                     for g in r["growth"].values()
                 )
             results.append(r)
-            path = args.results / f"scale_{n}_tiny_cpu.json"
+            path = result_path(args.results, n)
             path.write_text(json.dumps(r, indent=2) + "\n")
             print(f"wrote {path}", flush=True)
     finally:

@@ -106,3 +106,11 @@ def test_first_marker(tmp_path):
     (adapters / "p0000000" / "adapter.json").write_text("{}")
     assert scale.first_marker(adapters, "train")
     assert scale.completed(adapters, "train") == 1
+
+
+def test_a_size_run_alone_is_compared_with_the_smallest_before_it(tmp_path):
+    for n in (1000, 100, 10000):
+        scale.result_path(tmp_path, n).write_text(json.dumps({"benchmark": "scale", "products": n}))
+    assert scale.smallest_result(tmp_path, 10000)["products"] == 100
+    assert scale.smallest_result(tmp_path, 1000)["products"] == 100
+    assert scale.smallest_result(tmp_path, 100) is None
