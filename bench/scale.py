@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -161,6 +162,7 @@ class Sampler:
     store_peak: int = 0
     store_samples: list[tuple[float, int, int]] = field(default_factory=list)
     first_s: float | None = None
+    done_samples: list[tuple[float, int]] = field(default_factory=list)
 
     def __post_init__(self):
         from ray._private.internal_api import get_state_from_address
@@ -191,13 +193,43 @@ class Sampler:
             except Exception:  # a missed sample (the raylet busy) is skipped
                 pass
             tick += 1
-            # The marker folder is listed every 4th tick (2 s at 0.5 s), until the first.
-            if self.first_s is None and tick % 4 == 0 and first_marker(self.out, self.job):
-                self.first_s = time.perf_counter() - self.start
+            # The marker folder is looked at every 4th tick (2 s at 0.5 s): for the first
+            # marker, then for the count of finished products (the steady rate).
+            if tick % 4:
+                continue
+            now = time.perf_counter() - self.start
+            if self.first_s is None:
+                if first_marker(self.out, self.job):
+                    self.first_s = now
+            else:
+                self.done_samples.append((now, completed(self.out, self.job)))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
+    """Products per second between 10 % and 90 % of ``total`` finished, from (seconds,
+    finished) samples: the rate once every actor is up and before the tail drains."""
+    low = next(((t, c) for t, c in samples if c >= 0.1 * total), None)
+    high = next(((t, c) for t, c in samples if c >= 0.9 * total), None)
+    if low is None or high is None or high[0] <= low[0]:
+        return None
+    return (high[1] - low[1]) / (high[0] - low[0])
+
+
+PROGRESS = re.compile(r"^restage (\w+): (?:done: )?(\d+)/(\d+) products.*, (\d+)s$")
+
+
+def steady_rate_from_log(text: str) -> float | None:
+    """``steady_rate`` from a job's own progress lines (``restage JOB: N/M products ..., Ts``,
+    one at most every 30 s), for a run whose markers were not sampled."""
+    found = [PROGRESS.match(line) for line in text.splitlines()]
+    found = [m for m in found if m]
+    if not found:
+        return None
+    return steady_rate([(float(m[4]), int(m[2])) for m in found], int(found[-1][3]))
 
 
 def run_job(job: str, args: list[str], out: Path, address: str, period: float, log: Path) -> dict:
@@ -214,7 +246,11 @@ def run_job(job: str, args: list[str], out: Path, address: str, period: float, l
     wall = time.perf_counter() - start
     if sampler.first_s is None and first_marker(out, job):
         sampler.first_s = wall  # finished between two looks
-    tail = log.read_text().splitlines()[-1:] or [""]
+    text = log.read_text()
+    tail = text.splitlines()[-1:] or [""]
+    total = max([c for _, c in sampler.done_samples] + [completed(out, job)])
+    steady = steady_rate(sampler.done_samples, total)
+    logged = steady_rate_from_log(text)
     return {
         "command": " ".join(["restage", job, *args]),
         "exit_status": rc,
@@ -227,6 +263,10 @@ def run_job(job: str, args: list[str], out: Path, address: str, period: float, l
         ),
         "object_store_samples": len(sampler.store_samples),
         "first_product_s": None if sampler.first_s is None else round(sampler.first_s, 1),
+        # Once the actors are up (10 % to 90 % of the products): the per-product cost
+        # without the start-up, which a larger catalog amortises.
+        "steady_products_per_s": None if steady is None else round(steady, 3),
+        "steady_products_per_s_from_log": None if logged is None else round(logged, 3),
     }
 
 
@@ -395,6 +435,13 @@ def run_size(n: int, jobs: list[str], head: RayHead, work: Path, args) -> dict:
     return result
 
 
+def _steady_growth(a: dict, b: dict) -> float | None:
+    rates = [
+        r.get("steady_products_per_s") or r.get("steady_products_per_s_from_log") for r in (a, b)
+    ]
+    return None if None in rates else round(growth(1 / rates[0], 1 / rates[1]), 4)
+
+
 def compare(small: dict, large: dict) -> dict:
     """Growth of each job's driver RSS and seconds per product from ``small`` to ``large``,
     against the issue's bars."""
@@ -411,6 +458,7 @@ def compare(small: dict, large: dict) -> dict:
             "driver_rss_ok": rss <= MAX_RSS_GROWTH,
             "seconds_per_product_growth": round(spp, 4),
             "seconds_per_product_ok": spp <= MAX_SECONDS_PER_PRODUCT_GROWTH,
+            "steady_seconds_per_product_growth": _steady_growth(a, b),
             "object_store_peak_growth": round(
                 growth(a["object_store_peak_mib"], b["object_store_peak_mib"]), 4
             ),

@@ -114,3 +114,25 @@ def test_a_size_run_alone_is_compared_with_the_smallest_before_it(tmp_path):
     assert scale.smallest_result(tmp_path, 10000)["products"] == 100
     assert scale.smallest_result(tmp_path, 1000)["products"] == 100
     assert scale.smallest_result(tmp_path, 100) is None
+
+
+def test_steady_rate_leaves_out_the_start_and_the_tail():
+    # 100 s of start-up, then 10 products/s, then a slow tail.
+    samples = [(0.0, 0), (100.0, 0), (110.0, 100), (190.0, 900), (300.0, 1000)]
+    assert scale.steady_rate(samples, 1000) == pytest.approx(10.0)
+    assert scale.steady_rate([(1.0, 5)], 1000) is None
+
+
+def test_steady_rate_from_the_jobs_progress_lines():
+    log = "\n".join(
+        [
+            "restage augment: 1000 products to do",
+            "restage augment: 16/1000 products (ok 16), 126s",
+            "restage augment: 272/1000 products (ok 272), 219s",
+            "restage augment: 640/1000 products (ok 640), 379s",
+            "restage augment: 832/1000 products (ok 832), 410s",
+            "restage augment: done: 1000/1000 products (ok 1000), 452s",
+        ]
+    )
+    assert scale.steady_rate_from_log(log) == pytest.approx((1000 - 272) / (452 - 219))
+    assert scale.steady_rate_from_log("restage train: 3 products to do") is None
