@@ -219,6 +219,20 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
     return (high[1] - low[1]) / (high[0] - low[0])
 
 
+def marker_times(out: Path, job: str) -> list[float]:
+    """The completion markers' modification times, sorted: when each product finished."""
+    if job == "train":
+        paths = [d / "adapter.json" for d in _dirs(out) if not d.name.startswith("_")]
+    else:
+        paths = list((out / "_done").iterdir()) if (out / "_done").is_dir() else []
+    return sorted(p.stat().st_mtime for p in paths if p.exists())
+
+
+def steady_rate_from_markers(times: list[float]) -> float | None:
+    """``steady_rate`` from the markers' times (exact; read once the job has ended)."""
+    return steady_rate([(t, i + 1) for i, t in enumerate(times)], len(times))
+
+
 PROGRESS = re.compile(r"^restage (\w+): (?:done: )?(\d+)/(\d+) products.*, (\d+)s$")
 
 
@@ -246,7 +260,7 @@ def run_job(
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "ray_app.cli", job, *args]
     print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
         sampler = Sampler(proc.pid, address, out, job, period, start=start)
@@ -270,6 +284,8 @@ def run_job(
     total = max([c for _, c in sampler.done_samples] + [completed(out, job)])
     steady = steady_rate(sampler.done_samples, total)
     logged = steady_rate_from_log(text)
+    times = marker_times(out, job)
+    exact = steady_rate_from_markers(times)
     return {
         "command": " ".join(["restage", job, *args]),
         "exit_status": rc,
@@ -287,6 +303,9 @@ def run_job(
         # without the start-up, which a larger catalog amortises.
         "steady_products_per_s": None if steady is None else round(steady, 3),
         "steady_products_per_s_from_log": None if logged is None else round(logged, 3),
+        "steady_products_per_s_from_markers": None if exact is None else round(exact, 3),
+        "first_marker_s": round(times[0] - started_at, 1) if times else None,
+        "last_marker_s": round(times[-1] - started_at, 1) if times else None,
     }
 
 
@@ -460,8 +479,10 @@ def run_size(n: int, jobs: list[str], head: RayHead, work: Path, args) -> dict:
 
 
 def _steady_growth(a: dict, b: dict) -> float | None:
+    keys = ("steady_products_per_s_from_markers", "steady_products_per_s")
     rates = [
-        r.get("steady_products_per_s") or r.get("steady_products_per_s_from_log") for r in (a, b)
+        next((r[k] for k in (*keys, "steady_products_per_s_from_log") if r.get(k)), None)
+        for r in (a, b)
     ]
     return None if None in rates else round(growth(1 / rates[0], 1 / rates[1]), 4)
 

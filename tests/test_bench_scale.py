@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -136,3 +137,15 @@ def test_steady_rate_from_the_jobs_progress_lines():
     )
     assert scale.steady_rate_from_log(log) == pytest.approx((1000 - 272) / (452 - 219))
     assert scale.steady_rate_from_log("restage train: 3 products to do") is None
+
+
+def test_steady_rate_from_the_markers_times(tmp_path):
+    done = tmp_path / "_done"
+    done.mkdir()
+    for i in range(10):
+        marker = done / f"{scale.product_id(i)}.json"
+        marker.write_text("{}")
+        os.utime(marker, (1000.0 + 2 * i, 1000.0 + 2 * i))  # one product every 2 s
+    times = scale.marker_times(tmp_path, "augment")
+    assert times == [1000.0 + 2 * i for i in range(10)]
+    assert scale.steady_rate_from_markers(times) == pytest.approx(0.5)
