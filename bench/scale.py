@@ -434,6 +434,14 @@ def row_bytes(products: int, work: Path, profile: str, files: list[str], side: i
 # --------------------------------------------------------------------------- main
 
 
+def outputs(folder: Path) -> dict[str, Path]:
+    return {
+        "augment": folder / "augment",
+        "train": folder / "adapters",
+        "generate": folder / "generations",
+    }
+
+
 def run_size(n: int, jobs: list[str], head: RayHead, work: Path, args) -> dict:
     folder = work / f"n{n}"
     t0 = time.perf_counter()
@@ -441,11 +449,7 @@ def run_size(n: int, jobs: list[str], head: RayHead, work: Path, args) -> dict:
     catalog_s = time.perf_counter() - t0
     config = ["--profile", "tiny", "--config", str(args.config)]
     config += [a for s in ["ray.progress_bars=false", *args.overrides] for a in ("--set", s)]
-    outs = {
-        "augment": folder / "augment",
-        "train": folder / "adapters",
-        "generate": folder / "generations",
-    }
+    outs = outputs(folder)
     job_args = {
         "augment": ["--manifest", str(manifest), "--out", str(outs["augment"])],
         "train": ["--data", str(outs["augment"]), "--out", str(outs["train"])],
@@ -555,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         help="measure bytes per product row between augment's stages instead (no Ray)",
     )
     parser.add_argument("--row-products", type=int, default=4)
+    parser.add_argument(
+        "--reanalyse",
+        action="store_true",
+        help="recompute the steady rates of --sizes from their outputs under --work",
+    )
     args = parser.parse_args(argv)
     try:
         check_args(args.sizes, args.jobs, args.sample_s, args.image_side)
@@ -564,6 +573,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
+
+    if args.reanalyse:
+        for n in args.sizes:
+            path = result_path(args.results, n)
+            r = json.loads(path.read_text())
+            outs = outputs(args.work / f"n{n}")
+            for job, jr in r["jobs"].items():
+                rate = steady_rate_from_markers(marker_times(outs[job], job))
+                jr["steady_products_per_s_from_markers"] = None if rate is None else round(rate, 3)
+            base = smallest_result(args.results, n)
+            if base is not None:
+                r["growth"] = compare(base, r)
+            path.write_text(json.dumps(r, indent=2) + "\n")
+            print(f"updated {path}")
+        return 0
 
     if args.row_bytes:
         runs = [
