@@ -325,6 +325,8 @@ class RayHead:
 
     def __init__(self, work: Path, num_cpus: int, object_store_mb: int, port: int):
         self.address = f"127.0.0.1:{port}"
+        # Its own temp dir: `ray start` records its address there, so a plain `ray.init()`
+        # elsewhere on the machine (which looks in /tmp/ray) never joins the bench's head.
         temp = work / "ray"
         temp.mkdir(parents=True, exist_ok=True)
         cmd = [
