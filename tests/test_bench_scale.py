@@ -149,3 +149,14 @@ def test_steady_rate_from_the_markers_times(tmp_path):
     times = scale.marker_times(tmp_path, "augment")
     assert times == [1000.0 + 2 * i for i in range(10)]
     assert scale.steady_rate_from_markers(times) == pytest.approx(0.5)
+
+
+def test_the_overlay_loads_over_tiny_at_the_smallest_sizes():
+    from ray_app.config import load_config
+
+    cfg = load_config("tiny", files=[str(scale.OVERLAY)])
+    a = cfg.augment
+    assert not a.views.enabled and a.contexts.per_image == 0
+    assert (a.negatives.steps, cfg.train.steps, cfg.generate.steps) == (1, 1, 1)
+    assert cfg.generate.prompts_per_product * cfg.generate.images_per_prompt == 1
+    assert cfg.images.max_side == 32
