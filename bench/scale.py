@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
+from ray_app.storage import AdapterLayout  # noqa: E402
 
 OVERLAY = ROOT / "bench" / "scale.yaml"
 RESULTS = ROOT / "bench" / "results"
@@ -138,7 +139,9 @@ def growth(small: float, large: float) -> float:
 def first_marker(out: Path, job: str) -> bool:
     """Whether the job has finished a product: its first completion marker exists."""
     if job == "train":
-        return any((d / "adapter.json").exists() for d in _dirs(out) if not d.name.startswith("_"))
+        return any(
+            (d / AdapterLayout.METADATA).exists() for d in _dirs(out) if not d.name.startswith("_")
+        )
     done = out / "_done"
     return done.is_dir() and any(done.iterdir())
 
@@ -222,7 +225,7 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
 def marker_times(out: Path, job: str) -> list[float]:
     """The completion markers' modification times, sorted: when each product finished."""
     if job == "train":
-        paths = [d / "adapter.json" for d in _dirs(out) if not d.name.startswith("_")]
+        paths = [d / AdapterLayout.METADATA for d in _dirs(out) if not d.name.startswith("_")]
     else:
         paths = list((out / "_done").iterdir()) if (out / "_done").is_dir() else []
     return sorted(p.stat().st_mtime for p in paths if p.exists())
@@ -311,7 +314,7 @@ def run_job(
 
 def completed(out: Path, job: str) -> int:
     if job == "train":
-        return sum(1 for d in _dirs(out) if (d / "adapter.json").exists())
+        return sum(1 for d in _dirs(out) if (d / AdapterLayout.METADATA).exists())
     done = out / "_done"
     return sum(1 for _ in done.iterdir()) if done.is_dir() else 0
 
