@@ -2,11 +2,12 @@
 
 A job's driver holds counters, never one entry per product:
 
-- **intake**: the job's input rows (a Ray Data dataset with ``product_id`` and ``status``)
-  get each product's marker checked in a task; they are materialised in the object store
-  (the driver holds block references only), the valid ids are written to the job's input
-  index (``layout.inputs_dir()``, read by ``input_ids``), and the rows are counted per
-  block. Complete products never reach the model stages.
+- **intake**: one pass of tasks over the job's input rows (a Ray Data dataset with
+  ``product_id`` and ``status``): each checks its block's markers, writes the block's valid
+  ids as a part of the job's input index (``layout.inputs_dir()``, read by ``input_ids``)
+  and its counts (``layout.intake_dir()``), and keeps the rows to do, which are
+  materialised (the driver holds block references only). Complete products never reach
+  the model stages, and the rows to do stream into them a product per block.
 - **the writer** (``write_product``): a product's files, manifest shard and errors shard,
   then its marker last; one small outcome row per product is all the driver receives.
 - **the driver loop** (``run``): outcome rows -> counters and progress lines; in
@@ -17,6 +18,7 @@ A job's driver holds counters, never one entry per product:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -42,10 +44,8 @@ from ray_app.storage import JobLayout, write_errors
 # Intake statuses besides VALID and INVALID (ray_app/records.py): a valid product whose
 # marker exists is complete, the others are to do.
 TODO, COMPLETE = "todo", "complete"
-# Input blocks of the products to do: at most this many (see ``todo_rows``).
-MAX_INPUT_BLOCKS = 1024
-# Rows per file of the input index: a few files for a large catalog.
-INDEX_ROWS_PER_FILE = 1_000_000
+# Products per block into the model stages (see ``todo_rows``).
+PRODUCTS_PER_BLOCK = 1
 # Concurrent marker checks in one task (one small request each, on any store).
 CHECK_THREADS = 16
 
@@ -84,7 +84,9 @@ def check_markers(batch: pa.Table, layout: JobLayout, since: float | None) -> pa
             uncounted[i] = json.dumps(
                 {"status": marker.get("status", "ok"), "stats": marker.get("stats", {})}
             )
-    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status))
+    batch = batch.set_column(
+        batch.schema.get_field_index("status"), "status", pa.array(status, pa.string())
+    )
     return batch.append_column("uncounted", pa.array(uncounted, pa.string()))
 
 
@@ -92,9 +94,9 @@ def keep(batch: pa.Table, statuses: tuple[str, ...]) -> pa.Table:
     return batch.filter(pc.is_in(batch["status"], pa.array(statuses)))
 
 
-def _count(batch: pa.Table) -> pa.Table:
-    """One row per batch: products per status, the manifest columns ignored, and the
-    totals of the complete products no summary has counted."""
+def tally(batch: pa.Table) -> dict[str, Any]:
+    """What a checked batch adds up to: products per status, the manifest columns
+    ignored, and the totals of the complete products no summary has counted."""
     ignored = set()
     if "ignored" in batch.column_names:
         ignored = {c for cols in batch["ignored"].to_pylist() for c in cols or ()}
@@ -103,18 +105,42 @@ def _count(batch: pa.Table) -> pa.Table:
         if text is not None:
             marker = json.loads(text)
             totals.add(marker["status"], marker["stats"])
-    return pa.table(
-        {
-            "counts": [json.dumps(Counter(batch["status"].to_pylist()))],
-            "ignored": [json.dumps(sorted(ignored))],
-            "uncounted": [json.dumps(totals.to_dict())],
-        }
-    )
+    return {
+        "counts": dict(Counter(batch["status"].to_pylist())),
+        "ignored": sorted(ignored),
+        "uncounted": totals.to_dict(),
+    }
+
+
+def _block_name(batch: pa.Table) -> str:
+    """A name for an input block's files: the same block (a retried task) gets the same
+    name, another block another (invalid rows may have no product id: their manifest
+    key and line count too)."""
+    cols = [c for c in ("product_id", "key", "where") if c in batch.column_names]
+    text = json.dumps([batch[c].to_pylist() for c in cols])
+    return hashlib.sha1(text.encode()).hexdigest()[:24]
+
+
+def take_in(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table:
+    """A Ray Data task over one input block: its markers checked (``check_markers``), its
+    valid ids written as a part of the input index and its ``tally`` under the intake
+    folder, both named after the block's ids (a retried task rewrites its own files)
+    -> the rows to do. One pass: the index and the counts are side outputs of the check."""
+    if not batch.num_rows:
+        return keep(check_markers(batch, layout, since), (TODO,))
+    checked = check_markers(batch, layout, since)
+    name = _block_name(batch)
+    valid = keep(checked, (TODO, COMPLETE))
+    if valid.num_rows:
+        part = storage.join(layout.inputs_dir(), f"part-{name}.parquet")
+        storage.write_parquet(part, valid.select(["product_id"]))
+    storage.write_json(storage.join(layout.intake_dir(), f"{name}.json"), tally(checked))
+    return keep(checked, (TODO,))
 
 
 @dataclass
 class Intake:
-    """A job's checked input rows (materialised) and what the driver knows of them."""
+    """A job's input rows to do (materialised) and what the driver knows of all of them."""
 
     rows: Any
     cpus: float  # of each task over them: the model stages' actors may hold the rest
@@ -127,41 +153,34 @@ class Intake:
     def todo(self) -> int:
         return self.counts[TODO]
 
+    def add(self, counted: dict[str, Any]) -> None:
+        self.counts.update(counted["counts"])
+        self.ignored = sorted(set(self.ignored) | set(counted["ignored"]))
+        self.uncounted.merge(CompletedTotals.from_dict(counted["uncounted"]))
+
 
 def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None) -> Intake:
-    """Check every valid row's marker in tasks, write the input index, count (module doc);
-    ``since``: see ``check_markers``."""
-    checked = rows.map_batches(
-        check_markers,
+    """One pass of ``take_in`` tasks over the input rows (module doc): the rows to do are
+    materialised (small: references, not images), the index is marked whole, and the
+    driver adds up one tally per input block. ``since``: see ``check_markers``."""
+    _drop_inputs(layout)
+    storage.remove(layout.intake_dir(), recursive=True)
+    todo = rows.map_batches(
+        take_in,
         fn_kwargs={"layout": layout, "since": since},
+        batch_size=None,  # one block per call: a block's files are named after its ids
         batch_format="pyarrow",
         num_cpus=cpus,
     ).materialize()
-    write_inputs(
-        checked.map_batches(
-            keep, fn_args=((TODO, COMPLETE),), batch_format="pyarrow", num_cpus=cpus
-        ),
-        layout,
-    )
-    result = Intake(checked, cpus)
-    ignored: set[str] = set()
-    counted = checked.map_batches(_count, batch_format="pyarrow", batch_size=None, num_cpus=cpus)
-    for row in counted.iter_rows():
-        result.counts.update(json.loads(row["counts"]))
-        ignored.update(json.loads(row["ignored"]))
-        result.uncounted.merge(CompletedTotals.from_dict(json.loads(row["uncounted"])))
-    result.ignored = sorted(ignored)
-    return result
-
-
-def write_inputs(rows: Any, layout: JobLayout) -> None:
-    """Replace the job's input index with the ids of ``rows`` (Ray Data writes it)."""
-    _drop_inputs(layout)
-    fs, path = pyarrow_fs(layout.inputs_dir())
-    rows.select_columns(["product_id"]).write_parquet(
-        path, filesystem=fs, min_rows_per_file=INDEX_ROWS_PER_FILE
-    )
     storage.write_json(layout.inputs_complete(), {"written": time.time()})
+    result = Intake(todo, cpus)
+    names = storage.list_names(layout.intake_dir(), ".json")
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        for counted in pool.map(
+            lambda n: storage.read_json(storage.join(layout.intake_dir(), n)), names
+        ):
+            result.add(counted)
+    return result
 
 
 def _drop_inputs(layout: JobLayout) -> None:
@@ -208,14 +227,30 @@ def input_ids(layout: JobLayout) -> Any:
 
 
 def todo_rows(found: Intake) -> Any:
-    """The rows still to do, materialised before any model stage starts: one product per
-    block up to ``MAX_INPUT_BLOCKS`` products (fine-grained streaming and load balance),
-    then several per block (the driver holds one reference per block, so it stays bounded).
-    Split here because no task may ask for a whole CPU once the stages' actors hold them."""
-    todo = found.rows.map_batches(
-        keep, fn_args=((TODO,),), batch_format="pyarrow", num_cpus=found.cpus
-    )
-    return todo.repartition(min(found.todo, MAX_INPUT_BLOCKS)).materialize()
+    """The rows to do, split as they stream into the model stages: ``PRODUCTS_PER_BLOCK``
+    per block (the stages' actor pools balance product by product, and the first product
+    is out after one block, not after a share of the catalog). A streaming repartition:
+    no barrier, and the driver holds references only to the blocks in flight."""
+    ds = found.rows.repartition(target_num_rows_per_block=PRODUCTS_PER_BLOCK)
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if type(op).__name__ != "StreamingRepartition" or not isinstance(
+        getattr(op, "ray_remote_args", None), dict
+    ):
+        raise RuntimeError(
+            f"this Ray ({_ray_version()}) plans a streaming repartition differently from the "
+            "Ray restage was tested with (2.60): install ray>=2.60 (pyproject.toml)"
+        )
+    # Its tasks ask for a whole CPU and Ray's API takes no remote arguments for them: once
+    # the stages' actors hold the CPUs such a task never runs (the job hangs). Ask for what
+    # the job's other tasks ask for.
+    op.ray_remote_args["num_cpus"] = found.cpus
+    return ds
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
 
 
 def previous_summary(layout: JobLayout) -> dict[str, Any] | None:

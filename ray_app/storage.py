@@ -226,6 +226,11 @@ class JobLayout:
         short) is not read."""
         return join(self.root, "_inputs.complete")
 
+    def intake_dir(self) -> str:
+        """What intake's tasks counted, one small JSON per input block (the driver adds
+        them up): rewritten by every run."""
+        return join(self.root, "_intake")
+
     def completed(self) -> set[str]:
         """Product ids whose marker exists; one listing, not one request per product."""
         return {name[: -len(".json")] for name in list_names(self.markers_dir(), ".json")}

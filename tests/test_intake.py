@@ -1,0 +1,130 @@
+"""Intake's one pass (pipelines/_job.py): a task checks a block's markers and writes the
+block's part of the input index and its tally; the driver adds the tallies up."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipelines import _job
+from ray_app import storage
+from ray_app.records import INVALID, VALID
+from ray_app.storage import AugmentLayout
+
+
+def _block(rows: list[tuple[str, str]]) -> pa.Table:
+    return pa.table(
+        {
+            "product_id": [pid for pid, _ in rows],
+            "status": [status for _, status in rows],
+            "ignored": [["colour"] if pid == "b" else None for pid, _ in rows],
+        }
+    )
+
+
+def _marker(layout: AugmentLayout, pid: str, status: str, finished: float) -> None:
+    stats = {"decode": {"stage": "decode", "unit": "images", "items_in": 2}}
+    storage.write_json(
+        layout.marker(pid),
+        {"product_id": pid, "status": status, "finished": finished, "stats": stats},
+    )
+
+
+def _index(layout: AugmentLayout) -> list[str]:
+    return sorted(storage.read_parquet(layout.inputs_dir()).column("product_id").to_pylist())
+
+
+def _tallies(layout: AugmentLayout) -> list[dict]:
+    names = storage.list_names(layout.intake_dir(), ".json")
+    return [json.loads(storage.read_bytes(storage.join(layout.intake_dir(), n))) for n in names]
+
+
+def test_a_block_keeps_its_products_to_do_and_writes_its_index_part_and_tally(tmp_path):
+    layout = AugmentLayout(str(tmp_path))
+    _marker(layout, "b", "partial", finished=200.0)  # after the last summary: uncounted
+    _marker(layout, "c", "ok", finished=50.0)  # counted by the last summary already
+    block = _block([("a", VALID), ("b", VALID), ("c", VALID), ("bad", INVALID)])
+
+    todo = _job.take_in(block, layout, since=100.0)
+
+    assert todo["product_id"].to_pylist() == ["a"]
+    assert set(todo["status"].to_pylist()) == {_job.TODO}
+    assert _index(layout) == ["a", "b", "c"]  # every valid product, to do or complete
+    (tally,) = _tallies(layout)
+    assert tally["counts"] == {_job.TODO: 1, _job.COMPLETE: 2, INVALID: 1}
+    assert tally["ignored"] == ["colour"]
+    assert tally["uncounted"]["partial"] == 1 and tally["uncounted"]["ok"] == 0
+
+
+def test_a_retried_block_rewrites_its_own_files_so_nothing_counts_twice(tmp_path):
+    layout = AugmentLayout(str(tmp_path))
+    first = _block([("a", VALID), ("b", VALID)])
+    second = _block([("c", VALID)])
+    for block in (first, second, first):  # the first block's task ran twice
+        _job.take_in(block, layout, since=None)
+    assert len(storage.list_names(layout.inputs_dir())) == 2
+    found = _job.Intake(rows=None, cpus=1)
+    for tally in _tallies(layout):
+        found.add(tally)
+    assert found.todo == 3
+    assert _index(layout) == ["a", "b", "c"]
+
+
+def test_an_empty_block_writes_nothing(tmp_path):
+    layout = AugmentLayout(str(tmp_path))
+    todo = _job.take_in(_block([]).cast(_block([("a", VALID)]).schema), layout, since=None)
+    assert todo.num_rows == 0
+    assert storage.list_names(layout.intake_dir()) == []
+    assert storage.list_names(layout.inputs_dir()) == []
+
+
+def test_the_driver_adds_up_the_tallies(tmp_path):
+    found = _job.Intake(rows=None, cpus=1)
+    found.add({"counts": {"todo": 2, "invalid": 1}, "ignored": ["b"], "uncounted": {}})
+    found.add({"counts": {"todo": 1, "complete": 4}, "ignored": ["a", "b"], "uncounted": {}})
+    assert found.todo == 3
+    assert found.counts[_job.COMPLETE] == 4 and found.counts[INVALID] == 1
+    assert found.ignored == ["a", "b"]
+
+
+def test_blocks_of_rows_without_ids_keep_their_own_tallies(tmp_path):
+    layout = AugmentLayout(str(tmp_path))
+    for key in ("line-3", "line-7"):  # unparseable lines: no product id, their own keys
+        block = pa.table(
+            {
+                "product_id": pa.array([None], pa.string()),
+                "key": [key],
+                "status": [INVALID],
+            }
+        ).append_column("ignored", pa.array([None], pa.list_(pa.string())))
+        _job.take_in(block, layout, since=None)
+    found = _job.Intake(rows=None, cpus=1)
+    for tally in _tallies(layout):
+        found.add(tally)
+    assert found.counts[INVALID] == 2
+
+
+@pytest.mark.slow
+def test_rows_to_do_stream_a_product_per_block_while_actors_hold_the_cpus(ray_local):
+    """The stages' actors hold most CPUs while the rows are split: the split's tasks must
+    ask for no more than the job's tasks do, or they never run (the job hangs)."""
+    ray = ray_local
+
+    @ray.remote
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    free = 0.2
+    rows = ray.data.from_items([{"product_id": f"p-{i}"} for i in range(6)]).repartition(2)
+    found = _job.Intake(rows=rows.materialize(), cpus=free / 2)
+    hog = Hog.options(num_cpus=ray.cluster_resources()["CPU"] - free).remote()
+    ray.get(hog.ping.remote())
+    try:
+        split = _job.todo_rows(found).materialize()
+    finally:
+        ray.kill(hog)
+    assert split.num_blocks() == 6
+    assert sorted(r["product_id"] for r in split.iter_rows()) == [f"p-{i}" for i in range(6)]
