@@ -126,15 +126,14 @@ def take_in(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table
     valid ids written as a part of the input index and its ``tally`` under the intake
     folder, both named after the block's ids (a retried task rewrites its own files)
     -> the rows to do. One pass: the index and the counts are side outputs of the check."""
-    if not batch.num_rows:
-        return keep(check_markers(batch, layout, since), (TODO,))
     checked = check_markers(batch, layout, since)
-    name = _block_name(batch)
-    valid = keep(checked, (TODO, COMPLETE))
-    if valid.num_rows:
-        part = storage.join(layout.inputs_dir(), f"part-{name}.parquet")
-        storage.write_parquet(part, valid.select(["product_id"]))
-    storage.write_json(storage.join(layout.intake_dir(), f"{name}.json"), tally(checked))
+    if checked.num_rows:  # an empty block counts nothing
+        name = _block_name(batch)
+        valid = keep(checked, (TODO, COMPLETE))
+        if valid.num_rows:
+            part = storage.join(layout.inputs_dir(), f"part-{name}.parquet")
+            storage.write_parquet(part, valid.select(["product_id"]))
+        storage.write_json(storage.join(layout.intake_dir(), f"{name}.json"), tally(checked))
     return keep(checked, (TODO,))
 
 
@@ -231,13 +230,15 @@ def todo_rows(found: Intake) -> Any:
     per block (the stages' actor pools balance product by product, and the first product
     is out after one block, not after a share of the catalog). A streaming repartition:
     no barrier, and the driver holds references only to the blocks in flight."""
+    import ray
+
     ds = found.rows.repartition(target_num_rows_per_block=PRODUCTS_PER_BLOCK)
     op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
     if type(op).__name__ != "StreamingRepartition" or not isinstance(
         getattr(op, "ray_remote_args", None), dict
     ):
         raise RuntimeError(
-            f"this Ray ({_ray_version()}) plans a streaming repartition differently from the "
+            f"this Ray ({ray.__version__}) plans a streaming repartition differently from the "
             "Ray restage was tested with (2.60): install ray>=2.60 (pyproject.toml)"
         )
     # Its tasks ask for a whole CPU and Ray's API takes no remote arguments for them: once
@@ -245,12 +246,6 @@ def todo_rows(found: Intake) -> Any:
     # the job's other tasks ask for.
     op.ray_remote_args["num_cpus"] = found.cpus
     return ds
-
-
-def _ray_version() -> str:
-    import ray
-
-    return ray.__version__
 
 
 def previous_summary(layout: JobLayout) -> dict[str, Any] | None:
