@@ -131,8 +131,7 @@ def take_in(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table
         name = _block_name(batch)
         valid = keep(checked, (TODO, COMPLETE))
         if valid.num_rows:
-            part = storage.join(layout.inputs_dir(), f"part-{name}.parquet")
-            storage.write_parquet(part, valid.select(["product_id"]))
+            _write_index_part(layout, name, valid.select(["product_id"]))
         storage.write_json(storage.join(layout.intake_dir(), f"{name}.json"), tally(checked))
     return keep(checked, (TODO,))
 
@@ -171,7 +170,7 @@ def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None
         batch_format="pyarrow",
         num_cpus=cpus,
     ).materialize()
-    storage.write_json(layout.inputs_complete(), {"written": time.time()})
+    _mark_inputs_whole(layout)
     result = Intake(todo, cpus)
     names = storage.list_names(layout.intake_dir(), ".json")
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
@@ -180,6 +179,14 @@ def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None
         ):
             result.add(counted)
     return result
+
+
+def _write_index_part(layout: JobLayout, name: str, ids: pa.Table) -> None:
+    storage.write_parquet(storage.join(layout.inputs_dir(), f"part-{name}.parquet"), ids)
+
+
+def _mark_inputs_whole(layout: JobLayout) -> None:
+    storage.write_json(layout.inputs_complete(), {"written": time.time()})
 
 
 def _drop_inputs(layout: JobLayout) -> None:
@@ -205,13 +212,13 @@ class InputIndex:
 
     def _flush(self) -> None:
         if self._ids:
-            part = storage.join(self.layout.inputs_dir(), f"part-{self._parts:06d}.parquet")
-            storage.write_parquet(part, pa.table({"product_id": pa.array(self._ids, pa.string())}))
+            ids = pa.table({"product_id": pa.array(self._ids, pa.string())})
+            _write_index_part(self.layout, f"{self._parts:06d}", ids)
             self._parts, self._ids = self._parts + 1, []
 
     def close(self) -> None:
         self._flush()
-        storage.write_json(self.layout.inputs_complete(), {"written": time.time()})
+        _mark_inputs_whole(self.layout)
 
 
 def input_ids(layout: JobLayout) -> Any:
