@@ -158,8 +158,10 @@ def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 def crop_by_mask(
     rgb: np.ndarray, mask: np.ndarray, pad: float = 0.05, fill: int = 255
 ) -> np.ndarray | None:
-    """The product alone: the mask's bounding box (padded by ``pad`` of its size), pixels
-    outside the mask set to ``fill``. None for an empty mask. Used for segmented scores."""
+    """The product alone, square: the mask's bounding box (padded by ``pad`` of its size),
+    pixels outside the mask set to ``fill``, then padded with ``fill`` to a square around
+    it. None for an empty mask. Used for segmented scores: the backbones' shortest-side
+    resize and centre crop would otherwise score a tall bottle on its middle third."""
     box = mask_bbox(mask)
     if box is None:
         return None
@@ -169,7 +171,19 @@ def crop_by_mask(
     x0, y0, x1, y1 = max(0, x0 - px), max(0, y0 - py), min(w, x1 + px), min(h, y1 + py)
     crop = rgb[y0:y1, x0:x1].copy()
     crop[mask[y0:y1, x0:x1] == 0] = fill
-    return crop
+    return pad_to_square(crop, fill)
+
+
+def pad_to_square(rgb: np.ndarray, fill: int = 255) -> np.ndarray:
+    """``rgb`` centred on a square canvas of its longer side, the margins ``fill``."""
+    h, w = rgb.shape[:2]
+    if h == w:
+        return rgb
+    side = max(h, w)
+    out = np.full((side, side, *rgb.shape[2:]), fill, rgb.dtype)
+    y, x = (side - h) // 2, (side - w) // 2
+    out[y : y + h, x : x + w] = rgb
+    return out
 
 
 def encode_png(arr: np.ndarray) -> bytes:

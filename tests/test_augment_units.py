@@ -12,6 +12,7 @@ from actors.captioner import clean_caption
 from actors.inpainter import dilate, paste_back, place_product, square_canvas
 from actors.novel_view import letterbox, unletterbox
 from actors.segmenter import (
+    Segmenter,
     border_stats,
     fill_holes,
     plain_background_mask,
@@ -22,6 +23,7 @@ from actors.segmenter import (
 from pipelines._product_rows import pack, unpack
 from pipelines.augment import (
     ProductState,
+    ResegmentStage,
     Sample,
     _Stage,
     balance_ratio,
@@ -62,18 +64,40 @@ def test_mask_iou():
         mask_iou(a, np.zeros((3, 3)))
 
 
-def test_crop_by_mask_cuts_the_box_and_blanks_the_rest():
+def test_crop_by_mask_cuts_the_box_blanks_the_rest_and_pads_to_square():
     rgb = np.full((32, 32, 3), 7, np.uint8)
     mask = np.zeros((32, 32), np.uint8)
     mask[10:20, 12:16] = 255
     mask[10, 12] = 0  # a pixel inside the box but outside the mask
     crop = crop_by_mask(rgb, mask, pad=0.0, fill=255)
-    assert crop.shape == (10, 4, 3)
-    assert (crop[0, 0] == 255).all() and (crop[5, 2] == 7).all()
+    assert crop.shape == (10, 10, 3)  # the 10x4 box, centred on a square
+    assert (crop[:, :3] == 255).all() and (crop[:, 7:] == 255).all()  # the square's margins
+    assert (crop[0, 3] == 255).all() and (crop[5, 5] == 7).all()
     padded = crop_by_mask(rgb, mask, pad=0.5)
-    assert padded.shape == (20, 8, 3)  # 5 rows and 2 columns of context each side
+    assert padded.shape == (20, 20, 3)  # 5 rows and 2 columns of context each side
     assert crop_by_mask(rgb, np.zeros((32, 32), np.uint8)) is None
     assert mask_bbox(mask) == (12, 10, 16, 20)
+
+
+def test_a_tall_products_crop_keeps_all_of_it_through_a_backbones_centre_crop():
+    """A 1:4 bottle: the backbones resize the shorter side and centre-crop a square, which
+    would score a tall crop on its middle. The square crop survives that whole."""
+    from PIL import Image
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)  # a cluttered scene
+    mask = np.zeros((96, 96), np.uint8)
+    mask[8:88, 40:60] = 255  # 80 x 20
+    rgb[mask > 0] = (200, 30, 30)
+    crop = crop_by_mask(rgb, mask, pad=0.0)
+    assert crop.shape[0] == crop.shape[1]
+    assert (crop == (200, 30, 30)).all(axis=2).sum() == (mask > 0).sum()  # all of the mask
+    backbone = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32)])
+    seen = np.asarray(backbone(Image.fromarray(crop)))
+    red = (seen[..., 0] > 150) & (seen[..., 1] < 100)
+    rows = np.nonzero(red.any(axis=1))[0]
+    assert rows.min() == 0 and rows.max() == 31  # top to bottom: nothing cut off
 
 
 def test_mean_similarity_excludes_self_and_skips_missing():
@@ -393,6 +417,73 @@ def test_saliency_prompt_lands_on_the_product():
     x, y = point.astype(int)
     assert truth[y, x] > 0  # the positive point is on the product
     assert mask_iou(_square(96, tuple(int(v) for v in box)), truth) > 0.5
+
+
+class _RecordingSam(Segmenter):
+    """The segmenter's own prompting and mask choice, with SAM replaced by a double that
+    records its prompts and answers with given candidates (largest first, best score last)."""
+
+    def __init__(self, candidates: list[np.ndarray]):
+        self.options, self.batch_size = load_config("tiny").augment.segment, 4
+        self.candidates, self.prompts = candidates, []
+
+    def sam(self, items):
+        self.prompts += [(box.tolist(), point.tolist()) for _, box, point in items]
+        stack = np.stack(self.candidates) > 0
+        scores = np.linspace(0.5, 0.9, len(stack), dtype=np.float32)
+        return [(stack, scores) for _ in items]
+
+
+def _cluttered_scene(paste: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Noise, a bright distractor in the middle-left, the product pasted at ``paste``."""
+    rgb = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    rgb[30:70, 4:30] = 255  # a salient white vase, nearer the centre than the product
+    placed = _square(96, paste)
+    rgb[placed > 0] = (180, 30, 40)
+    return rgb, placed
+
+
+def test_a_context_is_resegmented_at_its_paste_box_not_by_saliency():
+    paste = (60, 40, 90, 88)
+    rgb, placed = _cluttered_scene(paste)
+    grown = _square(96, (54, 30, 92, 90))  # the product as outpainting extended it
+    sam = _RecordingSam([grown])
+    out = sam(
+        {"image": object_array([encode_png(rgb)]), "placed": object_array([encode_png(placed)])}
+    )
+    [(box, point)] = sam.prompts
+    assert box == list(paste)  # the paste's box, exactly
+    x, y = (int(v) for v in point)
+    assert placed[y, x] > 0  # and a point on the pasted product
+    assert out["mask_method"][0] == "sam-placement" and out["error"][0] is None
+    # Without the placement, saliency picks its own box on this scene: not the paste.
+    sam.prompts.clear()
+    sam({"image": object_array([encode_png(rgb)])})
+    assert sam.prompts[0][0] != list(paste)
+
+
+def test_resegment_prompts_contexts_with_their_paste_and_scores_iou_against_it(tmp_path):
+    paste = (60, 40, 90, 88)
+    rgb, placed = _cluttered_scene(paste)
+    grown = _square(96, (54, 30, 92, 90))
+    stage = ResegmentStage.__new__(ResegmentStage)  # its model: the recording segmenter
+    stage.config, stage.tag = load_config("tiny"), "test"
+    stage.model = _RecordingSam([grown])
+    state = ProductState(ProductRecord("p1", ("a.png",)), str(tmp_path))
+    ctx = Sample(
+        "ctx-real-00-00", SampleKind.CONTEXT, None, 96, 96, expected_mask=encode_png(placed)
+    )
+    neg = Sample("neg-00", SampleKind.NEGATIVE, None, 96, 96)
+    for s in (ctx, neg):
+        state.put_image(s, encode_png(rgb), "png")
+        state.samples.append(s)
+    stage.process(state)
+    boxes = [box for box, _ in stage.model.prompts]
+    assert boxes[0] == list(paste)  # the context: at its paste
+    assert boxes[1] != list(paste)  # the negative: by saliency, as a photo
+    assert ctx.scores["mask_iou"] == pytest.approx(mask_iou(grown, placed))
+    assert ctx.scores["mask_iou"] < 0.8  # the grown product fails the default threshold
+    assert ctx.expected_mask is None and ctx.mask_method == "sam-placement"
 
 
 def test_select_mask_prefers_score_within_area_bounds():
