@@ -10,6 +10,12 @@ No box is given with a product photo, so the prompt is derived from the image it
    subject, the border is background) weighted by a centre prior; the thresholded salient
    region gives a box and its peak a positive point.
 
+A generated image whose product placement is known (a context: the product was pasted at a
+known place, then the scene was outpainted around it) comes with that **placement mask**:
+its box and inner point prompt SAM directly. Saliency would be a guess on a cluttered scene
+(it may pick a vase beside the product), and the re-segmentation is there to measure whether
+outpainting grew or changed the product at that place, so it must look at that place.
+
 SAM returns three candidate masks with its own predicted IoU; the best-scoring one whose
 area is plausible (``min_area``..``max_area`` of the image) wins.
 """
@@ -151,8 +157,9 @@ def area_ok(mask: np.ndarray | None, min_area: float, max_area: float) -> bool:
 
 
 class Segmenter:
-    """Batch in: ``image`` (encoded bytes), optional ``alpha`` (PNG mask hint or None).
-    Batch out: ``mask`` (PNG, 255 = product, None on failure), ``mask_score`` (SAM's
+    """Batch in: ``image`` (encoded bytes), optional ``alpha`` (PNG mask hint or None),
+    optional ``placed`` (PNG mask of where the product was pasted, or None: prompts SAM
+    with its box and point; see the module doc). Batch out: ``mask`` (PNG, 255 = product, None on failure), ``mask_score`` (SAM's
     predicted IoU, 1.0 for alpha, NaN for the colour fallback), ``mask_method`` and ``error``."""
 
     role = "segmenter"
@@ -203,10 +210,23 @@ class Segmenter:
         scores = np.full(n, np.nan, np.float32)
         methods: list[str | None] = [None] * n
         errors: list[str | None] = [None] * n
-        todo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        # (index, rgb, box, point, plain-background mask or None, method or None)
+        todo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, Any, str | None]] = []
         rgbs = decode_column(column(batch, "image"), errors, self.role)
-        for i, (rgb, alpha) in enumerate(zip(rgbs, column(batch, "alpha", n), strict=True)):
+        hints = zip(column(batch, "alpha", n), column(batch, "placed", n), strict=True)
+        for i, (rgb, (alpha, placed)) in enumerate(zip(rgbs, hints, strict=True)):
             if rgb is None:
+                continue
+            if placed is not None:
+                where = decode_mask(placed)
+                if where.shape != rgb.shape[:2] or not where.any():
+                    errors[i] = (
+                        f"segmenter: placement mask {where.shape[::-1]} is empty or not the "
+                        f"image's size {rgb.shape[1::-1]}"
+                    )
+                    continue
+                box, point = prompt_from_mask(where)
+                todo.append((i, rgb, box, point, None, "sam-placement"))
                 continue
             if alpha is not None:
                 hint = decode_mask(alpha)
@@ -227,11 +247,11 @@ class Segmenter:
             else:
                 plain = None
                 box, point = prompt_from_saliency(saliency(rgb))
-            todo.append((i, rgb, box, point, plain))
+            todo.append((i, rgb, box, point, plain, "sam-box" if plain is not None else None))
         results = map_chunks(
-            [(rgb, box, pt) for _, rgb, box, pt, _ in todo], self.batch_size, self.sam
+            [(rgb, box, pt) for _, rgb, box, pt, _, _ in todo], self.batch_size, self.sam
         )
-        for (i, _, _, _, plain), (result, err) in zip(todo, results, strict=True):
+        for (i, _, _, _, plain, method), (result, err) in zip(todo, results, strict=True):
             chosen = None
             if result is not None:
                 candidates, iou = result
@@ -241,7 +261,7 @@ class Segmenter:
             if plain is not None and (chosen is None or mask_iou(chosen[0], plain) < AGREEMENT_IOU):
                 chosen, methods[i] = (plain, np.nan), "plain-background"
             elif chosen is not None:
-                methods[i] = "sam-box" if plain is not None else "sam-saliency"
+                methods[i] = method or "sam-saliency"
             if chosen is None:
                 errors[i] = (
                     f"segmenter: no product found ({err})"

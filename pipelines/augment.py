@@ -563,7 +563,7 @@ class SegmentStage(_Stage):
 
     def process(self, state: ProductState) -> None:
         todo = [s for s in state.of(*self.kinds) if s.mask_uri is None and s.image_uri]
-        rows = [{"image": s.image(), "alpha": s.alpha} for s in todo]
+        rows = [{"image": s.image(), "alpha": s.alpha, "placed": self.placed(s)} for s in todo]
         masks: dict[str, bytes] = {}
         for s, r in zip(
             todo, self.run(self.model, state, rows, [s.sample_id for s in todo]), strict=True
@@ -576,6 +576,10 @@ class SegmentStage(_Stage):
                 s.mask_score, s.mask_method = float(r["mask_score"]), r["mask_method"]
                 state.stat(self.name).items_out += 1
         self.after(state, todo, masks)
+
+    def placed(self, sample: Sample) -> bytes | None:
+        """Where the product was pasted (PNG mask), when known: the segmenter's prompt."""
+        return None
 
     def after(self, state: ProductState, done: list[Sample], masks: dict[str, bytes]) -> None:
         """``masks``: the masks just made, by sample id."""
@@ -591,10 +595,14 @@ class SegmentStage(_Stage):
 
 class ResegmentStage(SegmentStage):
     """Masks of generated images; for contexts, the IoU with where the product was pasted
-    catches outpainting that extended or changed the product (paper 2.3)."""
+    catches outpainting that extended or changed the product (paper 2.3). A context is
+    re-segmented with the paste's box as the prompt, not by saliency (actors/segmenter.py)."""
 
     name = "resegment"
     kinds = (SampleKind.CONTEXT, SampleKind.NEGATIVE, SampleKind.COUNTERFACTUAL)
+
+    def placed(self, sample: Sample) -> bytes | None:
+        return sample.expected_mask if sample.kind == SampleKind.CONTEXT else None
 
     def after(self, state: ProductState, done: list[Sample], masks: dict[str, bytes]) -> None:
         for s in done:
