@@ -83,10 +83,23 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 
 def square_canvas(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centre-crop to a square and resize to ``size`` (counterfactuals keep the real scene)."""
+    """A square of the real scene around the product, resized to ``size`` (counterfactuals
+    keep the real scene). The square (the shorter side) is centred on the product's box as
+    far as the image allows, so an off-centre product is not cut off; a product longer than
+    the shorter side is kept whole by padding the image to a square (edge pixels repeated)."""
     h, w = mask.shape
+    box = mask_bbox(mask)
     side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
+    x0 = y0 = 0
+    if box is not None and max(box[2] - box[0], box[3] - box[1]) > side:
+        pad = ((0, max(h, w) - h), (0, max(h, w) - w))
+        rgb = np.pad(rgb, (*pad, (0, 0)), mode="edge")
+        mask = np.pad(mask, pad)
+        side = max(h, w)
+    else:
+        cx, cy = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2) if box else (w / 2, h / 2)
+        x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+        y0 = int(np.clip(round(cy - side / 2), 0, h - side))
     rgb, mask = rgb[y0 : y0 + side, x0 : x0 + side], mask[y0 : y0 + side, x0 : x0 + side]
     return (
         np.asarray(Image.fromarray(rgb).resize((size, size), Image.LANCZOS)),
