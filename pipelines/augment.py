@@ -64,7 +64,14 @@ from ray_app.kinds import (
 )
 from ray_app.metrics import aggregate, mask_iou
 from ray_app.models import source_tag
-from ray_app.prompts import GENERIC, PromptBank, category_noun, classify, fill
+from ray_app.prompts import (
+    GENERIC,
+    PromptBank,
+    category_noun,
+    classify,
+    fill,
+    product_description,
+)
 from ray_app.records import (
     INVALID,
     SAMPLE_SCHEMA,
@@ -311,7 +318,7 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
                 key=lambda s: (-(s.score if s.score is not None else -math.inf), s.sample_id)
             )
             for s in group[f.top_k_per_source :]:
-                s.drop(f"not in the top {f.top_k_per_source} of its source")
+                s.drop(f"not top-k: below the best {f.top_k_per_source} of its source")
     pos = [
         (s.sample_id, s.score if s.score is not None else math.nan, s.kind == SampleKind.REAL)
         for s in samples
@@ -642,6 +649,9 @@ class InpaintStage(_Stage):
                     rgb, mask, cfg.contexts.size, cfg.contexts.product_scale, seed
                 )
                 text = fill(prompt, state.noun)
+                # Its training caption: the product as its source's fine-grained caption
+                # describes it, in the new scene (paper 2.2: fine-grained captions).
+                described = product_description(s.caption, state.noun) or state.noun
                 rows.append(
                     {
                         "image": encode_png(canvas),
@@ -658,7 +668,7 @@ class InpaintStage(_Stage):
                         None,
                         cfg.contexts.size,
                         cfg.contexts.size,
-                        caption=text,
+                        caption=fill(prompt, described),
                         prompt=text,
                         source_sample=s.sample_id,
                         seed=seed,

@@ -394,7 +394,11 @@ class InpaintOptions(StrictModel):
 class ContextsConfig(InpaintOptions):
     """New contexts: keep the product pixels, outpaint a scene from the prompt bank (2.1.2)."""
 
-    per_image: NonNegativeInt = Field(2, description="Outpainted contexts per real or view image.")
+    per_image: NonNegativeInt = Field(
+        4,
+        description="Outpainted contexts per real or view image; the best filter.top_k_per_source "
+        "of them are kept (best-of: generate more than are kept).",
+    )
     size: PositiveInt = Field(1024, description="Square canvas size of an outpainted image.")
     product_scale: tuple[Fraction, Fraction] = Field(
         (0.45, 0.7), description="Range of the product's longer side as a fraction of the canvas."

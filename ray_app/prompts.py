@@ -215,6 +215,45 @@ def fill(prompt: str, product: str) -> str:
     return prompt.replace(PLACEHOLDER, product)
 
 
+# Where a caption stops describing the product and starts on its place: a location
+# preposition, a verb of placement, or the photo's setting.
+_SCENE_START = re.compile(
+    r"\b(?:on|against|atop|over|under|beneath|beside|behind|near|inside|into|onto|at|in"
+    r"|in front of|next to|sits?|sitting|rests?|resting|stands?|standing|placed|positioned"
+    r"|lies|lying|is|are|set|shown|photographed|displayed|background|backdrop|lit|lighting)\b",
+    re.IGNORECASE,
+)
+_ARTICLE = re.compile(
+    r"^(?:(?:a|an|the)\s+)?(?:(?:close-?up|photo|image|picture|shot|view)\s+of\s+)?"
+    r"(?:(?:a|an|the|one)\s+)?",
+    re.IGNORECASE,
+)
+DESCRIPTION_MAX_WORDS = 12  # a scene prompt and its product must still fit CLIP's 77 tokens
+
+
+def product_description(caption: str | None, noun: str) -> str | None:
+    """The product as a fine-grained caption describes it, without its surroundings, to put
+    into a scene prompt in the noun's place: "A red ceramic mug with a white handle on a
+    wooden table." -> "red ceramic mug with a white handle". None when the caption's first
+    sentence does not name the noun (the noun alone is then the product's phrase)."""
+    if not caption:
+        return None
+    first = re.split(r"[.;:!?\n]", caption, maxsplit=1)[0]
+    found = re.search(r"\b" + re.escape(noun) + r"s?\b", first, flags=re.IGNORECASE)
+    if not found:
+        return None
+    tail = first[found.end() :].split(",", 1)[0]
+    stop = _SCENE_START.search(tail)
+    text = first[: found.end()] + (tail[: stop.start()] if stop else tail)
+    words = _ARTICLE.sub("", text.strip()).split()
+    if len(words) > DESCRIPTION_MAX_WORDS:  # keep the noun: cut the words before it first
+        head = len(_ARTICLE.sub("", first[: found.start()]).split())
+        words = words[max(0, head - DESCRIPTION_MAX_WORDS + 1) :][:DESCRIPTION_MAX_WORDS]
+    text = " ".join(words).rstrip(" -")
+    text = re.sub(r"\s+(?:with|and|of|in)$", "", text, flags=re.IGNORECASE)
+    return text or None
+
+
 _NUMBERING = re.compile(r"^\s*(?:[-*•]+|\(?\d+[.)\]:-]?)\s*")
 
 

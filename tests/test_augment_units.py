@@ -22,6 +22,7 @@ from actors.segmenter import (
 )
 from pipelines._product_rows import pack, unpack
 from pipelines.augment import (
+    InpaintStage,
     ProductState,
     ResegmentStage,
     Sample,
@@ -39,7 +40,16 @@ from ray_app.config import load_config
 from ray_app.images import crop_by_mask, decode_rgb, encode_png, mask_bbox
 from ray_app.kinds import POSITIVE_KINDS, SampleKind
 from ray_app.metrics import aggregate, mask_iou, mean_similarity
-from ray_app.prompts import GENERIC, PLACEHOLDER, CurationRules, PromptBank, classify, curate, fill
+from ray_app.prompts import (
+    GENERIC,
+    PLACEHOLDER,
+    CurationRules,
+    PromptBank,
+    classify,
+    curate,
+    fill,
+    product_description,
+)
 from ray_app.records import ProductRecord, read_manifest, records_table
 from ray_app.sources import SourcePolicy
 from ray_app.storage import AugmentLayout
@@ -310,7 +320,7 @@ def test_select_records_every_drop_reason():
     reasons = {s.sample_id: s.drop_reason for s in samples}
     assert reasons["real-00"] is None
     assert reasons["view-00-f01"].startswith("clip_i=0.500 < 0.7")
-    assert reasons["view-00-f03"] == "not in the top 1 of its source"
+    assert reasons["view-00-f03"] == "not top-k: below the best 1 of its source"
     assert reasons["ctx-real-00-00"].startswith("mask_iou=0.400 < 0.8")
     assert reasons["ctx-view-00-f01-00"] == "source view-00-f01 dropped"
     assert "looks like the product" in reasons["neg-00"]
@@ -320,6 +330,76 @@ def test_select_records_every_drop_reason():
     assert len(positives) == len(negatives) == 3  # ratio 1:1 enforced
     assert all(s.score is not None for s in samples)
     assert state.errors == []
+
+
+def test_best_of_four_contexts_keeps_the_two_best_of_each_source():
+    cfg = load_config("default")
+    assert (cfg.augment.contexts.per_image, cfg.augment.filter.top_k_per_source) == (4, 2)
+    reals = [_sample(f"real-{i:02d}", "real") for i in range(2)]
+    fidelity = {0: 0.80, 1: 0.95, 2: 0.85, 3: 0.99}  # CLIP-I of each of a source's contexts
+    contexts = [
+        _sample(f"ctx-{r.sample_id}-{j:02d}", "context", r.sample_id, clip_i=c, mask_iou=0.9)
+        for r in reals
+        for j, c in fidelity.items()
+    ]
+    negatives = [_sample(f"neg-{i:02d}", "negative", seg_clip_i=0.3) for i in range(8)]
+    select_samples(_state(reals + contexts + negatives), cfg)
+    for r in reals:
+        mine = {s.sample_id[-2:]: s for s in contexts if s.source_sample == r.sample_id}
+        assert {j for j, s in mine.items() if s.kept} == {"01", "03"}  # the two best
+        for j in ("00", "02"):
+            assert mine[j].drop_reason == "not top-k: below the best 2 of its source"
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        (
+            "A red ceramic mug with a white handle on a wooden table.",
+            "red ceramic mug with a white handle",
+        ),
+        ("Close-up of a teal bottle, matte finish, against a grey backdrop", "teal bottle"),
+        ("A wooden tray holds things.", None),  # the noun is not named: the noun alone is used
+    ],
+)
+def test_product_description_keeps_the_product_and_drops_its_surroundings(caption, expected):
+    noun = "bottle" if "bottle" in caption else "mug"
+    assert product_description(caption, noun) == expected
+
+
+def test_a_contexts_caption_is_the_fine_grained_product_in_the_scene(tmp_path):
+    """The inpainter paints the bank's scene; the training caption puts the source's
+    fine-grained description of the product into that scene."""
+    root = str(tmp_path / "out")
+    batch, _ = _decoded(root)
+    [state] = unpack(batch)
+    state.noun = "mug"
+    for s in state.of(SampleKind.REAL):
+        s.caption = "A red ceramic mug with a white handle on a white background."
+        s.mask_uri = s.image_uri  # any mask: the stage reads it only to place the product
+        state.put_mask(s, encode_png(_square(decode_rgb(s.image()).shape[0])))
+
+    class Painter(InpaintStage):
+        def __init__(self, config):
+            _Stage.__init__(self, config)
+            self.bank, self.tag, self.prompts = PromptBank.load(None), "test", []
+
+        def model(self, batch, options=None):
+            self.prompts += list(batch["prompt"])
+            n = len(batch["prompt"])
+            return {"image": batch["image"], "error": object_array([None] * n)}
+
+    cfg = load_config("tiny", overrides=["augment.negatives.counterfactual_fraction=0"])
+    painter = Painter(cfg)
+    painter.process(state)
+    contexts = state.of(SampleKind.CONTEXT)
+    assert contexts and all(
+        "red ceramic mug with a white handle" in s.caption and "white background" not in s.caption
+        for s in contexts
+    )
+    painted = [p for p in painter.prompts if "mug" in p]
+    assert painted == [s.prompt for s in contexts]  # the scene as the bank has it, noun only
+    assert all("white handle" not in p for p in painted)
 
 
 def test_strip_product_words_keeps_the_class_noun():
@@ -380,6 +460,19 @@ def test_dilate_and_square_canvas():
     assert mask_bbox(grown) == (8, 8, 22, 22)
     rgb, mask = square_canvas(np.zeros((40, 80, 3), np.uint8), np.zeros((40, 80), np.uint8), 64)
     assert rgb.shape == (64, 64, 3) and mask.shape == (64, 64)
+
+
+def test_a_counterfactuals_square_keeps_an_off_centre_product_whole():
+    """A wide photo with the product at its right edge: a centre crop would cut it off."""
+    mask = np.zeros((40, 120), np.uint8)
+    mask[10:30, 95:115] = 255
+    rgb = np.zeros((40, 120, 3), np.uint8)
+    _, square = square_canvas(rgb, mask, 40)  # the same scale: counts compare directly
+    assert (square > 0).sum() == (mask > 0).sum()  # all of it
+    long = np.zeros((40, 120), np.uint8)
+    long[15:25, 10:110] = 255  # longer than the photo is tall: kept whole by padding
+    _, square = square_canvas(rgb, long, 120)
+    assert (square > 0).sum() == (long > 0).sum()
 
 
 def _object_on(background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
