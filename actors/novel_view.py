@@ -41,8 +41,8 @@ def unletterbox(
 
 class NovelView:
     """Batch in: ``image`` (encoded bytes), ``seed`` (int). Batch out: ``frames`` (list of
-    PNG bytes, one per configured frame index, at the input's size), ``frame_index`` (list of
-    int) and ``error``."""
+    PNG bytes, one per configured frame index, the input's aspect at the generated
+    resolution, never upsampled), ``frame_index`` (list of int) and ``error``."""
 
     role = "novel_view"
 
@@ -71,9 +71,16 @@ class NovelView:
             output_type="np",
         ).frames
         frames = (np.clip(np.asarray(out), 0, 1) * 255).round().astype(np.uint8)  # (B, F, H, W, 3)
+        # Never upsampled: a frame keeps the resolution it was generated at (a square photo
+        # is generated 576 px high), or the input's when that is smaller. An upsampled view
+        # only looks sharp in its pixel count; its softness is scored in augment instead.
+        native = [
+            (x1 - x0, y1 - y0) if x1 - x0 < img.shape[1] else (img.shape[1], img.shape[0])
+            for (_, (x0, y0, x1, y1)), img in zip(boxed, images, strict=True)
+        ]
         return [
-            [unletterbox(frames[b, f], box, (img.shape[1], img.shape[0])) for f in o.frame_indices]
-            for b, ((_, box), img) in enumerate(zip(boxed, images, strict=True))
+            [unletterbox(frames[b, f], box, native[b]) for f in o.frame_indices]
+            for b, (_, box) in enumerate(boxed)
         ]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -58,11 +58,12 @@ from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_ima
 from ray_app.kinds import (
     MASK_IOU,
     NEGATIVE_KINDS,
+    SHARPNESS,
     SYNTHETIC_POSITIVE_KINDS,
     Metric,
     SampleKind,
 )
-from ray_app.metrics import aggregate, mask_iou
+from ray_app.metrics import aggregate, mask_iou, sharpness
 from ray_app.models import source_tag
 from ray_app.prompts import (
     GENERIC,
@@ -291,6 +292,9 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
                 if not math.isnan(value) and value < low:
                     s.drop(f"{name}={value:.3f} < {low:g}")
                     break
+            soft = s.scores.get(SHARPNESS, math.nan)
+            if s.kept and not math.isnan(soft) and soft < f.min_sharpness:
+                s.drop(f"sharpness={soft:.2f} < {f.min_sharpness:g} (softer than the real photos)")
             if s.kind == SampleKind.CONTEXT and s.kept:
                 iou = s.scores.get(MASK_IOU, 0.0)
                 if iou < f.min_mask_iou:
@@ -809,6 +813,24 @@ class ScoreStage(_Stage):
                 state.error(self.name, out["error"][i], item=s.sample_id)
             else:
                 stat.items_out += 1
+        self.score_sharpness(samples, reals)
+
+    def score_sharpness(self, samples: list[Sample], reals: list[Sample]) -> None:
+        """Each view's and context's product detail at the training resolution, relative to
+        the median real photo's (ray_app.metrics.sharpness): soft views and contexts are
+        dropped in selection before they teach the adapter a blurred product."""
+        side = self.config.train.resolution
+
+        def detail(s: Sample) -> float:
+            mask = s.mask()
+            return sharpness(decode_rgb(s.image()), decode_mask(mask) if mask else None, side)
+
+        reference = np.nanmedian([detail(s) for s in reals]) if reals else math.nan
+        if not reference > 0:  # no real photo with detail to compare with
+            return
+        for s in samples:
+            if s.kind in SYNTHETIC_POSITIVE_KINDS:
+                s.scores[SHARPNESS] = detail(s) / float(reference)
 
 
 def select_products(batch: dict[str, np.ndarray], config: RestageConfig) -> dict[str, np.ndarray]:

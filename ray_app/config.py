@@ -459,6 +459,11 @@ class FilterConfig(StrictModel):
         0.80,
         description="Contexts: IoU of the product re-segmented after outpainting vs the pasted mask.",
     )
+    min_sharpness: Annotated[float, Field(ge=0)] = Field(
+        0.5,
+        description="Views and contexts: detail of the product at train.resolution (variance "
+        "of the Laplacian) relative to the median real photo's; softer ones are dropped.",
+    )
     top_k_per_source: PositiveInt = Field(
         2,
         description="At most this many views, and this many contexts, per source image (best first).",

@@ -39,3 +39,6 @@ class Metric(StrEnum):
 # augment's own score of a context sample: IoU of the product re-segmented after
 # outpainting with the mask it was pasted with (not a fidelity metric: no weight, no range).
 MASK_IOU = "mask_iou"
+# augment's own score of a view or context: its product's detail at the training resolution
+# relative to the real photos' (1.0 = as sharp as the median real photo; ray_app.metrics).
+SHARPNESS = "sharpness"

@@ -62,6 +62,26 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union)
 
 
+def sharpness(rgb: np.ndarray, mask: np.ndarray | None, short_side: int) -> float:
+    """Detail of the product as training will see it: the variance of the Laplacian of the
+    grey image resized so its shorter side is ``short_side`` (the training resolution: a
+    soft 576-px view upsampled to 1024 px shows its softness there), over the mask's
+    interior (pixels whose four neighbours are inside too: the product's outline is an edge
+    on any background). The whole image without a mask; NaN when nothing is left."""
+    from PIL import Image  # numpy-only module otherwise
+
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * short_side / min(h, w))), max(1, round(h * short_side / min(h, w))))
+    grey = np.asarray(Image.fromarray(rgb).convert("L").resize(size, Image.BICUBIC), np.float32)
+    inside = np.ones(grey.shape, bool)
+    if mask is not None:
+        inside = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)) > 0
+    lap = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    core = inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1]
+    core &= inside[1:-1, :-2] & inside[1:-1, 2:]
+    return float(lap[core].var()) if core.sum() > 1 else float("nan")
+
+
 def normalize_score(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map raw metric values through [low, high] onto [0, 1] (clipped); NaN stays NaN."""
     if high <= low:

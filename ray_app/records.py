@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_app import storage
-from ray_app.kinds import MASK_IOU, Metric
+from ray_app.kinds import MASK_IOU, SHARPNESS, Metric
 
 PRODUCT_ID_MAX_LEN = 128
 _PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -164,8 +164,9 @@ ERROR_SCHEMA = pa.schema(
 
 
 # One row per sample of a product's training set (`restage augment` manifest); ``kind`` is
-# a ray_app.kinds.SampleKind, the score columns its Metrics and augment's MASK_IOU.
-SCORE_COLUMNS = (*Metric, MASK_IOU)
+# a ray_app.kinds.SampleKind, the score columns its Metrics and augment's MASK_IOU and
+# SHARPNESS.
+SCORE_COLUMNS = (*Metric, MASK_IOU, SHARPNESS)
 
 SAMPLE_SCHEMA = pa.schema(
     [

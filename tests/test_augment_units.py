@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from conftest import EXAMPLES
+from PIL import Image
 
 from actors.captioner import clean_caption
 from actors.inpainter import dilate, paste_back, place_product, square_canvas
@@ -26,6 +27,7 @@ from pipelines.augment import (
     ProductState,
     ResegmentStage,
     Sample,
+    ScoreStage,
     _Stage,
     balance_ratio,
     decode_products,
@@ -349,6 +351,43 @@ def test_best_of_four_contexts_keeps_the_two_best_of_each_source():
         assert {j for j, s in mine.items() if s.kept} == {"01", "03"}  # the two best
         for j in ("00", "02"):
             assert mine[j].drop_reason == "not top-k: below the best 2 of its source"
+
+
+def test_a_blurred_view_is_dropped_for_softness_and_the_sharp_one_kept(tmp_path):
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(3)
+    photo = np.full((128, 128, 3), 240, np.uint8)
+    mask = _square(128, (24, 16, 104, 120))
+    photo[mask > 0] = rng.integers(0, 256, (int((mask > 0).sum()), 3), dtype=np.uint8)
+    blurred = np.asarray(Image.fromarray(photo).filter(ImageFilter.GaussianBlur(1.5)))
+    cfg = load_config(
+        "tiny", overrides=["augment.filter.min_sharpness=0.5", "augment.negatives.ratio=1"]
+    )
+    state = _state([])
+    state.root = str(tmp_path)
+    made = {}
+    for sid, kind, rgb in [
+        ("real-00", "real", photo),
+        ("real-01", "real", photo[:, ::-1].copy()),
+        ("view-00-f02", "view", photo[:, ::-1].copy()),  # as detailed as the photos
+        ("view-00-f03", "view", blurred),  # a soft copy
+    ]:
+        sample = _sample(sid, kind, None if kind == "real" else "real-00")
+        state.put_image(sample, encode_png(rgb), "png")
+        state.put_mask(sample, encode_png(mask))
+        state.samples.append(sample)
+        made[sid] = sample
+    stage = ScoreStage.__new__(ScoreStage)
+    stage.config = cfg
+    stage.score_sharpness(state.samples, state.of(SampleKind.REAL))
+    assert made["view-00-f02"].scores["sharpness"] == pytest.approx(1.0, rel=0.05)
+    assert made["view-00-f03"].scores["sharpness"] < 0.5
+    state.samples += [_sample(f"neg-{i:02d}", "negative", seg_clip_i=0.3) for i in range(4)]
+    select_samples(state, cfg)
+    assert made["view-00-f02"].kept
+    assert made["view-00-f03"].drop_reason.startswith("sharpness=")
+    assert "softer than the real photos" in made["view-00-f03"].drop_reason
 
 
 @pytest.mark.parametrize(
