@@ -62,27 +62,13 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
 
 
 @pytest.fixture(scope="module")
-def staged_run(tmp_path_factory) -> tuple[Path, Path]:
-    """One uninterrupted stage-by-stage run of two products: (manifest, out)."""
+def resumed_run(tmp_path_factory) -> tuple[Path, Path, int]:
+    """A stage-by-stage run of two products, SIGKILLed once its first stage has finished,
+    then run again to the end: (manifest, out, caption rows on disk at the kill). One
+    staged run serves both tests: a clean staged run would only repeat its second half."""
     folder = tmp_path_factory.mktemp("staged")
     manifest = two_products(folder)
-    finish(augment("ray.placement=stage", out=folder / "out", manifest=manifest))
-    return manifest, folder / "out"
-
-
-def test_stage_by_stage_keeps_the_same_samples_as_streaming(staged_run, tmp_path):
-    manifest, staged = staged_run
-    summary = json.loads((staged / "summary.json").read_text())
-    assert summary["placement"] == "stage" and summary["staged"]["caption"] == 2
-    assert not (staged / "_stages").exists()  # spent rows removed at the end
-    finish(augment(out=tmp_path / "streaming", manifest=manifest))
-    streaming = kept(tmp_path / "streaming")
-    assert streaming and kept(staged) == streaming
-
-
-def test_kill_between_stages_then_rerun_loses_and_redoes_nothing(staged_run, tmp_path):
-    manifest, reference = staged_run
-    out = tmp_path / "out"
+    out = folder / "out"
     before = ray_pids()
     proc = augment("ray.placement=stage", out=out, manifest=manifest)
     first = out / "_stages" / "00-caption"
@@ -95,9 +81,24 @@ def test_kill_between_stages_then_rerun_loses_and_redoes_nothing(staged_run, tmp
     for pid in ray_pids() - before:  # the killed job's own Ray
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert len(list(first.glob("*.parquet"))) == 2
+    at_kill = len(list(first.glob("*.parquet")))
     finish(augment("ray.placement=stage", out=out, manifest=manifest))
+    return manifest, out, at_kill
+
+
+def test_kill_between_stages_then_rerun_loses_and_redoes_nothing(resumed_run):
+    _, out, at_kill = resumed_run
+    assert at_kill == 2
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["placement"] == "stage"
     assert summary["staged"]["caption"] == 0  # the finished stage was not run again
+    assert summary["staged"]["segment"] == 2  # the stages after it ran for both products
     assert summary["products"]["ok"] + summary["products"]["partial"] == 2
-    assert kept(out) == kept(reference)
+    assert not (out / "_stages").exists()  # spent rows removed at the end
+
+
+def test_stage_by_stage_keeps_the_same_samples_as_streaming(resumed_run, tmp_path):
+    manifest, staged, _ = resumed_run
+    finish(augment(out=tmp_path / "streaming", manifest=manifest))
+    streaming = kept(tmp_path / "streaming")
+    assert streaming and kept(staged) == streaming

@@ -67,6 +67,7 @@ def test_refused_sources_get_no_request_and_good_products_finish(ray_local, tmp_
             "tiny",
             overrides=[
                 "ray.progress_bars=false",
+                "augment.views.enabled=false",  # not what this test is about; saves a stage
                 "storage.allowed_sources=['http://']",
                 f"storage.http.allowed_networks=['{PUBLIC}/32']",
             ],
