@@ -82,6 +82,29 @@ class _Run:
 
 
 @dataclass
+class PausedRun:
+    """One product's training stopped part-way (a token sweep's candidate): its run, and
+    its LoRA weights and optimiser state kept off the live model until it goes on."""
+
+    run: _Run
+    steps: int  # its full length: the batch and learning-rate schedules are over these
+    lora: dict[str, torch.Tensor]  # live parameter name -> CPU copy
+    done: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+
+    @property
+    def recent_loss(self) -> float:
+        """Mean loss of the last 10% of the steps so far (NaN before the first)."""
+        if not self.losses:
+            return math.nan
+        k = max(1, len(self.losses) // 10)
+        return float(torch.stack(self.losses[-k:]).float().mean())
+
+
+@dataclass
 class TrainResult:
     """What training one product produced: the adapter weights and how it went."""
 
@@ -126,6 +149,17 @@ def positive_prompt(caption: str | None, token: str, noun: str, mode: str = "cap
     if found:
         return f"{caption[: found.start()]}{token} {caption[found.start() :]}"
     return f"{instance}, {caption}"
+
+
+def _to_cpu(state: Any) -> Any:
+    """A copy of an optimiser state with every tensor on the CPU (it waits off the GPU)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    return state
 
 
 def mix_schedule(
@@ -465,25 +499,52 @@ class LoraTrainer:
         """Train the LoRA on one product from scratch (reset from ``seed``, cache, steps).
         Positives and negatives are told apart by ``TrainingSample.negative``; the result
         depends only on the samples, ``seed`` and the config."""
-        steps = steps or self.options.steps
-        run = self._begin(samples, seed, steps)
+        paused = self.start(samples, seed, steps)
+        self.advance(paused, paused.steps, pause=False)
+        return self._finish(paused.run, paused.losses, paused.train_seconds)
+
+    def start(
+        self, samples: list[TrainingSample], seed: int, steps: int | None = None
+    ) -> PausedRun:
+        """A training of ``steps`` steps set up and paused before its first step."""
+        run = self._begin(samples, seed, steps or self.options.steps)
+        return PausedRun(run, len(run.schedule), self._lora_copy())
+
+    def advance(self, paused: PausedRun, until: int, pause: bool = True) -> None:
+        """Run ``paused`` on to step ``until`` (at most its length), with its own weights,
+        optimiser state and random draws, so that a run advanced in pieces, with other runs
+        in between, ends exactly as one run straight through. The live LoRA holds its
+        weights afterwards; ``pause`` also keeps them and the optimiser with the run."""
+        with torch.no_grad():
+            for name, p in self.lora_params.items():
+                p.copy_(paused.lora[name].to(p.device))
         params = list(self.lora_params.values())
-        optimizer, scheduler = self._optimizer(params, steps)
-        losses: list[torch.Tensor] = []
-        start = time.perf_counter()
+        optimizer, scheduler = self._optimizer(params, paused.steps)
+        if paused.optimizer is not None:
+            optimizer.load_state_dict(paused.optimizer)
+            scheduler.load_state_dict(paused.scheduler)
+        run, start = paused.run, time.perf_counter()
         self.unet.train()
         try:
-            for idx in run.schedule:
+            for idx in run.schedule[paused.done : until]:
                 loss = self._loss(run.cache, idx, *self._draw(run, idx))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
+                paused.losses.append(loss.detach())
         finally:
             self.unet.eval()
-        return self._finish(run, losses, time.perf_counter() - start)
+        paused.done = len(paused.losses)
+        paused.train_seconds += time.perf_counter() - start
+        if pause:
+            paused.lora = self._lora_copy()
+            paused.optimizer = _to_cpu(optimizer.state_dict())
+            paused.scheduler = scheduler.state_dict()
+
+    def _lora_copy(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.lora_params.items()}
 
     def train_many(
         self, products: list[tuple[list[TrainingSample], int]], steps: int | None = None

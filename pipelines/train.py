@@ -31,8 +31,10 @@ sequence per worker, balanced by the queue whatever each product's speed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -42,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow.compute as pc
 
 from pipelines import _job
@@ -51,11 +54,12 @@ from ray_app.adapter_meta import (
     BaseModelRef,
     RejectedToken,
     StageSeconds,
+    SweepCost,
     TokenTrial,
     TrainingSetRef,
 )
 from ray_app.config import RestageConfig
-from ray_app.kinds import NEGATIVE_KINDS, POSITIVE_KINDS, SampleKind
+from ray_app.kinds import NEGATIVE_KINDS, POSITIVE_KINDS, Metric, SampleKind
 from ray_app.node_loss import node_loss_guard
 from ray_app.progress import StageLines
 from ray_app.prompts import PromptBank, category_noun, fill, product_phrase
@@ -285,6 +289,7 @@ class _Prepared:
     seed: int
     started: float  # perf_counter when its load began
     load_seconds: float
+    associated: frozenset[str] = frozenset()  # candidates chosen for their association
     token: str = ""  # the chosen token: the only candidate, or the sweep's winner
 
     def __post_init__(self) -> None:
@@ -315,6 +320,7 @@ class ShardTrainer:
         pipe = self.trainer.pipe
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
         self._scorer = None
+        self._token_table: Any = None  # the text encoder's token embeddings, for sweeps
         self._on_result: Callable[[dict[str, Any]], None] | None = None
         self.test_delays: dict[str, float] = {}  # test-only: see _worker_loop
         self.test_queue: Any = None  # the queue, when test_delays are set
@@ -430,6 +436,8 @@ class ShardTrainer:
         self._test_delay(pid)
         ts = load_training_set(cfg, self.data_root, pid, self.bank, self.records)
         load_seconds = time.perf_counter() - started
+        n_near = min(opts.associated_tokens, opts.token_sweep // 2)  # the rare list: the rest
+        near = self.associated(ts, n_near) if n_near else []
         try:
             tokens, rejected = choose_tokens(
                 pid,
@@ -438,38 +446,92 @@ class ShardTrainer:
                 tokens=self.tokens,
                 tokenizers=self.tokenizers,
                 run_seed=cfg.seed,
+                preferred=near,
+                n_preferred=n_near,
             )
         except TokenError as exc:
             raise ProductError("token", str(exc)) from None
         seed = derive_seed(pid, "train", 0, cfg.seed)
-        return _Prepared(ts, tokens, rejected, seed, started, load_seconds)
+        associated = frozenset(tokens) & frozenset(near)
+        return _Prepared(ts, tokens, rejected, seed, started, load_seconds, associated)
 
-    def train_one(self, p: _Prepared) -> tuple[Any, list[TokenTrial], float]:
+    def associated(self, ts: TrainingSet, n: int) -> list[str]:
+        """Sweep candidates with a plausible association to the product: tokens whose
+        embedding in the generator's (first) text encoder is near its caption words'."""
+        from ray_app.tokens import associated_tokens, caption_words
+
+        if self._token_table is None:
+            encoder = self.trainer.pipe.text_encoder
+            self._token_table = encoder.get_input_embeddings().weight.detach().float().cpu()
+        reals = [r["caption"] for r in ts.rows if r["kind"] == SampleKind.REAL]
+        near = associated_tokens(
+            self.tokenizers[0],
+            self._token_table.numpy(),
+            caption_words(reals, ts.noun),
+            4 * n,  # choose_tokens may reject some: they collide with the product's texts
+            avoid=set(self.tokens),
+        )
+        return [w for w, _ in near]
+
+    def train_one(self, p: _Prepared) -> tuple[Any, list[TokenTrial], SweepCost | None, float]:
         """Train one product alone, sweeping its candidate tokens when there are several ->
-        (result, sweep rows, sweep seconds); ``p.token`` becomes the winner."""
+        (result, sweep rows, sweep cost, sweep seconds); ``p.token`` becomes the winner.
+
+        The sweep is successive halving (paper 2.4): every candidate starts a run of the
+        full length on the training set without a held-out real photo (and what was made
+        from it); after ``first_round`` steps each is scored by the fidelity of its images
+        to the held-out photo, the better half go on to twice the steps, and so on until one
+        is left. Only the winner is then trained the full steps, on the whole set."""
         opts, ts = self.config.train, p.ts
         if len(p.tokens) == 1:
-            return self.trainer.train(self.samples(ts, p.token), p.seed), [], 0.0
+            return self.trainer.train(self.samples(ts, p.token), p.seed), [], None, 0.0
         start = time.perf_counter()
-        sweep: list[TokenTrial] = []
-        best = None
-        for candidate in p.tokens:
-            res = self.trainer.train(self.samples(ts, candidate), p.seed, opts.sweep_steps)
-            score = self.validate(ts, candidate)
-            sweep.append(TokenTrial(token=candidate, score=score, final_loss=res.final_loss))
-            if best is None or score > best[0]:
-                best = (score, candidate, res)
-        _, p.token, result = best
+        kept, references, held_out = hold_out(ts)
+        runs = {t: self.trainer.start(self.samples(kept, t), p.seed) for t in p.tokens}
+        alive, trials, images = list(p.tokens), [], 0
+        rounds = halving_rounds(len(p.tokens), self.first_round(), opts.steps)
+        for number, until in enumerate(rounds):
+            scores = {}
+            for token in alive:
+                self.trainer.advance(runs[token], until)  # leaves its LoRA live: validate
+                scores[token] = self.validate(ts, token, references)
+                images += opts.sweep_images
+                trials.append(
+                    TokenTrial(
+                        token=token,
+                        score=scores[token],
+                        final_loss=runs[token].recent_loss,
+                        round=number,
+                        steps=until,
+                        source="associated" if token in p.associated else "rare",
+                    )
+                )
+            order = sorted(alive, key=lambda t: (-_finite(scores[t]), p.tokens.index(t)))
+            alive = order[: max(1, len(alive) // 2)]
+        p.token = alive[0]
         sweep_seconds = time.perf_counter() - start
-        if opts.sweep_steps and opts.sweep_steps < opts.steps:
-            result = self.trainer.train(self.samples(ts, p.token), p.seed)
-        return result, sweep, sweep_seconds
+        result = self.trainer.train(self.samples(ts, p.token), p.seed)
+        steps = sum(r.done for r in runs.values())
+        cost = SweepCost(
+            steps=steps,
+            step_fraction=round(steps / opts.steps, 4),
+            validation_images=images,
+            seconds_fraction=round(sweep_seconds / max(result.train_seconds, 1e-9), 4),
+            held_out=held_out,
+        )
+        return result, trials, cost, sweep_seconds
+
+    def first_round(self) -> int:
+        """Steps of a sweep's first round."""
+        opts = self.config.train
+        return opts.sweep_steps or max(1, round(opts.steps * opts.sweep_fraction))
 
     def finish(
         self,
         p: _Prepared,
         result: Any,
         sweep: list[TokenTrial] | None = None,
+        sweep_cost: SweepCost | None = None,
         sweep_seconds: float = 0.0,
     ) -> AdapterMeta:
         """Write a product's weights -> its adapter metadata (``_done`` writes it, last)."""
@@ -516,6 +578,7 @@ class ShardTrainer:
             eval_loss_start=result.eval_loss_start,
             eval_loss_end=result.eval_loss_end,
             token_sweep=sweep or [],
+            sweep_cost=sweep_cost,
             tokens_rejected=[RejectedToken(token=t, reason=r) for t, r in p.rejected],
             seconds=StageSeconds(
                 load=round(p.load_seconds, 3),
@@ -531,33 +594,83 @@ class ShardTrainer:
             finished=time.time(),
         )
 
-    def validate(self, ts: TrainingSet, token: str) -> float:
+    def validate(self, ts: TrainingSet, token: str, references: list[dict[str, Any]]) -> float:
         """Validation fidelity of the LoRA now in the trainer: images of bank prompts with
-        ``token``, scored against the product's real images (the generate job's ranking
-        score, averaged)."""
+        ``token``, their CLIP-I + DINO against the ``references`` (real photos held out of
+        the sweep's runs), averaged over the images."""
         from actors.scorer import Scorer, ScoringOptions
 
-        cfg, g = self.config, self.config.generate
+        cfg, g, opts = self.config, self.config.generate, self.config.train
         if self._scorer is None:
             self._scorer = Scorer(
                 cfg.model_spec("clip"),
                 cfg.model_spec("dino"),
                 ScoringOptions(g.weights, cfg.scoring.ranges),
             )
-        n = cfg.train.sweep_images
+        n = opts.sweep_images
         prompts = self.bank.prompts(
             ts.product_type, n, derive_seed(ts.product_id, "sweep-prompts", 0, cfg.seed)
         )
         prompts = [fill(p, product_phrase(token, ts.noun)) for p in prompts]
         seeds = [derive_seed(ts.product_id, "sweep", i, cfg.seed) for i in range(n)]
         images = self.trainer.generate(
-            prompts, seeds, g.width, g.height, g.steps, g.guidance_scale, g.negative_prompt
+            prompts,
+            seeds,
+            g.width,
+            g.height,
+            opts.sweep_inference_steps,
+            g.guidance_scale,
+            g.negative_prompt,
         )
-        reals = [r for r in ts.rows if r["kind"] == SampleKind.REAL] or ts.positives
         scores = self._scorer.score(
-            images, prompts, [ts.images[r["sample_id"]] for r in reals], [None] * len(reals)
+            images,
+            prompts,
+            [ts.images[r["sample_id"]] for r in references],
+            [None] * len(references),
         )
-        return float(scores["score"].mean())
+        fidelity = scores[Metric.CLIP_I] + scores[Metric.DINO]
+        return float(np.nanmean(fidelity)) if np.isfinite(fidelity).any() else math.nan
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
+def halving_rounds(candidates: int, first: int, steps: int) -> list[int]:
+    """The step each round of a successive-halving sweep trains its candidates to: the first
+    round ``first`` steps, each next one twice as far (at most ``steps``), until one
+    candidate is left (the better half, rounded down, goes on)."""
+    rounds, until = [], first
+    while candidates > 1:
+        rounds.append(min(until, steps))
+        candidates //= 2
+        until *= 2
+    return rounds
+
+
+def hold_out(ts: TrainingSet) -> tuple[TrainingSet, list[dict[str, Any]], list[str]]:
+    """A sweep's training set and references -> (the set without one real photo and every
+    sample made from it, [that photo's row], [its sample id]). The sweep's runs never see
+    the photo they are scored against. With fewer than two real photos nothing can be held
+    out: the whole set and its real photos, and no id."""
+    reals = [r for r in ts.rows if r["kind"] == SampleKind.REAL]
+    if len(reals) < 2:
+        return ts, reals or ts.positives, []
+    held = reals[-1]["sample_id"]
+    source = {r["sample_id"]: r["source_sample"] for r in ts.rows}
+
+    def from_held(sid: str | None) -> bool:
+        seen = set()
+        while sid and sid not in seen:
+            if sid == held:
+                return True
+            seen.add(sid)
+            sid = source.get(sid)
+        return False
+
+    rows = [r for r in ts.rows if not from_held(r["sample_id"])]
+    kept = dataclasses.replace(ts, rows=rows)
+    return kept, [reals[-1]], [held]
 
 
 def _leases(queue: Any, rank: int) -> Iterator[str]:

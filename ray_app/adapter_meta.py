@@ -53,11 +53,31 @@ class TrainingSetRef(_Part):
 
 
 class TokenTrial(_Part):
-    """One candidate token of a token sweep (``train.token_sweep`` > 1)."""
+    """One candidate token in one round of a token sweep (``train.token_sweep`` > 1)."""
 
     token: str
-    score: float = Field(description="Validation fidelity score (higher is better).")
+    score: float = Field(
+        description="Validation fidelity: CLIP-I + DINO of images with the token against the "
+        "held-out real photos, averaged (higher is better)."
+    )
     final_loss: float
+    round: int = Field(0, ge=0, description="Successive-halving round (0: every candidate).")
+    steps: int = Field(0, ge=0, description="Steps trained when it was scored.")
+    source: str = Field("rare", description="'rare' (the token list) or 'associated'.")
+
+
+class SweepCost(_Part):
+    """What a token sweep cost beside the winner's full training."""
+
+    steps: int = Field(ge=0, description="Optimiser steps of every candidate together.")
+    step_fraction: float = Field(ge=0, description="steps / train.steps.")
+    validation_images: int = Field(ge=0)
+    seconds_fraction: float = Field(
+        ge=0, description="The sweep's seconds / the winner's training seconds."
+    )
+    held_out: list[str] = Field(
+        default_factory=list, description="Real photos held out of the sweep's runs to score them."
+    )
 
 
 class RejectedToken(_Part):
@@ -113,6 +133,7 @@ class AdapterMeta(_Part):
     eval_loss_start: float | None = None
     eval_loss_end: float | None = None
     token_sweep: list[TokenTrial] = Field(default_factory=list)
+    sweep_cost: SweepCost | None = None
     tokens_rejected: list[RejectedToken] = Field(default_factory=list)
     seconds: StageSeconds
     restage_version: str
@@ -128,7 +149,8 @@ class AdapterMeta(_Part):
     def to_dict(self) -> dict[str, Any]:
         """The file's content. ``prompt`` (the phrase) is written for people and tools that
         read the file without restage; the reader recomputes it."""
-        return {**self.model_dump(mode="json"), "prompt": self.phrase}
+        unset = {"sweep_cost"} if self.sweep_cost is None else set()  # no sweep: no key
+        return {**self.model_dump(mode="json", exclude=unset), "prompt": self.phrase}
 
     def write(self, uri: str) -> str:
         """Write to ``uri`` (atomically: readers see the old file or this one)."""

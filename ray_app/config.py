@@ -553,17 +553,30 @@ class TrainConfig(StrictModel):
         None, description="Rare-token list URI, one token a line (None: the packaged list)."
     )
     token_sweep: PositiveInt = Field(
-        1,
-        description="Candidate tokens tried per product; above 1 each is trained and the one "
-        "with the best validation fidelity score is kept (paper 2.4).",
+        4,
+        description="Candidate tokens tried per product by successive halving (paper 2.4): "
+        "each trains a short run, the better half by validation fidelity go on for twice the "
+        "steps, and so on until one is left; only the winner trains the full steps. 1: no sweep.",
+    )
+    associated_tokens: NonNegativeInt = Field(
+        2,
+        description="How many of the token_sweep candidates (at most half of them) are single "
+        "tokens whose text embedding lies close to the product's caption words without being "
+        "them (a plausible association); the rest come from the rare-token list.",
     )
     sweep_steps: PositiveInt | None = Field(
         None,
-        description="Steps per candidate during a sweep (None: steps); the winner is then "
-        "trained for the full steps.",
+        description="Steps of a sweep's first round (None: sweep_fraction of steps); each "
+        "further round doubles them.",
+    )
+    sweep_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.03, description="A sweep's first round as a fraction of steps (when sweep_steps is None)."
     )
     sweep_images: PositiveInt = Field(
-        4, description="Validation images per candidate token in a sweep."
+        4, description="Validation images per candidate token and round in a sweep."
+    )
+    sweep_inference_steps: PositiveInt = Field(
+        20, description="Denoising steps of a sweep's validation images."
     )
     eval_samples: PositiveInt = Field(
         4,

@@ -100,13 +100,16 @@ def choose_tokens(
     tokens: Sequence[str] | None = None,
     tokenizers: Sequence[Any] = (),
     run_seed: int = 0,
+    preferred: Sequence[str] = (),
+    n_preferred: int = 0,
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """``n`` tokens for a product -> (chosen tokens, [(rejected token, reason), ...]).
 
-    Candidates come from ``tokens`` (default: the packaged list) in an order fixed by
-    (``run_seed``, ``product_id``). A candidate is rejected when it is not a single token of
-    every given tokenizer, or when it collides with the words of ``texts`` (title, category,
-    captions, product id). Raises ``TokenError`` when fewer than ``n`` remain.
+    Up to ``n_preferred`` come first from ``preferred``, in its order (the associated
+    tokens of a sweep); the rest from ``tokens`` (default: the packaged list) in an order
+    fixed by (``run_seed``, ``product_id``). A candidate is rejected when it is not a single
+    token of every given tokenizer, or when it collides with the words of ``texts`` (title,
+    category, captions, product id). Raises ``TokenError`` when fewer than ``n`` remain.
     """
     pool = list(tokens if tokens is not None else load_tokens())
     random.Random(derive_seed(product_id, "token", 0, run_seed)).shuffle(pool)
@@ -115,18 +118,25 @@ def choose_tokens(
     product_ids = {i for tok in tokenizers for t in texts for i in token_ids(tok, t)}
     chosen: list[str] = []
     rejected: list[tuple[str, str]] = []
-    for token in pool:
-        if len(chosen) == n:
-            break
-        if any(not is_single_token(tok, token) for tok in tokenizers):
-            rejected.append((token, "not a single token of the generator's tokenizer"))
-            continue
-        ids = token_ids(tokenizers[0], token) if tokenizers else [None]
-        why = collision(token, product_words, product_ids, ids[0])
-        if why:
-            rejected.append((token, why))
-            continue
-        chosen.append(token)
+
+    def take(candidates: Iterable[str], until: int) -> None:
+        for token in candidates:
+            if len(chosen) >= until:
+                return
+            if token in chosen:
+                continue
+            if any(not is_single_token(tok, token) for tok in tokenizers):
+                rejected.append((token, "not a single token of the generator's tokenizer"))
+                continue
+            ids = token_ids(tokenizers[0], token) if tokenizers else [None]
+            why = collision(token, product_words, product_ids, ids[0])
+            if why:
+                rejected.append((token, why))
+                continue
+            chosen.append(token)
+
+    take(preferred, min(n, n_preferred))
+    take(pool, n)
     if len(chosen) < n:
         raise TokenError(
             f"product {product_id!r}: only {len(chosen)} of the {len(pool)} listed tokens are "
@@ -134,6 +144,75 @@ def choose_tokens(
             "train.tokens_file"
         )
     return chosen, rejected
+
+
+_ASSOCIATED_RE = re.compile(r"[a-z]{3,8}")
+_STOP = frozenset(
+    "a an the and or of with in on at to for by from its it this that is are as be photo image "
+    "picture product white black background".split()
+)
+
+
+def caption_words(captions: Iterable[str | None], noun: str) -> list[str]:
+    """The words that describe the product: its noun and the content words of its captions'
+    product descriptions (ray_app.prompts.product_description), most frequent first."""
+    from collections import Counter
+
+    from ray_app.prompts import product_description
+
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        described = product_description(caption, noun)
+        counts.update(w for w in _WORD.findall((described or "").lower()) if w not in _STOP)
+    counts[noun.lower()] += len(counts) + 1  # the noun first
+    return [w for w, _ in counts.most_common()]
+
+
+def associated_tokens(
+    tokenizer: Any,
+    embeddings: Any,
+    product_words: Sequence[str],
+    n: int,
+    *,
+    avoid: set[str] = frozenset(),
+) -> list[tuple[str, float]]:
+    """``n`` whole-word tokens whose input embedding is nearest (cosine) to the mean of the
+    product words' embeddings, but which are not those words and do not collide with them
+    (``collision``): tokens with a plausible association to the product (paper 2.4), unlike
+    the rare list's tokens that mean nothing. -> [(token, cosine)], best first.
+
+    ``embeddings``: the text encoder's input embedding matrix (vocabulary x width), e.g.
+    ``text_encoder.get_input_embeddings().weight``. Candidates are 3-8 lowercase letters,
+    not blocklisted and not in ``avoid``."""
+    import numpy as np
+
+    vocab = tokenizer.get_vocab()
+    table = np.asarray(embeddings, dtype=np.float32)
+    table = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    ids = [i for w in product_words for i in token_ids(tokenizer, w)]
+    if not ids:
+        return []
+    centre = table[ids].mean(axis=0)
+    pieces = [
+        (piece[: -len("</w>")], index)
+        for piece, index in vocab.items()
+        if piece.endswith("</w>") and index < len(table)
+    ]
+    pieces = [
+        (w, i)
+        for w, i in pieces
+        if _ASSOCIATED_RE.fullmatch(w) and w not in BLOCKLIST and w not in avoid
+    ]
+    sims = table[[i for _, i in pieces]] @ centre
+    own, out = set(ids), []
+    for k in np.argsort(-sims):
+        word, index = pieces[k]
+        if index in own or collision(word, set(product_words), own, index):
+            continue
+        out.append((word, float(sims[k])))
+        if len(out) == n:
+            break
+    return out
 
 
 def build_candidates(

@@ -321,7 +321,11 @@ def test_the_plan_counts_every_product_of_a_step():
     from ray_app.resources import train_need
 
     one, four = (
-        train_need(load_config("default", overrides=[f"train.products_per_step={k}"]))
+        train_need(
+            load_config(
+                "default", overrides=[f"train.products_per_step={k}", "train.token_sweep=1"]
+            )
+        )
         for k in (1, 4)
     )
     assert four.batch == 4 * one.batch

@@ -71,3 +71,38 @@ def test_bad_token_files_are_refused_naming_the_line(tmp_path, text, needle):
     path.write_text("# comment\n" + text)
     with pytest.raises(TokenError, match=needle):
         load_tokens(str(path))
+
+
+def test_associated_tokens_are_near_the_product_words_but_not_them(tokenizers):
+    """An embedding table where 'cup', 'mugs' and 'tumbler' lie near 'mug' and 'red':
+    'mugs' collides with the product's noun, so 'cup' and 'tumbler' are the associations."""
+    import numpy as np
+
+    from ray_app.tokens import associated_tokens, caption_words
+
+    tok = tokenizers[0]
+    vocab = tok.get_vocab()
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(len(vocab), 32)).astype(np.float32)
+    product = table[vocab["mug</w>"]] + table[vocab["red</w>"]]
+    for word, noise in (("cup", 0.1), ("mugs", 0.05), ("tumbler", 0.3)):
+        table[vocab[f"{word}</w>"]] = product + noise * rng.normal(size=32)
+    words = caption_words(["A red mug with a handle on a table."], "mug")
+    assert words[0] == "mug" and "red" in words and "table" not in words
+    near = associated_tokens(tok, table, ["mug", "red"], 2)
+    assert [w for w, _ in near] == ["cup", "tumbler"]
+    assert associated_tokens(tok, table, ["mug", "red"], 1, avoid={"cup"})[0][0] == "tumbler"
+
+
+def test_a_sweeps_preferred_candidates_come_first_and_collisions_are_refused(tokenizers):
+    chosen, rejected = choose_tokens(
+        "mug-1",
+        ["a red mug"],
+        4,
+        tokenizers=tokenizers,
+        preferred=["mugs", "cup", "tumbler"],
+        n_preferred=2,
+    )
+    assert chosen[:2] == ["cup", "tumbler"] and len(chosen) == 4
+    assert ("mugs", "collides with the product word 'mug'") in rejected
+    assert set(chosen[2:]) <= set(load_tokens())

@@ -126,6 +126,20 @@ def test_lora_is_reset_between_products(trainer, trainset):
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
+def test_a_run_paused_with_others_in_between_ends_as_one_run_straight_through(trainer, trainset):
+    """Token sweeps pause candidates' runs and go on with the best: a paused run keeps its
+    own weights, optimiser state and random draws."""
+    lamp, mug = _samples(trainset, "lamp-blue-01"), _samples(trainset, "mug-red-02")
+    straight = trainer.train(lamp, seed=3, steps=6).state_dict
+    paused, other = trainer.start(lamp, seed=3, steps=6), trainer.start(mug, seed=4, steps=6)
+    trainer.advance(paused, 2)
+    trainer.advance(other, 3)
+    trainer.advance(paused, 6, pause=False)
+    assert paused.done == 6 and other.done == 3
+    resumed = trainer.lora_state_dict()
+    assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight)
+
+
 def test_adapter_loads_in_plain_diffusers_and_changes_the_image(trainer, trainset, tmp_path):
     result = trainer.train(_samples(trainset, "mug-red-02"), seed=5)
     folder = tmp_path / "adapter"
@@ -284,26 +298,61 @@ def test_killed_run_resumes_skipping_the_finished_product(ray_local, tmp_path):
     assert AdapterMeta.read(layout.metadata(second)).product_id == second
 
 
-def test_token_sweep_keeps_the_candidate_with_the_best_validation_score(trainset, tmp_path):
+@pytest.mark.slow  # trains 4 candidates and validates 6 times (~50 s on 2 cores)
+def test_token_sweep_halves_k_short_runs_to_one_full_run_and_records_every_score(
+    trainset, tmp_path
+):
     from pipelines.train import ShardTrainer
 
     cfg = load_config(
         "tiny",
         overrides=[
-            "train.token_sweep=2",
+            "train.token_sweep=4",
+            "train.associated_tokens=2",
             "train.sweep_steps=2",
-            "train.steps=3",
+            "train.steps=8",
             "train.sweep_images=1",
+            "train.sweep_inference_steps=2",
         ],
     )
     out = str(tmp_path / "adapters")
-    ShardTrainer(cfg, trainset, out, None).run(["lamp-blue-01"])
+    worker = ShardTrainer(cfg, trainset, out, None)
+    started, trained, advanced = [], [], []
+    trainer = worker.trainer
+    start, train, advance = trainer.start, trainer.train, trainer.advance
+    trainer.start = lambda samples, *a, **k: started.append(samples) or start(samples, *a, **k)
+    trainer.train = lambda samples, *a, **k: trained.append(samples) or train(samples, *a, **k)
+    trainer.advance = lambda run, until, **k: advanced.append(until) or advance(run, until, **k)
+    worker.run(["lamp-blue-01"])
     meta = AdapterMeta.read(AdapterLayout(out).metadata("lamp-blue-01"))
+    # K short runs, paused and resumed: 4 to 2 steps, the better 2 on to 4; then one full run.
+    assert len(trained) == 1 and meta.steps == cfg.train.steps
+    short = [samples for samples in started if len(samples) < len(trained[0])]  # held one out
+    assert len(short) == 4 and advanced == [2, 2, 2, 2, 4, 4, 8]  # then the winner: 8
     sweep = meta.token_sweep
-    assert len(sweep) == cfg.train.token_sweep and len({s.token for s in sweep}) == len(sweep)
-    assert all(np.isfinite(s.score) for s in sweep)
-    assert meta.token == max(sweep, key=lambda s: s.score).token
-    assert meta.steps == cfg.train.steps  # the winner is retrained for the full steps
+    first = [t for t in sweep if t.round == 0]
+    assert len({t.token for t in first}) == 4 and all(t.steps == 2 for t in first)
+    assert [t.steps for t in sweep if t.round == 1] == [4, 4]
+    assert sum(t.source == "associated" for t in first) == 2
+    assert all(np.isfinite(t.score) for t in sweep)
+    best_of_last = max((t for t in sweep if t.round == 1), key=lambda t: t.score)
+    assert meta.token == best_of_last.token
+    cost = meta.sweep_cost
+    assert cost.steps == 4 * 2 + 2 * 2 and cost.step_fraction == pytest.approx(12 / 8)
+    assert cost.validation_images == 6 and cost.held_out  # one real photo held out
+    assert cost.seconds_fraction > 0
+
+
+def test_halving_rounds_and_the_default_sweeps_cost():
+    from pipelines.train import halving_rounds
+
+    assert halving_rounds(4, 54, 1800) == [54, 108]
+    assert halving_rounds(1, 54, 1800) == []
+    assert halving_rounds(8, 500, 1800) == [500, 1000, 1800]
+    opts = load_config("default").train
+    first = round(opts.steps * opts.sweep_fraction)
+    steps = opts.token_sweep * first + (opts.token_sweep // 2) * first  # 4 x 54 + 2 x 54
+    assert steps / opts.steps < 0.30  # the sweep's training, beside the winner's full run
 
 
 @pytest.mark.slow
