@@ -286,10 +286,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path):
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already complete:" in resumed.stdout
-    assert (
-        resumed.stdout.strip().splitlines()[-1]
-        == f"restage augment: done: {len(products)} products"
-    )
+    # Its last line of its own (Ray's log monitor may print after it, e.g. a worker that a
+    # loaded machine lost and Ray replaced).
+    ours = [line for line in resumed.stdout.splitlines() if line.startswith("restage augment:")]
+    assert ours[-1] == f"restage augment: done: {len(products)} products"
     # summary.json covers the whole job, the products finished before the kill included.
     saved = json.loads((out / "summary.json").read_text())
     assert saved["products"]["ok"] + saved["products"]["partial"] == len(products)
