@@ -1,12 +1,12 @@
 """Fidelity scores of images against a product's real images (roles ``clip``, ``dino`` and,
 optionally, ``segmenter``): CLIP-T against the prompt, CLIP-I and DINO against the real
-images, their segmented variants on product crops, and the weighted aggregate of the
-normalised metrics that filters training samples (augment), ranks generations (generate)
-and orders served images (serve). One class, so that all three score alike."""
+images, their segmented variants on product crops, and one ``score`` per image from a
+``Ranking`` (ray_app/ranking.py): the weighted mean of the normalised metrics that orders
+training samples (augment), or ``generate.ranking`` for generations (generate) and served
+images (serve). One class, so that all of them score alike."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,8 @@ from ray_app.batching import object_array
 from ray_app.config import ModelSpec, SegmentConfig
 from ray_app.images import encode_png
 from ray_app.kinds import Metric, SampleKind
-from ray_app.metrics import aggregate, mean_similarity
+from ray_app.metrics import mean_similarity
+from ray_app.ranking import Ranking, WeightedMean
 from ray_app.records import SAMPLE_SCHEMA
 
 
@@ -39,11 +40,13 @@ class ReferenceEmbeddings:
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How the metrics make the aggregate ``score``: each metric's raw ``ranges`` (mapped
-    onto [0, 1], ``scoring.ranges``) and its weight (a job's ``weights``)."""
+    """How the metrics make the ``score``: ``ranking`` when given (generate and serve pass
+    ``generate.ranking``'s), else the weighted mean of each metric's raw ``ranges`` (mapped
+    onto [0, 1], ``scoring.ranges``) with its weight (a job's ``weights``)."""
 
     weights: Mapping[Metric, float]
     ranges: Mapping[Metric, tuple[float, float]]
+    ranking: Ranking | None = None
 
 
 class Scorer:
@@ -71,8 +74,7 @@ class Scorer:
             from actors.segmenter import Segmenter
 
             self.segmenter = Segmenter(segmenter, segmentation)
-        self.weights = dict(options.weights)
-        self.ranges = dict(options.ranges)
+        self.ranking = options.ranking or WeightedMean(options.weights, options.ranges)
 
     def embed_references(
         self, references: Sequence[bytes], masks: Sequence[bytes | None]
@@ -96,7 +98,7 @@ class Scorer:
         masks: Sequence[bytes | None] | None = None,
         exclude_self: Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        """-> one float32 array per metric, ``score`` (the aggregate; NaN when unscorable),
+        """-> one float32 array per metric, ``score`` (the ranking's; NaN when unscorable),
         ``mask`` (the masks used) and ``error`` (per image). ``references`` are the real
         images (with ``reference_masks``) or their ``embed_references``. Without ``masks``
         and with a segmenter, the images are segmented first. ``exclude_self[i] = j`` leaves
@@ -144,27 +146,10 @@ class Scorer:
         errors = [a or b for a, b in zip(gen_clip["error"], gen_dino["error"], strict=True)]
         return {
             **metrics,
-            "score": aggregate(metrics, self.weights, self.ranges),
+            "score": self.ranking.score(metrics),
             "mask": masks,
             "error": errors,
         }
-
-
-def rank_and_keep(
-    scores: np.ndarray, ids: list[str], top_n: int, threshold: float
-) -> tuple[list[int | None], list[bool]]:
-    """Rank 1 = best score (ties by id; NaN scores are unranked); keep the top ``top_n``
-    whose score is at least ``threshold``."""
-    order = sorted(
-        (i for i in range(len(ids)) if not math.isnan(float(scores[i]))),
-        key=lambda i: (-float(scores[i]), ids[i]),
-    )
-    ranks: list[int | None] = [None] * len(ids)
-    kept = [False] * len(ids)
-    for r, i in enumerate(order, start=1):
-        ranks[i] = r
-        kept[i] = r <= top_n and float(scores[i]) >= threshold
-    return ranks, kept
 
 
 def references(meta: AdapterMeta) -> tuple[list[bytes], list[bytes | None]]:

@@ -17,10 +17,11 @@ of loads is counted and reported (the total, and the most for one product).
 Ranking: every image is scored with CLIP-T (its prompt), CLIP-I and DINO against the
 product's real images from the training set named in ``adapter.json``, plus segmented CLIP-I
 and DINO (product crops) where both the generated image and the reference have a mask. The
-metrics are normalised through ``scoring.ranges`` and averaged with ``generate.weights``;
-the top-N per product at or above ``generate.threshold`` are kept. Written per product: the
-kept images, one Parquet shard with every image's scores, rank and ``kept``, its errors
-shard, and the completion marker last; a re-run skips complete products.
+``generate.ranking`` strategy (ray_app/ranking.py; by default the paper's plain sum of
+CLIP-T, CLIP-I and DINO) turns them into one score; the top-N per product at or above
+``generate.threshold`` (on that ranking's scale) are kept. Written per product: the kept
+images, one Parquet shard with every image's scores, the ranking's name, rank and ``kept``,
+its errors shard, and the completion marker last; a re-run skips complete products.
 
 Cost per product: one adapter load, prompts x images denoising runs, one CLIP/DINO pass
 over the images and the product's real images.
@@ -37,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from actors.scorer import Scorer, ScoringOptions, rank_and_keep, references
+from actors.scorer import Scorer, ScoringOptions, references
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
@@ -48,6 +49,8 @@ from ray_app.config import RestageConfig
 from ray_app.kinds import Metric
 from ray_app.models import source_tag
 from ray_app.prompts import PLACEHOLDER, PromptBank, fill
+from ray_app.ranking import build as build_ranking
+from ray_app.ranking import rank_and_keep
 from ray_app.records import GENERATION_SCHEMA, VALID
 from ray_app.report import JobSummary, StageStats
 from ray_app.seeds import derive_seed
@@ -219,16 +222,17 @@ class SegmentStage(ProductStage):
 
 class ScoreStage(ProductStage):
     """Scores against the product's real images (and masks) from its training set, then
-    the rank and the top-N."""
+    the rank (``generate.ranking``) and the top-N."""
 
     name = "score"
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
+        g = config.generate
         self.scorer = Scorer(  # masks come from SegmentStage
             config.model_spec("clip"),
             config.model_spec("dino"),
-            ScoringOptions(config.generate.weights, config.scoring.ranges),
+            ScoringOptions(g.weights, config.scoring.ranges, build_ranking(g, config.scoring)),
         )
 
     def process(self, state: ProductState) -> None:
@@ -259,7 +263,7 @@ class ScoreStage(ProductStage):
             np.array([math.nan if im.score is None else im.score for im in todo], np.float32),
             [im.image_id for im in todo],
             g.top_n,
-            g.threshold,
+            g.keep_threshold,
         )
         for im, r, k in zip(todo, ranks, kept, strict=True):
             im.rank, im.kept = r, k
@@ -332,6 +336,7 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
         "mask_method": im.mask_method,
         **{m: value(m) for m in Metric},
         "score": im.score,
+        "ranking": config.generate.ranking,
         "rank": im.rank,
         "kept": im.kept,
         "error": im.error,
@@ -480,6 +485,8 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
         start,
         lambda: {
             "adapters": adapters_root,
+            "ranking": config.generate.ranking,
+            "threshold": config.generate.keep_threshold,
             "adapter_loads": got.sums["adapter_loads"],
             "adapter_loads_per_product_max": got.maxima["adapter_loads"],
         },

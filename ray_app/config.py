@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from ray_app.kinds import Metric
+from ray_app.ranking import ranking_class
 
 ROLES = (
     "captioner",
@@ -666,13 +667,28 @@ class GenerateConfig(StrictModel):
     )
     images_per_prompt: PositiveInt = Field(4, description="Images per prompt (different seeds).")
     top_n: PositiveInt = Field(4, description="Images kept per product after ranking.")
-    threshold: float = Field(
-        0.0, description="Minimum aggregate score (0-1) of a kept image, applied after top_n."
+    ranking: str = Field(
+        "paper",
+        description="How images are scored for ranking (ray_app/ranking.py): 'paper', the "
+        "plain sum of raw CLIP-T + CLIP-I + DINO (paper 2.5; scores in [-3, 3]), or "
+        "'weighted', the metrics normalised through scoring.ranges and averaged with "
+        "generate.weights (scores in [0, 1]). Also orders serve's ranked images and train's "
+        "token sweep.",
+    )
+    threshold: float | None = Field(
+        None,
+        description="Minimum ranking score of a kept image, applied after top_n, on the "
+        "ranking's scale. Unset: the ranking's default, paper 1.23 (augment.filter's "
+        "min_clip_t + min_clip_i + min_dino: an image that just passes augment's bars), "
+        "weighted 0.0 (the top N whatever their score). Calibrate it from a run with "
+        "generate.write_all_images=true: take the lowest `score` in the manifest among "
+        "the images a person accepts.",
     )
     weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: dict.fromkeys(Metric, 1.0),
-        description="Weights of the normalised metrics (scoring.ranges) in the ranking score; "
-        "segmented metrics count only where both masks exist.",
+        description="Weights of the normalised metrics (scoring.ranges) in the 'weighted' "
+        "ranking's score and train's token sweep; segmented metrics count only where both "
+        "masks exist.",
     )
     segment: bool = Field(
         True,
@@ -706,7 +722,29 @@ class GenerateConfig(StrictModel):
         _multiple_of_8("generate.height", self.height)
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"weights={self.weights}: at least one weight must be above 0")
+        ranking = ranking_class(self.ranking)
+        low, high = ranking.bounds
+        if self.threshold is not None and not low <= self.threshold <= high:
+            raise ValueError(
+                f"generate.threshold={self.threshold:g} is outside the {self.ranking} "
+                f"ranking's scores [{low:g}, {high:g}], so it would keep all or none: set it "
+                f"within them, or leave it unset for the ranking's default "
+                f"{ranking.default_threshold:g}"
+            )
         return self
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking(cls, value: str) -> str:
+        ranking_class(value)  # unknown: the error lists the rankings
+        return value
+
+    @property
+    def keep_threshold(self) -> float:
+        """``threshold``, or the ranking's default when it is unset."""
+        if self.threshold is not None:
+            return self.threshold
+        return ranking_class(self.ranking).default_threshold
 
 
 class ServeBudgetConfig(StrictModel):
@@ -775,8 +813,7 @@ class ServeConfig(StrictModel):
         default_factory=SegmentConfig,
         description="How the ranker segments a request's images for the segmented metrics "
         "(with generate.segment; the same defaults as augment.segment). It scores with "
-        "generate.weights and scoring.ranges, so that it orders images as `restage generate` "
-        "ranks them.",
+        "generate.ranking, so that it orders images as `restage generate` ranks them.",
     )
     ingress_replicas: PositiveInt = Field(
         1, description="Ingress (HTTP, auth, validation) replicas."

@@ -198,7 +198,8 @@ SAMPLE_SCHEMA = pa.schema(
 
 
 # One row per generated image of a product (`restage generate` manifest): every score, the
-# aggregate, the rank within the product and whether it is among the kept top-N.
+# ranking's score and its name (generate.ranking), the rank within the product and whether
+# it is among the kept top-N.
 GENERATION_SCHEMA = pa.schema(
     [
         pa.field("product_id", pa.string(), nullable=False),
@@ -216,6 +217,7 @@ GENERATION_SCHEMA = pa.schema(
         pa.field("mask_method", pa.string()),
         *[pa.field(name, pa.float32()) for name in Metric],
         pa.field("score", pa.float32()),
+        pa.field("ranking", pa.string()),  # the ranking that made `score` (ray_app/ranking.py)
         pa.field("rank", pa.int32()),  # 1 = best of the product; None when unscored
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("error", pa.string()),

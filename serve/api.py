@@ -78,7 +78,9 @@ class ImageOut(BaseModel):
     png_base64: str | None = None
     uri: str | None = None
     rank: int | None = Field(None, description="1 = best, when ranked.")
-    score: float | None = Field(None, description="The aggregate ranking score, when ranked.")
+    score: float | None = Field(
+        None, description="The ranking's score (higher is better; see `ranking`), when ranked."
+    )
     scores: dict[str, float | None] | None = Field(None, description="Each metric, when ranked.")
 
 
@@ -86,6 +88,11 @@ class GenerateResponse(BaseModel):
     product_id: str
     prompt: str
     images: list[ImageOut]
+    ranking: str | None = Field(
+        None,
+        description="The ranking that made the scores (generate.ranking: 'paper' sums raw "
+        "CLIP-T, CLIP-I and DINO; 'weighted' is a weighted mean in [0, 1]), when ranked.",
+    )
     adapter: dict[str, Any] = Field(description="The adapter's metadata (adapter.json).")
     replica: str
     request_id: str = Field(description="Also in the X-Request-ID header; quote it in reports.")

@@ -284,7 +284,7 @@ class IngressService:
             },
         )
         images = [{"seed": s_, "data": data} for s_, data in zip(seeds, out["images"], strict=True)]
-        ranking_ms = 0.0
+        ranking_ms, ranking = 0.0, None
         if body.rank:
             if self.ranker is None:
                 raise ApiError("ranking_unavailable", "the server runs without a ranker")
@@ -297,7 +297,7 @@ class IngressService:
                 raise ApiError(
                     "ranking_unavailable", "ranking failed; retry later", internal=repr(exc)
                 ) from None
-            ranking_ms = (time.perf_counter() - start) * 1000
+            ranking_ms, ranking = (time.perf_counter() - start) * 1000, ranked["ranking"]
             for image, rank, score, scores in zip(
                 images, ranked["ranks"], ranked["scores"], ranked["metrics"], strict=True
             ):
@@ -316,6 +316,7 @@ class IngressService:
             product_id=body.product_id,
             prompt=prompt,
             images=images,
+            ranking=ranking,
             adapter=public_metadata(meta),
             replica=out["replica"],
             request_id=request_id,

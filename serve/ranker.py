@@ -1,6 +1,7 @@
-"""The ranker deployment: orders a request's images by the same aggregate score as
-`restage generate` (CLIP-T, CLIP-I, DINO and their segmented variants against the
-product's real images, weighted by ``generate.weights``)."""
+"""The ranker deployment: orders a request's images by the same score as `restage
+generate`: its metrics (CLIP-T, CLIP-I, DINO and their segmented variants against the
+product's real images) made one score by ``generate.ranking`` (ray_app/ranking.py). No
+threshold: a request gets every image it asked for, ranked."""
 
 from __future__ import annotations
 
@@ -8,16 +9,12 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-from actors.scorer import (
-    ReferenceEmbeddings,
-    Scorer,
-    ScoringOptions,
-    rank_and_keep,
-    references,
-)
+from actors.scorer import ReferenceEmbeddings, Scorer, ScoringOptions, references
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import RestageConfig
 from ray_app.kinds import Metric
+from ray_app.ranking import build as build_ranking
+from ray_app.ranking import rank_and_keep
 
 # The reference embeddings of this many products stay cached per replica (a few KiB each
 # with the real checkpoints: 4 embeddings per real image).
@@ -28,11 +25,12 @@ class RankerReplica:
     """The body of the ``Ranker`` Serve deployment (plain Python, testable without Serve)."""
 
     def __init__(self, config: RestageConfig):
-        segment = config.generate.segment
+        g, segment = config.generate, config.generate.segment
+        self.ranking = build_ranking(g, config.scoring)
         self.scorer = Scorer(
             config.model_spec("clip"),
             config.model_spec("dino"),
-            ScoringOptions(config.generate.weights, config.scoring.ranges),
+            ScoringOptions(g.weights, config.scoring.ranges, self.ranking),
             segmenter=config.model_spec("segmenter") if segment else None,
             segmentation=config.serve.ranker_segmentation if segment else None,
         )
@@ -56,7 +54,8 @@ class RankerReplica:
         return embedded
 
     def rank(self, meta: AdapterMeta, images: list[bytes], prompt: str) -> dict[str, list[Any]]:
-        """-> ``ranks`` (1 = best, None when unscorable), ``scores`` and ``metrics`` per image."""
+        """-> ``ranks`` (1 = best, None when unscorable), ``scores`` and ``metrics`` per
+        image, and the ``ranking`` that made the scores."""
         out = self.scorer.score(images, [prompt] * len(images), self.references(meta))
         ranks, _ = rank_and_keep(
             out["score"], [f"{i:03d}" for i in range(len(images))], len(images), -math.inf
@@ -69,6 +68,7 @@ class RankerReplica:
             "ranks": ranks,
             "scores": [value(s) for s in out["score"]],
             "metrics": [{m.value: value(out[m][i]) for m in Metric} for i in range(len(images))],
+            "ranking": self.ranking.name,
         }
 
 

@@ -14,22 +14,12 @@ from conftest import driver_never_lists_the_catalog
 from trainset import PRODUCTS
 
 from actors.generator import AdapterError, GenerationOptions, Generator
-from actors.scorer import rank_and_keep
 from pipelines.generate import read_user_prompts
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
 from ray_app.images import decode_rgb
 from ray_app.kinds import Metric
 from ray_app.storage import AdapterLayout, GenerationLayout
-
-
-def test_rank_and_keep_orders_by_score_and_applies_top_n_and_threshold():
-    scores = np.array([0.2, 0.9, np.nan, 0.5, 0.9], np.float32)
-    ranks, kept = rank_and_keep(scores, ["a", "b", "c", "d", "e"], top_n=3, threshold=0.3)
-    assert ranks == [4, 1, None, 3, 2]
-    assert kept == [False, True, False, True, True]
-    _, kept = rank_and_keep(scores, ["a", "b", "c", "d", "e"], top_n=3, threshold=0.6)
-    assert kept == [False, True, False, False, True]
 
 
 def test_user_prompts_need_the_placeholder(tmp_path):
