@@ -78,6 +78,7 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
     # Once per product: counters on the driver, not an entry per product.
     assert summary.extra["adapter_loads"] == len(PRODUCTS)
     assert summary.extra["adapter_loads_per_product_max"] == 1
+    assert summary.extra["ranking"] == g.ranking and summary.extra["threshold"] == g.keep_threshold
     layout = GenerationLayout(out)
     per_product = (g.prompts_per_product + 1) * g.images_per_prompt
     for pid in PRODUCTS:
@@ -88,6 +89,10 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
         assert all(meta.phrase in r["prompt"] for r in rows)
         for name in (*Metric, "score"):
             assert all(r[name] is not None and np.isfinite(r[name]) for r in rows), name
+        # generate.ranking's score, recorded with its name: by default the paper's sum.
+        assert {r["ranking"] for r in rows} == {g.ranking} == {"paper"}
+        for r in rows:
+            assert r["score"] == pytest.approx(r["clip_t"] + r["clip_i"] + r["dino"], abs=1e-5)
         assert sorted(r["rank"] for r in rows) == list(range(1, per_product + 1))
         kept = sorted((r for r in rows if r["kept"]), key=lambda r: r["rank"])
         assert [r["rank"] for r in kept] == list(range(1, g.top_n + 1))

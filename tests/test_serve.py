@@ -107,6 +107,7 @@ def test_readme_curl_example(server):
     assert [i["rank"] for i in body["images"]] == [1, 2]
     assert all(0 <= i["seed"] < 2**53 for i in body["images"])  # exact in JavaScript
     assert body["images"][0]["score"] >= body["images"][1]["score"]
+    assert body["ranking"] == "paper"  # which ranking made the scores
     assert set(body["images"][0]["scores"]) == {
         "clip_t",
         "clip_i",
@@ -354,6 +355,10 @@ def test_ranker_embeds_references_once_and_ranks_like_scoring_the_raw_images(ada
     raw = ranker.scorer.score(generated, ["a photo of a mug"] * 3, *references(meta))
     assert first["scores"] == [round(float(s), 6) for s in raw["score"]]
     assert sorted(first["ranks"]) == [1, 2, 3]
+    # generate.ranking's score (the paper's sum by default), as `restage generate` ranks.
+    assert first["ranking"] == config.generate.ranking == "paper"
+    summed = [sum(m[k] for k in ("clip_t", "clip_i", "dino")) for m in first["metrics"]]
+    np.testing.assert_allclose(first["scores"], summed, atol=1e-5)
     ranker.rank(
         meta.model_copy(update={"weights_sha256": "retrained"}), generated, "a photo of a mug"
     )
