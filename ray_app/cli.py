@@ -351,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="For every complete adapter under --adapters, generate images from prompt-bank "
         "prompts of the product's type (plus --user-prompts) with the product's token, on Ray "
         "Data with one adapter load per product; score each image with CLIP-T, CLIP-I and DINO "
-        "(and segmented variants) against the product's real images, rank, and keep the top-N "
-        "above generate.threshold. Writes the kept images, a Parquet manifest with every score "
+        "(and segmented variants) against the product's real images, rank by generate.ranking "
+        "(default: the paper's sum of CLIP-T, CLIP-I and DINO), and keep the top-N at or above "
+        "generate.threshold. Writes the kept images, a Parquet manifest with every score "
         "and rank, an errors manifest and summary.json under --out. Re-running skips complete "
         "products.",
     )

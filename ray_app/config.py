@@ -672,8 +672,7 @@ class GenerateConfig(StrictModel):
         description="How images are scored for ranking (ray_app/ranking.py): 'paper', the "
         "plain sum of raw CLIP-T + CLIP-I + DINO (paper 2.5; scores in [-3, 3]), or "
         "'weighted', the metrics normalised through scoring.ranges and averaged with "
-        "generate.weights (scores in [0, 1]). Also orders serve's ranked images and train's "
-        "token sweep.",
+        "generate.weights (scores in [0, 1]). Serve's ranker orders images with it too.",
     )
     threshold: float | None = Field(
         None,
