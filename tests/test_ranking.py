@@ -88,21 +88,21 @@ def test_config_chooses_the_ranking_and_its_default_threshold():
 
 
 @pytest.mark.parametrize(
-    ("overrides", "needle"),
+    ("profile", "overrides", "needle"),
     [
-        (["generate.ranking=learned"], "generate.ranking='learned'"),
-        (["generate.ranking=learned"], "the rankings are: paper, weighted"),
+        ("default", ["generate.ranking=learned"], "generate.ranking='learned'"),
+        ("default", ["generate.ranking=learned"], "the rankings are: paper, weighted"),
         (
+            "default",
             ["generate.ranking=weighted", "generate.threshold=1.23"],
             "generate.threshold=1.23 is outside the weighted ranking's scores [0, 1]",
         ),
-        (["generate.threshold=3.5"], "leave it unset for the ranking's default 1.23"),
+        ("default", ["generate.threshold=3.5"], "leave it unset for the ranking's default 1.23"),
         # the tiny profile's -3 is the paper sum's floor, not the weighted mean's
-        (["generate.ranking=weighted"], "generate.threshold=-3 is outside"),
+        ("tiny", ["generate.ranking=weighted"], "generate.threshold=-3 is outside"),
     ],
 )
-def test_bad_ranking_settings_name_the_key_and_the_fix(overrides, needle):
-    profile = "tiny" if overrides == ["generate.ranking=weighted"] else "default"
+def test_bad_ranking_settings_name_the_key_and_the_fix(profile, overrides, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(profile, overrides=overrides)
 
