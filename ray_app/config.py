@@ -686,8 +686,7 @@ class GenerateConfig(StrictModel):
     weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: dict.fromkeys(Metric, 1.0),
         description="Weights of the normalised metrics (scoring.ranges) in the 'weighted' "
-        "ranking's score and train's token sweep; segmented metrics count only where both "
-        "masks exist.",
+        "ranking's score; segmented metrics count only where both masks exist.",
     )
     segment: bool = Field(
         True,

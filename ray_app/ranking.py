@@ -1,7 +1,7 @@
 """How generations are ranked: one score per image from its metrics, then the top N at or
 above a threshold (paper 2.5). `restage generate` and serve's ranker both score with
-``generate.ranking``'s ``Ranking``, so that they order images alike (augment and train's
-token sweep score through ``WeightedMean`` with their own weights).
+``generate.ranking``'s ``Ranking``, so that they order images alike (augment orders its
+samples with ``WeightedMean`` and its own weights).
 
 A ranking is a small strategy chosen by ``generate.ranking``:
 
