@@ -461,9 +461,10 @@ class FilterConfig(StrictModel):
         description="Contexts: IoU of the product re-segmented after outpainting vs the pasted mask.",
     )
     min_sharpness: Annotated[float, Field(ge=0)] = Field(
-        0.5,
+        0.3,
         description="Views and contexts: detail of the product at train.resolution (variance "
-        "of the Laplacian) relative to the median real photo's; softer ones are dropped.",
+        "of the Laplacian) relative to the median real photo's; softer ones are dropped. "
+        "0.3 keeps a photo's 576-px copy (0.40-0.63) and drops a 1-px blur (bench/sharpness.py).",
     )
     top_k_per_source: PositiveInt = Field(
         2,
