@@ -115,6 +115,8 @@ class Sample:
     width: int
     height: int
     caption: str | None = None
+    caption_cut_from_words: int | None = None  # real images: words of the captioner's answer,
+    # when it was cut to fit the text encoders' 77 tokens (None: not cut)
     prompt: str | None = None
     source_sample: str | None = None
     origin_uri: str | None = None  # real images: the input URI
@@ -474,6 +476,8 @@ class CaptionStage(_Stage):
         )
         for s, r in zip(reals, out, strict=True):
             s.caption = r["caption"] or None
+            if r.get("caption_truncated"):
+                s.caption_cut_from_words = int(r["caption_words"])
             s.models["captioner"] = self.tag
         state.stat(self.name).items_out += sum(1 for s in reals if s.caption)
         rec = state.record
@@ -917,6 +921,7 @@ def _manifest_row(state: ProductState, s: Sample) -> dict[str, Any]:
         "source_sample": s.source_sample,
         "origin_uri": s.origin_uri,
         "origin_frames": s.origin_frames,
+        "caption_cut_from_words": s.caption_cut_from_words,
         "seed": s.seed,
         "product_type": state.product_type,
         "type_source": state.type_source,

@@ -178,6 +178,9 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("caption", pa.string()),
+        # The captioner's answer was this many words and was cut to fit the generator's text
+        # encoders (77 tokens with the product phrase); None: not cut.
+        pa.field("caption_cut_from_words", pa.int32()),
         pa.field("prompt", pa.string()),
         pa.field("source_sample", pa.string()),
         pa.field("origin_uri", pa.string()),

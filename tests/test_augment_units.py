@@ -441,6 +441,32 @@ def test_a_contexts_caption_is_the_fine_grained_product_in_the_scene(tmp_path):
     assert all("white handle" not in p for p in painted)
 
 
+def test_a_cut_caption_is_recorded_in_the_manifest_row(tmp_path):
+    """The captioner cut a 120-word answer to fit the text encoders: the real image's
+    manifest row says how long the answer was."""
+    from pipelines.augment import CaptionStage, _manifest_row
+
+    batch, _ = _decoded(str(tmp_path / "out"))
+    [state] = unpack(batch)
+    reals = state.of(SampleKind.REAL)
+
+    def captioner(rows):
+        n = len(rows["image"])
+        return {
+            "caption": object_array(["A red mug on a table"] * n),
+            "caption_words": np.array([120] + [5] * (n - 1)),
+            "caption_truncated": np.array([True] + [False] * (n - 1)),
+            "error": object_array([None] * n),
+        }
+
+    stage = CaptionStage.__new__(CaptionStage)
+    stage.config, stage.captioner, stage.tag = load_config("tiny"), captioner, "test"
+    stage.bank, stage.clip = PromptBank.load(None), None
+    stage.process(state)
+    rows = [_manifest_row(state, s) for s in reals]
+    assert [r["caption_cut_from_words"] for r in rows] == [120] + [None] * (len(reals) - 1)
+
+
 def test_strip_product_words_keeps_the_class_noun():
     rec = ProductRecord(
         "acme-mug-9",
