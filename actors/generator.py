@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,36 @@ class GenerationOptions:
     height: int
     steps: int
     guidance_scale: float
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None or "": SDXL's zeroed unconditional embedding
+
+
+def has_negative(neg: str | None) -> bool:
+    return bool(neg and neg.strip())
+
+
+def split_negatives(
+    negatives: Sequence[str | None],
+) -> list[tuple[list[int], list[str] | None]]:
+    """Rows grouped for the ``negative_prompt`` argument of an SDXL pipeline: (row indices,
+    their negative prompts) for the rows that have one, and (row indices, None) for the rows
+    without one (None, empty or blank).
+
+    SDXL (``force_zeros_for_empty_prompt`` in its config, true for base 1.0 and inpainting
+    0.1) was trained with a zero unconditional embedding, and diffusers uses it only when
+    ``negative_prompt is None``: ``encode_prompt`` in
+    diffusers/pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py (0.42:
+    ``zero_out_negative_prompt = negative_prompt is None and
+    self.config.force_zeros_for_empty_prompt``) encodes "" as text instead. The choice
+    is per call, not per row, so a batch that mixes both takes one call per group."""
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    for i, neg in enumerate(negatives):
+        groups[has_negative(neg)].append(i)
+    out: list[tuple[list[int], list[str] | None]] = []
+    if groups[True]:
+        out.append((groups[True], [str(negatives[i]) for i in groups[True]]))
+    if groups[False]:
+        out.append((groups[False], None))
+    return out
 
 
 def read_adapter_weights(folder_uri: str) -> dict[str, torch.Tensor]:
@@ -165,14 +194,33 @@ class Generator:
         self,
         prompts: list[str],
         seeds: list[int],
-        negatives: list[str],
+        negatives: Sequence[str | None],
         options: GenerationOptions | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> list[np.ndarray]:
-        """One image per (prompt, seed) with the active adapter; ``options`` overrides the
-        actor's for this call (a served request's size, steps and guidance). ``on_step(i)``
-        is called after each denoising step; an exception it raises stops the generation
-        there (a server cancels a request whose client went away this way)."""
+        """One image per (prompt, seed) with the active adapter; a row without a negative
+        prompt (None or "") gets SDXL's zeroed unconditional embedding (``split_negatives``).
+        ``options`` overrides the actor's for this call (a served request's size, steps and
+        guidance). ``on_step(i)`` is called after each denoising step (of each call, when
+        rows with and without a negative prompt are mixed); an exception it raises stops the
+        generation there (a server cancels a request whose client went away this way)."""
+        images: list[np.ndarray] = [None] * len(prompts)  # type: ignore[list-item]
+        for index, negs in split_negatives(negatives):
+            done = self._pipeline(
+                [prompts[i] for i in index], [seeds[i] for i in index], negs, options, on_step
+            )
+            for i, img in zip(index, done, strict=True):
+                images[i] = img
+        return images
+
+    def _pipeline(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negatives: list[str] | None,
+        options: GenerationOptions | None,
+        on_step: Callable[[int], None] | None,
+    ) -> list[np.ndarray]:
         o = options or self.options
         extra: dict[str, Any] = {}
         if on_step is not None:
@@ -198,7 +246,7 @@ class Generator:
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         n = batch_len(batch)
         items = [
-            (str(p), int(s), neg or self.options.negative_prompt)
+            (str(p), int(s), neg or self.options.negative_prompt or None)
             for p, s, neg in zip(
                 column(batch, "prompt"),
                 column(batch, "seed"),
@@ -209,9 +257,14 @@ class Generator:
         names = [a or None for a in column(batch, "adapter", n)]
         results: list[tuple[np.ndarray | None, str | None]] = [(None, None)] * n
         previous = self._active
-        # Rows are grouped by adapter so that each adapter is switched to once per batch.
+        # Rows are grouped by adapter so that each adapter is switched to once per batch;
+        # within one, rows with a negative prompt come first, so that micro-batches rarely
+        # mix rows with and without one (such a micro-batch takes two pipeline calls).
         for name in dict.fromkeys(names):
-            index = [i for i, a in enumerate(names) if a == name]
+            index = sorted(
+                (i for i, a in enumerate(names) if a == name),
+                key=lambda i: not has_negative(items[i][2]),
+            )
             try:
                 self.set_adapter(name)
             except AdapterError as exc:

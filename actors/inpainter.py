@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from actors.generator import has_negative, split_negatives
 from ray_app.batching import batch_len, column, map_chunks, object_array
 from ray_app.config import InpaintOptions, ModelSpec
 from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox
@@ -126,20 +127,25 @@ class Inpainter:
             raise ValueError("inpainter: a micro-batch mixes image sizes")
         if h % 8 or w % 8:
             raise ValueError(f"inpainter: image is {w}x{h}; both sides must be multiples of 8")
-        out = self.loaded.model(
-            prompt=[it["prompt"] for it in items],
-            negative_prompt=[it["negative_prompt"] for it in items],
-            image=[Image.fromarray(it["rgb"]) for it in items],
-            mask_image=[Image.fromarray(it["mask"]) for it in items],
-            height=h,
-            width=w,
-            num_inference_steps=o.steps,
-            guidance_scale=o.guidance_scale,
-            strength=o.strength,
-            generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in items],
-            output_type="np",
-        ).images
-        images = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+        # No negative prompt: SDXL's zeroed unconditional embedding, one call per group.
+        images: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
+        for index, negatives in split_negatives([it["negative_prompt"] for it in items]):
+            group = [items[i] for i in index]
+            out = self.loaded.model(
+                prompt=[it["prompt"] for it in group],
+                negative_prompt=negatives,
+                image=[Image.fromarray(it["rgb"]) for it in group],
+                mask_image=[Image.fromarray(it["mask"]) for it in group],
+                height=h,
+                width=w,
+                num_inference_steps=o.steps,
+                guidance_scale=o.guidance_scale,
+                strength=o.strength,
+                generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in group],
+                output_type="np",
+            ).images
+            for i, img in zip(index, out, strict=True):
+                images[i] = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
         return [
             paste_back(img, it["rgb"], it["keep"], o.feather) if it["keep"] is not None else img
             for img, it in zip(images, items, strict=True)
@@ -179,8 +185,11 @@ class Inpainter:
                 )
             except Exception as exc:
                 errors[i] = f"inpainter: bad input: {exc}"
-        # Micro-batches never mix image sizes (one latent grid per forward).
-        items.sort(key=lambda it: (it["rgb"].shape[:2], it["i"]))
+        # Micro-batches never mix image sizes (one latent grid per forward), and rarely rows
+        # with and without a negative prompt (two pipeline calls).
+        items.sort(
+            key=lambda it: (it["rgb"].shape[:2], not has_negative(it["negative_prompt"]), it["i"])
+        )
         results: list[tuple[np.ndarray | None, str | None]] = []
         start = 0
         while start < len(items):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from actors.generator import has_negative
 from ray_app.config import ModelSpec, TrainConfig
 from ray_app.images import decode_rgb
 from ray_app.models import load_model
@@ -661,12 +662,16 @@ class LoraTrainer:
         height: int,
         steps: int,
         guidance_scale: float,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
     ) -> list[np.ndarray]:
-        """Images from the pipeline with the current LoRA active (uint8 HWC)."""
+        """Images from the pipeline with the current LoRA active (uint8 HWC). No negative
+        prompt (None or ""): SDXL's zeroed unconditional embedding (see
+        ``actors.generator.split_negatives``)."""
         out = self.pipe(
             prompt=prompts,
-            negative_prompt=[negative_prompt] * len(prompts),
+            negative_prompt=[negative_prompt] * len(prompts)
+            if has_negative(negative_prompt)
+            else None,
             width=width,
             height=height,
             num_inference_steps=steps,
