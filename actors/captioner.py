@@ -5,6 +5,7 @@ product has no category."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from ray_app.batching import batch_len, column, decode_column, map_chunks
+from ray_app.clip_text import CONTEXT_LENGTH, fit_words
 from ray_app.config import CaptionConfig, ModelSpec
 from ray_app.models import load_model
 
@@ -22,19 +24,51 @@ _PREAMBLE = re.compile(
 )
 
 
-def clean_caption(text: str, max_words: int) -> str:
-    """One line of printable text without a "The image shows" preamble, at most ``max_words``
-    words; empty when nothing usable is left (the caller then falls back)."""
+def _tidy(text: str) -> str:
+    """One line of printable text without a "The image shows" preamble."""
     # U+FFFD marks bytes the tokenizer could not decode: noise, never content.
     text = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
     text = " ".join(text.split())
-    text = _PREAMBLE.sub("", text).strip(" \"'")
+    return _PREAMBLE.sub("", text).strip(" \"'")
+
+
+def _cut_words(text: str, max_words: int) -> str:
     words = text.split()
-    if len(words) > max_words:
-        text = " ".join(words[:max_words]).rstrip(",;:")
+    return " ".join(words[:max_words]).rstrip(",;:") if len(words) > max_words else text
+
+
+def _finish(text: str) -> str:
+    """Capitalised; empty when nothing usable is left (the caller then falls back)."""
     if not re.search(r"[A-Za-z]{2,}", text):
         return ""
-    return text[0].upper() + text[1:] if text else text
+    return text[0].upper() + text[1:]
+
+
+def clean_caption(text: str, max_words: int) -> str:
+    """One line of printable text without a "The image shows" preamble, at most ``max_words``
+    words; empty when nothing usable is left (the caller then falls back)."""
+    return _finish(_cut_words(_tidy(text), max_words))
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A cleaned caption that fits the generator's text encoders, and whether it was cut:
+    ``words`` is the word count of the captioner's answer before any cut."""
+
+    text: str
+    words: int
+    truncated: bool
+
+
+def fit_caption(text: str, options: CaptionConfig) -> Caption:
+    """``clean_caption``, then cut at a word boundary to ``CONTEXT_LENGTH -
+    options.reserve_tokens`` CLIP tokens, so that the caption with the product phrase that
+    training inserts still fits SDXL's 77 tokens (a longer prompt loses its end in silence)."""
+    tidy = _tidy(text)
+    words = len(tidy.split())
+    fitted = fit_words(_cut_words(tidy, options.max_words), CONTEXT_LENGTH - options.reserve_tokens)
+    final = _finish(fitted.text)
+    return Caption(final, words, len(final.split()) < words)
 
 
 def type_question(labels: list[str]) -> str:
@@ -47,7 +81,9 @@ def type_question(labels: list[str]) -> str:
 
 class Captioner:
     """Batch in: ``image`` (encoded bytes), optional ``instruction`` per row.
-    Batch out: ``caption`` (str, "" when the model gave nothing usable) and ``error``."""
+    Batch out: ``caption`` (str, "" when the model gave nothing usable, cut to fit the
+    generator's text encoders: ``fit_caption``), ``caption_words`` (words of the answer
+    before any cut), ``caption_truncated`` (bool) and ``error``."""
 
     role = "captioner"
 
@@ -58,6 +94,7 @@ class Captioner:
 
     @torch.inference_mode()
     def caption(self, images: list[np.ndarray], instructions: list[str]) -> list[str]:
+        """The model's raw answers (``__call__`` cleans and cuts them)."""
         m = self.loaded
         texts = [
             m.processor.apply_chat_template(
@@ -79,8 +116,7 @@ class Captioner:
             **inputs, max_new_tokens=self.options.max_new_tokens, do_sample=False
         )
         new = out[:, inputs["input_ids"].shape[1] :]
-        decoded = m.processor.batch_decode(new, skip_special_tokens=True)
-        return [clean_caption(t, self.options.max_words) for t in decoded]
+        return m.processor.batch_decode(new, skip_special_tokens=True)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         n = batch_len(batch)
@@ -93,10 +129,13 @@ class Captioner:
             self.batch_size,
             lambda chunk: self.caption([c[0] for c in chunk], [c[1] for c in chunk]),
         )
-        captions = [""] * n
+        captions = [Caption("", 0, False)] * n
         for i, (text, err) in zip(index, results, strict=True):
-            captions[i], errors[i] = (text or "", f"captioner: {err}" if err else None)
+            captions[i] = fit_caption(text or "", self.options)
+            errors[i] = f"captioner: {err}" if err else None
         return {
-            "caption": np.array(captions, dtype=object),
+            "caption": np.array([c.text for c in captions], dtype=object),
+            "caption_words": np.array([c.words for c in captions], dtype=np.int64),
+            "caption_truncated": np.array([c.truncated for c in captions], dtype=bool),
             "error": np.array(errors, dtype=object),
         }

@@ -299,13 +299,21 @@ class CaptionConfig(StrictModel):
     """Fine-grained captions of real images (paper 2.2)."""
 
     instruction: str = Field(
-        "Describe this product photo in one or two sentences for an image caption: the product's "
-        "type, colours, materials, shape and parts, where it sits in the frame, the background, the "
-        "lighting, and any visible text or logo in quotes. No preamble.",
+        "Describe this product photo in one or two sentences, at most 50 words, for an image "
+        "caption: the product's type, colours, materials, shape and parts, where it sits in the "
+        "frame, the background, the lighting, and any visible text or logo in quotes. No preamble.",
         description="Instruction given to the captioner with each image.",
     )
     max_new_tokens: PositiveInt = Field(96, description="Token budget of one caption.")
-    max_words: PositiveInt = Field(70, description="Captions are cut to this many words.")
+    max_words: PositiveInt = Field(
+        50, description="Captions are cut to this many words (the instruction asks for 50)."
+    )
+    reserve_tokens: Annotated[int, Field(ge=0, le=60)] = Field(
+        16,
+        description="CLIP tokens of the text encoders' 77 (start and end included) left free "
+        "for the product phrase that training puts into a caption ('a photo of TOKEN NOUN, ': "
+        "5 tokens and the noun's); captions are cut at a word boundary to the rest (59).",
+    )
 
 
 class ClassifyConfig(StrictModel):
