@@ -44,16 +44,24 @@ def _hub_reachable(repo: str, revision: str | None) -> str | None:
 
 
 def unavailable(config: RestageConfig, role: str) -> str | None:
-    """None when ``role``'s checkpoint can be loaded; else a message naming the role, its
-    source, where restage looked and the fixes."""
+    """None when ``role``'s checkpoint, and its separate VAE if it has one, can be loaded;
+    else a message naming the role (``ROLE.vae`` for the VAE), its source, where restage
+    looked and the fixes."""
+    spec = config.role(role)
+    found = _unavailable(config, role, spec.source, spec.revision)
+    if found is None and spec.vae is not None:
+        found = _unavailable(config, f"{role}.vae", spec.vae.source, spec.vae.revision)
+    return found
+
+
+def _unavailable(config: RestageConfig, key: str, source: str, revision: str | None) -> str | None:
     from ray_app.models import fetched
 
-    spec = config.role(role)
-    src = spec.source.strip()
+    src = source.strip()
     fixes = (
         "fixes: stage it once with `restage models fetch --to URI` where the hub is reachable "
         "and point the role at it (--config URI/sources.yaml), set HF_ENDPOINT to a hub "
-        f"mirror, or set {role}.source to a local folder or an object-store URI"
+        f"mirror, or set {key}.source to a local folder or an object-store URI"
     )
     if src == "tiny":
         return None
@@ -61,7 +69,7 @@ def unavailable(config: RestageConfig, role: str) -> str | None:
     if local.exists():
         return None
     if storage.has_protocol(src):
-        if fetched(src, config.cache_path, spec.revision):
+        if fetched(src, config.cache_path, revision):
             return None
         try:
             if storage.exists(src):
@@ -69,18 +77,18 @@ def unavailable(config: RestageConfig, role: str) -> str | None:
             why = "it does not exist"
         except Exception as exc:
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        return f"{role}: source {src} is not reachable ({why}); looked in the URI and {config.cache_path}/sources; {fixes}"
+        return f"{key}: source {src} is not reachable ({why}); looked in the URI and {config.cache_path}/sources; {fixes}"
     if src.startswith(("/", "./", "../", "~")) or src.count("/") != 1:
-        return f"{role}: source {src!r} is no local path, hub id (org/name) or URI; {fixes}"
-    if _hub_cached(src, spec.revision):
+        return f"{key}: source {src!r} is no local path, hub id (org/name) or URI; {fixes}"
+    if _hub_cached(src, revision):
         return None
     if config.offline:
-        return f"{role}: hub id {src} is not in the hub cache and offline=true; {fixes}"
-    why = _hub_reachable(src, spec.revision)
+        return f"{key}: hub id {src} is not in the hub cache and offline=true; {fixes}"
+    why = _hub_reachable(src, revision)
     if why is None:
         return None
     return (
-        f"{role}: hub id {src} is not in the hub cache and the hub did not answer ({why}); {fixes}"
+        f"{key}: hub id {src} is not in the hub cache and the hub did not answer ({why}); {fixes}"
     )
 
 
@@ -97,51 +105,77 @@ def check(config: RestageConfig, roles: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- fetch
 
 
-def _local_copy(config: RestageConfig, role: str, scratch: Path) -> Path:
-    """A local file or folder holding ``role``'s checkpoint (downloaded when needed)."""
-    from ray_app.models import resolve_source
+def _local_copy(config: RestageConfig, key: str, scratch: Path) -> Path:
+    """A local file or folder holding the checkpoint of ``key``, a role or ``ROLE.vae``
+    (downloaded when needed)."""
+    from ray_app.models import resolve_source, resolve_vae
 
+    role, _, part = key.partition(".")
     spec = config.role(role)
-    if spec.source.strip() == "tiny":
-        return tiny.ensure(role, config.cache_path)
-    resolved, is_local = resolve_source(role, spec, config.cache_path)
+    if part:  # the role's separate VAE: a diffusers AutoencoderKL folder
+        source, tiny_name = spec.vae.source, tiny.TINY_VAE
+        resolved, is_local = resolve_vae(role, spec, config.cache_path)
+        revision = spec.vae.revision
+        # Its config and diffusers-format weights, not the single-file copies beside them.
+        allow = ["config.json", "diffusion_pytorch_model*.safetensors"]
+    else:
+        source, tiny_name = spec.source, role
+        resolved, is_local = resolve_source(role, spec, config.cache_path)
+        revision = spec.revision
+        allow = None
+        if spec.variant:  # only the weights variant the role loads, plus configs and tokenizers
+            allow = [f"*.{spec.variant}.*", "*.json", "*.txt", "*.model", "*tokenizer*", "*.py"]
+    if source.strip() == "tiny":
+        return tiny.ensure(tiny_name, config.cache_path)
     if is_local:
         return Path(resolved)
     from huggingface_hub import snapshot_download
 
-    dest = scratch / role / resolved.replace("/", "--")
-    allow = None
-    if spec.variant:  # only the weights variant the role loads, plus configs and tokenizers
-        allow = [f"*.{spec.variant}.*", "*.json", "*.txt", "*.model", "*tokenizer*", "*.py"]
-    snapshot_download(resolved, revision=spec.revision, local_dir=dest, allow_patterns=allow)
+    dest = scratch / key / resolved.replace("/", "--")
+    snapshot_download(resolved, revision=revision, local_dir=dest, allow_patterns=allow)
     return dest
 
 
+def _stage(config: RestageConfig, key: str, root: str, scratch: Path) -> str:
+    """Copy the checkpoint of ``key`` to ``root/<key>/<name>`` unless it is complete there
+    already; -> its URI."""
+    fs, _ = storage.url_to_fs(root)
+    key_root = storage.join(root, key)
+    local = _local_copy(config, key, scratch)
+    target = storage.join(key_root, local.name)
+    if not storage.exists(storage.join(key_root, COMPLETE)):
+        if storage.exists(key_root):
+            storage.remove(key_root, recursive=True)  # a partial earlier copy
+        _, path = storage.url_to_fs(target)
+        fs.makedirs(storage.url_to_fs(key_root)[1], exist_ok=True)
+        fs.put(str(local), path, recursive=local.is_dir())
+        storage.write_bytes(storage.join(key_root, COMPLETE), local.name.encode())
+    if local.is_relative_to(scratch):
+        shutil.rmtree(local, ignore_errors=True)  # keep local disk bounded
+    return target
+
+
 def fetch(config: RestageConfig, to: str, roles: list[str]) -> dict[str, str]:
-    """Copy every role's checkpoint to ``to/<role>/<name>`` (roles already complete there are
-    skipped); write ``to/sources.yaml``. -> {role: new source URI}."""
+    """Copy every role's checkpoint to ``to/<role>/<name>``, and a role's separate VAE to
+    ``to/<role>.vae/<name>`` (once when roles share one); checkpoints already complete there
+    are skipped. Write ``to/sources.yaml``. -> {role or ROLE.vae: new source URI}."""
     import yaml
 
     root = storage.normalize_uri(to)
-    fs, _ = storage.url_to_fs(root)
     sources: dict[str, str] = {}
+    overlay: dict[str, dict] = {}
+    staged_vaes: dict[tuple[str, str | None], str] = {}  # (source, revision) -> URI
     with tempfile.TemporaryDirectory(prefix="restage-fetch-") as tmp:
         for role in roles:
-            role_root = storage.join(root, role)
-            local = _local_copy(config, role, Path(tmp))
-            name = local.name
-            target = storage.join(role_root, name)
-            if not storage.exists(storage.join(role_root, COMPLETE)):
-                if storage.exists(role_root):
-                    storage.remove(role_root, recursive=True)  # a partial earlier copy
-                _, path = storage.url_to_fs(target)
-                fs.makedirs(storage.url_to_fs(role_root)[1], exist_ok=True)
-                fs.put(str(local), path, recursive=local.is_dir())
-                storage.write_bytes(storage.join(role_root, COMPLETE), name.encode())
-            sources[role] = target
-            if local.is_relative_to(Path(tmp)):
-                shutil.rmtree(local, ignore_errors=True)  # keep local disk bounded
-    overlay = {role: {"source": uri} for role, uri in sources.items()}
+            sources[role] = _stage(config, role, root, Path(tmp))
+            overlay[role] = {"source": sources[role]}
+            vae = config.role(role).vae
+            if vae is not None:
+                same = (vae.source.strip(), vae.revision)
+                if same not in staged_vaes:
+                    staged_vaes[same] = _stage(config, f"{role}.vae", root, Path(tmp))
+                sources[f"{role}.vae"] = staged_vaes[same]
+                overlay[role]["vae"] = {"source": staged_vaes[same]}
     storage.write_bytes(
         storage.join(root, SOURCES_FILE), yaml.safe_dump(overlay, sort_keys=False).encode()
     )

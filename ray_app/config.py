@@ -59,6 +59,27 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+# Roles whose SDXL pipeline takes a separate VAE (``vae``): an ``AutoencoderKL`` of the SDXL
+# latent space, e.g. the fp16-fix VAE that decodes in float16 without a float32 upcast.
+VAE_ROLES = ("generator", "inpainter")
+
+
+class ComponentSource(StrictModel):
+    """A pipeline component loaded from its own checkpoint instead of the role's."""
+
+    source: str = Field(
+        description="As a role's source: hub id (a diffusers-layout repo), local folder, any "
+        "fsspec URI, or 'tiny' for the project's own tiny one."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ComponentSource:
+        if not self.source.strip():
+            raise ValueError("source is empty: give a hub id, a local path, a URI or 'tiny'")
+        return self
+
+
 class RoleSpec(StrictModel):
     """Where a model role comes from and how it runs."""
 
@@ -84,6 +105,13 @@ class RoleSpec(StrictModel):
     )
     min_actors: PositiveInt = Field(1, description="Actor pool minimum size.")
     max_actors: PositiveInt = Field(1, description="Actor pool maximum size (autoscaling).")
+    vae: ComponentSource | None = Field(
+        None,
+        description="generator and inpainter only: a VAE that replaces the pipeline's own, "
+        "e.g. {source: madebyollin/sdxl-vae-fp16-fix}, whose config has force_upcast false, "
+        "so float16 pipelines decode (and encode) in float16 instead of upcasting the VAE to "
+        "float32 for every image. None: the checkpoint's own VAE.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RoleSpec:
@@ -893,6 +921,17 @@ class RestageConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _check_vae(self) -> RestageConfig:
+        for role in ROLES:
+            spec = getattr(self, role)
+            if spec is not None and spec.vae is not None and role not in VAE_ROLES:
+                raise ValueError(
+                    f"{role}.vae={spec.vae.source!r}: only {' and '.join(VAE_ROLES)} take a "
+                    f"separate VAE; remove {role}.vae"
+                )
+        return self
 
     def model_spec(self, name: str) -> ModelSpec:
         """What an actor of role ``name`` needs to load its model, and nothing else."""

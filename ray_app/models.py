@@ -52,7 +52,8 @@ class LoadedModel:
 @dataclass(frozen=True)
 class Family:
     name: str
-    load: Callable[[str, str, RoleSpec, torch.device, torch.dtype, bool], LoadedModel]
+    # (role, path, spec, device, dtype, offline, **components: resolved paths, e.g. vae)
+    load: Callable[..., LoadedModel]
     accepts_hub_id: bool = True
 
 
@@ -142,19 +143,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_source(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, bool]:
     """-> (hub id or local path, is_local). URIs are copied into the cache once."""
-    src = spec.source.strip()
+    return _resolve(role, spec.source, spec.revision, role, cache_dir)
+
+
+def resolve_vae(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, bool] | None:
+    """``resolve_source`` for the role's separate VAE (``spec.vae``); None without one."""
+    if spec.vae is None:
+        return None
+    return _resolve(f"{role}.vae", spec.vae.source, spec.vae.revision, tiny.TINY_VAE, cache_dir)
+
+
+def _resolve(
+    key: str, source: str, revision: str | None, tiny_name: str, cache_dir: Path
+) -> tuple[str, bool]:
+    src = source.strip()
     if src == "tiny":
-        return str(tiny.ensure(role, cache_dir)), True
+        return str(tiny.ensure(tiny_name, cache_dir)), True
     if src.startswith("file://"):
         src = src[len("file://") :]
     local = Path(src).expanduser()
     if local.exists():
         return str(local.resolve()), True
     if storage.has_protocol(src):
-        return str(fetch_uri(src, cache_dir, spec.revision)), True
+        return str(fetch_uri(src, cache_dir, revision)), True
     if src.startswith(("/", "./", "../", "~")) or src.count("/") != 1:
         raise FileNotFoundError(
-            f"{role}.source={spec.source!r}: no such local path, and it is not a hub id "
+            f"{key}.source={source!r}: no such local path, and it is not a hub id "
             "(org/name) or a URI with a protocol (s3://, https://, hf://, ...)"
         )
     return src, False
@@ -223,7 +237,16 @@ def load_model(model: ModelSpec, *, device: str | None = None) -> LoadedModel:
             f"{role}.source={spec.source!r} is a hub id but offline=true: use a local path, a "
             "mirror URI, or set offline=false"
         )
-    loaded = fam.load(role, resolved, spec, dev, dtype, model.offline)
+    components: dict[str, str] = {}
+    vae = resolve_vae(role, spec, model.cache_dir)
+    if vae is not None:
+        if not vae[1] and model.offline:
+            raise RuntimeError(
+                f"{role}.vae.source={spec.vae.source!r} is a hub id but offline=true: use a "
+                "local path, a mirror URI, or set offline=false"
+            )
+        components["vae"] = vae[0]
+    loaded = fam.load(role, resolved, spec, dev, dtype, model.offline, **components)
     loaded.source = spec.source
     return loaded
 
@@ -237,8 +260,18 @@ def _diffusers_dtype_key() -> str:
 
 
 @register_family("diffusers")
-def _load_diffusers(role, path, spec, device, dtype, offline) -> LoadedModel:
-    from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image, DiffusionPipeline
+def _load_diffusers(role, path, spec, device, dtype, offline, vae=None) -> LoadedModel:
+    """``vae``: the resolved path of ``spec.vae``, loaded in the pipeline's place. With its
+    ``force_upcast`` false, diffusers' SDXL pipelines decode float16 latents in float16
+    (``needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast``
+    in pipeline_stable_diffusion_xl.py; the inpainting pipeline also checks it before
+    encoding its input image)."""
+    from diffusers import (
+        AutoencoderKL,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+        DiffusionPipeline,
+    )
 
     # AutoPipelineForInpainting also turns a text-to-image checkpoint into an inpainting
     # pipeline, so any SD/SDXL base can stand in as the inpainter.
@@ -250,10 +283,17 @@ def _load_diffusers(role, path, spec, device, dtype, offline) -> LoadedModel:
         kwargs["revision"] = spec.revision
     if spec.variant:
         kwargs["variant"] = spec.variant
+    extra: dict[str, Any] = {}
+    if vae is not None:
+        vae_kwargs: dict[str, Any] = {_diffusers_dtype_key(): dtype, "local_files_only": offline}
+        if spec.vae.revision:
+            vae_kwargs["revision"] = spec.vae.revision
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae, **vae_kwargs)
+        extra["vae"] = vae
     pipe = cls.from_pretrained(path, **kwargs)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(role, "diffusers", spec.source, path, device, dtype, pipe)
+    return LoadedModel(role, "diffusers", spec.source, path, device, dtype, pipe, extra=extra)
 
 
 _TRANSFORMERS_CLASSES = {
@@ -399,6 +439,7 @@ def describe(config: RestageConfig) -> list[dict[str, Any]]:
                 "num_gpus": spec.num_gpus,
                 "actors": f"{spec.min_actors}-{spec.max_actors}",
                 "batch_size": spec.batch_size,
+                "vae": spec.vae.source if spec.vae else "",
             }
         )
     return rows

@@ -263,7 +263,7 @@ def _qwen_tokenizer():
 # --------------------------------------------------------------------------- builders
 
 
-def _vae():
+def _vae(force_upcast: bool = True):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -277,6 +277,7 @@ def _vae():
         norm_num_groups=32,
         sample_size=64,
         scaling_factor=0.13025,
+        force_upcast=force_upcast,
     )
 
 
@@ -395,6 +396,16 @@ def _inpainter(dest: Path) -> None:
         **_sdxl_components(unet_in_channels=9), requires_aesthetics_score=False
     )
     pipe.save_pretrained(dest, safe_serialization=True)
+
+
+# Not a role: the separate VAE of the generator and inpainter (``generator.vae``). Like the
+# fp16-fix SDXL VAE it is the pipelines' VAE architecture with force_upcast false.
+TINY_VAE = "vae"
+
+
+@register_tiny(TINY_VAE)
+def _fp16_safe_vae(dest: Path) -> None:
+    _vae(force_upcast=False).save_pretrained(dest, safe_serialization=True)
 
 
 @register_tiny("novel_view")

@@ -89,3 +89,25 @@ def test_models_fetch_then_a_job_reads_the_staged_checkpoints_offline(tmp_path):
     assert not (tmp_path / "cache" / "tiny").exists()  # nothing built: all read from the URI
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["products"]["ok"] + summary["products"]["partial"] == 1
+
+
+def test_fetch_stages_a_shared_vae_once_and_points_both_roles_at_it(tmp_path):
+    cfg = load_config("tiny")
+    to = f"memory://restage-fetch-{uuid.uuid4().hex}"
+    sources = checkpoints.fetch(cfg, to, ["generator", "inpainter"])
+    assert sources["generator.vae"] == sources["inpainter.vae"]
+    assert sources["generator.vae"].startswith(f"{to}/generator.vae/")
+    staged = load_config(
+        "tiny", files=[f"{to}/sources.yaml"], overrides=[f"cache_dir={tmp_path / 'cache'}"]
+    )
+    assert staged.inpainter.vae.source == sources["generator.vae"]
+    assert checkpoints.unavailable(staged, "inpainter") is None
+    loaded = load_role(staged, "inpainter")  # a fresh cache: everything from the URI
+    assert str(tmp_path / "cache") in loaded.extra["vae"]
+    assert loaded.model.vae.config.force_upcast is False
+
+
+def test_a_missing_vae_is_named(tmp_path):
+    cfg = load_config("tiny", overrides=[f"generator.vae.source={tmp_path}/nope"])
+    msg = checkpoints.unavailable(cfg, "generator")
+    assert msg and msg.startswith("generator.vae:") and "generator.vae.source" in msg

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_app import models, storage
+from ray_app import models, storage, tiny
 from ray_app.cli import main as cli
-from ray_app.config import ROLES, load_config
+from ray_app.config import ROLES, VAE_ROLES, ConfigError, load_config
 
 IMG = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 MASK = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
@@ -211,3 +211,47 @@ def test_tiny_profile_never_touches_the_network(tmp_path):
     attempts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert attempts == [], f"network attempts with the tiny profile: {attempts}"
     assert (tmp_path / "tiny").is_dir()  # the checkpoints were built, not downloaded
+
+
+def _decode_dtypes(m) -> list[torch.dtype]:
+    """The pipeline in float16 generates one image; -> the dtypes its VAE was moved to."""
+    pipe = m.model.to(torch.float16)
+    moves: list[torch.dtype] = []
+    to = pipe.vae.to
+
+    def record(*args, **kwargs):
+        moves.extend(a for a in (*args, *kwargs.values()) if isinstance(a, torch.dtype))
+        return to(*args, **kwargs)
+
+    pipe.vae.to = record
+    pipe(prompt="a mug", num_inference_steps=1, height=64, width=64, output_type="np")
+    return moves
+
+
+@pytest.mark.parametrize("role", VAE_ROLES)
+def test_sdxl_roles_take_the_separate_fp16_safe_vae(role):
+    from diffusers import AutoencoderKL
+
+    cfg = load_config("tiny")
+    m = models.load_role(cfg, role)
+    folder = tiny.ensure(tiny.TINY_VAE, cfg.cache_path)
+    assert cfg.role(role).vae is not None and m.extra["vae"] == str(folder)
+    separate = AutoencoderKL.from_pretrained(folder)
+    own = AutoencoderKL.from_pretrained(tiny.ensure(role, cfg.cache_path), subfolder="vae")
+    assert m.model.vae.config.force_upcast is False and own.config.force_upcast is True
+    loaded = m.model.vae.decoder.conv_out.weight
+    assert torch.equal(loaded, separate.decoder.conv_out.weight)
+    assert not torch.equal(loaded, own.decoder.conv_out.weight)
+
+
+@pytest.mark.filterwarnings("ignore:.*upcast_vae.*is deprecated")  # the own VAE's upcast
+def test_a_float16_generator_decodes_in_float16_with_the_separate_vae():
+    assert torch.float32 not in _decode_dtypes(models.load_role(load_config("tiny"), "generator"))
+    # The checkpoint's own VAE (force_upcast true) is moved to float32 for the decode.
+    own = models.load_role(load_config("tiny", overrides=["generator.vae=null"]), "generator")
+    assert "vae" not in own.extra and torch.float32 in _decode_dtypes(own)
+
+
+def test_only_sdxl_roles_take_a_vae():
+    with pytest.raises(ConfigError, match=r"novel_view.vae='tiny': only generator and inpainter"):
+        load_config("tiny", overrides=["novel_view.vae.source=tiny"])
