@@ -446,6 +446,10 @@ def describe(config: RestageConfig) -> list[dict[str, Any]]:
 
 
 def source_tag(config: RestageConfig, role: str) -> str:
-    """``source@revision`` of a role: what manifests record as the model that was used."""
+    """``source@revision`` of a role, and `` vae=source@revision`` of its separate VAE: what
+    manifests record as the model that was used."""
     spec = config.role(role)
-    return spec.source + (f"@{spec.revision}" if spec.revision else "")
+    tag = spec.source + (f"@{spec.revision}" if spec.revision else "")
+    if spec.vae is not None:
+        tag += f" vae={spec.vae.source}" + (f"@{spec.vae.revision}" if spec.vae.revision else "")
+    return tag

@@ -163,6 +163,12 @@ def test_hub_id_is_refused_offline():
         models.load_role(cfg, "dino")
 
 
+def test_a_vae_hub_id_is_refused_offline():
+    cfg = load_config("tiny", overrides=["generator.vae.source=madebyollin/sdxl-vae-fp16-fix"])
+    with pytest.raises(RuntimeError, match=re.escape("generator.vae.source='madebyollin/")):
+        models.load_role(cfg, "generator")
+
+
 def test_segmenter_refuses_a_hub_id():
     cfg = load_config("default", overrides=["segmenter.source=facebook/sam"])
     with pytest.raises(ValueError, match="checkpoint files"):
@@ -255,3 +261,11 @@ def test_a_float16_generator_decodes_in_float16_with_the_separate_vae():
 def test_only_sdxl_roles_take_a_vae():
     with pytest.raises(ConfigError, match=r"novel_view.vae='tiny': only generator and inpainter"):
         load_config("tiny", overrides=["novel_view.vae.source=tiny"])
+
+
+def test_source_tag_names_the_separate_vae():
+    cfg = load_config("default")
+    generator = cfg.generator
+    assert generator.vae is not None and not generator.revision and not generator.vae.revision
+    assert models.source_tag(cfg, "generator") == f"{generator.source} vae={generator.vae.source}"
+    assert models.source_tag(cfg, "clip") == cfg.clip.source
