@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ray_app import storage, tiny
+from ray_app import storage
 from ray_app.config import RestageConfig
 
 COMPLETE = ".restage-complete"  # written last under each fetched role
@@ -113,21 +113,17 @@ def _local_copy(config: RestageConfig, key: str, scratch: Path) -> Path:
     role, _, part = key.partition(".")
     spec = config.role(role)
     if part:  # the role's separate VAE: a diffusers AutoencoderKL folder
-        source, tiny_name = spec.vae.source, tiny.TINY_VAE
         resolved, is_local = resolve_vae(role, spec, config.cache_path)
         revision = spec.vae.revision
         # Its config and diffusers-format weights, not the single-file copies beside them.
         allow = ["config.json", "diffusion_pytorch_model*.safetensors"]
     else:
-        source, tiny_name = spec.source, role
         resolved, is_local = resolve_source(role, spec, config.cache_path)
         revision = spec.revision
         allow = None
         if spec.variant:  # only the weights variant the role loads, plus configs and tokenizers
             allow = [f"*.{spec.variant}.*", "*.json", "*.txt", "*.model", "*tokenizer*", "*.py"]
-    if source.strip() == "tiny":
-        return tiny.ensure(tiny_name, config.cache_path)
-    if is_local:
+    if is_local:  # a tiny checkpoint, a local path, or a URI copied into the cache
         return Path(resolved)
     from huggingface_hub import snapshot_download
 
