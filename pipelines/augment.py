@@ -53,6 +53,7 @@ from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
+from ray_app.clip_text import CONTEXT_LENGTH, fit_words
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
 from ray_app.kinds import (
@@ -644,6 +645,9 @@ class InpaintStage(_Stage):
     def process(self, state: ProductState) -> None:
         cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
         rows, made = [], []
+        # A scene of up to 40 words with a fine-grained product may pass CLIP's 77 tokens:
+        # cut at a word boundary, leaving room for the product phrase as captions do.
+        budget = CONTEXT_LENGTH - cfg.caption.reserve_tokens
         for s in (s for s in state.of(SampleKind.REAL, SampleKind.VIEW) if s.mask_uri):
             prompts = self.bank.prompts(
                 state.product_type,
@@ -676,7 +680,7 @@ class InpaintStage(_Stage):
                         None,
                         cfg.contexts.size,
                         cfg.contexts.size,
-                        caption=fill(prompt, described),
+                        caption=fit_words(fill(prompt, described), budget).text,
                         prompt=text,
                         source_sample=s.sample_id,
                         seed=seed,

@@ -38,6 +38,7 @@ from pipelines.augment import (
 )
 from ray_app import storage
 from ray_app.batching import object_array
+from ray_app.clip_text import count_tokens
 from ray_app.config import load_config
 from ray_app.images import crop_by_mask, decode_rgb, encode_png, mask_bbox
 from ray_app.kinds import POSITIVE_KINDS, SampleKind
@@ -436,6 +437,7 @@ def test_a_contexts_caption_is_the_fine_grained_product_in_the_scene(tmp_path):
         "red ceramic mug with a white handle" in s.caption and "white background" not in s.caption
         for s in contexts
     )
+    assert all(count_tokens(s.caption) <= 77 - cfg.augment.caption.reserve_tokens for s in contexts)
     painted = [p for p in painter.prompts if "mug" in p]
     assert painted == [s.prompt for s in contexts]  # the scene as the bank has it, noun only
     assert all("white handle" not in p for p in painted)
