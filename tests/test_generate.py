@@ -32,6 +32,12 @@ def test_user_prompts_need_the_placeholder(tmp_path):
         read_user_prompts(str(bad))
 
 
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same image up to rounding: a batch of 3 and a batch of 1 may differ by 1 in a few
+    pixels on CPU (different kernels for different batch shapes)."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
 def test_generator_swaps_adapters_without_reloading_the_base(adapters):
     gen = Generator(load_config("tiny").model_spec("generator"), GenerationOptions(64, 64, 2, 2.0))
     base_pipe = gen.loaded.model
@@ -46,15 +52,15 @@ def test_generator_swaps_adapters_without_reloading_the_base(adapters):
     assert gen.loaded.model is base_pipe and gen.active_adapter is None
     out = gen({**batch, "adapter": np.array([lamp, None, mug], dtype=object)})
     with_lamp, plain, with_mug = (decode_rgb(x) for x in out["image"])
-    assert np.array_equal(plain, base)  # a loaded but inactive adapter changes nothing
-    assert not np.array_equal(with_lamp, base) and not np.array_equal(with_mug, with_lamp)
+    assert _same(plain, base)  # a loaded but inactive adapter changes nothing
+    assert not _same(with_lamp, base) and not _same(with_mug, with_lamp)
     assert gen.active_adapter is None  # the batch leaves the active adapter as it was
     gen.unload_adapter(lamp)
     assert set(gen.adapters) == {mug} and lamp not in str(base_pipe.get_list_adapters())
     out = gen({**batch, "adapter": np.array([lamp, mug, None], dtype=object)})
     assert "adapter 'lamp-blue-01' is not loaded" in out["error"][0]
-    assert out["error"][1] is None and np.array_equal(decode_rgb(out["image"][1]), with_mug)
-    assert np.array_equal(decode_rgb(out["image"][2]), base)
+    assert out["error"][1] is None and _same(decode_rgb(out["image"][1]), with_mug)
+    assert _same(decode_rgb(out["image"][2]), base)
     with pytest.raises(AdapterError, match="already loaded"):
         gen.load_adapter(mug, AdapterLayout(adapters).adapter_dir(mug))
     assert gen.adapter_loads == {lamp: 1, mug: 1}
