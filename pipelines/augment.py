@@ -821,17 +821,25 @@ class ScoreStage(_Stage):
                 state.error(self.name, out["error"][i], item=s.sample_id)
             else:
                 stat.items_out += 1
-        self.score_sharpness(samples, reals)
+        self.score_sharpness(samples, reals, images, masks)
 
-    def score_sharpness(self, samples: list[Sample], reals: list[Sample]) -> None:
+    def score_sharpness(
+        self,
+        samples: list[Sample],
+        reals: list[Sample],
+        images: dict[str, bytes],
+        masks: dict[str, bytes | None],
+    ) -> None:
         """Each view's and context's product detail at the training resolution, relative to
         the median real photo's (ray_app.metrics.sharpness): soft views and contexts are
-        dropped in selection before they teach the adapter a blurred product."""
+        dropped in selection before they teach the adapter a blurred product. ``images``
+        and ``masks``: the samples' encoded files by sample id, as the scorer read them."""
         side = self.config.train.resolution
 
         def detail(s: Sample) -> float:
-            mask = s.mask()
-            return sharpness(decode_rgb(s.image()), decode_mask(mask) if mask else None, side)
+            mask = masks.get(s.sample_id)
+            rgb = decode_rgb(images[s.sample_id])
+            return sharpness(rgb, decode_mask(mask) if mask else None, side)
 
         reference = np.nanmedian([detail(s) for s in reals]) if reals else math.nan
         if not reference > 0:  # no real photo with detail to compare with

@@ -381,7 +381,9 @@ def test_a_blurred_view_is_dropped_for_softness_and_the_sharp_one_kept(tmp_path)
         made[sid] = sample
     stage = ScoreStage.__new__(ScoreStage)
     stage.config = cfg
-    stage.score_sharpness(state.samples, state.of(SampleKind.REAL))
+    files = {s.sample_id: s.image() for s in state.samples}
+    masks = {s.sample_id: s.mask() for s in state.samples}
+    stage.score_sharpness(state.samples, state.of(SampleKind.REAL), files, masks)
     assert made["view-00-f02"].scores["sharpness"] == pytest.approx(1.0, rel=0.05)
     assert made["view-00-f03"].scores["sharpness"] < 0.5
     state.samples += [_sample(f"neg-{i:02d}", "negative", seg_clip_i=0.3) for i in range(4)]
