@@ -340,7 +340,7 @@ class CaptionConfig(StrictModel):
         16,
         description="CLIP tokens of the text encoders' 77 (start and end included) left free "
         "for the product phrase that training puts into a caption ('a photo of TOKEN NOUN, ': "
-        "5 tokens and the noun's); captions are cut at a word boundary to the rest (59).",
+        "5 tokens and the noun's); captions are cut at a word boundary to the rest (61).",
     )
 
 
