@@ -101,8 +101,7 @@ class PausedRun:
         """Mean loss of the last 10% of the steps so far (NaN before the first)."""
         if not self.losses:
             return math.nan
-        k = max(1, len(self.losses) // 10)
-        return float(torch.stack(self.losses[-k:]).float().mean())
+        return float(torch.stack(_last_tenth(self.losses)).float().mean())
 
 
 @dataclass
@@ -124,8 +123,7 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         """Mean training loss of the last 10% of steps (at least one)."""
-        k = max(1, len(self.losses) // 10)
-        return float(np.mean(self.losses[-k:]))
+        return float(np.mean(_last_tenth(self.losses)))
 
     @property
     def seconds_per_step(self) -> float:
@@ -150,6 +148,11 @@ def positive_prompt(caption: str | None, token: str, noun: str, mode: str = "cap
     if found:
         return f"{caption[: found.start()]}{token} {caption[found.start() :]}"
     return f"{instance}, {caption}"
+
+
+def _last_tenth(values: list) -> list:
+    """The last 10% of ``values`` (at least one): what a run's recent loss averages."""
+    return values[-max(1, len(values) // 10) :]
 
 
 def _to_cpu(state: Any) -> Any:
