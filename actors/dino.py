@@ -34,12 +34,10 @@ class DinoEmbedder:
         m = self.loaded
         inputs = m.processor(images=[Image.fromarray(img) for img in images], return_tensors="pt")
         out = m.model(pixel_values=inputs["pixel_values"].to(m.device, m.dtype))
-        cls = (
-            out.pooler_output
-            if getattr(out, "pooler_output", None) is not None
-            else out.last_hidden_state[:, 0]
-        )
-        return l2_normalize(cls.float().cpu().numpy())
+        # The CLS token after the final layer norm, as DreamBooth's DINO metric takes it.
+        # Not pooler_output: DINOv2's equals it, but a ViT (DINO v1, role eval_dino) adds an
+        # untrained dense+tanh pooler on top.
+        return l2_normalize(out.last_hidden_state[:, 0].float().cpu().numpy())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         n = batch_len(batch)

@@ -142,6 +142,10 @@ class Scorer:
             Metric.CLIP_T: np.einsum(
                 "nd,nd->n", gen_clip["image_embedding"], gen_clip["text_embedding"]
             ).astype(np.float32),
+            # the product crop against the prompt: NaN without a mask
+            Metric.SEG_CLIP_T: np.einsum(
+                "nd,nd->n", gen_clip["crop_embedding"], gen_clip["text_embedding"]
+            ).astype(np.float32),
         }
         errors = [a or b for a, b in zip(gen_clip["error"], gen_dino["error"], strict=True)]
         return {

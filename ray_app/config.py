@@ -40,6 +40,9 @@ ROLES = (
     "dino",
     "encoder",
     "llm",
+    "eval_clip",
+    "eval_dino",
+    "inception",
 )
 PROFILES = ("default", "tiny")
 
@@ -309,6 +312,7 @@ class ScoringConfig(StrictModel):
             Metric.SEG_CLIP_I: (0.5, 1.0),
             Metric.DINO: (0.1, 1.0),
             Metric.SEG_DINO: (0.1, 1.0),
+            Metric.SEG_CLIP_T: (0.1, 0.35),
         },
         description="Raw value mapped to 0 and to 1 for each metric (clipped outside).",
     )
@@ -517,6 +521,7 @@ class FilterConfig(StrictModel):
             Metric.SEG_CLIP_I: 1.0,
             Metric.DINO: 1.0,
             Metric.SEG_DINO: 0.5,
+            Metric.SEG_CLIP_T: 0.0,
         },
         description="Weights of the normalised metrics in the score that orders samples.",
     )
@@ -721,7 +726,7 @@ class GenerateConfig(StrictModel):
         "the images a person accepts.",
     )
     weights: dict[Metric, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: dict.fromkeys(Metric, 1.0),
+        default_factory=lambda: {**dict.fromkeys(Metric, 1.0), Metric.SEG_CLIP_T: 0.0},
         description="Weights of the normalised metrics (scoring.ranges) in the 'weighted' "
         "ranking's score; segmented metrics count only where both masks exist.",
     )
@@ -916,6 +921,11 @@ class RestageConfig(StrictModel):
     dino: RoleSpec
     encoder: RoleSpec
     llm: RoleSpec | None = Field(None, description="Optional: used by `restage prompts build`.")
+    # `restage evaluate`'s backbones: the literature's choices, so that its tables compare
+    # with published ones; clip and dino above stay the filtering and ranking roles.
+    eval_clip: RoleSpec
+    eval_dino: RoleSpec
+    inception: RoleSpec
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -34,6 +34,7 @@ class Metric(StrEnum):
     SEG_CLIP_I = "seg_clip_i"  # ... on product crops (both masks needed)
     DINO = "dino"  # DINOv2 image vs the real images
     SEG_DINO = "seg_dino"  # ... on product crops
+    SEG_CLIP_T = "seg_clip_t"  # CLIP product crop vs the prompt (evaluation; weight 0 elsewhere)
 
 
 # augment's own score of a context sample: IoU of the product re-segmented after

@@ -70,6 +70,9 @@ ROLE_FAMILY = {
     "dino": "transformers",
     "encoder": "transformers",
     "llm": "transformers",
+    "eval_clip": "open_clip",
+    "eval_dino": "transformers",
+    "inception": "fid_inception",
 }
 assert set(ROLE_FAMILY) == set(ROLES)
 
@@ -300,6 +303,7 @@ _TRANSFORMERS_CLASSES = {
     "captioner": ("AutoModelForImageTextToText", "AutoProcessor"),
     "dino": ("AutoModel", "AutoImageProcessor"),
     "encoder": ("AutoModel", "AutoImageProcessor"),
+    "eval_dino": ("AutoModel", "AutoImageProcessor"),
     "llm": ("AutoModelForCausalLM", "AutoTokenizer"),
 }
 
@@ -420,6 +424,30 @@ def _load_segment_anything(role, path, spec, device, dtype, offline) -> LoadedMo
     return LoadedModel(
         role, "segment_anything", spec.source, str(ckpt), device, dtype, sam, extra={"arch": arch}
     )
+
+
+@register_family("fid_inception", accepts_hub_id=False)
+def _load_fid_inception(role, path, spec, device, dtype, offline) -> LoadedModel:
+    """FID's feature extractor: a module from uint8 images (N, 3, H, W), any size, to
+    (N, num_features) float features. A torch-fidelity weights file (the standard FID
+    Inception-v3, 2048 pool3 features) loads into torchmetrics' ``NoTrainInceptionV3``; a
+    folder with ``inception_config.json`` (the tiny checkpoint) into the network it names."""
+    folder = Path(path)
+    if folder.is_dir():
+        arch = json.loads((folder / "inception_config.json").read_text())
+        net = tiny.build_inception(arch)
+        net.load_state_dict(
+            torch.load(folder / "inception.pth", map_location="cpu", weights_only=True)
+        )
+    else:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path
+        )
+        net.num_features = 2048
+    net.to(device=device, dtype=torch.float32).eval()  # FID statistics want float32 features
+    return LoadedModel(role, "fid_inception", spec.source, str(path), device, torch.float32, net)
 
 
 def describe(config: RestageConfig) -> list[dict[str, Any]]:

@@ -103,6 +103,27 @@ REFERENCES: dict[str, Reference] = {
     "dino": Reference(
         "facebook/dinov2-base", 0.086, 0.015, 0, 0.002, "image", "86 M params; ViT-B/14 at 224 px"
     ),
+    "eval_clip": Reference(
+        "timm/vit_base_patch32_clip_224.openai",
+        0.15,
+        0.01,
+        0,
+        0.001,
+        "image",
+        "151 M params; ViT-B/32 at 224 px (49 patches)",
+    ),
+    "eval_dino": Reference(
+        "facebook/dino-vits16", 0.022, 0.01, 0, 0.001, "image", "22 M params; ViT-S/16 at 224 px"
+    ),
+    "inception": Reference(
+        "pt_inception-2015-12-05",
+        0.024,
+        0.02,
+        0,
+        0.002,
+        "image",
+        "24 M params; Inception-v3 at 299 px (FID pool3 features)",
+    ),
     "encoder": Reference(
         "facebook/dinov2-base",
         0.086,

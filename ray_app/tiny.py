@@ -618,6 +618,67 @@ def _dinov2(dest: Path) -> None:
 
 register_tiny("dino")(_dinov2)
 register_tiny("encoder")(_dinov2)
+register_tiny("eval_clip")(_clip)  # its own seed: other weights than the clip role's
+
+
+@register_tiny("eval_dino")
+def _dino_v1(dest: Path) -> None:
+    """DINO v1 (a plain ViT, as facebook/dino-vits16), with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    model = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    )
+    model.save_pretrained(dest)
+    ViTImageProcessor(
+        do_resize=True,
+        size={"height": 32, "width": 32},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(dest)
+
+
+class TinyInception(torch.nn.Module):
+    """FID's feature-extractor interface at toy size: uint8 images (N, 3, H, W) of any size
+    in, (N, num_features) float features out (the real one: Inception-v3's 2048 pool3)."""
+
+    def __init__(self, num_features: int = 64, size: int = 32):
+        super().__init__()
+        self.num_features, self.size = num_features, size
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, num_features, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear")
+        return self.net(x)
+
+
+def build_inception(arch: dict) -> torch.nn.Module:
+    if arch.get("arch") != "tiny":
+        raise ValueError(f"inception_config.json: unknown arch {arch.get('arch')!r} (known: tiny)")
+    return TinyInception(int(arch["num_features"]), int(arch["size"]))
+
+
+@register_tiny("inception")
+def _inception(dest: Path) -> None:
+    arch = {"arch": "tiny", "num_features": 64, "size": 32}
+    torch.save(build_inception(arch).state_dict(), dest / "inception.pth")
+    (dest / "inception_config.json").write_text(json.dumps(arch, indent=2))
 
 
 @register_tiny("captioner")

@@ -71,7 +71,13 @@ def _clip(m):
 
 def _vision(m):
     out = m.model(**m.processor(images=[IMG, IMG], return_tensors="pt"))
-    assert out.pooler_output.shape == (2, 32)
+    assert out.last_hidden_state[:, 0].shape == (2, 32)  # the CLS token the embedders take
+
+
+def _inception(m):
+    pixels = torch.from_numpy(np.asarray(IMG)).permute(2, 0, 1)[None].repeat(3, 1, 1, 1)
+    features = m.model(pixels)  # uint8 images of any size, as torchmetrics passes them
+    assert features.shape == (3, m.model.num_features) and features.dtype == torch.float32
 
 
 def _captioner(m):
@@ -108,6 +114,9 @@ FORWARD = {
     "encoder": _vision,
     "captioner": _captioner,
     "llm": _llm,
+    "eval_clip": _clip,
+    "eval_dino": _vision,
+    "inception": _inception,
 }
 
 
