@@ -42,7 +42,6 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPI
 NOT_BUILT = {
     "stage": "retrieval-assisted copy-paste staging and parallax clips",
     "personalize": "per-product encoders learned from personalized synthetic data",
-    "evaluate": "metric tables, review page and report over any output",
 }
 
 
@@ -385,6 +384,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output root URI")
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.run:main", "RunArgs"))
+
+    p = sub.add_parser(
+        "evaluate",
+        help="metric tables (DINO, CLIP-I, CLIP-T, segmented variants, FID/KID) and an HTML "
+        "report of runs against the products' real photos; or the whole DreamBench protocol",
+        description="Score every image of each --run (a `restage generate` or `restage run` "
+        "output) against the real photos of its product in --references (a products "
+        "manifest), with the evaluation backbones (roles eval_clip, eval_dino, inception: "
+        "DreamBench's CLIP ViT-B/32 and DINO ViT-S/16 in the default profile). Writes "
+        "OUT/per_image.parquet, OUT/per_product.parquet, OUT/summary.json (means with "
+        "bootstrap intervals, per category, paired run-vs-run differences, FID/KID) and "
+        "OUT/report/index.html. Resumes like the other jobs. --bench dreambench runs the "
+        "protocol end to end on --subjects: restage and the DreamBooth-LoRA baseline each "
+        "train an adapter per subject, generate 4 images for each of the 25 prompts, and the "
+        "report sets both beside the published DreamBooth figures.",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME=URI",
+        dest="runs",
+        help="a run to evaluate, named (repeatable; the first is compared with each other)",
+    )
+    p.add_argument("--references", help="products manifest URI with the real photos")
+    p.add_argument("--out", required=True, help="output root URI")
+    p.add_argument("--bench", choices=("dreambench",), help="run a whole benchmark protocol")
+    p.add_argument(
+        "--subjects",
+        help="--bench: a folder of subjects (a folder of photos each; products.jsonl, when "
+        "present, gives each subject's class as its category)",
+    )
+    p.add_argument("--max-subjects", type=int, help="--bench: only the first N subjects")
+    p.add_argument(
+        "--prompts", type=int, help="--bench: only the first N of the 25 prompts (quick checks)"
+    )
+    p.add_argument(
+        "--images-per-prompt", type=int, help="--bench: images per prompt [4, the protocol's]"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.evaluate:main", "EvaluateArgs"))
 
     p = sub.add_parser(
         "serve",

@@ -699,8 +699,10 @@ class TrainConfig(StrictModel):
 class GenerateConfig(StrictModel):
     """`restage generate`: images of each product in new contexts, ranked (paper 2.5)."""
 
-    prompts_per_product: PositiveInt = Field(
-        8, description="Prompt-bank prompts per product (of its type), besides user prompts."
+    prompts_per_product: NonNegativeInt = Field(
+        8,
+        description="Prompt-bank prompts per product (of its type), besides user prompts "
+        "(0: user prompts only, e.g. a benchmark's fixed list).",
     )
     user_prompts: str | None = Field(
         None,
@@ -760,6 +762,11 @@ class GenerateConfig(StrictModel):
     def _check(self) -> GenerateConfig:
         _multiple_of_8("generate.width", self.width)
         _multiple_of_8("generate.height", self.height)
+        if self.prompts_per_product == 0 and not self.user_prompts:
+            raise ValueError(
+                "prompts_per_product=0 without user_prompts leaves no prompt: set "
+                "generate.user_prompts to a prompts file, or prompts_per_product above 0"
+            )
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"weights={self.weights}: at least one weight must be above 0")
         ranking = ranking_class(self.ranking)
@@ -785,6 +792,49 @@ class GenerateConfig(StrictModel):
         if self.threshold is not None:
             return self.threshold
         return ranking_class(self.ranking).default_threshold
+
+
+class EvaluateConfig(StrictModel):
+    """`restage evaluate`: metric tables of generated images against the products' real
+    photos (roles eval_clip, eval_dino, inception and, for segmented metrics, segmenter)."""
+
+    confidence: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.95, description="Confidence of the bootstrap intervals."
+    )
+    bootstrap_samples: PositiveInt = Field(
+        1000, description="Bootstrap resamples (of products) per interval."
+    )
+    clip_t_text: Literal["class", "prompt"] = Field(
+        "class",
+        description="CLIP-T's text: 'class' drops the product's rare token from the prompt, so "
+        "'a sks backpack in the snow' is scored as 'a backpack in the snow' (the text encoder "
+        "never learnt the token, and DreamBench scores prompts this way); 'prompt' as written.",
+    )
+    segment: bool = Field(
+        True, description="Segment images (segmenter role) for SegCLIP-I, SegCLIP-T and SegDINO."
+    )
+    segmentation: SegmentConfig = Field(
+        default_factory=SegmentConfig, description="How images are segmented for evaluation."
+    )
+    min_fid_images: PositiveInt = Field(
+        50,
+        description="FID and KID are refused (with the reason in summary.json) when either "
+        "side has fewer images: both are biased at small sizes, so compare runs of equal size.",
+    )
+    kid_subset_size: PositiveInt = Field(
+        1000, description="KID subset size; lowered to the smaller side when that has fewer."
+    )
+    kid_subsets: PositiveInt = Field(100, description="KID subsets averaged.")
+    kid_max_images: PositiveInt = Field(
+        10_000,
+        description="KID keeps at most this many feature vectors per side (a seeded sample "
+        "by image id; FID uses every image through running sums).",
+    )
+    report_products: NonNegativeInt | None = Field(
+        1000, description="Product pages in the report (None: every product)."
+    )
+    products_per_batch: PositiveInt = Field(1, description="Products per actor call.")
+    cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the read and write tasks.")
 
 
 class ServeBudgetConfig(StrictModel):
@@ -931,6 +981,7 @@ class RestageConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
     def _check_vae(self) -> RestageConfig:

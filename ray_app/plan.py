@@ -29,7 +29,7 @@ from ray_app.resources import RoleNeed, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
-JOBS = ("augment", "train", "generate", "serve", "prompts")
+JOBS = ("augment", "train", "generate", "serve", "prompts", "evaluate")
 STAGED_JOBS = ("augment", "generate")  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
@@ -260,6 +260,10 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
         stages = [(cls.name, roles) for cls, roles in model_stages(config)]
     elif job == "generate":
         from pipelines.generate import model_stages
+
+        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+    elif job == "evaluate":
+        from pipelines.evaluate import model_stages
 
         stages = [(cls.name, roles) for cls, roles in model_stages(config)]
     elif job == "train":

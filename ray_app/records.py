@@ -229,6 +229,47 @@ GENERATION_SCHEMA = pa.schema(
 )
 
 
+# `restage evaluate`: one row per generated image of a run (per_image.parquet), its metrics
+# against the product's real photos (ray_app/kinds.Metric; NaN where a mask is missing).
+EVAL_IMAGE_SCHEMA = pa.schema(
+    [
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("kept", pa.bool_()),
+        *[pa.field(name, pa.float32()) for name in Metric],
+        pa.field("error", pa.string()),
+    ]
+)
+
+# One row per product and run (per_product.parquet): the means of its images' metrics.
+EVAL_PRODUCT_SCHEMA = pa.schema(
+    [
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("n_images", pa.int32(), nullable=False),
+        pa.field("n_errors", pa.int32(), nullable=False),
+        *[pa.field(name, pa.float32()) for name in Metric],
+        pa.field("reference_uris", pa.list_(pa.string())),
+    ]
+)
+
+# Inception features of every image (FID/KID): `side` is a run's name or REFERENCE_SIDE.
+REFERENCE_SIDE = "__reference__"
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("features", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+
 def records_table(records: list[ProductRecord]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in records], schema=PRODUCT_SCHEMA)
 

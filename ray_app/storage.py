@@ -316,6 +316,52 @@ class GenerationLayout(JobLayout):
 
 
 @dataclass(frozen=True)
+class EvaluationLayout(JobLayout):
+    """``restage evaluate``: per-image and per-product metric tables (each a folder of
+    Parquet shards, one per product, that any Parquet reader opens as one table), the
+    tables' summary, the Inception features FID/KID are computed from, and the report."""
+
+    # summary.json holds the metric tables; the job's own counts go beside it.
+    SUMMARY: ClassVar[str] = "_job_summary.json"
+    TABLES: ClassVar[str] = "summary.json"
+
+    def per_image_dir(self) -> str:
+        return join(self.root, "per_image.parquet")
+
+    def per_image(self, product_id: str) -> str:
+        return join(self.per_image_dir(), f"{product_id}.parquet")
+
+    def per_product_dir(self) -> str:
+        return join(self.root, "per_product.parquet")
+
+    def per_product(self, product_id: str) -> str:
+        return join(self.per_product_dir(), f"{product_id}.parquet")
+
+    # The job skeleton's names for the per-image rows (pipelines/_job.write_product).
+    def manifest_dir(self) -> str:
+        return self.per_image_dir()
+
+    def manifest_shard(self, product_id: str) -> str:
+        return self.per_image(product_id)
+
+    def features_dir(self) -> str:
+        return join(self.root, "_features")
+
+    def features(self, product_id: str) -> str:
+        return join(self.features_dir(), f"{product_id}.parquet")
+
+    def tables(self) -> str:
+        return join(self.root, self.TABLES)
+
+    def inputs(self) -> str:
+        """What was evaluated (runs, references): a re-run must evaluate the same."""
+        return join(self.root, "_evaluated.json")
+
+    def report_dir(self) -> str:
+        return join(self.root, "report")
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """``restage run``: the three jobs chained under one root."""
 
