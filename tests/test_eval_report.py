@@ -1,0 +1,240 @@
+"""The evaluation's HTML report, written from a constructed evaluation output (no Ray):
+its files, its tables, its links, and a look at it in headless Chromium."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import tomllib
+from html.parser import HTMLParser
+from importlib import resources
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.parquet as pq
+import pytest
+from browser import broken_images, chromium_page, file_url
+from conftest import ROOT
+from eval_outputs import METRICS, PUBLISHED, RUNS, write_evaluation
+from PIL import Image
+
+from ray_app.eval_report import PER_IMAGE, TEMPLATES, write_report
+
+PRODUCTS = {
+    "mug-red-01": ("mug", (200, 40, 40)),
+    "lamp-blue-02": ("lamp", (40, 80, 200)),
+}
+IMAGE_PX = 48
+THUMB_PX = 32
+
+
+class _Links(HTMLParser):
+    """Every href and src of a page, and its visible text."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "href" in attrs:
+            self.links.append(attrs["href"])
+        if "src" in attrs:
+            self.links.append(attrs["src"])
+            if tag == "img":
+                self.images.append(attrs["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text())
+    return parser
+
+
+def section(html: str, element_id: str, end: str) -> str:
+    """The page's HTML from the element with ``element_id`` to the next ``end``."""
+    start = html.index(f'id="{element_id}"')
+    return html[start : html.index(end, start)]
+
+
+@pytest.fixture
+def evaluation(tmp_path) -> Path:
+    return write_evaluation(tmp_path / "eval", products=PRODUCTS, size=IMAGE_PX)
+
+
+def image_rows(out: Path, product_id: str) -> list[dict]:
+    return pq.read_table(out / PER_IMAGE / f"{product_id}.parquet").to_pylist()
+
+
+def test_report_writes_an_index_a_page_per_product_and_thumbnails(evaluation):
+    index = Path(write_report(str(evaluation), thumb_px=THUMB_PX))
+    assert index == evaluation / "report" / "index.html" and index.is_file()
+    report = index.parent
+    for pid in PRODUCTS:
+        page = report / "products" / f"{pid}.html"
+        assert page.is_file()
+        shown = parse(page).images
+        generated = [r for r in image_rows(evaluation, pid) if r["image_uri"]]
+        references = 2  # write_evaluation's default reference photos per product
+        assert len(shown) == len(generated) + references
+        for src in shown:
+            thumb = (page.parent / unquote(src)).resolve()
+            with Image.open(thumb) as im:
+                assert im.format == "JPEG" and max(im.size) == THUMB_PX  # shrunk from IMAGE_PX
+
+
+def test_index_compares_both_runs_with_intervals_and_keeps_published_rows_apart(evaluation):
+    html = Path(write_report(str(evaluation))).read_text()
+    summary = json.loads((evaluation / "summary.json").read_text())
+    measured = section(html, "measured-table", "</table>")
+    header = measured[: measured.index("</tr>")]
+    assert all(run in header for run in RUNS)
+    assert "restage − baseline" in header  # the paired column
+    dino = summary["overall"]["restage"]["dino"]
+    assert f"{dino['mean']:.3f}" in measured and f"[{dino['lo']:.3f}, {dino['hi']:.3f}]" in measured
+    paired = summary["paired"][0]["metrics"]["clip_t"]
+    assert f"{paired['mean']:.3f}" in measured
+    assert summary["distribution"]["baseline"]["refused"] in measured  # FID's refusal, said
+    assert f"{summary['distribution']['restage']['fid']:.2f}" in measured
+    # Published numbers only in their own block, never among the measured ones.
+    published = section(html, "published", "</div>")
+    assert "not measured here" in published
+    for row in PUBLISHED:
+        assert row["name"] in published and row["name"] not in measured
+        assert f"{row['dino']:.3f}" in published and f"{row['dino']:.3f}" not in measured
+    assert "Not comparable with published numbers" in html
+    for source in summary["backbones"].values():
+        assert source in html
+    # One inline SVG plot per metric; per-category rows; a products table linking each page.
+    assert html.count("<svg") == len(METRICS)
+    categories = section(html, "categories", "</table>")
+    assert all(category in categories for category, _ in PRODUCTS.values())
+    products = section(html, "products-table", "</table>")
+    for pid in PRODUCTS:
+        assert f'href="products/{pid}.html"' in products
+
+
+def test_every_link_resolves_and_nothing_is_fetched_from_elsewhere(evaluation):
+    report = Path(write_report(str(evaluation))).parent
+    pages = sorted(report.rglob("*.html"))
+    assert len(pages) == 1 + len(PRODUCTS)
+    for page in pages:
+        html = page.read_text()
+        assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I), page
+        # No stylesheet fetches either (the SVG plots' url(#id) point inside the page).
+        assert "@import" not in html and not re.search(r"""url\(\s*["']?(?!#)""", html), page
+        for link in parse(page).links:
+            parts = urlsplit(link)
+            assert not parts.scheme and not parts.netloc, (page, link)
+            target = (page.parent / unquote(parts.path)).resolve()
+            assert target.is_file() and report in target.parents, (page, link)
+
+
+def test_a_product_page_marks_kept_dropped_and_failed_images_and_escapes_text(evaluation):
+    report = Path(write_report(str(evaluation))).parent
+    pid = sorted(PRODUCTS)[-1]  # write_evaluation fails the baseline's first image of it
+    html = (report / "products" / f"{pid}.html").read_text()
+    rows = image_rows(evaluation, pid)
+    assert html.count('class="card kept"') == sum(r["kept"] and not r["error"] for r in rows)
+    assert html.count('class="card dropped"') == sum(not r["kept"] and not r["error"] for r in rows)
+    failed = [r for r in rows if r["error"]]
+    assert failed and html.count('class="card failed"') == len(failed)
+    assert failed[0]["error"] in html
+    assert 'href="../index.html"' in html
+    # Prompts carry markup ("<b>wooden</b>"): shown as text, never as tags.
+    assert "<b>" not in html and "&lt;b&gt;wooden&lt;/b&gt;" in html
+
+
+def test_null_metrics_show_a_dash(evaluation):
+    report = Path(write_report(str(evaluation))).parent
+    pid = sorted(PRODUCTS)[0]  # no masks: its seg metrics are null
+    means = section((report / "products" / f"{pid}.html").read_text(), "means", "</table>")
+    cells = re.findall(r'<td class="num">([^<]*)</td>', means)
+    seg = sum(m.startswith("seg_") for m in METRICS)
+    assert cells.count("—") == seg * len(RUNS)
+
+
+def test_max_products_caps_the_pages_and_lists_the_rest(evaluation):
+    write_report(str(evaluation))  # a first, full report: its extra pages must not survive
+    index = Path(write_report(str(evaluation), max_products=1))
+    pages = sorted(p.stem for p in (index.parent / "products").glob("*.html"))
+    first, rest = sorted(PRODUCTS)[0], sorted(PRODUCTS)[1:]
+    assert pages == [first]
+    html = index.read_text()
+    assert f"first 1 of {len(PRODUCTS)} products" in html
+    products = section(html, "products-table", "</table>")
+    for pid in rest:
+        assert pid in products and f"products/{pid}.html" not in products
+    assert not (index.parent / "images" / rest[0]).exists()
+
+
+def test_an_unreadable_image_is_shown_as_its_reason(evaluation):
+    pid = sorted(PRODUCTS)[0]
+    row = next(r for r in image_rows(evaluation, pid) if r["image_uri"])
+    Path(row["image_uri"]).unlink()
+    refs = pq.read_table(evaluation / "per_product.parquet" / f"{pid}.parquet").to_pylist()
+    Path(refs[0]["reference_uris"][0]).write_bytes(b"not an image")
+    report = Path(write_report(str(evaluation))).parent
+    html = (report / "products" / f"{pid}.html").read_text()
+    assert "image file not found" in html and "not an image" in html
+
+
+def test_the_report_is_the_same_when_written_again(evaluation):
+    first = Path(write_report(str(evaluation))).read_bytes()
+    assert Path(write_report(str(evaluation))).read_bytes() == first
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"max_products": -1}, "max_products=-1"),
+        ({"max_products": 1.5}, "max_products=1.5"),
+        ({"thumb_px": 4}, "thumb_px=4"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(evaluation, kwargs, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        write_report(str(evaluation), **kwargs)
+
+
+def test_a_folder_without_an_evaluation_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="restage evaluate"):
+        write_report(str(tmp_path))
+
+
+def test_the_templates_ship_in_the_package():
+    """A non-editable install finds the templates: pyproject's package data lists them."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["ray_app"]
+    templates = [
+        f"{TEMPLATES}/{t.name}" for t in resources.files("ray_app").joinpath(TEMPLATES).iterdir()
+    ]
+    assert templates
+    for name in templates:
+        assert any(fnmatch.fnmatch(name, g) for g in globs), (name, globs)
+
+
+def test_the_report_in_headless_chromium(evaluation):
+    index = Path(write_report(str(evaluation)))
+    with chromium_page() as page:
+        page.goto(file_url(index))
+        assert broken_images(page) == []
+        assert page.locator("img").count() == len(PRODUCTS)  # a cover photo per product
+        assert page.locator("#plots svg").count() == len(METRICS)
+        header = page.locator("#measured-table tr").first.inner_text()
+        assert all(run in header for run in RUNS)
+        pid = sorted(PRODUCTS)[-1]
+        page.click(f"#products-table a:text-is('{pid}')")
+        page.wait_for_url(f"**/products/{pid}.html")
+        assert broken_images(page) == []
+        generated = [r for r in image_rows(evaluation, pid) if r["image_uri"]]
+        assert page.locator(".card img").count() == len(generated)
+        assert page.locator(".refs img").count() == 2
+        page.click("nav a")
+        page.wait_for_url("**/report/index.html")
