@@ -5,6 +5,7 @@ tested without an evaluation run. The numbers are made up; the shapes are the co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,14 @@ PUBLISHED = [
         "clip_t": 0.305,
     }
 ]
+
+# With markup in it, which the report must show as text.
+PROMPT = "a photo of sks {category} on a <b>wooden</b> table, scene {i}"
+TINY_BACKBONES = {
+    "eval_clip": "tiny:eval_clip",
+    "eval_dino": "tiny:eval_dino",
+    "inception": "tiny:inception",
+}
 
 PER_IMAGE_SCHEMA = pa.schema(
     [
@@ -77,6 +86,8 @@ def write_evaluation(
     size: int = 24,
     references: dict[str, list[str]] | None = None,
     published: list[dict] | None = None,
+    backbones: dict[str, str] | None = None,
+    prompt: Callable[[str, int], str] = PROMPT.format,
     seed: int = 0,
 ) -> Path:
     """Write an evaluation output under ``root`` -> root.
@@ -85,6 +96,8 @@ def write_evaluation(
     "baseline". Seg metrics are null for the first product (no masks); the baseline's first
     image of the last product failed (no image, an error); the baseline's FID is refused.
     ``references``: product id -> existing reference photo URIs (default: PNGs written here).
+    ``prompt``: (category=, i=) -> the prompt of image ``i``.
+    ``backbones``: role -> source as the summary names them (default: the tiny roles).
     """
     rng = np.random.default_rng(seed)
     ids = sorted(products)
@@ -127,7 +140,7 @@ def write_evaluation(
                         "category": category,
                         "image_id": image_id,
                         "image_uri": uri,
-                        "prompt": f"a photo of sks {category} on a <b>wooden</b> table, scene {i}",
+                        "prompt": prompt(category=category, i=i),
                         "rank": None if failed else i,
                         "kept": (not failed) and i < kept_per_run,
                         **scores,
@@ -171,11 +184,7 @@ def write_evaluation(
     summary = {
         "runs": {run: f"file://{root}/runs/{run}" for run in RUNS},
         "metrics": METRICS,
-        "backbones": {
-            "eval_clip": "tiny:eval_clip",
-            "eval_dino": "tiny:eval_dino",
-            "inception": "tiny:inception",
-        },
+        "backbones": backbones or TINY_BACKBONES,
         "comparable": False,
         "confidence": 0.95,
         "bootstrap_samples": 1000,
@@ -227,7 +236,8 @@ def write_evaluation(
                 "kid_std": None,
                 "n_generated": images_per_run * len(ids) - 1,
                 "n_reference": 2 * len(ids),
-                "refused": "5 generated images, below evaluate.min_fid_images=50",
+                "refused": f"{images_per_run * len(ids) - 1} generated images, below the minimum of "
+                f"{images_per_run * len(ids) + 50}",
             },
         },
         "published": PUBLISHED if published is None else published,

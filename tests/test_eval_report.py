@@ -238,3 +238,18 @@ def test_the_report_in_headless_chromium(evaluation):
         assert page.locator(".refs img").count() == 2
         page.click("nav a")
         page.wait_for_url("**/report/index.html")
+
+
+def test_the_screenshot_script_takes_both_screenshots(tmp_path):
+    """docs/make_screenshots.py, which made the README's pictures, still runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_screenshots", ROOT / "docs" / "make_screenshots.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shots = script.make_screenshots(tmp_path, tmp_path / "work")
+    for shot in shots:
+        with Image.open(shot) as im:
+            assert im.format == "PNG" and im.size[0] == script.VIEWPORT[0]
