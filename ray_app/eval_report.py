@@ -24,7 +24,9 @@ import io
 import math
 import posixpath
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,9 @@ REPORT = "report"
 TEMPLATES = "templates/report"
 MIN_THUMB_PX = 32
 JPEG_QUALITY = 85
+# Thumbnails of a product are made in threads: reads wait on storage (object stores), and
+# Pillow's decode, resize and encode release the GIL.
+THUMB_THREADS = 8
 # A strip plot draws every product's point up to this many per run; beyond it the box alone
 # says the distribution (an SVG with 10^5 points would weigh megabytes).
 MAX_STRIP_POINTS = 400
@@ -192,8 +197,18 @@ def write_report(
     products = _read_products(layout, runs, metrics, colours)
     with_page = products if max_products is None else products[:max_products]
     env = _environment()
-    for product in with_page:
-        _write_product(layout, env, product, runs, metrics, summary, thumb_px, read_reference)
+    with ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="report-thumbs") as pool:
+        for product in with_page:
+            _write_product(
+                layout,
+                env,
+                pool,
+                product,
+                runs,
+                metrics,
+                thumb_px,
+                read_reference or storage.read_bytes,
+            )
     index = env.get_template("index.html.j2").render(
         out_uri=layout.root,
         summary=summary,
@@ -285,11 +300,10 @@ def _read_cards(layout: ReportLayout, product_id: str, metrics: list[str]) -> di
 # --------------------------------------------------------------------------- product pages
 
 
-def _thumbnail(
-    layout: ReportLayout, uri: str | None, href: str, thumb_px: int, read: Reader
-) -> Thumb:
-    """Read ``uri``, shrink it to ``thumb_px`` and write it as JPEG at ``href``; a missing or
-    unreadable image becomes the reason shown in its place."""
+def _thumbnail(layout: ReportLayout, thumb_px: int, job: tuple[str | None, str, Reader]) -> Thumb:
+    """Read an image, shrink it to ``thumb_px`` and write it as JPEG at its ``href``; a
+    missing or unreadable image becomes the reason shown in its place."""
+    uri, href, read = job
     if not uri:
         return Thumb(error="no image")
     try:
@@ -307,36 +321,42 @@ def _thumbnail(
 
 
 def _card_order(row: dict) -> tuple:
-    # Kept first, then by rank; unranked images after the ranked ones.
+    # Kept first, then by rank (1 = best); unranked images after the ranked ones.
     return (not row["kept"], row["rank"] is None, row["rank"] or 0, str(row["image_id"]))
 
 
 def _write_product(
     layout: ReportLayout,
     env: Any,
+    pool: ThreadPoolExecutor,
     product: ProductRow,
     runs: list[str],
     metrics: list[str],
-    summary: dict,
     thumb_px: int,
-    read_reference: Reader | None,
+    read_reference: Reader,
 ) -> None:
     pid = product.product_id
-    references = [
-        _thumbnail(
-            layout,
-            uri,
-            ReportLayout.thumb_path(pid, f"ref-{i}"),
-            thumb_px,
-            read_reference or storage.read_bytes,
-        )
-        for i, uri in enumerate(product.reference_uris)
-    ]
-    product.cover = next((t.href for t in references if t.href), None)
     by_run = _read_cards(layout, pid, metrics)
     ordered = [r for r in runs if r in product.runs or r in by_run]
     ordered += sorted(r for r in by_run if r not in ordered)  # a run the summary misses
+    rows = {run: sorted(by_run.get(run, []), key=_card_order) for run in ordered}
+    jobs = [
+        (uri, ReportLayout.thumb_path(pid, f"ref-{i}"), read_reference)
+        for i, uri in enumerate(product.reference_uris)
+    ]
     for run_index, run in enumerate(ordered):
+        jobs += [
+            (
+                row["image_uri"],
+                ReportLayout.thumb_path(pid, f"r{run_index}-{i:05d}"),
+                storage.read_bytes,
+            )
+            for i, row in enumerate(rows[run])
+        ]
+    thumbs = iter(pool.map(partial(_thumbnail, layout, thumb_px), jobs))
+    references = [next(thumbs) for _ in product.reference_uris]
+    product.cover = next((t.href for t in references if t.href), None)
+    for run in ordered:
         entry = product.runs.setdefault(run, ProductRun(run=run, colour="#777777"))
         entry.cards = [
             ImageCard(
@@ -346,15 +366,9 @@ def _write_product(
                 kept=bool(row["kept"]),
                 scores={m: _number(row[m]) for m in metrics},
                 error=row["error"],
-                thumb=_thumbnail(
-                    layout,
-                    row["image_uri"],
-                    ReportLayout.thumb_path(pid, f"r{run_index}-{i:05d}"),
-                    thumb_px,
-                    storage.read_bytes,
-                ),
+                thumb=next(thumbs),
             )
-            for i, row in enumerate(sorted(by_run.get(run, []), key=_card_order))
+            for row in rows[run]
         ]
     page = ReportLayout.page_path(pid)
     html = env.get_template("product.html.j2").render(
@@ -362,7 +376,6 @@ def _write_product(
         runs=[product.runs[r] for r in ordered],
         references=list(zip(product.reference_uris, references, strict=True)),
         metrics=metrics,
-        summary=summary,
         root="../",
     )
     storage.write_bytes(layout.site_file(page), html.encode())

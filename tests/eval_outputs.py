@@ -141,7 +141,7 @@ def write_evaluation(
                         "image_id": image_id,
                         "image_uri": uri,
                         "prompt": prompt(category=category, i=i),
-                        "rank": None if failed else i,
+                        "rank": None if failed else i + 1,  # 1 = best, as generate writes
                         "kept": (not failed) and i < kept_per_run,
                         **scores,
                         "error": "generation failed: out of memory" if failed else None,

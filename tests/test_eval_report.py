@@ -20,6 +20,7 @@ from eval_outputs import METRICS, PUBLISHED, RUNS, write_evaluation
 from PIL import Image
 
 from ray_app.eval_report import PER_IMAGE, TEMPLATES, write_report
+from ray_app.sources import SourceRefused
 
 PRODUCTS = {
     "mug-red-01": ("mug", (200, 40, 40)),
@@ -147,6 +148,13 @@ def test_a_product_page_marks_kept_dropped_and_failed_images_and_escapes_text(ev
     assert failed and html.count('class="card failed"') == len(failed)
     assert failed[0]["error"] in html
     assert 'href="../index.html"' in html
+    # Each run's images: kept first, in rank order (1 = best).
+    for run_index, run in enumerate(RUNS):
+        body = html.split('<h3 id="run-')[run_index + 1]
+        assert run in body[: body.index("</h3>")]
+        ranks = [int(r) for r in re.findall(r"rank (\d+) ·", body)]
+        expected = sorted(r["rank"] for r in rows if r["run"] == run and r["rank"] is not None)
+        assert ranks == expected
     # Prompts carry markup ("<b>wooden</b>"): shown as text, never as tags.
     assert "<b>" not in html and "&lt;b&gt;wooden&lt;/b&gt;" in html
 
@@ -183,6 +191,29 @@ def test_an_unreadable_image_is_shown_as_its_reason(evaluation):
     report = Path(write_report(str(evaluation))).parent
     html = (report / "products" / f"{pid}.html").read_text()
     assert "image file not found" in html and "not an image" in html
+
+
+def test_reference_photos_are_read_with_the_reader_given(evaluation):
+    """An evaluation of an untrusted manifest passes its SourcePolicy's reader: a refusal is
+    shown in the photo's place, and generated images are read as before."""
+    asked = []
+
+    def refuse(uri: str) -> bytes:
+        asked.append(uri)
+        raise SourceRefused(uri, "outside the allowed sources")
+
+    report = Path(write_report(str(evaluation), read_reference=refuse)).parent
+    refs = {
+        uri
+        for pid in PRODUCTS
+        for row in pq.read_table(evaluation / "per_product.parquet" / f"{pid}.parquet").to_pylist()
+        for uri in row["reference_uris"]
+    }
+    assert set(asked) == refs
+    for pid in PRODUCTS:
+        html = (report / "products" / f"{pid}.html").read_text()
+        assert html.count("refused by policy") == 2  # its reference photos
+        assert f"../images/{pid}/r0-00000.jpg" in html
 
 
 def test_the_report_is_the_same_when_written_again(evaluation):
