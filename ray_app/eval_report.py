@@ -35,6 +35,7 @@ import pyarrow.dataset as pads
 
 from ray_app import storage
 from ray_app.images import ImageError, decode_image, encode_jpeg
+from ray_app.kinds import Metric
 
 # The outputs of ``restage evaluate`` this module reads (their writer owns their contents).
 PER_IMAGE = "per_image.parquet"
@@ -53,13 +54,14 @@ THUMB_THREADS = 8
 MAX_STRIP_POINTS = 400
 # Run colours in tables and plots (matplotlib's default cycle, so both agree).
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+# How the papers write the metrics (a name the summary adds later is shown as it is).
 METRIC_LABELS = {
-    "dino": "DINO",
-    "clip_i": "CLIP-I",
-    "clip_t": "CLIP-T",
-    "seg_dino": "SegDINO",
-    "seg_clip_i": "SegCLIP-I",
-    "seg_clip_t": "SegCLIP-T",
+    Metric.DINO: "DINO",
+    Metric.CLIP_I: "CLIP-I",
+    Metric.CLIP_T: "CLIP-T",
+    Metric.SEG_DINO: "SegDINO",
+    Metric.SEG_CLIP_I: "SegCLIP-I",
+    Metric.SEG_CLIP_T: "SegCLIP-T",
 }
 
 Reader = Callable[[str], bytes]
