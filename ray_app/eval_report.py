@@ -233,15 +233,18 @@ def write_report(
 # --------------------------------------------------------------------------- reading
 
 
-def _read_shards(uri: str, columns: list[str]) -> pa.Table:
+def _read_shards(uri: str, columns: list[str]) -> pa.Table | None:
     """The named columns of every Parquet shard under the folder ``uri`` (hidden and
-    temporary files are skipped, as ``pyarrow.dataset`` does for '.' and '_' names)."""
+    temporary files are skipped, as ``pyarrow.dataset`` does for '.' and '_' names); None
+    when it has no shard (an evaluation of no product)."""
     fs, path = storage.url_to_fs(uri)
     if not fs.isdir(path):
         raise FileNotFoundError(
             f"{uri} is not a folder of Parquet shards: is the evaluation finished?"
         )
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    if not dataset.files:
+        return None
     absent = [c for c in columns if c not in dataset.schema.names]
     if absent:
         raise ValueError(f"{uri} lacks the column(s) {', '.join(absent)}")
@@ -261,8 +264,9 @@ def _read_products(
 ) -> list[ProductRow]:
     columns = ["run", "product_id", "category", "n_images", "n_errors", "reference_uris", *metrics]
     table = _read_shards(layout.per_product_dir(), columns)
+    batches = table.to_batches() if table is not None else []
     products: dict[str, ProductRow] = {}
-    for row in table.to_pylist():
+    for row in (row for batch in batches for row in batch.to_pylist()):
         pid = row["product_id"]
         product = products.setdefault(
             pid, ProductRow(pid, row["category"] or "", list(row["reference_uris"] or []), {})
@@ -557,7 +561,8 @@ def _distribution_svg(metric: str, values: dict[str, np.ndarray], colours: dict[
 # --------------------------------------------------------------------------- templates
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def _fmt(value: Any, digits: int = 3) -> str:
+    value = _number(value)
     return "—" if value is None else f"{value:.{digits}f}"
 
 

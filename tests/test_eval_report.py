@@ -234,6 +234,20 @@ def test_bad_arguments_are_refused_naming_them(evaluation, kwargs, named):
         write_report(str(evaluation), **kwargs)
 
 
+def test_an_evaluation_of_no_product_with_a_bare_summary_has_a_report(tmp_path):
+    """Only runs and metrics in the summary, no shard yet: every table says it is empty."""
+    out = tmp_path / "eval"
+    (out / "per_product.parquet").mkdir(parents=True)
+    (out / "summary.json").write_text(
+        json.dumps({"runs": {run: f"/runs/{run}" for run in RUNS}, "metrics": METRICS})
+    )
+    html = Path(write_report(str(out))).read_text()
+    assert all(run in section(html, "measured-table", "</table>") for run in RUNS)
+    assert html.count("not computed for any product") == len(METRICS)
+    assert "None for this evaluation" in section(html, "published", "</div>")
+    assert "<svg" not in html and "products/" not in html
+
+
 def test_a_folder_without_an_evaluation_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="restage evaluate"):
         write_report(str(tmp_path))
