@@ -133,10 +133,9 @@ def write_evaluation(
                 failed = run == "baseline" and p_index == len(ids) - 1 and i == 0
                 uri = None
                 if not failed:
-                    uri = str(
-                        root / "runs" / run / "generations" / "images" / pid / f"{image_id}.png"
-                    )
-                    storage.write_bytes(uri, _png(rng, colour, size))
+                    path = root / "runs" / run / "generations" / "images" / pid / f"{image_id}.png"
+                    storage.write_bytes(str(path), _png(rng, colour, size))
+                    uri = path.as_uri()  # absolute URIs, as evaluate writes them
                 scores = {}
                 for m in METRICS:
                     if failed or (m.startswith("seg_") and p_index == 0):
