@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -103,9 +104,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder of the PNGs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as work:
-        for shot in make_screenshots(args.out, Path(work)):
+    # A fixed folder, not a random one: its name is in the picture, which then only changes
+    # when the report does.
+    work = Path(tempfile.gettempdir()) / "restage-report-screenshots"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        for shot in make_screenshots(args.out, work):
             print(shot)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
