@@ -49,8 +49,8 @@ JPEG_QUALITY = 85
 # Thumbnails of a product are made in threads: reads wait on storage (object stores), and
 # Pillow's decode, resize and encode release the GIL.
 THUMB_THREADS = 8
-# A strip plot draws every product's point up to this many per run; beyond it the box alone
-# says the distribution (an SVG with 10^5 points would weigh megabytes).
+# A strip plot draws every product's point up to this many per run, and a random sample of
+# that many beyond (an SVG of 10^5 points would weigh megabytes); boxes and means use all.
 MAX_STRIP_POINTS = 400
 # Run colours in tables and plots (matplotlib's default cycle, so both agree).
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
@@ -502,13 +502,13 @@ def _plots(
             for run in runs
         }
         svg = _distribution_svg(metric, values, colours) if any(map(len, values.values())) else None
-        plots.append(
-            {"metric": metric, "svg": svg, "n": {run: len(v) for run, v in values.items()}}
-        )
+        plots.append({"metric": metric, "svg": svg})
     return plots
 
 
 def _distribution_svg(metric: str, values: dict[str, np.ndarray], colours: dict[str, str]) -> str:
+    """The figure as an ``<svg>`` element, marked safe for the template: matplotlib escapes
+    the text it writes (labels, and the comments naming them), run names included."""
     from markupsafe import Markup
     from matplotlib import rc_context
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend

@@ -159,6 +159,17 @@ def test_a_product_page_marks_kept_dropped_and_failed_images_and_escapes_text(ev
     assert "<b>" not in html and "&lt;b&gt;wooden&lt;/b&gt;" in html
 
 
+def test_plots_escape_run_names():
+    """Plots go into the page unescaped (they are SVG): matplotlib must escape what it writes."""
+    import numpy as np
+
+    from ray_app.eval_report import _distribution_svg
+
+    hostile = "a --> </svg><script>alert(1)</script>"
+    svg = _distribution_svg("dino", {hostile: np.array([0.5, 0.6])}, {hostile: "#1f77b4"})
+    assert svg.startswith("<svg") and "<script" not in svg and "</svg><" not in svg
+
+
 def test_null_metrics_show_a_dash(evaluation):
     report = Path(write_report(str(evaluation))).parent
     pid = sorted(PRODUCTS)[0]  # no masks: its seg metrics are null
