@@ -227,6 +227,29 @@ def test_reference_photos_are_read_with_the_reader_given(evaluation):
         assert f"../images/{pid}/r0-00000.jpg" in html
 
 
+def test_the_report_is_read_and_written_through_fsspec(evaluation):
+    """An evaluation on another filesystem (here fsspec's in-memory one, as an object store
+    would be) gets the same report there."""
+    import uuid
+
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    root = f"/eval-{uuid.uuid4().hex}"
+    try:
+        for path in evaluation.rglob("*"):
+            if path.is_file() and not {"runs", "refs"} & set(path.parts):  # images stay local
+                memory.pipe_file(f"{root}/{path.relative_to(evaluation)}", path.read_bytes())
+        index = write_report(f"memory://{root}")
+        assert index == f"memory://{root}/report/index.html"
+        local = Path(write_report(str(evaluation)))
+        written = {p[len(root) + len("/report/") :] for p in memory.find(f"{root}/report")}
+        assert written == {str(p.relative_to(local.parent)) for p in local.parent.rglob("*.*")}
+        assert memory.cat_file(f"{root}/report/index.html").count(b"<svg") == len(METRICS)
+    finally:
+        memory.rm(root, recursive=True)
+
+
 def test_the_report_is_the_same_when_written_again(evaluation):
     first = Path(write_report(str(evaluation))).read_bytes()
     assert Path(write_report(str(evaluation))).read_bytes() == first
