@@ -36,12 +36,7 @@ import pyarrow.dataset as pads
 from ray_app import storage
 from ray_app.images import ImageError, decode_image, encode_jpeg
 from ray_app.kinds import Metric
-
-# The outputs of ``restage evaluate`` this module reads (their writer owns their contents).
-PER_IMAGE = "per_image.parquet"
-PER_PRODUCT = "per_product.parquet"
-SUMMARY = "summary.json"
-REPORT = "report"
+from ray_app.storage import EvaluationLayout
 
 TEMPLATES = "templates/report"
 MIN_THUMB_PX = 32
@@ -69,25 +64,14 @@ Reader = Callable[[str], bytes]
 
 @dataclass(frozen=True)
 class ReportLayout:
-    """Where the report's inputs are under an evaluation root, and where its files go.
+    """The report's own files, in the evaluation's ``report_dir()`` (its inputs' places are
+    ``storage.EvaluationLayout``'s). Pages link to each other and to thumbnails by paths
+    relative to the report folder (``href``s), joined to it for writing."""
 
-    Paths of the site's own files are relative to the report folder (``href``s), joined to
-    the root for writing.
-    """
-
-    root: str
-
-    def summary(self) -> str:
-        return storage.join(self.root, SUMMARY)
-
-    def per_product_dir(self) -> str:
-        return storage.join(self.root, PER_PRODUCT)
-
-    def per_image_shard(self, product_id: str) -> str:
-        return storage.join(self.root, PER_IMAGE, f"{product_id}.parquet")
+    evaluation: EvaluationLayout
 
     def report_dir(self) -> str:
-        return storage.join(self.root, REPORT)
+        return self.evaluation.report_dir()
 
     def index(self) -> str:
         return storage.join(self.report_dir(), "index.html")
@@ -178,20 +162,21 @@ def write_report(
             f"thumb_px={thumb_px!r}: give the thumbnails' longest side in pixels, an integer "
             f">= {MIN_THUMB_PX}"
         )
-    layout = ReportLayout(storage.normalize_uri(out_uri))
-    if not storage.exists(layout.summary()):
+    layout = ReportLayout(EvaluationLayout(storage.normalize_uri(out_uri)))
+    tables = layout.evaluation.tables()
+    if not storage.exists(tables):
         raise FileNotFoundError(
-            f"{layout.summary()} does not exist: out_uri={out_uri!r} must be the --out of a "
+            f"{tables} does not exist: out_uri={out_uri!r} must be the --out of a "
             "finished `restage evaluate`"
         )
-    summary = storage.read_json(layout.summary())
+    summary = storage.read_json(tables)
     missing = [key for key in ("runs", "metrics") if key not in summary]
     if missing:
-        raise ValueError(
-            f"{layout.summary()} lacks {', '.join(missing)}: not an evaluation summary"
-        )
+        raise ValueError(f"{tables} lacks {', '.join(missing)}: not an evaluation summary")
     summary = _with_defaults(summary)
-    runs = list(summary["runs"])
+    # JSON objects lose their order (storage.write_json sorts keys): run_order keeps the
+    # order of the --run flags, whose first is compared with each other.
+    runs = list(summary["run_order"] or summary["runs"])
     metrics = list(summary["metrics"])
     colours = {run: RUN_COLOURS[i % len(RUN_COLOURS)] for i, run in enumerate(runs)}
 
@@ -212,7 +197,7 @@ def write_report(
                 read_reference or storage.read_bytes,
             )
     index = env.get_template("index.html.j2").render(
-        out_uri=layout.root,
+        out_uri=layout.evaluation.root,
         summary=summary,
         runs=runs,
         metrics=metrics,
@@ -263,7 +248,7 @@ def _read_products(
     layout: ReportLayout, runs: list[str], metrics: list[str], colours: dict[str, str]
 ) -> list[ProductRow]:
     columns = ["run", "product_id", "category", "n_images", "n_errors", "reference_uris", *metrics]
-    table = _read_shards(layout.per_product_dir(), columns)
+    table = _read_shards(layout.evaluation.per_product_dir(), columns)
     batches = table.to_batches() if table is not None else []
     products: dict[str, ProductRow] = {}
     for row in (row for batch in batches for row in batch.to_pylist()):
@@ -286,7 +271,7 @@ def _read_products(
 
 def _read_cards(layout: ReportLayout, product_id: str, metrics: list[str]) -> dict[str, list[dict]]:
     """The product's per-image rows, by run (one shard: this product's only)."""
-    uri = layout.per_image_shard(product_id)
+    uri = layout.evaluation.per_image(product_id)
     if not storage.exists(uri):
         return {}
     table = storage.read_parquet(uri)
@@ -394,6 +379,9 @@ def _write_product(
 
 # What the templates read from the summary beyond runs and metrics, when a summary lacks it.
 _SUMMARY_DEFAULTS: dict[str, Any] = {
+    "run_order": None,
+    "references": None,
+    "clip_t_text": None,
     "products": None,
     "images": {},
     "errors": {},
@@ -446,6 +434,7 @@ def _distribution_rows(summary: dict, runs: list[str]) -> list[dict]:
                 "fid": _number(d.get("fid")),
                 "kid_mean": _number(d.get("kid_mean")),
                 "kid_std": _number(d.get("kid_std")),
+                "kid_subset_size": d.get("kid_subset_size"),
                 "n_generated": d.get("n_generated"),
                 "n_reference": d.get("n_reference"),
                 "refused": d.get("refused"),

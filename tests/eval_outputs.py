@@ -4,7 +4,6 @@ tested without an evaluation run. The numbers are made up; the shapes are the co
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from ray_app import storage
-from ray_app.eval_report import PER_IMAGE, PER_PRODUCT, SUMMARY
 from ray_app.images import encode_png
 from ray_app.kinds import Metric
+from ray_app.records import EVAL_IMAGE_SCHEMA, EVAL_PRODUCT_SCHEMA
+from ray_app.storage import EvaluationLayout
 
 # In the order of the brief's summary (the DreamBench three first).
 METRICS = [
@@ -45,32 +45,6 @@ TINY_BACKBONES = {
     "eval_dino": "tiny:eval_dino",
     "inception": "tiny:inception",
 }
-
-PER_IMAGE_SCHEMA = pa.schema(
-    [
-        ("run", pa.string()),
-        ("product_id", pa.string()),
-        ("category", pa.string()),
-        ("image_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("prompt", pa.string()),
-        ("rank", pa.int32()),
-        ("kept", pa.bool_()),
-        *[(m, pa.float32()) for m in METRICS],
-        ("error", pa.string()),
-    ]
-)
-PER_PRODUCT_SCHEMA = pa.schema(
-    [
-        ("run", pa.string()),
-        ("product_id", pa.string()),
-        ("category", pa.string()),
-        ("n_images", pa.int32()),
-        ("n_errors", pa.int32()),
-        *[(m, pa.float32()) for m in METRICS],
-        ("reference_uris", pa.list_(pa.string())),
-    ]
-)
 
 
 def _png(rng: np.random.Generator, colour: tuple[int, int, int], size: int) -> bytes:
@@ -112,6 +86,7 @@ def write_evaluation(
     ``backbones``: role -> source as the summary names them (default: the tiny roles).
     """
     rng = np.random.default_rng(seed)
+    layout = EvaluationLayout(str(root))
     ids = sorted(products)
     per_product_values: dict[str, dict[str, dict[str, float | None]]] = {r: {} for r in RUNS}
     for p_index, pid in enumerate(ids):
@@ -172,12 +147,11 @@ def write_evaluation(
                 }
             )
         storage.write_parquet(
-            str(root / PER_IMAGE / f"{pid}.parquet"),
-            pa.Table.from_pylist(image_rows, schema=PER_IMAGE_SCHEMA),
+            layout.per_image(pid), pa.Table.from_pylist(image_rows, schema=EVAL_IMAGE_SCHEMA)
         )
         storage.write_parquet(
-            str(root / PER_PRODUCT / f"{pid}.parquet"),
-            pa.Table.from_pylist(product_rows, schema=PER_PRODUCT_SCHEMA),
+            layout.per_product(pid),
+            pa.Table.from_pylist(product_rows, schema=EVAL_PRODUCT_SCHEMA),
         )
 
     def aggregate(values: dict[str, dict[str, float | None]], only: set[str] | None = None):
@@ -194,6 +168,9 @@ def write_evaluation(
     categories = sorted({c for c, _ in products.values()})
     summary = {
         "runs": {run: f"file://{root}/runs/{run}" for run in RUNS},
+        "run_order": list(RUNS),
+        "references": f"{root}/references.jsonl",
+        "clip_t_text": "class",
         "metrics": METRICS,
         "backbones": backbones or TINY_BACKBONES,
         "comparable": False,
@@ -239,6 +216,7 @@ def write_evaluation(
                 "kid_std": 0.0021,
                 "n_generated": images_per_run * len(ids),
                 "n_reference": 2 * len(ids),
+                "kid_subset_size": 2 * len(ids),
                 "refused": None,
             },
             "baseline": {
@@ -253,6 +231,5 @@ def write_evaluation(
         },
         "published": PUBLISHED if published is None else published,
     }
-    # Not storage.write_json, which sorts keys: "runs" is in the order of the --run flags.
-    storage.write_bytes(str(root / SUMMARY), json.dumps(summary, indent=2).encode())
+    storage.write_json(layout.tables(), summary)  # sorts keys: run_order keeps the runs' order
     return root

@@ -19,8 +19,9 @@ from conftest import ROOT
 from eval_outputs import METRICS, PUBLISHED, RUNS, write_evaluation
 from PIL import Image
 
-from ray_app.eval_report import PER_IMAGE, TEMPLATES, write_report
+from ray_app.eval_report import TEMPLATES, write_report
 from ray_app.sources import SourceRefused
+from ray_app.storage import EvaluationLayout
 
 PRODUCTS = {
     "mug-red-01": ("mug", (200, 40, 40)),
@@ -70,7 +71,11 @@ def evaluation(tmp_path) -> Path:
 
 
 def image_rows(out: Path, product_id: str) -> list[dict]:
-    return pq.read_table(out / PER_IMAGE / f"{product_id}.parquet").to_pylist()
+    return pq.read_table(EvaluationLayout(str(out)).per_image(product_id)).to_pylist()
+
+
+def product_rows(out: Path, product_id: str) -> list[dict]:
+    return pq.read_table(EvaluationLayout(str(out)).per_product(product_id)).to_pylist()
 
 
 def test_report_writes_an_index_a_page_per_product_and_thumbnails(evaluation):
@@ -92,10 +97,12 @@ def test_report_writes_an_index_a_page_per_product_and_thumbnails(evaluation):
 
 def test_index_compares_both_runs_with_intervals_and_keeps_published_rows_apart(evaluation):
     html = Path(write_report(str(evaluation))).read_text()
-    summary = json.loads((evaluation / "summary.json").read_text())
+    summary = json.loads(Path(EvaluationLayout(str(evaluation)).tables()).read_text())
     measured = section(html, "measured-table", "</table>")
     header = measured[: measured.index("</tr>")]
     assert all(run in header for run in RUNS)
+    # In the order of the --run flags (run_order), not the sorted keys of summary.json.
+    assert list(RUNS) != sorted(RUNS) and header.index(RUNS[0]) < header.index(RUNS[1])
     assert "restage − baseline" in header  # the paired column
     dino = summary["overall"]["restage"]["dino"]
     assert f"{dino['mean']:.3f}" in measured and f"[{dino['lo']:.3f}, {dino['hi']:.3f}]" in measured
@@ -197,7 +204,7 @@ def test_an_unreadable_image_is_shown_as_its_reason(evaluation):
     pid = sorted(PRODUCTS)[0]
     row = next(r for r in image_rows(evaluation, pid) if r["image_uri"])
     Path(urlsplit(row["image_uri"]).path).unlink()
-    refs = pq.read_table(evaluation / "per_product.parquet" / f"{pid}.parquet").to_pylist()
+    refs = product_rows(evaluation, pid)
     Path(refs[0]["reference_uris"][0]).write_bytes(b"not an image")
     report = Path(write_report(str(evaluation))).parent
     html = (report / "products" / f"{pid}.html").read_text()
@@ -217,7 +224,7 @@ def test_reference_photos_are_read_with_the_reader_given(evaluation):
     refs = {
         uri
         for pid in PRODUCTS
-        for row in pq.read_table(evaluation / "per_product.parquet" / f"{pid}.parquet").to_pylist()
+        for row in product_rows(evaluation, pid)
         for uri in row["reference_uris"]
     }
     assert set(asked) == refs
@@ -270,13 +277,17 @@ def test_bad_arguments_are_refused_naming_them(evaluation, kwargs, named):
 
 def test_an_evaluation_of_no_product_with_a_bare_summary_has_a_report(tmp_path):
     """Only runs and metrics in the summary, no shard yet: every table says it is empty."""
-    out = tmp_path / "eval"
-    (out / "per_product.parquet").mkdir(parents=True)
-    (out / "summary.json").write_text(
-        json.dumps({"runs": {run: f"/runs/{run}" for run in RUNS}, "metrics": METRICS})
+    layout = EvaluationLayout(str(tmp_path / "eval"))
+    Path(layout.per_product_dir()).mkdir(parents=True)
+    Path(layout.tables()).write_text(
+        # A run made in parts has several roots.
+        json.dumps(
+            {"runs": {RUNS[0]: ["/runs/a", "/runs/b"], RUNS[1]: "/runs/c"}, "metrics": METRICS}
+        )
     )
-    html = Path(write_report(str(out))).read_text()
+    html = Path(write_report(layout.root)).read_text()
     assert all(run in section(html, "measured-table", "</table>") for run in RUNS)
+    assert all(f"<code>/runs/{x}</code>" in html for x in "abc")
     assert html.count("not computed for any product") == len(METRICS)
     assert "None for this evaluation" in section(html, "published", "</div>")
     assert "<svg" not in html and "products/" not in html
