@@ -1,12 +1,13 @@
 """Screenshots of the evaluation report for the README: docs/report.png (the index) and
 docs/report-product.png (a product page), taken in headless Chromium.
 
-The report is written from a constructed evaluation output (tests/eval_outputs.py): made-up
-numbers and synthetic "generated" images, with the real DreamBooth photos of
-../shared/data/dreambooth as reference photos when that folder is present. It shows what
-the report looks like, not how well restage does.
+By default the report is written from a constructed evaluation output
+(tests/eval_outputs.py): made-up numbers and synthetic "generated" images, with the real
+DreamBooth photos of ../shared/data/dreambooth as reference photos when that folder is
+present. It shows what the report looks like, not how well restage does. With
+--evaluation, it pictures a real evaluation's report instead.
 
-    python docs/make_screenshots.py [--out docs]
+    python docs/make_screenshots.py [--out docs] [--evaluation runs/eval]
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _references() -> tuple[dict[str, tuple[str, tuple[int, int, int]]], dict[str
     return products, refs
 
 
-def make_screenshots(out: Path, work: Path) -> list[Path]:
+def constructed_evaluation(work: Path) -> str:
+    """An evaluation output with made-up numbers (tests/eval_outputs.py) -> its root."""
     products, references = _references()
     evaluation = write_evaluation(
         work / "evaluation",
@@ -79,7 +81,13 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
             "inception": "tiny profile (numbers made up for this picture)",
         },
     )
-    index = Path(write_report(str(evaluation), thumb_px=192))
+    return str(evaluation)
+
+
+def make_screenshots(out: Path, evaluation: str) -> list[Path]:
+    """Write the report of ``evaluation`` (an evaluation output's root) and screenshot its
+    index and first product page into ``out``."""
+    index = Path(write_report(evaluation, thumb_px=192))
     shots = [out / "report.png", out / "report-product.png"]
     with chromium_page(VIEWPORT) as page:
         page.goto(file_url(index))
@@ -102,6 +110,11 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder of the PNGs")
+    parser.add_argument(
+        "--evaluation",
+        help="a local `restage evaluate --out` folder to picture (its report is rewritten); "
+        "default: a constructed one with made-up numbers",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # A fixed folder, not a random one: its name is in the picture, which then only changes
@@ -109,7 +122,8 @@ def main() -> None:
     work = Path(tempfile.gettempdir()) / "restage-report-screenshots"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        for shot in make_screenshots(args.out, work):
+        evaluation = args.evaluation or constructed_evaluation(work)
+        for shot in make_screenshots(args.out, evaluation):
             print(shot)
     finally:
         shutil.rmtree(work, ignore_errors=True)

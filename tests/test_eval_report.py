@@ -339,7 +339,7 @@ def test_the_screenshot_script_takes_both_screenshots(tmp_path):
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    shots = script.make_screenshots(tmp_path, tmp_path / "work")
+    shots = script.make_screenshots(tmp_path, script.constructed_evaluation(tmp_path / "work"))
     for shot in shots:
         with Image.open(shot) as im:
             assert im.format == "PNG" and im.size[0] == script.VIEWPORT[0]
