@@ -130,7 +130,7 @@ def recipe_config(
 
 
 def dreambench(
-    config: RestageConfig, args: DreamBenchArgs, report: Callable[[str], Any] | None = None
+    config: RestageConfig, args: DreamBenchArgs, report: Callable[..., Any] | None = None
 ) -> JobSummary:
     """Run the protocol (module doc); -> the evaluation's summary."""
     from pipelines.evaluate import evaluate

@@ -640,7 +640,7 @@ def evaluate(
     out: str,
     *,
     published: list[dict[str, Any]] | None = None,
-    report: Callable[[str], Any] | None = None,
+    report: Callable[..., Any] | None = None,
 ) -> JobSummary:
     """Evaluate ``runs`` ({name: [generation roots]}) against the products of the
     ``references`` manifest, into ``out``; ``published``: reference rows for the report
@@ -676,8 +676,8 @@ def evaluate(
     result = tables(config, layout, runs, references_uri, published)
     storage.write_json(layout.tables(), result)
     report_uri = None
-    if report is not None:
-        report_uri = report(root)
+    if report is not None:  # reference photos are read as the job read them: by the policy
+        report_uri = report(root, policy.read)
     units = {name: "products" if name == "read" else "images" for name in STAGES}
     return _job.finish(
         summary,
@@ -719,8 +719,10 @@ def main(config: RestageConfig, args: EvaluateArgs) -> JobSummary:
     ``restage evaluate --bench dreambench --subjects DIR --out URI``."""
     from ray_app.eval_report import write_report
 
-    def report(root: str) -> str:
-        return write_report(root, max_products=config.evaluate.report_products)
+    def report(root: str, read_reference: Callable[[str], bytes] | None = None) -> str:
+        return write_report(
+            root, max_products=config.evaluate.report_products, read_reference=read_reference
+        )
 
     if args.bench:
         from pipelines.dreambench import DreamBenchArgs, dreambench
