@@ -656,7 +656,15 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
         return {"generate": (n, "image"), "segment": (n, "image"), "score": (n, "image")}
     if job == "train":
         return {"train": (config.train.steps, "step")}
-    raise ConfigError(f"no cost model for {job!r}: use augment, train or generate")
+    if job == "evaluate":
+        # One run of generate's images (prompts x images per product) and the photos; each
+        # further run adds its images to every pool.
+        n = config.generate.prompts_per_product * config.generate.images_per_prompt
+        pools = {"score": (n + photos, "image"), "inception": (n + photos, "image")}
+        if config.evaluate.segment:
+            pools["segment"] = (n + photos, "image")
+        return pools
+    raise ConfigError(f"no cost model for {job!r}: use augment, train, generate or evaluate")
 
 
 def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:

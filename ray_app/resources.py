@@ -116,7 +116,7 @@ REFERENCES: dict[str, Reference] = {
         "facebook/dino-vits16", 0.022, 0.01, 0, 0.001, "image", "22 M params; ViT-S/16 at 224 px"
     ),
     "inception": Reference(
-        "pt_inception-2015-12-05",
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
         0.024,
         0.02,
         0,
