@@ -23,6 +23,7 @@ from typing import Any
 
 from ray_app import storage
 from ray_app.config import RestageConfig
+from ray_app.kinds import Metric
 from ray_app.records import read_manifest, write_manifest
 from ray_app.report import JobSummary
 
@@ -36,9 +37,9 @@ RECIPES = ("restage", "dreambooth_lora")
 PUBLISHED = [
     {
         "name": "DreamBooth (Stable Diffusion), Ruiz et al. 2023, Table 1",
-        "dino": 0.668,
-        "clip_i": 0.803,
-        "clip_t": 0.305,
+        Metric.DINO.value: 0.668,
+        Metric.CLIP_I.value: 0.803,
+        Metric.CLIP_T.value: 0.305,
     }
 ]
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

@@ -217,3 +217,17 @@ def test_deprecations_in_our_code_fail_the_tests():
     with warnings.catch_warnings(record=True) as shown:
         warnings.warn_explicit("old API", DeprecationWarning, "lib.py", 1, module="somelib.x")
     assert len(shown) == 1
+
+
+def test_evaluate_example_scores_the_quickstart_run(quickstart, user_dir):
+    proc = run(readme_command("evaluate"), user_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = user_dir / readme_command("evaluate").split()[-1]
+    tables = json.loads((out / "summary.json").read_text())
+    assert tables["run_order"] == ["quickstart"] and tables["products"] == 3
+    assert tables["images"]["quickstart"] > 0 and tables["errors"]["quickstart"] == 0
+    assert tables["overall"]["quickstart"]["dino"]["n"] == 3
+    assert (out / "report" / "index.html").exists()
+    # What the README's table of outputs lists is there.
+    for name in ("per_image.parquet", "per_product.parquet", "_features", "_done"):
+        assert (out / name).is_dir(), name
