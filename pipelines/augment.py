@@ -233,6 +233,28 @@ def negatives_needed(
     return math.ceil((n_real + views + contexts) / ratio * oversample)
 
 
+def count_negatives(state: ProductState, config: RestageConfig) -> None:
+    """How many counterfactuals and in-class negatives the product gets, once its real
+    photos' masks are known: enough for its positives (``negatives_needed``), split by
+    ``counterfactual_share``, none of a kind that is off. Counterfactuals need a product
+    mask to paint into: without one every negative is in-class (if those are on)."""
+    cfg = config.augment
+    state.negatives = state.counterfactuals = 0
+    if not (cfg.negatives.enabled or cfg.counterfactuals.enabled):
+        return
+    total = negatives_needed(
+        len(state.of(SampleKind.REAL)),
+        len(cfg.views.frame_indices) if cfg.views.enabled else 0,
+        cfg.contexts.per_image if cfg.contexts.enabled else 0,
+        cfg.filter.top_k_per_source,
+        cfg.negatives.ratio,
+        cfg.negatives.oversample,
+    )
+    masked = any(s.mask_uri for s in state.of(SampleKind.REAL))
+    state.counterfactuals = round(total * cfg.counterfactual_share) if masked else 0
+    state.negatives = total - state.counterfactuals if cfg.negatives.enabled else 0
+
+
 def balance_ratio(
     positives: list[tuple[str, float, bool]],
     negatives: list[tuple[str, float, str]],
@@ -340,7 +362,10 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
         for s in samples
         if s.kept and s.kind in NEGATIVE_KINDS
     ]
-    drop, kept_p, kept_n = balance_ratio(pos, negs, neg.ratio, neg.counterfactual_fraction)
+    if not (neg.enabled or config.augment.counterfactuals.enabled):
+        return  # the ablation without negatives: every kept positive stays, no ratio
+    share = config.augment.counterfactual_share
+    drop, kept_p, kept_n = balance_ratio(pos, negs, neg.ratio, share)
     for sid in drop:
         by_id[sid].drop(f"ratio {neg.ratio:g}:1 (kept {kept_p} positives, {kept_n} negatives)")
     if pos and kept_n == 0:
@@ -599,6 +624,7 @@ class SegmentStage(_Stage):
 
     def after(self, state: ProductState, done: list[Sample], masks: dict[str, bytes]) -> None:
         """``masks``: the masks just made, by sample id."""
+        count_negatives(state, self.config)
         if state.of(SampleKind.REAL, SampleKind.VIEW) and not any(
             s.mask_uri for s in state.of(SampleKind.REAL, SampleKind.VIEW)
         ):
@@ -648,7 +674,8 @@ class InpaintStage(_Stage):
         # A scene of up to 40 words with a fine-grained product may pass CLIP's 77 tokens:
         # cut at a word boundary, leaving room for the product phrase as captions do.
         budget = CONTEXT_LENGTH - cfg.caption.reserve_tokens
-        for s in (s for s in state.of(SampleKind.REAL, SampleKind.VIEW) if s.mask_uri):
+        sources = state.of(SampleKind.REAL, SampleKind.VIEW) if cfg.contexts.enabled else []
+        for s in (s for s in sources if s.mask_uri):
             prompts = self.bank.prompts(
                 state.product_type,
                 cfg.contexts.per_image,
@@ -691,18 +718,6 @@ class InpaintStage(_Stage):
         self.add_generated(state, rows, made)  # the inpainter's own options: cfg.contexts
         rows, made = [], []
         reals = [s for s in state.of(SampleKind.REAL) if s.mask_uri]
-        views = len(cfg.views.frame_indices) if cfg.views.enabled else 0
-        total = negatives_needed(
-            len(state.of(SampleKind.REAL)),
-            views,
-            cfg.contexts.per_image,
-            cfg.filter.top_k_per_source,
-            cfg.negatives.ratio,
-            cfg.negatives.oversample,
-        )
-        # Counterfactuals need a product mask to paint into; without one all negatives are in-class.
-        state.counterfactuals = round(total * cfg.negatives.counterfactual_fraction) if reals else 0
-        state.negatives = total - state.counterfactuals
         size = cfg.negatives.size
         for j in range(state.counterfactuals):
             s = reals[j % len(reals)]
@@ -955,13 +970,15 @@ def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, .
     plan: list[tuple[type[_Stage], tuple[str, ...]]] = [(CaptionStage, ("captioner",))]
     if config.augment.views.enabled:
         plan.append((ViewStage, ("novel_view",)))
-    plan += [
-        (SegmentStage, ("segmenter",)),
-        (InpaintStage, ("inpainter",)),
-        (NegativeStage, ("generator",)),
-        (ResegmentStage, ("segmenter",)),
-        (ScoreStage, ("clip", "dino")),
-    ]
+    plan.append((SegmentStage, ("segmenter",)))
+    on = config.augment.components()
+    if on["contexts"] or on["counterfactuals"]:
+        plan.append((InpaintStage, ("inpainter",)))
+    if on["negatives"]:
+        plan.append((NegativeStage, ("generator",)))
+    if on["contexts"] or on["negatives"] or on["counterfactuals"]:
+        plan.append((ResegmentStage, ("segmenter",)))
+    plan.append((ScoreStage, ("clip", "dino")))
     return plan
 
 
@@ -1055,6 +1072,8 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
             "completed": completed.to_dict(),
             "manifest": manifest,
             "ignored_columns": found.ignored,
+            # the ablation switches: a component that is off made no samples and no actors
+            "components": config.augment.components(),
         }
 
     units = dict.fromkeys(STAGES, "images")

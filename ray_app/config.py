@@ -361,7 +361,9 @@ class ClassifyConfig(StrictModel):
 class ViewsConfig(StrictModel):
     """Novel views from image-to-video diffusion (paper 2.1.1)."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="Make novel views (off: no novel_view stage, no actor of its role)."
+    )
     width: PositiveInt = Field(1024, description="Video width fed to the novel_view model.")
     height: PositiveInt = Field(576, description="Video height fed to the novel_view model.")
     num_frames: PositiveInt = Field(14, description="Frames of each generated clip.")
@@ -435,6 +437,11 @@ class InpaintOptions(StrictModel):
 class ContextsConfig(InpaintOptions):
     """New contexts: keep the product pixels, outpaint a scene from the prompt bank (2.1.2)."""
 
+    enabled: bool = Field(
+        True,
+        description="Make new contexts (off, with counterfactuals off too: no inpaint stage, "
+        "no inpainter actor).",
+    )
     per_image: NonNegativeInt = Field(
         4,
         description="Outpainted contexts per real or view image; the best filter.top_k_per_source "
@@ -455,8 +462,16 @@ class ContextsConfig(InpaintOptions):
 
 
 class NegativesConfig(StrictModel):
-    """In-class negatives and counterfactuals instead of a prior-preservation loss (2.1.3)."""
+    """In-class negatives and counterfactuals instead of a prior-preservation loss (2.1.3):
+    how many of both and at what size; ``enabled`` switches the in-class ones alone."""
 
+    enabled: bool = Field(
+        True,
+        description="Make in-class negatives (the generator's images of product-free captions; "
+        "off: no negatives stage, no generator actor). Counterfactuals have their own switch: "
+        "with one kind off the other makes every negative; with both off the training set has "
+        "positives only and no ratio is enforced.",
+    )
     ratio: PositiveFloat = Field(
         2.0, description="Positives per negative in the final set (2.0 = 2:1)."
     )
@@ -485,6 +500,10 @@ class CounterfactualsConfig(InpaintOptions):
     """Counterfactuals: another object painted into the product's place in a real photo
     (2.1.3). How many, their size and mask growth are in ``negatives``; these are the
     inpainter's settings for them, the same defaults as ``contexts``'."""
+
+    enabled: bool = Field(
+        True, description="Make counterfactuals (off: every negative is an in-class one)."
+    )
 
 
 class FilterConfig(StrictModel):
@@ -550,11 +569,62 @@ class AugmentConfig(StrictModel):
     counterfactuals: CounterfactualsConfig = Field(default_factory=CounterfactualsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
 
+    def components(self) -> dict[str, bool]:
+        """Which synthetic components are on (the paper's ablation switches, each section's
+        ``enabled``): a component that is off is not computed and reserves no actor."""
+        return {
+            "views": self.views.enabled,
+            "contexts": self.contexts.enabled,
+            "negatives": self.negatives.enabled,
+            "counterfactuals": self.counterfactuals.enabled,
+        }
+
+    @property
+    def counterfactual_share(self) -> float:
+        """The share of a product's negatives that are counterfactuals, given which of the
+        two kinds are on."""
+        if not self.counterfactuals.enabled:
+            return 0.0
+        return self.negatives.counterfactual_fraction if self.negatives.enabled else 1.0
+
+
+# The prompts and token of the baseline recipe (classic DreamBooth); a config that gives
+# other values with it is refused, one that leaves them out gets these.
+DREAMBOOTH_DEFAULTS = {"caption_mode": "instance", "token_sweep": 1}
+
+
+class PriorPreservationConfig(StrictModel):
+    """DreamBooth's prior preservation (``train.recipe=dreambooth_lora`` only): images of
+    the product's class noun made by the base generator before training, each step's batch
+    extended by as many of them, loss = instance loss + weight * class loss."""
+
+    num_class_images: NonNegativeInt = Field(
+        0,
+        description="Class images ('a photo of a NOUN') per class noun (0: off; DreamBooth "
+        "uses 100-200). Seeded by the noun, so products of one class share them, and a worker "
+        "makes them once per noun.",
+    )
+    weight: PositiveFloat = Field(1.0, description="Weight of the class loss.")
+    steps: PositiveInt = Field(30, description="Denoising steps of a class image.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.5, description="Classifier-free guidance of a class image."
+    )
+
 
 class TrainConfig(StrictModel):
     """`restage train`: one DreamBooth-style LoRA per product on the generator's denoiser
     (paper 2.4): no prior-preservation loss, negatives mixed into the batches instead."""
 
+    recipe: Literal["restage", "dreambooth_lora"] = Field(
+        "restage",
+        description="'restage': the paper's method, on every kept sample of the augment "
+        "output (views, contexts, negatives). 'dreambooth_lora': the paper's baseline, "
+        "DreamBooth-LoRA on the product's real photos only (every other sample of the training "
+        "set is ignored), prompts 'a photo of TOKEN NOUN', one rare token: it sets "
+        "caption_mode=instance and token_sweep=1 unless given, and refuses other values; "
+        "prior_preservation is its option.",
+    )
+    prior_preservation: PriorPreservationConfig = Field(default_factory=PriorPreservationConfig)
     rank: PositiveInt = Field(64, description="LoRA rank (paper A.5: 64 keeps scenes diverse).")
     alpha: PositiveFloat | None = Field(
         None,
@@ -668,9 +738,31 @@ class TrainConfig(StrictModel):
     )
     io_threads: PositiveInt = Field(8, description="Threads reading a product's images.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "dreambooth_lora":
+            data = {**DREAMBOOTH_DEFAULTS, **data}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         _multiple_of_8("train.resolution", self.resolution)
+        if self.recipe == "dreambooth_lora":
+            for key, value in DREAMBOOTH_DEFAULTS.items():
+                if getattr(self, key) != value:
+                    raise ValueError(
+                        f"train.{key}={getattr(self, key)!r} with train.recipe=dreambooth_lora: "
+                        f"the baseline recipe trains classic DreamBooth ({key}={value}); "
+                        f"set train.{key}={value} or leave it out, or use train.recipe=restage"
+                    )
+        elif self.prior_preservation.num_class_images:
+            raise ValueError(
+                "train.prior_preservation.num_class_images="
+                f"{self.prior_preservation.num_class_images} with train.recipe=restage: "
+                "restage trains in-class negatives instead of a prior-preservation loss; set "
+                "train.recipe=dreambooth_lora or train.prior_preservation.num_class_images=0"
+            )
         if not self.target_modules or any(not m.strip() for m in self.target_modules):
             raise ValueError(
                 f"target_modules={self.target_modules}: give at least one module name, "

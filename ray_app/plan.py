@@ -635,13 +635,15 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
     if job == "augment":
         a = config.augment
         views = photos * len(a.views.frame_indices) if a.views.enabled else 0
-        contexts = (photos + views) * a.contexts.per_image
+        contexts = (photos + views) * a.contexts.per_image if a.contexts.enabled else 0
         # As pipelines/augment.py sizes them: the ratio's share of every positive, oversampled;
-        # counterfactuals are inpainted, in-class negatives generated.
-        negatives = math.ceil(
-            (photos + views + contexts) / a.negatives.ratio * a.negatives.oversample
+        # counterfactuals are inpainted, in-class negatives generated; none of a kind that is off.
+        negatives = (
+            math.ceil((photos + views + contexts) / a.negatives.ratio * a.negatives.oversample)
+            if a.negatives.enabled or a.counterfactuals.enabled
+            else 0
         )
-        counterfactuals = round(negatives * a.negatives.counterfactual_fraction)
+        counterfactuals = round(negatives * a.counterfactual_share)
         return {
             "caption": (photos, "image"),
             "views": (photos if a.views.enabled else 0, "clip"),
