@@ -5,6 +5,9 @@ its completion marker) and read by generate, serve and the benchmarks.
 changes meaning or a required field is added; the reader migrates every older layout it
 knows and refuses a newer one, naming the file, the field and the fix. Files without a
 ``version`` (restage 0.1 before this module) have the layout of version 1.
+
+Version 2 adds ``recipe`` (how the adapter was trained: a version-1 file is a restage
+adapter) and ``prior_preservation`` (the baseline recipe's class images, when it had them).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ray_app import storage
 from ray_app.prompts import product_phrase
 from ray_app.storage import AdapterLayout
 
-ADAPTER_META_VERSION = 1
+ADAPTER_META_VERSION = 2
 RETRAIN = "retrain the product with `restage train` (delete its adapter folder first)"
 UPGRADE = "upgrade restage (pip install -U restage) to read it"
 
@@ -87,6 +90,15 @@ class RejectedToken(_Part):
     reason: str
 
 
+class PriorPreservationRef(_Part):
+    """The class images a ``dreambooth_lora`` adapter was trained with (prior preservation)."""
+
+    class_prompt: str = Field(description="The prompt of the class images ('a photo of a mug').")
+    class_images: int = Field(gt=0, description="Class images made by the base generator.")
+    weight: float = Field(gt=0, description="loss = instance loss + weight * class loss.")
+    seconds: float = Field(0.0, ge=0, description="Making them (0: a worker's earlier copy).")
+
+
 class StageSeconds(_Part):
     """Where the product's training time went, in seconds."""
 
@@ -109,6 +121,11 @@ class AdapterMeta(_Part):
     noun: str = Field(min_length=1, description="The product's class noun ('mug').")
     product_type: str | None = Field(None, description="Prompt-bank type of the product.")
     format: Literal["diffusers-lora"] = "diffusers-lora"
+    recipe: Literal["restage", "dreambooth_lora"] = Field(
+        "restage",
+        description="'restage' (every kept sample of the training set) or 'dreambooth_lora' "
+        "(the paper's baseline: the real photos only, instance prompts).",
+    )
     weights: str = Field(
         AdapterLayout.WEIGHTS, description="File name of the weights in the adapter folder."
     )
@@ -134,6 +151,7 @@ class AdapterMeta(_Part):
     eval_loss_end: float | None = None
     token_sweep: list[TokenTrial] = Field(default_factory=list)
     sweep_cost: SweepCost | None = None
+    prior_preservation: PriorPreservationRef | None = None
     tokens_rejected: list[RejectedToken] = Field(default_factory=list)
     seconds: StageSeconds
     restage_version: str
@@ -149,7 +167,8 @@ class AdapterMeta(_Part):
     def to_dict(self) -> dict[str, Any]:
         """The file's content. ``prompt`` (the phrase) is written for people and tools that
         read the file without restage; the reader recomputes it."""
-        unset = {"sweep_cost"} if self.sweep_cost is None else set()  # no sweep: no key
+        # no sweep, no class images: no key
+        unset = {k for k in ("sweep_cost", "prior_preservation") if getattr(self, k) is None}
         return {**self.model_dump(mode="json", exclude=unset), "prompt": self.phrase}
 
     def write(self, uri: str) -> str:
@@ -197,6 +216,10 @@ def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: field 'version': {version} is newer than this restage reads "
             f"({ADAPTER_META_VERSION}); {UPGRADE}"
         )
+    if version == 1:  # before recipes: every adapter was restage's
+        data.setdefault("recipe", "restage")
+        version = 2
+    data["version"] = version
     # ``prompt`` is the phrase, derived from token and noun; a stale copy is not trusted.
     data.pop("prompt", None)
     return data

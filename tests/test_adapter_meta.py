@@ -23,7 +23,25 @@ def test_a_file_written_before_versions_loads_as_the_current_layout():
     assert meta.training_set.manifest_shard == raw["training_set"]["manifest_shard"]
     assert meta.seconds.train == raw["seconds"]["train"] and meta.weights == AdapterLayout.WEIGHTS
     # every field the old writer wrote is kept: re-writing it loses nothing
-    assert meta.to_dict() == {**raw, "version": ADAPTER_META_VERSION}
+    assert meta.to_dict() == {**raw, "version": ADAPTER_META_VERSION, "recipe": "restage"}
+
+
+def test_a_version_1_file_is_a_restage_adapter_and_a_baseline_keeps_its_class_images(tmp_path):
+    """Version 2 added the recipe: a version-1 adapter was trained by restage's own recipe."""
+    from ray_app.adapter_meta import PriorPreservationRef
+
+    assert AdapterMeta.from_dict({**unversioned_dict(), "version": 1}).recipe == "restage"
+    prior = PriorPreservationRef(class_prompt="a photo of a lamp", class_images=4, weight=1.0)
+    meta = example_meta(recipe="dreambooth_lora", prior_preservation=prior.model_dump())
+    uri = AdapterLayout(str(tmp_path)).metadata("p")
+    meta.write(uri)
+    written = json.loads(Path(uri).read_text())
+    assert (
+        written["recipe"] == "dreambooth_lora"
+        and written["prior_preservation"]["class_images"] == 4
+    )
+    assert AdapterMeta.read(uri) == meta
+    assert "prior_preservation" not in example_meta().to_dict()  # none: no key
 
 
 def test_write_then_read_is_the_same_metadata(tmp_path):
