@@ -6,7 +6,10 @@ encodes the product's images (VAE latents) and captions (text embeddings) once, 
 optimiser steps on the cached tensors, and returns the LoRA weights in the diffusers format
 that ``pipe.load_lora_weights`` reads. No prior-preservation loss: the product's negatives
 and counterfactuals are mixed into the batches at ``train.negative_ratio`` (2:1), each with
-its own caption, while positives carry the product's token.
+its own caption, while positives carry the product's token. The baseline recipe
+(``train.recipe=dreambooth_lora``) may add DreamBooth's prior preservation instead: class
+samples (``TrainingSample.prior``) extend every step's batch by as many samples, and the
+loss is the instance loss + ``prior_preservation.weight`` * the class loss (``prior_loss``).
 
 Conditioning follows the pipeline: SDXL (two text encoders) gets the concatenated
 penultimate hidden states of both encoders, the pooled embedding of the second, and
@@ -50,6 +53,7 @@ class TrainingSample:
     image: bytes  # encoded image
     prompt: str
     negative: bool = False
+    prior: bool = False  # a class image of prior preservation (its own loss term)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class ProductCache:
 
     n: int
     negative: np.ndarray  # (n,) bool
+    prior: np.ndarray  # (n,) bool: class images of prior preservation
     prompts: list[str]
     time_ids: torch.Tensor | None  # (n, 6) SDXL only
     pixels: torch.Tensor | None = None  # (n, 3, R, R) in [-1, 1], CPU; uncached latents only
@@ -192,6 +197,32 @@ def mix_schedule(
     return [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
 
 
+def prior_schedule(
+    first: int, count: int, steps: int, batch_size: int, seed: int
+) -> list[list[int]]:
+    """Class-sample indices ``first..first+count-1`` for every step's batch (``batch_size``
+    of them a step, as DreamBooth pairs each instance batch with a class batch), cycled in
+    reshuffled epochs; no class samples: empty batches."""
+    if not count:
+        return [[] for _ in range(steps)]
+    batches = mix_schedule(count, 0, steps, batch_size, 1.0, seed)
+    return [[first + i for i in b] for b in batches]
+
+
+def prior_loss(
+    pred: torch.Tensor, target: torch.Tensor, prior: np.ndarray, weight: float
+) -> torch.Tensor:
+    """The training loss of a batch: the MSE over it, or with class samples (``prior``,
+    a bool per sample) in it, DreamBooth's MSE of the instance samples + ``weight`` * MSE
+    of the class samples."""
+    pred, target = pred.float(), target.float()
+    if not prior.any():
+        return F.mse_loss(pred, target)
+    mask = torch.as_tensor(prior, device=pred.device)
+    instance = F.mse_loss(pred[~mask], target[~mask])
+    return instance + weight * F.mse_loss(pred[mask], target[mask])
+
+
 def preprocess(
     rgb: np.ndarray, resolution: int
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
@@ -296,6 +327,7 @@ class LoraTrainer:
         cache = ProductCache(
             n=len(samples),
             negative=np.array([s.negative for s in samples], bool),
+            prior=np.array([s.prior for s in samples], bool),
             prompts=[s.prompt for s in samples],
             time_ids=torch.tensor(time_ids, dtype=self.dtype, device=self.device)
             if self.sdxl
@@ -405,13 +437,15 @@ class LoraTrainer:
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
         pred = self._predict(latents, noise, timesteps, *self._conditioning(cache, idx))
-        return F.mse_loss(pred.float(), self._target(latents, noise, timesteps).float())
+        target = self._target(latents, noise, timesteps)
+        return prior_loss(pred, target, cache.prior[idx], self.options.prior_preservation.weight)
 
     @torch.no_grad()
     def eval_loss(self, cache: ProductCache, seed: int) -> float:
         """Loss on a fixed batch (the first ``eval_samples`` samples, fixed noise, evenly
-        spread timesteps): comparable before and after training."""
-        idx = list(range(min(self.options.eval_samples, cache.n)))
+        spread timesteps): comparable before and after training. Class images are not
+        the product's: never in it."""
+        idx = [i for i in range(cache.n) if not cache.prior[i]][: self.options.eval_samples]
         gen = torch.Generator(self.device).manual_seed(seed)
         latents = self._latents(cache, idx, gen)
         noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
@@ -428,21 +462,24 @@ class LoraTrainer:
         cache the samples, draw the batch schedule, measure the loss before training."""
         opts = self.options
         start = time.perf_counter()
-        order = sorted(range(len(samples)), key=lambda i: samples[i].negative)
+        # positives, then negatives, then class images: the schedules index in this order
+        order = sorted(range(len(samples)), key=lambda i: (samples[i].prior, samples[i].negative))
         samples = [samples[i] for i in order]
-        n_pos = sum(not s.negative for s in samples)
+        n_prior = sum(s.prior for s in samples)
+        n_pos = sum(not s.negative and not s.prior for s in samples)
+        n_neg = len(samples) - n_prior - n_pos
         self.reset(seed)
         cache = self.prepare(samples)
-        schedule = mix_schedule(
-            n_pos, len(samples) - n_pos, steps, opts.batch_size, opts.negative_ratio, seed
-        )
+        schedule = mix_schedule(n_pos, n_neg, steps, opts.batch_size, opts.negative_ratio, seed)
+        classes = prior_schedule(n_pos + n_neg, n_prior, steps, opts.batch_size, seed + 2)
+        schedule = [b + c for b, c in zip(schedule, classes, strict=True)]
         eval_start = self.eval_loss(cache, seed + 1)
         return _Run(
             seed=seed,
             cache=cache,
             schedule=schedule,
             positives=n_pos,
-            negatives=len(samples) - n_pos,
+            negatives=n_neg,
             eval_start=eval_start,
             gen=torch.Generator(self.device).manual_seed(seed),
             setup_seconds=time.perf_counter() - start,
@@ -594,9 +631,12 @@ class LoraTrainer:
                     )
                     pred = self._predict(latents, noise, timesteps, embeds, pooled, time_ids)
                     target = self._target(latents, noise, timesteps)
+                    weight = opts.prior_preservation.weight
                     per_product = [
-                        F.mse_loss(p.float(), t.float())
-                        for p, t in zip(pred.chunk(K), target.chunk(K), strict=True)
+                        prior_loss(p, t, r.cache.prior[i], weight)
+                        for p, t, r, i in zip(
+                            pred.chunk(K), target.chunk(K), runs, idx, strict=True
+                        )
                     ]
                     torch.stack(per_product).sum().backward()
                     stack.clip_grad_norms(opts.max_grad_norm)
@@ -655,6 +695,18 @@ class LoraTrainer:
                 p.copy_(value.to(p.device))
 
     # ------------------------------------------------------------------ validation images
+
+    def base_images(
+        self, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float
+    ) -> list[np.ndarray]:
+        """Images of the base model alone, whatever LoRA is live (the adapter is switched
+        off around the call), at the training resolution: DreamBooth's class images."""
+        res = self.options.resolution
+        self.unet.disable_adapters()
+        try:
+            return self.generate(prompts, seeds, res, res, steps, guidance_scale)
+        finally:
+            self.unet.enable_adapters()
 
     @torch.inference_mode()
     def generate(

@@ -13,6 +13,13 @@ images and caching their latents and text embeddings, nothing else. With
 ``train.products_per_step`` = K > 1 a worker leases K products and trains them in shared
 steps (``LoraTrainer.train_many``), with the same adapters as one at a time.
 
+``train.recipe`` chooses what a product is trained on: ``restage`` (the paper's method) takes
+every kept sample of its training set; ``dreambooth_lora`` (the paper's baseline) takes its
+real photos alone, with DreamBooth's instance prompts and one rare token, and optionally
+DreamBooth's prior preservation: class images of its noun made by the base generator
+(``ShardTrainer.class_images``, once per noun per worker). ``adapter.json`` records the
+recipe and what the adapter was trained on.
+
 A product's adapter folder holds its weights (``AdapterLayout.WEIGHTS``, loadable by plain
 diffusers with ``pipe.load_lora_weights(folder)``) and ``AdapterMeta``, written last as the
 completion marker. A re-run skips complete products; a worker restarted by
@@ -52,6 +59,7 @@ from ray_app import __version__, storage
 from ray_app.adapter_meta import (
     AdapterMeta,
     BaseModelRef,
+    PriorPreservationRef,
     RejectedToken,
     StageSeconds,
     SweepCost,
@@ -247,7 +255,13 @@ def load_training_set(
 ) -> TrainingSet:
     shard = AugmentLayout(data_root).manifest_shard(product_id)
     table = storage.read_parquet(shard, schema=SAMPLE_SCHEMA)
-    table = table.filter(pc.and_(pc.equal(table["product_id"], product_id), table["kept"]))
+    table = table.filter(pc.equal(table["product_id"], product_id))
+    if config.train.recipe == "dreambooth_lora":
+        # The baseline: every real photo of the product (restage's ratio may have left some
+        # out of its set) and nothing synthetic, whatever else the augment output holds.
+        table = table.filter(pc.equal(table["kind"], SampleKind.REAL.value))
+    else:
+        table = table.filter(table["kept"])
     rows = sorted(table.to_pylist(), key=lambda r: r["sample_id"])
     n_pos = sum(r["kind"] in POSITIVE_KINDS for r in rows)
     if n_pos < config.train.min_positives:
@@ -279,6 +293,16 @@ def load_training_set(
 # --------------------------------------------------------------------------- one worker
 
 
+# Nouns whose class images a worker keeps (prior preservation): at the default 200 images
+# of 1024 px, ~300 MB of PNGs each.
+CLASS_IMAGE_NOUNS = 2
+
+
+def class_prompt(noun: str) -> str:
+    """The prompt of a class image and of its training sample (DreamBooth's class prompt)."""
+    return f"a photo of a {noun}"
+
+
 @dataclass
 class _Prepared:
     """A product read and ready to train: its training set, token candidates and seed."""
@@ -291,6 +315,8 @@ class _Prepared:
     load_seconds: float
     associated: frozenset[str] = frozenset()  # candidates chosen for their association
     token: str = ""  # the chosen token: the only candidate, or the sweep's winner
+    prior: tuple[bytes, ...] = ()  # class images of prior preservation (dreambooth_lora)
+    prior_seconds: float = 0.0  # making them for this product (0: the worker had them)
 
     def __post_init__(self) -> None:
         self.token = self.token or self.tokens[0]
@@ -321,11 +347,14 @@ class ShardTrainer:
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
         self._scorer = None
         self._token_table: Any = None  # the text encoder's token embeddings, for sweeps
+        self._class_images: dict[str, tuple[bytes, ...]] = {}  # noun -> its class images
         self._on_result: Callable[[dict[str, Any]], None] | None = None
         self.test_delays: dict[str, float] = {}  # test-only: see _worker_loop
         self.test_queue: Any = None  # the queue, when test_delays are set
 
-    def samples(self, ts: TrainingSet, token: str) -> list:
+    def samples(self, ts: TrainingSet, token: str, prior: Iterable[bytes] = ()) -> list:
+        """What the trainer trains on: the positives with ``token``, the negatives with
+        their own captions, and ``prior``'s class images (prior preservation)."""
         from actors.lora_trainer import TrainingSample, positive_prompt
 
         mode = self.config.train.caption_mode
@@ -336,7 +365,32 @@ class ShardTrainer:
         for r in ts.negatives:
             prompt = r["caption"] or r["prompt"] or f"a photo of a {ts.noun}"
             out.append(TrainingSample(r["sample_id"], ts.images[r["sample_id"]], prompt, True))
+        for i, image in enumerate(prior):
+            out.append(TrainingSample(f"class-{i:03d}", image, class_prompt(ts.noun), prior=True))
         return out
+
+    def class_images(self, noun: str) -> tuple[tuple[bytes, ...], float]:
+        """DreamBooth's class images of ``noun``: ``prior_preservation.num_class_images``
+        images of "a photo of a NOUN" by the base generator (the LoRA off), seeded by the
+        noun and the run seed, so every product of the class gets the same ones -> (PNG
+        images, seconds spent making them: 0 when this worker had them already). A worker
+        keeps the last ``CLASS_IMAGE_NOUNS`` nouns' images."""
+        from ray_app.images import encode_png
+
+        opts = self.config.train.prior_preservation
+        if noun in self._class_images:
+            return self._class_images[noun], 0.0
+        start = time.perf_counter()
+        n = opts.num_class_images
+        seeds = [derive_seed(noun, "class-image", i, self.config.seed) for i in range(n)]
+        made = self.trainer.base_images(
+            [class_prompt(noun)] * n, seeds, opts.steps, opts.guidance_scale
+        )
+        images = tuple(encode_png(rgb) for rgb in made)
+        while len(self._class_images) >= CLASS_IMAGE_NOUNS:
+            self._class_images.pop(next(iter(self._class_images)))
+        self._class_images[noun] = images
+        return images, time.perf_counter() - start
 
     def run(
         self,
@@ -392,7 +446,7 @@ class ShardTrainer:
         import torch
 
         if len(group) > 1:
-            samples = [(self.samples(p.ts, p.token), p.seed) for p in group]
+            samples = [(self.samples(p.ts, p.token, p.prior), p.seed) for p in group]
             try:
                 results = self.trainer.train_many(samples)
             except (FloatingPointError, torch.cuda.OutOfMemoryError):
@@ -453,7 +507,20 @@ class ShardTrainer:
             raise ProductError("token", str(exc)) from None
         seed = derive_seed(pid, "train", 0, cfg.seed)
         associated = frozenset(tokens) & frozenset(near)
-        return _Prepared(ts, tokens, rejected, seed, started, load_seconds, associated)
+        prior, prior_seconds = (), 0.0
+        if opts.prior_preservation.num_class_images:
+            prior, prior_seconds = self.class_images(ts.noun)
+        return _Prepared(
+            ts,
+            tokens,
+            rejected,
+            seed,
+            started,
+            load_seconds,
+            associated,
+            prior=prior,
+            prior_seconds=prior_seconds,
+        )
 
     def associated(self, ts: TrainingSet, n: int) -> list[str]:
         """Sweep candidates with a plausible association to the product: tokens whose
@@ -484,10 +551,10 @@ class ShardTrainer:
         is left. Only the winner is then trained the full steps, on the whole set."""
         opts, ts = self.config.train, p.ts
         if len(p.tokens) == 1:
-            return self.trainer.train(self.samples(ts, p.token), p.seed), [], None, 0.0
+            return self.trainer.train(self.samples(ts, p.token, p.prior), p.seed), [], None, 0.0
         start = time.perf_counter()
         kept, references, held_out = hold_out(ts)
-        runs = {t: self.trainer.start(self.samples(kept, t), p.seed) for t in p.tokens}
+        runs = {t: self.trainer.start(self.samples(kept, t, p.prior), p.seed) for t in p.tokens}
         alive, trials, images = list(p.tokens), [], 0
         rounds = halving_rounds(len(p.tokens), self.first_round(), opts.steps)
         for number, until in enumerate(rounds):
@@ -510,7 +577,7 @@ class ShardTrainer:
             alive = order[: max(1, len(alive) // 2)]
         p.token = alive[0]
         sweep_seconds = time.perf_counter() - start
-        result = self.trainer.train(self.samples(ts, p.token), p.seed)
+        result = self.trainer.train(self.samples(ts, p.token, p.prior), p.seed)
         steps = sum(r.done for r in runs.values())
         cost = SweepCost(
             steps=steps,
@@ -541,11 +608,20 @@ class ShardTrainer:
         storage.write_bytes(self.layout.weights(pid), weights)
         write_seconds = time.perf_counter() - start
         spec = cfg.generator
+        prior = None
+        if p.prior:
+            prior = PriorPreservationRef(
+                class_prompt=class_prompt(ts.noun),
+                class_images=len(p.prior),
+                weight=opts.prior_preservation.weight,
+                seconds=round(p.prior_seconds, 3),
+            )
         return AdapterMeta(
             product_id=pid,
             token=token,
             noun=ts.noun,
             product_type=ts.product_type,
+            recipe=opts.recipe,
             weights_sha256=hashlib.sha256(weights).hexdigest(),
             rank=opts.rank,
             alpha=opts.alpha or opts.rank,
@@ -579,6 +655,7 @@ class ShardTrainer:
             eval_loss_end=result.eval_loss_end,
             token_sweep=sweep or [],
             sweep_cost=sweep_cost,
+            prior_preservation=prior,
             tokens_rejected=[RejectedToken(token=t, reason=r) for t, r in p.rejected],
             seconds=StageSeconds(
                 load=round(p.load_seconds, 3),

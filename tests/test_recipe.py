@@ -118,3 +118,122 @@ def test_the_cost_model_counts_only_the_negatives_of_kinds_that_are_on():
     assert every["negatives"] < total
     no_in_class = items("augment.negatives.enabled=false")
     assert no_in_class["negatives"] == 0 and no_in_class["inpaint"] == contexts + total
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_prior_loss_adds_the_weighted_class_loss_and_is_plain_mse_without_class_samples():
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from actors.lora_trainer import prior_loss, prior_schedule
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    none = np.zeros(4, bool)
+    assert torch.equal(prior_loss(pred, target, none, 3.0), F.mse_loss(pred, target))
+    two = np.array([False, False, True, True])
+    expected = F.mse_loss(pred[:2], target[:2]) + 3.0 * F.mse_loss(pred[2:], target[2:])
+    torch.testing.assert_close(prior_loss(pred, target, two, 3.0), expected)
+    batches = prior_schedule(first=5, count=3, steps=6, batch_size=2, seed=0)
+    assert len(batches) == 6 and all(len(b) == 2 for b in batches)
+    assert {i for b in batches for i in b} == {5, 6, 7}
+    assert prior_schedule(5, 0, 3, 2, 0) == [[], [], []]
+
+
+@pytest.fixture(scope="module")
+def mixed_trainset(tmp_path_factory) -> str:
+    """A training set with real photos, contexts and negatives (restage's kinds)."""
+    from trainset import write_training_set
+
+    return write_training_set(str(tmp_path_factory.mktemp("mixed")))
+
+
+def test_the_baseline_trains_on_the_real_photos_and_class_images_and_loads_in_plain_diffusers(
+    mixed_trainset, tmp_path
+):
+    """Acceptance: the baseline adapter loads in plain diffusers, and what it was trained
+    on has no synthetic sample, even from a training set that holds them; with prior
+    preservation, beside the real photos, class images of the base model alone."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from trainset import REALS
+
+    from pipelines.train import ShardTrainer, class_prompt
+    from ray_app import storage, tiny
+    from ray_app.adapter_meta import AdapterMeta
+    from ray_app.kinds import SampleKind
+    from ray_app.storage import AdapterLayout, AugmentLayout
+
+    pid = "mug-red-02"
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "train.recipe=dreambooth_lora",
+            "train.steps=3",
+            "train.save_dtype=float32",
+            "train.prior_preservation.num_class_images=2",
+            "train.prior_preservation.steps=2",
+            "train.prior_preservation.weight=0.5",
+        ],
+    )
+    out = str(tmp_path / "adapters")
+    worker = ShardTrainer(cfg, mixed_trainset, out, None)
+    trainer = worker.trainer
+    base = trainer.base_images(["a photo of a mug"], [1], 2, 7.5)[0]
+    made, seen = [], []
+    base_images, train = trainer.base_images, trainer.train
+    trainer.base_images = lambda *a, **k: made.append(a) or base_images(*a, **k)
+    trainer.train = lambda samples, *a, **k: seen.append(samples) or train(samples, *a, **k)
+    worker.run([pid])
+    meta = AdapterMeta.read(AdapterLayout(out).metadata(pid))
+    shard = pq.read_table(AugmentLayout(mixed_trainset).manifest_shard(pid)).to_pylist()
+    reals = sorted((r for r in shard if r["kind"] == SampleKind.REAL), key=lambda r: r["sample_id"])
+    assert len(shard) > len(reals) == REALS  # the set holds synthetic samples ...
+    [samples] = seen  # ... and the trainer got the real photos alone, as instances
+    instances = [s for s in samples if not s.prior]
+    assert [s.sample_id for s in instances] == [r["sample_id"] for r in reals]
+    assert all(not s.negative for s in samples)
+    assert {s.prompt for s in instances} == {f"a photo of {meta.phrase}"}
+    assert meta.recipe == "dreambooth_lora" and meta.caption_mode == "instance"
+    assert meta.positives == REALS and meta.negatives == 0 and not meta.token_sweep
+    assert meta.training_set.samples == REALS and meta.rank == cfg.train.rank
+    digest = hashlib.sha256()  # the recorded digest is the real photos' alone
+    for r in reals:
+        image = hashlib.sha256(storage.read_bytes(r["image_uri"])).hexdigest()
+        digest.update(f"{r['sample_id']}\x1f{r['kind']}\x1f{r['caption']}\x1f{image}\n".encode())
+    assert meta.training_set.digest == digest.hexdigest()
+    # prior preservation: class images of the noun, made once, recorded
+    prior = meta.prior_preservation
+    assert prior is not None and prior.class_images == 2 and prior.weight == 0.5
+    assert prior.class_prompt == class_prompt(meta.noun) and prior.seconds > 0
+    classes = [s for s in samples if s.prior]
+    assert len(classes) == 2 and {s.prompt for s in classes} == {prior.class_prompt}
+    assert [a[0] for a in made] == [[prior.class_prompt] * 2]
+    assert worker.class_images(meta.noun)[1] == 0.0 and len(made) == 1  # the worker kept them
+    # a LoRA is live after training: base images still come from the base model alone
+    assert np.array_equal(base_images(["a photo of a mug"], [1], 2, 7.5)[0], base)
+
+    from diffusers import StableDiffusionXLPipeline  # plain diffusers from here on
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny.ensure("generator", cfg.cache_path))
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe(
+            f"a photo of {meta.phrase} on a desk",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
+
+    before = image()
+    pipe.load_lora_weights(str(tmp_path / "adapters" / pid))
+    assert np.abs(image() - before).mean() > 1e-4
