@@ -51,6 +51,9 @@ def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     }
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
+        # what the adapters were trained on: two runs on the same products compare recipes
+        "recipe": config.train.recipe,
+        "components": config.augment.components(),
         "augment": layout.augment.root,
         "adapters": layout.adapters.root,
         "generations": layout.generations.root,

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from ray_app import __version__, native_stderr
-from ray_app.config import PROFILES, ConfigError, RestageConfig, ServeConfig, load_config
+from ray_app.config import (
+    PROFILES,
+    RECIPES,
+    ConfigError,
+    RestageConfig,
+    ServeConfig,
+    load_config,
+)
 from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
@@ -72,7 +79,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> RestageConfig:
-    return load_config(args.profile, files=args.config, overrides=args.overrides)
+    # a recipe (`restage run --recipe`) is its overrides, before the user's own --set
+    recipe = RECIPES[args.recipe] if getattr(args, "recipe", None) else []
+    return load_config(args.profile, files=args.config, overrides=[*recipe, *args.overrides])
 
 
 def _call(target: str, *args: Any, **kwargs: Any) -> Any:
@@ -382,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--manifest", required=True, help="products manifest URI")
     p.add_argument("--out", required=True, help="output root URI")
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        help="what the adapters are trained on: 'restage' (the paper's method: views, "
+        "contexts, negatives) or 'dreambooth_lora' (the paper's baseline: DreamBooth-LoRA on "
+        "the real photos only; augment makes no synthetic sample). The same as the --set "
+        "overrides it stands for, applied before yours: "
+        + "; ".join(f"{name}: {' '.join(sets)}" for name, sets in RECIPES.items())
+        + " [default: the config's train.recipe]",
+    )
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.run:main", "RunArgs"))
 

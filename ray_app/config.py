@@ -546,6 +546,10 @@ class FilterConfig(StrictModel):
     )
 
 
+# The augment sections that make synthetic samples, each with its ``enabled`` switch.
+SYNTHETIC_COMPONENTS = ("views", "contexts", "negatives", "counterfactuals")
+
+
 class AugmentConfig(StrictModel):
     """`restage augment`: the synthetic training set of every product."""
 
@@ -572,12 +576,7 @@ class AugmentConfig(StrictModel):
     def components(self) -> dict[str, bool]:
         """Which synthetic components are on (the paper's ablation switches, each section's
         ``enabled``): a component that is off is not computed and reserves no actor."""
-        return {
-            "views": self.views.enabled,
-            "contexts": self.contexts.enabled,
-            "negatives": self.negatives.enabled,
-            "counterfactuals": self.counterfactuals.enabled,
-        }
+        return {c: getattr(self, c).enabled for c in SYNTHETIC_COMPONENTS}
 
     @property
     def counterfactual_share(self) -> float:
@@ -591,6 +590,17 @@ class AugmentConfig(StrictModel):
 # The prompts and token of the baseline recipe (classic DreamBooth); a config that gives
 # other values with it is refused, one that leaves them out gets these.
 DREAMBOOTH_DEFAULTS = {"caption_mode": "instance", "token_sweep": 1}
+
+# `restage run --recipe NAME`: the overrides each recipe stands for, applied before the
+# user's --set. The baseline's augment makes no synthetic sample: it writes the real photos
+# (captioned, typed, segmented, scored) and the product records that train and generate read.
+RECIPES: dict[str, list[str]] = {
+    "restage": ["train.recipe=restage"],
+    "dreambooth_lora": [
+        "train.recipe=dreambooth_lora",
+        *(f"augment.{c}.enabled=false" for c in SYNTHETIC_COMPONENTS),
+    ],
+}
 
 
 class PriorPreservationConfig(StrictModel):

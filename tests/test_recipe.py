@@ -237,3 +237,47 @@ def test_the_baseline_trains_on_the_real_photos_and_class_images_and_loads_in_pl
     before = image()
     pipe.load_lora_weights(str(tmp_path / "adapters" / pid))
     assert np.abs(image() - before).mean() > 1e-4
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run_config(*argv: str):
+    from ray_app import cli
+
+    args = cli.build_parser().parse_args(["run", "--manifest", "m.jsonl", "--out", "o", *argv])
+    return cli._config(args)
+
+
+@pytest.mark.parametrize("recipe", ["restage", "dreambooth_lora"])
+def test_run_recipe_is_the_overrides_it_stands_for(recipe):
+    from ray_app.config import RECIPES
+
+    flag = _run_config("--profile", "tiny", "--recipe", recipe)
+    assert flag == load_config("tiny", overrides=RECIPES[recipe])
+    assert flag.train.recipe == recipe
+    assert any(flag.augment.components().values()) == (recipe == "restage")
+    assert _run_config("--profile", "tiny") == load_config("tiny")  # no flag: the config's
+
+
+def test_a_set_after_the_recipe_wins_and_a_conflicting_one_names_the_fix():
+    cfg = _run_config(
+        "--recipe", "dreambooth_lora", "--set", "train.prior_preservation.num_class_images=100"
+    )
+    assert cfg.train.recipe == "dreambooth_lora"
+    assert cfg.train.prior_preservation.num_class_images == 100
+    with pytest.raises(ConfigError, match=r"set train\.token_sweep=1"):
+        _run_config("--recipe", "dreambooth_lora", "--set", "train.token_sweep=4")
+
+
+def test_run_help_documents_the_recipes_and_their_overrides(capsys):
+    from ray_app import cli
+    from ray_app.config import RECIPES
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["run", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--recipe {restage,dreambooth_lora}" in text
+    for sets in RECIPES.values():
+        assert " ".join(sets) in text
