@@ -120,6 +120,55 @@ def test_the_cost_model_counts_only_the_negatives_of_kinds_that_are_on():
     assert no_in_class["negatives"] == 0 and no_in_class["inpaint"] == contexts + total
 
 
+def _product(reals: int = 3, masked: bool = True):
+    """A product state after segmentation: ``reals`` real photos (with masks or not)."""
+    from pipelines.augment import ProductState, Sample
+    from ray_app.kinds import SampleKind
+    from ray_app.records import ProductRecord
+
+    state = ProductState(ProductRecord("p1", ("a.png",), category="mug"), "memory://out")
+    for i in range(reals):
+        s = Sample(f"real-{i:02d}", SampleKind.REAL, f"memory://out/real-{i:02d}.png", 8, 8)
+        s.mask_uri = f"memory://out/m-{i:02d}.png" if masked else None
+        state.samples.append(s)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("off", "in_class", "counterfactual"),
+    [
+        ([], True, True),
+        (["negatives"], False, True),  # counterfactuals make every negative
+        (["counterfactuals"], True, False),  # in-class ones make every negative
+        (["negatives", "counterfactuals"], False, False),
+    ],
+)
+def test_negatives_are_split_between_the_kinds_that_are_on(off, in_class, counterfactual):
+    from pipelines.augment import count_negatives
+
+    cfg = load_config("tiny", overrides=[f"augment.{c}.enabled=false" for c in off])
+    full, state = _product(), _product()
+    count_negatives(full, load_config("tiny"))
+    count_negatives(state, cfg)
+    total = full.negatives + full.counterfactuals
+    assert full.negatives > 0 and full.counterfactuals > 0
+    assert (state.negatives > 0) == in_class and (state.counterfactuals > 0) == counterfactual
+    assert state.negatives + state.counterfactuals == (total if in_class or counterfactual else 0)
+    unmasked = _product(masked=False)  # no mask to paint a counterfactual into
+    count_negatives(unmasked, cfg)
+    assert unmasked.counterfactuals == 0 and unmasked.negatives == (total if in_class else 0)
+
+
+def test_without_any_negatives_selection_keeps_every_photo_and_enforces_no_ratio():
+    from pipelines.augment import select_samples
+
+    state = _product()
+    select_samples(state, load_config("tiny", overrides=ALL_OFF))
+    assert all(s.kept for s in state.samples) and not state.errors
+    select_samples(state, load_config("tiny"))  # with negatives on, none made: no training set
+    assert state.errors
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -281,3 +330,88 @@ def test_run_help_documents_the_recipes_and_their_overrides(capsys):
     assert "--recipe {restage,dreambooth_lora}" in text
     for sets in RECIPES.values():
         assert " ".join(sets) in text
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _one_product(folder) -> str:
+    """A manifest of one example product, its photos copied beside it."""
+    import shutil
+
+    from conftest import EXAMPLES
+
+    shutil.copytree(EXAMPLES / "products" / "mug-red-001", folder / "products" / "mug-red-001")
+    line = (EXAMPLES / "products.jsonl").read_text().splitlines()[0]
+    assert '"mug-red-001"' in line
+    (folder / "m.jsonl").write_text(line + "\n")
+    return str(folder / "m.jsonl")
+
+
+def _kinds(augment_root: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from ray_app.storage import AugmentLayout
+
+    return pq.read_table(AugmentLayout(augment_root).manifest_dir()).column("kind").to_pylist()
+
+
+@pytest.fixture
+def plans(monkeypatch) -> list:
+    """Every placement plan a job builds in the test (its preflight's)."""
+    from ray_app import plan as plan_module
+
+    made, preflight = [], plan_module.preflight
+
+    def spy(config, job):
+        config, placed = preflight(config, job)
+        made.append(placed)
+        return config, placed
+
+    monkeypatch.setattr(plan_module, "preflight", spy)
+    return made
+
+
+@pytest.mark.slow
+def test_run_recipe_dreambooth_lora_trains_the_baseline_end_to_end_on_real_photos_only(
+    ray_local, plans, tmp_path
+):
+    """`restage run --recipe dreambooth_lora`: augment makes no synthetic sample (no actor
+    of a synthetic component is planned), train records the recipe, generate makes images,
+    and the adapter loads in plain diffusers."""
+    import json
+
+    import torch
+
+    from ray_app import cli, tiny
+    from ray_app.adapter_meta import AdapterMeta
+    from ray_app.kinds import SampleKind
+    from ray_app.storage import RunLayout
+
+    out = str(tmp_path / "run")
+    argv = ["run", "--profile", "tiny", "--recipe", "dreambooth_lora"]
+    argv += ["--manifest", _one_product(tmp_path), "--out", out]
+    argv += ["--set", "ray.progress_bars=false", "--set", "train.steps=4"]
+    assert cli.main(argv) == 0
+    layout = RunLayout(out)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recipe"] == "dreambooth_lora"
+    assert not any(summary["components"].values())
+    augment_roles = {r for p in plans[0].pools for r in p.roles}
+    assert {"novel_view", "inpainter", "generator"}.isdisjoint(augment_roles)
+    kinds = _kinds(layout.augment.root)
+    assert kinds == [SampleKind.REAL] * 3  # the product's 3 photos, nothing synthetic
+    adapter = f"{layout.adapters.root}/mug-red-001"
+    meta = AdapterMeta.read(f"{adapter}/adapter.json")
+    assert meta.recipe == "dreambooth_lora" and meta.caption_mode == "instance"
+    assert meta.training_set.samples == meta.positives == 3 and meta.negatives == 0
+    assert summary["products"]["generate ok"] == 1
+
+    from diffusers import StableDiffusionXLPipeline  # plain diffusers from here on
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        tiny.ensure("generator", load_config("tiny").cache_path)
+    )
+    pipe.load_lora_weights(adapter.removeprefix("file://"))
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    assert torch.isfinite(next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n)).all()
