@@ -15,11 +15,20 @@ from pipelines.augment import augment
 from pipelines.generate import generate
 from pipelines.train import train
 from ray_app import storage
-from ray_app.config import RestageConfig
+from ray_app.config import RECIPES, ConfigError, RestageConfig, with_overrides
 from ray_app.report import JobSummary
 from ray_app.storage import RunLayout
 
 JOB = "run"
+
+
+def apply_recipe(config: RestageConfig, recipe: str) -> RestageConfig:
+    """``config`` with ``recipe``'s overrides (``ray_app.config.RECIPES``): what `restage
+    run --recipe RECIPE` runs with, for callers that hold a config (the DreamBench driver
+    runs both recipes on the same subjects)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe {recipe!r}: unknown; recipes are: {', '.join(RECIPES)}")
+    return with_overrides(config, RECIPES[recipe])
 
 
 def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:

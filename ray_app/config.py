@@ -592,15 +592,30 @@ class AugmentConfig(StrictModel):
 DREAMBOOTH_DEFAULTS = {"caption_mode": "instance", "token_sweep": 1}
 
 # `restage run --recipe NAME`: the overrides each recipe stands for, applied before the
-# user's --set. The baseline's augment makes no synthetic sample: it writes the real photos
-# (captioned, typed, segmented, scored) and the product records that train and generate read.
+# user's --set (``pipelines.run.apply_recipe`` applies them to a loaded config). The
+# baseline's augment makes no synthetic sample: it writes the real photos (captioned, typed,
+# segmented, scored) and the product records that train and generate read. Its defaults are
+# spelled out, so that applying it to a config that holds restage's values works.
 RECIPES: dict[str, list[str]] = {
     "restage": ["train.recipe=restage"],
     "dreambooth_lora": [
         "train.recipe=dreambooth_lora",
+        *(f"train.{key}={value}" for key, value in DREAMBOOTH_DEFAULTS.items()),
         *(f"augment.{c}.enabled=false" for c in SYNTHETIC_COMPONENTS),
     ],
 }
+
+
+def with_overrides(config: RestageConfig, overrides: list[str]) -> RestageConfig:
+    """A loaded ``config`` with ``a.b=c`` overrides applied, validated again (as
+    ``load_config`` validates them; the config itself is not changed)."""
+    tree = config.model_dump(mode="json")
+    for text in overrides:
+        _apply_override(tree, *parse_override(text))
+    try:
+        return RestageConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, tree)) from None
 
 
 class PriorPreservationConfig(StrictModel):

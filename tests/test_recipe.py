@@ -309,6 +309,21 @@ def test_run_recipe_is_the_overrides_it_stands_for(recipe):
     assert _run_config("--profile", "tiny") == load_config("tiny")  # no flag: the config's
 
 
+@pytest.mark.parametrize("profile", ["default", "tiny"])
+def test_apply_recipe_gives_a_loaded_config_what_the_flag_gives(profile):
+    from pipelines.run import apply_recipe
+    from ray_app.config import RECIPES
+
+    base = load_config(profile)  # restage's values spelled out: caption_mode, token_sweep
+    baseline = apply_recipe(base, "dreambooth_lora")
+    assert baseline == load_config(profile, overrides=RECIPES["dreambooth_lora"])
+    assert base.train.recipe == "restage"  # a new config: the given one is unchanged
+    back = apply_recipe(baseline, "restage")
+    assert back.train.recipe == "restage"
+    with pytest.raises(ConfigError, match="recipes are: restage, dreambooth_lora"):
+        apply_recipe(base, "lora")
+
+
 def test_a_set_after_the_recipe_wins_and_a_conflicting_one_names_the_fix():
     cfg = _run_config(
         "--recipe", "dreambooth_lora", "--set", "train.prior_preservation.num_class_images=100"
