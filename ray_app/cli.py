@@ -321,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         "product's training set on Ray Data: captions and product type, novel views "
         "(image-to-video), masks (Segment Anything), new contexts (outpainting with "
         "prompt-bank scenes), in-class negatives and counterfactuals, and CLIP/DINO/IoU "
-        "filtering to the configured positive:negative ratio. Writes images, masks, a "
+        "filtering to the configured positive:negative ratio. Each synthetic component can be "
+        "switched off for an ablation (--set augment.views.enabled=false; likewise contexts, "
+        "negatives, counterfactuals): it is then neither computed nor given actors. Writes "
+        "images, masks, a "
         "Parquet manifest (one row per sample, with scores and drop reasons), an errors "
         "manifest and summary.json under --out. Re-running skips complete products.",
     )
@@ -338,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(train.num_workers workers, each loading the base model once and training its share "
         "of products in turn). Each product gets a rare token that does not collide with its "
         "words; negatives and counterfactuals are mixed into the batches (train.negative_ratio, "
-        f"2:1). Writes OUT/<product_id>/{AdapterLayout.WEIGHTS} (loads with diffusers' "
+        "2:1). --set train.recipe=dreambooth_lora trains the paper's baseline instead: "
+        "DreamBooth-LoRA on each product's real photos alone ('a photo of TOKEN NOUN'; "
+        "optional prior preservation, train.prior_preservation). "
+        f"Writes OUT/<product_id>/{AdapterLayout.WEIGHTS} (loads with diffusers' "
         f"pipe.load_lora_weights) and {AdapterLayout.METADATA} (token, rank, steps, base model, "
         "training-set digest, losses, seconds), an errors manifest (_errors/) and _summary.json. "
         f"Re-running skips products whose {AdapterLayout.METADATA} exists.",

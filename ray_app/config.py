@@ -638,7 +638,8 @@ class PriorPreservationConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     """`restage train`: one DreamBooth-style LoRA per product on the generator's denoiser
-    (paper 2.4): no prior-preservation loss, negatives mixed into the batches instead."""
+    (paper 2.4): no prior-preservation loss, negatives mixed into the batches instead; or,
+    with ``recipe=dreambooth_lora``, the paper's baseline (real photos only)."""
 
     recipe: Literal["restage", "dreambooth_lora"] = Field(
         "restage",
