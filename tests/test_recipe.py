@@ -406,7 +406,9 @@ def test_run_recipe_dreambooth_lora_trains_the_baseline_end_to_end_on_real_photo
     out = str(tmp_path / "run")
     argv = ["run", "--profile", "tiny", "--recipe", "dreambooth_lora"]
     argv += ["--manifest", _one_product(tmp_path), "--out", out]
-    argv += ["--set", "ray.progress_bars=false", "--set", "train.steps=4"]
+    smaller = ["train.steps=2", "generate.prompts_per_product=1", "generate.images_per_prompt=1"]
+    for text in ["ray.progress_bars=false", *smaller, "generate.top_n=1"]:
+        argv += ["--set", text]
     assert cli.main(argv) == 0
     layout = RunLayout(out)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
