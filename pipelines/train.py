@@ -381,12 +381,15 @@ class ShardTrainer:
         if noun in self._class_images:
             return self._class_images[noun], 0.0
         start = time.perf_counter()
-        n = opts.num_class_images
+        n, per_call = opts.num_class_images, self.config.generator.batch_size
         seeds = [derive_seed(noun, "class-image", i, self.config.seed) for i in range(n)]
-        made = self.trainer.base_images(
-            [class_prompt(noun)] * n, seeds, opts.steps, opts.guidance_scale
-        )
-        images = tuple(encode_png(rgb) for rgb in made)
+        images: tuple[bytes, ...] = ()
+        for i in range(0, n, per_call):  # the generator role's batch: 200 at once would not fit
+            chunk = seeds[i : i + per_call]
+            made = self.trainer.base_images(
+                [class_prompt(noun)] * len(chunk), chunk, opts.steps, opts.guidance_scale
+            )
+            images += tuple(encode_png(rgb) for rgb in made)
         while len(self._class_images) >= CLASS_IMAGE_NOUNS:
             self._class_images.pop(next(iter(self._class_images)))
         self._class_images[noun] = images

@@ -229,6 +229,7 @@ def test_the_baseline_trains_on_the_real_photos_and_class_images_and_loads_in_pl
             "train.prior_preservation.num_class_images=2",
             "train.prior_preservation.steps=2",
             "train.prior_preservation.weight=0.5",
+            "generator.batch_size=1",  # class images are made a batch of the role's at a time
         ],
     )
     out = str(tmp_path / "adapters")
@@ -263,8 +264,8 @@ def test_the_baseline_trains_on_the_real_photos_and_class_images_and_loads_in_pl
     assert prior.class_prompt == class_prompt(meta.noun) and prior.seconds > 0
     classes = [s for s in samples if s.prior]
     assert len(classes) == 2 and {s.prompt for s in classes} == {prior.class_prompt}
-    assert [a[0] for a in made] == [[prior.class_prompt] * 2]
-    assert worker.class_images(meta.noun)[1] == 0.0 and len(made) == 1  # the worker kept them
+    assert [a[0] for a in made] == [[prior.class_prompt]] * 2
+    assert worker.class_images(meta.noun)[1] == 0.0 and len(made) == 2  # the worker kept them
     # a LoRA is live after training: base images still come from the base model alone
     assert np.array_equal(base_images(["a photo of a mug"], [1], 2, 7.5)[0], base)
 
