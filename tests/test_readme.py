@@ -219,6 +219,7 @@ def test_deprecations_in_our_code_fail_the_tests():
     assert len(shown) == 1
 
 
+@pytest.mark.slow  # evaluates the quick start's run
 def test_evaluate_example_scores_the_quickstart_run(quickstart, user_dir):
     proc = run(readme_command("evaluate"), user_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
