@@ -9,7 +9,7 @@ A ranking is a small strategy chosen by ``generate.ranking``:
   sum of these metrics" (2.5). It sums the *global* (whole-image) variants: 2.5 names
   CLIP-T, CLIP-I and DINO, while the segmented ones appear only in the evaluation (3.2.2,
   Table 2) as separate columns. Each is a cosine similarity, so the sum lies in [-3, 3].
-- ``weighted``: each of the five metrics mapped through ``scoring.ranges`` onto [0, 1] and
+- ``weighted``: each metric mapped through ``scoring.ranges`` onto [0, 1] and
   averaged with ``generate.weights`` (scores in [0, 1]); the ranking before the paper's.
 
 Another strategy (e.g. a ranker learned from human ratings) subclasses ``Ranking`` and calls

@@ -114,6 +114,7 @@ def test_readme_curl_example(server):
         "seg_clip_i",
         "dino",
         "seg_dino",
+        "seg_clip_t",
     }
     assert body["adapter"]["token"] in body["prompt"]
     assert "training_set" not in body["adapter"]  # internal storage URIs stay private
