@@ -375,8 +375,9 @@ def write_products(batch: dict[str, np.ndarray], runs: list[str], root: str) -> 
         storage.write_parquet(
             layout.per_product(pid), pa.Table.from_pylist(per_run, schema=EVAL_PRODUCT_SCHEMA)
         )
+        # Ids qualified by the product: KID samples by id, and "ref-00" is in every product.
         features = [
-            {"side": p.side, "image_id": p.image_id, "features": p.features.tolist()}
+            {"side": p.side, "image_id": f"{pid}/{p.image_id}", "features": p.features.tolist()}
             for p in state.references + state.images
             if p.features is not None
         ]

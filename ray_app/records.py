@@ -259,7 +259,8 @@ EVAL_PRODUCT_SCHEMA = pa.schema(
     ]
 )
 
-# Inception features of every image (FID/KID): `side` is a run's name or REFERENCE_SIDE.
+# Inception features of every image (FID/KID): `side` is a run's name or REFERENCE_SIDE,
+# `image_id` is PRODUCT_ID/IMAGE_ID (unique within a side).
 REFERENCE_SIDE = "__reference__"
 FEATURES_SCHEMA = pa.schema(
     [

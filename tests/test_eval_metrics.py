@@ -147,3 +147,34 @@ def test_runs_are_named_and_a_bad_name_is_refused(tmp_path):
         parse_runs([f"a b={gen}"])
     with pytest.raises(FileNotFoundError, match="neither a `restage generate` output"):
         parse_runs([f"a={tmp_path}"])
+
+
+def test_the_writer_puts_means_per_run_and_product_qualified_feature_ids(tmp_path):
+    """A product's shards, as the job's write task makes them (no Ray): per-run means over
+    the images that scored, and features whose ids name the product (KID samples by id, and
+    every product has a "ref-00")."""
+    import pyarrow.parquet as pq
+
+    from pipelines._product_rows import pack
+    from pipelines.evaluate import Picture, ProductState, write_products
+    from ray_app.records import REFERENCE_SIDE, ProductRecord
+    from ray_app.storage import EvaluationLayout
+
+    state = ProductState(record=ProductRecord("mug-1", ("/photos/a.jpg",), category="mug"))
+    state.references = [Picture(REFERENCE_SIDE, "ref-00", "/photos/a.jpg", b"x")]
+    state.images = [
+        Picture("a", "p00-i00", "/g/1.png", b"x", scores={m: 0.5 for m in Metric}),
+        Picture("a", "p00-i01", "/g/2.png", b"x", scores={m: 0.7 for m in Metric}),
+        Picture("a", "p00-i02", "/g/3.png", b"x", error="eval_clip: cannot decode image"),
+    ]
+    for pic in state.references + state.images:
+        pic.features = np.ones(4, np.float32)
+    out = write_products(pack([state]), ["a", "b"], str(tmp_path))
+    assert list(out["status"]) == ["ok"]
+    layout = EvaluationLayout(str(tmp_path))
+    rows = {r["run"]: r for r in pq.read_table(layout.per_product("mug-1")).to_pylist()}
+    assert rows["a"]["n_images"] == 3 and rows["a"]["n_errors"] == 1
+    assert rows["a"]["dino"] == pytest.approx(0.6)  # the errored image is left out
+    assert rows["b"]["n_images"] == 0 and rows["b"]["dino"] is None
+    ids = pq.read_table(layout.features("mug-1"))["image_id"].to_pylist()
+    assert ids == ["mug-1/ref-00", "mug-1/p00-i00", "mug-1/p00-i01", "mug-1/p00-i02"]
