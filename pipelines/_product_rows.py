@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,6 +54,16 @@ def pack(rows: list[ProductRow]) -> dict[str, np.ndarray]:
         "product_id": object_array([r.product_id for r in rows]),
         "state": object_array([pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in rows]),
     }
+
+
+def batch_rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """A numpy batch of input records as one dict per row (array cells as lists)."""
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {
+            k: (batch[k][i].tolist() if isinstance(batch[k][i], np.ndarray) else batch[k][i])
+            for k in keys
+        }
 
 
 def unpack(batch: dict[str, np.ndarray]) -> list[Any]:

@@ -35,7 +35,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,7 +50,7 @@ from actors.scorer import Scorer, ScoringOptions
 from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
-from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
+from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.clip_text import CONTEXT_LENGTH, fit_words
@@ -434,7 +434,7 @@ def decode_products(
     refused one is an error row, never read."""
     img_cfg, fmt = config.images, config.augment.image_format
     states = []
-    for row in _rows(batch):
+    for row in batch_rows(batch):
         start = time.perf_counter()
         state = ProductState(ProductRecord.from_row(row), root)
         state.remove_files()  # a killed run's, before the first is written
@@ -471,15 +471,6 @@ def decode_products(
         stat.seconds = time.perf_counter() - start
         states.append(state)
     return pack(states)
-
-
-def _rows(batch: dict[str, np.ndarray]) -> Iterable[dict[str, Any]]:
-    keys = list(batch)
-    for i in range(len(batch[keys[0]])):
-        yield {
-            k: (batch[k][i].tolist() if isinstance(batch[k][i], np.ndarray) else batch[k][i])
-            for k in keys
-        }
 
 
 class CaptionStage(_Stage):

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from actors.scorer import Scorer, ScoringOptions
 from pipelines import _job
-from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
+from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
@@ -164,7 +164,7 @@ def read_products(
     untrusted) and every run's images of it (from the runs' own manifest shards)."""
     img, mode = config.images, config.evaluate.clip_t_text
     states = []
-    for row in _rows(batch):
+    for row in batch_rows(batch):
         start = time.perf_counter()
         state = ProductState(record=ProductRecord.from_row(row))
         stat = state.stat("read")
@@ -195,11 +195,6 @@ def read_products(
         stat.seconds = time.perf_counter() - start
         states.append(state)
     return pack(states)
-
-
-def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    n = len(batch["product_id"])
-    return [{k: batch[k][i] for k in batch} for i in range(n)]
 
 
 def _generated(state: ProductState, run: str, roots: list[str], mode: str) -> list[Picture]:
