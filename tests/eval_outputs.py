@@ -10,24 +10,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipelines.evaluate import METRICS as EVAL_METRICS
 from ray_app import storage
 from ray_app.images import encode_png
-from ray_app.kinds import Metric
 from ray_app.records import EVAL_IMAGE_SCHEMA, EVAL_PRODUCT_SCHEMA
 from ray_app.storage import EvaluationLayout
 
-# In the order of the brief's summary (the DreamBench three first).
-METRICS = [
-    str(m)
-    for m in (
-        Metric.DINO,
-        Metric.CLIP_I,
-        Metric.CLIP_T,
-        Metric.SEG_DINO,
-        Metric.SEG_CLIP_I,
-        Metric.SEG_CLIP_T,
-    )
-]
+# The evaluation's own order (the DreamBench three first).
+METRICS = [str(m) for m in EVAL_METRICS]
 RUNS = ("restage", "baseline")
 PUBLISHED = [
     {
