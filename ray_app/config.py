@@ -955,6 +955,33 @@ class EvaluateConfig(StrictModel):
     cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the read and write tasks.")
 
 
+class ReviewConfig(StrictModel):
+    """`restage review`: human rating of generated images (paper 3.1 and A.3) and the
+    statistics of its results."""
+
+    raters_per_image: PositiveInt = Field(
+        3, description="Distinct raters who rate each image (the paper: 3, majority vote)."
+    )
+    pass_rule: Literal["rater_majority", "question_majority"] = Field(
+        "rater_majority",
+        description="When an image passes. 'rater_majority' (the paper, A.3): a rater passes "
+        "it when all 8 answers are 'yes', and it passes when more than half of its raters do. "
+        "'question_majority': each question passes on a majority of 'yes', and the image when "
+        "all 8 do (never stricter than the paper's rule).",
+    )
+    sample_per_run: PositiveInt | None = Field(
+        None,
+        description="Images put to raters per run, spread evenly over its products (a "
+        "stratified, seeded sample); None: every written image.",
+    )
+    confidence: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.95, description="Confidence of the pass-rate and correlation intervals."
+    )
+    bootstrap_samples: PositiveInt = Field(
+        2000, description="Bootstrap resamples (of products) per interval."
+    )
+
+
 class ServeBudgetConfig(StrictModel):
     """Compute budget and rate limits of `restage serve` (serve/budget.py). A request costs
     width x height x steps x num_images / 10^6 megapixel-steps (1024x1024, 30 steps: 31.5)."""
@@ -1100,6 +1127,7 @@ class RestageConfig(StrictModel):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
 
     @model_validator(mode="after")
     def _check_vae(self) -> RestageConfig:

@@ -43,3 +43,25 @@ MASK_IOU = "mask_iou"
 # augment's own score of a view or context: its product's detail at the training resolution
 # relative to the real photos' (1.0 = as sharp as the median real photo; ray_app.metrics).
 SHARPNESS = "sharpness"
+
+
+class Question(StrEnum):
+    """A question raters answer about one generated image (paper A.3, in its order)."""
+
+    PRODUCT_FIDELITY = "product_fidelity"  # is it the same product as in the photos?
+    LOGO_TEXT = "logo_text"  # are its logos and text reproduced faithfully?
+    REALISTIC_USE = "realistic_use"  # is the product used as it would be in life?
+    PRODUCT_SIZE = "product_size"  # is its size plausible against the scene?
+    NO_HALLUCINATIONS = "no_hallucinations"  # free of background/foreground hallucinations?
+    PLACEMENT = "placement"  # is it placed plausibly (resting, not floating)?
+    SAFETY = "safety"  # is the image safe to show?
+    BUSINESS_USE = "business_use"  # would a business owner use this image?
+
+
+class Answer(StrEnum):
+    """The paper's 4-point scale (A.3); only YES counts as a pass."""
+
+    YES = "yes"
+    MAYBE = "maybe"
+    NO = "no"
+    UNCLEAR = "unclear"

@@ -259,6 +259,38 @@ EVAL_PRODUCT_SCHEMA = pa.schema(
     ]
 )
 
+# `restage review results` (images.parquet): one row per generated image put to raters, with
+# the human verdict and the metrics it was generated with; `restage ranker fit` learns from it.
+# human_pass is None until the image has its full quota of raters (review.raters_per_image).
+RATED_IMAGE_SCHEMA = pa.schema(
+    [
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("n_raters", pa.int32(), nullable=False),
+        pa.field("rater_passes", pa.int32(), nullable=False),  # raters who said yes to all 8
+        pa.field("human_pass", pa.bool_()),
+        *[pa.field(name, pa.float32()) for name in Metric],
+        pa.field("score", pa.float32()),  # the generation's ranking score
+        pa.field("ranking", pa.string()),  # ... and the ranking that made it
+    ]
+)
+
+# `restage review results` (answers.parquet / answers.csv): every answer of every rater.
+ANSWER_SCHEMA = pa.schema(
+    [
+        pa.field("run", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("rater", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),  # ray_app.kinds.Question
+        pa.field("answer", pa.string(), nullable=False),  # ray_app.kinds.Answer
+        pa.field("answered_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
 # Inception features of every image (FID/KID): `side` is a run's name or REFERENCE_SIDE,
 # `image_id` is PRODUCT_ID/IMAGE_ID (unique within a side).
 REFERENCE_SIDE = "__reference__"
