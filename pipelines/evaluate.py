@@ -47,9 +47,10 @@ from ray_app.records import (
     manifest_format,
 )
 from ray_app.report import JobSummary
+from ray_app.runs import parse_runs
 from ray_app.sources import SourcePolicy
 from ray_app.stats import bootstrap_mean, paired_difference
-from ray_app.storage import EvaluationLayout, GenerationLayout, RunLayout, write_errors
+from ray_app.storage import EvaluationLayout, GenerationLayout, write_errors
 
 JOB = "evaluate"
 STAGES = ("read", "segment", "score", "inception", "write")
@@ -67,44 +68,6 @@ LITERATURE_BACKBONES = {
     "eval_clip": "timm/vit_base_patch32_clip_224.openai",
     "eval_dino": "facebook/dino-vits16",
 }
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-# --------------------------------------------------------------------------- runs
-
-
-def parse_runs(items: list[str]) -> dict[str, list[str]]:
-    """``NAME=URI`` items -> {name: [generation roots]} in the order given; a name may repeat
-    (one run made in parts, e.g. DreamBench's object and live-subject prompt lists)."""
-    runs: dict[str, list[str]] = {}
-    for item in items:
-        name, sep, uri = item.partition("=")
-        name, uri = name.strip(), uri.strip()
-        if not sep or not uri:
-            raise ValueError(f"--run {item!r}: expected NAME=URI, e.g. --run restage=runs/shoes")
-        if not RUN_NAME.match(name) or name == REFERENCE_SIDE:
-            raise ValueError(
-                f"--run {item!r}: the name {name!r} must be 1-64 letters, digits, '_', '.' or "
-                "'-', starting with a letter or digit"
-            )
-        runs.setdefault(name, []).append(generations_root(uri))
-    if not runs:
-        raise ValueError("give at least one --run NAME=URI (a `restage generate` or `run` output)")
-    return runs
-
-
-def generations_root(uri: str) -> str:
-    """A `restage generate` output, or the generations of a `restage run` output."""
-    root = storage.normalize_uri(uri)
-    run_layout = RunLayout(root).generations
-    if storage.exists(run_layout.manifest_dir()):
-        return run_layout.root
-    if storage.exists(GenerationLayout(root).manifest_dir()):
-        return root
-    raise FileNotFoundError(
-        f"--run {uri}: neither a `restage generate` output (no manifest/ folder) nor a "
-        "`restage run` output (no generations/manifest/ folder)"
-    )
 
 
 def clip_t_text(prompt: str, token: str | None, mode: str) -> str:

@@ -8,10 +8,11 @@ import pytest
 
 from actors.inception import InceptionFeatures
 from actors.scorer import Scorer, ScoringOptions
-from pipelines.evaluate import clip_t_text, parse_runs
+from pipelines.evaluate import clip_t_text
 from ray_app.fid import SideFeatures, distribution, in_kid_sample
 from ray_app.images import encode_png
 from ray_app.kinds import Metric
+from ray_app.runs import parse_runs
 from ray_app.stats import bootstrap_mean, paired_difference
 
 
