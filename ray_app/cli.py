@@ -227,6 +227,43 @@ def cmd_prompts_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review_serve(args: argparse.Namespace) -> int:
+    from serve.review.server import serve_round
+
+    if args.sample is not None:
+        args.overrides = [*args.overrides, f"review.sample_per_run={args.sample}"]
+    serve_round(
+        _config(args),
+        db_uri=args.db,
+        generations=args.generations or [],
+        run_items=args.run or [],
+        host=args.host,
+        port=args.port,
+        root_path=args.root_path,
+        secure_cookies=args.secure_cookies,
+    )
+    return 0
+
+
+def cmd_review_add_rater(args: argparse.Namespace) -> int:
+    from serve.review.server import add_rater
+
+    secret = add_rater(args.db, args.name, args.admin, args.reset)
+    role = "admin" if args.admin else "rater"
+    print(f"{role} {args.name}: secret {secret}", file=sys.stderr)
+    print(secret)  # alone on stdout, for scripts; it is not stored and not shown again
+    return 0
+
+
+def cmd_review_results(args: argparse.Namespace) -> int:
+    from serve.review.summary import write
+
+    cfg = _config(args)
+    report = write(args.db, args.out, cfg.review, cfg.seed)
+    print(report)
+    return 0
+
+
 def _say_where_ray_logs_are(out: str | None) -> None:
     """Ray's own logs stay in files (``ray.log_to_driver``): link a local Ray's log folder
     into the job's output folder ``out`` and say where it is."""
@@ -531,6 +568,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", help="bank URI (default: the packaged one)")
     s.add_argument("--type", help="print every prompt of this type")
     s.set_defaults(func=cmd_prompts_show)
+
+    p = sub.add_parser(
+        "review",
+        help="human rating of generated images: the web app, raters, results",
+        description="A rating round (paper 3.1, A.3): raters judge generated images beside the "
+        "product's photos with 8 questions on a 4-point scale; each image goes to "
+        "review.raters_per_image distinct raters, runs interleaved and blind.",
+    )
+    rsub = p.add_subparsers(dest="review_command", required=True, metavar="SUBCOMMAND")
+    r = rsub.add_parser(
+        "serve",
+        help="serve the rating app over a round's generations",
+        description="Import the runs' written images into the database (once; a restarted "
+        "server resumes the round) and serve the rating app.",
+    )
+    r.add_argument(
+        "--generations",
+        action="append",
+        metavar="URI",
+        help="a `restage generate` or `restage run` output, named after its folder (repeatable)",
+    )
+    r.add_argument("--run", action="append", metavar="NAME=URI", help="a named run (repeatable)")
+    r.add_argument(
+        "--db", required=True, help="SQLAlchemy URL, or a path to a SQLite file (made if absent)"
+    )
+    r.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="images per run, spread over its products (sets review.sample_per_run)",
+    )
+    r.add_argument("--host", default="127.0.0.1", help="[%(default)s]")
+    r.add_argument("--port", type=int, default=8100, help="[%(default)s]")
+    r.add_argument(
+        "--root-path", default="", help="URL prefix when served behind a proxy, e.g. /review"
+    )
+    r.add_argument(
+        "--secure-cookies", action="store_true", help="cookies only over HTTPS (behind TLS)"
+    )
+    _add_config_args(r)
+    r.set_defaults(func=cmd_review_serve)
+    r = rsub.add_parser("add-rater", help="create a rater (prints a one-time secret)")
+    r.add_argument("name")
+    r.add_argument("--db", required=True, help="SQLAlchemy URL, or a path to a SQLite file")
+    r.add_argument("--admin", action="store_true", help="may see progress, results, exports")
+    r.add_argument(
+        "--reset", action="store_true", help="a new secret for an existing rater (ends sessions)"
+    )
+    r.set_defaults(func=cmd_review_add_rater)
+    r = rsub.add_parser(
+        "results",
+        help="pass rates, agreement, metric correlations and every answer",
+        description="Write answers.parquet, answers.csv, images.parquet (what `restage ranker "
+        "fit --ratings` reads) and summary.json under --out, and print the summary.",
+    )
+    r.add_argument("--db", required=True, help="SQLAlchemy URL, or a path to a SQLite file")
+    r.add_argument("--out", required=True, help="output folder URI")
+    _add_config_args(r)
+    r.set_defaults(func=cmd_review_results)
 
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(

@@ -34,8 +34,9 @@ def find_chromium() -> str | None:
 
 
 @contextmanager
-def chromium_page(viewport: tuple[int, int] = (1280, 900)) -> Iterator:
-    """A Playwright page in headless Chromium; skips the test when either is missing."""
+def chromium_browser() -> Iterator:
+    """A Playwright browser (headless Chromium); skips the test when either is missing.
+    ``browser.new_context()`` gives each simulated user their own cookies."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -48,10 +49,16 @@ def chromium_page(viewport: tuple[int, int] = (1280, 900)) -> Iterator:
         # Playwright passes --no-sandbox itself (chromium_sandbox=False), which root needs.
         browser = pw.chromium.launch(executable_path=binary, headless=True)
         try:
-            page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@contextmanager
+def chromium_page(viewport: tuple[int, int] = (1280, 900)) -> Iterator:
+    """A Playwright page in headless Chromium; skips the test when either is missing."""
+    with chromium_browser() as browser:
+        yield browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
 
 
 def file_url(path: Path) -> str:
