@@ -1,0 +1,1 @@
+"""`restage review`: human rating of generated images (paper 3.1 and A.3)."""
