@@ -113,7 +113,7 @@ class GroupResults:
     images: int
     images_rated: int
     images_pending: int
-    products: int
+    products: int  # overall: (run, product) pairs, a product once per run
     products_rated: int  # with at least one rated image
     per_image: PassRate  # passing images / rated images
     per_product: PassRate  # products with >= 1 passing image / products rated
@@ -338,7 +338,10 @@ def _verdict(sheets: Sequence[_Sheet], config: ReviewConfig) -> bool | None:
     return all(2 * sum(s.answers[q] == Answer.YES for s in sheets) > n for q in Question)
 
 
-def _verdict_table(images: pa.Table, sheets: Mapping[ImageKey, list[_Sheet]], config):
+def _verdict_table(
+    images: pa.Table, sheets: Mapping[ImageKey, list[_Sheet]], config: ReviewConfig
+) -> pa.Table:
+    """The checked ``images`` with their verdict columns filled (RATED_IMAGE_SCHEMA)."""
     keys = _image_keys(images)
     n_raters = [len(sheets[k]) for k in keys]
     passes = [sum(s.passes for s in sheets[k]) for k in keys]
