@@ -93,9 +93,9 @@ def create_app(
     def base(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/")
 
-    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    def page(request: Request, name: str, code: int = 200, **context: Any) -> HTMLResponse:
         html = _templates.get_template(name).render(base=base(request), **context)
-        return HTMLResponse(html, status, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
+        return HTMLResponse(html, code, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
     def redirect(request: Request, path: str) -> RedirectResponse:
         return RedirectResponse(base(request) + path, status_code=303)
@@ -139,9 +139,10 @@ def create_app(
 
     @app.exception_handler(Denied)
     async def _denied(request: Request, exc: Denied) -> Response:
-        if exc.status == 401 and request.method == "GET" and not wants_json(request):
+        api = wants_json(request) or request.url.path.startswith("/api/")
+        if exc.status == 401 and request.method == "GET" and not api:
             return redirect(request, "/login")
-        if wants_json(request) or request.url.path.startswith("/api/"):
+        if api:
             return JSONResponse({"error": exc.message}, exc.status, headers=SECURITY_HEADERS)
         return page(request, "error.html.j2", exc.status, status=exc.status, message=exc.message)
 
