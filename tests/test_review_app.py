@@ -162,3 +162,27 @@ def test_add_rater_cli(live):
     new_secret = add_rater(db, "cal", "--reset")
     assert cal.client.get("/rate").status_code == 303  # the old session ended
     assert Rater(server.url, "cal", new_secret).login().status_code == 303
+
+
+def test_behind_a_proxy_every_link_and_cookie_is_under_the_root_path(live, tmp_path):
+    _, db, secrets, root = live
+    runs = {"alpha": root / "alpha", "beta": root / "beta"}
+    with review_server(db, runs, tmp_path / "proxied.log", "--root-path", "/review") as server:
+        # The proxy strips /review before it forwards; the pages link under it.
+        page = httpx.get(f"{server.url}/login")
+        assert 'action="/review/login"' in page.text and "/review/static/review.css" in page.text
+        assert "Path=/review" in page.headers["set-cookie"]
+        # Cookies are scoped to /review, which this client (talking to the server directly,
+        # as the proxy does) does not request: it sends them itself.
+        pre = re.search(r"restage_review_pre=(\w+)", page.headers["set-cookie"]).group(1)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        login = httpx.post(
+            f"{server.url}/login",
+            data={"name": "ann", "secret": secrets["ann"], "csrf_token": token},
+            headers={"cookie": f"restage_review_pre={pre}"},
+        )
+        assert login.headers["location"] == "/review/rate"
+        assert "Path=/review" in login.headers["set-cookie"]
+        session = re.search(r"restage_review=([^;]+)", login.headers["set-cookie"]).group(1)
+        rate = httpx.get(f"{server.url}/rate", headers={"cookie": f"restage_review={session}"})
+        assert 'src="/review/image/' in rate.text
