@@ -7,9 +7,11 @@ import json
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import termios
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -232,3 +234,61 @@ def test_evaluate_example_scores_the_quickstart_run(quickstart, user_dir):
     # What the README's table of outputs lists is there.
     for name in ("per_image.parquet", "per_product.parquet", "_features", "_done"):
         assert (out / name).is_dir(), name
+
+
+@pytest.mark.slow  # rates the quick start's run
+def test_review_example_rates_the_quickstart_run(quickstart, user_dir):
+    """The README's rating round on the quick start's tiny run: three raters added with its
+    command, its server, every image rated in Chromium with the keyboard, then its results
+    command, whose pass rate equals the count by hand."""
+    import httpx
+
+    from tests.browser import chromium_browser
+    from tests.review_client import passes, rate_all, sign_in
+
+    add = readme_command("review-add-rater")
+    assert " ann " in add
+    secrets = {}
+    for name in ("ann", "bob", "cat"):
+        proc = run(add.replace(" ann ", f" {name} "), user_dir)
+        assert proc.returncode == 0, proc.stderr
+        secrets[name] = proc.stdout.strip()
+    log = user_dir / "review-serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            ["bash", "-c", f"exec {readme_command('review-serve')}"],
+            cwd=user_dir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = "http://127.0.0.1:8100"
+    try:
+        for _ in range(120):
+            assert server.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        rated: dict[str, list[str]] = {}
+        with chromium_browser() as browser:
+            for name, secret in secrets.items():
+                page = browser.new_context().new_page()
+                sign_in(page, url, name, secret)
+                rated[name] = rate_all(page, name)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    proc = run(readme_command("review-results"), user_dir)
+    assert proc.returncode == 0, proc.stderr
+    out = user_dir / readme_command("review-results").split()[-1]
+    summary = json.loads((out / "summary.json").read_text())["runs"]["restage"]
+    written = pq.read_table(quickstart[1] / "generations" / "manifest").column("image_uri")
+    images = sum(uri is not None for uri in written.to_pylist())
+    keys = set(rated["ann"])
+    assert len(keys) == images and all(set(r) == keys for r in rated.values())
+    passed = sum(sum(passes(name, key) for name in rated) >= 2 for key in keys)
+    assert summary["images_rated"] == images and summary["images_pending"] == 0
+    assert (summary["per_image"]["passed"], summary["per_image"]["total"]) == (passed, images)

@@ -5,81 +5,19 @@ $RESTAGE_SCREENSHOTS when it is set (docs/ holds the committed ones)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from tests.browser import broken_images, chromium_browser
-from tests.review_client import add_rater, restage, review_server
+from tests.browser import chromium_browser
+from tests.review_client import add_rater, passes, rate_all, restage, review_server, sign_in
 from tests.review_outputs import write_generations
 
 RATERS = ("ann", "bob", "cat")
-URL_KEY = re.compile(r"/image/([0-9a-f]+)")
-
-
-def passes(rater: str, image_key: str) -> bool:
-    """Each rater's verdict on an image: a fixed rule, so the test knows every answer."""
-    return hashlib.sha256(f"{rater}/{image_key}".encode()).digest()[0] % 3 != 0
-
-
-def sign_in(page, url: str, name: str, secret: str) -> None:
-    page.goto(f"{url}/login")
-    page.fill("input[name=name]", name)
-    page.fill("input[name=secret]", secret)
-    page.click("button[type=submit]")
-    page.wait_for_load_state("load")
-
-
-def shown_image(page) -> str | None:
-    if page.locator("#done").count():
-        return None
-    return URL_KEY.search(page.get_attribute("#generated", "src")).group(1)
-
-
-def answer_with_keys(page, verdict: bool) -> None:
-    """8 answers: all yes, or 'no' on the last question."""
-    for _ in range(7):
-        page.keyboard.press("1")
-    page.keyboard.press("1" if verdict else "3")
-    assert page.locator(".question.current").count() == 0  # all answered
-    with page.expect_navigation():
-        page.keyboard.press("Enter")
-
-
-def rate_all(page, name: str, shots: Path | None) -> list[str]:
-    rated = []
-    while (image := shown_image(page)) is not None:
-        assert not broken_images(page), "the product photos and the image must load"
-        if not rated:
-            # Backspace undoes the last answer on the page: a wrong key, then the right ones.
-            page.keyboard.press("4")
-            assert page.locator("input[value=unclear]:checked").count() == 1
-            page.keyboard.press("Backspace")
-            assert page.locator("input:checked").count() == 0
-            if shots and name == RATERS[0]:
-                page.keyboard.press("1")
-                page.keyboard.press("1")
-                page.keyboard.press("2")
-                page.screenshot(path=str(shots / "review-rate.png"), full_page=True)
-                for _ in range(3):
-                    page.keyboard.press("Backspace")
-        answer_with_keys(page, passes(name, image))
-        rated.append(image)
-        if len(rated) == 2 and name == RATERS[1]:
-            # On a fresh image, Backspace reopens the previous one; it is answered again.
-            with page.expect_navigation():
-                page.keyboard.press("Backspace")
-            assert shown_image(page) == image
-            answer_with_keys(page, passes(name, image))
-    progress = page.get_attribute("#done", "id")
-    assert progress == "done"
-    return rated
 
 
 @pytest.mark.timeout(600)
