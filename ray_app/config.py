@@ -915,8 +915,9 @@ class GenerateConfig(StrictModel):
         if self.ranker is not None and not learned:
             raise ValueError(
                 f"generate.ranker={self.ranker!r} is a learned ranker but generate.ranking="
-                f"{self.ranking!r}: leave generate.ranking unset (generate.ranker implies "
-                f"'learned'), or unset generate.ranker to rank with {self.ranking!r}"
+                f"{self.ranking!r}: leave generate.ranking unset or set it to 'learned' "
+                f"(generate.ranker implies 'learned'), or unset generate.ranker to rank with "
+                f"{self.ranking!r}"
             )
         if learned and self.ranker is None:
             raise ValueError(

@@ -465,8 +465,11 @@ def _choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> fl
 
 
 def _statistics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
-    """ROC AUC, Pearson and Spearman of scores ``s`` with the 0/1 labels ``y``."""
-    from scipy.stats import pearsonr, rankdata, spearmanr
+    """ROC AUC, Pearson and Spearman of scores ``s`` with the 0/1 labels ``y`` (NaN where
+    undefined: one class, or a constant score). The same values as sklearn's roc_auc_score
+    and scipy's pearsonr and spearmanr (tests check it), at a fraction of their call cost:
+    the bootstrap calls this thousands of times."""
+    from scipy.stats import rankdata
 
     n1 = int(y.sum())
     n0 = len(y) - n1
@@ -474,11 +477,18 @@ def _statistics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
         return dict.fromkeys(STATISTICS, math.nan)
     ranks = rankdata(s)  # ties share their mean rank: AUC counts a tie as half
     auc = (ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
-    with warnings.catch_warnings():  # a constant score: NaN correlation, said below
-        warnings.simplefilter("ignore")
-        pearson = float(pearsonr(y, s).statistic) if np.ptp(s) > 0 else math.nan
-        spearman = float(spearmanr(y, s).statistic) if np.ptp(s) > 0 else math.nan
-    return {"auc": float(auc), "pearson": pearson, "spearman": spearman}
+    return {
+        "auc": float(auc),
+        "pearson": _pearson(y, s),
+        "spearman": _pearson(rankdata(y), ranks),  # Spearman: Pearson of the ranks
+    }
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64) - np.mean(a)
+    b = np.asarray(b, np.float64) - np.mean(b)
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denominator if denominator > 0 else math.nan
 
 
 def _bootstrap_gains(
