@@ -94,7 +94,7 @@ def informative(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def independent(tmp_path_factory):
-    uri = write(synthetic_ratings(2, informative=False), str(tmp_path_factory.mktemp("r") / "b"))
+    uri = write(synthetic_ratings(7, informative=False), str(tmp_path_factory.mktemp("r") / "b"))
     ratings = read_ratings(uri)
     return ratings, fit(ratings, CONFIG, FitOptions(folds=5, seed=0))
 
@@ -114,23 +114,16 @@ def test_learned_ranker_beats_the_paper_sum_when_raters_follow_a_metric(informat
     # The model leans on the metric the raters follow.
     coef = dict(zip(result.model.features, result.model.coef, strict=True))
     assert max(coef, key=lambda f: abs(coef[f])) == Metric.SEG_DINO
-    print(
-        "informative",
-        {k: (round(v.learned, 3), round(v.fixed, 3)) for k, v in cv.statistics.items()},
-    )
 
 
 def test_no_gain_is_claimed_when_ratings_ignore_the_metrics(independent):
     _, result = independent
     cv = result.cv
     head = cv.statistics[cv.headline]
+    # This seed's learned model looks a little better by chance: a point gain is no gain.
+    assert head.gain > 0 and head.lo <= 0 <= head.hi
     assert cv.gain is False
-    assert head.lo <= 0 <= head.hi
     assert abs(cv.statistics["auc"].learned - 0.5) < 0.1  # nothing to learn
-    print(
-        "independent",
-        {k: (round(v.learned, 3), round(v.fixed, 3)) for k, v in cv.statistics.items()},
-    )
 
 
 def test_folds_never_share_a_product(informative):
@@ -259,6 +252,9 @@ def test_fit_refuses_bad_features_and_a_learned_baseline(informative):
         fit(ratings, learned)
     only = fit(ratings, CONFIG, FitOptions(features=("seg_dino",), bootstrap=50))
     assert only.model.features == (Metric.SEG_DINO,)
+    # Seeded: the same fit gives the same folds, model and intervals.
+    again = fit(ratings, CONFIG, FitOptions(features=("seg_dino",), bootstrap=50))
+    assert again.model.to_dict() == only.model.to_dict()
 
 
 def test_serve_ranker_ranks_with_the_learned_model(informative, tmp_path, monkeypatch):
