@@ -22,6 +22,7 @@ import json
 import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -101,10 +102,12 @@ def read_ratings(uri: str) -> Ratings:
     rated = [i for i, v in enumerate(label) if v is not None]
     keys = list(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS), strict=True))
     keys = [keys[i] for i in rated]
-    if len(set(keys)) != len(keys):
-        seen: set[tuple[str, str, str]] = set()
-        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise RankerError(f"ratings {path}: image {dup} (run, product_id, image_id) twice")
+    twice = [k for k, n in Counter(keys).items() if n > 1]
+    if twice:
+        raise RankerError(
+            f"ratings {path}: {len(twice)} images rated in two rows, e.g. {twice[0]} "
+            "(run, product_id, image_id): give one row per image"
+        )
     metrics = {
         m: np.array(
             [np.nan if v is None else v for v in table.column(m.value).to_pylist()], np.float64
@@ -371,7 +374,16 @@ class CrossValidation:
     fold_auc: list[dict[str, float | None]]  # per fold: learned, fixed (None: one class)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: an undefined statistic (NaN) is null, so that the file stays JSON."""
+
+        def clean(x: Any) -> Any:
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return None if isinstance(x, float) and math.isnan(x) else x
+
+        return clean(asdict(self))
 
 
 @dataclass(frozen=True)

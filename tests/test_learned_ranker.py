@@ -4,6 +4,7 @@ and serve's ranker built with it. No Ray, no model checkpoints."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 
@@ -153,6 +154,9 @@ def test_the_digest_ignores_row_order_and_sees_a_label(tmp_path):
         table.schema.get_field_index("human_pass"), "human_pass", pa.array(labels, pa.bool_())
     )
     assert ratings_digest(read_ratings(write(flipped, str(tmp_path / "c.parquet")))) != digest
+    twice = pa.concat_tables([table, table.slice(3, 1)])
+    with pytest.raises(RankerError, match="1 images rated in two rows"):
+        read_ratings(write(twice, str(tmp_path / "d.parquet")))
 
 
 def test_save_load_score_round_trip_equals_the_fitted_pipeline(informative, tmp_path):
@@ -160,6 +164,7 @@ def test_save_load_score_round_trip_equals_the_fitted_pipeline(informative, tmp_
     uri = result.model.save(str(tmp_path / "ranker.json"))
     loaded = LearnedModel.load(uri)
     assert loaded == result.model
+    json.loads(storage.read_bytes(uri), parse_constant=pytest.fail)  # strict JSON: no NaN
     x = np.stack([ratings.metrics[f] for f in result.model.features], axis=1)  # NaNs included
     expected = result.estimator.predict_proba(x)[:, 1]
     scores = LearnedRanking(loaded).score(ratings.metrics)
@@ -257,20 +262,23 @@ def test_fit_refuses_bad_features_and_a_learned_baseline(informative):
     assert again.model.to_dict() == only.model.to_dict()
 
 
-def test_serve_ranker_ranks_with_the_learned_model(informative, tmp_path, monkeypatch):
-    import serve.ranker
+@pytest.mark.parametrize("where", ["serve.ranker:RankerReplica", "pipelines.generate:ScoreStage"])
+def test_serve_and_generate_rank_with_the_learned_model(where, informative, tmp_path, monkeypatch):
+    module_name, _, name = where.partition(":")
+    module = importlib.import_module(module_name)
 
-    class NoScorer:  # the replica's CLIP/DINO scorer is not what is tested here
+    class NoScorer:  # CLIP/DINO scoring is not what is tested here: the ranking it is given
         def __init__(self, clip, dino, options, **kwargs):
             self.options = options
 
-    monkeypatch.setattr(serve.ranker, "Scorer", NoScorer)
+    monkeypatch.setattr(module, "Scorer", NoScorer)
     uri = informative[1].model.save(str(tmp_path / "ranker.json"))
-    replica = serve.ranker.RankerReplica(
-        load_config("default", overrides=[f"generate.ranker={uri}"])
-    )
-    assert isinstance(replica.ranking, LearnedRanking) and replica.ranking.uri == uri
-    assert replica.scorer.options.ranking is replica.ranking  # the scores it serves
+    built = getattr(module, name)(load_config("default", overrides=[f"generate.ranker={uri}"]))
+    used = built.scorer.options.ranking  # the ranking that makes the scores it ranks by
+    assert isinstance(used, LearnedRanking) and used.uri == uri
+    assert used.model == informative[1].model
+    if name == "RankerReplica":
+        assert built.ranking is used  # and the name serve reports
 
 
 def test_cli_fits_reports_and_writes_a_loadable_model(tmp_path, capsys):
