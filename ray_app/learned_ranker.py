@@ -105,7 +105,7 @@ def read_ratings(uri: str) -> Ratings:
     twice = [k for k, n in Counter(keys).items() if n > 1]
     if twice:
         raise RankerError(
-            f"ratings {path}: {len(twice)} images rated in two rows, e.g. {twice[0]} "
+            f"ratings {path}: {len(twice)} image(s) with more than one row, e.g. {twice[0]} "
             "(run, product_id, image_id): give one row per image"
         )
     metrics = {
