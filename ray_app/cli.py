@@ -264,6 +264,19 @@ def cmd_review_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ranker_fit(args: argparse.Namespace) -> int:
+    from ray_app.learned_ranker import FitOptions, fit, read_ratings
+
+    cfg = _config(args)
+    features = [f for text in args.features or [] for f in text.split(",") if f]
+    options = FitOptions(args.folds, tuple(features) if args.features else None, args.seed)
+    result = fit(read_ratings(args.ratings), cfg, options)
+    result.model.save(args.out)
+    print(result.render())
+    print(f"wrote {args.out}; rank with it: --set generate.ranker={args.out}")
+    return 0
+
+
 def _say_where_ray_logs_are(out: str | None) -> None:
     """Ray's own logs stay in files (``ray.log_to_driver``): link a local Ray's log folder
     into the job's output folder ``out`` and say where it is."""
@@ -627,6 +640,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder URI")
     _add_config_args(r)
     r.set_defaults(func=cmd_review_results)
+
+    p = sub.add_parser("ranker", help="a ranker learned from human ratings (paper 2.5)")
+    rsub = p.add_subparsers(dest="ranker_command", required=True, metavar="SUBCOMMAND")
+    f = rsub.add_parser(
+        "fit",
+        help="fit a ranker on human ratings and cross-validate it against generate.ranking",
+        description="Fit a logistic regression from the metrics to the human pass on the "
+        "ratings of `restage review results`, compare it by product-grouped cross-validation "
+        "with the fixed ranking generate.ranking configures, and write the model (JSON) to "
+        "--out. Use it with --set generate.ranker=OUT.",
+    )
+    f.add_argument("--ratings", required=True, help="images.parquet of the ratings, or its folder")
+    f.add_argument("--out", required=True, help="URI of the model file to write (JSON)")
+    f.add_argument("--folds", type=int, default=5, help="cross-validation folds [%(default)s]")
+    f.add_argument(
+        "--features", nargs="+", metavar="METRIC", help="metrics to use (default: all with values)"
+    )
+    f.add_argument("--seed", type=int, default=0, help="folds and bootstrap seed [%(default)s]")
+    _add_config_args(f)
+    f.set_defaults(func=cmd_ranker_fit)
 
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(

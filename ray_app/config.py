@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from ray_app.kinds import Metric
+from ray_app.learned_ranker import LearnedRanking  # registers 'learned' with ray_app.ranking
 from ray_app.ranking import ranking_class
 
 ROLES = (
@@ -834,7 +836,20 @@ class GenerateConfig(StrictModel):
         description="How images are scored for ranking (ray_app/ranking.py): 'paper', the "
         "plain sum of raw CLIP-T + CLIP-I + DINO (paper 2.5; scores in [-3, 3]), or "
         "'weighted', the metrics normalised through scoring.ranges and averaged with "
-        "generate.weights (scores in [0, 1]). Serve's ranker orders images with it too.",
+        "generate.weights (scores in [0, 1]), or 'learned', the pass probability of the "
+        "model in generate.ranker (scores in [0, 1]; implied by generate.ranker). Serve's "
+        "ranker orders images with it too.",
+    )
+    ranker: str | None = Field(
+        None,
+        description="URI of a learned ranker (the JSON file `restage ranker fit` writes). "
+        "Setting it selects generate.ranking='learned'; giving another generate.ranking with "
+        "it is an error.",
+    )
+    ranker_sha256: str | None = Field(
+        None,
+        description="Pin of generate.ranker's training data: the ratings_sha256 that `restage "
+        "ranker fit` prints. Set, a model file fitted on other ratings fails to load.",
     )
     threshold: float | None = Field(
         None,
@@ -876,6 +891,15 @@ class GenerateConfig(StrictModel):
     products_per_batch: PositiveInt = Field(1, description="Products per actor call.")
     cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the plan and write tasks.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ranker_implies_learned(cls, data: Any) -> Any:
+        # The model's URI is the one key that deploying a learned ranker needs; a ranking
+        # given with it is still checked against it in _check, not overridden.
+        if isinstance(data, dict) and data.get("ranker") is not None and "ranking" not in data:
+            return {**data, "ranking": LearnedRanking.name}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
         _multiple_of_8("generate.width", self.width)
@@ -887,6 +911,30 @@ class GenerateConfig(StrictModel):
             )
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"weights={self.weights}: at least one weight must be above 0")
+        learned = self.ranking == LearnedRanking.name
+        if self.ranker is not None and not learned:
+            raise ValueError(
+                f"generate.ranker={self.ranker!r} is a learned ranker but generate.ranking="
+                f"{self.ranking!r}: leave generate.ranking unset or set it to 'learned' "
+                f"(generate.ranker implies 'learned'), or unset generate.ranker to rank with "
+                f"{self.ranking!r}"
+            )
+        if learned and self.ranker is None:
+            raise ValueError(
+                "generate.ranking='learned' needs generate.ranker, the URI of a model file "
+                "from `restage ranker fit`: set generate.ranker (it implies the ranking)"
+            )
+        if self.ranker_sha256 is not None:
+            if self.ranker is None:
+                raise ValueError(
+                    "generate.ranker_sha256 pins a learned ranker's training data but "
+                    "generate.ranker is unset: set generate.ranker too, or unset the pin"
+                )
+            if not re.fullmatch(r"[0-9a-f]{64}", self.ranker_sha256):
+                raise ValueError(
+                    f"generate.ranker_sha256={self.ranker_sha256!r}: give the 64 lowercase hex "
+                    "digits of ratings_sha256 (`restage ranker fit` prints it)"
+                )
         ranking = ranking_class(self.ranking)
         low, high = ranking.bounds
         if self.threshold is not None and not low <= self.threshold <= high:

@@ -90,8 +90,8 @@ def test_config_chooses_the_ranking_and_its_default_threshold():
 @pytest.mark.parametrize(
     ("profile", "overrides", "needle"),
     [
-        ("default", ["generate.ranking=learned"], "generate.ranking='learned'"),
-        ("default", ["generate.ranking=learned"], "the rankings are: paper, weighted"),
+        ("default", ["generate.ranking=nope"], "generate.ranking='nope'"),
+        ("default", ["generate.ranking=nope"], "the rankings are: learned, paper, weighted"),
         (
             "default",
             ["generate.ranking=weighted", "generate.threshold=1.23"],
