@@ -453,6 +453,7 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
             f"--adapters {adapters}: no such folder (the output of `restage train`)"
         )
     read_user_prompts(config.generate.user_prompts)  # a bad file fails before Ray starts
+    build_ranking(config.generate, config.scoring)  # so does a bad generate.ranker file
 
     def rows() -> Any:
         write_errors(layout, "_plan", [])  # an older version's one plan errors shard

@@ -11,9 +11,12 @@ A ranking is a small strategy chosen by ``generate.ranking``:
   Table 2) as separate columns. Each is a cosine similarity, so the sum lies in [-3, 3].
 - ``weighted``: each metric mapped through ``scoring.ranges`` onto [0, 1] and
   averaged with ``generate.weights`` (scores in [0, 1]); the ranking before the paper's.
+- ``learned``: a model fitted on human ratings by `restage ranker fit`
+  (ray_app/learned_ranker.py), selected by ``generate.ranker=URI``; scores are pass
+  probabilities in [0, 1].
 
-Another strategy (e.g. a ranker learned from human ratings) subclasses ``Ranking`` and calls
-``register``; ``generate.ranking`` then accepts its name.
+Another strategy subclasses ``Ranking`` and calls ``register``; ``generate.ranking`` then
+accepts its name.
 
 NaN: a metric is NaN where it could not be computed (the text or image failed to embed, no
 mask for a segmented metric). ``paper``: an item with any summed metric NaN scores NaN.
