@@ -37,7 +37,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 metadata = MetaData()
 
@@ -166,9 +166,12 @@ def database_url(db: str) -> str:
     """``--db``: a SQLAlchemy URL, or a path to a SQLite file (made with its folder)."""
     if "://" in db:
         try:
-            make_url(db)
-        except ArgumentError as exc:
-            raise ValueError(f"--db {db!r} is not a database URL: {exc}") from None
+            make_url(db).get_dialect()  # a dialect SQLAlchemy (or a plugin) knows
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+            raise ValueError(
+                f"--db {db!r} is not a database URL SQLAlchemy can open ({exc}); e.g. "
+                "sqlite:///review.db, postgresql://user@host/review, or a file path"
+            ) from None
         return db
     path = Path(db).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)

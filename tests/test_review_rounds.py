@@ -1,0 +1,138 @@
+"""The review round without the web app: importing runs (once, a fixed sample spread over
+products), assignment under concurrent raters (exactly N distinct raters per image), the
+migrations."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter, defaultdict
+
+import pytest
+from sqlalchemy import select
+
+from ray_app.config import ReviewConfig
+from ray_app.kinds import Answer, Question
+from ray_app.runs import parse_runs
+from serve.review import accounts, db, rounds, tasks
+from serve.review.server import round_runs
+from tests.review_outputs import write_generations
+
+
+@pytest.fixture
+def round_(tmp_path):
+    runs = {
+        "alpha": write_generations(tmp_path, "alpha", products=3, images_per_product=5),
+        "beta": write_generations(tmp_path, "beta", products=3, images_per_product=5, seed=1),
+    }
+    engine = db.connect(str(tmp_path / "round.db"))
+    return engine, parse_runs([f"{k}={v}" for k, v in runs.items()]), tmp_path
+
+
+def test_import_is_once_and_a_round_cannot_change(round_):
+    engine, runs, _ = round_
+    assert rounds.import_runs(engine, runs, None, 0) == {"alpha": 15, "beta": 15}
+    assert rounds.import_runs(engine, runs, None, 0) == {"alpha": 15, "beta": 15}
+    with pytest.raises(ValueError, match="cannot change"):
+        rounds.import_runs(engine, runs, 4, 0)
+    with db.read(engine) as conn:
+        rows = conn.execute(select(db.images)).mappings().all()
+    assert len(rows) == 30 and len({r["key"] for r in rows}) == 30
+    refs = json.loads(rows[0]["reference_uris"])
+    assert len(refs) == 2 and all("real-" in uri for uri in refs)
+    assert set(json.loads(rows[0]["metrics"])) == {
+        "clip_t",
+        "clip_i",
+        "seg_clip_i",
+        "dino",
+        "seg_dino",
+        "seg_clip_t",
+    }
+    # the order interleaves the runs: neither run's images come as one block
+    order = [r["run_id"] for r in sorted(rows, key=lambda r: r["order_key"])]
+    assert max(len(list(g)) for g in _runs_of(order)) < 15
+
+
+def _runs_of(seq):
+    from itertools import groupby
+
+    return (list(g) for _, g in groupby(seq))
+
+
+def test_the_sample_is_spread_over_products_and_seeded(round_):
+    engine, runs, _ = round_
+    counts = rounds.import_runs(engine, runs, 7, seed=3)
+    assert counts == {"alpha": 7, "beta": 7}
+    with db.read(engine) as conn:
+        rows = conn.execute(
+            select(db.images.c.run_id, db.images.c.product_id, db.images.c.image_id)
+        ).all()
+    per_product = Counter((r.run_id, r.product_id) for r in rows)
+    assert sorted(per_product.values()) == [2, 2, 2, 2, 3, 3]  # 7 over 3 products: 3, 2, 2
+    rows_alpha = rounds._written(runs["alpha"])
+    again = rounds.sample(rows_alpha, 7, 3, "alpha")
+    assert [r["image_id"] for r in again] == [
+        r["image_id"] for r in rounds.sample(rows_alpha, 7, 3, "alpha")
+    ]
+    assert {r["image_id"] for r in again} != {
+        r["image_id"] for r in rounds.sample(rows_alpha, 7, 4, "alpha")
+    }
+
+
+def test_concurrent_raters_give_each_image_exactly_its_quota(round_):
+    engine, runs, _ = round_
+    rounds.import_runs(engine, runs, None, 0)
+    quota = ReviewConfig().raters_per_image
+    raters = [accounts.sign_in(engine, n, accounts.add_rater(engine, n)) for n in "abcdefg"]
+    answers = {q: Answer.YES for q in Question}
+    errors = []
+
+    def work(rater):
+        try:
+            while (task := tasks.next_task(engine, rater, quota)) is not None:
+                tasks.submit(engine, rater, task.assignment_key, answers)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in raters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    with db.read(engine) as conn:
+        rows = conn.execute(
+            select(
+                db.assignments.c.image_id, db.assignments.c.rater_id, db.assignments.c.completed_at
+            )
+        ).all()
+    by_image = defaultdict(list)
+    for image_id, rater_id, completed in rows:
+        assert completed is not None
+        by_image[image_id].append(rater_id)
+    assert len(by_image) == 30
+    assert all(len(r) == quota == len(set(r)) for r in by_image.values())
+    assert all(tasks.progress(engine, r, quota).remaining == 0 for r in raters)
+
+
+def test_migrations_are_recorded_and_a_newer_database_is_refused(tmp_path):
+    engine = db.connect(str(tmp_path / "r.db"))
+    assert db.migrate(engine) == db.SCHEMA_VERSION
+    with db.write(engine) as conn:
+        conn.execute(
+            db.schema_version.insert().values(version=db.SCHEMA_VERSION + 1, applied_at=db.now())
+        )
+    with pytest.raises(RuntimeError, match="upgrade restage"):
+        db.connect(str(tmp_path / "r.db"))
+    for bad in ("nosuch://host/db", "sqlite://::x:"):
+        with pytest.raises(ValueError, match="not a database URL"):
+            db.database_url(bad)
+
+
+def test_generations_name_their_run(round_, tmp_path):
+    root = round_[2]
+    assert list(round_runs([str(root / "alpha")], ["b=" + str(root / "beta")])) == ["b", "alpha"]
+    with pytest.raises(ValueError, match="already named"):
+        round_runs([str(root / "alpha")], ["alpha=" + str(root / "beta")])
+    with pytest.raises(FileNotFoundError, match="neither"):
+        round_runs([str(tmp_path / "nothing")], [])
