@@ -4,6 +4,7 @@ migrations."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections import Counter, defaultdict
@@ -16,17 +17,25 @@ from ray_app.kinds import Answer, Question
 from ray_app.runs import parse_runs
 from serve.review import accounts, db, rounds, tasks
 from serve.review.server import round_runs
+from tests.postgres import postgres_url
 from tests.review_outputs import write_generations
 
 
-@pytest.fixture
-def round_(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def round_(request, tmp_path):
+    """A round's runs and an empty database: a SQLite file, or a PostgreSQL server."""
     runs = {
         "alpha": write_generations(tmp_path, "alpha", products=3, images_per_product=5),
         "beta": write_generations(tmp_path, "beta", products=3, images_per_product=5, seed=1),
     }
-    engine = db.connect(str(tmp_path / "round.db"))
-    return engine, parse_runs([f"{k}={v}" for k, v in runs.items()]), tmp_path
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = str(tmp_path / "round.db")
+        else:
+            url = stack.enter_context(postgres_url())
+        engine = db.connect(url)
+        yield engine, parse_runs([f"{k}={v}" for k, v in runs.items()]), tmp_path
+        engine.dispose()
 
 
 def test_import_is_once_and_a_round_cannot_change(round_):
@@ -129,8 +138,10 @@ def test_migrations_are_recorded_and_a_newer_database_is_refused(tmp_path):
             db.database_url(bad)
 
 
-def test_generations_name_their_run(round_, tmp_path):
-    root = round_[2]
+def test_generations_name_their_run(tmp_path):
+    root = tmp_path
+    write_generations(root, "alpha", products=1, images_per_product=1)
+    write_generations(root, "beta", products=1, images_per_product=1)
     assert list(round_runs([str(root / "alpha")], ["b=" + str(root / "beta")])) == ["b", "alpha"]
     with pytest.raises(ValueError, match="already named"):
         round_runs([str(root / "alpha")], ["alpha=" + str(root / "beta")])
