@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from actors.generator import has_negative, split_negatives
 from ray_app.batching import batch_len, column, map_chunks, object_array
 from ray_app.config import InpaintOptions, ModelSpec
-from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox
+from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox, paste_back
 from ray_app.models import load_model
 
 
@@ -57,30 +57,6 @@ def place_product(
     region[crop_mask > 0] = crop[crop_mask > 0]
     keep[top : top + h, left : left + w] = np.where(crop_mask > 0, 255, 0)
     return canvas, keep
-
-
-def paste_back(
-    generated: np.ndarray, original: np.ndarray, keep: np.ndarray, feather: int
-) -> np.ndarray:
-    """Composite the kept pixels of ``original`` over ``generated``; pixels farther than
-    ``feather`` inside the keep mask are exactly the original's."""
-    alpha = keep.astype(np.float32) / 255.0
-    if feather > 0:
-        # Erode first so that the soft edge lies inside the product, then blur.
-        eroded = Image.fromarray(keep).filter(ImageFilter.MinFilter(2 * feather + 1))
-        soft = np.asarray(eroded.filter(ImageFilter.GaussianBlur(feather)), np.float32) / 255.0
-        alpha = np.where(np.asarray(eroded) > 0, 1.0, soft) * (keep > 0)
-    out = (
-        generated.astype(np.float32) * (1 - alpha[..., None])
-        + original.astype(np.float32) * alpha[..., None]
-    )
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
-    if pixels <= 0:
-        return mask
-    return np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(2 * pixels + 1)))
 
 
 def square_canvas(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ import numpy as np
 from actors.captioner import Captioner, type_question
 from actors.clip import ClipEmbedder, zero_shot
 from actors.generator import GenerationOptions, Generator
-from actors.inpainter import Inpainter, dilate, place_product, square_canvas
+from actors.inpainter import Inpainter, place_product, square_canvas
 from actors.novel_view import NovelView
 from actors.scorer import Scorer, ScoringOptions
 from actors.segmenter import Segmenter
@@ -55,7 +55,7 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.clip_text import CONTEXT_LENGTH, fit_words
 from ray_app.config import RestageConfig
-from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images
+from ray_app.images import decode_mask, decode_rgb, dilate, encode, encode_png, load_images
 from ray_app.kinds import (
     MASK_IOU,
     NEGATIVE_KINDS,

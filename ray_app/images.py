@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 
 class ImageError(ValueError):
@@ -184,6 +184,30 @@ def pad_to_square(rgb: np.ndarray, fill: int = 255) -> np.ndarray:
     y, x = (side - h) // 2, (side - w) // 2
     out[y : y + h, x : x + w] = rgb
     return out
+
+
+def paste_back(
+    generated: np.ndarray, original: np.ndarray, keep: np.ndarray, feather: int
+) -> np.ndarray:
+    """Composite the kept pixels of ``original`` over ``generated``; pixels farther than
+    ``feather`` inside the keep mask are exactly the original's."""
+    alpha = keep.astype(np.float32) / 255.0
+    if feather > 0:
+        # Erode first so that the soft edge lies inside the product, then blur.
+        eroded = Image.fromarray(keep).filter(ImageFilter.MinFilter(2 * feather + 1))
+        soft = np.asarray(eroded.filter(ImageFilter.GaussianBlur(feather)), np.float32) / 255.0
+        alpha = np.where(np.asarray(eroded) > 0, 1.0, soft) * (keep > 0)
+    out = (
+        generated.astype(np.float32) * (1 - alpha[..., None])
+        + original.astype(np.float32) * alpha[..., None]
+    )
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    return np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(2 * pixels + 1)))
 
 
 def encode_png(arr: np.ndarray) -> bytes:

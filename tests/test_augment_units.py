@@ -10,7 +10,7 @@ from conftest import EXAMPLES
 from PIL import Image
 
 from actors.captioner import clean_caption
-from actors.inpainter import dilate, paste_back, place_product, square_canvas
+from actors.inpainter import place_product, square_canvas
 from actors.novel_view import letterbox, unletterbox
 from actors.segmenter import (
     Segmenter,
@@ -40,7 +40,7 @@ from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.clip_text import count_tokens
 from ray_app.config import load_config
-from ray_app.images import crop_by_mask, decode_rgb, encode_png, mask_bbox
+from ray_app.images import crop_by_mask, decode_rgb, dilate, encode_png, mask_bbox, paste_back
 from ray_app.kinds import POSITIVE_KINDS, SampleKind
 from ray_app.metrics import aggregate, mask_iou, mean_similarity
 from ray_app.prompts import (
