@@ -122,9 +122,13 @@ class AnimationConfig(StrictModel):
         1.0, gt=0, le=2, description="Depth factor of the product (and its shadow)."
     )
     formats: list[Format] = Field(
-        ["mp4", "webp"], min_length=1, description="Files written by animate(), one per format."
+        default_factory=lambda: ["mp4"],
+        min_length=1,
+        description="Files written by animate(), one per format. MP4 by default: WebP and GIF "
+        "have no motion compensation, so a clip whose every pixel moves is about 10× (WebP) "
+        "and 30× (GIF) the MP4's size.",
     )
-    quality: EncodeQuality = Field(EncodeQuality(), description="Encoder settings.")
+    quality: EncodeQuality = Field(default_factory=EncodeQuality, description="Encoder settings.")
 
     @model_validator(mode="after")
     def _check(self) -> AnimationConfig:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from ray_app import parallax, storage
@@ -51,6 +53,21 @@ def test_clip_decodes_with_the_frames_size_and_loop(tmp_path, fmt):
     assert (clip.frames, clip.width, clip.height) == (config.frames, W, H)
     assert info.loop == (None if fmt == "mp4" else 0)  # WebP and GIF loop forever
     assert parallax.decode_frame_count(storage.read_bytes(clip.uri), fmt) == config.frames
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webp"])
+def test_decoded_frames_look_like_the_rendered_ones(fmt):
+    import av
+
+    clip = parallax.frames(_layers(), AnimationConfig(frames=4, shift=0.1))
+    data = parallax.encode_bytes(clip, fmt, 12)
+    with av.open(io.BytesIO(data)) if fmt == "mp4" else Image.open(io.BytesIO(data)) as src:
+        first = (
+            next(src.decode(video=0)).to_ndarray(format="rgb24")
+            if fmt == "mp4"
+            else np.asarray(src.convert("RGB"))
+        )
+    assert np.abs(first.astype(int) - clip[0]).mean() < 4
 
 
 def test_encode_writes_through_fsspec():
@@ -149,11 +166,7 @@ def test_clip_loops_without_a_jump(easing):
 def test_gif_has_one_palette_and_an_exact_loop_length():
     clip = parallax.frames(_layers(), AnimationConfig(frames=7, shift=0.1))
     data = parallax.encode_bytes(clip, "gif", 24, EncodeQuality(gif_colors=64))
-    from io import BytesIO
-
-    from PIL import Image
-
-    with Image.open(BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data)) as im:
         total = 0
         for i in range(im.n_frames):
             im.seek(i)
