@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -150,13 +150,17 @@ class IndexMeta:
                 f"{uri} has format_version {version!r}; this restage reads version "
                 f"{FORMAT_VERSION}: rebuild the index with ray_app.retrieval.build_index"
             )
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
             raise IndexFormatError(
                 f"{uri} has unknown keys {unknown}; known: {sorted(known)}. Rebuild the index "
                 "with this version's build_index"
             )
+        fields = cls.__dataclass_fields__
+        missing = sorted(k for k, f in fields.items() if k not in d and f.default is MISSING)
+        if missing:
+            raise IndexFormatError(f"{uri} lacks keys {missing}: rebuild the index")
         d = dict(d)
         d["shards"], d["fields"] = tuple(d["shards"]), tuple(d["fields"])
         d["hnsw"] = HnswParams(**d["hnsw"]) if d.get("hnsw") else None

@@ -4,8 +4,11 @@ never cost hits, ANN recall against exact on 10^5 vectors, round trips, validati
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -25,6 +28,7 @@ from ray_app.retrieval import (
     set_threads,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "test-embedder"
 # Fast to build on two busy cores, and still recall@10 >= 0.95 here.
 FAST = HnswParams(m=16, ef_construction=40, ef_search=128)
@@ -252,6 +256,27 @@ def test_validation_errors(small, tmp_path):
     (tmp_path / "idx" / INDEX_JSON).write_text(json.dumps(meta))
     with pytest.raises(IndexFormatError, match=r"format_version 2.*rebuild the index"):
         Index.open(out)
+    del meta["dim"]
+    meta["format_version"] = FORMAT_VERSION
+    (tmp_path / "idx" / INDEX_JSON).write_text(json.dumps(meta))
+    with pytest.raises(IndexFormatError, match=r"lacks keys \['dim'\]"):
+        Index.open(out)
+
+
+def test_bench_runs_and_reports_recall(tmp_path):
+    """bench/stage_retrieval.py as documented, on a tiny catalog."""
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "bench/stage_retrieval.py", "--sizes", "3000", "--dim", "16",
+         "--queries", "20", "--singles", "2", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    size = result["sizes"][0]
+    assert size["count"] == 3000 and size["exact"]["kind"] == "exact"
+    assert size["hnsw-float32"]["kind"] == "ann"
+    assert size["hnsw-float32"]["recall@10_vs_exact"] >= 0.95
+    assert result["memory_estimate_at_1e7"]["dim_768"]["float16_gb"] > 15
 
 
 def hit(category):
