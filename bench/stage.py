@@ -8,6 +8,8 @@ differ from the scene's in size and, within ``--max-aspect-change`` (the retriev
 compatible shapes), in aspect ratio.
 
     python bench/stage.py placement [--scenes 300] [--max-aspect-change 1.1] [--out bench/results/stage_placement.json]
+
+Retrieval (query time of exact vs ANN search, recall@10) is bench/stage_retrieval.py.
 """
 
 from __future__ import annotations
