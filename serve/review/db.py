@@ -4,8 +4,9 @@ Any SQLAlchemy URL works; a plain path means SQLite. SQLite is put in WAL mode (
 while one writes) with ``synchronous=FULL`` (a commit is on disk before the app answers), and
 every transaction that writes starts with ``BEGIN IMMEDIATE``: it takes the write lock
 before reading, so that "count the image's raters, then assign one more" cannot interleave
-with another rater's. On PostgreSQL the same is done with ``SELECT ... FOR UPDATE``
-(``assign.py``).
+with another rater's. On PostgreSQL, where transactions interleave, an image's last place is
+taken by a conditional ``UPDATE ... WHERE n_assigned < quota``, which the database applies
+to the row's latest version (``tasks.py``).
 
 Migrations are numbered functions below, applied in order inside one transaction each and
 recorded in ``schema_version``; a database from a newer restage is refused.
@@ -89,6 +90,9 @@ images = Table(
     Column("score", Float),
     Column("ranking", String(64)),
     Column("order_key", Integer, nullable=False, index=True),  # interleaves the runs
+    # Raters given this image: raised by a conditional UPDATE, so that two raters asking at
+    # once cannot both take its last place (see tasks.next_task).
+    Column("n_assigned", Integer, nullable=False, default=0, server_default="0", index=True),
     UniqueConstraint("run_id", "product_id", "image_id"),
 )
 assignments = Table(

@@ -1,8 +1,8 @@
 """Who rates what: assignment of images to raters, answers, undo and progress.
 
-- Each image goes to exactly ``raters_per_image`` distinct raters: an assignment is made
-  inside a write transaction that counts the image's assignments first, and (image, rater)
-  is unique, so no rater sees an image twice.
+- Each image goes to exactly ``raters_per_image`` distinct raters: a place is taken by a
+  conditional update of the image's ``n_assigned`` inside the transaction that makes the
+  assignment, and (image, rater) is unique, so no rater sees an image twice.
 - A rater holds at most one open assignment (shown, not yet answered) and gets it back on
   their next visit, so a rater who leaves holds back one image at most; the reopened one of
   an undo comes first.
@@ -72,20 +72,11 @@ def _task(conn, assignment_row) -> Task:
 
 
 def _eligible(rater: Rater, raters_per_image: int):
-    """Images this rater may still be given: fewer than the quota, none of theirs."""
-    taken = (
-        select(db.assignments.c.image_id, func.count().label("n"))
-        .group_by(db.assignments.c.image_id)
-        .subquery()
-    )
+    """Images this rater may still be given: fewer raters than the quota, none of theirs."""
     mine = select(db.assignments.c.image_id).where(db.assignments.c.rater_id == rater.id)
-    n = func.coalesce(taken.c.n, 0)
-    query = (
-        select(db.images.c.id)
-        .select_from(db.images.outerjoin(taken, taken.c.image_id == db.images.c.id))
-        .where(n < raters_per_image, db.images.c.id.not_in(mine))
+    return select(db.images.c.id).where(
+        db.images.c.n_assigned < raters_per_image, db.images.c.id.not_in(mine)
     )
-    return query, n
 
 
 def next_task(engine: Engine, rater: Rater, raters_per_image: int) -> Task | None:
@@ -106,13 +97,26 @@ def next_task(engine: Engine, rater: Rater, raters_per_image: int) -> Task | Non
         )
         if open_row is not None:
             return _task(conn, open_row)
-        query, n = _eligible(rater, raters_per_image)
-        query = query.order_by(n.desc(), db.images.c.order_key, db.images.c.id).limit(1)
-        if conn.dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE already serialises
-            query = query.with_for_update(of=db.images, skip_locked=True)
-        image_id = conn.execute(query).scalar()
-        if image_id is None:
-            return None
+        while True:
+            query = (
+                _eligible(rater, raters_per_image)
+                .order_by(db.images.c.n_assigned.desc(), db.images.c.order_key, db.images.c.id)
+                .limit(1)
+            )
+            if conn.dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE already serialises
+                query = query.with_for_update(skip_locked=True)
+            image_id = conn.execute(query).scalar()
+            if image_id is None:
+                return None
+            # Take a place only if one is still free in the row's latest version: another
+            # rater's transaction may have taken the last one since this one's snapshot.
+            taken = conn.execute(
+                update(db.images)
+                .where(db.images.c.id == image_id, db.images.c.n_assigned < raters_per_image)
+                .values(n_assigned=db.images.c.n_assigned + 1)
+            ).rowcount
+            if taken == 1:
+                break
         row = {
             "key": db.new_key(),
             "image_id": image_id,
@@ -237,7 +241,7 @@ def progress(engine: Engine, rater: Rater, raters_per_image: int) -> Progress:
                 db.assignments.c.rater_id == rater.id, db.assignments.c.completed_at.is_(None)
             )
         ).scalar_one()
-        query, _ = _eligible(rater, raters_per_image)
+        query = _eligible(rater, raters_per_image)
         free = conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
     return Progress(done, opened + free)
 
