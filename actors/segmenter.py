@@ -8,7 +8,9 @@ No box is given with a product photo, so the prompt is derived from the image it
    also the mask-free fallback when SAM finds nothing acceptable or disagrees with it;
 3. otherwise a **saliency prior**: distance from the border colour (the product is the
    subject, the border is background) weighted by a centre prior; the thresholded salient
-   region gives a box and its peak a positive point.
+   region gives a box and its peak a positive point. When SAM returns no acceptable mask
+   for it, the salient region inside the box is the mask (``saliency``: coarse, but the
+   subject rather than nothing).
 
 A generated image whose product placement is known (a context: the product was pasted at a
 known place, then the scene was outpainted around it) comes with that **placement mask**:
@@ -17,7 +19,9 @@ its box and inner point prompt SAM directly. Saliency would be a guess on a clut
 outpainting grew or changed the product at that place, so it must look at that place.
 
 SAM returns three candidate masks with its own predicted IoU; the best-scoring one whose
-area is plausible (``min_area``..``max_area`` of the image) wins.
+area is plausible (``min_area``..``max_area`` of the image) wins; for a saliency prompt it
+must also stay within the prompt's box (a mask spilling far out of it segmented the table
+or the room).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from ray_app.models import load_model
 # Below this IoU, SAM and the plain-background mask disagree; on a plain background the
 # colour mask is the one to trust.
 AGREEMENT_IOU = 0.3
+# A SAM candidate keeps at least this share of its area within its prompt box grown by
+# BOX_MARGIN of the box's sides each way (select_mask).
+BOX_AGREEMENT, BOX_MARGIN = 0.9, 0.1
 
 
 def border_stats(rgb: np.ndarray, width: float = 0.04) -> tuple[np.ndarray, float]:
@@ -144,12 +151,45 @@ def prompt_from_mask(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def select_mask(
-    masks: np.ndarray, scores: np.ndarray, min_area: float, max_area: float
+    masks: np.ndarray,
+    scores: np.ndarray,
+    min_area: float,
+    max_area: float,
+    box: np.ndarray | None = None,
 ) -> int | None:
-    """Index of SAM's best-scoring candidate whose area fraction is plausible, else None."""
+    """Index of SAM's best-scoring candidate whose area fraction is plausible and, given
+    its prompt ``box``, which lies within that box (grown by ``BOX_MARGIN``) for at least
+    ``BOX_AGREEMENT`` of its area, else None: a mask that spills far out of the box it was
+    prompted with segmented something else (the table, the room)."""
     areas = masks.reshape(len(masks), -1).mean(axis=1)
-    ok = [i for i in np.argsort(-scores) if min_area <= areas[i] <= max_area]
+    inside = np.ones(len(masks))
+    if box is not None:
+        h, w = masks.shape[1:]
+        x0, y0, x1, y1 = box
+        mx, my = BOX_MARGIN * (x1 - x0), BOX_MARGIN * (y1 - y0)
+        region = np.zeros((h, w), bool)
+        region[
+            max(0, int(y0 - my)) : min(h, int(np.ceil(y1 + my))),
+            max(0, int(x0 - mx)) : min(w, int(np.ceil(x1 + mx))),
+        ] = True
+        totals = masks.reshape(len(masks), -1).sum(axis=1)
+        inside = (masks & region).reshape(len(masks), -1).sum(axis=1) / np.maximum(totals, 1)
+    ok = [
+        i
+        for i in np.argsort(-scores)
+        if min_area <= areas[i] <= max_area and inside[i] >= BOX_AGREEMENT
+    ]
     return int(ok[0]) if ok else None
+
+
+def saliency_mask(sal: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The salient region inside its prompt box, holes filled: the mask when SAM returns
+    no acceptable candidate for a saliency prompt (coarser than SAM's, never the room)."""
+    threshold = max(otsu_threshold(sal), 0.25 * float(sal.max()))
+    x0, y0, x1, y1 = (int(np.rint(v)) for v in box)
+    region = np.zeros(sal.shape, np.uint8)
+    region[y0:y1, x0:x1] = (sal[y0:y1, x0:x1] >= threshold) * 255
+    return fill_holes(region)
 
 
 def area_ok(mask: np.ndarray | None, min_area: float, max_area: float) -> bool:
@@ -212,6 +252,7 @@ class Segmenter:
         errors: list[str | None] = [None] * n
         # (index, rgb, box, point, plain-background mask or None, method or None)
         todo: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, Any, str | None]] = []
+        fallbacks: dict[int, np.ndarray] = {}  # saliency prompts: the mask if SAM finds none
         rgbs = decode_column(column(batch, "image"), errors, self.role)
         hints = zip(column(batch, "alpha", n), column(batch, "placed", n), strict=True)
         for i, (rgb, (alpha, placed)) in enumerate(zip(rgbs, hints, strict=True)):
@@ -245,23 +286,30 @@ class Segmenter:
             if area_ok(plain, opts.min_area, opts.max_area):
                 box, point = prompt_from_mask(plain)
             else:
+                sal = saliency(rgb)
+                box, point = prompt_from_saliency(sal)
                 plain = None
-                box, point = prompt_from_saliency(saliency(rgb))
+                fallbacks[i] = saliency_mask(sal, box)
             todo.append((i, rgb, box, point, plain, "sam-box" if plain is not None else None))
         results = map_chunks(
             [(rgb, box, pt) for _, rgb, box, pt, _, _ in todo], self.batch_size, self.sam
         )
-        for (i, _, _, _, plain, method), (result, err) in zip(todo, results, strict=True):
+        for (i, _, box, _, plain, method), (result, err) in zip(todo, results, strict=True):
             chosen = None
             if result is not None:
                 candidates, iou = result
-                k = select_mask(candidates, iou, opts.min_area, opts.max_area)
+                # A saliency box is a guess: SAM must stay inside it. A placement's box is
+                # not (a product grown by outpainting spills out of it: IoU measures that).
+                inside = box if i in fallbacks else None
+                k = select_mask(candidates, iou, opts.min_area, opts.max_area, inside)
                 if k is not None:
                     chosen = (candidates[k].astype(np.uint8) * 255, float(iou[k]))
             if plain is not None and (chosen is None or mask_iou(chosen[0], plain) < AGREEMENT_IOU):
                 chosen, methods[i] = (plain, np.nan), "plain-background"
             elif chosen is not None:
                 methods[i] = method or "sam-saliency"
+            elif i in fallbacks and area_ok(fallbacks[i], opts.min_area, opts.max_area):
+                chosen, methods[i] = (fallbacks[i], np.nan), "saliency"
             if chosen is None:
                 errors[i] = (
                     f"segmenter: no product found ({err})"

@@ -384,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_job("pipelines.augment:main", "AugmentArgs"))
 
     p = sub.add_parser(
+        "index",
+        help="index catalog photos of staged products for `restage stage` (masks, embeddings)",
+        description="Read a catalog manifest (augment's products manifest format; its photos "
+        "show products in scenes) and build the staged-catalog index on Ray Data: each "
+        "photo's product mask (an alpha channel wins, else the segmenter), box, ground line "
+        "and area, the category, and the CLIP embedding of the product's crop. Photos whose "
+        "product is not cleanly segmented are recorded with the reason and left out. Writes "
+        "scenes/, masks/, a Parquet manifest (one row per photo), errors, summary.json and "
+        "the search index OUT/index (exact below index.exact_below scenes, faiss HNSW "
+        "above), which `restage stage --index OUT/index` opens. Re-running skips complete "
+        "products and rebuilds the search index.",
+    )
+    p.add_argument("--catalog", required=True, help="catalog manifest URI")
+    p.add_argument("--out", required=True, help="output root URI")
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.index:main", "IndexArgs"))
+
+    p = sub.add_parser(
         "train",
         help="train one LoRA adapter per product on its training set (Ray Train)",
         description="Read the training sets of a `restage augment` output (--data) and train a "

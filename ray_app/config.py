@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -1139,6 +1140,277 @@ class ServeConfig(StrictModel):
         return self
 
 
+# Largest horizontal shift, as a fraction of the width: past it the background's cover zoom
+# (1 + 2·depth·shift) crops so much of the scene that the product's context is lost.
+MAX_SHIFT_FRACTION = 0.25
+# Browsers play GIF frame delays under 20 ms as 100 ms: a faster GIF crawls.
+MAX_GIF_FPS = 50.0
+
+AnimationFormat = Literal["mp4", "webp", "gif"]
+
+
+class EncodeQuality(StrictModel):
+    """Each encoder's own quality knob (one shared 0-100 scale would hide what it does)."""
+
+    mp4_crf: int = Field(
+        20,
+        ge=0,
+        le=51,
+        description="H.264 constant rate factor: 0 lossless, 18-23 visually clean, 51 worst.",
+    )
+    mp4_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"
+    ] = Field("medium", description="x264 preset: slower presets give smaller files.")
+    webp_quality: int = Field(
+        80, ge=0, le=100, description="Lossy WebP quality (Pillow's quality, 0-100)."
+    )
+    webp_method: int = Field(
+        4, ge=0, le=6, description="WebP effort: 0 fastest, 6 smallest file (Pillow's method)."
+    )
+    gif_colors: int = Field(
+        256,
+        ge=2,
+        le=256,
+        description="Colours of the GIF's one global palette (median cut over sampled frames; "
+        "one palette for every frame keeps still areas from flickering).",
+    )
+    gif_dither: bool = Field(
+        True, description="Floyd-Steinberg dithering against the palette (smooth gradients)."
+    )
+
+
+class AnimationConfig(StrictModel):
+    """The parallax clip of a staged image (`restage stage --animate`, ray_app/parallax.py)."""
+
+    frames: int = Field(48, ge=2, le=1000, description="Frames in one loop of the clip.")
+    fps: float = Field(24.0, gt=0, le=60, description="Frames per second.")
+    shift: float = Field(
+        0.03,
+        ge=0,
+        description="Largest horizontal camera shift, moving a layer of depth 1 by this much "
+        "each way; a fraction of the width (shift_unit 'width') or pixels ('px').",
+    )
+    shift_unit: Literal["width", "px"] = Field(
+        "width", description="Unit of shift: 'width' (fraction of the image width) or 'px'."
+    )
+    zoom: float = Field(
+        0.02,
+        ge=0,
+        le=0.25,
+        description="Slight push-in at the middle of the loop: a layer of depth d is scaled "
+        "by 1 + d·zoom at its peak (0: no push-in).",
+    )
+    easing: Literal["sine", "smoothstep", "linear"] = Field(
+        "sine",
+        description="Camera path over one loop, each ending where it starts: 'sine' (smooth "
+        "everywhere), 'smoothstep' (a back-and-forth that rests at both ends), 'linear' "
+        "(constant speed, sharp turns).",
+    )
+    background_depth: float = Field(
+        0.35,
+        ge=0,
+        description="Depth factor of the background: how much of the camera's motion it "
+        "follows (0: still). Must be below product_depth.",
+    )
+    product_depth: float = Field(
+        1.0, gt=0, le=2, description="Depth factor of the product (and its shadow)."
+    )
+    formats: list[AnimationFormat] = Field(
+        default_factory=lambda: ["mp4"],
+        min_length=1,
+        description="Files written by animate(), one per format. MP4 by default: WebP and GIF "
+        "have no motion compensation, so a clip whose every pixel moves is about 10× (WebP) "
+        "and 30× (GIF) the MP4's size.",
+    )
+    quality: EncodeQuality = Field(default_factory=EncodeQuality, description="Encoder settings.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AnimationConfig:
+        if self.background_depth >= self.product_depth:
+            raise ValueError(
+                f"background_depth={self.background_depth} is not below product_depth="
+                f"{self.product_depth}: the product must move more than the background; lower "
+                "background_depth or raise product_depth"
+            )
+        if self.shift_unit == "width" and self.shift > MAX_SHIFT_FRACTION:
+            raise ValueError(
+                f"shift={self.shift} (of the width) is above {MAX_SHIFT_FRACTION}: the "
+                "background's cover zoom would crop most of the scene; lower shift"
+            )
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats={self.formats} lists a format twice: list each once")
+        if "gif" in self.formats and self.fps > MAX_GIF_FPS:
+            raise ValueError(
+                f"fps={self.fps} with a GIF output: browsers play GIF frames faster than "
+                f"{MAX_GIF_FPS:g} fps at 10 fps; lower fps or drop 'gif' from formats"
+            )
+        return self
+
+    @property
+    def parallax_ratio(self) -> float:
+        """How many times further the product moves than the background (inf: still one)."""
+        if self.background_depth == 0:
+            return math.inf
+        return self.product_depth / self.background_depth
+
+    def shift_px(self, width: int) -> float:
+        """The shift of a layer of depth 1, in pixels of an image ``width`` wide."""
+        px = self.shift * width if self.shift_unit == "width" else self.shift
+        if px > MAX_SHIFT_FRACTION * width:
+            raise ValueError(
+                f"shift={self.shift} px is above {MAX_SHIFT_FRACTION} of the width ({width} "
+                f"px): the background's cover zoom would crop most of the scene; lower shift"
+            )
+        return px
+
+
+class IndexConfig(StrictModel):
+    """`restage index`: the staged-catalog index of `restage stage` (scene masks, ground
+    lines and product-crop embeddings of catalog photos, ray_app/retrieval.py)."""
+
+    products_per_batch: PositiveInt = Field(1, description="Catalog products per actor call.")
+    cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the decode and write tasks.")
+    segment: SegmentConfig = Field(
+        default_factory=lambda: SegmentConfig(min_area=0.02, max_area=0.8),
+        description="Segmenter prompting for catalog scenes. A scene product under min_area "
+        "(too small to stage at) or over max_area (no scene around it) is left out.",
+    )
+    max_edges_touched: Annotated[int, Field(ge=0, le=4)] = Field(
+        1,
+        description="A scene product whose mask touches more of the image's four edges than "
+        "this is cut off by the frame (its shape and ground line are unknown): left out.",
+    )
+    ground_share: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.2,
+        description="The ground line is the lowest mask row covering at least this share of "
+        "the product's widest row (stray pixels and thin tips are not the ground).",
+    )
+    exact_below: PositiveInt = Field(
+        50_000,
+        description="Below this many scenes the index is searched exactly; from it on an "
+        "HNSW graph (faiss) is built and searched, with the same results API.",
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Vectors in memory while searching; float16 halves it."
+    )
+    hnsw_m: Annotated[int, Field(ge=2)] = Field(32, description="HNSW neighbours per node.")
+    hnsw_ef_construction: Annotated[int, Field(ge=2)] = Field(
+        80, description="HNSW candidate list while building."
+    )
+    hnsw_ef_search: Annotated[int, Field(ge=2)] = Field(
+        128, description="HNSW candidate list while searching (raise it first for recall)."
+    )
+
+
+class StageScoring(StrictModel):
+    """How staged images are scored and which are kept."""
+
+    clip_i: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="Weight of CLIP-I (product crop in the staged image vs the input's)."
+    )
+    mask_iou: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="Weight of the IoU of the re-segmented product with where it was placed.",
+    )
+    boundary: Annotated[float, Field(ge=0)] = Field(
+        0.25,
+        description="Weight of the seam penalty: the boundary score (1: no visible seam) above "
+        "1 is subtracted, times this weight.",
+    )
+    min_mask_iou: Fraction = Field(
+        0.0,
+        description="Staged images whose re-segmented product overlaps its placement less "
+        "than this are dropped (the scene hides or swallows the product).",
+    )
+
+
+class StageConfig(StrictModel):
+    """`restage stage`: retrieval-assisted copy-paste staging (arXiv 2307.15326)."""
+
+    products_per_batch: PositiveInt = Field(1, description="Products per actor call.")
+    cpus_per_task: PositiveFloat = Field(
+        0.25, description="CPUs of the decode, compose and write tasks."
+    )
+    segment: SegmentConfig = Field(
+        default_factory=SegmentConfig, description="Segmenter prompting for input products."
+    )
+    top_k: PositiveInt = Field(4, description="Scenes retrieved and staged per product.")
+    keep: PositiveInt = Field(
+        2, description="Staged images kept per product (the best by score; the rest recorded)."
+    )
+    max_aspect_change: Annotated[float, Field(ge=1)] = Field(
+        1.6,
+        description="Retrieved scenes whose product's box shape (width/height) differs from "
+        "the input's by more than this factor are skipped: a tall bottle does not go where a "
+        "wide bowl stood.",
+    )
+    candidates: PositiveInt = Field(
+        64,
+        description="Nearest scenes fetched before the aspect filter picks top_k (more: "
+        "fewer products short of top_k compatible scenes, slower queries).",
+    )
+    size: PositiveInt = Field(
+        512,
+        description="Longer side of a staged image, in pixels (scenes are resized to it; both "
+        "sides rounded to multiples of 8 for the inpainter).",
+    )
+    removal_dilation: Fraction = Field(
+        0.02,
+        description="The scene's product is grown by this fraction of the image's shorter "
+        "side before it is removed (its halo and soft shadow go with it).",
+    )
+    removal_prompt: str = Field(
+        "an empty scene, background only, nothing in the middle",
+        description="What the inpainter paints where the scene's product was.",
+    )
+    removal: InpaintOptions = Field(
+        default_factory=lambda: InpaintOptions(
+            negative_prompt="object, product, person, text, watermark, blurry, distorted"
+        ),
+        description="How the scene's product is removed (the background behind it painted).",
+    )
+    refine_gaps: bool = Field(
+        True,
+        description="Paint the gaps between the new product's silhouette and the removed "
+        "one's again with the product in place (light and shadow around it), its pixels "
+        "pasted back exactly; off: the background layer's fill stays.",
+    )
+    inpainter_lora: str | None = Field(
+        None,
+        description="URI of a boundary-weighted inpainter LoRA (`restage stage "
+        "train-inpainter`); None: the base inpainter.",
+    )
+    feather: NonNegativeInt = Field(
+        2, description="Pixels of the product's edge blended with the scene (its inside exact)."
+    )
+    shadow_opacity: Fraction = Field(0.35, description="Peak opacity of the contact shadow.")
+    harmonize: Fraction = Field(
+        0.5, description="How far the edge band's colour moves toward the scene's (0: none)."
+    )
+    scoring: StageScoring = Field(default_factory=StageScoring)
+    image_format: Literal["png", "jpeg"] = Field("png", description="Format of staged images.")
+    animation: AnimationConfig = Field(
+        default_factory=AnimationConfig,
+        description="The parallax clip of each kept staged image (`--animate`).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        if self.keep > self.top_k:
+            raise ValueError(
+                f"keep={self.keep} is above top_k={self.top_k}: at most top_k scenes are "
+                "staged; lower keep or raise top_k"
+            )
+        if self.candidates < self.top_k:
+            raise ValueError(
+                f"candidates={self.candidates} is below top_k={self.top_k}: fetch at least "
+                "top_k scenes"
+            )
+        if self.size % 8:
+            raise ValueError(f"size={self.size} must be a multiple of 8 (the inpainter's grid)")
+        return self
+
+
 class RestageConfig(StrictModel):
     """The whole resolved configuration of a run."""
 
@@ -1176,6 +1448,8 @@ class RestageConfig(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    stage: StageConfig = Field(default_factory=StageConfig)
 
     @model_validator(mode="after")
     def _check_vae(self) -> RestageConfig:

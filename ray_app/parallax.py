@@ -25,23 +25,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
 
 import numpy as np
 from PIL import Image, features
-from pydantic import Field, model_validator
 
 from ray_app import storage
-from ray_app.config import StrictModel
+from ray_app.config import MAX_GIF_FPS, AnimationConfig, EncodeQuality  # the stage job's
+from ray_app.config import AnimationFormat as Format
 
-Format = Literal["mp4", "webp", "gif"]
 FORMATS: tuple[str, ...] = ("mp4", "webp", "gif")
 
-# Largest horizontal shift, as a fraction of the width: past it the background's cover zoom
-# (1 + 2·depth·shift) crops so much of the scene that the product's context is lost.
-MAX_SHIFT_FRACTION = 0.25
-# Browsers play GIF frame delays under 20 ms as 100 ms: a faster GIF crawls.
-MAX_GIF_FPS = 50.0
 # Coverage test slack, in source pixels (float error of the cover zoom at the very edge).
 _EPS = 1e-4
 
@@ -49,125 +42,6 @@ _EPS = 1e-4
 class MissingEncoderError(ImportError):
     """An output format needs a package (or a build of one) that is not installed; the message
     names it and the pip command."""
-
-
-# --------------------------------------------------------------------------- config
-
-
-class EncodeQuality(StrictModel):
-    """Each encoder's own quality knob (one shared 0-100 scale would hide what it does)."""
-
-    mp4_crf: int = Field(
-        20,
-        ge=0,
-        le=51,
-        description="H.264 constant rate factor: 0 lossless, 18-23 visually clean, 51 worst.",
-    )
-    mp4_preset: Literal[
-        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"
-    ] = Field("medium", description="x264 preset: slower presets give smaller files.")
-    webp_quality: int = Field(
-        80, ge=0, le=100, description="Lossy WebP quality (Pillow's quality, 0-100)."
-    )
-    webp_method: int = Field(
-        4, ge=0, le=6, description="WebP effort: 0 fastest, 6 smallest file (Pillow's method)."
-    )
-    gif_colors: int = Field(
-        256,
-        ge=2,
-        le=256,
-        description="Colours of the GIF's one global palette (median cut over sampled frames; "
-        "one palette for every frame keeps still areas from flickering).",
-    )
-    gif_dither: bool = Field(
-        True, description="Floyd-Steinberg dithering against the palette (smooth gradients)."
-    )
-
-
-class AnimationConfig(StrictModel):
-    """The parallax clip of a staged image. Defined here for now; it belongs in
-    ``ray_app/config.py`` as ``StageConfig.animation`` once the stage job's config exists."""
-
-    frames: int = Field(48, ge=2, le=1000, description="Frames in one loop of the clip.")
-    fps: float = Field(24.0, gt=0, le=60, description="Frames per second.")
-    shift: float = Field(
-        0.03,
-        ge=0,
-        description="Largest horizontal camera shift, moving a layer of depth 1 by this much "
-        "each way; a fraction of the width (shift_unit 'width') or pixels ('px').",
-    )
-    shift_unit: Literal["width", "px"] = Field(
-        "width", description="Unit of shift: 'width' (fraction of the image width) or 'px'."
-    )
-    zoom: float = Field(
-        0.02,
-        ge=0,
-        le=0.25,
-        description="Slight push-in at the middle of the loop: a layer of depth d is scaled "
-        "by 1 + d·zoom at its peak (0: no push-in).",
-    )
-    easing: Literal["sine", "smoothstep", "linear"] = Field(
-        "sine",
-        description="Camera path over one loop, each ending where it starts: 'sine' (smooth "
-        "everywhere), 'smoothstep' (a back-and-forth that rests at both ends), 'linear' "
-        "(constant speed, sharp turns).",
-    )
-    background_depth: float = Field(
-        0.35,
-        ge=0,
-        description="Depth factor of the background: how much of the camera's motion it "
-        "follows (0: still). Must be below product_depth.",
-    )
-    product_depth: float = Field(
-        1.0, gt=0, le=2, description="Depth factor of the product (and its shadow)."
-    )
-    formats: list[Format] = Field(
-        default_factory=lambda: ["mp4"],
-        min_length=1,
-        description="Files written by animate(), one per format. MP4 by default: WebP and GIF "
-        "have no motion compensation, so a clip whose every pixel moves is about 10× (WebP) "
-        "and 30× (GIF) the MP4's size.",
-    )
-    quality: EncodeQuality = Field(default_factory=EncodeQuality, description="Encoder settings.")
-
-    @model_validator(mode="after")
-    def _check(self) -> AnimationConfig:
-        if self.background_depth >= self.product_depth:
-            raise ValueError(
-                f"background_depth={self.background_depth} is not below product_depth="
-                f"{self.product_depth}: the product must move more than the background; lower "
-                "background_depth or raise product_depth"
-            )
-        if self.shift_unit == "width" and self.shift > MAX_SHIFT_FRACTION:
-            raise ValueError(
-                f"shift={self.shift} (of the width) is above {MAX_SHIFT_FRACTION}: the "
-                "background's cover zoom would crop most of the scene; lower shift"
-            )
-        if len(set(self.formats)) != len(self.formats):
-            raise ValueError(f"formats={self.formats} lists a format twice: list each once")
-        if "gif" in self.formats and self.fps > MAX_GIF_FPS:
-            raise ValueError(
-                f"fps={self.fps} with a GIF output: browsers play GIF frames faster than "
-                f"{MAX_GIF_FPS:g} fps at 10 fps; lower fps or drop 'gif' from formats"
-            )
-        return self
-
-    @property
-    def parallax_ratio(self) -> float:
-        """How many times further the product moves than the background (inf: still one)."""
-        if self.background_depth == 0:
-            return math.inf
-        return self.product_depth / self.background_depth
-
-    def shift_px(self, width: int) -> float:
-        """The shift of a layer of depth 1, in pixels of an image ``width`` wide."""
-        px = self.shift * width if self.shift_unit == "width" else self.shift
-        if px > MAX_SHIFT_FRACTION * width:
-            raise ValueError(
-                f"shift={self.shift} px is above {MAX_SHIFT_FRACTION} of the width ({width} "
-                f"px): the background's cover zoom would crop most of the scene; lower shift"
-            )
-        return px
 
 
 # --------------------------------------------------------------------------- layers

@@ -29,7 +29,7 @@ from ray_app.resources import RoleNeed, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
-JOBS = ("augment", "train", "generate", "serve", "prompts", "evaluate")
+JOBS = ("augment", "train", "generate", "serve", "prompts", "evaluate", "index", "stage")
 STAGED_JOBS = ("augment", "generate")  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
@@ -264,6 +264,14 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
         stages = [(cls.name, roles) for cls, roles in model_stages(config)]
     elif job == "evaluate":
         from pipelines.evaluate import model_stages
+
+        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+    elif job == "index":
+        from pipelines.index import model_stages
+
+        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+    elif job == "stage":
+        from pipelines.stage import model_stages
 
         stages = [(cls.name, roles) for cls, roles in model_stages(config)]
     elif job == "train":
@@ -666,7 +674,22 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
         if config.evaluate.segment:
             pools["segment"] = (n + photos, "image")
         return pools
-    raise ConfigError(f"no cost model for {job!r}: use augment, train, generate or evaluate")
+    if job == "index":
+        return {"segment": (photos, "image"), "embed": (photos, "image")}
+    if job == "stage":
+        # one photo segmented and embedded; top_k scenes removed (+ gaps), composited,
+        # re-segmented and scored
+        s = config.stage
+        paints = s.top_k * (2 if s.refine_gaps else 1)
+        return {
+            "segment": (1, "image"),
+            "retrieve": (1, "image"),
+            "compose": (paints, "image"),
+            "score": (s.top_k, "image"),
+        }
+    raise ConfigError(
+        f"no cost model for {job!r}: use augment, train, generate, evaluate, index or stage"
+    )
 
 
 def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:

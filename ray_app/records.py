@@ -229,6 +229,69 @@ GENERATION_SCHEMA = pa.schema(
 )
 
 
+# `restage index`: one row per catalog photo. Kept rows carry the product's mask, box
+# (exclusive ends), ground line (the row below its base, ray_app/staging.ground_line) and the
+# L2-normalised CLIP embedding of its crop; a photo left out has its drop_reason instead.
+SCENE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),  # "<product_id>/<nn>"
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32())),  # None when left out
+        pa.field("origin_uri", pa.string(), nullable=False),
+        pa.field("scene_uri", pa.string()),
+        pa.field("mask_uri", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("box_x0", pa.int32()),
+        pa.field("box_y0", pa.int32()),
+        pa.field("box_x1", pa.int32()),
+        pa.field("box_y1", pa.int32()),
+        pa.field("ground", pa.int32()),
+        pa.field("area_fraction", pa.float32()),
+        pa.field("mask_method", pa.string()),
+        pa.field("mask_score", pa.float32()),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("drop_reason", pa.string()),
+        pa.field("models", pa.map_(pa.string(), pa.string())),
+    ]
+)
+
+# `restage stage`: one row per retrieved scene a product was staged into (or skipped),
+# its placement (box in the staged image, scale from the input photo), its scores and
+# whether it is among the kept top-N.
+STAGED_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("stage_id", pa.string(), nullable=False),  # "s00", "s01", ... by retrieval rank
+        pa.field("scene_image_id", pa.string(), nullable=False),
+        pa.field("scene_product_id", pa.string(), nullable=False),
+        pa.field("scene_uri", pa.string(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),  # the input photo staged
+        pa.field("source_mask_method", pa.string()),
+        pa.field("image_uri", pa.string()),  # None unless kept
+        pa.field("clip_uris", pa.list_(pa.string())),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("place_x0", pa.int32()),
+        pa.field("place_y0", pa.int32()),
+        pa.field("place_x1", pa.int32()),
+        pa.field("place_y1", pa.int32()),
+        pa.field("scale", pa.float32()),
+        pa.field("ground", pa.int32()),
+        pa.field("clip_i", pa.float32()),
+        pa.field("mask_iou", pa.float32()),
+        pa.field("boundary", pa.float32()),
+        pa.field("score", pa.float32()),
+        pa.field("rank", pa.int32()),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("drop_reason", pa.string()),
+        pa.field("models", pa.map_(pa.string(), pa.string())),
+    ]
+)
+
+
 # `restage evaluate`: one row per generated image of a run (per_image.parquet), its metrics
 # against the product's real photos (ray_app/kinds.Metric; NaN where a mask is missing).
 EVAL_IMAGE_SCHEMA = pa.schema(

@@ -316,6 +316,60 @@ class GenerationLayout(JobLayout):
 
 
 @dataclass(frozen=True)
+class IndexLayout(JobLayout):
+    """``restage index``: the staged-catalog index. Each catalog photo as decoded (its
+    scene), its product's mask, one manifest shard per product (every photo, kept or left
+    out with the reason) and the search index built from the kept rows."""
+
+    def scene(self, product_id: str, image_id: str, ext: str) -> str:
+        return join(self.root, "scenes", product_id, f"{image_id}.{ext}")
+
+    def scenes_dir(self, product_id: str) -> str:
+        return join(self.root, "scenes", product_id)
+
+    def mask(self, product_id: str, image_id: str) -> str:
+        return join(self.root, "masks", product_id, f"{image_id}.png")
+
+    def masks_dir(self, product_id: str) -> str:
+        return join(self.root, "masks", product_id)
+
+    def manifest_dir(self) -> str:
+        return join(self.root, "manifest")
+
+    def manifest_shard(self, product_id: str) -> str:
+        return join(self.root, "manifest", f"{product_id}.parquet")
+
+    def index_dir(self) -> str:
+        """The search index (ray_app/retrieval.py): what `restage stage --index` opens."""
+        return join(self.root, "index")
+
+
+@dataclass(frozen=True)
+class StageLayout(JobLayout):
+    """``restage stage``: each product's staged images (and their clips), one manifest
+    shard per product with every retrieved scene, kept or not."""
+
+    def images_dir(self, product_id: str) -> str:
+        return join(self.root, "images", product_id)
+
+    def image(self, product_id: str, stage_id: str, ext: str) -> str:
+        return join(self.images_dir(product_id), f"{stage_id}.{ext}")
+
+    def clip_stem(self, product_id: str, stage_id: str) -> str:
+        """``{stem}.{mp4,webp,gif}``: the parallax clips of a staged image."""
+        return join(self.root, "clips", product_id, stage_id)
+
+    def clips_dir(self, product_id: str) -> str:
+        return join(self.root, "clips", product_id)
+
+    def manifest_dir(self) -> str:
+        return join(self.root, "manifest")
+
+    def manifest_shard(self, product_id: str) -> str:
+        return join(self.root, "manifest", f"{product_id}.parquet")
+
+
+@dataclass(frozen=True)
 class EvaluationLayout(JobLayout):
     """``restage evaluate``: per-image and per-product metric tables (each a folder of
     Parquet shards, one per product, that any Parquet reader opens as one table), the

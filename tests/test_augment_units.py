@@ -657,6 +657,28 @@ def test_select_mask_prefers_score_within_area_bounds():
     assert select_mask(masks, np.array([0.99, 0.5, 0.7]), 0.5, 0.95) is None
 
 
+def test_select_mask_refuses_a_candidate_that_spills_out_of_its_prompt_box():
+    masks = np.zeros((2, 20, 20), bool)
+    masks[0, 2:18, 2:18] = True  # the table around the product: mostly outside the box
+    masks[1, 8:12, 8:12] = True
+    box = np.array([7, 7, 13, 13], np.float32)
+    assert select_mask(masks, np.array([0.9, 0.5]), 0.01, 0.95) == 0  # no box: area only
+    assert select_mask(masks, np.array([0.9, 0.5]), 0.01, 0.95, box) == 1
+    assert select_mask(masks[:1], np.array([0.9]), 0.01, 0.95, box) is None
+
+
+def test_saliency_prompt_without_an_acceptable_sam_mask_falls_back_to_the_salient_region():
+    from actors.segmenter import prompt_from_saliency, saliency, saliency_mask
+
+    rgb = np.full((64, 64, 3), 90, np.uint8)
+    rgb[::2] = 110  # a textured, not plain, background
+    rgb[20:50, 24:40] = (220, 40, 40)
+    sal = saliency(rgb)
+    box, _ = prompt_from_saliency(sal)
+    mask = saliency_mask(sal, box) > 0
+    assert mask[30:45, 27:37].all() and not mask[:10].any() and not mask[:, :10].any()
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

@@ -11,6 +11,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ray_app import parallax, storage
+from ray_app.config import MAX_SHIFT_FRACTION
 from ray_app.parallax import AnimationConfig, EncodeQuality, StageLayers
 
 H, W = 48, 64
@@ -92,7 +93,7 @@ def test_no_frame_shows_outside_the_background_at_the_largest_shift(easing):
     plain = np.full((H, W, 3), 180, np.uint8)
     layers = StageLayers(plain, plain, np.zeros((H, W), np.float32))
     config = AnimationConfig(
-        frames=16, shift=parallax.MAX_SHIFT_FRACTION, zoom=0, background_depth=0.9, easing=easing
+        frames=16, shift=MAX_SHIFT_FRACTION, zoom=0, background_depth=0.9, easing=easing
     )
     poses = parallax.camera_path(config, W)
     extreme = max(abs(p.background.dx) for p in poses)
