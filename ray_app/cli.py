@@ -47,7 +47,6 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPI
 
 # Jobs that later work builds; until then they say so and exit non-zero.
 NOT_BUILT = {
-    "stage": "retrieval-assisted copy-paste staging and parallax clips",
     "personalize": "per-product encoders learned from personalized synthetic data",
 }
 
@@ -400,6 +399,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output root URI")
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.index:main", "IndexArgs"))
+
+    p = sub.add_parser(
+        "stage",
+        help="stage products into retrieved catalog scenes (copy-paste, no training)",
+        description="Retrieval-assisted copy-paste staging (arXiv 2307.15326) on Ray Data: "
+        "each product of --manifest is cut out (plain-background fast path, else the "
+        "segmenter), the --index of `restage index` gives the stage.top_k most similar "
+        "scenes of compatible shape (its category first, never its own photos), each "
+        "scene's product is removed (inpainter), the new product placed at its position "
+        "and scale on its ground line with its pixels exact, a feathered edge, a contact "
+        "shadow and edge-only colour harmonisation, the gaps painted, and every staged "
+        "image scored (CLIP-I, re-segmentation IoU, seam). Writes the best stage.keep "
+        "images per product (and their parallax clips with --animate), a Parquet manifest "
+        "(every retrieved scene, its placement, scores, kept, drop reason), errors and "
+        "summary.json under --out. Re-running skips complete products.",
+    )
+    p.add_argument("--manifest", required=True, help="products manifest URI")
+    p.add_argument("--index", required=True, help="the search index: `restage index`'s OUT/index")
+    p.add_argument("--out", required=True, help="output root URI")
+    p.add_argument(
+        "--animate",
+        action="store_true",
+        help="also write a parallax clip of each kept image (stage.animation: formats, frames)",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.stage:main", "StageArgs"))
 
     p = sub.add_parser(
         "train",

@@ -266,9 +266,11 @@ STAGED_SCHEMA = pa.schema(
         pa.field("stage_id", pa.string(), nullable=False),  # "s00", "s01", ... by retrieval rank
         pa.field("scene_image_id", pa.string(), nullable=False),
         pa.field("scene_product_id", pa.string(), nullable=False),
+        pa.field("scene_category", pa.string()),  # another than the product's: too few matched
         pa.field("scene_uri", pa.string(), nullable=False),
         pa.field("similarity", pa.float32(), nullable=False),
         pa.field("source_uri", pa.string(), nullable=False),  # the input photo staged
+        pa.field("source_mask_uri", pa.string(), nullable=False),  # its product mask
         pa.field("source_mask_method", pa.string()),
         pa.field("image_uri", pa.string()),  # None unless kept
         pa.field("clip_uris", pa.list_(pa.string())),
