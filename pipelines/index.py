@@ -347,24 +347,39 @@ INDEX_FIELDS = (
 )
 
 
-def _kept_rows(batch: pa.Table) -> pa.Table:
-    kept = batch.filter(pc.equal(batch["kept"], True))
-    return kept.select(["image_id", "product_id", "category", "embedding", *INDEX_FIELDS])
+def kept_rows(batch: pa.Table, root: str) -> pa.Table:
+    """A Ray Data task: the kept rows of the manifest shards of a block of product ids
+    (a product without a shard failed: nothing of it is indexed)."""
+    layout, parts = IndexLayout(root), []
+    for pid in batch["product_id"].to_pylist():
+        try:
+            table = storage.read_parquet(layout.manifest_shard(pid), SCENE_SCHEMA)
+        except FileNotFoundError:
+            continue
+        parts.append(table.filter(pc.equal(table["kept"], True)))
+    columns = ["image_id", "product_id", "category", "embedding", *INDEX_FIELDS]
+    if not parts:
+        return SCENE_SCHEMA.empty_table().select(columns)
+    return pa.concat_tables(parts).select(columns)
 
 
 def build_search_index(config: RestageConfig, layout: IndexLayout) -> retrieval.IndexMeta | None:
-    """The search index over every kept row of the manifest. The rows are read and
-    filtered in Ray Data tasks; the vectors meet in this process because one ANN graph
-    holds them all (ray_app/retrieval.py gives the memory at 10^7). None: no kept row."""
-    import ray
-
-    if not storage.list_names(layout.manifest_dir(), ".parquet"):
-        return None
-    fs, path = _job.pyarrow_fs(layout.manifest_dir())
-    ds = ray.data.read_parquet(path, filesystem=fs, schema=SCENE_SCHEMA).map_batches(
-        _kept_rows, batch_format="pyarrow", batch_size=None, num_cpus=config.index.cpus_per_task
+    """The search index over every kept row. The shards are found from the job's input
+    index and read in Ray Data tasks (the driver lists nothing); the vectors meet in this
+    process because one ANN graph holds them all (ray_app/retrieval.py gives the memory at
+    10^7). None: no kept row (any index of an earlier run is removed)."""
+    ids = _job.input_ids(layout)
+    rows = (
+        ids.map_batches(
+            kept_rows,
+            fn_kwargs={"root": layout.root},
+            batch_format="pyarrow",
+            num_cpus=config.index.cpus_per_task,
+        )
+        if ids is not None
+        else None
     )
-    tables = [t for t in (pa.Table.from_batches([b]) for b in _arrow_batches(ds)) if t.num_rows]
+    tables = [] if rows is None else [t for t in _tables(rows) if t.num_rows]
     if not tables:
         storage.remove(layout.index_dir(), recursive=True)
         return None
@@ -379,9 +394,9 @@ def build_search_index(config: RestageConfig, layout: IndexLayout) -> retrieval.
     )
 
 
-def _arrow_batches(ds: Any):
+def _tables(ds: Any):
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from batch.to_batches()
+        yield batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
 
 
 # --------------------------------------------------------------------------- the job

@@ -628,8 +628,13 @@ def stage(
     if not storage.exists(manifest_uri):
         raise FileNotFoundError(f"manifest {manifest_uri!r} does not exist")
     index_uri = storage.normalize_uri(index_uri)
-    # a missing, partial or other-model index fails before Ray starts
-    retrieval.Index.open(index_uri, expect_model=source_tag(config, "clip"))
+    try:  # a missing, partial or other-model index fails before Ray starts
+        retrieval.Index.open(index_uri, expect_model=source_tag(config, "clip"))
+    except retrieval.IndexFormatError as exc:
+        raise ValueError(
+            f"--index {index_uri}: {exc}. Give the index folder that `restage index "
+            "--catalog CATALOG --out DIR` writes: DIR/index"
+        ) from None
     policy = SourcePolicy.for_manifest(manifest_uri, config.storage)
 
     def rows() -> Any:

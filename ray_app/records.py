@@ -229,6 +229,18 @@ GENERATION_SCHEMA = pa.schema(
 )
 
 
+# A search index's rows (ray_app/retrieval.py): what every row has; the caller's own
+# columns (the index job's scene fields) follow.
+INDEX_ROW_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        # L2-normalised (|x| = 1 within retrieval.NORM_TOLERANCE), one length per index.
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
 # `restage index`: one row per catalog photo. Kept rows carry the product's mask, box
 # (exclusive ends), ground line (the row below its base, ray_app/staging.ground_line) and the
 # L2-normalised CLIP embedding of its crop; a photo left out has its drop_reason instead.

@@ -53,18 +53,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_app import storage
+from ray_app.records import INDEX_ROW_SCHEMA
 
-# The columns every index row has; any other column of the input is kept as the row's fields.
-# (Belongs in ray_app/records.py with the other schemas of what jobs write: move it there.)
-ROW_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("product_id", pa.string(), nullable=False),
-        pa.field("category", pa.string()),
-        # L2-normalised (|x| = 1 within NORM_TOLERANCE), one length per index.
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
-    ]
-)
+# The columns every index row has (records.py keeps the schemas of what jobs write); any
+# other column of the input is kept as the row's fields.
+ROW_SCHEMA = INDEX_ROW_SCHEMA
 BASE_COLUMNS = tuple(ROW_SCHEMA.names)
 
 FORMAT_VERSION = 1

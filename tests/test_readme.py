@@ -292,3 +292,18 @@ def test_review_example_rates_the_quickstart_run(quickstart, user_dir):
     passed = sum(sum(passes(name, key) for name in rated) >= 2 for key in keys)
     assert summary["images_rated"] == images and summary["images_pending"] == 0
     assert (summary["per_image"]["passed"], summary["per_image"]["total"]) == (passed, images)
+
+
+@pytest.mark.slow  # indexes the examples' scenes and stages the examples into them
+def test_stage_example_indexes_and_stages_the_examples(user_dir):
+    proc = run(readme_command("stage"), user_dir, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("restage stage: done: 3 products")
+    staged = pq.read_table(user_dir / "runs" / "staged" / "manifest").to_pylist()
+    kept = [r for r in staged if r["kept"]]
+    keep = load_config("tiny").stage.keep
+    assert sorted({r["product_id"] for r in kept}) == sorted({r["product_id"] for r in staged})
+    assert len(kept) == 3 * keep
+    for r in kept:  # another product's scene, an image and its clip written
+        assert r["scene_product_id"] != r["product_id"]
+        assert Path(r["image_uri"]).is_file() and all(Path(u).is_file() for u in r["clip_uris"])
