@@ -29,7 +29,9 @@ built from every kept row after the products are written, by every run: exact be
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -394,6 +396,45 @@ def build_search_index(config: RestageConfig, layout: IndexLayout) -> retrieval.
     )
 
 
+def retrieval_quality(config: RestageConfig, layout: IndexLayout) -> dict[str, Any] | None:
+    """The paper's retrieval measure on the index itself: precision and recall at
+    ``index.eval_k`` against category labels, each query a kept scene (a seeded sample of
+    ``index.eval_queries``) searching for other products' scenes. None without categories."""
+    cfg = config.index
+    found = retrieval.Index.open(layout.index_dir())
+    rows = found.rows
+    categories = rows.column("category").to_pylist()
+    products = rows.column("product_id").to_pylist()
+    labelled = [i for i, c in enumerate(categories) if c is not None]
+    if not labelled:
+        return None
+    rng = np.random.default_rng(config.seed)
+    queries = sorted(rng.choice(labelled, min(cfg.eval_queries, len(labelled)), replace=False))
+    vectors = _row_vectors(layout, found, queries)
+    hits = found.search(vectors, cfg.eval_k, exclude_product_ids=[[products[i]] for i in queries])
+    per_category = Counter(categories)
+    per_product = Counter(zip(products, categories, strict=True))
+    relevant = [
+        per_category[categories[i]] - per_product[(products[i], categories[i])] for i in queries
+    ]
+    scores = retrieval.precision_recall_at_k(
+        hits, [categories[i] for i in queries], relevant, k=cfg.eval_k
+    )
+    return {
+        "k": scores.k,
+        "queries": len(queries),
+        "precision": round(scores.precision, 4),
+        "recall": None if math.isnan(scores.recall) else round(scores.recall, 4),
+    }
+
+
+def _row_vectors(layout: IndexLayout, found: retrieval.Index, rows: list[int]) -> np.ndarray:
+    """The stored embeddings of some index rows (read back from the index's row shards)."""
+    table = storage.read_parquet(storage.join(layout.index_dir(), retrieval.ROWS_DIR))
+    col = table.column("embedding").take(pa.array(rows, pa.int64())).to_pylist()
+    return np.asarray(col, np.float32)
+
+
 def _tables(ds: Any):
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
@@ -429,6 +470,7 @@ def index(config: RestageConfig, catalog: str, out: str) -> JobSummary:
     assert completed is not None
     completed.merge(got.done)
     meta = build_search_index(config, layout)
+    quality = retrieval_quality(config, layout) if meta else None
     summary = JobSummary(JOB, root, whole_job=True)
     valid = found.counts[_job.TODO] + found.counts[_job.COMPLETE]
     summary.products = {
@@ -452,6 +494,8 @@ def index(config: RestageConfig, catalog: str, out: str) -> JobSummary:
             "index": layout.index_dir() if meta else None,
             "scenes_indexed": meta.count if meta else 0,
             "index_kind": meta.kind if meta else None,
+            # precision/recall@k against the categories (random weights: chance level)
+            "retrieval": quality,
         }
 
     units = dict.fromkeys(STAGES, "images")

@@ -1300,6 +1300,12 @@ class IndexConfig(StrictModel):
     hnsw_ef_search: Annotated[int, Field(ge=2)] = Field(
         128, description="HNSW candidate list while searching (raise it first for recall)."
     )
+    eval_k: PositiveInt = Field(
+        10, description="k of the precision/recall@k the summary reports (retrieval quality)."
+    )
+    eval_queries: PositiveInt = Field(
+        1000, description="Kept scenes (a seeded sample) that query the index for that measure."
+    )
 
 
 class StageScoring(StrictModel):

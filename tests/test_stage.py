@@ -138,6 +138,9 @@ def test_index_keeps_clean_scenes_with_their_mask_box_and_ground_line(runs):
         assert s["area_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
     index = retrieval.Index.open(str(runs["index"] / "index"))
     assert len(index) == len(kept) and index.meta.kind == "exact"
+    quality = json.loads((runs["index"] / "summary.json").read_text())["retrieval"]
+    assert quality["k"] == runs["config"].index.eval_k and quality["queries"] == len(kept)
+    assert 0 <= quality["precision"] <= 1 and 0 <= quality["recall"] <= 1
     first = np.asarray(kept[0]["embedding"], np.float32)
     assert index.search(first, 1)[0][0].image_id == kept[0]["image_id"]
 
