@@ -51,8 +51,16 @@ from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
 from ray_app import parallax, retrieval, storage
-from ray_app.config import RestageConfig
-from ray_app.images import decode_mask, decode_rgb, encode, encode_png, load_images, resize
+from ray_app.config import RestageConfig, SegmentConfig
+from ray_app.images import (
+    LoadedImage,
+    decode_mask,
+    decode_rgb,
+    encode,
+    encode_png,
+    load_images,
+    resize,
+)
 from ray_app.metrics import mask_iou
 from ray_app.models import source_tag
 from ray_app.records import (
@@ -168,30 +176,34 @@ def decode_products(
         stat.items_out, stat.errors = len(loaded), len(failed)
         for uri, reason in failed:
             state.error("decode", reason, item=uri)
-        for image in loaded:
-            rgb, alpha = image.image.rgb, image.image.alpha
-            if alpha is not None and area_ok(alpha, seg.min_area, seg.max_area):
-                mask, method = alpha, "alpha"
-            else:
-                mask, method = (
-                    plain_background_mask(
-                        rgb, seg.plain_background_spread, seg.plain_background_tolerance
-                    ),
-                    "plain-background",
-                )
-            if mask is not None and area_ok(mask, seg.min_area, seg.max_area):
-                state.source_uri, state.source = image.uri, encode_png(rgb)
-                state.mask, state.mask_method = encode_png(mask), method
-                break
-            state.photos.append((image.uri, encode_png(rgb), None))
-        if state.mask is not None:
-            state.photos = []
+        cut_out(state, loaded, seg)
         if not loaded:
             state.failed = f"no readable image ({len(failed)} of {len(failed)} failed)"
             state.error("decode", f"product has no readable image: all {len(failed)} failed")
         stat.seconds = time.perf_counter() - start
         states.append(state)
     return pack(states)
+
+
+def cut_out(state: StageProduct, loaded: list[LoadedImage], seg: SegmentConfig) -> None:
+    """The first photo whose alpha channel or plain background gives a plausible mask is
+    the one staged, cut out without a model; otherwise every photo waits for the segmenter
+    (``state.photos``)."""
+    for image in loaded:
+        rgb, alpha = image.image.rgb, image.image.alpha
+        if alpha is not None and area_ok(alpha, seg.min_area, seg.max_area):
+            mask, method = alpha, "alpha"
+        else:
+            mask = plain_background_mask(
+                rgb, seg.plain_background_spread, seg.plain_background_tolerance
+            )
+            method = "plain-background"
+        if mask is not None and area_ok(mask, seg.min_area, seg.max_area):
+            state.source_uri, state.source = image.uri, encode_png(rgb)
+            state.mask, state.mask_method = encode_png(mask), method
+            state.photos = []
+            return
+        state.photos.append((image.uri, encode_png(rgb), None))
 
 
 # --------------------------------------------------------------------------- model stages
