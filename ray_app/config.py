@@ -1093,6 +1093,16 @@ class ServeConfig(StrictModel):
         True, description="Run the ranking deployment (clip, dino) for rank=true requests."
     )
     ranker_replicas: PositiveInt = Field(1, description="Ranker replicas.")
+    stage_index: str | None = Field(
+        None,
+        description="The staged-catalog index `POST /v1/stage` searches (`restage index`'s "
+        "OUT/index), loaded once per Stager replica; None: no Stager, /v1/stage answers 503.",
+    )
+    stager_replicas: PositiveInt = Field(1, description="Stager replicas (with stage_index).")
+    max_upload_bytes: PositiveInt = Field(
+        8 * 1024 * 1024,
+        description="Larger /v1/stage bodies (a base64 photo: 4/3 of its bytes) get 413.",
+    )
     ranker_segmentation: SegmentConfig = Field(
         default_factory=SegmentConfig,
         description="How the ranker segments a request's images for the segmented metrics "

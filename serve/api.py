@@ -113,3 +113,55 @@ class ErrorBody(BaseModel):
     detail: list[FieldError] | None = Field(
         None, description="The fields at fault, for invalid input."
     )
+
+
+class StageRequest(BaseModel):
+    """POST /v1/stage"""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    product_id: str = Field(
+        description="The product: its own catalog scenes are never used. Without image_base64 "
+        "it must have an adapter (its first real photo is staged)."
+    )
+    image_base64: str | None = Field(
+        None,
+        description="The product's photo (JPEG, PNG, WebP; a packshot on a plain background "
+        "is cut out without a model), base64; at most serve.max_upload_bytes of body.",
+    )
+    category: str | None = Field(
+        None, max_length=200, description="Its category: scenes of it are retrieved first."
+    )
+    num_images: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="Staged images to return (default stage.keep; at most stage.top_k).",
+    )
+
+    @field_validator("product_id")
+    @classmethod
+    def _product_id(cls, value: str) -> str:
+        try:
+            return validate_product_id(value)
+        except RecordError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class StagedImage(BaseModel):
+    png_base64: str
+    scene_image_id: str
+    scene_product_id: str
+    similarity: float
+    placement: list[int] = Field(description="x0, y0, x1, y1 of the product in the image.")
+    score: float
+    scores: dict[str, float | None]
+    rank: int
+
+
+class StageResponse(BaseModel):
+    product_id: str
+    images: list[StagedImage]
+    mask_method: str | None
+    request_id: str
+    timings: dict[str, float]

@@ -1,4 +1,5 @@
-"""The restage Serve application: Ingress -> Generator (multiplexed adapters) [-> Ranker].
+"""The restage Serve application: Ingress -> Generator (multiplexed adapters) [-> Ranker]
+[-> Stager, with serve.stage_index].
 
 Start it with ``restage serve --adapters URI`` (a local Ray, or the cluster named by
 ``ray.address`` / ``RAY_ADDRESS``), or deploy it to a running cluster with
@@ -15,7 +16,7 @@ from typing import Any
 
 from ray_app import secrets, storage
 from ray_app.config import ConfigError, RestageConfig, load_config
-from serve import generator, ingress, ranker
+from serve import generator, ingress, ranker, stager
 from serve.auth import ENV_KEYS, ENV_KEYS_FILE, load_key_digests
 
 APP_NAME = "restage"
@@ -34,8 +35,14 @@ def build_app(
     adapters = storage.normalize_uri(adapters)
     gen = generator.serve_deployment(config).bind(config, adapters)
     rank = ranker.serve_deployment(config).bind(config) if config.serve.ranker else None
+    index = config.serve.stage_index
+    stage = (
+        stager.serve_deployment(config).bind(config, storage.normalize_uri(index))
+        if index
+        else None
+    )
     return ingress.serve_deployment(config).bind(
-        gen, rank, config, adapters, key_digests, require_auth
+        gen, rank, config, adapters, key_digests, require_auth, stage
     )
 
 

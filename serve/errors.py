@@ -27,6 +27,7 @@ CODES: dict[str, int] = {
     "unsupported_media_type": 415,
     "invalid_json": 422,
     "invalid_request": 422,
+    "invalid_image": 422,
     "over_request_budget": 422,
     "rate_limited": 429,
     "over_key_budget": 429,
@@ -35,6 +36,7 @@ CODES: dict[str, int] = {
     "generation_unavailable": 503,
     "ranking_unavailable": 503,
     "not_ready": 503,
+    "staging_unavailable": 503,
     "deadline_exceeded": 504,
 }
 

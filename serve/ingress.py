@@ -9,6 +9,7 @@ short message and the request id, never internal text (``serve.errors``).
 
 import asyncio
 import base64
+import binascii
 import time
 import uuid
 from typing import Any
@@ -23,7 +24,13 @@ from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.records import RecordError, validate_product_id
 from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout
-from serve.api import ErrorBody, GenerateRequest, GenerateResponse
+from serve.api import (
+    ErrorBody,
+    GenerateRequest,
+    GenerateResponse,
+    StageRequest,
+    StageResponse,
+)
 from serve.auth import check_authorization
 from serve.bodies import check_media_type, parse_json
 from serve.budget import Budgets, request_cost
@@ -39,6 +46,7 @@ from serve.errors import (
 )
 
 _GENERATE_SCHEMA = GenerateRequest.model_json_schema()
+_STAGE_SCHEMA = StageRequest.model_json_schema()
 
 
 def make_app(config: RestageConfig) -> FastAPI:
@@ -159,8 +167,10 @@ class IngressService:
         generator: Any,
         ranker: Any | None,
         require_auth: bool,
+        stager: Any | None = None,
     ):
         self.config = config
+        self.stager = stager
         self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
         self.key_digests = tuple(key_digests)
         self.require_auth = require_auth
@@ -181,19 +191,22 @@ class IngressService:
             raise ApiError("unauthorized" if check.status == 401 else "forbidden", check.reason)
         return check.key_digest
 
-    async def read_json(self, request: Request) -> Any:
+    async def read_json(self, request: Request, limit: int | None = None) -> Any:
+        """The body's JSON value; 415, 413 (over ``limit``, default serve.max_body_bytes) and
+        422 (too deep, not JSON) before anything else reads it."""
         check_media_type(request.headers.get("content-type"))
-        limit = self.config.serve.max_body_bytes
+        limit = limit or self.config.serve.max_body_bytes
+        name = (
+            "max_upload_bytes" if limit == self.config.serve.max_upload_bytes else "max_body_bytes"
+        )
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(
-                "body_too_large", f"{declared} bytes; the limit is serve.max_body_bytes={limit}"
-            )
+            raise ApiError("body_too_large", f"{declared} bytes; the limit is serve.{name}={limit}")
         body = bytearray()
         async for chunk in request.stream():  # also bounds bodies sent without a length
             body += chunk
             if len(body) > limit:
-                raise ApiError("body_too_large", f"over serve.max_body_bytes={limit} bytes")
+                raise ApiError("body_too_large", f"over serve.{name}={limit} bytes")
         return parse_json(bytes(body), self.config.serve.max_json_depth)
 
     def metadata(self, product_id: str) -> AdapterMeta:
@@ -330,6 +343,76 @@ class IngressService:
         )
         return response.model_dump(exclude_none=True)
 
+    async def stage(self, request: Request, request_id: str) -> dict[str, Any]:
+        """POST /v1/stage: a product photo (uploaded, or a trained product's first real
+        photo) staged into the index's scenes by the Stager (serve/stager.py)."""
+        received = time.time()
+        caller = self.authorize(request)
+        if self.stager is None:
+            raise ApiError(
+                "staging_unavailable",
+                "this server has no staged-catalog index: start it with --set "
+                "serve.stage_index=URI (`restage index`'s OUT/index)",
+            )
+        s, st = self.config.serve, self.config.stage
+        try:
+            body = StageRequest.model_validate(
+                await self.read_json(request, s.max_upload_bytes), strict=True
+            )
+        except ValidationError as err:
+            raise ApiError(
+                "invalid_request", "the body does not match the API", field_errors(err)
+            ) from None
+        keep = body.num_images or st.keep
+        if keep > st.top_k:
+            raise invalid("num_images", f"{keep} is above stage.top_k={st.top_k} scenes staged")
+        paints = st.top_k * (2 if st.refine_gaps else 1)
+        self.budgets.charge(caller, request_cost(st.size, st.size, st.removal.steps, paints))
+        if body.image_base64 is not None:
+            try:
+                data = base64.b64decode(body.image_base64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise invalid("image_base64", f"not base64: {exc}") from None
+            category = body.category
+        else:  # a trained product: its first real photo
+            from actors.scorer import references  # torch: only this path needs it
+
+            meta = self.metadata(body.product_id)
+            images, _ = await asyncio.to_thread(references, meta)
+            if not images:
+                raise ApiError("unknown_product", f"product {body.product_id!r} has no photo")
+            data, category = images[0], body.category or meta.product_type
+        try:
+            out = await self.stager.stage.remote(body.product_id, data, category, keep)
+        except Exception as exc:
+            raise ApiError(
+                "staging_unavailable",
+                "staging failed; retry later",
+                internal=repr(exc),
+                retry_after_s=1,
+            ) from None
+        if "error" in out:
+            raise ApiError(
+                "invalid_image",
+                f"the photo cannot be staged: {out['error']}",
+                [{"field": "image_base64", "message": out["error"]}],
+            )
+        images = [
+            {
+                **{k: v for k, v in i.items() if k != "data"},
+                "png_base64": base64.b64encode(i["data"]).decode(),
+            }
+            for i in out["images"]
+        ]
+        response = StageResponse(
+            product_id=body.product_id,
+            images=images,
+            mask_method=out["mask_method"],
+            request_id=request_id,
+            timings={**out["timings"], "total_ms": (time.time() - received) * 1000},
+        )
+        return response.model_dump()
+
     async def ready(self) -> int:
         """How many generator replicas are running (their base model loaded), from Serve's
         controller: answered at once, never by waiting for a replica to answer."""
@@ -370,9 +453,10 @@ def serve_deployment(config: RestageConfig):
             adapters_root: str,
             key_digests: tuple[str, ...],
             require_auth: bool,
+            stager=None,
         ):
             self.service = IngressService(
-                config, adapters_root, key_digests, generator, ranker, require_auth
+                config, adapters_root, key_digests, generator, ranker, require_auth, stager
             )
 
         async def _guard(self, call):
@@ -400,6 +484,21 @@ def serve_deployment(config: RestageConfig):
         )
         async def generate(self, request: Request):
             return await self._guard(lambda rid: self.service.generate(request, rid))
+
+        @app.post(
+            "/v1/stage",
+            response_model=StageResponse,
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _STAGE_SCHEMA}},
+                },
+            },
+            responses=errors,
+        )
+        async def stage(self, request: Request):
+            """A product photo staged into retrieved catalog scenes (`restage stage`)."""
+            return await self._guard(lambda rid: self.service.stage(request, rid))
 
         @app.get("/v1/products/{product_id}", responses=errors)
         async def product(self, product_id: str, request: Request):

@@ -88,3 +88,37 @@ class StagerReplica:
             for s in ranked[:keep]
         ]
         return {"images": images, "mask_method": state.mask_method, "timings": timings}
+
+
+def serve_deployment(config: RestageConfig):
+    """The Ray Serve ``Stager`` deployment: the resources of the roles it loads."""
+    from ray import serve
+
+    roles = ("inpainter", "segmenter", "clip")
+    options = {
+        "num_gpus": sum(config.role(r).num_gpus for r in roles),
+        "num_cpus": config.inpainter.num_cpus,
+        "resources": {k: v for r in roles for k, v in config.role(r).resources.items()},
+    }
+
+    @serve.deployment(
+        name="Stager",
+        num_replicas=config.serve.stager_replicas,
+        ray_actor_options=options,
+        max_ongoing_requests=1,  # one staging at a time: its models are not shared
+    )
+    class Stager:
+        def __init__(self, config: RestageConfig, index_uri: str):
+            self.replica = StagerReplica(config, index_uri)
+
+        def stage(
+            self, product_id: str, data: bytes, category: str | None, keep: int
+        ) -> dict[str, Any]:
+            """-> the replica's answer, or ``{"error": reason}`` for an unstageable photo
+            (a 422, not a failure of the replica)."""
+            try:
+                return self.replica.stage(product_id, data, category, keep)
+            except StageInputError as exc:
+                return {"error": str(exc)}
+
+    return Stager

@@ -6,54 +6,19 @@ from __future__ import annotations
 
 import io
 
-import pyarrow as pa
 import pytest
 from conftest import EXAMPLES
 from PIL import Image
+from stage_index import example_index
 
-from pipelines._product_rows import unpack
-from pipelines.index import (
-    EmbedScenes,
-    SegmentScenes,
-    decode_catalog,
-    kept_rows,
-    write_catalog,
-)
-from ray_app import retrieval
-from ray_app.batching import object_array
-from ray_app.models import source_tag
-from ray_app.sources import SourcePolicy
-from ray_app.storage import IndexLayout
 from serve.stager import StageInputError, StagerReplica
-
-PRODUCTS = ["bottle-teal-002", "cereal-box-003", "mug-red-001"]
 
 
 @pytest.fixture(scope="module")
 def stager(tmp_path_factory, tiny_config):
-    """The examples indexed in this process (the index job's stages, no Ray)."""
-    root = str(tmp_path_factory.mktemp("index"))
-    uris = [
-        [str(p) for p in sorted((EXAMPLES / "products" / pid).glob("*.jpg"))] for pid in PRODUCTS
-    ]
-    batch = {
-        "product_id": object_array(PRODUCTS),
-        "image_uris": object_array(uris),
-        "category": object_array(["bottle", "box", "mug"]),
-    }
-    policy = SourcePolicy.for_manifest(str(EXAMPLES / "products.jsonl"))
-    rows = decode_catalog(batch, tiny_config, policy, root)
-    for stage in (SegmentScenes(tiny_config), EmbedScenes(tiny_config)):
-        rows = stage(rows)
-    assert not any(s.failed for s in unpack(rows))
-    write_catalog(rows, root)
-    layout = IndexLayout(root)
-    kept = kept_rows(pa.table({"product_id": PRODUCTS}), root)
-    assert kept.num_rows >= 4
-    retrieval.build_index(
-        kept, layout.index_dir(), exact_below=1000, model=source_tag(tiny_config, "clip")
+    return StagerReplica(
+        tiny_config, example_index(str(tmp_path_factory.mktemp("index")), tiny_config)
     )
-    return StagerReplica(tiny_config, layout.index_dir())
 
 
 def _photo(pid: str, name: str = "00-white.jpg") -> bytes:
