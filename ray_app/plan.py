@@ -290,6 +290,9 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
             _pool("Generator", ("generator",), (max(1, s.min_replicas), s.max_replicas), config),
             _pool("Ranker", ranker, (s.ranker_replicas, s.ranker_replicas), config),
         ]
+        if s.stage_index:  # POST /v1/stage
+            stager = ("inpainter", "segmenter", "clip")
+            pools.append(_pool("Stager", stager, (s.stager_replicas, s.stager_replicas), config))
         return pools
     else:
         raise ConfigError(f"unknown job {job!r} for a plan: use one of {', '.join(JOBS)}")
