@@ -61,6 +61,7 @@ from ray_app.images import (
     load_images,
     resize,
 )
+from ray_app.kinds import MASK_IOU, Metric
 from ray_app.metrics import mask_iou
 from ray_app.models import source_tag
 from ray_app.records import (
@@ -87,6 +88,7 @@ from ray_app.storage import StageLayout
 
 JOB = "stage"
 STAGES = ("decode", "segment", "retrieve", "compose", "score", "write")
+BOUNDARY = "boundary"  # the seam score (ray_app/staging.boundary_score)
 
 
 @dataclass
@@ -452,7 +454,7 @@ class Score(ProductStage):
             )
             iou = mask_iou(resegmented, where)
             seam = boundary_score(decode_rgb(s.image), where)
-            s.scores = {"clip_i": clip_i, "mask_iou": iou, "boundary": seam}
+            s.scores = {Metric.CLIP_I: clip_i, MASK_IOU: iou, BOUNDARY: seam}
             parts = [w.clip_i * clip_i, w.mask_iou * iou, -w.boundary * max(0.0, seam - 1)]
             s.score = float(sum(p for p in parts if math.isfinite(p)))
             if iou < w.min_mask_iou:
@@ -566,9 +568,9 @@ def _row(state: StageProduct, s: Staging, mask_uri: str) -> dict[str, Any]:
         "place_y1": box.y1 if box else None,
         "scale": s.scale,
         "ground": s.ground,
-        "clip_i": num("clip_i"),
-        "mask_iou": num("mask_iou"),
-        "boundary": num("boundary"),
+        Metric.CLIP_I: num(Metric.CLIP_I),
+        MASK_IOU: num(MASK_IOU),
+        BOUNDARY: num(BOUNDARY),
         "score": s.score,
         "rank": s.rank,
         "kept": s.kept,

@@ -294,8 +294,8 @@ STAGED_SCHEMA = pa.schema(
         pa.field("place_y1", pa.int32()),
         pa.field("scale", pa.float32()),
         pa.field("ground", pa.int32()),
-        pa.field("clip_i", pa.float32()),
-        pa.field("mask_iou", pa.float32()),
+        pa.field(Metric.CLIP_I, pa.float32()),  # the product's crop vs the input's
+        pa.field(MASK_IOU, pa.float32()),  # re-segmented vs placed
         pa.field("boundary", pa.float32()),
         pa.field("score", pa.float32()),
         pa.field("rank", pa.int32()),
