@@ -326,6 +326,22 @@ class InpaintTrainer:
         timesteps = torch.randint(0, total, (len(idx),), generator=gen, device=self.device)
         return latents, noise, timesteps
 
+    def _predict(
+        self,
+        cache: InpaintCache,
+        idx: list[int],
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the denoiser's prediction, its target) for samples ``idx``: the inpainting UNet's
+        input is the noisy latents, the hole on the latent grid and the masked-image latents."""
+        noisy = self.lora.noise_scheduler.add_noise(latents, noise, timesteps)
+        inputs = torch.cat([noisy, cache.masks[idx], cache.masked_latents[idx]], dim=1)
+        embeds, kwargs = self._conditioning(len(idx))
+        pred = self.unet(inputs, timesteps, embeds, **kwargs).sample
+        return pred, self.lora._target(latents, noise, timesteps)
+
     def loss(
         self,
         cache: InpaintCache,
@@ -337,11 +353,7 @@ class InpaintTrainer:
     ) -> torch.Tensor:
         """The denoising loss of samples ``idx`` (``weighted``: the config's by default)."""
         weighted = self.options.weighting if weighted is None else weighted
-        noisy = self.lora.noise_scheduler.add_noise(latents, noise, timesteps)
-        inputs = torch.cat([noisy, cache.masks[idx], cache.masked_latents[idx]], dim=1)
-        embeds, kwargs = self._conditioning(len(idx))
-        pred = self.unet(inputs, timesteps, embeds, **kwargs).sample
-        target = self.lora._target(latents, noise, timesteps)
+        pred, target = self._predict(cache, idx, latents, noise, timesteps)
         return weighted_mse(pred, target, cache.weights[idx] if weighted else None)
 
     @torch.no_grad()
@@ -356,9 +368,10 @@ class InpaintTrainer:
         timesteps = torch.tensor(
             [int(total * (i + 0.5) / len(idx)) for i in range(len(idx))], device=self.device
         )
+        pred, target = self._predict(cache, idx, latents, noise, timesteps)
         return {
-            "mse": float(self.loss(cache, idx, latents, noise, timesteps, weighted=False)),
-            "weighted_mse": float(self.loss(cache, idx, latents, noise, timesteps, weighted=True)),
+            "mse": float(weighted_mse(pred, target)),
+            "weighted_mse": float(weighted_mse(pred, target, cache.weights[idx])),
         }
 
     # ------------------------------------------------------------------ training
