@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actors.generator import has_negative, split_negatives
+from actors.generator import has_negative, read_adapter_weights, split_negatives
 from ray_app.batching import batch_len, column, map_chunks, object_array
 from ray_app.config import InpaintOptions, ModelSpec
 from ray_app.images import decode_mask, decode_rgb, encode_png, mask_bbox, paste_back
@@ -87,12 +87,23 @@ def square_canvas(rgb: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
 class Inpainter:
     """Batch in: ``image`` (encoded bytes, sides multiples of 8), ``mask`` (PNG, 255 = paint
     here), ``prompt`` (str), ``seed`` (int), optional ``keep`` (PNG of pixels to paste back)
-    and ``negative_prompt``. Batch out: ``image`` (PNG bytes or None) and ``error``."""
+    and ``negative_prompt``. Batch out: ``image`` (PNG bytes or None) and ``error``.
+
+    ``lora``: the folder URI of a LoRA trained by ``restage stage train-inpainter``
+    (``actors.inpaint_trainer``), applied to every call; None: the base model."""
 
     role = "inpainter"
 
-    def __init__(self, model: ModelSpec, options: InpaintOptions, device: str | None = None):
+    def __init__(
+        self,
+        model: ModelSpec,
+        options: InpaintOptions,
+        device: str | None = None,
+        lora: str | None = None,
+    ):
         self.loaded = load_model(model, device=device)
+        if lora is not None:
+            self.loaded.model.load_lora_weights(read_adapter_weights(lora), adapter_name="stage")
         self.batch_size = model.batch_size
         self.options = options
 
