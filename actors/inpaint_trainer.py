@@ -32,9 +32,8 @@ from PIL import Image
 from actors.lora_trainer import LoraTrainer, _last_tenth, mix_schedule
 from ray_app import storage
 from ray_app.boundary_weights import boundary_weights
-from ray_app.config import ModelSpec, RestageConfig, TrainConfig
+from ray_app.config import InpaintTrainConfig, ModelSpec, RestageConfig, TrainConfig
 from ray_app.images import dilate, mask_bbox
-from ray_app.inpaint_train_config import InpaintTrainConfig
 from ray_app.staging import Box, fit, target
 from ray_app.storage import AdapterLayout
 

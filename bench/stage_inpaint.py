@@ -42,8 +42,7 @@ sys.path[:0] = [str(ROOT)]
 from actors.inpaint_trainer import InpaintTrainer, prepare_scenes, train_inpainter  # noqa: E402
 from bench.common import machine  # noqa: E402
 from ray_app.boundary_weights import band_l1  # noqa: E402
-from ray_app.config import load_config  # noqa: E402
-from ray_app.inpaint_train_config import InpaintTrainConfig  # noqa: E402
+from ray_app.config import InpaintTrainConfig, load_config  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
 
 VARIANTS = ("base", "lora_unweighted", "lora_weighted")

@@ -324,7 +324,9 @@ class Compose(ProductStage):
 
     def __init__(self, config: RestageConfig):
         super().__init__(config)
-        self.model = Inpainter(config.model_spec("inpainter"), config.stage.removal)
+        self.model = Inpainter(
+            config.model_spec("inpainter"), config.stage.removal, lora=config.stage.inpainter_lora
+        )
         self.tag = source_tag(config, "inpainter")
 
     def paint(self, images: list[np.ndarray], masks: list[np.ndarray], seeds: list[int]):

@@ -303,6 +303,24 @@ def _job(
     return run
 
 
+def cmd_stage(args: argparse.Namespace) -> int:
+    """`restage stage` (staging) or `restage stage train-inpainter`."""
+    if args.action == "train-inpainter":
+        if not args.catalog or args.manifest or args.index or args.animate:
+            raise ValueError(
+                "restage stage train-inpainter takes --catalog (a `restage index` output) and "
+                "--out, not --manifest, --index or --animate"
+            )
+        return _entry("pipelines.train_inpainter:main", "TrainInpainterArgs", _config(args), args)
+    missing = [f"--{n}" for n in ("manifest", "index") if not getattr(args, n)]
+    if missing or args.catalog:
+        raise ValueError(
+            f"restage stage needs {' and '.join(missing) or '--manifest and --index'}"
+            + (" (--catalog is for `restage stage train-inpainter`)" if args.catalog else "")
+        )
+    return _job("pipelines.stage:main", "StageArgs")(args)
+
+
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         print(
@@ -415,8 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(every retrieved scene, its placement, scores, kept, drop reason), errors and "
         "summary.json under --out. Re-running skips complete products.",
     )
-    p.add_argument("--manifest", required=True, help="products manifest URI")
-    p.add_argument("--index", required=True, help="the search index: `restage index`'s OUT/index")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["train-inpainter"],
+        help="train-inpainter: fine-tune the inpainter's boundary-weighted LoRA on the "
+        "scenes of --catalog (a `restage index` output) into --out, for stage.inpainter_lora",
+    )
+    p.add_argument("--manifest", help="products manifest URI (staging)")
+    p.add_argument("--index", help="the search index: `restage index`'s OUT/index (staging)")
+    p.add_argument("--catalog", help="a `restage index` output (train-inpainter)")
     p.add_argument("--out", required=True, help="output root URI")
     p.add_argument(
         "--animate",
@@ -424,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a parallax clip of each kept image (stage.animation: formats, frames)",
     )
     _add_config_args(p)
-    p.set_defaults(func=_job("pipelines.stage:main", "StageArgs"))
+    p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser(
         "train",

@@ -22,9 +22,8 @@ from actors.inpaint_trainer import (
     weighted_mse,
 )
 from ray_app import storage
-from ray_app.config import InpaintOptions
+from ray_app.config import InpaintOptions, InpaintTrainConfig
 from ray_app.images import decode_rgb, encode_png
-from ray_app.inpaint_train_config import InpaintTrainConfig
 from ray_app.storage import AdapterLayout
 
 RES = 64

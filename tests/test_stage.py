@@ -273,3 +273,25 @@ def test_stage_refuses_a_folder_that_is_not_an_index(tmp_path):
     )
     assert done.returncode != 0
     assert "index.json" in done.stderr and "restage index" in done.stderr
+
+
+def test_train_inpainter_writes_a_lora_that_staging_paints_with(runs, tmp_path):
+    lora = tmp_path / "lora"
+    done = _run(["stage", "train-inpainter", "--catalog", str(runs["index"]), "--out", str(lora)])
+    assert "stage.inpainter_lora=" in done.stdout
+    info = json.loads((lora / "inpaint_lora.json").read_text())
+    assert info["steps"] == runs["config"].stage.train_inpainter.steps
+    assert info["config"]["weighting"] is True and info["train_scenes"] >= 2
+    # The stage job's compose stage with and without it: the same scene, other paint.
+    from pipelines.stage import Compose
+
+    scene = next(s for s in runs["scenes"] if s["kept"])
+    rgb = resize(np.asarray(Image.open(scene["scene_uri"]).convert("RGB")), (64, 64))
+    hole = resize(decode_mask(storage.read_bytes(scene["mask_uri"])), (64, 64), mask=True) > 0
+    hole[24:40, 24:40] = True
+    base = Compose(runs["config"]).paint([rgb], [hole], [7])[0][0]
+    tuned = runs["config"].model_copy(
+        update={"stage": runs["config"].stage.model_copy(update={"inpainter_lora": str(lora)})}
+    )
+    painted = Compose(tuned).paint([rgb], [hole], [7])[0][0]
+    assert np.abs(painted.astype(int) - base.astype(int)).mean() > 0.5
