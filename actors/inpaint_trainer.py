@@ -32,7 +32,7 @@ from PIL import Image
 from actors.lora_trainer import LoraTrainer, _last_tenth, mix_schedule
 from ray_app import storage
 from ray_app.boundary_weights import boundary_weights
-from ray_app.config import InpaintTrainConfig, ModelSpec, RestageConfig, TrainConfig
+from ray_app.config import InpaintTrainConfig, ModelSpec, TrainConfig
 from ray_app.images import dilate, mask_bbox
 from ray_app.staging import Box, fit, target
 from ray_app.storage import AdapterLayout
@@ -495,7 +495,7 @@ def prepare_scenes(
 
 
 def train_inpainter(
-    config: RestageConfig,
+    model: ModelSpec,
     train_cfg: InpaintTrainConfig,
     scenes: list[tuple[np.ndarray, np.ndarray]],
     out_uri: str,
@@ -510,7 +510,7 @@ def train_inpainter(
     reuses a loaded base (its LoRA shape must match ``train_cfg``). -> the JSON's summary."""
     images, holes, train_idx, held_idx = prepare_scenes(scenes, train_cfg)
     if trainer is None:
-        trainer = InpaintTrainer(config.model_spec("inpainter"), train_cfg, device=device)
+        trainer = InpaintTrainer(model, train_cfg, device=device)
     else:
         trainer.configure(train_cfg)
     cache = trainer.prepare([images[i] for i in train_idx], [holes[i] for i in train_idx])
@@ -522,7 +522,7 @@ def train_inpainter(
     result = trainer.train(cache, held)
     out = storage.normalize_uri(out_uri)
     storage.write_bytes(AdapterLayout.weights_in(out), trainer.adapter_bytes(result.state_dict))
-    spec = config.role("inpainter")
+    spec = model.spec
     summary = {
         "base_model": spec.source + (f"@{spec.revision}" if spec.revision else ""),
         "config": train_cfg.model_dump(mode="json"),

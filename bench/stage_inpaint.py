@@ -204,7 +204,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, weighting in (("lora_unweighted", False), ("lora_weighted", True)):
             cfg = train_cfg.model_copy(update={"weighting": weighting})
-            summary = train_inpainter(config, cfg, scenes, f"{tmp}/{name}", trainer=trainer)
+            summary = train_inpainter(
+                config.model_spec("inpainter"), cfg, scenes, f"{tmp}/{name}", trainer=trainer
+            )
             results[name] = {
                 **measure(paint(lora=True), held_images, held_holes, train_cfg.band),
                 "first_loss": round(summary["first_loss"], 5),

@@ -35,7 +35,9 @@ def _train(config: RestageConfig, pairs: list[tuple[str, str]], out: str) -> dic
         (decode_rgb(storage.read_bytes(s)), decode_mask(storage.read_bytes(m)) > 0)
         for s, m in pairs
     ]
-    return train_inpainter(config, config.stage.train_inpainter, scenes, out)
+    return train_inpainter(
+        config.model_spec("inpainter"), config.stage.train_inpainter, scenes, out
+    )
 
 
 def run(config: RestageConfig, catalog: str, out: str) -> dict[str, Any]:

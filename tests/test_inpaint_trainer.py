@@ -150,7 +150,9 @@ def test_the_saved_lora_loads_into_the_inpainter_and_paints_as_the_trainer(
     from actors.inpainter import Inpainter
 
     opts = options(save_dtype="float32")
-    summary = train_inpainter(tiny_config, opts, scenes(), str(tmp_path / "lora"), trainer=trainer)
+    summary = train_inpainter(
+        tiny_config.model_spec("inpainter"), opts, scenes(), str(tmp_path / "lora"), trainer=trainer
+    )
     assert storage.exists(AdapterLayout.weights_in(summary["uri"]))
     info = storage.read_json(storage.join(summary["uri"], INFO))
     assert info["steps"] == opts.steps and info["seed"] == opts.seed
@@ -200,9 +202,13 @@ def test_bad_settings_name_the_key(changes, needle):
 def test_bad_scenes_and_a_changed_lora_shape_are_refused(tiny_config, trainer, tmp_path):
     good = scenes(3)
     with pytest.raises(ValueError, match="give at least 2"):
-        train_inpainter(tiny_config, options(), good[:1], str(tmp_path), trainer=trainer)
+        train_inpainter(
+            tiny_config.model_spec("inpainter"), options(), good[:1], str(tmp_path), trainer=trainer
+        )
     empty = [good[0], (good[1][0], np.zeros_like(good[1][1])), good[2]]
     with pytest.raises(ValueError, match=r"scenes\[1\]: the product mask is empty"):
-        train_inpainter(tiny_config, options(), empty, str(tmp_path), trainer=trainer)
+        train_inpainter(
+            tiny_config.model_spec("inpainter"), options(), empty, str(tmp_path), trainer=trainer
+        )
     with pytest.raises(ValueError, match="rank differ"):
         trainer.configure(options(rank=8))
