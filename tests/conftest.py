@@ -3,6 +3,7 @@ per module, and the real product photos when ``../shared/data/dreambooth`` is pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -141,6 +142,34 @@ def ray_pids() -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     markers = ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
     return {int(line.split()[0]) for line in out.splitlines() if any(k in line for k in markers)}
+
+
+def kill_marked(marker: dict[str, str]) -> int:
+    """SIGKILL every process whose environment holds ``marker`` (one NAME: VALUE) -> how many
+    were killed. Started with the marker in its environment, a job passes it to every process
+    of its own local Ray, however re-parented; no other process has it, so this never kills
+    the test session's own Ray nor another session's (unlike ``ray_pids() - before``). Until
+    none is left: a raylet killed mid-spawn may leave a worker that was not yet listed."""
+    import time
+
+    import psutil
+
+    ((name, value),) = marker.items()
+    killed = 0
+    for _ in range(50):
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):  # gone, a zombie, or not ours to read
+                if proc.environ().get(name) == value and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+        if not found:
+            return killed
+        for proc in found:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                killed += 1
+        time.sleep(0.2)
+    raise AssertionError(f"processes marked {name}={value} are still alive after SIGKILL")
 
 
 def driver_never_lists_the_catalog(patch: pytest.MonkeyPatch) -> None:
