@@ -6,18 +6,18 @@ its ground line and scale, the removed product's area, the clip's frame count.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH, EXAMPLES, ray_pids
+from conftest import DREAMBOOTH, EXAMPLES, kill_marked
 from PIL import Image
 from scipy import ndimage
 
@@ -65,11 +65,15 @@ def runs(tmp_path_factory, dreambooth):
     # Stage, SIGKILL once the first product is written, resume.
     cmd = [RESTAGE, "stage", "--manifest", str(products), "--index", str(index_out / "index")]
     cmd += ["--out", str(out), "--animate", *COMMON]
-    before = ray_pids()
+    marker = {"RESTAGE_TEST_KILLED_RUN": uuid.uuid4().hex}  # on every process of its Ray
     log = tmp / "killed.log"
     with open(log, "w") as stream:
         proc = subprocess.Popen(
-            cmd, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **marker},
         )
     markers = lambda: list((out / "_done").glob("*.json"))  # noqa: E731
     deadline = time.time() + 600
@@ -80,9 +84,7 @@ def runs(tmp_path_factory, dreambooth):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = len(markers())
-    for pid in ray_pids() - before:  # the killed job's own Ray processes
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_marked(marker)  # the killed job's own Ray processes, and only those
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     return {
