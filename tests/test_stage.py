@@ -248,7 +248,7 @@ def test_each_kept_image_has_a_clip_with_the_requested_frame_count(runs):
 def test_a_sigkill_loses_nothing_and_a_rerun_skips_finished_products(runs):
     out, n = runs["out"], len(runs["products"])
     assert runs["done_at_kill"] < n, "the run finished before it could be killed"
-    assert f"already complete: {runs['done_at_kill']}" in runs["resumed"]
+    assert f"already complete: {runs['done_at_kill']}" in runs["resumed"], runs["resumed"][-2000:]
     saved = json.loads((out / "summary.json").read_text())
     assert saved["products"]["ok"] + saved["products"]["partial"] == n
     staged = runs["staged"]
@@ -259,8 +259,8 @@ def test_a_sigkill_loses_nothing_and_a_rerun_skips_finished_products(runs):
     stamps = {p: os.stat(p).st_mtime_ns for p in files}
     again = subprocess.run(runs["cmd"], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"already complete: {n}" in again.stdout
-    assert {p: os.stat(p).st_mtime_ns for p in files} == stamps
+    assert f"already complete: {n}" in again.stdout, again.stdout[-2000:]
+    assert {p: os.stat(p).st_mtime_ns for p in files} == stamps, "a finished image was rewritten"
 
 
 def test_stage_refuses_a_folder_that_is_not_an_index(tmp_path):
