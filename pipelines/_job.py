@@ -460,6 +460,51 @@ def execute(
     return done
 
 
+def finish_whole_job(
+    job: str,
+    layout: Any,
+    done: Execution,
+    stages: tuple[str, ...],
+    start_time: float,
+    extra: Callable[[], dict[str, Any]],
+) -> Any:
+    """``finish`` for a job whose summary covers every invocation (``execute(whole_job=
+    True)``): every complete product, this run's and earlier ones', and the products that
+    failed this time (earlier failures were retried now, so they count once); ``extra()``
+    adds the job's own fields to ``this_run``, ``completed`` and ``ignored_columns``."""
+    from ray_app.records import INVALID
+    from ray_app.report import JobSummary
+
+    found, got, completed = done.found, done.got, done.completed
+    assert completed is not None, "execute(..., whole_job=True) totals the earlier products"
+    completed.merge(got.done)
+    summary = JobSummary(job, layout.root, whole_job=True)
+    valid = found.counts[TODO] + found.counts[COMPLETE]
+    summary.products = {
+        "in manifest": valid + found.counts[INVALID],
+        "invalid": found.counts[INVALID],
+        "already complete": found.counts[COMPLETE],
+        "ok": completed.ok,
+        "partial": completed.partial,
+        "failed": got.products["failed"],
+    }
+
+    def whole() -> dict[str, Any]:
+        completed.invocations += 1
+        completed.wall_seconds += summary.wall_seconds
+        # Every marker up to now is counted (its own time too: a writer's clock may run ahead).
+        completed.counted_until = max(time.time(), got.latest, completed.counted_until or 0.0)
+        return {
+            "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
+            "completed": completed.to_dict(),
+            "ignored_columns": found.ignored,
+            **extra(),
+        }
+
+    units = dict.fromkeys(stages, "images")
+    return finish(summary, layout, done, units, [completed.stages, got.failed], start_time, whole)
+
+
 def finish(
     summary: Any,
     layout: Any,

@@ -75,7 +75,6 @@ from ray_app.prompts import (
     product_description,
 )
 from ray_app.records import (
-    INVALID,
     SAMPLE_SCHEMA,
     SCORE_COLUMNS,
     ProductRecord,
@@ -1037,38 +1036,18 @@ def augment(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         lambda todo, cfg, staged: build_dataset(todo, cfg, root, policy, staged),
         whole_job=True,
     )
-    found, got, completed = done.found, done.got, done.completed
-    assert completed is not None
-    completed.merge(got.done)
-    # The whole job: every complete product (this run's and earlier ones') and the products
-    # that failed this time (earlier failures were retried now, so they count once).
-    summary = JobSummary(JOB, root, whole_job=True)
-    valid = found.counts[_job.TODO] + found.counts[_job.COMPLETE]
-    summary.products = {
-        "in manifest": valid + found.counts[INVALID],
-        "invalid": found.counts[INVALID],
-        "already complete": found.counts[_job.COMPLETE],
-        "ok": completed.ok,
-        "partial": completed.partial,
-        "failed": got.products["failed"],
-    }
-
-    def extra() -> dict[str, Any]:
-        completed.invocations += 1
-        completed.wall_seconds += summary.wall_seconds
-        # Every marker up to now is counted (its own time too: a writer's clock may run ahead).
-        completed.counted_until = max(time.time(), got.latest, completed.counted_until or 0.0)
-        return {
-            "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
-            "completed": completed.to_dict(),
+    return _job.finish_whole_job(
+        JOB,
+        layout,
+        done,
+        STAGES,
+        start,
+        lambda: {
             "manifest": manifest,
-            "ignored_columns": found.ignored,
             # the ablation switches: a component that is off made no samples and no actors
             "components": config.augment.components(),
-        }
-
-    units = dict.fromkeys(STAGES, "images")
-    return _job.finish(summary, layout, done, units, [completed.stages, got.failed], start, extra)
+        },
+    )
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, encode, encode_png, load_images
 from ray_app.models import source_tag
 from ray_app.records import (
-    INVALID,
     SCENE_SCHEMA,
     ProductRecord,
     manifest_dataset,
@@ -466,40 +465,23 @@ def index(config: RestageConfig, catalog: str, out: str) -> JobSummary:
         lambda todo, cfg, staged: build_dataset(todo, cfg, root, policy, staged),
         whole_job=True,
     )
-    found, got, completed = done.found, done.got, done.completed
-    assert completed is not None
-    completed.merge(got.done)
     meta = build_search_index(config, layout)
     quality = retrieval_quality(config, layout) if meta else None
-    summary = JobSummary(JOB, root, whole_job=True)
-    valid = found.counts[_job.TODO] + found.counts[_job.COMPLETE]
-    summary.products = {
-        "in manifest": valid + found.counts[INVALID],
-        "invalid": found.counts[INVALID],
-        "already complete": found.counts[_job.COMPLETE],
-        "ok": completed.ok,
-        "partial": completed.partial,
-        "failed": got.products["failed"],
-    }
-
-    def extra() -> dict[str, Any]:
-        completed.invocations += 1
-        completed.wall_seconds += summary.wall_seconds
-        completed.counted_until = max(time.time(), got.latest, completed.counted_until or 0.0)
-        return {
-            "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
-            "completed": completed.to_dict(),
+    return _job.finish_whole_job(
+        JOB,
+        layout,
+        done,
+        STAGES,
+        start,
+        lambda: {
             "catalog": catalog,
-            "ignored_columns": found.ignored,
             "index": layout.index_dir() if meta else None,
             "scenes_indexed": meta.count if meta else 0,
             "index_kind": meta.kind if meta else None,
             # precision/recall@k against the categories (random weights: chance level)
             "retrieval": quality,
-        }
-
-    units = dict.fromkeys(STAGES, "images")
-    return _job.finish(summary, layout, done, units, [completed.stages, got.failed], start, extra)
+        },
+    )
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,6 @@ from ray_app.kinds import MASK_IOU, Metric
 from ray_app.metrics import mask_iou
 from ray_app.models import source_tag
 from ray_app.records import (
-    INVALID,
     STAGED_SCHEMA,
     ProductRecord,
     manifest_dataset,
@@ -667,35 +666,14 @@ def stage(
         ),
         whole_job=True,
     )
-    found, got, completed = done.found, done.got, done.completed
-    assert completed is not None
-    completed.merge(got.done)
-    summary = JobSummary(JOB, root, whole_job=True)
-    valid = found.counts[_job.TODO] + found.counts[_job.COMPLETE]
-    summary.products = {
-        "in manifest": valid + found.counts[INVALID],
-        "invalid": found.counts[INVALID],
-        "already complete": found.counts[_job.COMPLETE],
-        "ok": completed.ok,
-        "partial": completed.partial,
-        "failed": got.products["failed"],
-    }
-
-    def extra() -> dict[str, Any]:
-        completed.invocations += 1
-        completed.wall_seconds += summary.wall_seconds
-        completed.counted_until = max(time.time(), got.latest, completed.counted_until or 0.0)
-        return {
-            "this_run": {**got.products, "wall_seconds": round(summary.wall_seconds, 3)},
-            "completed": completed.to_dict(),
-            "manifest": manifest,
-            "index": index_uri,
-            "animate": animate,
-            "ignored_columns": found.ignored,
-        }
-
-    units = dict.fromkeys(STAGES, "images")
-    return _job.finish(summary, layout, done, units, [completed.stages, got.failed], start, extra)
+    return _job.finish_whole_job(
+        JOB,
+        layout,
+        done,
+        STAGES,
+        start,
+        lambda: {"manifest": manifest, "index": index_uri, "animate": animate},
+    )
 
 
 @dataclass(frozen=True)
