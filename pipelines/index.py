@@ -409,7 +409,7 @@ def retrieval_quality(config: RestageConfig, layout: IndexLayout) -> dict[str, A
         return None
     rng = np.random.default_rng(config.seed)
     queries = sorted(rng.choice(labelled, min(cfg.eval_queries, len(labelled)), replace=False))
-    vectors = _row_vectors(layout, found, queries)
+    vectors = found.vectors(queries)
     hits = found.search(vectors, cfg.eval_k, exclude_product_ids=[[products[i]] for i in queries])
     per_category = Counter(categories)
     per_product = Counter(zip(products, categories, strict=True))
@@ -425,13 +425,6 @@ def retrieval_quality(config: RestageConfig, layout: IndexLayout) -> dict[str, A
         "precision": round(scores.precision, 4),
         "recall": None if math.isnan(scores.recall) else round(scores.recall, 4),
     }
-
-
-def _row_vectors(layout: IndexLayout, found: retrieval.Index, rows: list[int]) -> np.ndarray:
-    """The stored embeddings of some index rows (read back from the index's row shards)."""
-    table = storage.read_parquet(storage.join(layout.index_dir(), retrieval.ROWS_DIR))
-    col = table.column("embedding").take(pa.array(rows, pa.int64())).to_pylist()
-    return np.asarray(col, np.float32)
 
 
 def _tables(ds: Any):

@@ -596,6 +596,11 @@ class Index:
     def _chunk(self, start: int, stop: int) -> np.ndarray:
         return self._vectors[start:stop].astype(np.float32, copy=False)
 
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored embeddings of ``rows`` (float32; as held in memory, so an fp16 index
+        gives its fp16 values): queries by a catalog row need no second read of the shards."""
+        return self._rows_vectors(np.asarray(rows, np.int64))
+
     def _rows_vectors(self, rows: np.ndarray) -> np.ndarray:
         return self._vectors[rows].astype(np.float32, copy=False)
 
