@@ -39,7 +39,7 @@ from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.records import VALID
 from ray_app.report import CompletedTotals, StageStats
-from ray_app.storage import JobLayout, write_errors
+from ray_app.storage import JobLayout, pyarrow_fs, write_errors
 
 # Intake statuses besides VALID and INVALID (ray_app/records.py): a valid product whose
 # marker exists is complete, the others are to do.
@@ -48,14 +48,6 @@ TODO, COMPLETE = "todo", "complete"
 PRODUCTS_PER_BLOCK = 1
 # Concurrent marker checks in one task (one small request each, on any store).
 CHECK_THREADS = 16
-
-
-def pyarrow_fs(uri: str) -> tuple[Any, str]:
-    """``uri`` as (a pyarrow filesystem over its fsspec one, path) for Ray Data's I/O."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = storage.url_to_fs(uri)
-    return PyFileSystem(FSSpecHandler(fs)), path
 
 
 # --------------------------------------------------------------------------- intake

@@ -16,7 +16,6 @@ bootstrap intervals over products (ray_app/stats.py). Then the report.
 from __future__ import annotations
 
 import math
-import pickle
 import re
 import time
 from collections import defaultdict
@@ -33,7 +32,7 @@ from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, 
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
-from ray_app.fid import SideFeatures, distribution
+from ray_app.fid import SideFeatures, distribution, merge_sides
 from ray_app.images import encode_png, load_images
 from ray_app.kinds import Metric
 from ray_app.records import (
@@ -404,7 +403,7 @@ def _per_product(layout: EvaluationLayout) -> pa.Table:
         return EVAL_PRODUCT_SCHEMA.empty_table().select(columns)
     import pyarrow.dataset as pads
 
-    fs, path = _job.pyarrow_fs(layout.per_product_dir())
+    fs, path = storage.pyarrow_fs(layout.per_product_dir())
     data = pads.dataset(path, filesystem=fs, format="parquet", schema=EVAL_PRODUCT_SCHEMA)
     return data.to_table(columns=columns)
 
@@ -453,53 +452,14 @@ def metric_tables(table: pa.Table, runs: list[str], config: RestageConfig) -> di
     return {"overall": overall, "per_category": per_category, "paired": paired}
 
 
-def _side_partials(batch: pa.Table, rates: dict[str, float]) -> dict[str, np.ndarray]:
-    """A task over a block of features: one mergeable FID/KID state per side in it."""
-    sides: dict[str, SideFeatures] = {}
-    names, ids = batch["side"].to_pylist(), batch["image_id"].to_pylist()
-    vectors = batch["features"].to_pylist()
-    num_features = len(vectors[0]) if vectors else 1
-    for side in set(names):
-        rows = [i for i, s in enumerate(names) if s == side]
-        acc = sides[side] = SideFeatures(num_features, real=side == REFERENCE_SIDE)
-        acc.add(
-            np.asarray([vectors[i] for i in rows], np.float32),
-            [f"{side}/{ids[i]}" for i in rows],
-            rates.get(side, 1.0),
-        )
-    return {
-        "side": object_array(list(sides)),
-        "state": object_array([pickle.dumps(s) for s in sides.values()]),
-    }
-
-
 def distributions(
     layout: EvaluationLayout, config: RestageConfig, counts: dict[str, int]
 ) -> dict[str, Any]:
-    """FID/KID of each run against the references: per-block states in Ray Data tasks,
-    merged here one block's state at a time. ``counts``: images per side (for KID's sample)."""
-    import ray
-
+    """FID/KID of each run against the references (ray_app/fid.py). ``counts``: images per
+    side (for KID's sample)."""
     e = config.evaluate
     rates = {side: e.kid_max_images / n for side, n in counts.items() if n}
-    fs, path = _job.pyarrow_fs(layout.features_dir())
-    merged: dict[str, SideFeatures] = {}
-    if storage.exists(layout.features_dir()):
-        ds = ray.data.read_parquet(path, filesystem=fs, schema=FEATURES_SCHEMA)
-        parts = ds.map_batches(
-            _side_partials,
-            fn_kwargs={"rates": rates},
-            batch_size=4096,
-            batch_format="pyarrow",
-            num_cpus=e.cpus_per_task,
-        )
-        for batch in parts.iter_batches(batch_size=1, batch_format="numpy"):
-            for side, blob in zip(batch["side"], batch["state"], strict=True):
-                state = pickle.loads(blob)
-                if side in merged:
-                    merged[str(side)].merge(state)
-                else:
-                    merged[str(side)] = state
+    merged = merge_sides(layout.features_dir(), rates, (REFERENCE_SIDE,), e.cpus_per_task)
     # A side without features counts 0 images: distribution() refuses it before any use.
     references = merged.get(REFERENCE_SIDE) or SideFeatures(1, real=True)
     out = {}
@@ -565,7 +525,7 @@ def _reference_count(layout: EvaluationLayout, run: str) -> int:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    fs, path = _job.pyarrow_fs(layout.per_product_dir())
+    fs, path = storage.pyarrow_fs(layout.per_product_dir())
     data = pads.dataset(path, filesystem=fs, format="parquet", schema=EVAL_PRODUCT_SCHEMA)
     total = 0
     for batch in data.to_batches(columns=["reference_uris"], filter=pc.field("run") == run):

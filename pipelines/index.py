@@ -4,7 +4,7 @@
 A catalog is a products manifest (augment's format) whose photos show products in scenes.
 Ray Data streams one row per catalog product:
 
-    decode -> segment (segmenter pool) -> embed (clip pool) -> write
+    decode -> segment (segmenter pool) -> embed (clip pool) -> inception (pool) -> write
 
 For every photo: the product's mask (an alpha channel wins; otherwise the segmenter,
 auto-prompted as in augment), its box, its ground line (the row its base rests on) and area
@@ -18,8 +18,15 @@ Embedding: CLIP's image tower on the masked crop rather than the paper's Incepti
 is trained on image-text pairs of products among much else, so similarity follows what the
 product is rather than texture statistics, it is the model restage already loads for
 ranking (no extra role), and its crop embeddings of a staged product and of a catalog
-product are comparable. (Measured with `bench/stage_retrieval.py --metric-only` on real
-weights once a GPU session runs it; the tiny profile's random weights say nothing.)
+product are comparable. The summary's ``retrieval`` measures it (the paper's precision and
+recall at k against categories); CLIP against Inception-V3 has not been measured on real
+weights (none can be downloaded where restage is developed).
+
+The inception stage (``index.fid_reference``) computes the Inception features of every kept
+scene, as `restage evaluate` does for photos; once the products are written they are merged
+into one FID/KID state (``OUT/index/fid_reference.npz``, ray_app/fid.py: FID's sums and
+KID's sample, 34 MB whatever the catalog's size), which `restage stage` measures its staged
+images against.
 
 Resume and errors follow augment (pipelines/_job.py): a product's marker is written last,
 a re-run skips marked products. The search index (``OUT/index``, ray_app/retrieval.py) is
@@ -45,11 +52,12 @@ from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
-from ray_app import retrieval, storage
+from ray_app import fid, retrieval, storage
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, encode, encode_png, load_images
 from ray_app.models import source_tag
 from ray_app.records import (
+    FEATURES_SCHEMA,
     SCENE_SCHEMA,
     ProductRecord,
     manifest_dataset,
@@ -62,7 +70,8 @@ from ray_app.staging import Box, ground_line
 from ray_app.storage import IndexLayout
 
 JOB = "index"
-STAGES = ("decode", "segment", "embed", "write")
+STAGES = ("decode", "segment", "embed", "inception", "write")
+FID_SIDE = "catalog"  # the side name of the scenes' features (ray_app/fid.py)
 SCENE_FORMAT = "png"  # lossless: the staged image's background is this photo's pixels
 
 
@@ -83,6 +92,7 @@ class Scene:
     ground: int | None = None
     area_fraction: float | None = None
     embedding: list[float] | None = None
+    features: np.ndarray | None = None  # Inception, for the FID reference
     drop_reason: str | None = None
     models: dict[str, str] = field(default_factory=dict)
 
@@ -111,6 +121,7 @@ class CatalogProduct(ProductRow):
         layout = IndexLayout(self.root)
         storage.remove(layout.scenes_dir(self.product_id), recursive=True)
         storage.remove(layout.masks_dir(self.product_id), recursive=True)
+        storage.remove(layout.features(self.product_id))
 
 
 # --------------------------------------------------------------------------- stages
@@ -259,8 +270,43 @@ class EmbedScenes(ProductStage):
         stat.dropped = stat.items_in - stat.items_out
 
 
+class SceneFeatures(ProductStage):
+    """Inception features of each kept scene (the whole photo), for the FID reference. A
+    scene whose features fail stays indexed: the error is recorded, the reference goes
+    without it."""
+
+    name = "inception"
+
+    def __init__(self, config: RestageConfig):
+        from actors.inception import InceptionFeatures
+
+        super().__init__(config)
+        self.model = InceptionFeatures(config.model_spec("inception"))
+        self.tag = source_tag(config, "inception")
+
+    def process(self, state: CatalogProduct) -> None:
+        todo, stat = state.usable(), state.stat(self.name)
+        stat.items_in = len(todo)
+        if not todo:
+            return
+        out = self.model({"image": [storage.read_bytes(s.scene_uri) for s in todo]})
+        for s, features, error in zip(todo, out["features"], out["error"], strict=True):
+            if error:
+                state.error(self.name, error, item=s.image_id)
+                continue
+            s.models["inception"] = self.tag
+            s.features = features
+            stat.items_out += 1
+
+
 def model_stages(config: RestageConfig) -> list[tuple[type[ProductStage], tuple[str, ...]]]:
-    return [(SegmentScenes, ("segmenter",)), (EmbedScenes, ("clip",))]
+    stages: list[tuple[type[ProductStage], tuple[str, ...]]] = [
+        (SegmentScenes, ("segmenter",)),
+        (EmbedScenes, ("clip",)),
+    ]
+    if config.index.fid_reference:
+        stages.append((SceneFeatures, ("inception",)))
+    return stages
 
 
 def _row(state: CatalogProduct, s: Scene) -> dict[str, Any]:
@@ -296,6 +342,16 @@ def write_catalog(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarr
     def files(state: CatalogProduct) -> Callable[[], list[dict[str, Any]]]:
         def rows() -> list[dict[str, Any]]:
             out = [_row(state, s) for s in state.scenes]
+            features = [
+                {"side": FID_SIDE, "image_id": s.image_id, "features": s.features.tolist()}
+                for s in state.usable()
+                if s.features is not None
+            ]
+            if features:
+                storage.write_parquet(
+                    layout.features(state.product_id),
+                    pa.Table.from_pylist(features, schema=FEATURES_SCHEMA),
+                )
             stat = state.stat("write")
             stat.items_in, stat.items_out = len(out), sum(r["kept"] for r in out)
             return out
@@ -427,6 +483,25 @@ def retrieval_quality(config: RestageConfig, layout: IndexLayout) -> dict[str, A
     }
 
 
+def build_fid_reference(config: RestageConfig, layout: IndexLayout) -> dict[str, Any] | None:
+    """The kept scenes' Inception features merged into one state beside the search index
+    (``IndexLayout.fid_reference``); KID keeps a seeded sample of ``evaluate.kid_max_images``.
+    None when no scene has features (any earlier reference is removed)."""
+    target = IndexLayout.fid_reference(layout.index_dir())
+    storage.remove(target)
+    if not config.index.fid_reference:
+        return None
+    rate = config.evaluate.kid_max_images / max(fid.count_features(layout.features_dir()), 1)
+    merged = fid.merge_sides(
+        layout.features_dir(), {FID_SIDE: rate}, (FID_SIDE,), config.index.cpus_per_task
+    )
+    side = merged.get(FID_SIDE)
+    if side is None:
+        return None
+    fid.save_side(side, target)
+    return {"uri": target, "images": side.n, "kid_sample": side.kid_count}
+
+
 def _tables(ds: Any):
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
@@ -460,6 +535,7 @@ def index(config: RestageConfig, catalog: str, out: str) -> JobSummary:
     )
     meta = build_search_index(config, layout)
     quality = retrieval_quality(config, layout) if meta else None
+    reference = build_fid_reference(config, layout) if meta else None
     return _job.finish_whole_job(
         JOB,
         layout,
@@ -473,6 +549,7 @@ def index(config: RestageConfig, catalog: str, out: str) -> JobSummary:
             "index_kind": meta.kind if meta else None,
             # precision/recall@k against the categories (random weights: chance level)
             "retrieval": quality,
+            "fid_reference": reference,
         },
     )
 

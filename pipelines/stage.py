@@ -5,7 +5,7 @@ Ray Data streams one row per product:
 
     decode (plain-background fast path) -> segment (segmenter pool, the other photos)
       -> retrieve (clip pool + the index) -> compose (inpainter pool)
-      -> score (clip + segmenter pool) -> write (+ parallax clips)
+      -> score (clip + segmenter pool) -> inception (pool) -> write (+ parallax clips)
 
 1. **decode**: the product's photos; the first on a plain background is cut out by colour
    (no model: catalog packshots), or by its alpha channel; otherwise the segmenter masks
@@ -26,7 +26,11 @@ Ray Data streams one row per product:
 4. **score**: CLIP-I of the product's crop in the staged image against the input's, the IoU
    of the re-segmented product with where it was placed, and the seam's boundary score;
    ``stage.scoring`` weighs them; the best ``stage.keep`` are kept.
-5. **write**: the kept images (and, with ``--animate``, their parallax clips,
+5. **inception** (``stage.fid``): the Inception features of the kept images. Once every
+   product is written, summary.json's ``quality`` is their FID and KID against the
+   catalog scenes (the index's FID reference, `restage index`), with the implementation
+   and the thresholds of `restage evaluate` (ray_app/fid.py, ``evaluate.min_fid_images``).
+6. **write**: the kept images (and, with ``--animate``, their parallax clips,
    ray_app/parallax.py), the product's mask, one manifest shard with every retrieved scene
    (kept or not, with the reason), the errors shard and the marker last. A re-run skips
    marked products; a killed product is redone from scratch with the same seeds.
@@ -42,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from actors.clip import ClipEmbedder
@@ -50,7 +55,7 @@ from actors.segmenter import Segmenter, area_ok, plain_background_mask
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
-from ray_app import parallax, retrieval, storage
+from ray_app import fid, parallax, retrieval, storage
 from ray_app.config import RestageConfig, SegmentConfig
 from ray_app.images import (
     LoadedImage,
@@ -65,6 +70,7 @@ from ray_app.kinds import MASK_IOU, Metric
 from ray_app.metrics import mask_iou
 from ray_app.models import source_tag
 from ray_app.records import (
+    FEATURES_SCHEMA,
     STAGED_SCHEMA,
     ProductRecord,
     manifest_dataset,
@@ -83,10 +89,11 @@ from ray_app.staging import (
     ground_line,
     removal_mask,
 )
-from ray_app.storage import StageLayout
+from ray_app.storage import IndexLayout, StageLayout
 
 JOB = "stage"
-STAGES = ("decode", "segment", "retrieve", "compose", "score", "write")
+STAGES = ("decode", "segment", "retrieve", "compose", "score", "inception", "write")
+FID_SIDE = "staged"  # the side name of the staged images' features (ray_app/fid.py)
 BOUNDARY = "boundary"  # the seam score (ray_app/staging.boundary_score)
 
 
@@ -119,6 +126,7 @@ class Staging:
     kept: bool = False
     image_uri: str | None = None
     clip_uris: list[str] = field(default_factory=list)
+    features: np.ndarray | None = None  # Inception, kept images only (FID/KID)
     drop_reason: str | None = None
     models: dict[str, str] = field(default_factory=dict)
 
@@ -149,6 +157,7 @@ class StageProduct(ProductRow):
         layout = StageLayout(self.root)
         storage.remove(layout.images_dir(self.product_id), recursive=True)
         storage.remove(layout.clips_dir(self.product_id), recursive=True)
+        storage.remove(layout.features(self.product_id))
 
 
 # --------------------------------------------------------------------------- decode
@@ -475,13 +484,42 @@ class Score(ProductStage):
         stat.dropped = stat.items_in - stat.items_out
 
 
+class StagedFeatures(ProductStage):
+    """Inception features of the kept staged images, for FID/KID against the scenes. A
+    failure is recorded and the image stays kept: only the measure goes without it."""
+
+    name = "inception"
+
+    def __init__(self, config: RestageConfig):
+        from actors.inception import InceptionFeatures
+
+        super().__init__(config)
+        self.model = InceptionFeatures(config.model_spec("inception"))
+
+    def process(self, state: StageProduct) -> None:
+        todo, stat = [s for s in state.scenes if s.kept], state.stat(self.name)
+        stat.items_in = len(todo)
+        if not todo:
+            return
+        out = self.model({"image": [s.image for s in todo]})
+        for s, features, error in zip(todo, out["features"], out["error"], strict=True):
+            if error:
+                state.error(self.name, error, item=s.stage_id)
+                continue
+            s.features = features
+            stat.items_out += 1
+
+
 def model_stages(config: RestageConfig) -> list[tuple[type[ProductStage], tuple[str, ...]]]:
-    return [
+    stages: list[tuple[type[ProductStage], tuple[str, ...]]] = [
         (SegmentProducts, ("segmenter",)),
         (Retrieve, ("clip",)),
         (Compose, ("inpainter",)),
         (Score, ("clip", "segmenter")),
     ]
+    if config.stage.fid:
+        stages.append((StagedFeatures, ("inception",)))
+    return stages
 
 
 # --------------------------------------------------------------------------- write
@@ -509,6 +547,20 @@ def write_staged(
                     stat.items_out += 1
                 stat.items_in += 1
                 out.append(_row(state, s, mask_uri))
+            features = [
+                {
+                    "side": FID_SIDE,
+                    "image_id": f"{state.product_id}/{s.stage_id}",
+                    "features": s.features.tolist(),
+                }
+                for s in state.scenes
+                if s.kept and s.features is not None
+            ]
+            if features:
+                storage.write_parquet(
+                    layout.features(state.product_id),
+                    pa.Table.from_pylist(features, schema=FEATURES_SCHEMA),
+                )
             return out
 
         return rows
@@ -666,14 +718,48 @@ def stage(
         ),
         whole_job=True,
     )
+    quality = staged_quality(config, layout, index_uri)
     return _job.finish_whole_job(
         JOB,
         layout,
         done,
         STAGES,
         start,
-        lambda: {"manifest": manifest, "index": index_uri, "animate": animate},
+        lambda: {"manifest": manifest, "index": index_uri, "animate": animate, "quality": quality},
     )
+
+
+def staged_quality(config: RestageConfig, layout: StageLayout, index_uri: str) -> dict[str, Any]:
+    """FID and KID of every kept staged image (this run's and earlier runs') against the
+    index's scenes, or why not (ray_app/fid.distribution's refusal included)."""
+    e = config.evaluate
+    if not config.stage.fid:
+        return {"refused": "stage.fid is off"}
+    reference_uri = IndexLayout.fid_reference(index_uri)
+    if not storage.exists(reference_uri):
+        return {
+            "refused": f"the index has no FID reference ({reference_uri}): build it with "
+            "`restage index` and index.fid_reference on"
+        }
+    reference = fid.load_side(reference_uri)
+    merged = fid.merge_sides(
+        layout.features_dir(),
+        {FID_SIDE: e.kid_max_images / max(fid.count_features(layout.features_dir()), 1)},
+        (),
+        config.stage.cpus_per_task,
+    )
+    staged = merged.get(FID_SIDE) or fid.SideFeatures(reference.num_features, real=False)
+    return {
+        "reference": reference_uri,
+        **fid.distribution(
+            staged,
+            reference,
+            min_images=e.min_fid_images,
+            kid_subset_size=e.kid_subset_size,
+            kid_subsets=e.kid_subsets,
+            seed=config.seed,
+        ).to_dict(),
+    }
 
 
 @dataclass(frozen=True)

@@ -1316,6 +1316,11 @@ class IndexConfig(StrictModel):
     eval_queries: PositiveInt = Field(
         1000, description="Kept scenes (a seeded sample) that query the index for that measure."
     )
+    fid_reference: bool = Field(
+        True,
+        description="Inception features of every kept scene (role inception), merged into "
+        "the FID/KID reference that `restage stage` measures its staged images against.",
+    )
 
 
 class StageScoring(StrictModel):
@@ -1442,6 +1447,11 @@ class StageConfig(StrictModel):
     )
     segment: SegmentConfig = Field(
         default_factory=SegmentConfig, description="Segmenter prompting for input products."
+    )
+    fid: bool = Field(
+        True,
+        description="FID/KID of the kept staged images against the index's scenes (its FID "
+        "reference; evaluate.min_fid_images, kid_* apply), in summary.json's `quality`.",
     )
     top_k: PositiveInt = Field(4, description="Scenes retrieved and staged per product.")
     keep: PositiveInt = Field(

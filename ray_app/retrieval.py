@@ -27,7 +27,7 @@ Memory at 10^7 catalog images (what ``Index.open`` holds):
   similarity of ~1e-3 (recall@10 against exact the same as float32's in the bench).
 - the HNSW graph, M=32 (the default): level 0 holds 2M = 64 neighbour ids of 4 B = 256 B per
   vector; the upper levels add ~1/(M-1) of a level of M ids (~4 B), plus the level table and
-  offsets (~12 B): ~272 B per vector (272.2 B measured by bench/stage_retrieval.py), 2.7 GB
+  offsets (~12 B): ~272 B per vector (272.2 B measured by bench/stage.py retrieval), 2.7 GB
   at 10^7, whatever the dimension.
 - the rows without their embeddings: ids, category, the caller's fields, ~100-200 B per row
   as Arrow, 1-2 GB.

@@ -99,6 +99,14 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 # --------------------------------------------------------------------------- files
 
 
+def pyarrow_fs(uri: str) -> tuple[Any, str]:
+    """``uri`` as (a pyarrow filesystem over its fsspec one, path) for Ray Data's I/O."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = url_to_fs(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
 def open_file(uri: str, mode: str = "rb", **kwargs: Any):
     try:
         return fsspec.open(uri, mode, **kwargs).open()
@@ -231,6 +239,14 @@ class JobLayout:
         them up): rewritten by every run."""
         return join(self.root, "_intake")
 
+    def features_dir(self) -> str:
+        """Inception features for FID/KID (``FEATURES_SCHEMA``), one shard per product, for
+        the jobs that measure them (evaluate, index, stage)."""
+        return join(self.root, "_features")
+
+    def features(self, product_id: str) -> str:
+        return join(self.features_dir(), f"{product_id}.parquet")
+
     def completed(self) -> set[str]:
         """Product ids whose marker exists; one listing, not one request per product."""
         return {name[: -len(".json")] for name in list_names(self.markers_dir(), ".json")}
@@ -343,6 +359,12 @@ class IndexLayout(JobLayout):
         """The search index (ray_app/retrieval.py): what `restage stage --index` opens."""
         return join(self.root, "index")
 
+    @staticmethod
+    def fid_reference(index_dir: str) -> str:
+        """The scenes' merged Inception state (ray_app/fid.save_side) beside the search
+        index, that `restage stage` measures its staged images against (FID/KID)."""
+        return join(index_dir, "fid_reference.npz")
+
 
 @dataclass(frozen=True)
 class StageLayout(JobLayout):
@@ -397,12 +419,6 @@ class EvaluationLayout(JobLayout):
 
     def manifest_shard(self, product_id: str) -> str:
         return self.per_image(product_id)
-
-    def features_dir(self) -> str:
-        return join(self.root, "_features")
-
-    def features(self, product_id: str) -> str:
-        return join(self.features_dir(), f"{product_id}.parquet")
 
     def tables(self) -> str:
         return join(self.root, self.TABLES)

@@ -264,10 +264,10 @@ def test_validation_errors(small, tmp_path):
 
 
 def test_bench_runs_and_reports_recall(tmp_path):
-    """bench/stage_retrieval.py as documented, on a tiny catalog."""
+    """`bench/stage.py retrieval` as documented, on a tiny catalog."""
     out = tmp_path / "bench.json"
     subprocess.run(
-        [sys.executable, "bench/stage_retrieval.py", "--sizes", "3000", "--dim", "16",
+        [sys.executable, "bench/stage.py", "retrieval", "--sizes", "3000", "--dim", "16",
          "--queries", "20", "--singles", "2", "--threads", "1", "--out", str(out)],
         cwd=ROOT, check=True, capture_output=True, timeout=300,
     )  # fmt: skip

@@ -30,7 +30,9 @@ from ray_app.staging import Box, Placement, _place_layer, ground_line, removal_m
 RESTAGE = str(Path(sys.executable).with_name("restage"))
 ALLOW = f"storage.allowed_sources=[{EXAMPLES}, {DREAMBOOTH}]"
 CATALOG = ["can", "candle", "clock", "duck_toy", "rc_car"]  # scenes of several shapes
+# three products keep three staged images: FID/KID measured from 2 (biased, but computed)
 COMMON = ["--profile", "tiny", "--set", "ray.progress_bars=false", "--set", ALLOW]
+COMMON += ["--set", "evaluate.min_fid_images=2"]
 
 pytestmark = pytest.mark.slow  # every test reads the module's index and staging runs
 
@@ -113,6 +115,23 @@ def _scene(runs, row: dict) -> tuple[np.ndarray, np.ndarray]:
     mask = decode_mask(storage.read_bytes(scene["mask_uri"]))
     size = (row["width"], row["height"])
     return resize(rgb, size), resize(mask, size, mask=True) > 0
+
+
+def test_summaries_measure_fid_and_kid_of_the_staged_images_against_the_scenes(runs):
+    index = json.loads((runs["index"] / "summary.json").read_text())
+    kept_scenes = sum(s["kept"] for s in runs["scenes"])
+    reference = index["fid_reference"]
+    assert reference["images"] == kept_scenes and Path(reference["uri"]).is_file()
+    assert reference["uri"] == str(runs["index"] / "index" / "fid_reference.npz")
+    quality = json.loads((runs["out"] / "summary.json").read_text())["quality"]
+    # every kept image, the killed run's products' too, against every kept scene
+    assert quality["refused"] is None, quality
+    assert (quality["n_generated"], quality["n_reference"]) == (len(_kept(runs)), kept_scenes)
+    assert quality["fid"] is not None and quality["fid"] >= 0
+    assert quality["kid_mean"] is not None
+    shards = storage.read_parquet(str(runs["out"] / "_features")).to_pylist()
+    kept = {f"{r['product_id']}/{r['stage_id']}" for r in _kept(runs)}
+    assert sorted(r["image_id"] for r in shards) == sorted(kept)
 
 
 def test_index_keeps_clean_scenes_with_their_mask_box_and_ground_line(runs):
