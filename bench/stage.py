@@ -167,6 +167,7 @@ def catalog(vectors: np.ndarray, images_per_product: int = 4) -> pa.Table:
 
 
 def timed_search(index: Index, queries: np.ndarray, k: int, singles: int, **kw) -> dict:
+    index.search(queries[:1], k, **{key: v[:1] for key, v in kw.items()})  # pages the rows in
     start = time.perf_counter()
     hits = index.search(queries, k, **kw)
     batch = time.perf_counter() - start

@@ -18,6 +18,7 @@ import numpy as np
 
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
+from ray_app.images import LoadedImage
 from ray_app.records import ErrorRow
 from ray_app.report import StageStats
 
@@ -114,3 +115,27 @@ def map_stage(
     return ds.map_batches(
         cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **resources
     )
+
+
+def load_photos(state: ProductRow, stage: str, images: Any, read: Any) -> list[LoadedImage]:
+    """The product's photos decoded with the jobs' rules (``images``: the config's
+    ``images.*`` caps; ``read``: the manifest's source policy), counted in ``stage``: each
+    unreadable photo an error row naming it, the product failed when none is readable."""
+    from ray_app.images import load_images
+
+    uris = state.record.image_uris
+    loaded, failed = load_images(
+        uris,
+        max_megapixels=images.max_megapixels,
+        max_side=images.max_side,
+        min_side=images.min_side,
+        read=read,
+    )
+    stat = state.stat(stage)
+    stat.items_in, stat.items_out, stat.errors = len(uris), len(loaded), len(failed)
+    for uri, reason in failed:
+        state.error(stage, reason, item=uri)
+    if not loaded:
+        state.failed = f"no readable image ({len(failed)} of {len(failed)} failed)"
+        state.error(stage, f"product has no readable image: all {len(failed)} failed")
+    return loaded

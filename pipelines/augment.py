@@ -50,12 +50,12 @@ from actors.scorer import Scorer, ScoringOptions
 from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
-from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
+from pipelines._product_rows import ProductRow, ProductStage, batch_rows, load_photos, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.clip_text import CONTEXT_LENGTH, fit_words
 from ray_app.config import RestageConfig
-from ray_app.images import decode_mask, decode_rgb, dilate, encode, encode_png, load_images
+from ray_app.images import decode_mask, decode_rgb, dilate, encode, encode_png
 from ray_app.kinds import (
     MASK_IOU,
     NEGATIVE_KINDS,
@@ -437,17 +437,7 @@ def decode_products(
         start = time.perf_counter()
         state = ProductState(ProductRecord.from_row(row), root)
         state.remove_files()  # a killed run's, before the first is written
-        stat = state.stat("decode")
-        loaded, failed = load_images(
-            state.record.image_uris,
-            max_megapixels=img_cfg.max_megapixels,
-            max_side=img_cfg.max_side,
-            min_side=img_cfg.min_side,
-            read=policy.read,
-        )
-        stat.items_in = len(state.record.image_uris)
-        for uri, reason in failed:
-            state.error("decode", reason, item=uri)
+        loaded = load_photos(state, "decode", img_cfg, policy.read)
         for i, img in enumerate(loaded):
             h, w = img.image.rgb.shape[:2]
             alpha = encode_png(img.image.alpha) if img.image.alpha is not None else None
@@ -463,11 +453,7 @@ def decode_products(
             )
             state.put_image(sample, encode(img.image.rgb, fmt), fmt)
             state.samples.append(sample)
-        stat.items_out, stat.errors = len(loaded), len(failed)
-        if not loaded:
-            state.failed = f"no readable image ({len(failed)} of {len(failed)} failed)"
-            state.error("decode", f"product has no readable image: all {len(failed)} failed")
-        stat.seconds = time.perf_counter() - start
+        state.stat("decode").seconds = time.perf_counter() - start
         states.append(state)
     return pack(states)
 

@@ -54,7 +54,7 @@ from actors.inpainter import Inpainter
 from actors.segmenter import Segmenter, area_ok, plain_background_mask
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
-from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
+from pipelines._product_rows import ProductRow, ProductStage, batch_rows, load_photos, pack, unpack
 from ray_app import fid, parallax, retrieval, storage
 from ray_app.config import RestageConfig, SegmentConfig
 from ray_app.images import (
@@ -63,7 +63,6 @@ from ray_app.images import (
     decode_rgb,
     encode,
     encode_png,
-    load_images,
     resize,
 )
 from ray_app.kinds import MASK_IOU, Metric
@@ -174,23 +173,8 @@ def decode_products(
         start = time.perf_counter()
         state = StageProduct(ProductRecord.from_row(row), root)
         state.remove_files()  # a killed run's
-        stat = state.stat("decode")
-        loaded, failed = load_images(
-            state.record.image_uris,
-            max_megapixels=img.max_megapixels,
-            max_side=img.max_side,
-            min_side=img.min_side,
-            read=policy.read,
-        )
-        stat.items_in = len(state.record.image_uris)
-        stat.items_out, stat.errors = len(loaded), len(failed)
-        for uri, reason in failed:
-            state.error("decode", reason, item=uri)
-        cut_out(state, loaded, seg)
-        if not loaded:
-            state.failed = f"no readable image ({len(failed)} of {len(failed)} failed)"
-            state.error("decode", f"product has no readable image: all {len(failed)} failed")
-        stat.seconds = time.perf_counter() - start
+        cut_out(state, load_photos(state, "decode", img, policy.read), seg)
+        state.stat("decode").seconds = time.perf_counter() - start
         states.append(state)
     return pack(states)
 
