@@ -809,6 +809,13 @@ class TrainConfig(StrictModel):
         "a restarted worker skips the products whose adapter is complete.",
     )
     io_threads: PositiveInt = Field(8, description="Threads reading a product's images.")
+    masked_loss: bool = Field(
+        False,
+        description="Masked DreamBooth: the diffusion loss of a positive sample that has a "
+        "product mask counts only the latent pixels under the product (the mask downsampled "
+        "to latent resolution), so the LoRA learns the product, not its backgrounds. "
+        "Negatives, class images and samples without a mask keep the plain loss.",
+    )
 
     @model_validator(mode="before")
     @classmethod
