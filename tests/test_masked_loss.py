@@ -148,3 +148,27 @@ def test_trainer_loss_is_plain_for_full_masks_and_masked_for_partial(trainer):
     assert trainer.eval_loss(trainer.prepare(_samples([full, full])), seed=3) == plain
     half = trainer.eval_loss(trainer.prepare(_samples([part, part])), seed=3)
     assert np.isfinite(half) and half != plain
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_train_job_passes_positives_masks(tmp_path, on):
+    """pipelines/train: with masked_loss the positives' manifest masks reach the trainer's
+    samples; negatives never carry one, and without the flag no mask is read."""
+    from types import SimpleNamespace
+
+    from trainset import PRODUCTS, write_training_set
+
+    from pipelines.train import ShardTrainer, load_training_set
+    from ray_app.kinds import POSITIVE_KINDS
+    from ray_app.prompts import PromptBank
+
+    cfg = load_config("tiny", overrides=[f"train.masked_loss={str(on).lower()}"])
+    root = write_training_set(str(tmp_path))
+    pid = sorted(PRODUCTS)[0]
+    ts = load_training_set(cfg, root, pid, PromptBank.load(cfg.augment.prompt_bank), {})
+    samples = ShardTrainer.samples(SimpleNamespace(config=cfg), ts, "ohwx")
+    kinds = {r["sample_id"]: r["kind"] for r in ts.rows}
+    for s in samples:
+        masked = on and kinds[s.sample_id] in POSITIVE_KINDS
+        assert (s.mask is not None) == masked, s.sample_id
+    assert sum(s.mask is not None for s in samples) == (len(ts.positives) if on else 0)
