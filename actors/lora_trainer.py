@@ -530,7 +530,7 @@ class LoraTrainer:
     def eval_loss(self, cache: ProductCache, seed: int) -> float:
         """Loss on a fixed batch (the first ``eval_samples`` samples, fixed noise, evenly
         spread timesteps): comparable before and after training. Class images are not
-        the product's: never in it."""
+        the product's: never in it. With ``train.masked_loss`` it is the masked loss."""
         idx = [i for i in range(cache.n) if not cache.prior[i]][: self.options.eval_samples]
         gen = torch.Generator(self.device).manual_seed(seed)
         latents = self._latents(cache, idx, gen)
@@ -617,8 +617,7 @@ class LoraTrainer:
             negatives=run.negatives,
             setup_seconds=run.setup_seconds,
             train_seconds=train_seconds,
-            extra={"cache_seconds": run.cache.seconds, **extra}
-            | ({"masked_samples": run.cache.masked} if self.options.masked_loss else {}),
+            extra={"cache_seconds": run.cache.seconds, **extra},
         )
 
     def train(
