@@ -10,6 +10,9 @@ its own caption, while positives carry the product's token. The baseline recipe
 (``train.recipe=dreambooth_lora``) may add DreamBooth's prior preservation instead: class
 samples (``TrainingSample.prior``) extend every step's batch by as many samples, and the
 loss is the instance loss + ``prior_preservation.weight`` * the class loss (``prior_loss``).
+With ``train.masked_loss`` (masked DreamBooth, issue 16), a positive sample that carries its
+product mask (``TrainingSample.mask``) is trained only on the latent pixels under the product
+(``latent_mask``, ``masked_mse``): the LoRA learns the product, not its backgrounds.
 
 Conditioning follows the pipeline: SDXL (two text encoders) gets the concatenated
 penultimate hidden states of both encoders, the pooled embedding of the second, and
@@ -54,6 +57,7 @@ class TrainingSample:
     prompt: str
     negative: bool = False
     prior: bool = False  # a class image of prior preservation (its own loss term)
+    mask: bytes | None = None  # encoded product mask (nonzero: product); train.masked_loss
 
 
 @dataclass
@@ -70,6 +74,10 @@ class ProductCache:
     latent_std: torch.Tensor | None = None
     prompt_embeds: torch.Tensor | None = None  # (n, 77, D) on device
     pooled_embeds: torch.Tensor | None = None  # (n, P) on device, SDXL only
+    # (n, 1, R/8, R/8) bool on device: the latent pixels that count in the loss (all of them
+    # but for masked positives); None without train.masked_loss
+    keep: torch.Tensor | None = None
+    masked: int = 0  # samples trained on their product's pixels only
     seconds: float = 0.0
 
 
@@ -210,17 +218,67 @@ def prior_schedule(
 
 
 def prior_loss(
-    pred: torch.Tensor, target: torch.Tensor, prior: np.ndarray, weight: float
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    prior: np.ndarray,
+    weight: float,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of a batch: the MSE over it, or with class samples (``prior``,
     a bool per sample) in it, DreamBooth's MSE of the instance samples + ``weight`` * MSE
-    of the class samples."""
+    of the class samples. ``keep`` ((n, 1, h, w) bool, masked DreamBooth) limits the
+    instance samples' MSE to the kept latent pixels (``masked_mse``); class samples always
+    have the plain MSE."""
     pred, target = pred.float(), target.float()
+
+    def instance_mse(p: torch.Tensor, t: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        return F.mse_loss(p, t) if k is None else masked_mse(p, t, k)
+
     if not prior.any():
-        return F.mse_loss(pred, target)
+        return instance_mse(pred, target, keep)
     mask = torch.as_tensor(prior, device=pred.device)
-    instance = F.mse_loss(pred[~mask], target[~mask])
+    instance = instance_mse(pred[~mask], target[~mask], None if keep is None else keep[~mask])
     return instance + weight * F.mse_loss(pred[mask], target[mask])
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE over the elements where ``keep`` (bool, broadcast over ``pred``: (n, 1, h, w)
+    for latents) is true; the others get exactly zero gradient (masked DreamBooth).
+
+    The mean is over the kept elements of the whole batch, not over all of them: with every
+    element kept it is the plain MSE exactly, so the learning rate and the prior weight keep
+    their meaning whatever the products' sizes, and each kept element weighs the same (a
+    sample counts by how much product it shows, so a small mask's few pixels cannot weigh
+    as much as a whole image's). No element kept: an error, not a NaN loss."""
+    keep = keep.to(device=pred.device, dtype=torch.bool).expand_as(pred)
+    if not keep.any():
+        raise ValueError("masked_mse: keep is empty; give at least one kept element")
+    return F.mse_loss(pred[keep].float(), target[keep].float())
+
+
+def latent_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A square pixel mask (R x R, nonzero: product) at latent resolution (``size`` x
+    ``size``, R a multiple of it): a latent pixel is product when any pixel of its block is
+    (the VAE's latent pixel encodes its whole block, the product's edge included)."""
+    side = mask.shape[0]
+    if mask.ndim != 2 or mask.shape[1] != side or side % size:
+        raise ValueError(
+            f"latent_mask: mask is {mask.shape}; give a square mask whose side is a multiple "
+            f"of the latent size {size}"
+        )
+    block = side // size
+    return (mask != 0).reshape(size, block, size, block).any(axis=(1, 3))
+
+
+def _square_crop(
+    h: int, w: int, resolution: int
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The shorter side resized to ``resolution``, a centred square of it ->
+    ((new w, new h), crop box (left, top, right, bottom) in resized pixels)."""
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    return (nw, nh), (left, top, left + resolution, top + resolution)
 
 
 def preprocess(
@@ -229,13 +287,18 @@ def preprocess(
     """Resize the shorter side to ``resolution`` and centre-crop a square ->
     (CHW float32 in [-1, 1], original (h, w), crop corner (top, left) in resized pixels)."""
     h, w = rgb.shape[:2]
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    img = Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    size, crop = _square_crop(h, w, resolution)
+    img = Image.fromarray(rgb).resize(size, Image.BICUBIC).crop(crop)
     arr = np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-    return arr, (h, w), (top, left)
+    return arr, (h, w), (crop[1], crop[0])
+
+
+def preprocess_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """A product mask through ``preprocess``'s resize and crop (nearest: it stays binary)
+    -> (resolution, resolution) bool, aligned with the image's pixels."""
+    size, crop = _square_crop(*mask.shape[:2], resolution)
+    binary = Image.fromarray((mask != 0).astype(np.uint8) * 255)
+    return np.asarray(binary.resize(size, Image.NEAREST).crop(crop)) >= 128
 
 
 # --------------------------------------------------------------------------- trainer
@@ -333,6 +396,8 @@ class LoraTrainer:
             if self.sdxl
             else None,
         )
+        if opts.masked_loss:
+            cache.keep, cache.masked = self._keep(samples)
         if opts.cache_latents:
             cache.latent_mean, cache.latent_std = self._encode_images(pixels)
         else:
@@ -343,6 +408,25 @@ class LoraTrainer:
             torch.cuda.synchronize(self.device)
         cache.seconds = time.perf_counter() - start
         return cache
+
+    def _keep(self, samples: list[TrainingSample]) -> tuple[torch.Tensor, int]:
+        """The latent pixels each sample is trained on (masked DreamBooth) and how many
+        samples are masked: a positive's product pixels; everything for negatives, class
+        images, samples without a mask and a mask that the centre crop leaves empty."""
+        from ray_app.images import decode_mask
+
+        size = self.options.resolution // self.pipe.vae_scale_factor
+        keep = np.ones((len(samples), 1, size, size), bool)
+        masked = 0
+        for i, s in enumerate(samples):
+            if s.mask is None or s.negative or s.prior:
+                continue
+            product = latent_mask(
+                preprocess_mask(decode_mask(s.mask), self.options.resolution), size
+            )
+            if product.any():
+                keep[i, 0], masked = product, masked + 1
+        return torch.from_numpy(keep).to(self.device), masked
 
     def _encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.vae
@@ -438,13 +522,15 @@ class LoraTrainer:
     ) -> torch.Tensor:
         pred = self._predict(latents, noise, timesteps, *self._conditioning(cache, idx))
         target = self._target(latents, noise, timesteps)
-        return prior_loss(pred, target, cache.prior[idx], self.options.prior_preservation.weight)
+        keep = None if cache.keep is None else cache.keep[idx]
+        weight = self.options.prior_preservation.weight
+        return prior_loss(pred, target, cache.prior[idx], weight, keep)
 
     @torch.no_grad()
     def eval_loss(self, cache: ProductCache, seed: int) -> float:
         """Loss on a fixed batch (the first ``eval_samples`` samples, fixed noise, evenly
         spread timesteps): comparable before and after training. Class images are not
-        the product's: never in it."""
+        the product's: never in it. With ``train.masked_loss`` it is the masked loss."""
         idx = [i for i in range(cache.n) if not cache.prior[i]][: self.options.eval_samples]
         gen = torch.Generator(self.device).manual_seed(seed)
         latents = self._latents(cache, idx, gen)
@@ -633,7 +719,13 @@ class LoraTrainer:
                     target = self._target(latents, noise, timesteps)
                     weight = opts.prior_preservation.weight
                     per_product = [
-                        prior_loss(p, t, r.cache.prior[i], weight)
+                        prior_loss(
+                            p,
+                            t,
+                            r.cache.prior[i],
+                            weight,
+                            None if r.cache.keep is None else r.cache.keep[i],
+                        )
                         for p, t, r, i in zip(
                             pred.chunk(K), target.chunk(K), runs, idx, strict=True
                         )

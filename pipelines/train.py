@@ -219,6 +219,7 @@ class TrainingSet:
     product_type: str | None
     noun: str
     record: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, bytes] = field(default_factory=dict)  # positives' masks: masked_loss
 
     @property
     def positives(self) -> list[dict[str, Any]]:
@@ -270,8 +271,16 @@ def load_training_set(
             f"{n_pos} kept positive samples, below train.min_positives="
             f"{config.train.min_positives}: too few to learn the product",
         )
+    # masked DreamBooth trains a positive on its product's pixels: read its mask too (a
+    # positive without one is trained on the whole image)
+    masked = [
+        r
+        for r in rows
+        if config.train.masked_loss and r["kind"] in POSITIVE_KINDS and r["mask_uri"]
+    ]
     with ThreadPoolExecutor(config.train.io_threads) as pool:
         blobs = list(pool.map(storage.read_bytes, [r["image_uri"] for r in rows]))
+        mask_blobs = list(pool.map(storage.read_bytes, [r["mask_uri"] for r in masked]))
     record = product_record(data_root, product_id, records)
     product_type = next((r["product_type"] for r in rows if r["product_type"]), None)
     noun = (
@@ -287,6 +296,7 @@ def load_training_set(
         product_type,
         noun,
         record,
+        {r["sample_id"]: b for r, b in zip(masked, mask_blobs, strict=True)},
     )
 
 
@@ -361,7 +371,8 @@ class ShardTrainer:
         out = []
         for r in ts.positives:
             prompt = positive_prompt(r["caption"] or r["prompt"], token, ts.noun, mode)
-            out.append(TrainingSample(r["sample_id"], ts.images[r["sample_id"]], prompt, False))
+            sid = r["sample_id"]
+            out.append(TrainingSample(sid, ts.images[sid], prompt, mask=ts.masks.get(sid)))
         for r in ts.negatives:
             prompt = r["caption"] or r["prompt"] or f"a photo of a {ts.noun}"
             out.append(TrainingSample(r["sample_id"], ts.images[r["sample_id"]], prompt, True))

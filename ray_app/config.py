@@ -420,6 +420,49 @@ class SegmentConfig(StrictModel):
         return self
 
 
+class CutPasteConfig(StrictModel):
+    """Cut-and-paste synthesis (``ray_app/cutpaste.py``; personalized representations'
+    cheap alternative to DreamBooth data): the product cut out with its mask, scaled and
+    pasted at a random place on a background. Scale 1 is the product's box fitted, aspect
+    kept, into a square of ``reference`` of the background's shorter side."""
+
+    scale_range: tuple[PositiveFloat, PositiveFloat] = Field(
+        (0.3, 1.3),
+        description="Range of the uniformly drawn scale (the paper's 0.3-1.3 of the product's "
+        "size); scale 1 is given by reference.",
+    )
+    reference: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5,
+        description="Scale 1: the product's longer box side is this fraction of the "
+        "background's shorter side. reference * the top of scale_range is at most 1, so a "
+        "paste always fits inside the frame.",
+    )
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = Field(
+        "lanczos",
+        description="Resampling of the product's pixels; 'nearest' also resamples the mask "
+        "with nearest, so every pasted pixel is one of the product's own.",
+    )
+    min_background_side: PositiveInt = Field(
+        64, description="Backgrounds whose shorter side is below this many pixels are refused."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CutPasteConfig:
+        low, high = self.scale_range
+        if low > high:
+            raise ValueError(
+                f"scale_range={self.scale_range}: the minimum exceeds the maximum; give "
+                f"(low, high) with low <= high, e.g. ({high}, {low})"
+            )
+        if self.reference * high > 1:
+            raise ValueError(
+                f"reference={self.reference} * scale_range max {high} = "
+                f"{self.reference * high:g} > 1: the largest paste would not fit the frame; "
+                f"lower reference to at most {1 / high:.3f} or the scale range's maximum"
+            )
+        return self
+
+
 class InpaintOptions(StrictModel):
     """How the inpainter paints (the options of the ``Inpainter`` actor)."""
 
@@ -766,6 +809,13 @@ class TrainConfig(StrictModel):
         "a restarted worker skips the products whose adapter is complete.",
     )
     io_threads: PositiveInt = Field(8, description="Threads reading a product's images.")
+    masked_loss: bool = Field(
+        False,
+        description="Masked DreamBooth: the diffusion loss of a positive sample that has a "
+        "product mask counts only the latent pixels under the product (the mask downsampled "
+        "to latent resolution), so the LoRA learns the product, not its backgrounds. "
+        "Negatives, class images and samples without a mask keep the plain loss.",
+    )
 
     @model_validator(mode="before")
     @classmethod
