@@ -11,7 +11,8 @@ Pure numpy/Pillow and seeded. The rules (``CutPasteConfig``):
 - **position**: the pasted box lies fully inside the frame, its corner drawn uniformly over
   every such place (``reference * max scale <= 1`` makes one exist);
 - **pixels**: inside the returned mask the image holds the resized product's pixels exactly
-  (no feathering, no blending); outside it the background is untouched.
+  (no feathering, no blending), resized premultiplied by the mask so that no colour of
+  the photo's own background bleeds in; outside it the background is untouched.
 """
 
 from __future__ import annotations
@@ -116,10 +117,24 @@ def resized_cutout(
     ``interpolation`` for 'nearest' (each kept pixel is then a product pixel itself) and is
     resampled bilinearly and cut at half otherwise, a smooth edge as in ``staging``."""
     crop = product[source.y0 : source.y1, source.x0 : source.x1]
-    crop_mask = (mask[source.y0 : source.y1, source.x0 : source.x1] != 0).astype(np.uint8) * 255
-    rgb = np.asarray(Image.fromarray(crop).resize(size, _RESAMPLE[interpolation]))
-    nearest = interpolation == "nearest"
-    soft = np.asarray(
-        Image.fromarray(crop_mask).resize(size, Image.NEAREST if nearest else Image.BILINEAR)
-    )
-    return rgb, soft >= 128
+    inside = mask[source.y0 : source.y1, source.x0 : source.x1] != 0
+    if interpolation == "nearest":
+        rgb = np.asarray(Image.fromarray(crop).resize(size, Image.NEAREST))
+        kept = Image.fromarray(inside.astype(np.uint8) * 255).resize(size, Image.NEAREST)
+        return rgb, np.asarray(kept) >= 128
+    # Premultiplied by the mask: an edge pixel is a mean of product pixels only, never of the
+    # photo's background around the product (which would show as a halo on the new scene).
+    method = _RESAMPLE[interpolation]
+    weight = _resize_float(inside.astype(np.float32), size, method)
+    channels = [
+        _resize_float(crop[..., c].astype(np.float32) * inside, size, method) for c in range(3)
+    ]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rgb = np.stack(channels, axis=-1) / weight[..., None]
+    rgb = np.where(weight[..., None] > 1e-3, rgb, 0)
+    kept = _resize_float(inside.astype(np.float32), size, Image.BILINEAR) >= 0.5
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), kept
+
+
+def _resize_float(plane: np.ndarray, size: tuple[int, int], method: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(plane, mode="F").resize(size, method))

@@ -68,6 +68,24 @@ def test_smooth_interpolation_keeps_flat_interior_exact():
         assert (inner == RED).all(), seed
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos"])
+def test_no_colour_of_the_photos_background_bleeds_into_the_paste(interpolation):
+    """A red disc photographed on green: resized smoothly, every pasted pixel is still pure
+    red (its edge is a mean of product pixels only: no green halo on the new scene)."""
+    yy, xx = np.mgrid[0:90, 0:70]
+    disc = (yy - 45) ** 2 + (xx - 35) ** 2 < 30**2
+    photo = np.zeros((90, 70, 3), np.uint8)
+    photo[..., 1] = 255
+    photo[disc] = (255, 0, 0)
+    background = np.full((200, 240, 3), 40, np.uint8)
+    config = CutPasteConfig(interpolation=interpolation)
+    for seed in range(5):
+        out = cut_paste(photo, disc, background, seed, config)
+        assert out.mask.sum() > 50
+        assert (out.image[out.mask] == (255, 0, 0)).all()
+        assert (out.image[~out.mask] == 40).all()
+
+
 @pytest.mark.parametrize("shape", [(96, 128), (128, 96), (64, 64)])
 def test_scale_in_range_and_paste_inside_frame(shape):
     rgb, mask = _product()
