@@ -414,10 +414,19 @@ class Score(ProductStage):
 
     name = "score"
 
-    def __init__(self, config: RestageConfig):
+    def __init__(
+        self,
+        config: RestageConfig,
+        clip: ClipEmbedder | None = None,
+        segmenter: Segmenter | None = None,
+    ):
+        """``clip``, ``segmenter``: models already loaded in this process (the Stager
+        replica's, shared with its retrieve and segment stages) instead of loading copies."""
         super().__init__(config)
-        self.clip = ClipEmbedder(config.model_spec("clip"))
-        self.segmenter = Segmenter(config.model_spec("segmenter"), config.stage.segment)
+        self.clip = clip or ClipEmbedder(config.model_spec("clip"))
+        self.segmenter = segmenter or Segmenter(
+            config.model_spec("segmenter"), config.stage.segment
+        )
         self.tags = {
             "clip": source_tag(config, "clip"),
             "segmenter": source_tag(config, "segmenter"),

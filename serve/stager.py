@@ -32,12 +32,10 @@ class StagerReplica:
 
     def __init__(self, config: RestageConfig, index_uri: str):
         self.config = config
-        self.stages = [
-            SegmentProducts(config),
-            Retrieve(config, index_uri),
-            Compose(config),
-            Score(config),
-        ]
+        segment, retrieve = SegmentProducts(config), Retrieve(config, index_uri)
+        # one CLIP and one segmenter in the replica: scoring shares those of its other stages
+        score = Score(config, clip=retrieve.model, segmenter=segment.model)
+        self.stages = [segment, retrieve, Compose(config), score]
 
     def decode(self, product_id: str, data: bytes, category: str | None) -> StageProduct:
         """The uploaded photo decoded with the jobs' rules and cut out when it can be
