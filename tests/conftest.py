@@ -172,6 +172,40 @@ def kill_marked(marker: dict[str, str]) -> int:
     raise AssertionError(f"processes marked {name}={value} are still alive after SIGKILL")
 
 
+def kill_after_first_marker(cmd: list[str], out: Path, log: Path, timeout: float = 600) -> int:
+    """Run ``cmd`` (a job with its own local Ray) until its first product marker appears
+    under ``out/_done``, then SIGKILL it as a whole: its process group and every process of
+    its Ray (``kill_marked``) -> how many products were done at the kill. Its output goes to
+    ``log`` (a pipe that nobody reads would fill and stall the job)."""
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    marker = {"RESTAGE_TEST_KILLED_RUN": uuid.uuid4().hex}  # on every process of its Ray
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **marker},
+        )
+    markers = lambda: list((out / "_done").glob("*.json"))  # noqa: E731
+    deadline = time.time() + timeout
+    while not markers():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"no product finished in {timeout:.0f} s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(markers())
+    # Ray's own processes run in their own sessions: kill the ones this run started too,
+    # and only those (never the test session's Ray).
+    kill_marked(marker)
+    return done
+
+
 def driver_never_lists_the_catalog(patch: pytest.MonkeyPatch) -> None:
     """Make every driver-side way of holding a job's catalog fail: reading the manifest
     here, listing markers or folders. Ray's workers are other processes: tasks still can."""

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH, EXAMPLES, driver_never_lists_the_catalog, kill_marked
+from conftest import (
+    DREAMBOOTH,
+    EXAMPLES,
+    driver_never_lists_the_catalog,
+    kill_after_first_marker,
+)
 from PIL import Image
 
 from pipelines.augment import augment
@@ -262,33 +262,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path, capsys
         "--set",
         ALLOW,
     ]
-    # Every process of the killed run (its own local Ray's included) carries this marker.
-    marker = {"RESTAGE_TEST_KILLED_RUN": uuid.uuid4().hex}
-    log = tmp_path / "killed.log"  # a pipe that nobody reads would fill and stall the job
-    with open(log, "w") as stream:
-        # The killed run is a `restage` process with its own local Ray (no dashboard: it
-        # only costs CPU here), killed as a whole.
-        proc = subprocess.Popen(
-            [RESTAGE, *args, "--set", "ray.dashboard=false"],
-            stdout=stream,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **marker},
-        )
-    markers = lambda: list((out / "_done").glob("*.json"))  # noqa: E731
-    deadline = time.time() + 600
-    while not markers():
-        assert proc.poll() is None, log.read_text()[-2000:]
-        assert time.time() < deadline, "no product finished in 10 minutes"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_at_kill = len(markers())
+    # The killed run is a `restage` process with its own local Ray (no dashboard: it only
+    # costs CPU here), killed as a whole once its first product is written.
+    killed = [RESTAGE, *args, "--set", "ray.dashboard=false"]
+    done_at_kill = kill_after_first_marker(killed, out, tmp_path / "killed.log")
     assert done_at_kill < len(products), "the run finished before it could be killed half-way"
-    # Ray's own processes run in their own sessions: kill the ones this run started too,
-    # so that nothing of the killed job survives (they would exit by themselves later).
-    # Only those: the module's Ray runs the resumed job below.
-    kill_marked(marker)
 
     # The resumed run is the same command in this process, on the module's local Ray (the
     # resume reads nothing but `out`): a second fresh Ray and interpreter would only add

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DREAMBOOTH, EXAMPLES, kill_marked
+from conftest import DREAMBOOTH, EXAMPLES, kill_after_first_marker
 from PIL import Image
 from scipy import ndimage
 
@@ -32,7 +29,7 @@ ALLOW = f"storage.allowed_sources=[{EXAMPLES}, {DREAMBOOTH}]"
 CATALOG = ["can", "candle", "clock", "duck_toy", "rc_car"]  # scenes of several shapes
 # three products keep three staged images: FID/KID measured from 2 (biased, but computed)
 COMMON = ["--profile", "tiny", "--set", "ray.progress_bars=false", "--set", ALLOW]
-COMMON += ["--set", "evaluate.min_fid_images=2"]
+COMMON += ["--set", "evaluate.min_fid_images=2", "--set", "ray.dashboard=false"]  # no UI: CPU
 
 pytestmark = pytest.mark.slow  # every test reads the module's index and staging runs
 
@@ -67,26 +64,7 @@ def runs(tmp_path_factory, dreambooth):
     # Stage, SIGKILL once the first product is written, resume.
     cmd = [RESTAGE, "stage", "--manifest", str(products), "--index", str(index_out / "index")]
     cmd += ["--out", str(out), "--animate", *COMMON]
-    marker = {"RESTAGE_TEST_KILLED_RUN": uuid.uuid4().hex}  # on every process of its Ray
-    log = tmp / "killed.log"
-    with open(log, "w") as stream:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=stream,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **marker},
-        )
-    markers = lambda: list((out / "_done").glob("*.json"))  # noqa: E731
-    deadline = time.time() + 600
-    while not markers():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, "no product staged in 10 minutes"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_at_kill = len(markers())
-    kill_marked(marker)  # the killed job's own Ray processes, and only those
+    done_at_kill = kill_after_first_marker(cmd, out, tmp / "killed.log")
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     return {
