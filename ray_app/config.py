@@ -1584,6 +1584,66 @@ class StageConfig(StrictModel):
         return self
 
 
+class PersonalizeConfig(StrictModel):
+    """A per-product image encoder (personalized representations, arXiv 2412.16156): one
+    LoRA of the ``encoder`` role per product, trained with InfoNCE to pull the product's
+    images together and push other images away (``actors/encoder_trainer.py``). Defaults
+    are the paper's: 2 epochs over 4,500 anchor-positive pairs drawn from 450 positives and
+    1,000 negatives."""
+
+    rank: PositiveInt = Field(16, description="LoRA rank.")
+    alpha: PositiveFloat | None = Field(None, description="LoRA alpha; null means the rank.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Linear layers that get the LoRA; null means the attention's query and "
+        "value projections of the encoder's family (DINOv2: query, value; CLIP: q_proj, "
+        "v_proj).",
+    )
+    feature: Literal["cls_mean", "cls"] = Field(
+        "cls_mean",
+        description="The image feature: the CLS token concatenated with the mean of the final "
+        "patch tokens (the paper's), or the CLS token alone.",
+    )
+    temperature: PositiveFloat = Field(0.07, description="InfoNCE temperature.")
+    epochs: PositiveInt = Field(2, description="Passes over the anchor-positive pairs.")
+    pairs: PositiveInt = Field(4500, description="Anchor-positive pairs drawn per product.")
+    positives: PositiveInt = Field(
+        450, description="At most this many positive images per product (drawn when more)."
+    )
+    negatives: PositiveInt = Field(
+        1000, description="At most this many negative images per product (drawn when more)."
+    )
+    batch_size: PositiveInt = Field(16, description="Anchor-positive pairs per step.")
+    negatives_per_step: PositiveInt = Field(
+        64,
+        description="Negatives drawn for each step, shared by its anchors: each anchor's "
+        "InfoNCE denominator holds its positive and these.",
+    )
+    learning_rate: PositiveFloat = Field(1e-4, description="AdamW learning rate of the LoRA.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    resolution: PositiveInt | None = Field(
+        None,
+        description="Input side in pixels; null means the encoder's processor crop size "
+        "(224 for DINOv2-B/14). Training and embedding both use it.",
+    )
+    crop_scale: tuple[Fraction, Fraction] = Field(
+        (0.6, 1.0),
+        description="Training augmentation: a random square crop covering this range of the "
+        "image's area before resizing, and a random horizontal flip; (1, 1) turns cropping off.",
+    )
+    flip: bool = Field(True, description="Random horizontal flips in training.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PersonalizeConfig:
+        low, high = self.crop_scale
+        if low <= 0 or low > high:
+            raise ValueError(
+                f"crop_scale={self.crop_scale}: give (low, high) with 0 < low <= high <= 1, "
+                "e.g. (0.6, 1.0)"
+            )
+        return self
+
+
 class RestageConfig(StrictModel):
     """The whole resolved configuration of a run."""
 
@@ -1623,6 +1683,7 @@ class RestageConfig(StrictModel):
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     stage: StageConfig = Field(default_factory=StageConfig)
+    personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
 
     @model_validator(mode="after")
     def _check_vae(self) -> RestageConfig:
