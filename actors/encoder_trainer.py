@@ -25,7 +25,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from ray_app import storage
 from ray_app.config import ModelSpec, PersonalizeConfig
 from ray_app.models import load_model
-from ray_app.storage import join
+from ray_app.storage import EncoderLayout, join
 
 ENCODER_META_VERSION = 1
 ADAPTER = "personal"
@@ -175,27 +175,6 @@ class EncoderMeta(BaseModel):
                 f"({ENCODER_META_VERSION}); upgrade restage"
             )
         return cls.model_validate(data)
-
-
-@dataclass(frozen=True)
-class EncoderLayout(storage.JobLayout):
-    """``restage personalize``: one peft folder per product, ``encoder.json`` its marker."""
-
-    ERRORS: ClassVar[str] = "_errors"
-    SUMMARY: ClassVar[str] = "_summary.json"
-    WEIGHTS: ClassVar[str] = "adapter_model.safetensors"  # peft's names
-    PEFT_CONFIG: ClassVar[str] = "adapter_config.json"
-    METADATA: ClassVar[str] = "encoder.json"
-
-    def encoder_dir(self, product_id: str) -> str:
-        return join(self.root, product_id)
-
-    @classmethod
-    def metadata_in(cls, folder: str) -> str:
-        return join(folder, cls.METADATA)
-
-    def marker(self, product_id: str) -> str:
-        return self.metadata_in(self.encoder_dir(product_id))
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -41,14 +41,8 @@ from ray_app.plan import PlanError
 from ray_app.storage import AdapterLayout, MissingBackendError
 
 EXIT_USAGE = 2
-EXIT_NOT_BUILT = 3
 EXIT_PLAN = 4  # the job cannot run on this cluster (restage plan, every job's preflight)
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
-
-# Jobs that later work builds; until then they say so and exit non-zero.
-NOT_BUILT = {
-    "personalize": "per-product encoders learned from personalized synthetic data",
-}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -321,19 +315,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return _job("pipelines.stage:main", "StageArgs")(args)
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(
-            f"restage {name}: not built yet ({NOT_BUILT[name]}); nothing was run.", file=sys.stderr
-        )
-        return EXIT_NOT_BUILT
-
-    return run
-
-
-# --------------------------------------------------------------------------- parser
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="restage",
@@ -417,6 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output root URI")
     _add_config_args(p)
     p.set_defaults(func=_job("pipelines.index:main", "IndexArgs"))
+
+    p = sub.add_parser(
+        "personalize",
+        help="train a per-product image encoder (contrastive LoRA of the encoder role)",
+        description="Train one LoRA of the encoder role (DINOv2 by default) per product of "
+        "--data (a `restage augment` output) on Ray Data, with InfoNCE: the product's kept "
+        "positive samples pull together, its in-class negatives and the real photos of "
+        "personalize.negative_products other products of the run push away (personalized "
+        "representations, arXiv 2412.16156). Writes OUT/<product>/ (a peft folder and "
+        "encoder.json), a Parquet manifest (one row per product), errors and _summary.json. "
+        "Re-running skips complete products.",
+    )
+    p.add_argument("--data", required=True, help="a `restage augment` output root URI")
+    p.add_argument("--out", required=True, help="output root URI of the encoders")
+    _add_config_args(p)
+    p.set_defaults(func=_job("pipelines.personalize:main", "PersonalizeArgs"))
 
     p = sub.add_parser(
         "stage",
@@ -730,12 +727,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(f)
     f.set_defaults(func=cmd_ranker_fit)
 
-    for name, what in NOT_BUILT.items():
-        p = sub.add_parser(
-            name, help=f"{what} (not built yet)", description=f"{what}: not built yet."
-        )
-        _add_config_args(p)
-        p.set_defaults(func=_not_built(name))
     return parser
 
 

@@ -1632,6 +1632,15 @@ class PersonalizeConfig(StrictModel):
         "image's area before resizing, and a random horizontal flip; (1, 1) turns cropping off.",
     )
     flip: bool = Field(True, description="Random horizontal flips in training.")
+    min_positives: Annotated[int, Field(ge=2)] = Field(
+        2, description="Products with fewer kept positive samples fail (an anchor needs a pair)."
+    )
+    negative_products: NonNegativeInt = Field(
+        32,
+        description="Real photos of this many other products of the run (the listing's first) "
+        "are every product's hard negatives, beside its own in-class negatives.",
+    )
+    cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the plan and write tasks.")
 
     @model_validator(mode="after")
     def _check(self) -> PersonalizeConfig:

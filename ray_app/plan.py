@@ -29,7 +29,17 @@ from ray_app.resources import RoleNeed, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
-JOBS = ("augment", "train", "generate", "serve", "prompts", "evaluate", "index", "stage")
+JOBS = (
+    "augment",
+    "train",
+    "generate",
+    "serve",
+    "prompts",
+    "evaluate",
+    "index",
+    "stage",
+    "personalize",
+)
 STAGED_JOBS = ("augment", "generate")  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
@@ -272,6 +282,10 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
         stages = [(cls.name, roles) for cls, roles in model_stages(config)]
     elif job == "stage":
         from pipelines.stage import model_stages
+
+        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+    elif job == "personalize":
+        from pipelines.personalize import model_stages
 
         stages = [(cls.name, roles) for cls, roles in model_stages(config)]
     elif job == "train":
@@ -669,6 +683,9 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
         return {"generate": (n, "image"), "segment": (n, "image"), "score": (n, "image")}
     if job == "train":
         return {"train": (config.train.steps, "step")}
+    if job == "personalize":
+        p = config.personalize
+        return {"train": (p.epochs * math.ceil(p.pairs / p.batch_size), "step")}
     if job == "evaluate":
         # One run of generate's images (prompts x images per product) and the photos; each
         # further run adds its images to every pool.
@@ -691,7 +708,8 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
             "score": (s.top_k, "image"),
         }
     raise ConfigError(
-        f"no cost model for {job!r}: use augment, train, generate, evaluate, index or stage"
+        f"no cost model for {job!r}: use augment, train, generate, evaluate, index, stage or "
+        "personalize"
     )
 
 

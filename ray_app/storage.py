@@ -315,6 +315,31 @@ class AdapterLayout(JobLayout):
 
 
 @dataclass(frozen=True)
+class EncoderLayout(JobLayout):
+    """``restage personalize``: one peft folder per product (``PeftModel.from_pretrained``
+    loads it) with ``encoder.json`` (actors.encoder_trainer.EncoderMeta) beside it."""
+
+    ERRORS: ClassVar[str] = "_errors"
+    SUMMARY: ClassVar[str] = "_summary.json"
+    WEIGHTS: ClassVar[str] = "adapter_model.safetensors"  # peft's names
+    PEFT_CONFIG: ClassVar[str] = "adapter_config.json"
+    METADATA: ClassVar[str] = "encoder.json"
+
+    def encoder_dir(self, product_id: str) -> str:
+        return join(self.root, product_id)
+
+    @classmethod
+    def metadata_in(cls, folder: str) -> str:
+        return join(folder, cls.METADATA)
+
+    def manifest_dir(self) -> str:
+        return join(self.root, "_manifest")
+
+    def manifest_shard(self, product_id: str) -> str:
+        return join(self.manifest_dir(), f"{product_id}.parquet")
+
+
+@dataclass(frozen=True)
 class GenerationLayout(JobLayout):
     """``restage generate``: ranked images of every product."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_app.cli import EXIT_BROKEN_PIPE, EXIT_USAGE, NOT_BUILT, build_parser
+from ray_app.cli import EXIT_BROKEN_PIPE, EXIT_USAGE, build_parser
 
 RESTAGE = str(Path(sys.executable).with_name("restage"))
 
@@ -51,13 +51,6 @@ def test_config_show_rejects_bad_value_naming_the_key():
     assert proc.returncode == 2
     assert "generator.batch_size=-1" in proc.stderr and "greater than 0" in proc.stderr
     assert proc.stdout == ""
-
-
-@pytest.mark.parametrize("job", sorted(NOT_BUILT))
-def test_unbuilt_jobs_say_so_and_fail(job):
-    proc = run(job)
-    assert proc.returncode == 3
-    assert "not built yet" in proc.stderr
 
 
 def test_models_list_names_every_role():
