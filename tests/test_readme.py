@@ -236,6 +236,21 @@ def test_evaluate_example_scores_the_quickstart_run(quickstart, user_dir):
         assert (out / name).is_dir(), name
 
 
+@pytest.mark.slow  # trains encoders of the quick start's products
+def test_personalize_example_trains_an_encoder_per_quickstart_product(quickstart, user_dir):
+    proc = run(readme_command("personalize"), user_dir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("restage personalize: done: 3 products")
+    out = user_dir / readme_command("personalize").split()[-1]
+    rows = pq.read_table(out / "_manifest").to_pylist()
+    assert len(rows) == 3
+    for row in rows:  # what the README's table of outputs lists is there
+        folder = Path(row["encoder_uri"])
+        for name in ("adapter_config.json", "adapter_model.safetensors", "encoder.json"):
+            assert (folder / name).is_file(), (folder, name)
+        assert row["hard_negatives"] > 0 and row["loss_last"] < row["loss_first"], row
+
+
 @pytest.mark.slow  # rates the quick start's run
 def test_review_example_rates_the_quickstart_run(quickstart, user_dir):
     """The README's rating round on the quick start's tiny run: three raters added with its
