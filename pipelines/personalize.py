@@ -58,7 +58,7 @@ ENCODER_SCHEMA = pa.schema(
         ("product_id", pa.string()),
         ("encoder_uri", pa.string()),
         ("positives", pa.int64()),
-        ("negatives", pa.int64()),
+        ("negatives", pa.int64()),  # in-class negatives and counterfactuals
         ("hard_negatives", pa.int64()),
         ("steps", pa.int64()),
         ("loss_first", pa.float64()),
@@ -222,8 +222,9 @@ class TrainEncoders(ProductStage):
             "product_id": state.product_id,
             "encoder_uri": folder,
             "positives": result.positives,
-            "negatives": result.negatives - min(len(hard), result.negatives),
-            "hard_negatives": min(len(hard), result.negatives),
+            # what the product had: personalize.negatives caps the two together
+            "negatives": len(negatives),
+            "hard_negatives": len(hard),
             "steps": result.steps,
             "loss_first": meta.loss_first,
             "loss_last": meta.loss_last,
