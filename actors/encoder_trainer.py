@@ -24,8 +24,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -188,7 +187,6 @@ class EncoderResult:
     negatives: int
     digest: str
     seed: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:

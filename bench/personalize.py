@@ -40,13 +40,14 @@ from ray_app.personal_retrieval import product_retrieval  # noqa: E402
 DREAMBOOTH = ROOT.parent / "shared" / "data" / "dreambooth"
 
 
-def photos(side: int) -> dict[str, list[np.ndarray]]:
+def photos(side: int, root: Path = DREAMBOOTH) -> dict[str, list[np.ndarray]]:
+    """Each DreamBooth product's photos, the longer side at most ``side``."""
     out = {}
-    for line in (DREAMBOOTH / "products.jsonl").read_text().splitlines():
+    for line in (root / "products.jsonl").read_text().splitlines():
         rec = json.loads(line)
         imgs = []
         for uri in rec["image_uris"]:
-            img = Image.open(DREAMBOOTH / uri).convert("RGB")
+            img = Image.open(root / uri).convert("RGB")
             img.thumbnail((side, side))
             imgs.append(np.asarray(img))
         out[rec["product_id"]] = imgs

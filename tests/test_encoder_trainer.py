@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from actors.encoder_trainer import (
     EncoderLayout,
@@ -22,6 +21,7 @@ from actors.encoder_trainer import (
     pooled_features,
     random_square,
 )
+from bench.personalize import photos as dreambooth_photos
 from ray_app.config import load_config
 from ray_app.personal_retrieval import average_precision, product_retrieval, recall_at_k
 
@@ -134,19 +134,6 @@ def test_reset_is_the_pretrained_encoder_and_save_load_round_trips(trainer, tiny
         EncoderMeta.read(str(tmp_path / "none"))
 
 
-def _photos(dreambooth, side: int = 256) -> dict[str, list[np.ndarray]]:
-    out = {}
-    for line in (dreambooth / "products.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        imgs = []
-        for uri in rec["image_uris"]:
-            img = Image.open(dreambooth / uri).convert("RGB")
-            img.thumbnail((side, side))
-            imgs.append(np.asarray(img))
-        out[rec["product_id"]] = imgs
-    return out
-
-
 @pytest.mark.parametrize("split", [0, 2])
 def test_personal_encoders_retrieve_held_out_photos_better_than_the_pretrained(
     trainer, dreambooth, split
@@ -155,7 +142,7 @@ def test_personal_encoders_retrieve_held_out_photos_better_than_the_pretrained(
     other 9 products' 3: the loss falls, and the mean AP of ranking all 10 products'
     held-out photos by similarity to the product's 3 rises over the pretrained encoder's.
     ``split`` rotates which photos are held out."""
-    photos = {k: v[split:] + v[:split] for k, v in _photos(dreambooth).items()}
+    photos = {k: v[split:] + v[:split] for k, v in dreambooth_photos(256, dreambooth).items()}
     train = {k: v[:3] for k, v in photos.items()}
     gallery_ids = [k for k, v in photos.items() for _ in v[3:]]
     gallery = [img for v in photos.values() for img in v[3:]]
