@@ -361,6 +361,8 @@ class LoraTrainer:
             p.requires_grad_(True)
         if opts.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if self.device.type == "cuda":  # NHWC convolutions: the layout cuDNN's fast kernels use
+            self.unet.to(memory_format=torch.channels_last)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.unet.eval()
 
@@ -576,7 +578,12 @@ class LoraTrainer:
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """AdamW and the warm-up + constant/cosine schedule over ``steps`` steps."""
         opts = self.options
-        optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+        # One fused kernel for all LoRA tensors on CUDA instead of a few launches per tensor
+        # (a rank-64 SDXL LoRA has ~1,400 of them).
+        fused = all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(
+            params, lr=opts.learning_rate, weight_decay=opts.weight_decay, fused=fused or None
+        )
         warmup = opts.warmup_steps
 
         def lr_lambda(step: int) -> float:

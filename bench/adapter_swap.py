@@ -3,6 +3,9 @@ per switch, against the alternatives, in one run; writes JSON to bench/results/.
 
     python bench/adapter_swap.py                     # tiny profile, CPU
     python bench/adapter_swap.py --profile default --device cuda --rank 64   # SDXL on a GPU
+    python bench/adapter_swap.py --profile default --device cuda --rank 64 \
+        --set generator.source=DIR --set generator.variant=null --set generator.vae=null \
+        --set offline=true     # a local checkpoint (bench/gpu_train.py saves one)
 
 Measured (milliseconds, median over the adapters):
 - read: fsspec read + safetensors parse of an adapter (no pipeline lock needed);
@@ -79,8 +82,12 @@ def make_adapters(gen: Generator, count: int, rank: int, folder: Path) -> list[P
 
 
 def timed(fn) -> float:
+    """Milliseconds of ``fn``, its GPU work included (kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return (time.perf_counter() - start) * 1000
 
 
@@ -97,11 +104,18 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=6)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. generator.source=DIR for a local checkpoint (repeatable)",
+    )
+    parser.add_argument(
         "--json", default=str(ROOT / "bench" / "results" / "adapter_swap_tiny_cpu.json")
     )
     args = parser.parse_args()
 
-    config = load_config(args.profile)
+    config = load_config(args.profile, overrides=args.set)
     g = config.generate
     start = time.perf_counter()
     gen = Generator(

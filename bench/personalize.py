@@ -101,9 +101,11 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=3)
     ap.add_argument("--pastes", type=int, default=450, help="cut-and-paste images per product")
     ap.add_argument("--set", action="append", default=[], help="config overrides (personalize.*)")
+    ap.add_argument("--photos", type=Path, default=DREAMBOOTH, help="the DreamBooth folder")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path [bench/results/...]")
     args = ap.parse_args()
-    if not (DREAMBOOTH / "products.jsonl").exists():
-        sys.exit(f"{DREAMBOOTH} not found: the DreamBooth photos are needed")
+    if not (args.photos / "products.jsonl").exists():
+        sys.exit(f"--photos {args.photos}: no products.jsonl; the DreamBooth photos are needed")
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"encoder.device={args.device}", *args.set]
@@ -130,7 +132,7 @@ def main() -> None:
         trainer = EncoderTrainer(
             config.model_spec("encoder"), config.personalize, device=args.device
         )
-        pics = photos(256)
+        pics = photos(256, args.photos)
         synthesis = synthesis_seconds(pics, args.pastes)
         rows, seconds, steps = [], [], 0
         for split in range(args.splits):
@@ -192,7 +194,9 @@ def main() -> None:
         "retrieval": per_split,
         "products": rows,
     }
-    dest = ROOT / "bench" / "results" / f"personalize_{args.size}_{args.device.split(':')[0]}.json"
+    dest = args.out or (
+        ROOT / "bench" / "results" / f"personalize_{args.size}_{args.device.split(':')[0]}.json"
+    )
     dest.write_text(json.dumps(out, indent=2) + "\n")
     for s in per_split:
         print(

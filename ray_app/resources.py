@@ -24,8 +24,10 @@ from ray_app.config import RestageConfig
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}  # auto is bf16 on CUDA
 GIB = 2**30
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-# Per-role peak memory measured on a GPU (issue 18's bench/gpu_roles.py, not written yet: no
-# GPU was available); when present, its figures replace the estimates.
+# Per-role peak memory and seconds per item measured on a GPU by bench/gpu_roles.py (real-size
+# architectures, random weights; only its CUDA run of the default profile writes this file).
+# When present, a role's figures measured at its configured dtype and batch size replace the
+# estimates; a role the run could not measure (``measured: false``) keeps them.
 MEASURED_FILE = "roles_gpu.json"
 
 
@@ -207,7 +209,8 @@ def measured() -> dict[str, Any]:
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    return {r["role"]: dict(r, gpu=data.get("machine", {}).get("gpu")) for r in data["roles"]}
+    gpu = data.get("machine", {}).get("gpu")
+    return {r["role"]: dict(r, gpu=gpu) for r in data["roles"] if r.get("measured", True)}
 
 
 def role_need(config: RestageConfig, role: str) -> RoleNeed:
@@ -236,9 +239,14 @@ def role_need(config: RestageConfig, role: str) -> RoleNeed:
     source = f"estimated: {ref.basis}"
     if ref.checkpoint.split("/")[-1] not in spec.source:
         source += f" (figures of {ref.checkpoint}; {spec.source} is not in the table)"
+    seconds = ref.seconds
     hit = measured().get(role)
     if hit and hit.get("dtype") == spec.dtype and hit.get("batch_size") == spec.batch_size:
-        fixed, per_item = hit["peak_gib"], 0.0  # measured at this batch size: all of it fixed
+        # Measured at this batch size: all of it fixed. torch's peak leaves out the CUDA
+        # context, and the process holds what its allocator reserved, not only what it used.
+        peak = hit.get("peak_reserved_gib") or hit["peak_gib"]
+        fixed, per_item = CUDA_CONTEXT_GIB + peak, 0.0
+        seconds = hit.get("seconds_per_item") or seconds
         source = f"measured on {hit['gpu']} (bench/results/{MEASURED_FILE})"
     ram = max(2.0, ref.params_b * BYTES[spec.dtype] * 1.5)  # host copy while loading
     return RoleNeed(
@@ -249,7 +257,7 @@ def role_need(config: RestageConfig, role: str) -> RoleNeed:
         spec.batch_size,
         spec.num_cpus,
         round(ram, 1),
-        ref.seconds,
+        seconds,
         ref.unit,
         source,
     )

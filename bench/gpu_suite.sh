@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Restage's GPU benchmarks in one go on a one-GPU machine (issue 18), real-size
+# architectures with random weights, no Ray. Each section has its own time limit, so one
+# that fails or runs long does not cost the others; results go to RESULTS.
+#
+#   bash bench/gpu_suite.sh [SECTION ...]     # train multi_lora swap roles personalize
+#
+# Environment: RESULTS (default bench/results), WORK (scratch: the saved SDXL checkpoint,
+# ~7 GB), TAG (file-name suffix, default: the GPU's name), SCRIPT (a copy of diffusers'
+# examples/dreambooth/train_dreambooth_lora_sdxl.py; the H200 run used the one at diffusers
+# commit 58eb52c080 with diffusers 0.42.1), PHOTOS (the DreamBooth folder).
+# On the H200 the four default sections took 159 + 173 + 62 s (roles not run yet);
+# personalize (--size base) took 152 s for one of its 10 products.
+set -u
+RESULTS=${RESULTS:-bench/results}
+WORK=${WORK:-/tmp/restage-gpu}
+TAG=${TAG:-$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())")}
+SCRIPT=${SCRIPT:-.devdata/train_dreambooth_lora_sdxl.py}
+PHOTOS=${PHOTOS:-../shared/data/dreambooth}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$RESULTS" "$WORK"
+SDXL=(--set "generator.source=$WORK/sdxl" --set generator.variant=null --set generator.vae=null
+      --set offline=true)
+
+section() {  # NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: start $(date +%T), limit ${limit}s"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "it/s\]$|s/it\]$"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s"
+}
+
+for s in "${@:-train multi_lora swap roles}"; do
+  for name in $s; do
+    case $name in
+      train)  # also saves the SDXL checkpoint that swap and roles load
+        section train 300 python3 bench/gpu_train.py --script "$SCRIPT" --photos "$PHOTOS" \
+          --work "$WORK" --steps 20 --out "$RESULTS/gpu_train_$TAG.json" ;;
+      multi_lora)
+        section multi_lora 230 python3 bench/multi_lora.py --size sdxl --device cuda \
+          --k 2 4 8 --steps 4 --samples 8 --repeats 1 --out "$RESULTS/multi_lora-sdxl-$TAG.json" ;;
+      swap)
+        section swap 100 python3 bench/adapter_swap.py --profile default --device cuda \
+          --rank 64 "${SDXL[@]}" --json "$RESULTS/adapter_swap_sdxl_$TAG.json" ;;
+      roles)
+        section roles 240 python3 bench/gpu_roles.py --profile default --device cuda \
+          --out "$RESULTS/roles_gpu.json" ;;
+      personalize)
+        section personalize 1800 python3 bench/personalize.py --size base --device cuda \
+          --splits 1 --photos "$PHOTOS" --out "$RESULTS/personalize_base_$TAG.json" ;;
+      *) echo "unknown section $name (train multi_lora swap roles personalize)"; exit 2 ;;
+    esac
+  done
+done
