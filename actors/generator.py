@@ -133,7 +133,8 @@ class Generator:
 
         ``replace=True`` overwrites the weights of an already loaded adapter ``name`` in place
         (diffusers' LoRA hot-swap: no new modules, no memory growth, several times faster
-        than a new adapter); adapters of another rank or targets fall back to unload + load.
+        than a new adapter; peft pads a smaller rank); adapters with other target modules
+        fall back to unload + load.
         """
         state = read_adapter_weights(source) if isinstance(source, str) else source
         pipe = self.loaded.model
@@ -144,16 +145,59 @@ class Generator:
                     f"adapter {name!r} is already loaded from {self._adapters[name]}"
                 )
             try:
-                pipe.load_lora_weights(state, adapter_name=name, hotswap=True)
-            except Exception:  # another rank or other target modules: no in-place swap
+                self.hotswap_adapter(name, state)
+                self._scales[name] = scale
+                return
+            except Exception:  # another target module set: no in-place swap
                 self.unload_adapter(name)
-                pipe.load_lora_weights(state, adapter_name=name)
-        else:
-            pipe.load_lora_weights(state, adapter_name=name)
+        pipe.load_lora_weights(state, adapter_name=name)
         self._adapters[name] = source if isinstance(source, str) else "<weights>"
         self.adapter_loads[name] += 1
         self._scales[name] = scale
         self.set_adapter(self._active)  # a new adapter must not change what is active
+
+    def hotswap_adapter(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """Overwrite the weights of loaded adapter ``name`` in place (diffusers' LoRA hot-swap;
+        raises when the weights target other modules). It writes only that adapter's own LoRA
+        tensors and its entry of each layer's ``scaling`` dict, and leaves the active adapter
+        and every other adapter alone (peft 0.21 ``hotswap_adapter_from_state_dict``), so a
+        server may call it on an inactive adapter while another one generates, without the
+        pipeline lock. It never calls ``set_adapter``: that rewrites every layer's state."""
+        if name not in self._adapters:
+            raise AdapterError(
+                f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}"
+            )
+        _quiet_multi_adapter_warning()
+        self.loaded.model.load_lora_weights(weights, adapter_name=name, hotswap=True)
+        self._adapters[name] = "<weights>"
+        self.adapter_loads[name] += 1
+
+    def neutral_adapter_weights(
+        self, rank: int, target_modules: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """LoRA weights of zeros on the denoiser's ``target_modules``, in the format `restage
+        train` saves: loaded as an adapter they change nothing, and they give a server's slot
+        its LoRA modules up front (a hot-swap target) so that no request pays for new ones."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+
+        unet = self.loaded.model.unet
+        probe = "restage-neutral-probe"
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules)),
+            adapter_name=probe,
+        )
+        try:
+            raw = get_peft_model_state_dict(unet, adapter_name=probe)
+        finally:
+            with warnings.catch_warnings():  # "...was active which is now deleted": intended
+                warnings.simplefilter("ignore", UserWarning)
+                unet.delete_adapters(probe)
+            if self._adapters:  # peft activated the probe, then another adapter: undo
+                self.set_adapter(self._active)
+        zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in raw.items()}
+        return {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(zeros).items()}
 
     def set_adapter(self, name: str | None, scale: float | None = None) -> None:
         """Make ``name`` the only active adapter (``None``: the base model alone)."""

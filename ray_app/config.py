@@ -1123,6 +1123,18 @@ class ServeConfig(StrictModel):
     max_adapters_per_replica: PositiveInt = Field(
         8, description="Adapters a generator replica holds before evicting the least recently used."
     )
+    warm_adapter_slots: bool = Field(
+        True,
+        description="Give every adapter slot its LoRA modules (zero weights, train.rank on "
+        "train.target_modules) when a generator replica starts, so that each adapter load is "
+        "a hot-swap into a slot and no request pays for new LoRA modules (1.4 s on SDXL).",
+    )
+    prefetch_adapters: NonNegativeInt = Field(
+        1,
+        description="Adapters of requests waiting for a generator replica's pipeline that it "
+        "reads and hot-swaps into free, inactive slots while another request generates, at "
+        "most this many ahead (0: off; a waiting request then swaps its adapter in its turn).",
+    )
     min_replicas: NonNegativeInt = Field(
         1, description="Generator replicas kept at least (0: scale to zero)."
     )
@@ -1196,6 +1208,14 @@ class ServeConfig(StrictModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}"
+            )
+        if self.prefetch_adapters > self.max_adapters_per_replica:
+            raise ValueError(
+                f"prefetch_adapters={self.prefetch_adapters} exceeds max_adapters_per_replica="
+                f"{self.max_adapters_per_replica}: prefetched adapters only take free slots, "
+                f"of which a replica has at most max_adapters_per_replica + 1; set "
+                f"serve.prefetch_adapters to at most {self.max_adapters_per_replica} (0 turns "
+                "prefetch off)"
             )
         return self
 

@@ -3,21 +3,25 @@ in and out with Ray Serve model multiplexing (model id = product id).
 
 Requests for a product are routed to a replica that already holds its adapter. A replica
 holds at most ``serve.max_adapters_per_replica`` adapters and evicts the least recently used
-one, deleting it from the pipeline and freeing its memory. An adapter is loaded in two
-steps: reading and parsing its weights (storage I/O, done while another request may be
-generating) and injecting them into the pipeline (fast, under the pipeline lock). Every
-change of the pipeline and every generation holds one lock, so concurrent requests never
-see another request's adapter or a half-loaded one.
+one, freeing its slot (adapters are hot-swapped into a fixed set of slots). An adapter is
+loaded in two steps: reading and parsing its weights (storage I/O, done while another
+request may be generating) and writing them into a slot (under the pipeline lock). Every
+generation and every change of the pipeline holds one lock, so concurrent requests never
+see another request's adapter or a half-loaded one; the one exception is the prefetcher
+(``serve.prefetch_adapters``), which hot-swaps a waiting request's adapter into a free,
+inactive slot while another request generates: that write touches only its own slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import psutil
@@ -63,8 +67,16 @@ class GeneratorReplica:
     Adapters live in ``max_adapters_per_replica`` slots, plus one spare: a product's adapter
     is hot-swapped into a free slot (diffusers' in-place LoRA swap: no new modules, no base
     reload), and eviction only frees the slot, so the memory adapters use is fixed by
-    construction. ``bench/adapter_swap.py`` measures a hot-swap against loading and deleting
-    named adapters.
+    construction. With ``serve.warm_adapter_slots`` every slot gets its LoRA modules at start,
+    so that no request pays for new ones.
+
+    With ``serve.prefetch_adapters`` = N > 0 the replica reads the adapters of the requests
+    waiting for the pipeline (in arrival order, at most N ahead) and hot-swaps them into free
+    slots that no running request uses, while another request generates: a waiting request
+    then finds its adapter resident and only switches to it in its turn. Such a write touches
+    only its own slot's tensors (``Generator.hotswap_adapter``), so it runs without the
+    pipeline lock; it never evicts. ``bench/serve_prefetch.py`` measures it,
+    ``bench/adapter_swap.py`` a hot-swap against the other ways of loading adapters.
     """
 
     def __init__(self, config: RestageConfig, adapters_root: str):
@@ -75,8 +87,15 @@ class GeneratorReplica:
         )
         self.generator = Generator(config.model_spec("generator"), self.options)
         self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
-        self.lock = threading.Lock()  # the pipeline: one generation or adapter change at a time
+        self.lock = threading.Lock()  # the pipeline: one generation or module change at a time
+        # Slot and queue bookkeeping. Never held across I/O or a generation; taken after
+        # ``lock`` when both are needed, never before it.
+        self.state = threading.Condition()
+        # Serialises writes of adapter weights (a prefetch and a placement in a turn).
+        self.write_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.counters: Counter[str] = Counter()
+        self.timings: Counter[str] = Counter()  # milliseconds summed per kind of adapter work
         # Also told every event (the deployment exports them as Prometheus metrics).
         self.on_event: Callable[[str, int], None] | None = None
         # The spare slot serves a request whose adapter was evicted between its load and its
@@ -86,66 +105,247 @@ class GeneratorReplica:
         }
         self.slot_of: dict[str, str] = {}  # product id -> slot
         self.slot_bytes: dict[str, int] = {}
+        # Requests waiting for the pipeline: ticket -> product id, in arrival order.
+        self.waiting: dict[int, str] = {}
+        self._tickets = itertools.count()
+        self.running: str | None = None  # the product generating now, and its slot
+        self.running_slot: str | None = None
+        self.prefetch_limit = config.serve.prefetch_adapters
+        self.prefetching: dict[str, Future[None]] = {}  # product -> its prefetch in flight
+        self.ahead: set[str] = set()  # prefetched for a request that has not started yet
+        self.loading: set[str] = set()  # placed by a load or a turn now: no prefetch for them
+        # Resident adapters that no handle holds: product -> "prefetch" or "reload". A load
+        # claims one; otherwise its slot is freed once no waiting request wants it.
+        self.unheld: dict[str, str] = {}
+        self.prefetcher = (
+            ThreadPoolExecutor(self.prefetch_limit, thread_name_prefix="adapter-prefetch")
+            if self.prefetch_limit
+            else None
+        )
+        if config.serve.warm_adapter_slots:
+            self._warm_slots()
 
     def count(self, event: str, n: int = 1) -> None:
-        self.counters[event] += n
+        with self._count_lock:  # prefetch threads count too
+            self.counters[event] += n
         if self.on_event is not None:
             self.on_event(event, n)
 
+    def _time(self, kind: str, start: float) -> None:
+        with self._count_lock:
+            self.timings[kind] += (time.perf_counter() - start) * 1000
+
+    def close(self) -> None:
+        """Stop the prefetcher (waits for a prefetch in flight)."""
+        if self.prefetcher is not None:
+            self.prefetcher.shutdown(wait=True)
+
     # ------------------------------------------------------------------ adapters
+
+    def _warm_slots(self) -> None:
+        """Every slot's LoRA modules, with zero weights, in the shape `restage train` gives
+        (train.rank on train.target_modules): each later load is a hot-swap. An adapter of a
+        larger rank grows its slot on its first swap; one of a smaller rank is zero-padded."""
+        t = self.config.train
+        zeros = self.generator.neutral_adapter_weights(t.rank, t.target_modules)
+        size = _nbytes(zeros)
+        for slot in self.slots:
+            # Own copies: the loader may keep the given tensors as the slot's parameters
+            # (it does on CPU), and slots sharing storage would all change with one swap.
+            own = {k: v.clone() for k, v in zeros.items()}
+            self.generator.load_adapter(slot, own, scale=self.config.generate.lora_scale)
+            self.slot_bytes[slot] = size
+        self.generator.set_adapter(None)
 
     async def load(self, product_id: str) -> AdapterHandle:
         """Load ``product_id``'s adapter (the multiplexed loader; Serve caches the result).
-        Reading the weights happens outside the pipeline lock, while another request may be
-        generating; only the swap into a slot takes the lock."""
+        An adapter the prefetcher placed (or is placing) for a waiting request is taken as it
+        is: no second read. Otherwise reading the weights happens outside the pipeline lock,
+        while another request may be generating; only the swap into a slot takes the lock."""
         start = time.perf_counter()
         if not await asyncio.to_thread(storage.exists, self.layout.metadata(product_id)):
             self.count("load_not_found")
             raise AdapterNotFound(f"no adapter for product {product_id!r}")
-        try:
-            weights = await asyncio.to_thread(
-                read_adapter_weights, self.layout.adapter_dir(product_id)
-            )
-            await asyncio.to_thread(self._place, product_id, weights)
-        except Exception as exc:
-            self.count("load_failures")
-            raise AdapterUnavailable(
-                f"adapter of {product_id!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+        with self.state:
+            pending = self.prefetching.get(product_id)
+        if pending is not None:
+            await asyncio.wrap_future(pending)  # a failed prefetch leaves it to this load
+        with self.state:
+            resident = product_id in self.slot_of
+            if resident:
+                if self.unheld.pop(product_id, None) == "prefetch":
+                    self.count("prefetch_hits")
+            else:
+                self.loading.add(product_id)
+        if not resident:
+            try:
+                weights = await asyncio.to_thread(self._read, product_id)
+                await asyncio.to_thread(self._place, product_id, weights)
+            except Exception as exc:
+                self.count("load_failures")
+                raise AdapterUnavailable(
+                    f"adapter of {product_id!r}: {type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                with self.state:
+                    self.loading.discard(product_id)
+                    self.unheld.pop(product_id, None)  # a turn may have placed it meanwhile
         self.count("loads")
         return AdapterHandle(self, product_id, (time.perf_counter() - start) * 1000)
+
+    def _read(self, product_id: str) -> dict[str, Any]:
+        self.count("adapter_reads")
+        return read_adapter_weights(self.layout.adapter_dir(product_id))
 
     def _place(self, product_id: str, weights: dict[str, Any]) -> str:
         """Put weights into a free slot (caller holds no lock) -> the slot."""
         with self.lock:
             return self._place_locked(product_id, weights)
 
-    def _place_locked(self, product_id: str, weights: dict[str, Any]) -> str:
-        if product_id in self.slot_of:
-            return self.slot_of[product_id]
-        free = [s for s, owner in self.slots.items() if owner is None]
-        if not free:
-            raise RuntimeError(f"all {len(self.slots)} adapter slots are taken")
-        # Prefer a slot that already holds modules: a hot-swap instead of new modules.
-        slot = next((s for s in free if s in self.generator.adapters), free[0])
-        self.generator.load_adapter(
-            slot,
-            weights,
-            scale=self.config.generate.lora_scale,
-            replace=slot in self.generator.adapters,
-        )
-        self.slots[slot] = product_id
-        self.slot_of[product_id] = slot
-        self.slot_bytes[slot] = sum(t.numel() * t.element_size() for t in weights.values())
+    def _place_locked(
+        self, product_id: str, weights: dict[str, Any], unheld_as: str | None = None
+    ) -> str:
+        """Under the pipeline lock (a new adapter may need new modules, which must not
+        appear under a running generation). ``unheld_as``: no handle will hold the adapter
+        if this call places it (a turn's reload)."""
+        with self.state:
+            if product_id in self.slot_of:
+                return self.slot_of[product_id]
+            free = [s for s, owner in self.slots.items() if owner is None]
+            if not free:
+                raise RuntimeError(f"all {len(self.slots)} adapter slots are taken")
+            # Prefer a slot that already holds modules: a hot-swap instead of new modules.
+            slot = next((s for s in free if s in self.generator.adapters), free[0])
+            self.slots[slot] = product_id  # reserved while written
+        start = time.perf_counter()
+        try:
+            with self.write_lock:
+                self.generator.load_adapter(
+                    slot,
+                    weights,
+                    scale=self.config.generate.lora_scale,
+                    replace=slot in self.generator.adapters,
+                )
+        except BaseException:
+            with self.state:
+                self.slots[slot] = None
+            raise
+        self.count("locked_swaps")
+        self._time("locked_swap_ms", start)
+        with self.state:
+            self.slot_of[product_id] = slot
+            self.slot_bytes[slot] = _nbytes(weights)
+            if unheld_as is not None:
+                self.unheld[product_id] = unheld_as
         return slot
 
     def release(self, product_id: str) -> None:
-        """Free an evicted adapter's slot (its weights are overwritten by the next swap)."""
-        with self.lock:
+        """Free an evicted adapter's slot (its weights are overwritten by the next swap). No
+        pipeline lock: a running request's slot is never reused before its turn ends."""
+        with self.state:
             slot = self.slot_of.pop(product_id, None)
             if slot is not None:
                 self.slots[slot] = None
+                self.unheld.pop(product_id, None)
                 self.count("evictions")
+                self._schedule()
+
+    # ------------------------------------------------------------------ prefetch
+
+    def _enqueue(self, product_id: str) -> int:
+        """A request starts waiting for the pipeline -> its ticket."""
+        with self.state:
+            ticket = next(self._tickets)
+            self.waiting[ticket] = product_id
+            self._schedule()
+            return ticket
+
+    def _leave(self, ticket: int, starting: bool) -> None:
+        """A request stops waiting: it takes its turn (``starting``) or gives up. State
+        held."""
+        product_id = self.waiting.pop(ticket, None)
+        if product_id is None:
+            return
+        if product_id not in self.waiting.values():
+            self.ahead.discard(product_id)
+            if not starting:
+                self._free_if_unwanted(product_id)
+        self._schedule()
+
+    def _free_if_unwanted(self, product_id: str) -> None:
+        """Free the slot of an adapter no handle holds, no request waits for and none runs
+        with. State held."""
+        if (
+            product_id in self.unheld
+            and product_id in self.slot_of
+            and product_id not in self.waiting.values()
+            and product_id != self.running
+        ):
+            origin = self.unheld.pop(product_id)
+            self.slots[self.slot_of.pop(product_id)] = None
+            self.count("prefetch_unused" if origin == "prefetch" else "reload_released")
+
+    def _schedule(self) -> None:
+        """Start prefetches for the first waiting requests whose adapters are not resident,
+        while fewer than ``prefetch_adapters`` are ahead and a free slot is left. State
+        held."""
+        if self.prefetcher is None:
+            return
+        for product_id in dict.fromkeys(self.waiting.values()):
+            if len(self.ahead | self.prefetching.keys()) >= self.prefetch_limit:
+                return
+            if (
+                product_id in self.slot_of
+                or product_id in self.prefetching
+                or product_id in self.loading
+            ):
+                continue
+            adapters = self.generator.adapters
+            # Free, not the running request's (an evicted one may still generate), and
+            # holding modules: a prefetch only hot-swaps.
+            free = [
+                s
+                for s, owner in self.slots.items()
+                if owner is None and s != self.running_slot and s in adapters
+            ]
+            # Leave a free slot to each placement under way in a load or a turn. A load
+            # that comes later first evicts (the multiplexer does, when full), and a request
+            # evicted while it waited is itself prefetched or reloaded in its turn.
+            if len(free) < len(self.loading) + 1:
+                return
+            slot = free[0]
+            self.slots[slot] = product_id  # reserved while written
+            self.ahead.add(product_id)
+            self.prefetching[product_id] = self.prefetcher.submit(self._prefetch, product_id, slot)
+
+    def _prefetch(self, product_id: str, slot: str) -> None:
+        """Read an adapter and hot-swap it into the reserved, inactive ``slot`` (a prefetch
+        thread; no pipeline lock). A failure only frees the slot: the request's own load
+        reads again and reports the error."""
+        start = time.perf_counter()
+        try:
+            if not storage.exists(self.layout.metadata(product_id)):
+                raise AdapterNotFound(product_id)
+            weights = self._read(product_id)
+            with self.write_lock:
+                self.generator.hotswap_adapter(slot, weights)
+        except Exception:
+            with self.state:
+                self.slots[slot] = None
+                self.ahead.discard(product_id)
+                del self.prefetching[product_id]
+                self.count("prefetch_failures")
+                self._schedule()
+            return
+        self._time("prefetch_ms", start)
+        with self.state:
+            self.slot_of[product_id] = slot
+            self.slot_bytes[slot] = _nbytes(weights)
+            self.unheld[product_id] = "prefetch"
+            del self.prefetching[product_id]
+            self.count("prefetches")
+            self._free_if_unwanted(product_id)  # its request gave up meanwhile
+            self._schedule()
 
     # ------------------------------------------------------------------ generation
 
@@ -160,11 +360,14 @@ class GeneratorReplica:
         height: int | None,
         cancel: threading.Event | None = None,
         deadline: float | None = None,
+        ticket: int | None = None,
     ) -> dict[str, Any]:
         """Images of ``product_id`` (its adapter was loaded with ``load``). The generation
         stops between two denoising steps (``GenerationCancelled``, the lock released) once
         ``cancel`` is set or the wall clock passes ``deadline``; a request cancelled while it
-        waited for the lock never starts. ``started_at``: wall clock when it got the lock."""
+        waited for the lock never starts. ``ticket``: the request's place in the queue
+        (``serve_request``), which it leaves on getting the lock. ``started_at``: wall clock
+        when it got the lock; ``swap_ms``: adapter work in its turn."""
         options = GenerationOptions(
             width or self.options.width,
             height or self.options.height,
@@ -187,20 +390,32 @@ class GeneratorReplica:
         with self.lock:
             started_at = time.time()
             start = time.perf_counter()
+            with self.state:
+                if ticket is not None:
+                    self._leave(ticket, starting=True)
+                self.running = product_id
+                pending = self.prefetching.get(product_id)
             try:
                 check()
-            except GenerationCancelled:
-                self.count("cancelled")
-                raise
-            slot = self.slot_of.get(product_id)
-            temporary = slot is None
-            if temporary:  # evicted while queued: use a free slot for this request only
-                self.count("reloads_after_eviction")
-                slot = self._place_locked(
-                    product_id, read_adapter_weights(self.layout.adapter_dir(product_id))
-                )
-            try:
+                if pending is not None:  # its prefetch takes no pipeline lock: wait for it
+                    wait([pending])
+                with self.state:
+                    slot = self.slot_of.get(product_id)
+                    if slot is None:
+                        self.loading.add(product_id)
+                if slot is None:  # evicted while queued: a free slot until a load claims it
+                    self.count("reloads_after_eviction")
+                    try:
+                        slot = self._place_locked(product_id, self._read(product_id), "reload")
+                    finally:
+                        with self.state:
+                            self.loading.discard(product_id)
+                with self.state:
+                    self.running_slot = slot
+                switch = time.perf_counter()
                 self.generator.set_adapter(slot)
+                self._time("switch_ms", switch)
+                swap_ms = (time.perf_counter() - start) * 1000
                 images = self.generator.generate(
                     [prompt] * len(seeds),
                     seeds,
@@ -213,14 +428,16 @@ class GeneratorReplica:
                 raise
             finally:
                 self.generator.set_adapter(None)
-                if temporary:
-                    self.slots[slot] = None
-                    self.slot_of.pop(product_id, None)
+                with self.state:
+                    self.running = self.running_slot = None
+                    self._free_if_unwanted(product_id)
+                    self._schedule()
             self.count("requests")
             self.count("images", len(images))
             return {
                 "images": [encode_png(img) for img in images],
                 "generation_ms": (time.perf_counter() - start) * 1000,
+                "swap_ms": swap_ms,
                 "started_at": started_at,
             }
 
@@ -231,15 +448,17 @@ class GeneratorReplica:
         get_adapter: Callable[[str], Any],
     ) -> dict[str, Any]:
         """One request of the deployment: the adapter (through the multiplexer's cache), then
-        the generation in a thread. When the request is cancelled (its client went away:
-        Serve cancels this coroutine) the thread is told to stop at its next step.
-        ``queue_ms`` is everything between the ingress receiving the request and the
-        generation starting (routing, the replica's queue, the pipeline lock) except this
-        request's own adapter load."""
-        handle = await get_adapter(product_id)
-        load_ms = handle.take_load_ms()
+        the generation in a thread. The request waits in the replica's queue from its arrival
+        (the prefetcher sees it there) until its turn. When the request is cancelled (its
+        client went away: Serve cancels this coroutine) the thread is told to stop at its
+        next step. ``queue_ms`` is everything between the ingress receiving the request and
+        the generation starting (routing, the replica's queue, the pipeline lock) except
+        this request's own adapter load."""
+        ticket = self._enqueue(product_id)
         cancel = threading.Event()
         try:
+            handle = await get_adapter(product_id)
+            load_ms = handle.take_load_ms()
             out = await asyncio.to_thread(
                 self.generate,
                 product_id,
@@ -251,11 +470,15 @@ class GeneratorReplica:
                 request.get("height"),
                 cancel,
                 request.get("deadline_at"),
+                ticket,
             )
         except asyncio.CancelledError:  # the thread runs on: tell it to stop
             cancel.set()
             self.count("client_gone")
             raise
+        finally:
+            with self.state:
+                self._leave(ticket, starting=False)  # no-op once its turn took it
         received = request.get("received_at", out["started_at"])
         out["queue_ms"] = max(0.0, (out.pop("started_at") - received) * 1000 - load_ms)
         out["adapter_load_ms"] = load_ms
@@ -264,18 +487,26 @@ class GeneratorReplica:
     def stats(self) -> dict[str, Any]:
         # Without the pipeline lock, which a long generation holds: stats answer at once,
         # from copies (a swap in progress may show up a moment late).
-        slot_of, slot_bytes = dict(self.slot_of), dict(self.slot_bytes)
+        with self.state:
+            slot_of, slot_bytes = dict(self.slot_of), dict(self.slot_bytes)
+            prefetched = sorted(p for p, origin in self.unheld.items() if origin == "prefetch")
         allocated = list(self.generator.adapters)
         loaded = sorted(slot_of)
         return {
             "adapters_loaded": loaded,
+            "adapters_prefetched": prefetched,
             "slots": len(self.slots),
             "slots_allocated": len(allocated),
             "adapter_bytes": int(sum(slot_bytes.get(slot_of[p], 0) for p in loaded)),
             "allocated_adapter_bytes": int(sum(slot_bytes.get(s, 0) for s in allocated)),
             "counters": dict(self.counters),
+            "adapter_ms": {k: round(v, 3) for k, v in dict(self.timings).items()},
             "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
         }
+
+
+def _nbytes(weights: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def serve_deployment(config: RestageConfig):
