@@ -46,6 +46,7 @@ from bench.common import machine  # noqa: E402
 from bench.train import sdxl_pipeline  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
+from ray_app.storage import AdapterLayout  # noqa: E402
 
 PROMPT = "a photo of sks {noun}"
 # Starts the script unchanged, with its "Steps" progress bar timed: the bar opens right
@@ -227,7 +228,7 @@ def main() -> None:
         files = photos(args.photos, product)
         start = time.perf_counter()
         result = trainer.train(restage_samples(files, product.replace("_", " ")), seed=i)
-        adapter = work / "restage" / product / "pytorch_lora_weights.safetensors"
+        adapter = Path(AdapterLayout.weights_in(str(work / "restage" / product)))
         adapter.parent.mkdir(parents=True, exist_ok=True)
         adapter.write_bytes(trainer.adapter_bytes(result.state_dict))
         total = time.perf_counter() - start

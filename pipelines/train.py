@@ -3,7 +3,8 @@
 The product list is one Ray Data stream (``work_dataset``): the augment output's manifest
 shards, read in Ray Data tasks, one row per product, each row's completion (its
 ``adapter.json`` exists) checked in those tasks; the driver lists nothing. A work-queue
-actor (``pipelines.train_queue``) reads that stream and a ``TorchTrainer`` with N workers
+actor (``pipelines.train_queue``) reads that stream and a Ray Train ``DataParallelTrainer``
+(no torch process group: the workers never communicate) with N workers
 leases products from it one at a time, as each worker gets to them (in listing order): a
 fast worker takes more products, a slow product holds back only its own worker, and more
 workers speed a job up without reassigning finished work. Each worker loads the base
@@ -892,12 +893,14 @@ def _fit(
     test_delays: dict[str, float],
 ) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    # No backend: the workers train independent products and never talk to each other, so
+    # the torch process group TorchTrainer sets up is pure start-up cost.
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     opts = config.train
     if config.generator.source.strip() == "tiny":
-        # Build the tiny checkpoint here, not in a worker: under Ray Train's process group,
-        # transformers' save_pretrained writes only on rank 0, so a rank-1 build is empty.
+        # Build the tiny checkpoint here, once, not in N workers racing to write one folder.
         from ray_app import tiny
 
         tiny.ensure("generator", config.cache_path)
@@ -914,7 +917,7 @@ def _fit(
     }
     if test_delays:
         loop_config["test_delays"] = test_delays
-    trainer = TorchTrainer(
+    trainer = DataParallelTrainer(
         _worker_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(

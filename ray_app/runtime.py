@@ -18,11 +18,20 @@ from ray_app.progress import interactive
 log = logging.getLogger("restage")
 
 
+# Seconds between Ray Train's checks of its workers (Ray's default: 2). A train job's
+# workers end when the queue is empty and the controller notices only at its next check,
+# so each job waited about a second more per check interval (bench/ray_train_startup.py).
+TRAIN_HEALTH_CHECK_S = 0.25
+
+
 def worker_env(config: RestageConfig) -> dict[str, str]:
-    """Environment every Ray worker of the job gets (offline flags, cache location), never a
-    secret (``ray_app.secrets``)."""
+    """Environment every Ray worker of the job gets (offline flags, cache location, Ray
+    Train's check interval unless set), never a secret (``ray_app.secrets``)."""
     env = apply_environment(config.offline)
     env["RESTAGE_CACHE"] = str(config.cache_path)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get(
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_HEALTH_CHECK_S)
+    )
     return secrets.without_secrets(env)
 
 
