@@ -3,7 +3,8 @@
 # architectures with random weights, no Ray. Each section has its own time limit, so one
 # that fails or runs long does not cost the others; results go to RESULTS.
 #
-#   bash bench/gpu_suite.sh [SECTION ...]     # train multi_lora swap roles personalize
+#   bash bench/gpu_suite.sh [SECTION ...]  # train multi_lora swap roles prefetch personalize
+# (swap and prefetch load the checkpoint that train saves under WORK: run train first)
 #
 # Environment: RESULTS (default bench/results), WORK (scratch: the saved SDXL checkpoint,
 # ~7 GB), TAG (file-name suffix, default: the GPU's name), SCRIPT (a copy of diffusers'
@@ -46,10 +47,14 @@ for s in "${@:-train multi_lora swap roles}"; do
       roles)
         section roles 240 python3 bench/gpu_roles.py --profile default --device cuda \
           --out "$RESULTS/roles_gpu.json" ;;
+      prefetch)  # 40 distinct rank-64 files (177 MiB each), hard-linked up to 1,000 stored
+        section prefetch 300 python3 bench/serve_prefetch.py --profile default --device cuda \
+          --rank 64 --distinct 40 --requests 48 "${SDXL[@]}" \
+          --out "$RESULTS/serve_prefetch_sdxl_$TAG.json" ;;
       personalize)
         section personalize 1800 python3 bench/personalize.py --size base --device cuda \
           --splits 1 --photos "$PHOTOS" --out "$RESULTS/personalize_base_$TAG.json" ;;
-      *) echo "unknown section $name (train multi_lora swap roles personalize)"; exit 2 ;;
+      *) echo "unknown section $name (train multi_lora swap roles prefetch personalize)"; exit 2 ;;
     esac
   done
 done
