@@ -122,11 +122,12 @@ def _save_svd(folder: Path, device: str) -> dict[str, Path]:
     """SVD img2vid-xt's published configs (diffusers' spatio-temporal UNet defaults are SVD's)."""
     from diffusers import (
         AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
         StableVideoDiffusionPipeline,
         UNetSpatioTemporalConditionModel,
     )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ray_app.tiny import svd_scheduler
 
     with torch.device(device):
         unet = UNetSpatioTemporalConditionModel(num_frames=25)
@@ -150,25 +151,11 @@ def _save_svd(folder: Path, device: str) -> dict[str, Path]:
                 hidden_act="gelu",
             )
         )
-    # SVD-XT's scheduler settings (as the tiny profile's builder has them).
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        interpolation_type="linear",
-        prediction_type="v_prediction",
-        sigma_max=700.0,
-        sigma_min=0.002,
-        steps_offset=1,
-        timestep_spacing="leading",
-        timestep_type="continuous",
-        use_karras_sigmas=True,
-    )
     pipe = StableVideoDiffusionPipeline(
         vae=vae,
         image_encoder=encoder,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=svd_scheduler(),
         feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
     ).to(dtype=torch.float16)
     pipe.save_pretrained(folder / "svd", variant="fp16", safe_serialization=True)

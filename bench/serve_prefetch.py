@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.generator import Generator, read_adapter_weights  # noqa: E402
+from bench.adapter_swap import median, timed  # noqa: E402
 from bench.common import machine  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
@@ -186,19 +187,6 @@ async def closed_loop(
         "adapter_reads": counters.get("adapter_reads", 0),
         "prefetch_ms_off_lock_per_request": round(spent.get("prefetch_ms", 0.0) / n, 2),
     }
-
-
-def timed(fn) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return (time.perf_counter() - start) * 1000
-
-
-def median(values: list[float]) -> float:
-    return round(statistics.median(values), 3) if values else float("nan")
 
 
 def miss_cost(replica: GeneratorReplica, root: Path, products: list[str], n: int) -> dict:

@@ -415,7 +415,6 @@ def _fp16_safe_vae(dest: Path) -> None:
 def _novel_view(dest: Path) -> None:
     from diffusers import (
         AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
         StableVideoDiffusionPipeline,
         UNetSpatioTemporalConditionModel,
     )
@@ -454,7 +453,21 @@ def _novel_view(dest: Path) -> None:
             patch_size=32,
         )
     )
-    scheduler = EulerDiscreteScheduler(
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=encoder,
+        unet=unet,
+        scheduler=svd_scheduler(),
+        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def svd_scheduler():
+    """Stable Video Diffusion XT's scheduler, as its checkpoint configures it."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -467,14 +480,6 @@ def _novel_view(dest: Path) -> None:
         timestep_type="continuous",
         use_karras_sigmas=True,
     )
-    pipe = StableVideoDiffusionPipeline(
-        vae=vae,
-        image_encoder=encoder,
-        unet=unet,
-        scheduler=scheduler,
-        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
-    )
-    pipe.save_pretrained(dest, safe_serialization=True)
 
 
 # Segment Anything architecture of the tiny checkpoint; the loader reads this file when it
