@@ -36,30 +36,39 @@ METRICS = {
 }
 
 
-def real_size_checkpoints(folder: Path) -> dict[str, str]:
-    """Random-weight checkpoints of the default profile's evaluation architectures, saved in
-    each library's own format: OpenAI CLIP ViT-B/32 (OpenCLIP), DINO ViT-S/16 (transformers
-    ViT), the FID Inception-v3 (torch-fidelity's module). -> {role: source folder or file}."""
+def save_open_clip(dest: Path, arch: str, device: str = "cpu") -> Path:
+    """A random-weight OpenCLIP ``arch`` (e.g. ViT-L-14) saved as the loader reads a local
+    checkpoint: open_clip_config.json (model + OpenAI preprocessing) and the weights."""
     import open_clip
     import torch
     from safetensors.torch import save_file
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    clip_dir = folder / "eval_clip"
-    clip_dir.mkdir()
-    cfg = open_clip.get_model_config("ViT-B-32")
+    dest.mkdir(parents=True)
+    cfg = open_clip.get_model_config(arch)
     preprocess = {
         "mean": list(open_clip.OPENAI_DATASET_MEAN),
         "std": list(open_clip.OPENAI_DATASET_STD),
     }
-    (clip_dir / "open_clip_config.json").write_text(
+    (dest / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess})
     )
-    model = open_clip.CLIP(**cfg)
+    with torch.device(device):
+        model = open_clip.CLIP(**cfg)
     save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        clip_dir / "open_clip_model.safetensors",
+        {k: v.contiguous().cpu() for k, v in model.state_dict().items()},
+        dest / "open_clip_model.safetensors",
     )
+    return dest
+
+
+def real_size_checkpoints(folder: Path) -> dict[str, str]:
+    """Random-weight checkpoints of the default profile's evaluation architectures, saved in
+    each library's own format: OpenAI CLIP ViT-B/32 (OpenCLIP), DINO ViT-S/16 (transformers
+    ViT), the FID Inception-v3 (torch-fidelity's module). -> {role: source folder or file}."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    clip_dir = save_open_clip(folder / "eval_clip", "ViT-B-32")
 
     dino_dir = folder / "eval_dino"
     ViTModel(

@@ -173,26 +173,9 @@ def _save_sam(folder: Path, device: str) -> dict[str, Path]:
 
 
 def _save_clip(folder: Path, device: str) -> dict[str, Path]:
-    import open_clip
-    from safetensors.torch import save_file
+    from bench.evaluate import save_open_clip
 
-    dest = folder / "clip"
-    dest.mkdir()
-    cfg = open_clip.get_model_config("ViT-L-14")
-    preprocess = {
-        "mean": list(open_clip.OPENAI_DATASET_MEAN),
-        "std": list(open_clip.OPENAI_DATASET_STD),
-    }
-    (dest / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess})
-    )
-    with torch.device(device):
-        model = open_clip.CLIP(**cfg)
-    save_file(
-        {k: v.contiguous().cpu() for k, v in model.state_dict().items()},
-        dest / "open_clip_model.safetensors",
-    )
-    return {"source": dest}
+    return {"source": save_open_clip(folder / "clip", "ViT-L-14", device)}
 
 
 def _save_dinov2(folder: Path, device: str) -> dict[str, Path]:
