@@ -15,6 +15,7 @@ import numpy as np
 
 from actors.clip import ClipEmbedder
 from actors.dino import DinoEmbedder
+from actors.personal_fidelity import PersonalEncoders, decoded
 from ray_app import storage
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.batching import object_array
@@ -36,6 +37,9 @@ class ReferenceEmbeddings:
     clip_crop: np.ndarray
     dino_image: np.ndarray
     dino_crop: np.ndarray
+    # under the product's own encoder (personal_fidelity): None without one
+    product_id: str | None = None
+    personal: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class ScoringOptions:
 class Scorer:
     """Scores images against reference images with the ``clip`` and ``dino`` roles; with a
     ``segmenter`` (and its ``segmentation`` options) it segments images given without
-    masks."""
+    masks; with ``personal`` encoders (actors/personal_fidelity.py) it adds
+    ``personal_fidelity`` for products that have one."""
 
     def __init__(
         self,
@@ -61,6 +66,7 @@ class Scorer:
         options: ScoringOptions,
         segmenter: ModelSpec | None = None,
         segmentation: SegmentConfig | None = None,
+        personal: PersonalEncoders | None = None,
     ):
         if (segmenter is None) != (segmentation is None):
             raise ValueError(
@@ -74,20 +80,46 @@ class Scorer:
             from actors.segmenter import Segmenter
 
             self.segmenter = Segmenter(segmenter, segmentation)
+        self.personal = personal
         self.ranking = options.ranking or WeightedMean(options.weights, options.ranges)
 
     def embed_references(
-        self, references: Sequence[bytes], masks: Sequence[bytes | None]
+        self,
+        references: Sequence[bytes],
+        masks: Sequence[bytes | None],
+        product_id: str | None = None,
     ) -> ReferenceEmbeddings:
-        """Embeds a product's real images (and their crops by ``masks``) once."""
+        """Embeds a product's real images (and their crops by ``masks``) once; with
+        ``product_id`` and personal encoders, under the product's own encoder too."""
         batch = {"image": object_array(list(references)), "mask": object_array(list(masks))}
         clip, dino = self.clip(dict(batch)), self.dino(dict(batch))
+        personal = None
+        if self.personal is not None and product_id is not None:
+            personal = self.personal.embed(product_id, *decoded(references, masks))
         return ReferenceEmbeddings(
             clip_image=clip["image_embedding"],
             clip_crop=clip["crop_embedding"],
             dino_image=dino["image_embedding"],
             dino_crop=dino["crop_embedding"],
+            product_id=product_id,
+            personal=personal,
         )
+
+    def _personal_fidelity(
+        self,
+        ref: ReferenceEmbeddings,
+        data: list[bytes],
+        masks: list[bytes | None],
+        exclude: np.ndarray | None,
+    ) -> np.ndarray:
+        """Each image's product crop against the real photos' under the product's encoder;
+        NaN for every image when the product has none."""
+        if ref.personal is None or self.personal is None or ref.product_id is None:
+            return np.full(len(data), np.nan, np.float32)
+        features = self.personal.embed(ref.product_id, *decoded(data, masks))
+        if features is None:  # the encoder went away since the references were embedded
+            return np.full(len(data), np.nan, np.float32)
+        return mean_similarity(features, ref.personal, exclude)
 
     def score(
         self,
@@ -97,20 +129,22 @@ class Scorer:
         reference_masks: Sequence[bytes | None] | None = None,
         masks: Sequence[bytes | None] | None = None,
         exclude_self: Sequence[int] | None = None,
+        product_id: str | None = None,
     ) -> dict[str, Any]:
         """-> one float32 array per metric, ``score`` (the ranking's; NaN when unscorable),
         ``mask`` (the masks used) and ``error`` (per image). ``references`` are the real
         images (with ``reference_masks``) or their ``embed_references``. Without ``masks``
         and with a segmenter, the images are segmented first. ``exclude_self[i] = j`` leaves
         reference ``j`` out of image ``i``'s comparisons (a real image is not compared with
-        itself)."""
+        itself). ``product_id`` names whose personal encoder scores ``personal_fidelity``
+        (for ``references`` given as images; embedded ones carry it)."""
         if not isinstance(references, ReferenceEmbeddings):
             if reference_masks is None:
                 raise ValueError(
                     "reference_masks: pass one mask (or None) per reference image, "
                     "or pass references as Scorer.embed_references(...)"
                 )
-            references = self.embed_references(references, reference_masks)
+            references = self.embed_references(references, reference_masks, product_id)
         n = len(images)
         data = [img if isinstance(img, bytes) else encode_png(img) for img in images]
         if masks is None and self.segmenter is not None and n:
@@ -146,6 +180,7 @@ class Scorer:
             Metric.SEG_CLIP_T: np.einsum(
                 "nd,nd->n", gen_clip["crop_embedding"], gen_clip["text_embedding"]
             ).astype(np.float32),
+            Metric.PERSONAL_FIDELITY: self._personal_fidelity(ref, data, masks, exclude),
         }
         errors = [a or b for a, b in zip(gen_clip["error"], gen_dino["error"], strict=True)]
         return {

@@ -46,6 +46,7 @@ from actors.clip import ClipEmbedder, zero_shot
 from actors.generator import GenerationOptions, Generator
 from actors.inpainter import Inpainter, place_product, square_canvas
 from actors.novel_view import NovelView
+from actors.personal_fidelity import personal_encoders
 from actors.scorer import Scorer, ScoringOptions
 from actors.segmenter import Segmenter
 from pipelines import _job
@@ -308,6 +309,7 @@ def select_samples(state: ProductState, config: RestageConfig) -> None:
         Metric.CLIP_T: f.min_clip_t,
         Metric.SEG_CLIP_I: f.min_seg_clip_i,
         Metric.DINO: f.min_dino,
+        Metric.PERSONAL_FIDELITY: f.min_personal_fidelity,  # NaN without scoring.encoders
     }
     for s in samples:
         if s.kind in SYNTHETIC_POSITIVE_KINDS:
@@ -783,8 +785,11 @@ class ScoreStage(_Stage):
             config.model_spec("clip"),
             config.model_spec("dino"),
             ScoringOptions(config.augment.filter.weights, config.scoring.ranges),
+            personal=personal_encoders(config.scoring, config.personalize, config.model_spec),
         )
         self.tags = {"clip": source_tag(config, "clip"), "dino": source_tag(config, "dino")}
+        if self.scorer.personal is not None:
+            self.tags["encoder"] = source_tag(config, "encoder")
 
     def process(self, state: ProductState) -> None:
         samples = [s for s in state.samples if s.image_uri is not None]
@@ -803,6 +808,7 @@ class ScoreStage(_Stage):
             [masks[s.sample_id] for s in reals],
             masks=[masks[s.sample_id] for s in samples],
             exclude_self=[real_index.get(s.sample_id, -1) for s in samples],
+            product_id=state.product_id,
         )
         for i, s in enumerate(samples):
             s.scores.update({name: float(out[name][i]) for name in Metric})
@@ -954,7 +960,7 @@ def model_stages(config: RestageConfig) -> list[tuple[type[_Stage], tuple[str, .
         plan.append((NegativeStage, ("generator",)))
     if on["contexts"] or on["negatives"] or on["counterfactuals"]:
         plan.append((ResegmentStage, ("segmenter",)))
-    plan.append((ScoreStage, ("clip", "dino")))
+    plan.append((ScoreStage, config.scoring.roles()))
     return plan
 
 

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from actors.personal_fidelity import personal_encoders
 from actors.scorer import Scorer, ScoringOptions, references
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
@@ -233,6 +234,7 @@ class ScoreStage(ProductStage):
             config.model_spec("clip"),
             config.model_spec("dino"),
             ScoringOptions(g.weights, config.scoring.ranges, build_ranking(g, config.scoring)),
+            personal=personal_encoders(config.scoring, config.personalize, config.model_spec),
         )
 
     def process(self, state: ProductState) -> None:
@@ -252,6 +254,7 @@ class ScoreStage(ProductStage):
             refs,
             ref_masks,
             masks=[im.mask for im in todo],
+            product_id=state.product_id,
         )
         for k, im in enumerate(todo):
             im.scores = {m: float(out[m][k]) for m in Metric}
@@ -318,6 +321,8 @@ def _row(state: ProductState, im: Image, uri: str | None, config: RestageConfig)
 
     models = {"generator": source_tag(config, "generator"), "clip": source_tag(config, "clip")}
     models["dino"] = source_tag(config, "dino")
+    if config.scoring.encoders is not None:
+        models["encoder"] = source_tag(config, "encoder")
     if config.generate.segment:
         models["segmenter"] = source_tag(config, "segmenter")
     return {
@@ -349,7 +354,7 @@ def model_stages(config: RestageConfig) -> list[tuple[type[ProductStage], tuple[
     stages: list[tuple[type[ProductStage], tuple[str, ...]]] = [(GenerateStage, ("generator",))]
     if config.generate.segment:
         stages.append((SegmentStage, ("segmenter",)))
-    return [*stages, (ScoreStage, ("clip", "dino"))]
+    return [*stages, (ScoreStage, config.scoring.roles())]
 
 
 def adapter_ids(adapters: AdapterLayout) -> Any:

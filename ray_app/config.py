@@ -316,9 +316,25 @@ class ScoringConfig(StrictModel):
             Metric.DINO: (0.1, 1.0),
             Metric.SEG_DINO: (0.1, 1.0),
             Metric.SEG_CLIP_T: (0.1, 0.35),
+            Metric.PERSONAL_FIDELITY: (0.0, 1.0),
         },
         description="Raw value mapped to 0 and to 1 for each metric (clipped outside).",
     )
+    encoders: str | None = Field(
+        None,
+        description="URI of a `restage personalize` output. Set, every image scored against a "
+        "product that has an encoder there gets personal_fidelity: its product crop against "
+        "the real photos' under the product's own encoder (the encoder role with the "
+        "product's LoRA; personalize.rank/alpha/target_modules/feature/resolution must be the "
+        "encoders'). It counts where a job weights it: augment.filter.weights and "
+        "min_personal_fidelity, generate.weights (ranking 'weighted' or 'learned'), serve's "
+        "rank. A product without an encoder gets null, never a stand-in.",
+    )
+
+    def roles(self) -> tuple[str, ...]:
+        """The roles a job's scorer loads (its stage's resources): the product encoders'
+        base too with ``encoders``."""
+        return ("clip", "dino") + (("encoder",) if self.encoders is not None else ())
 
     @model_validator(mode="after")
     def _check(self) -> ScoringConfig:
@@ -587,8 +603,15 @@ class FilterConfig(StrictModel):
             Metric.DINO: 1.0,
             Metric.SEG_DINO: 0.5,
             Metric.SEG_CLIP_T: 0.0,
+            Metric.PERSONAL_FIDELITY: 1.0,  # counts only with scoring.encoders
         },
         description="Weights of the normalised metrics in the score that orders samples.",
+    )
+    min_personal_fidelity: float = Field(
+        -1.0,
+        description="Views and contexts whose personal_fidelity (scoring.encoders) is below "
+        "this are dropped; -1 (the lowest cosine) drops none. Products without an encoder "
+        "are not filtered by it.",
     )
 
 

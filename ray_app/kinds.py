@@ -35,6 +35,9 @@ class Metric(StrEnum):
     DINO = "dino"  # DINOv2 image vs the real images
     SEG_DINO = "seg_dino"  # ... on product crops
     SEG_CLIP_T = "seg_clip_t"  # CLIP product crop vs the prompt (evaluation; weight 0 elsewhere)
+    # the product crop vs the real photos' under the product's own encoder (`restage
+    # personalize`; actors/personal_fidelity.py); null where the product has no encoder
+    PERSONAL_FIDELITY = "personal_fidelity"
 
 
 # augment's own score of a context sample: IoU of the product re-segmented after

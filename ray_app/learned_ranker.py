@@ -48,6 +48,10 @@ INNER_FOLDS = 5
 STATISTICS = ("auc", "pearson", "spearman")
 HEADLINE = "pearson"  # the paper's measure (2.5: "0.4 Pearson correlation")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Metrics added after ratings tables existed: a table without the column reads as NaN, and
+# the ratings digest counts the metric only where it has a value, so an older table (or one
+# without the metric) keeps the digest that `generate.ranker_sha256` pins.
+OPTIONAL_METRICS = (Metric.PERSONAL_FIDELITY,)
 
 
 class RankerError(ValueError):
@@ -91,7 +95,8 @@ def read_ratings(uri: str) -> Ratings:
             "`restage review results`, or its folder"
         )
     table = storage.read_parquet(path)
-    needed = [*KEY_COLUMNS, LABEL_COLUMN, *(m.value for m in Metric)]
+    optional = {m.value for m in OPTIONAL_METRICS}
+    needed = [*KEY_COLUMNS, LABEL_COLUMN, *(m.value for m in Metric if m not in optional)]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise RankerError(
@@ -108,12 +113,14 @@ def read_ratings(uri: str) -> Ratings:
             f"ratings {path}: {len(twice)} image(s) with more than one row, e.g. {twice[0]} "
             "(run, product_id, image_id): give one row per image"
         )
-    metrics = {
-        m: np.array(
-            [np.nan if v is None else v for v in table.column(m.value).to_pylist()], np.float64
-        )[rated]
-        for m in Metric
-    }
+
+    def values(m: Metric) -> np.ndarray:
+        if m.value not in table.column_names:  # an optional metric (OPTIONAL_METRICS)
+            return np.full(len(rated), np.nan)
+        column = table.column(m.value).to_pylist()
+        return np.array([np.nan if v is None else v for v in column], np.float64)[rated]
+
+    metrics = {m: values(m) for m in Metric}
     return Ratings(
         uri=path,
         keys=keys,
@@ -128,11 +135,14 @@ def ratings_digest(ratings: Ratings) -> str:
     row's key, label and every Metric column (float32, one NaN), so that the same ratings give
     the same digest whatever the file's row order or the features a fit chose."""
     order = sorted(range(len(ratings)), key=lambda i: ratings.keys[i])
+    counted = [
+        m for m in Metric if m not in OPTIONAL_METRICS or not np.isnan(ratings.metrics[m]).all()
+    ]
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "metrics": [m.value for m in Metric]}).encode())
+    h.update(json.dumps({"format": FORMAT, "metrics": [m.value for m in counted]}).encode())
     h.update(json.dumps([list(ratings.keys[i]) for i in order]).encode())
     h.update(ratings.labels[order].astype(np.uint8).tobytes())
-    for m in Metric:
+    for m in counted:
         x = ratings.metrics[m][order].astype("<f4") + np.float32(0)  # -0.0 -> 0.0
         x[np.isnan(x)] = np.float32("nan")  # one bit pattern for NaN
         h.update(x.tobytes())

@@ -1,6 +1,7 @@
 """The ranker deployment: orders a request's images by the same score as `restage
 generate`: its metrics (CLIP-T, CLIP-I, DINO and their segmented variants against the
-product's real images) made one score by ``generate.ranking`` (ray_app/ranking.py). No
+product's real images, and personal_fidelity where ``scoring.encoders`` has the product's
+encoder) made one score by ``generate.ranking`` (ray_app/ranking.py). No
 threshold: a request gets every image it asked for, ranked."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import math
 from collections import OrderedDict
 from typing import Any
 
+from actors.personal_fidelity import personal_encoders
 from actors.scorer import ReferenceEmbeddings, Scorer, ScoringOptions, references
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import RestageConfig
@@ -33,6 +35,7 @@ class RankerReplica:
             ScoringOptions(g.weights, config.scoring.ranges, self.ranking),
             segmenter=config.model_spec("segmenter") if segment else None,
             segmentation=config.serve.ranker_segmentation if segment else None,
+            personal=personal_encoders(config.scoring, config.personalize, config.model_spec),
         )
         self._references: OrderedDict[tuple[str, str], ReferenceEmbeddings] = OrderedDict()
         self.reference_loads = 0
@@ -47,7 +50,8 @@ class RankerReplica:
         images, masks = references(meta)
         if not images:
             raise ValueError(f"product {meta.product_id!r} has no real image in its training set")
-        self._references[key] = embedded = self.scorer.embed_references(images, masks)
+        embedded = self.scorer.embed_references(images, masks, meta.product_id)
+        self._references[key] = embedded
         self.reference_loads += 1
         while len(self._references) > REFERENCE_CACHE:
             self._references.popitem(last=False)
@@ -76,7 +80,7 @@ def serve_deployment(config: RestageConfig):
     """The Ray Serve ranker deployment class (GPUs of the roles it loads)."""
     from ray import serve
 
-    roles = ["clip", "dino"] + (["segmenter"] if config.generate.segment else [])
+    roles = [*config.scoring.roles()] + (["segmenter"] if config.generate.segment else [])
     gpus = sum(config.role(r).num_gpus for r in roles)
 
     @serve.deployment(

@@ -94,6 +94,9 @@ def test_generate_job_ranks_and_keeps_top_n_per_product(ray_local, adapters, tmp
         assert sum(r["prompt_source"] == "user" for r in rows) == g.images_per_prompt
         assert all(meta.phrase in r["prompt"] for r in rows)
         for name in (*Metric, "score"):
+            if name == Metric.PERSONAL_FIDELITY:  # no scoring.encoders: null, never a stand-in
+                assert all(r[name] is None for r in rows)
+                continue
             assert all(r[name] is not None and np.isfinite(r[name]) for r in rows), name
         # generate.ranking's score, recorded with its name: by default the paper's sum.
         assert {r["ranking"] for r in rows} == {g.ranking} == {"paper"}
