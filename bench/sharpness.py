@@ -51,7 +51,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1024, help="train.resolution")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/sharpness.json")
     args = parser.parse_args()
-    files = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    files = sorted(
+        p
+        for p in args.photos.rglob("*")
+        if p.suffix.lower() in (".jpg", ".png") and "masks" not in p.parts  # examples' masks
+    )
     if not files:
         sys.exit(f"no photos under {args.photos} (see ../shared/data/dreambooth/README.md)")
     ratios: dict[str, list[float]] = {}

@@ -100,13 +100,19 @@ PRODUCTS = {
 SHOTS = [("white", 128, 132, 1.0), ("wood", 100, 140, 0.9), ("fabric", 150, 128, 1.15)]
 
 
-def render(product_id: str, spec: dict, shot: int) -> Image.Image:
-    kind, cx, cy, scale = SHOTS[shot]
-    rng = np.random.default_rng(1000 * shot + sum(map(ord, product_id)))
-    bg = _background(kind, rng)
+def _mask(spec: dict, shot: int) -> tuple[np.ndarray, int, int]:
+    """The product's silhouette in a shot (0..1) and its horizontal extent."""
+    _, cx, cy, scale = SHOTS[shot]
     mask_img = Image.new("L", (SIZE, SIZE), 0)
     x0, x1 = spec["shape"](ImageDraw.Draw(mask_img), cx, cy, scale)
-    mask = np.asarray(mask_img, np.float32) / 255.0
+    return np.asarray(mask_img, np.float32) / 255.0, x0, x1
+
+
+def render(product_id: str, spec: dict, shot: int) -> Image.Image:
+    kind = SHOTS[shot][0]
+    rng = np.random.default_rng(1000 * shot + sum(map(ord, product_id)))
+    bg = _background(kind, rng)
+    mask, x0, x1 = _mask(spec, shot)
     # Soft contact shadow under the object.
     shadow = Image.new("L", (SIZE, SIZE), 0)
     bottom = int(np.nonzero(mask.any(1))[0].max())
@@ -146,9 +152,36 @@ def main() -> None:
             }
         )
     (HERE / "products.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_test_manifest()
     print(
         f"wrote {sum(len(r['image_uris']) for r in records)} images of {len(records)} products under {out}"
     )
+
+
+# The split of each shot in the test manifest of `restage personalize evaluate`.
+TEST_SPLITS = ("reference", "val", "test")
+
+
+def write_test_manifest() -> None:
+    """``personalize_test.jsonl``: every photo labelled with its product, its exact mask
+    (``products/<id>/masks/``) and a split (white: reference, wood: val, fabric: test), the
+    README's example of `restage personalize evaluate`."""
+    rows = []
+    for pid, spec in PRODUCTS.items():
+        (HERE / "products" / pid / "masks").mkdir(parents=True, exist_ok=True)
+        for shot, split in enumerate(TEST_SPLITS):
+            name = f"{shot:02d}-{SHOTS[shot][0]}"
+            mask = Image.fromarray(((_mask(spec, shot)[0] > 0.5) * 255).astype(np.uint8))
+            mask.save(HERE / "products" / pid / "masks" / f"{name}.png")
+            rows.append(
+                {
+                    "image_uri": f"products/{pid}/{name}.jpg",
+                    "product_id": pid,
+                    "mask_uri": f"products/{pid}/masks/{name}.png",
+                    "split": split,
+                }
+            )
+    (HERE / "personalize_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -404,16 +404,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a per-product image encoder (contrastive LoRA of the encoder role)",
         description="Train one LoRA of the encoder role (DINOv2 by default) per product of "
         "--data (a `restage augment` output) on Ray Data, with InfoNCE: the product's kept "
-        "positive samples pull together, its in-class negatives and the real photos of "
-        "personalize.negative_products other products of the run push away (personalized "
-        "representations, arXiv 2412.16156). Writes OUT/<product>/ (a peft folder and "
+        "positive samples, cut-and-paste composites of it and, with --adapters, its own "
+        "adapter's generations (filtered by seg_dino) pull together; its in-class negatives "
+        "and the real photos of personalize.negative_products other products of the run "
+        "(its own category first) push away (personalized representations, arXiv "
+        "2412.16156). Writes OUT/<product>/ (a peft folder and "
         "encoder.json), a Parquet manifest (one row per product), errors and _summary.json. "
-        "Re-running skips complete products.",
+        "Re-running skips complete products. `restage personalize evaluate --encoders URI "
+        "--test MANIFEST --out URI` measures each encoder, personalized and pretrained (LoRA "
+        "off), on a test manifest of images labelled by product: classification (ROC AUC, "
+        "accuracy), retrieval (AP, recall@k), detection (AP@IoU) and segmentation (mIoU); "
+        "writes results.parquet, summary.json and report/index.html.",
     )
-    p.add_argument("--data", required=True, help="a `restage augment` output root URI")
-    p.add_argument("--out", required=True, help="output root URI of the encoders")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["evaluate"],
+        help="evaluate: measure the encoders of --encoders on the --test manifest into --out",
+    )
+    p.add_argument("--data", help="a `restage augment` output root URI (training)")
+    p.add_argument("--adapters", help="a `restage train` output: adds generated positives")
+    p.add_argument("--encoders", help="a `restage personalize` output root URI (evaluate)")
+    p.add_argument(
+        "--test",
+        help="test manifest (evaluate): JSONL, CSV or Parquet rows of image_uri, product_id "
+        "(empty: a distractor), optional mask_uri and split (reference, val, test)",
+    )
+    p.add_argument("--out", required=True, help="output root URI")
     _add_config_args(p)
-    p.set_defaults(func=_job("pipelines.personalize:main", "PersonalizeArgs"))
+
+    def personalize(args: argparse.Namespace) -> int:
+        if args.action == "evaluate":
+            missing = [f"--{n}" for n in ("encoders", "test") if not getattr(args, n)]
+            training = [f"--{n}" for n in ("data", "adapters") if getattr(args, n, None)]
+            if missing or training:
+                raise ValueError(
+                    "restage personalize evaluate takes --encoders, --test and --out"
+                    + (f"; give {' and '.join(missing)}" if missing else "")
+                    + (f"; drop {' and '.join(training)} (training only)" if training else "")
+                )
+            try:
+                summary = _entry(
+                    "pipelines.personalize_evaluate:main",
+                    "PersonalizeEvaluateArgs",
+                    _config(args),
+                    args,
+                )
+            finally:
+                _say_where_ray_logs_are(args.out)
+            return 1 if summary["failed"] and not summary["products"] else 0
+        if not args.data or args.encoders or args.test:
+            raise ValueError(
+                "restage personalize needs --data (a `restage augment` output)"
+                + (
+                    " (--encoders and --test are for `restage personalize evaluate`)"
+                    if args.encoders or args.test
+                    else ""
+                )
+            )
+        return _job("pipelines.personalize:main", "PersonalizeArgs")(args)
+
+    p.set_defaults(func=personalize)
 
     p = sub.add_parser(
         "stage",

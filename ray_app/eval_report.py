@@ -183,7 +183,7 @@ def write_report(
     storage.remove(layout.report_dir(), recursive=True)  # no stale pages of an earlier report
     products = _read_products(layout, runs, metrics, colours)
     with_page = products if max_products is None else products[:max_products]
-    env = _environment()
+    env = template_environment()
     with ThreadPoolExecutor(THUMB_THREADS, thread_name_prefix="report-thumbs") as pool:
         for product in with_page:
             _write_product(
@@ -490,12 +490,12 @@ def _plots(
             )
             for run in runs
         }
-        svg = _distribution_svg(metric, values, colours) if any(map(len, values.values())) else None
+        svg = distribution_svg(metric, values, colours) if any(map(len, values.values())) else None
         plots.append({"metric": metric, "svg": svg})
     return plots
 
 
-def _distribution_svg(metric: str, values: dict[str, np.ndarray], colours: dict[str, str]) -> str:
+def distribution_svg(metric: str, values: dict[str, np.ndarray], colours: dict[str, str]) -> str:
     """The figure as an ``<svg>`` element, marked safe for the template: matplotlib escapes
     the text it writes (labels, and the comments naming them), run names included."""
     from markupsafe import Markup
@@ -555,7 +555,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _environment():
+def template_environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     env = Environment(

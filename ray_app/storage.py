@@ -328,9 +328,32 @@ class EncoderLayout(JobLayout):
     def encoder_dir(self, product_id: str) -> str:
         return join(self.root, product_id)
 
+    def cut_paste_dir(self, product_id: str) -> str:
+        """The product's kept cut-and-paste composites (personalize.cut_paste.keep_images)."""
+        return join(self.encoder_dir(product_id), "data", "cut_paste")
+
+    def cut_paste_image(self, product_id: str, index: int) -> str:
+        return join(self.cut_paste_dir(product_id), f"{index:04d}.png")
+
+    def cut_paste_mask(self, product_id: str, index: int) -> str:
+        """The composite's paste mask: 255 exactly where the product's pixels went."""
+        return join(self.cut_paste_dir(product_id), f"{index:04d}_mask.png")
+
     @classmethod
     def metadata_in(cls, folder: str) -> str:
         return join(folder, cls.METADATA)
+
+    def generated_dir(self, guidance_scale: float) -> str:
+        """A ``restage generate`` output of the products' adapters at one classifier-free
+        guidance value (``personalize --adapters``; a GenerationLayout root)."""
+        return join(self.root, "_generated", f"cfg-{guidance_scale:g}")
+
+    def dropped_dir(self) -> str:
+        """The generated positives the filter left out, one Parquet shard per product."""
+        return join(self.root, "_dropped")
+
+    def dropped_shard(self, product_id: str) -> str:
+        return join(self.dropped_dir(), f"{product_id}.parquet")
 
     def manifest_dir(self) -> str:
         return join(self.root, "_manifest")

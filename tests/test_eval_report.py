@@ -170,10 +170,10 @@ def test_plots_escape_run_names():
     """Plots go into the page unescaped (they are SVG): matplotlib must escape what it writes."""
     import numpy as np
 
-    from ray_app.eval_report import _distribution_svg
+    from ray_app.eval_report import distribution_svg
 
     hostile = "a --> </svg><script>alert(1)</script>"
-    svg = _distribution_svg("dino", {hostile: np.array([0.5, 0.6])}, {hostile: "#1f77b4"})
+    svg = distribution_svg("dino", {hostile: np.array([0.5, 0.6])}, {hostile: "#1f77b4"})
     assert svg.startswith("<svg") and "<script" not in svg and "</svg><" not in svg
 
 

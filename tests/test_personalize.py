@@ -15,6 +15,8 @@ from conftest import ROOT, kill_after_first_marker
 from trainset import PRODUCTS, write_training_set
 
 from ray_app import storage
+from ray_app.config import load_config, with_overrides
+from ray_app.images import encode_png
 from ray_app.storage import EncoderLayout
 
 THREE = {**PRODUCTS, "vase-green-03": ("vase", "a green vase", (40, 200, 60))}
@@ -51,9 +53,12 @@ def test_sigkill_then_rerun_finishes_the_rest_and_leaves_the_done_untouched(tmp_
 
     manifest = pq.read_table(out / "_manifest").to_pylist()
     assert sorted(r["product_id"] for r in manifest) == sorted(THREE)
+    count = load_config("tiny").personalize.cut_paste.count
     for row in manifest:
-        # 6 positives (3 real, 3 contexts), 3 in-class negatives, the other 2 products' reals
-        assert (row["positives"], row["negatives"], row["hard_negatives"]) == (6, 3, 6)
+        # 6 positives (3 real, 3 contexts) and the composites on the other products' scenes,
+        # 3 in-class negatives, the other 2 products' reals
+        got = (row["positives"], row["negatives"], row["hard_negatives"], row["cut_paste"])
+        assert got == (6 + count, 3, 6, count)
         assert row["loss_last"] < row["loss_first"], row
         assert set(_files(Path(row["encoder_uri"]))) == {
             EncoderLayout.PEFT_CONFIG,
@@ -95,8 +100,17 @@ def test_a_product_too_small_to_train_is_an_error_row_and_the_others_train(
     write_training_set(str(data), PRODUCTS)
     one = {"cup-white-09": ("cup", "a white cup", (240, 240, 240))}
     write_training_set(str(data), one, reals=1, contexts=0)
-    summary = personalize(tiny_config, str(data), str(out))
+    scenes = tmp_path / "scenes"  # a folder of scenes: every composite is pasted on one
+    scenes.mkdir()
+    for k in range(3):
+        (scenes / f"s{k}.png").write_bytes(encode_png(np.full((80, 96, 3), 10 * k, np.uint8)))
+    (scenes / "notes.txt").write_text("not an image")
+    config = with_overrides(tiny_config, [f"personalize.cut_paste.backgrounds={scenes}"])
+    summary = personalize(config, str(data), str(out))
     assert summary.products["ok"] == len(PRODUCTS) and summary.products["failed"] == 1
+    assert summary.extra["cut_paste_backgrounds"] == 3
+    for row in pq.read_table(out / "_manifest").to_pylist():
+        assert row["cut_paste"] == config.personalize.cut_paste.count
     errors = pq.read_table(out / "_errors").to_pylist()
     assert [e["product_id"] for e in errors] == ["cup-white-09"]
     assert "personalize.min_positives=2" in errors[0]["reason"]

@@ -251,6 +251,23 @@ def test_personalize_example_trains_an_encoder_per_quickstart_product(quickstart
         assert row["hard_negatives"] > 0 and row["loss_last"] < row["loss_first"], row
 
 
+@pytest.mark.slow  # measures the encoders of the personalize example
+def test_personalize_evaluate_example_measures_the_quickstart_encoders(quickstart, user_dir):
+    encoders = user_dir / readme_command("personalize").split()[-1]
+    if not (encoders / "_summary.json").exists():  # run alone: train them first
+        assert run(readme_command("personalize"), user_dir).returncode == 0
+    proc = run(readme_command("personalize-evaluate"), user_dir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = user_dir / readme_command("personalize-evaluate").split()[-1]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    # what the README's table of outputs lists is there: each product x encoder x task
+    assert {r["product_id"] for r in rows} == {"mug-red-001", "bottle-teal-002", "cereal-box-003"}
+    assert {r["encoder"] for r in rows} == {"personal", "pretrained"}
+    assert {r["task"] for r in rows} >= {"classification", "retrieval", "detection", "segmentation"}
+    assert json.loads((out / "summary.json").read_text())
+    assert (out / "report" / "index.html").is_file()
+
+
 @pytest.mark.slow  # rates the quick start's run
 def test_review_example_rates_the_quickstart_run(quickstart, user_dir):
     """The README's rating round on the quick start's tiny run: three raters added with its

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from ray_app.config import ReviewConfig
-from ray_app.kinds import Answer, Question
+from ray_app.kinds import Answer, Metric, Question
 from ray_app.runs import parse_runs
 from serve.review import accounts, db, rounds, tasks
 from serve.review.server import round_runs
@@ -49,14 +49,7 @@ def test_import_is_once_and_a_round_cannot_change(round_):
     assert len(rows) == 30 and len({r["key"] for r in rows}) == 30
     refs = json.loads(rows[0]["reference_uris"])
     assert len(refs) == 2 and all("real-" in uri for uri in refs)
-    assert set(json.loads(rows[0]["metrics"])) == {
-        "clip_t",
-        "clip_i",
-        "seg_clip_i",
-        "dino",
-        "seg_dino",
-        "seg_clip_t",
-    }
+    assert set(json.loads(rows[0]["metrics"])) == set(Metric)
     # the order interleaves the runs: neither run's images come as one block
     order = [r["run_id"] for r in sorted(rows, key=lambda r: r["order_key"])]
     assert max(len(list(g)) for g in _runs_of(order)) < 15

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import Engine, Integer, and_, cast, delete, func, select, update
 
-from ray_app.kinds import Answer, Question
+from ray_app.kinds import Answer, Metric, Question
 from ray_app.records import ANSWER_SCHEMA
 from serve.review import db
 from serve.review.accounts import Rater
@@ -414,6 +414,8 @@ def export(engine: Engine) -> tuple[pa.Table, pa.Table]:
             "image_id": r["image_id"],
             "image_uri": r["image_uri"],
             "prompt": r["prompt"],
+            # images imported before a metric existed have no value for it
+            **{m.value: None for m in Metric},
             **json.loads(r["metrics"]),
             "score": r["score"],
             "ranking": r["ranking"],
