@@ -91,18 +91,25 @@ def center_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return _square(rgb, ((w - side) // 2, (h - side) // 2, side), size, False)
 
 
+def square_box(
+    h: int, w: int, scale: tuple[float, float], flip: bool, rng: np.random.Generator
+) -> tuple[int, int, int, bool]:
+    """A random square (x, y, side) covering a ``scale`` fraction of the largest centred
+    square's area of an h x w image, and whether to flip it (half the time with ``flip``)."""
+    side = max(1, round(min(h, w) * math.sqrt(rng.uniform(*scale))))
+    x = int(rng.integers(0, w - side + 1))
+    y = int(rng.integers(0, h - side + 1))
+    return x, y, side, flip and bool(rng.integers(2))
+
+
 def random_square(
     rgb: np.ndarray, size: int, scale: tuple[float, float], flip: bool, rng: np.random.Generator
 ) -> np.ndarray:
-    """A random square covering a ``scale`` fraction of the largest centred square's area,
-    resized to ``size``, flipped half the time with ``flip``: training's augmentation (the
-    same framing as ``center_square`` at scale 1, so train and test inputs match)."""
-    h, w = rgb.shape[:2]
-    full = min(h, w)
-    side = max(1, round(full * math.sqrt(rng.uniform(*scale))))
-    x = int(rng.integers(0, w - side + 1))
-    y = int(rng.integers(0, h - side + 1))
-    return _square(rgb, (x, y, side), size, flip and bool(rng.integers(2)))
+    """A ``square_box`` of ``rgb`` resized to ``size`` (PIL): training's augmentation (the
+    same framing as ``center_square`` at scale 1, so train and test inputs match).
+    ``EncoderTrainer.train`` draws the same boxes and resizes on its device."""
+    x, y, side, flipped = square_box(*rgb.shape[:2], scale, flip, rng)
+    return _square(rgb, (x, y, side), size, flipped)
 
 
 def attention_targets(model: torch.nn.Module) -> list[str]:
@@ -245,6 +252,36 @@ class EncoderTrainer:
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
         return ((x - self.mean) / self.std).to(self.device, self.dtype)
 
+    def upload(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """uint8 RGB images as (3, h, w) uint8 tensors on the trainer's device, once per
+        product: views of the (h, w, 3) pixels, channels last, the layout torch's fast
+        uint8 resize takes."""
+        return [
+            torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(self.device)
+            for img in images
+        ]
+
+    def views(self, images: list[torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
+        """Training's augmentation of ``upload``-ed images, on their device: a ``square_box``
+        of each, resized to ``resolution`` (bicubic, antialiased), flipped, normalised ->
+        model input. On a GPU the host only draws the boxes (cropping and resizing 96
+        images a step with PIL, then normalising them on the host, costs about as much as
+        a ViT-B step: bench/personalize_data.py). On a CPU the resize runs on uint8, as
+        PIL's does, which torch does fastest."""
+        cfg, size, out = self.config, self.resolution, []
+        for img in images:
+            x, y, side, flipped = square_box(*img.shape[1:], cfg.crop_scale, cfg.flip, rng)
+            crop = img[None, :, y : y + side, x : x + side]
+            if crop.is_cuda:  # antialiased bicubic takes floating point there
+                crop = crop.float()
+            crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
+            out.append(crop.flip(-1) if flipped else crop)
+        pixels = torch.cat(out).contiguous().float().clamp_(0, 255)
+        # (x / 255 - mean) / std in two in-place passes
+        scale = (1 / (255 * self.std)).to(pixels.device)
+        shift = (self.mean / self.std).to(pixels.device)
+        return pixels.mul_(scale).sub_(shift).to(self.dtype)
+
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels, **self.forward_kwargs)
         return pooled_features(
@@ -315,30 +352,27 @@ class EncoderTrainer:
             list(self.lora_params.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         k = min(cfg.negatives_per_step, len(negatives))
-        losses: list[float] = []
-
-        def view(img: np.ndarray) -> np.ndarray:
-            return random_square(img, self.resolution, cfg.crop_scale, cfg.flip, rng)
-
+        pos, neg = self.upload(positives), self.upload(negatives)
+        losses: list[torch.Tensor] = []  # on the device: no sync per step
         for _ in range(cfg.epochs):
             order = pairs[rng.permutation(len(pairs))]
             for b in range(0, len(order), cfg.batch_size):
                 batch = order[b : b + cfg.batch_size]
                 negs = rng.choice(len(negatives), k, replace=False)
                 images = (
-                    [view(positives[i]) for i in batch[:, 0]]
-                    + [view(positives[i]) for i in batch[:, 1]]
-                    + [view(negatives[i]) for i in negs]
+                    [pos[i] for i in batch[:, 0]]
+                    + [pos[i] for i in batch[:, 1]]
+                    + [neg[i] for i in negs]
                 )
-                feats = self._features(self._pixels(images))
+                feats = self._features(self.views(images, rng))
                 n = len(batch)
                 loss = info_nce(feats[:n], feats[n : 2 * n], feats[2 * n :], cfg.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
         return EncoderResult(
-            losses=losses,
+            losses=torch.stack(losses).float().cpu().tolist() if losses else [],
             seconds=time.perf_counter() - start,
             positives=len(positives),
             negatives=len(negatives),

@@ -73,6 +73,35 @@ def test_random_square_at_full_scale_without_flip_is_the_centred_square():
     assert small.shape == (16, 16, 3)
 
 
+def _smooth(h: int, w: int, seed: int) -> np.ndarray:
+    """A photo-like image (smooth gradients and blobs): resampling kernels agree on it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    planes = [
+        np.sin(2 * np.pi * (a * xx + b * yy) + c) for a, b, c in rng.uniform(0.3, 2.0, (3, 3))
+    ]
+    return ((np.stack(planes, -1) + 1) * 127.5).astype(np.uint8)
+
+
+def test_device_views_are_the_pil_squares_of_the_same_draws(trainer):
+    """``views`` (training's crops on the trainer's device) draws the boxes and flips that
+    ``random_square`` draws from the same generator, and resamples them alike."""
+    images = [_smooth(90, 120, 0), _smooth(100, 80, 1)]
+    for scale, flip in (((1.0, 1.0), False), ((0.3, 0.6), True)):
+        cfg = trainer.config.model_copy(update={"crop_scale": scale, "flip": flip})
+        device = EncoderTrainer.__new__(EncoderTrainer)
+        device.__dict__.update(trainer.__dict__, config=cfg)
+        got = device.views(device.upload(images * 4), np.random.default_rng(7)).float()
+        rng = np.random.default_rng(7)
+        res = trainer.resolution
+        pil = [random_square(img, res, scale, flip, rng) for img in images * 4]
+        want = trainer._pixels(pil).float()
+        assert got.shape == want.shape == (8, 3, res, res)
+        # per image: the same crop (a wrong box or flip differs by ~0.5 on average)
+        diff = (got - want).abs().mean(dim=(1, 2, 3))
+        assert diff.max() < 0.05, diff
+
+
 def test_average_precision_and_recall_rank_ties_against_the_relevant_items():
     relevant = np.array([True, False, True, False])
     assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), relevant) == pytest.approx(
