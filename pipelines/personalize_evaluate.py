@@ -53,7 +53,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -80,7 +80,7 @@ from ray_app.personal_eval import (
 from ray_app.personal_retrieval import average_precision, recall_at_k
 from ray_app.records import ErrorRow, RecordError, validate_product_id
 from ray_app.seeds import derive_seed
-from ray_app.storage import EncoderLayout, JobLayout, join, write_errors
+from ray_app.storage import EncoderLayout, PersonalEvalLayout, join, write_errors
 
 JOB = "personalize_evaluate"
 REFERENCE, VAL, TEST = "reference", "val", "test"
@@ -100,29 +100,6 @@ RESULT_SCHEMA = pa.schema(
         pa.field("n", pa.int64()),  # the test items the value is over (positives for AP/mIoU)
     ]
 )
-
-
-@dataclass(frozen=True)
-class PersonalEvalLayout(JobLayout):
-    """What ``restage personalize evaluate`` writes under OUT."""
-
-    ERRORS: ClassVar[str] = "_errors"
-    SUMMARY: ClassVar[str] = "summary.json"
-
-    def results(self) -> str:
-        return join(self.root, "results.parquet")
-
-    def products_dir(self) -> str:
-        return join(self.root, "_products")
-
-    def product_shard(self, product_id: str) -> str:
-        return join(self.products_dir(), f"{product_id}.parquet")
-
-    def inputs(self) -> str:
-        return join(self.root, "_inputs.json")
-
-    def report_dir(self) -> str:
-        return join(self.root, "report")
 
 
 # --------------------------------------------------------------------------- the manifest

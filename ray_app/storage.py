@@ -363,6 +363,29 @@ class EncoderLayout(JobLayout):
 
 
 @dataclass(frozen=True)
+class PersonalEvalLayout(JobLayout):
+    """What ``restage personalize evaluate`` writes under OUT."""
+
+    ERRORS: ClassVar[str] = "_errors"
+    SUMMARY: ClassVar[str] = "summary.json"
+
+    def results(self) -> str:
+        return join(self.root, "results.parquet")
+
+    def products_dir(self) -> str:
+        return join(self.root, "_products")
+
+    def product_shard(self, product_id: str) -> str:
+        return join(self.products_dir(), f"{product_id}.parquet")
+
+    def inputs(self) -> str:
+        return join(self.root, "_inputs.json")
+
+    def report_dir(self) -> str:
+        return join(self.root, "report")
+
+
+@dataclass(frozen=True)
 class GenerationLayout(JobLayout):
     """``restage generate``: ranked images of every product."""
 

@@ -14,11 +14,11 @@ from browser import broken_images, chromium_page, file_url
 from pipelines.personalize_evaluate import (
     ENCODERS,
     RESULT_SCHEMA,
-    PersonalEvalLayout,
     summarize,
     write_report,
 )
 from ray_app.config import PersonalEvalConfig
+from ray_app.storage import PersonalEvalLayout
 
 PRODUCTS = ("backpack", "can", "candle", "teapot")
 MEASURES = (
