@@ -3,7 +3,8 @@
 # architectures with random weights, no Ray. Each section has its own time limit, so one
 # that fails or runs long does not cost the others; results go to RESULTS.
 #
-#   bash bench/gpu_suite.sh [SECTION ...]  # train multi_lora swap roles prefetch personalize
+#   bash bench/gpu_suite.sh [SECTION ...]  # train multi_lora swap roles prefetch
+#                                          # personalize_data personalize
 # (swap and prefetch load the checkpoint that train saves under WORK: run train first)
 #
 # Environment: RESULTS (default bench/results), WORK (scratch: the saved SDXL checkpoint,
@@ -11,7 +12,8 @@
 # examples/dreambooth/train_dreambooth_lora_sdxl.py; the H200 run used the one at diffusers
 # commit 58eb52c080 with diffusers 0.42.1), PHOTOS (the DreamBooth folder).
 # On the H200 the four default sections took 159 + 173 + 62 s (roles not run yet);
-# personalize (--size base) took 152 s for one of its 10 products.
+# personalize (--size base) took 152 s for one of its 10 products before the crops moved
+# to the device.
 set -u
 RESULTS=${RESULTS:-bench/results}
 WORK=${WORK:-/tmp/restage-gpu}
@@ -51,10 +53,15 @@ for s in "${@:-train multi_lora swap roles}"; do
         section prefetch 300 python3 bench/serve_prefetch.py --profile default --device cuda \
           --rank 64 --distinct 40 --requests 48 "${SDXL[@]}" \
           --out "$RESULTS/serve_prefetch_sdxl_$TAG.json" ;;
-      personalize)
-        section personalize 1800 python3 bench/personalize.py --size base --device cuda \
-          --splits 1 --photos "$PHOTOS" --out "$RESULTS/personalize_base_$TAG.json" ;;
-      *) echo "unknown section $name (train multi_lora swap roles prefetch personalize)"; exit 2 ;;
+      personalize_data)  # the data side and whole DINOv2-B/14 steps, host vs device crops
+        section personalize_data 200 python3 bench/personalize_data.py --size base \
+          --device cuda --out "$RESULTS/personalize_data_base_$TAG.json" ;;
+      personalize)  # 3 of the 10 products trained (all 10 in the gallery)
+        section personalize 540 python3 bench/personalize.py --size base --device cuda \
+          --splits 1 --train-products 3 --photos "$PHOTOS" \
+          --out "$RESULTS/personalize_base_$TAG.json" ;;
+      *) echo "unknown section $name (train multi_lora swap roles prefetch personalize_data" \
+           "personalize)"; exit 2 ;;
     esac
   done
 done
