@@ -449,24 +449,28 @@ class EncoderTrainer:
     # ------------------------------------------------------------------ dense features
 
     @torch.inference_mode()
-    def patch_tokens(
+    def encode(
         self, images: list[np.ndarray], personal: bool = True, batch_size: int = 32
-    ) -> np.ndarray:
-        """The final patch tokens (n, h, w, d), float32, of uint8 RGB images as ``embed``
-        sees them (the centred square at ``resolution``): the hidden states after CLS and
-        any register tokens, laid out on the patch grid (row-major, top-left first), with
-        the current LoRA (``personal``) or without it. Not normalised."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass per batch -> ``embed``'s features (n, D) and the final patch
+        tokens (n, h, w, d), float32, of uint8 RGB images (the centred square at
+        ``resolution``), with the current LoRA (``personal``) or without it. The tokens are
+        the hidden states after CLS and any register tokens, laid out on the patch grid
+        (row-major, top-left first), not normalised."""
         from contextlib import nullcontext
 
-        chunks = []
+        feats, chunks = [], []
         with nullcontext() if personal else self.model.disable_adapter():
             for i in range(0, len(images), batch_size):
                 part = [center_square(img, self.resolution) for img in images[i : i + batch_size]]
                 out = self.model(pixel_values=self._pixels(part), **self.forward_kwargs)
-                chunks.append(out.last_hidden_state[:, self.prefix_tokens :].float().cpu())
+                hidden = out.last_hidden_state.float()
+                pooled = pooled_features(hidden, self.config.feature, self.prefix_tokens)
+                feats.append(F.normalize(pooled, dim=-1).cpu())
+                chunks.append(hidden[:, self.prefix_tokens :].cpu())
         width = int(self.model.config.hidden_size)
         if not chunks:
-            return np.zeros((0, 0, 0, width), np.float32)
+            return np.zeros((0, self.dim), np.float32), np.zeros((0, 0, 0, width), np.float32)
         tokens = torch.cat(chunks)
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
@@ -474,7 +478,7 @@ class EncoderTrainer:
                 f"{tokens.shape[1]} patch tokens do not make a square grid; the encoder "
                 f"({self.source}) is not a ViT over a square input"
             )
-        return tokens.view(len(tokens), side, side, width).numpy()
+        return torch.cat(feats).numpy(), tokens.view(len(tokens), side, side, width).numpy()
 
 
 def _mean(values: list[float]) -> float:

@@ -321,8 +321,7 @@ class EvaluateEncoders:
         """-> (pooled features (n, D), float32; patch tokens (n, h, w, d), float16)."""
         views = [self.loaded[i].view for i in idx]  # type: ignore[union-attr,index]
         bs = self.options.batch_size
-        feats = self.trainer.embed(views, personal=personal, batch_size=bs)
-        tokens = self.trainer.patch_tokens(views, personal=personal, batch_size=bs)
+        feats, tokens = self.trainer.encode(views, personal=personal, batch_size=bs)
         return feats, tokens.astype(np.float16)
 
     # ------------------------------------------------------------------ a product

@@ -102,6 +102,21 @@ def test_device_views_are_the_pil_squares_of_the_same_draws(trainer):
         assert diff.max() < 0.05, diff
 
 
+def test_encode_gives_embeds_features_and_the_patch_grid_in_one_pass(trainer):
+    images = _noise(3, 5)
+    for personal in (True, False):
+        feats, tokens = trainer.encode(images, personal=personal, batch_size=2)
+        np.testing.assert_allclose(feats, trainer.embed(images, personal=personal), atol=1e-5)
+        grid = trainer.resolution // trainer.model.config.patch_size
+        assert tokens.shape == (3, grid, grid, trainer.model.config.hidden_size)
+        # the feature's second half is the mean patch token (cls_mean), normalised with CLS
+        mean = torch.from_numpy(tokens.reshape(3, -1, tokens.shape[-1]).mean(1))
+        assert trainer.config.feature == "cls_mean"
+        half = feats[:, tokens.shape[-1] :]
+        ratio = half / mean.numpy()
+        np.testing.assert_allclose(ratio, ratio[:, :1].repeat(ratio.shape[1], 1), rtol=1e-3)
+
+
 def test_average_precision_and_recall_rank_ties_against_the_relevant_items():
     relevant = np.array([True, False, True, False])
     assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), relevant) == pytest.approx(
