@@ -25,6 +25,7 @@ from trainset import PRODUCTS
 
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import load_config
+from ray_app.kinds import Metric
 from ray_app.prompts import PromptBank
 from ray_app.storage import AdapterLayout
 from serve.api import GenerateRequest
@@ -108,14 +109,9 @@ def test_readme_curl_example(server):
     assert all(0 <= i["seed"] < 2**53 for i in body["images"])  # exact in JavaScript
     assert body["images"][0]["score"] >= body["images"][1]["score"]
     assert body["ranking"] == "paper"  # which ranking made the scores
-    assert set(body["images"][0]["scores"]) == {
-        "clip_t",
-        "clip_i",
-        "seg_clip_i",
-        "dino",
-        "seg_dino",
-        "seg_clip_t",
-    }
+    assert set(body["images"][0]["scores"]) == set(Metric)
+    # no scoring.encoders: the metric of the product's own encoder is null, never a stand-in
+    assert body["images"][0]["scores"][Metric.PERSONAL_FIDELITY] is None
     assert body["adapter"]["token"] in body["prompt"]
     assert "training_set" not in body["adapter"]  # internal storage URIs stay private
     assert set(body["timings"]) == {
