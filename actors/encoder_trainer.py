@@ -84,11 +84,16 @@ def _square(rgb: np.ndarray, box: tuple[int, int, int], size: int, flip: bool) -
     return out[:, ::-1] if flip else out
 
 
+def centred_box(h: int, w: int) -> tuple[int, int, int]:
+    """(x, y, side): the centred square of the shorter side of an h x w image, the framing
+    ``embed`` sees (masks compared with its features are cut alike)."""
+    side = min(h, w)
+    return (w - side) // 2, (h - side) // 2, side
+
+
 def center_square(rgb: np.ndarray, size: int) -> np.ndarray:
     """The centred square of the shorter side, resized to ``size``: what ``embed`` sees."""
-    h, w = rgb.shape[:2]
-    side = min(h, w)
-    return _square(rgb, ((w - side) // 2, (h - side) // 2, side), size, False)
+    return _square(rgb, centred_box(*rgb.shape[:2]), size, False)
 
 
 def square_box(

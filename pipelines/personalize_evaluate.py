@@ -233,9 +233,10 @@ class Loaded:
 
 
 def _centre(arr: np.ndarray) -> np.ndarray:
-    h, w = arr.shape[:2]
-    side = min(h, w)
-    y, x = (h - side) // 2, (w - side) // 2
+    """``arr`` cut as the encoder frames an image (``centred_box``)."""
+    from actors.encoder_trainer import centred_box  # torch: actors only
+
+    x, y, side = centred_box(*arr.shape[:2])
     return arr[y : y + side, x : x + side]
 
 
