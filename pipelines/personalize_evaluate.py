@@ -666,7 +666,7 @@ def evaluate_encoders(config: RestageConfig, encoders: str, test: str, out: str)
     done = {n[: -len(".parquet")] for n in storage.list_names(layout.products_dir(), ".parquet")}
     todo = [p for p in products if p not in done]
 
-    config, _ = start(config, "personalize")  # the personalize job's plan: the encoder pool
+    config, _ = start(config, "personalize-evaluate")  # its plan: the encoder pool
     policy = SourcePolicy.for_manifest(test_uri, config.storage)
     failed: dict[str, str] = {}
     if todo:

@@ -137,7 +137,14 @@ def _gpu_class(text: str):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ray_app.plan import Cluster, build_plan, estimate, render, render_estimate
+    from ray_app.plan import (
+        Cluster,
+        estimate,
+        job_steps,
+        render,
+        render_estimate,
+        total_estimate,
+    )
 
     cfg = _config(args)
     if args.cluster == "current":
@@ -157,15 +164,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "(repeatable), or --cluster current"
             )
         cluster = Cluster(args.gpus, args.gpu_memory, args.cpus, "--gpus/--gpu-memory/--cpus")
-    plan = build_plan(args.job, cfg, cluster)
-    est = estimate(plan, cfg, args.products) if args.products else None
+    if args.adapters and args.job != "personalize":
+        raise ConfigError(
+            f"plan {args.job} --adapters: only personalize takes --adapters (its generated "
+            "positives); leave --adapters out"
+        )
+    steps = job_steps(args.job, cfg, cluster, adapters=bool(args.adapters))
+    ests = [estimate(s.plan, s.config, args.products) if args.products else None for s in steps]
+    *before, (last, est) = list(zip(steps, ests, strict=True))
+    total = total_estimate(steps, ests) if before and args.products else None  # type: ignore[arg-type]
     if args.json:
-        print(json.dumps({**plan.to_dict(), "estimate": est}, indent=2))
+        out = {**last.plan.to_dict(), "estimate": est}
+        if before:
+            out["before"] = [
+                {"title": s.title, **s.plan.to_dict(), "estimate": e} for s, e in before
+            ]
+            out["total"] = total
+        print(json.dumps(out, indent=2))
     else:
-        print(render(plan))
-        if est:
-            print(render_estimate(est))
-    return 0 if plan.runnable else EXIT_PLAN
+        for i, (s, e) in enumerate(zip(steps, ests, strict=True), 1):
+            if before:
+                print(f"step {i} of {len(steps)}: {s.title}")
+            print(render(s.plan))
+            if e:
+                print(render_estimate(e))
+        if total:
+            print(
+                f"total of the {len(steps)} steps for {total['products']:,} products: "
+                f"{total['gpu_hours']:,} GPU-hours, {total['wall_hours']:,} hours of wall time "
+                f"({total['seconds_per_product']:,} s per product); the longest step: "
+                f"{total['bottleneck']}"
+            )
+    return 0 if all(s.plan.runnable for s in steps) else EXIT_PLAN
 
 
 def cmd_models_make_tiny(args: argparse.Namespace) -> int:
@@ -668,6 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster", choices=("current",), help="plan for the Ray cluster this job would join"
     )
     p.add_argument("--products", type=int, help="add a cost estimate for N products")
+    p.add_argument(
+        "--adapters",
+        nargs="?",
+        const=True,
+        metavar="TRAIN_OUT",
+        help="personalize as run with --adapters: its generate steps first (one per "
+        "personalize.generated guidance value), then its own pool; the URI, if given, is not "
+        "read",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_config_args(p)
     p.set_defaults(func=cmd_plan)

@@ -1807,6 +1807,17 @@ class PersonalizeConfig(StrictModel):
     )
     cpus_per_task: PositiveFloat = Field(0.25, description="CPUs of the plan and write tasks.")
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per product: every epoch passes all the pairs in batches."""
+        return self.epochs * math.ceil(self.pairs / self.batch_size)
+
+    @property
+    def images_per_step(self) -> int:
+        """Images a step passes through the encoder with gradients (at most: a product
+        with fewer negatives shares fewer): the anchors, their positives, the negatives."""
+        return 2 * self.batch_size + min(self.negatives_per_step, self.negatives)
+
     @model_validator(mode="after")
     def _check(self) -> PersonalizeConfig:
         low, high = self.crop_scale

@@ -22,10 +22,10 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray_app.config import ConfigError, RestageConfig
-from ray_app.resources import RoleNeed, role_need, train_need
+from ray_app.resources import RoleNeed, encoder_train_need, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
 MODES = ("streaming", "packed", "stage")
@@ -39,6 +39,7 @@ JOBS = (
     "index",
     "stage",
     "personalize",
+    "personalize-evaluate",
 )
 STAGED_JOBS = ("augment", "generate")  # jobs that can run stage by stage (pipelines/_staged.py)
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
@@ -287,7 +288,16 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
     elif job == "personalize":
         from pipelines.personalize import model_stages
 
-        stages = [(cls.name, roles) for cls, roles in model_stages(config)]
+        pools = [
+            _pool(cls.name, r, _actors(config, r[0]), config) for cls, r in model_stages(config)
+        ]
+        for pool in pools:
+            pool.needs = [
+                encoder_train_need(config) if n.role == "encoder" else n for n in pool.needs
+            ]
+        return pools
+    elif job == "personalize-evaluate":  # pipelines/personalize_evaluate.py's encoder pool
+        stages = [("evaluate", ("encoder",))]
     elif job == "train":
         t = config.train
         need = train_need(config)
@@ -366,6 +376,33 @@ def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     plan = plan or _place(job, config, cluster, pools)
     plan.problems = problems + plan.problems
     return plan
+
+
+@dataclass
+class Step:
+    """One plan of a job that runs several in turn, with the config it runs with."""
+
+    title: str
+    config: RestageConfig
+    plan: Plan
+
+
+def job_steps(
+    job: str, config: RestageConfig, cluster: Cluster, adapters: bool = False
+) -> list[Step]:
+    """The plans ``job`` runs one after the other. Only personalize with ``--adapters``
+    (``adapters``) runs more than one: generate once per ``personalize.generated`` guidance
+    value (its generated positives, each with its own preflight), then its own pool."""
+    steps = []
+    if job == "personalize" and adapters and config.personalize.generated.images_per_product:
+        from pipelines.personalize import generation_config
+
+        for guidance, images in config.personalize.generated.shares():
+            cfg = generation_config(config, guidance, images)
+            title = f"generated positives at guidance {guidance:g}: {images} images per product"
+            steps.append(Step(title, cfg, build_plan("generate", cfg, cluster)))
+    steps.append(Step(job, config, build_plan(job, config, cluster)))
+    return steps
 
 
 def _route(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool]) -> Plan:
@@ -655,8 +692,26 @@ class StageCost:
         return self.items * self.seconds_per_item
 
 
-def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str, tuple[float, str]]:
-    """Items each pool processes per product, from the config (``photos`` inputs each)."""
+class Items(NamedTuple):
+    """What a pool does per product: ``count`` items of ``unit``, each worth ``role_items``
+    of its role's own item (a role's seconds are per image; a training step is many)."""
+
+    count: float
+    unit: str
+    role_items: float = 1.0
+
+
+# A training step passes each of its images forward and back through the frozen encoder
+# (gradients of the activations, not of the base weights): about two forward passes.
+ENCODER_TRAIN_PASSES = 2.0
+
+
+def items_per_product(
+    job: str, config: RestageConfig, photos: int, products: int = 1
+) -> dict[str, Items]:
+    """Items each pool processes per product, from the config (``photos`` inputs each;
+    ``products`` in the run, for personalize-evaluate, whose work per product grows with
+    the test set)."""
     if job == "augment":
         a = config.augment
         views = photos * len(a.views.frame_indices) if a.views.enabled else 0
@@ -670,46 +725,59 @@ def items_per_product(job: str, config: RestageConfig, photos: int) -> dict[str,
         )
         counterfactuals = round(negatives * a.counterfactual_share)
         return {
-            "caption": (photos, "image"),
-            "views": (photos if a.views.enabled else 0, "clip"),
-            "segment": (photos + views, "image"),
-            "inpaint": (contexts + counterfactuals, "image"),
-            "negatives": (negatives - counterfactuals, "image"),
-            "resegment": (contexts + negatives, "image"),
-            "score": (contexts + negatives, "image"),
+            "caption": Items(photos, "image"),
+            "views": Items(photos if a.views.enabled else 0, "clip"),
+            "segment": Items(photos + views, "image"),
+            "inpaint": Items(contexts + counterfactuals, "image"),
+            "negatives": Items(negatives - counterfactuals, "image"),
+            "resegment": Items(contexts + negatives, "image"),
+            "score": Items(contexts + negatives, "image"),
         }
     if job == "generate":
         n = config.generate.prompts_per_product * config.generate.images_per_prompt
-        return {"generate": (n, "image"), "segment": (n, "image"), "score": (n, "image")}
+        return {
+            "generate": Items(n, "image"),
+            "segment": Items(n, "image"),
+            "score": Items(n, "image"),
+        }
     if job == "train":
-        return {"train": (config.train.steps, "step")}
+        return {"train": Items(config.train.steps, "step")}
     if job == "personalize":
+        # actors/encoder_trainer.py: every image of a step goes through the encoder with
+        # gradients.
         p = config.personalize
-        return {"train": (p.epochs * math.ceil(p.pairs / p.batch_size), "step")}
+        return {"train": Items(p.steps, "step", p.images_per_step * ENCODER_TRAIN_PASSES)}
+    if job == "personalize-evaluate":
+        # pipelines/personalize_evaluate.py: every product's encoder embeds its references and
+        # the whole test pool (every product's val and test images), and the pretrained
+        # encoder embeds the test set once (its share per product: the photos).
+        refs = min(config.personalize.evaluate.references, photos)
+        pool = products * (photos - refs)
+        return {"evaluate": Items(refs + pool + photos, "image")}
     if job == "evaluate":
         # One run of generate's images (prompts x images per product) and the photos; each
         # further run adds its images to every pool.
         n = config.generate.prompts_per_product * config.generate.images_per_prompt
-        pools = {"score": (n + photos, "image"), "inception": (n + photos, "image")}
+        pools = {"score": Items(n + photos, "image"), "inception": Items(n + photos, "image")}
         if config.evaluate.segment:
-            pools["segment"] = (n + photos, "image")
+            pools["segment"] = Items(n + photos, "image")
         return pools
     if job == "index":
-        return {"segment": (photos, "image"), "embed": (photos, "image")}
+        return {"segment": Items(photos, "image"), "embed": Items(photos, "image")}
     if job == "stage":
         # one photo segmented and embedded; top_k scenes removed (+ gaps), composited,
         # re-segmented and scored
         s = config.stage
         paints = s.top_k * (2 if s.refine_gaps else 1)
         return {
-            "segment": (1, "image"),
-            "retrieve": (1, "image"),
-            "compose": (paints, "image"),
-            "score": (s.top_k, "image"),
+            "segment": Items(1, "image"),
+            "retrieve": Items(1, "image"),
+            "compose": Items(paints, "image"),
+            "score": Items(s.top_k, "image"),
         }
     raise ConfigError(
-        f"no cost model for {job!r}: use augment, train, generate, evaluate, index, stage or "
-        "personalize"
+        f"no cost model for {job!r}: use augment, train, generate, evaluate, index, stage, "
+        "personalize or personalize-evaluate"
     )
 
 
@@ -732,18 +800,20 @@ def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:
 def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) -> dict[str, Any]:
     """GPU-hours and wall hours for ``products`` products under ``plan``, with every figure's
     source. Assumes the pools keep every GPU busy (the bottleneck pool sets the pace)."""
-    items = items_per_product(plan.job, config, photos)
+    items = items_per_product(plan.job, config, photos, products)
     costs = []
     for pool in plan.pools:
         if pool.name not in items:
             continue
-        n, unit = items[pool.name]
+        n, unit, role_items = items[pool.name]
         hit = _bench_seconds(plan.job, pool.name) if config.profile == "tiny" else None
         if hit:
             sec, source = hit
         else:
-            sec = sum(need.seconds_per_item for need in pool.needs)
+            sec = role_items * sum(need.seconds_per_item for need in pool.needs)
             source = "; ".join(dict.fromkeys(n_.source for n_ in pool.needs))
+            if role_items != 1:
+                source += f" (x {role_items:g} per {unit})"
         costs.append(StageCost(pool.name, n, unit, sec, source))
     per_product = sum(c.seconds for c in costs)
     devices = plan.cluster.gpus if plan.cluster.gpus > 0 else max(1.0, plan.cluster.cpus)
@@ -759,6 +829,22 @@ def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) 
         "assumes": f"{photos} photos per product; every one of {devices:g} "
         f"{'GPU' if plan.cluster.gpus else 'CPU'}(s) busy; seconds per item from the "
         "sources listed (estimated figures are not measured)",
+    }
+
+
+def total_estimate(steps: list[Step], estimates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cost of steps that run one after the other: their hours add up."""
+    per_step = [
+        {"step": s.title, "seconds_per_product": e["seconds_per_product"]}
+        for s, e in zip(steps, estimates, strict=True)
+    ]
+    return {
+        "products": estimates[0]["products"],
+        "seconds_per_product": round(sum(e["seconds_per_product"] for e in estimates), 3),
+        "gpu_hours": round(sum(e["gpu_hours"] for e in estimates), 1),
+        "wall_hours": round(sum(e["wall_hours"] for e in estimates), 2),
+        "bottleneck": max(per_step, key=lambda s: s["seconds_per_product"])["step"],
+        "steps": per_step,
     }
 
 

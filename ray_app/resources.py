@@ -300,3 +300,18 @@ def train_need(config: RestageConfig) -> RoleNeed:
         ref.unit,
         f"estimated: {ref.basis}",
     )
+
+
+def encoder_train_need(config: RestageConfig) -> RoleNeed:
+    """What one personalize actor needs: the encoder with the activations of a whole step's
+    images held for backward at once (``personalize.images_per_step``; the role's batch size
+    only batches inference, so none of it is per item). The LoRA and its AdamW state are a few
+    MB."""
+    need = role_need(config, "encoder")
+    images = config.personalize.images_per_step
+    return replace(
+        need,
+        fixed_gib=round(need.fixed_gib + images * need.per_item_gib, 2),
+        per_item_gib=0.0,
+        source=f"{need.source}; a step's {images} images held for backward",
+    )

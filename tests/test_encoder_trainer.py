@@ -209,3 +209,11 @@ def test_personal_encoders_retrieve_held_out_photos_better_than_the_pretrained(
         )
     print(f"split {split}: AP pretrained {before} -> personal {after}")
     assert np.mean(after) > np.mean(before) + 0.05, (before, after)
+
+
+def test_train_takes_the_steps_the_config_counts(tiny_config):
+    """``personalize.steps`` (what `restage plan` costs) is what the trainer runs."""
+    cfg = tiny_config.personalize.model_copy(update={"pairs": 10, "batch_size": 4, "epochs": 2})
+    trainer = EncoderTrainer(tiny_config.model_spec("encoder"), cfg)
+    result = trainer.train(_noise(3, 5), _noise(6, 6), seed=0)
+    assert result.steps == cfg.steps == 6

@@ -302,3 +302,75 @@ def test_serve_preflight_refuses_a_cluster_that_cannot_hold_it(tmp_path):
     assert "Generator" in proc.stderr and "needs a GPU" in proc.stderr
     assert "Traceback" not in proc.stderr
     print(f"serve preflight ended in {time.monotonic() - start:.1f}s")
+
+
+# --------------------------------------------------------------------------- personalize
+
+
+def test_personalize_costs_its_steps_of_images_with_gradients():
+    """A personalize step passes every one of its images forward and back: the cost and the
+    memory follow ``images_per_step``, not the encoder's inference batch."""
+    from ray_app.plan import ENCODER_TRAIN_PASSES
+
+    cfg = load_config("default")
+    p, need = cfg.personalize, role_need(cfg, "encoder")
+    plan = build_plan("personalize", cfg, gpus(1, 80))
+    (stage,) = estimate(plan, cfg, 10)["stages"]
+    assert stage["items"] == p.steps and stage["unit"] == "step"
+    per_step = p.images_per_step * ENCODER_TRAIN_PASSES * need.seconds_per_item
+    assert stage["seconds_per_item"] == pytest.approx(per_step)
+    (pool,) = plan.pools
+    assert pool.gpu_gib == pytest.approx(
+        need.fixed_gib + p.images_per_step * need.per_item_gib, abs=0.01
+    )
+    bigger = load_config("default", overrides=["personalize.batch_size=32"])
+    assert build_plan("personalize", bigger, gpus(1, 80)).pools[0].gpu_gib > pool.gpu_gib
+
+
+def test_personalize_evaluate_work_per_product_grows_with_the_test_set():
+    """Every product's encoder embeds the whole test pool: twice the products, about twice
+    the work per product (four times the whole)."""
+    cfg = load_config("default")
+    plan = build_plan("personalize-evaluate", cfg, gpus(1, 80))
+    assert [p.roles for p in plan.pools] == [("encoder",)]
+    small, large = estimate(plan, cfg, 10_000), estimate(plan, cfg, 20_000)
+    assert large["seconds_per_product"] / small["seconds_per_product"] == pytest.approx(2, rel=0.01)
+    assert large["gpu_hours"] / small["gpu_hours"] == pytest.approx(4, rel=0.02)
+
+
+def test_plan_personalize_with_adapters_plans_its_generate_steps_first():
+    cfg = load_config("default")
+    shares = cfg.personalize.generated.shares()
+    args = ["personalize", "--profile", "default", "--gpus", "8", "--products", "1000", "--json"]
+    alone = _plan_cli(*args)
+    assert alone.returncode == 0, alone.stderr
+    assert "before" not in json.loads(alone.stdout)
+
+    both = _plan_cli(*args, "--adapters", "s3://bucket/adapters")
+    assert both.returncode == 0, both.stderr
+    out = json.loads(both.stdout)
+    assert out["job"] == "personalize" and len(out["before"]) == len(shares)
+    for step, (guidance, images) in zip(out["before"], shares, strict=True):
+        assert step["job"] == "generate" and f"guidance {guidance:g}" in step["title"]
+        assert {s["pool"]: s["items"] for s in step["estimate"]["stages"]}["generate"] == images
+    steps = [*(s["estimate"] for s in out["before"]), out["estimate"]]
+    assert out["total"]["gpu_hours"] == pytest.approx(sum(e["gpu_hours"] for e in steps), abs=0.2)
+
+    text = _plan_cli(*args[:-1], "--adapters")  # the flag alone, as in the job's own command
+    assert text.returncode == 0 and f"step {len(shares) + 1} of {len(shares) + 1}" in text.stdout
+    wrong = _plan_cli("generate", "--profile", "default", "--gpus", "1", "--adapters")
+    assert wrong.returncode == 2 and "only personalize takes --adapters" in wrong.stderr
+
+
+def test_readme_plan_personalize_command(user_dir):
+    """The README's `restage plan personalize --adapters` command, exactly as written."""
+    from tests.conftest import readme_command
+
+    proc = subprocess.run(
+        ["bash", "-c", readme_command("plan-personalize")],
+        cwd=user_dir, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = len(load_config("default").personalize.generated.guidance_scales) + 1
+    assert f"step {steps} of {steps}: personalize" in proc.stdout
+    assert f"total of the {steps} steps for 1,000 products" in proc.stdout
