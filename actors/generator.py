@@ -19,7 +19,7 @@ from ray_app import storage
 from ray_app.batching import batch_len, column, map_chunks, object_array
 from ray_app.config import ModelSpec
 from ray_app.images import encode_png
-from ray_app.models import load_model
+from ray_app.models import LoadedModel, load_model
 from ray_app.storage import AdapterLayout
 
 
@@ -99,8 +99,15 @@ class Generator:
 
     role = "generator"
 
-    def __init__(self, model: ModelSpec, options: GenerationOptions, device: str | None = None):
-        self.loaded = load_model(model, device=device)
+    def __init__(
+        self,
+        model: ModelSpec,
+        options: GenerationOptions,
+        device: str | None = None,
+        loaded: LoadedModel | None = None,
+    ):
+        # ``loaded``: a pipeline built elsewhere (benches: real-size random weights)
+        self.loaded = loaded or load_model(model, device=device)
         self.batch_size = model.batch_size
         self.options = options
         self._adapters: dict[str, str] = {}  # name -> folder URI
@@ -124,32 +131,18 @@ class Generator:
         name: str,
         source: str | dict[str, torch.Tensor],
         scale: float = 1.0,
-        replace: bool = False,
     ) -> None:
         """Load an adapter into the loaded pipeline as ``name``, without reloading the base
         model: ``source`` is an adapter folder URI (``restage train`` output) or weights
         already read with ``read_adapter_weights``. The adapter is loaded inactive;
-        ``set_adapter(name)`` activates it.
-
-        ``replace=True`` overwrites the weights of an already loaded adapter ``name`` in place
-        (diffusers' LoRA hot-swap: no new modules, no memory growth, several times faster
-        than a new adapter; peft pads a smaller rank); adapters with other target modules
-        fall back to unload + load.
+        ``set_adapter(name)`` activates it. (A server swaps adapters through
+        ``actors.adapter_slots`` instead: one live adapter, filled by a fused copy.)
         """
         state = read_adapter_weights(source) if isinstance(source, str) else source
         pipe = self.loaded.model
         _quiet_multi_adapter_warning()
         if name in self._adapters:
-            if not replace:
-                raise AdapterError(
-                    f"adapter {name!r} is already loaded from {self._adapters[name]}"
-                )
-            try:
-                self.hotswap_adapter(name, state)
-                self._scales[name] = scale
-                return
-            except Exception:  # another target module set: no in-place swap
-                self.unload_adapter(name)
+            raise AdapterError(f"adapter {name!r} is already loaded from {self._adapters[name]}")
         pipe.load_lora_weights(state, adapter_name=name)
         self._adapters[name] = source if isinstance(source, str) else "<weights>"
         self.adapter_loads[name] += 1
@@ -158,11 +151,10 @@ class Generator:
 
     def hotswap_adapter(self, name: str, weights: dict[str, torch.Tensor]) -> None:
         """Overwrite the weights of loaded adapter ``name`` in place (diffusers' LoRA hot-swap;
-        raises when the weights target other modules). It writes only that adapter's own LoRA
-        tensors and its entry of each layer's ``scaling`` dict, and leaves the active adapter
-        and every other adapter alone (peft 0.21 ``hotswap_adapter_from_state_dict``), so a
-        server may call it on an inactive adapter while another one generates, without the
-        pipeline lock. It never calls ``set_adapter``: that rewrites every layer's state."""
+        raises when the weights target other modules; peft pads a smaller rank). It writes
+        only that adapter's own LoRA tensors and its entry of each layer's ``scaling`` dict
+        (peft 0.21 ``hotswap_adapter_from_state_dict``). The benches compare it with
+        ``actors.adapter_slots``."""
         if name not in self._adapters:
             raise AdapterError(
                 f"adapter {name!r} is not loaded; loaded: {sorted(self._adapters) or 'none'}"
@@ -176,14 +168,15 @@ class Generator:
         self, rank: int, target_modules: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """LoRA weights of zeros on the denoiser's ``target_modules``, in the format `restage
-        train` saves: loaded as an adapter they change nothing, and they give a server's slot
-        its LoRA modules up front (a hot-swap target) so that no request pays for new ones."""
+        train` saves: loaded as an adapter they change nothing; a server's live adapter starts
+        from them (``actors.adapter_slots``)."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
 
         unet = self.loaded.model.unet
         probe = "restage-neutral-probe"
+        _quiet_multi_adapter_warning()
         unet.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules)),
             adapter_name=probe,

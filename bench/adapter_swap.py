@@ -15,6 +15,9 @@ Measured (milliseconds, median over the adapters):
 - hotswap: diffusers' ``load_lora_weights(..., hotswap=True)`` into one resident slot;
 - overlap: one generation while the next adapter is read in another thread, vs the two in
   sequence (how much of a miss the two-step load hides);
+- slots (what ``restage serve`` does now, ``actors.adapter_slots``): writing read weights
+  into a slot, and activating a slot (one fused copy into the live adapter); one generation
+  while the next adapter is read and written into a slot in another thread, vs in sequence;
 - base reload: loading the whole pipeline again (what swapping without adapters costs).
 Adapters are random LoRA weights of the configured rank on the generator's attention
 projections, saved in the diffusers format that `restage train` writes.
@@ -37,12 +40,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actors.adapter_slots import AdapterSlots  # noqa: E402
 from actors.generator import GenerationOptions, Generator, read_adapter_weights  # noqa: E402
 from bench.common import machine  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
 from ray_app.models import load_role  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
 from ray_app.storage import AdapterLayout  # noqa: E402
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def make_adapters(gen: Generator, count: int, rank: int, folder: Path) -> list[Path]:
@@ -55,7 +61,7 @@ def make_adapters(gen: Generator, count: int, rank: int, folder: Path) -> list[P
         LoraConfig(
             r=rank,
             lora_alpha=rank,
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            target_modules=TARGETS,
             init_lora_weights="gaussian",
         ),
         adapter_name="bench",
@@ -173,6 +179,35 @@ def main() -> None:
 
     overlap = timed(overlapped)
     generation_ms = timed(lambda: gen.generate(prompts, seeds, negs))
+
+    # Slots: one live adapter, filled from a slot by one fused copy.
+    gen.set_adapter(None)
+    gen.unload_adapter("a")
+    slots = AdapterSlots(gen, args.rank, TARGETS, 1.0, ["s0", "s1"])
+    slot_write, activate = [], []
+    for _ in range(2):
+        for i, p in enumerate(paths):
+            slot = f"s{i % 2}"  # alternate: each activate copies
+            slot_write.append(timed(lambda p=p, slot=slot: slots.write(slot, weights[p.name])))
+            activate.append(timed(lambda slot=slot: slots.activate(slot)))
+    slots.activate("s0")
+    gen.generate(prompts, seeds, negs)  # warm-up
+    slot_sequential = timed(
+        lambda: (
+            gen.generate(prompts, seeds, negs),
+            slots.write("s1", read_adapter_weights(str(paths[1]))),
+        )
+    )
+
+    def slot_overlapped() -> None:
+        writer = threading.Thread(
+            target=lambda: slots.write("s1", read_adapter_weights(str(paths[2])))
+        )
+        writer.start()
+        gen.generate(prompts, seeds, negs)
+        writer.join()
+
+    slot_overlap = timed(slot_overlapped)
     reload_ms = timed(lambda: load_role(config, "generator", device=args.device))
 
     result = {
@@ -189,11 +224,15 @@ def main() -> None:
             "switch": median(switch),
             "unload": median(unload),
             "hotswap": median(hotswap),
+            "slot_write": median(slot_write),
+            "slot_activate": median(activate),
         },
         "hotswap_error": hotswap_error,
         "generation_ms": round(generation_ms, 1),
         "generate_then_read_ms": round(sequential, 1),
         "generate_while_reading_ms": round(overlap, 1),
+        "generate_then_read_and_write_slot_ms": round(slot_sequential, 1),
+        "generate_while_reading_and_writing_slot_ms": round(slot_overlap, 1),
         "base_load_ms": round(base_load_ms, 1),
         "base_reload_ms": round(reload_ms, 1),
     }
@@ -209,6 +248,16 @@ def main() -> None:
                 ["hot-swap into one slot", m["hotswap"] if not hotswap_error else "n/a"],
                 ["generate, then read the next adapter", result["generate_then_read_ms"]],
                 ["generate while reading the next adapter", result["generate_while_reading_ms"]],
+                ["write read weights into a slot", m["slot_write"]],
+                ["activate a slot (copy into the live adapter)", m["slot_activate"]],
+                [
+                    "generate, then read + write the next slot",
+                    result["generate_then_read_and_write_slot_ms"],
+                ],
+                [
+                    "generate while reading + writing the next slot",
+                    result["generate_while_reading_and_writing_slot_ms"],
+                ],
                 ["reload the base pipeline", result["base_reload_ms"]],
             ],
         )

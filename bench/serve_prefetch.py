@@ -9,14 +9,17 @@ waiting requests, in one run; writes JSON to bench/results/. No Ray: it drives
         --set offline=true --out bench/results/serve_prefetch_sdxl_h200.json
 
 Measured:
-- miss cost by store size: read + hot-swap into a slot of an adapter drawn from 1, 100 and
-  1,000 stored (milliseconds, median);
-- hot-swap into a fixed slot against diffusers' ``load_lora_weights`` + ``fuse_lora`` (and
-  ``unfuse_lora`` + ``delete_adapters`` to swap it out), and a generation with each;
+- miss cost by store size: read + write into a slot (``actors.adapter_slots``) of an adapter
+  drawn from 1, 100 and 1,000 stored, and the copy of a slot into the live adapter that a
+  turn does (milliseconds, median);
+- the ways to swap an adapter in: a slot write + that copy (what the replica does), peft's
+  hot-swap into a resident named adapter + ``set_adapters`` to it (what it did before), and
+  diffusers' ``load_lora_weights`` + ``fuse_lora`` (and ``unfuse_lora`` +
+  ``delete_adapters`` to swap it out), and a generation with each;
 - closed loop per store size: ``--clients`` clients send ``--requests`` requests for
   products drawn from a Zipf mix; the same requests with ``serve.prefetch_adapters`` = N and
-  = 0: p50/p99 latency, the pipeline's adapter work per request (placements under the
-  pipeline lock + the switch to the adapter), prefetch and cache hit rates.
+  = 0: p50/p99 latency, the adapter work in a request's turn (under the pipeline lock: a
+  reload after an eviction, the copy into the live adapter), prefetch and cache hit rates.
 
 The multiplexer stand-in does what ``ray.serve.multiplex`` (2.60) does: one load at a time
 (its ``_model_cache_lock``), the least recently used adapter evicted before a load once
@@ -46,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actors.adapter_slots import LIVE  # noqa: E402
 from actors.generator import Generator, read_adapter_weights  # noqa: E402
 from bench.adapter_swap import median, timed  # noqa: E402
 from bench.common import machine  # noqa: E402
@@ -101,7 +105,7 @@ def write_adapters(
 
 class Multiplexer:
     """A stand-in for Ray Serve's multiplexed loader (``get_adapter``): an LRU cache of
-    adapter handles, loads one at a time, evicting before loading when full."""
+    adapter handles, loads one at a time, evicting (``__del__``) before loading when full."""
 
     def __init__(self, replica: GeneratorReplica, capacity: int):
         self.replica = replica
@@ -121,7 +125,10 @@ class Multiplexer:
                 return self.models[product_id]
             self.misses += 1
             if len(self.models) >= self.capacity:
-                self.models.popitem(last=False)  # the handle's __del__ frees its slot
+                # As Ray Serve's multiplexer does (serve/multiplex.py, unload_model_lru): call
+                # the evicted handle's __del__ at once, while a request may still hold it.
+                _, evicted = self.models.popitem(last=False)
+                await asyncio.get_running_loop().run_in_executor(None, evicted.__del__)
             self.models[product_id] = await self.replica.load(product_id)
             return self.models[product_id]
 
@@ -147,6 +154,7 @@ async def closed_loop(
     queue = list(enumerate(picks))
     latencies: list[float] = []
     generation: list[float] = []
+    turn_adapter: list[float] = []
 
     async def client() -> None:
         while queue:
@@ -161,6 +169,7 @@ async def closed_loop(
             out = await replica.serve_request(products[pick], request, mux)
             latencies.append((time.perf_counter() - start) * 1000)
             generation.append(out["generation_ms"] - out["swap_ms"])
+            turn_adapter.append(out["swap_ms"])
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -169,7 +178,7 @@ async def closed_loop(
     counters = {k: v - before.get(k, 0) for k, v in replica.counters.items()}
     spent = {k: v - timings.get(k, 0.0) for k, v in replica.timings.items()}
     n = len(latencies)
-    adapter_ms = (spent.get("locked_swap_ms", 0.0) + spent.get("switch_ms", 0.0)) / n
+    adapter_ms = statistics.mean(turn_adapter)
     denoise_ms = statistics.mean(generation)
     return {
         "requests": n,
@@ -179,7 +188,9 @@ async def closed_loop(
         "mean_generation_ms": round(denoise_ms, 1),
         "pipeline_adapter_ms_per_request": round(adapter_ms, 2),
         "adapter_share_of_request": round(adapter_ms / (adapter_ms + denoise_ms), 4),
-        "locked_swaps": counters.get("locked_swaps", 0),
+        "placements": counters.get("placements", 0),
+        "reloads_in_turn": counters.get("reloads_after_eviction", 0),
+        "activations": counters.get("activations", 0),
         "prefetches": counters.get("prefetches", 0),
         "prefetch_hits": counters.get("prefetch_hits", 0),
         "prefetch_hit_rate": round(counters.get("prefetch_hits", 0) / max(1, mux.misses), 3),
@@ -190,38 +201,59 @@ async def closed_loop(
 
 
 def miss_cost(replica: GeneratorReplica, root: Path, products: list[str], n: int) -> dict:
-    """Read + hot-swap into a free slot of adapters drawn at random from a store."""
+    """Read + write into a free slot of adapters drawn at random from a store, and the copy
+    of that slot into the live adapter."""
     layout = AdapterLayout(str(root))
     slot = next(s for s, owner in replica.slots.items() if owner is None)
+    slots = replica.adapter_slots
     rng = random.Random(len(products))
-    read, swap = [], []
+    read, write, activate = [], [], []
     for _ in range(n):
         folder = layout.adapter_dir(rng.choice(products))
         start = time.perf_counter()
         weights = read_adapter_weights(folder)
         read.append((time.perf_counter() - start) * 1000)
-        swap.append(timed(lambda w=weights: replica.generator.hotswap_adapter(slot, w)))
+        write.append(timed(lambda w=weights: slots.write(slot, w)))
+        activate.append(timed(lambda: slots.activate(slot)))
     return {
         "read": median(read),
-        "hotswap": median(swap),
-        "miss": round(median(read) + median(swap), 3),
+        "slot_write": median(write),
+        "activate": median(activate),
+        "miss": round(median(read) + median(write) + median(activate), 3),
     }
 
 
-def fuse_against_hotswap(replica: GeneratorReplica, root: Path, products: list[str]) -> dict:
-    """A hot-swap into a fixed slot against load_lora_weights + fuse_lora (and unfuse_lora +
-    delete_adapters to take it out again), and a generation with each."""
+def swap_paths(replica: GeneratorReplica, root: Path, products: list[str]) -> dict:
+    """A slot write + the copy into the live adapter, against peft's hot-swap into a
+    resident named adapter + a switch to it, and against load_lora_weights + fuse_lora (and
+    unfuse_lora + delete_adapters to take it out again); a generation with each."""
     gen, pipe = replica.generator, replica.generator.loaded.model
     layout = AdapterLayout(str(root))
     weights = [read_adapter_weights(layout.adapter_dir(p)) for p in products[:4]]
-    slot = next(s for s, owner in replica.slots.items() if owner is None)
+    free = [s for s, owner in replica.slots.items() if owner is None]
     scale = replica.config.generate.lora_scale
     prompt = (["a photo of a product"], [0], [""])
-    hotswap, fuse, unfuse = [], [], []
-    for w in weights:
-        hotswap.append(timed(lambda w=w: (gen.hotswap_adapter(slot, w), gen.set_adapter(slot))))
+    slot_swap, hotswap, fuse, unfuse = [], [], [], []
+    for i, w in enumerate(weights):
+        slot = free[i % 2]  # alternate: each activate copies
+        slot_swap.append(
+            timed(
+                lambda w=w, slot=slot: (
+                    replica.adapter_slots.write(slot, w),
+                    replica.adapter_slots.activate(slot),
+                )
+            )
+        )
     with_slot = timed(lambda: gen.generate(*prompt))
+    t = replica.config.train
+    gen.load_adapter("peft-slot", gen.neutral_adapter_weights(t.rank, t.target_modules), scale)
+    for w in weights:
+        hotswap.append(
+            timed(lambda w=w: (gen.hotswap_adapter("peft-slot", w), gen.set_adapter("peft-slot")))
+        )
+    with_peft_slot = timed(lambda: gen.generate(*prompt))
     gen.set_adapter(None)
+    gen.unload_adapter("peft-slot")
     for w in weights:
 
         def load_fused(w=w) -> None:
@@ -239,13 +271,15 @@ def fuse_against_hotswap(replica: GeneratorReplica, root: Path, products: list[s
                 pipe.delete_adapters("fused")
 
         unfuse.append(timed(take_out))
-    gen.set_adapter(None)
+    gen.set_adapter(LIVE)
     return {
+        "slot_write_and_activate_ms": median(slot_swap),
         "hotswap_and_switch_ms": median(hotswap),
         "load_and_fuse_ms": median(fuse),
         "unfuse_and_delete_ms": median(unfuse),
         "fuse_swap_ms": round(median(fuse) + median(unfuse), 3),
         "generation_with_slot_adapter_ms": round(with_slot, 1),
+        "generation_with_peft_slot_ms": round(with_peft_slot, 1),
         "generation_fused_ms": round(fused_generation, 1),
     }
 
@@ -338,7 +372,7 @@ def main() -> None:
                 closed_loop(replica, products[n], picks, args.clients, args.steps)
             )
         result["serve"][n] = runs
-    result["hotswap_vs_fuse"] = fuse_against_hotswap(
+    result["swap_paths"] = swap_paths(
         replicas["none"], work / f"store-{stores[-1]}", products[stores[-1]]
     )
     for replica in replicas.values():
@@ -376,15 +410,17 @@ def main() -> None:
             rows,
         )
     )
-    f = result["hotswap_vs_fuse"]
+    f = result["swap_paths"]
     print(
         format_table(
             ["swap", "ms"],
             [
-                ["hot-swap into a slot + switch", f["hotswap_and_switch_ms"]],
+                ["slot write + copy into the live adapter", f["slot_write_and_activate_ms"]],
+                ["peft hot-swap into a named adapter + switch", f["hotswap_and_switch_ms"]],
                 ["load_lora_weights + fuse_lora", f["load_and_fuse_ms"]],
                 ["unfuse_lora + delete_adapters", f["unfuse_and_delete_ms"]],
                 ["generation, slot adapter", f["generation_with_slot_adapter_ms"]],
+                ["generation, peft named adapter", f["generation_with_peft_slot_ms"]],
                 ["generation, fused", f["generation_fused_ms"]],
             ],
         )

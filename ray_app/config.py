@@ -1148,15 +1148,16 @@ class ServeConfig(StrictModel):
     )
     warm_adapter_slots: bool = Field(
         True,
-        description="Give every adapter slot its LoRA modules (zero weights, train.rank on "
-        "train.target_modules) when a generator replica starts, so that each adapter load is "
-        "a hot-swap into a slot and no request pays for new LoRA modules (1.4 s on SDXL).",
+        description="Allocate every adapter slot's tensors (train.rank on "
+        "train.target_modules, on the generator's device) when a generator replica starts, "
+        "so that adapter memory is taken up front and no load allocates.",
     )
     prefetch_adapters: NonNegativeInt = Field(
         1,
         description="Adapters of requests waiting for a generator replica's pipeline that it "
-        "reads and hot-swaps into free, inactive slots while another request generates, at "
-        "most this many ahead (0: off; a waiting request then swaps its adapter in its turn).",
+        "reads and writes into free slots while another request generates, at most this many "
+        "ahead (0: off; a request whose adapter was evicted while it waited then reads it in "
+        "its turn).",
     )
     min_replicas: NonNegativeInt = Field(
         1, description="Generator replicas kept at least (0: scale to zero)."

@@ -3,13 +3,14 @@ in and out with Ray Serve model multiplexing (model id = product id).
 
 Requests for a product are routed to a replica that already holds its adapter. A replica
 holds at most ``serve.max_adapters_per_replica`` adapters and evicts the least recently used
-one, freeing its slot (adapters are hot-swapped into a fixed set of slots). An adapter is
-loaded in two steps: reading and parsing its weights (storage I/O, done while another
-request may be generating) and writing them into a slot (under the pipeline lock). Every
-generation and every change of the pipeline holds one lock, so concurrent requests never
-see another request's adapter or a half-loaded one; the one exception is the prefetcher
-(``serve.prefetch_adapters``), which hot-swaps a waiting request's adapter into a free,
-inactive slot while another request generates: that write touches only its own slot.
+one, freeing its slot (``actors.adapter_slots``: a slot is the adapter's tensors on the
+pipeline's device; the denoiser holds one live adapter). An adapter is loaded in two steps,
+both while another request may be generating: reading and parsing its weights (storage I/O)
+and writing them into a free slot, which touches only that slot. A request's turn holds the
+pipeline lock, copies its slot into the live adapter (one fused copy) and generates, so
+concurrent requests never see another request's adapter or a half-written one. The
+prefetcher (``serve.prefetch_adapters``) writes the adapters of waiting requests into free
+slots ahead of their turns.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from actors.adapter_slots import AdapterSlots
 from actors.generator import GenerationOptions, Generator, read_adapter_weights
 from ray_app import storage
 from ray_app.config import RestageConfig
@@ -65,18 +67,17 @@ class GeneratorReplica:
     """The body of the ``Generator`` Serve deployment (plain Python, testable without Serve).
 
     Adapters live in ``max_adapters_per_replica`` slots, plus one spare: a product's adapter
-    is hot-swapped into a free slot (diffusers' in-place LoRA swap: no new modules, no base
-    reload), and eviction only frees the slot, so the memory adapters use is fixed by
-    construction. With ``serve.warm_adapter_slots`` every slot gets its LoRA modules at start,
-    so that no request pays for new ones.
+    is written into a free slot (no new modules, no base reload), and eviction only frees the
+    slot, so the memory adapters use is fixed by construction. The denoiser's live adapter
+    (``train.rank`` on ``train.target_modules``) is made when the replica starts; with
+    ``serve.warm_adapter_slots`` every slot's tensors are allocated then too.
 
-    With ``serve.prefetch_adapters`` = N > 0 the replica reads the adapters of the requests
-    waiting for the pipeline (in arrival order, at most N ahead) and hot-swaps them into free
-    slots that no running request uses, while another request generates: a waiting request
-    then finds its adapter resident and only switches to it in its turn. Such a write touches
-    only its own slot's tensors (``Generator.hotswap_adapter``), so it runs without the
-    pipeline lock; it never evicts. ``bench/serve_prefetch.py`` measures it,
-    ``bench/adapter_swap.py`` a hot-swap against the other ways of loading adapters.
+    With ``serve.prefetch_adapters`` = N > 0 the replica also reads the adapters of the
+    requests waiting for the pipeline (in arrival order, at most N ahead) and writes them into
+    free slots that no running request uses: a waiting request whose adapter was evicted, or
+    never loaded, then finds it resident in its turn. A prefetch never evicts.
+    ``bench/serve_prefetch.py`` measures it, ``bench/adapter_swap.py`` the slots against the
+    other ways of swapping adapters.
     """
 
     def __init__(self, config: RestageConfig, adapters_root: str):
@@ -87,11 +88,11 @@ class GeneratorReplica:
         )
         self.generator = Generator(config.model_spec("generator"), self.options)
         self.layout = AdapterLayout(storage.normalize_uri(adapters_root))
-        self.lock = threading.Lock()  # the pipeline: one generation or module change at a time
+        self.lock = threading.Lock()  # the pipeline: one turn (activate + generate) at a time
         # Slot and queue bookkeeping. Never held across I/O or a generation; taken after
         # ``lock`` when both are needed, never before it.
         self.state = threading.Condition()
-        # Serialises writes of adapter weights (a prefetch and a placement in a turn).
+        # Serialises writes of adapter weights (loads, prefetches, a reload in a turn).
         self.write_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self.counters: Counter[str] = Counter()
@@ -104,7 +105,6 @@ class GeneratorReplica:
             f"slot-{i}": None for i in range(config.serve.max_adapters_per_replica + 1)
         }
         self.slot_of: dict[str, str] = {}  # product id -> slot
-        self.slot_bytes: dict[str, int] = {}
         # Requests waiting for the pipeline: ticket -> product id, in arrival order.
         self.waiting: dict[int, str] = {}
         self._tickets = itertools.count()
@@ -122,8 +122,15 @@ class GeneratorReplica:
             if self.prefetch_limit
             else None
         )
-        if config.serve.warm_adapter_slots:
-            self._warm_slots()
+        t = config.train
+        self.adapter_slots = AdapterSlots(
+            self.generator,
+            t.rank,
+            t.target_modules,
+            config.generate.lora_scale,
+            self.slots,
+            preallocate=config.serve.warm_adapter_slots,
+        )
 
     def count(self, event: str, n: int = 1) -> None:
         with self._count_lock:  # prefetch threads count too
@@ -142,26 +149,11 @@ class GeneratorReplica:
 
     # ------------------------------------------------------------------ adapters
 
-    def _warm_slots(self) -> None:
-        """Every slot's LoRA modules, with zero weights, in the shape `restage train` gives
-        (train.rank on train.target_modules): each later load is a hot-swap. An adapter of a
-        larger rank grows its slot on its first swap; one of a smaller rank is zero-padded."""
-        t = self.config.train
-        zeros = self.generator.neutral_adapter_weights(t.rank, t.target_modules)
-        size = _nbytes(zeros)
-        for slot in self.slots:
-            # Own copies: the loader may keep the given tensors as the slot's parameters
-            # (it does on CPU), and slots sharing storage would all change with one swap.
-            own = {k: v.clone() for k, v in zeros.items()}
-            self.generator.load_adapter(slot, own, scale=self.config.generate.lora_scale)
-            self.slot_bytes[slot] = size
-        self.generator.set_adapter(None)
-
     async def load(self, product_id: str) -> AdapterHandle:
         """Load ``product_id``'s adapter (the multiplexed loader; Serve caches the result).
         An adapter the prefetcher placed (or is placing) for a waiting request is taken as it
-        is: no second read. Otherwise reading the weights happens outside the pipeline lock,
-        while another request may be generating; only the swap into a slot takes the lock."""
+        is: no second read. Otherwise it is read and written into a free slot without the
+        pipeline lock, while another request may be generating."""
         start = time.perf_counter()
         if not await asyncio.to_thread(storage.exists, self.layout.metadata(product_id)):
             self.count("load_not_found")
@@ -197,50 +189,62 @@ class GeneratorReplica:
         self.count("adapter_reads")
         return read_adapter_weights(self.layout.adapter_dir(product_id))
 
-    def _place(self, product_id: str, weights: dict[str, Any]) -> str:
-        """Put weights into a free slot (caller holds no lock) -> the slot."""
-        with self.lock:
-            return self._place_locked(product_id, weights)
-
-    def _place_locked(
-        self, product_id: str, weights: dict[str, Any], unheld_as: str | None = None
-    ) -> str:
-        """Under the pipeline lock (a new adapter may need new modules, which must not
-        appear under a running generation). ``unheld_as``: no handle will hold the adapter
-        if this call places it (a turn's reload)."""
-        with self.state:
-            if product_id in self.slot_of:
-                return self.slot_of[product_id]
-            free = [s for s, owner in self.slots.items() if owner is None]
-            if not free:
+    def _place(self, product_id: str, weights: dict[str, Any], unheld_as: str | None = None) -> str:
+        """Write weights into a free slot -> the slot. The write touches only that slot, so
+        no pipeline lock is needed (a turn's reload holds it anyway). ``unheld_as``: no
+        handle will hold the adapter if this call places it (a turn's reload)."""
+        while True:
+            with self.state:
+                if product_id in self.slot_of:
+                    return self.slot_of[product_id]
+                free = [s for s, owner in self.slots.items() if owner is None]
+                if not free:
+                    free = self._displace_prefetched()
+                if free:
+                    # Prefer a slot whose tensors exist: no allocation.
+                    allocated = self.adapter_slots.allocated
+                    slot = next((s for s in free if s in allocated), free[0])
+                    self.slots[slot] = product_id  # reserved while written
+                    break
+                pending = list(self.prefetching.values())
+            if not pending:
                 raise RuntimeError(f"all {len(self.slots)} adapter slots are taken")
-            # Prefer a slot that already holds modules: a hot-swap instead of new modules.
-            slot = next((s for s in free if s in self.generator.adapters), free[0])
-            self.slots[slot] = product_id  # reserved while written
+            wait(pending)  # prefetches still writing: displaceable once written
         start = time.perf_counter()
         try:
             with self.write_lock:
-                self.generator.load_adapter(
-                    slot,
-                    weights,
-                    scale=self.config.generate.lora_scale,
-                    replace=slot in self.generator.adapters,
-                )
+                self.adapter_slots.write(slot, weights)
         except BaseException:
             with self.state:
                 self.slots[slot] = None
             raise
-        self.count("locked_swaps")
-        self._time("locked_swap_ms", start)
+        self.count("placements")
+        self._time("place_ms", start)
         with self.state:
             self.slot_of[product_id] = slot
-            self.slot_bytes[slot] = _nbytes(weights)
             if unheld_as is not None:
                 self.unheld[product_id] = unheld_as
         return slot
 
+    def _displace_prefetched(self) -> list[str]:
+        """A placement found no free slot: free the slot of an adapter prefetched for a
+        waiting request that no load has claimed yet (prefetches take free slots, and a
+        load or a turn's reload may come after them). That request's own load reads it
+        again. State held. -> the freed slot, or nothing."""
+        victim = next(
+            (p for p, o in self.unheld.items() if o == "prefetch" and p != self.running), None
+        )
+        if victim is None:
+            return []
+        del self.unheld[victim]
+        self.ahead.discard(victim)
+        slot = self.slot_of.pop(victim)
+        self.slots[slot] = None
+        self.count("prefetch_displaced")
+        return [slot]
+
     def release(self, product_id: str) -> None:
-        """Free an evicted adapter's slot (its weights are overwritten by the next swap). No
+        """Free an evicted adapter's slot (its weights are overwritten by the next write). No
         pipeline lock: a running request's slot is never reused before its turn ends."""
         with self.state:
             slot = self.slot_of.pop(product_id, None)
@@ -300,17 +304,13 @@ class GeneratorReplica:
                 or product_id in self.loading
             ):
                 continue
-            adapters = self.generator.adapters
-            # Free, not the running request's (an evicted one may still generate), and
-            # holding modules: a prefetch only hot-swaps.
+            # Free and not the running request's (an evicted one may still generate).
             free = [
-                s
-                for s, owner in self.slots.items()
-                if owner is None and s != self.running_slot and s in adapters
+                s for s, owner in self.slots.items() if owner is None and s != self.running_slot
             ]
-            # Leave a free slot to each placement under way in a load or a turn. A load
-            # that comes later first evicts (the multiplexer does, when full), and a request
-            # evicted while it waited is itself prefetched or reloaded in its turn.
+            # Leave a free slot to each placement under way in a load or a turn. One that
+            # comes later and finds none displaces a prefetched adapter that no load has
+            # claimed (``_displace_prefetched``).
             if len(free) < len(self.loading) + 1:
                 return
             slot = free[0]
@@ -319,7 +319,7 @@ class GeneratorReplica:
             self.prefetching[product_id] = self.prefetcher.submit(self._prefetch, product_id, slot)
 
     def _prefetch(self, product_id: str, slot: str) -> None:
-        """Read an adapter and hot-swap it into the reserved, inactive ``slot`` (a prefetch
+        """Read an adapter and write it into the reserved, inactive ``slot`` (a prefetch
         thread; no pipeline lock). A failure only frees the slot: the request's own load
         reads again and reports the error."""
         start = time.perf_counter()
@@ -328,7 +328,7 @@ class GeneratorReplica:
                 raise AdapterNotFound(product_id)
             weights = self._read(product_id)
             with self.write_lock:
-                self.generator.hotswap_adapter(slot, weights)
+                self.adapter_slots.write(slot, weights)
         except Exception:
             with self.state:
                 self.slots[slot] = None
@@ -340,7 +340,6 @@ class GeneratorReplica:
         self._time("prefetch_ms", start)
         with self.state:
             self.slot_of[product_id] = slot
-            self.slot_bytes[slot] = _nbytes(weights)
             self.unheld[product_id] = "prefetch"
             del self.prefetching[product_id]
             self.count("prefetches")
@@ -367,7 +366,8 @@ class GeneratorReplica:
         ``cancel`` is set or the wall clock passes ``deadline``; a request cancelled while it
         waited for the lock never starts. ``ticket``: the request's place in the queue
         (``serve_request``), which it leaves on getting the lock. ``started_at``: wall clock
-        when it got the lock; ``swap_ms``: adapter work in its turn."""
+        when it got the lock; ``swap_ms``: adapter work in its turn (a reload after an
+        eviction, and the copy of its slot into the live adapter)."""
         options = GenerationOptions(
             width or self.options.width,
             height or self.options.height,
@@ -406,14 +406,15 @@ class GeneratorReplica:
                 if slot is None:  # evicted while queued: a free slot until a load claims it
                     self.count("reloads_after_eviction")
                     try:
-                        slot = self._place_locked(product_id, self._read(product_id), "reload")
+                        slot = self._place(product_id, self._read(product_id), "reload")
                     finally:
                         with self.state:
                             self.loading.discard(product_id)
                 with self.state:
                     self.running_slot = slot
                 switch = time.perf_counter()
-                self.generator.set_adapter(slot)
+                if self.adapter_slots.activate(slot):
+                    self.count("activations")
                 self._time("switch_ms", switch)
                 swap_ms = (time.perf_counter() - start) * 1000
                 images = self.generator.generate(
@@ -427,7 +428,6 @@ class GeneratorReplica:
                 self.count("cancelled")
                 raise
             finally:
-                self.generator.set_adapter(None)
                 with self.state:
                     self.running = self.running_slot = None
                     self._free_if_unwanted(product_id)
@@ -488,25 +488,23 @@ class GeneratorReplica:
         # Without the pipeline lock, which a long generation holds: stats answer at once,
         # from copies (a swap in progress may show up a moment late).
         with self.state:
-            slot_of, slot_bytes = dict(self.slot_of), dict(self.slot_bytes)
+            slot_of = dict(self.slot_of)
             prefetched = sorted(p for p, origin in self.unheld.items() if origin == "prefetch")
-        allocated = list(self.generator.adapters)
+        allocated = self.adapter_slots.allocated
         loaded = sorted(slot_of)
         return {
             "adapters_loaded": loaded,
             "adapters_prefetched": prefetched,
             "slots": len(self.slots),
             "slots_allocated": len(allocated),
-            "adapter_bytes": int(sum(slot_bytes.get(slot_of[p], 0) for p in loaded)),
-            "allocated_adapter_bytes": int(sum(slot_bytes.get(s, 0) for s in allocated)),
+            # a slot's tensors are the live adapter's shapes and dtype, whatever it holds
+            "adapter_bytes": len(loaded) * self.adapter_slots.nbytes,
+            "allocated_adapter_bytes": len(allocated) * self.adapter_slots.nbytes,
+            "live_adapter_bytes": self.adapter_slots.nbytes,
             "counters": dict(self.counters),
             "adapter_ms": {k: round(v, 3) for k, v in dict(self.timings).items()},
             "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
         }
-
-
-def _nbytes(weights: dict[str, Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def serve_deployment(config: RestageConfig):

@@ -317,9 +317,10 @@ def test_hot_swapped_adapter_generates_like_a_fresh_load(adapters):
     config = load_config("tiny", overrides=["serve.max_adapters_per_replica=1"])
     swapped = GeneratorReplica(config, str(adapters))
     mug = asyncio.run(swapped.load(MUG))
+    swapped.generate(MUG, "a {product}", [4], None, None, None, None)  # the live adapter: A
     del mug  # what the multiplexer does on eviction: the handle goes, its slot is freed
     held = [asyncio.run(swapped.load(LAMP))]  # handles are held while cached
-    assert swapped.slot_of == {LAMP: "slot-0"}  # the same slot, hot-swapped
+    assert swapped.slot_of == {LAMP: "slot-0"}  # the same slot, written again
     assert swapped.counters["evictions"] == 1
     fresh = GeneratorReplica(config, str(adapters))
     held.append(asyncio.run(fresh.load(LAMP)))

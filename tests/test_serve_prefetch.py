@@ -1,5 +1,5 @@
-"""Warm adapter slots and the queue-aware adapter prefetch of a generator replica
-(``serve.prefetch_adapters``), without Ray: a waiting request's adapter is hot-swapped into a
+"""Adapter slots and the queue-aware adapter prefetch of a generator replica
+(``serve.prefetch_adapters``), without Ray: a waiting request's adapter is written into a
 free slot while another request generates, that write leaves the running generation's
 pixels unchanged, the waiting request then uses it without a read in its turn, and no more
 than N are ever ahead.
@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from actors.adapter_slots import LIVE
 from bench.serve_prefetch import Multiplexer, write_adapters
 from ray_app.config import ConfigError, load_config
 from serve.generator import GeneratorReplica
@@ -76,24 +77,26 @@ def run_queue(replica: GeneratorReplica, products: list[str]) -> list[dict]:
     return out
 
 
-def test_warm_slots_have_modules_before_any_load_and_change_nothing(store, off):
+def test_warm_slots_exist_before_any_load_and_the_live_adapter_changes_nothing(store, off):
     stats = off.stats()
     assert stats["slots_allocated"] == stats["slots"] == len(off.slots)
     assert stats["adapter_bytes"] == 0 and stats["allocated_adapter_bytes"] > 0
-    assert set(off.generator.adapters) == set(off.slots)
-    base = off.generator.generate(["a mug"], [2], [""])[0]
-    off.generator.set_adapter("slot-0")  # zero weights: the base model's image
+    # One adapter in the denoiser, always active, zero until a turn fills it.
+    assert set(off.generator.adapters) == {LIVE} and off.generator.active_adapter == LIVE
+    live = off.generator.generate(["a mug"], [2], [""])[0]
+    off.generator.set_adapter(None)
     try:
-        np.testing.assert_array_equal(off.generator.generate(["a mug"], [2], [""])[0], base)
+        np.testing.assert_array_equal(off.generator.generate(["a mug"], [2], [""])[0], live)
     finally:
-        off.generator.set_adapter(None)
+        off.generator.set_adapter(LIVE)
     handle = asyncio.run(off.load(store[1][0]))
-    assert off.counters["locked_swaps"] == 1  # a hot-swap into a warm slot, no new modules
-    assert set(off.generator.adapters) == set(off.slots)
+    assert off.counters["placements"] == 1
+    assert off.stats()["slots_allocated"] == len(off.slots)  # written, nothing allocated
+    assert set(off.generator.adapters) == {LIVE}
     del handle
 
 
-def lora_state(gen, name: str) -> list:
+def lora_state(gen, name: str = LIVE) -> list:
     """What a generation with adapter ``name`` reads: each LoRA layer's active adapters,
     its scaling, and the adapter's tensors."""
     from peft.tuners.lora import LoraLayer
@@ -124,27 +127,27 @@ def near(x: np.ndarray, y: np.ndarray, contrast: float) -> bool:
 
 
 def test_writing_an_inactive_slot_mid_generation_leaves_the_generation_unchanged(store, off):
-    """diffusers' hot-swap writes only that slot's tensors: with B written into another slot
-    at every step (and from another thread throughout), A's generation reads exactly the
-    same LoRA state and gives A's image."""
+    """A write touches only its slot's tensors: with B written into another slot at every
+    step (and from another thread throughout), A's generation reads exactly the same LoRA
+    state and gives A's image."""
     from actors.generator import read_adapter_weights
 
-    gen = off.generator
+    gen, slots = off.generator, off.adapter_slots
     a, b, c = (read_adapter_weights(off.layout.adapter_dir(p)) for p in store[1][:3])
-    gen.hotswap_adapter("slot-0", a)
-    gen.hotswap_adapter("slot-1", c)
-    gen.set_adapter("slot-1")
+    slots.write("slot-0", a)
+    slots.write("slot-1", c)
+    slots.activate("slot-1")
     args = (["a photo of a mug"], [5], [""])
     other = gen.generate(*args)[0]
-    gen.set_adapter("slot-0")
+    slots.activate("slot-0")
     alone = gen.generate(*args)[0]
     contrast = float(np.abs(other.astype(int) - alone.astype(int)).mean())
-    before = lora_state(gen, "slot-0")
+    before = lora_state(gen)
     seen: list[bool] = []
 
     def write(step: int) -> None:
-        gen.hotswap_adapter("slot-1", b if step % 2 else c)
-        seen.append(same_state(lora_state(gen, "slot-0"), before))
+        slots.write("slot-1", b if step % 2 else c)
+        seen.append(same_state(lora_state(gen), before))
 
     written = gen.generate(*args, on_step=write)[0]
     assert seen == [True] * off.options.steps
@@ -153,8 +156,8 @@ def test_writing_an_inactive_slot_mid_generation_leaves_the_generation_unchanged
 
     def keep_writing() -> None:
         while not stop.is_set():
-            gen.hotswap_adapter("slot-1", b)
-            gen.hotswap_adapter("slot-1", c)
+            slots.write("slot-1", b)
+            slots.write("slot-1", c)
 
     writer = threading.Thread(target=keep_writing)
     writer.start()
@@ -163,11 +166,10 @@ def test_writing_an_inactive_slot_mid_generation_leaves_the_generation_unchanged
     finally:
         stop.set()
         writer.join()
-    assert same_state(lora_state(gen, "slot-0"), before)
+    assert same_state(lora_state(gen), before)
     assert near(concurrent, alone, contrast)
-    gen.set_adapter("slot-1")  # the writes did land: slot-1 now draws C
+    slots.activate("slot-1")  # the writes did land: slot-1 now draws C
     assert near(gen.generate(*args)[0], other, contrast)
-    gen.set_adapter(None)
 
 
 def decoded(png: bytes) -> np.ndarray:
@@ -188,13 +190,14 @@ def test_a_prefetched_adapter_is_used_without_a_read_in_its_turn(store, off):
     finally:
         on.close()
     # A's adapter was prefetched before anything ran, B's while A generated; each load
-    # found its adapter (no second read) and each turn only switched to it: no placement
-    # under the pipeline lock.
+    # found its adapter (no second read, no placement) and each turn only copied its slot
+    # into the live adapter.
     assert on.counters["prefetches"] == 2 and seen_running == [None, products[0]]
     assert on.counters["prefetch_hits"] == 2
     assert on.counters["adapter_reads"] == 2
-    assert on.counters.get("locked_swaps", 0) == 0
-    assert off.counters["locked_swaps"] >= 2  # without prefetch both were placed in the lock
+    assert on.counters.get("placements", 0) == 0
+    assert on.counters["activations"] == 2
+    assert off.counters["placements"] >= 2  # without prefetch each load placed its own
     assert off.counters["prefetches"] == 0 and off.prefetcher is None
     # The same images as without prefetch: A's (generated during B's write) and B's.
     a, b = (decoded(r["images"][0]) for r in without)
@@ -213,18 +216,19 @@ def test_prefetch_stays_within_its_bound_and_off_the_slots_in_use(store, limit):
     root, products = store
     replica = replica_with(root, limit, 4)  # few: prefetches compete with loads
     observed: list[int] = []
-    write = replica.generator.hotswap_adapter
+    write = replica.adapter_slots.write
 
     def checked(slot: str, weights) -> None:
-        with replica.state:
-            assert slot != replica.running_slot
-            assert slot not in replica.slot_of.values()  # held or waiting adapters' slots
-            assert replica.slots[slot] in replica.prefetching  # reserved for this prefetch
-            observed.append(len(replica.ahead | replica.prefetching.keys()))
+        if threading.current_thread().name.startswith("adapter-prefetch"):
+            with replica.state:
+                assert slot != replica.running_slot
+                assert slot not in replica.slot_of.values()  # held or waiting adapters' slots
+                assert replica.slots[slot] in replica.prefetching  # reserved for this prefetch
+                observed.append(len(replica.ahead | replica.prefetching.keys()))
         time.sleep(0.05)  # a slow write: the queue has time to ask for more
         write(slot, weights)
 
-    replica.generator.hotswap_adapter = checked
+    replica.adapter_slots.write = checked
     try:
         out = run_queue(replica, products)
     finally:
