@@ -301,6 +301,24 @@ def preprocess_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
     return np.asarray(binary.resize(size, Image.NEAREST).crop(crop)) >= 128
 
 
+def compute_lora_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run every peft LoRA branch of ``model`` in ``dtype`` with its float32 weights: peft
+    casts a layer's input to the weights' dtype (float32), adds the branch in float32 and
+    casts the sum back, three passes over the layer's activations; instead the input stays
+    as it is and the branch's two linear layers run under autocast, which casts only their
+    (small) weights, and gives their gradients to the float32 weights."""
+    from peft.tuners.lora import LoraLayer
+
+    device = next(model.parameters()).device.type
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        module.cast_input_dtype_enabled = False
+        for sub in (*module.lora_A.values(), *module.lora_B.values()):
+            # one autocast per layer: an instance saves the state it restores
+            sub.forward = torch.autocast(device, dtype=dtype)(sub.forward)
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -358,6 +376,14 @@ class LoraTrainer:
             )
         for p in self.lora_params.values():  # the LoRA and its optimiser state stay float32
             p.data = p.data.float()
+        # the LoRA branch's matmuls in the base's dtype (train.lora_compute), else float32
+        self.lora_dtype = (
+            self.dtype
+            if opts.lora_compute == "base" and self.dtype in (torch.bfloat16, torch.float16)
+            else torch.float32
+        )
+        if self.lora_dtype != torch.float32:
+            compute_lora_in(self.unet, self.lora_dtype)
             p.requires_grad_(True)
         if opts.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -703,7 +729,7 @@ class LoraTrainer:
                 "LoRA has no dropout; set train.dropout=0 or train.products_per_step=1"
             )
         K = len(products)
-        stack = StackedLora(self.unet, ADAPTER, K)
+        stack = StackedLora(self.unet, ADAPTER, K, compute_dtype=self.lora_dtype)
         runs = []
         for k, (samples, seed) in enumerate(products):
             runs.append(self._begin(samples, seed, steps))  # resets the peft LoRA from seed

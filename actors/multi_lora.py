@@ -52,11 +52,20 @@ def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
 class StackedLora(nn.Module):
     """K products' weights of every LoRA layer of a model, stacked along a first axis."""
 
-    def __init__(self, model: nn.Module, adapter: str, products: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: str,
+        products: int,
+        compute_dtype: torch.dtype = torch.float32,
+    ):
+        """``compute_dtype``: the deltas' matmuls run in it (``train.lora_compute``); the
+        stacked weights stay float32."""
         super().__init__()
         if products < 1:
             raise ValueError(f"products={products}: need at least one")
         self.adapter, self.products = adapter, products
+        self.compute_dtype = compute_dtype
         self.layers = lora_layers(model, adapter)
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
@@ -131,10 +140,11 @@ class StackedLora(nn.Module):
                 raise ValueError(
                     f"{self.layers[i][0]}: batch of {x.shape[0]} is not {K} equal product groups"
                 )
-            a, b = self.A[i], self.B[i]
-            grouped = x.to(a.dtype).reshape(K, -1, x.shape[-1])  # product-major
+            dtype = self.compute_dtype
+            a, b = self.A[i].to(dtype), self.B[i].to(dtype)  # float32: no copy
+            grouped = x.to(dtype).reshape(K, -1, x.shape[-1])  # product-major
             delta = torch.bmm(torch.bmm(grouped, a.transpose(1, 2)), b.transpose(1, 2))
             delta = delta.reshape(*x.shape[:-1], b.shape[1]) * scale
-            return (output + delta).to(output.dtype)  # as peft: add in float32, cast back
+            return (output + delta).to(output.dtype)  # float32: as peft, add and cast back
 
         return hook

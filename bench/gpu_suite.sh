@@ -3,7 +3,7 @@
 # architectures with random weights, no Ray. Each section has its own time limit, so one
 # that fails or runs long does not cost the others; results go to RESULTS.
 #
-#   bash bench/gpu_suite.sh [SECTION ...]  # train multi_lora swap roles prefetch
+#   bash bench/gpu_suite.sh [SECTION ...]  # train multi_lora swap slots roles prefetch
 #                                          # personalize_data personalize
 # (swap and prefetch load the checkpoint that train saves under WORK: run train first)
 #
@@ -38,7 +38,7 @@ for s in "${@:-train multi_lora swap roles}"; do
   for name in $s; do
     case $name in
       train)  # also saves the SDXL checkpoint that swap and roles load
-        section train 300 python3 bench/gpu_train.py --script "$SCRIPT" --photos "$PHOTOS" \
+        section train 360 python3 bench/gpu_train.py --script "$SCRIPT" --photos "$PHOTOS" \
           --work "$WORK" --steps 20 --out "$RESULTS/gpu_train_$TAG.json" ;;
       multi_lora)
         section multi_lora 230 python3 bench/multi_lora.py --size sdxl --device cuda \
@@ -46,6 +46,9 @@ for s in "${@:-train multi_lora swap roles}"; do
       swap)
         section swap 100 python3 bench/adapter_swap.py --profile default --device cuda \
           --rank 64 "${SDXL[@]}" --json "$RESULTS/adapter_swap_sdxl_$TAG.json" ;;
+      slots)  # the serving slots against peft's hot-swap at SDXL size; no checkpoint needed
+        section slots 150 python3 bench/slot_swap.py --device cuda \
+          --out "$RESULTS/slot_swap_sdxl_$TAG.json" ;;
       roles)
         section roles 240 python3 bench/gpu_roles.py --profile default --device cuda \
           --out "$RESULTS/roles_gpu.json" ;;
@@ -60,8 +63,8 @@ for s in "${@:-train multi_lora swap roles}"; do
         section personalize 540 python3 bench/personalize.py --size base --device cuda \
           --splits 1 --train-products 3 --photos "$PHOTOS" \
           --out "$RESULTS/personalize_base_$TAG.json" ;;
-      *) echo "unknown section $name (train multi_lora swap roles prefetch personalize_data" \
-           "personalize)"; exit 2 ;;
+      *) echo "unknown section $name (train multi_lora swap slots roles prefetch" \
+           "personalize_data personalize)"; exit 2 ;;
     esac
   done
 done

@@ -176,6 +176,12 @@ def main() -> None:
     )
     ap.add_argument("--skip-script", action="store_true", help="restage only")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument(
+        "--compare-lora-compute",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the products again with train.lora_compute=float32 (peft's casts)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/gpu_train.json")
     args = ap.parse_args()
 
@@ -223,26 +229,31 @@ def main() -> None:
     base_load = time.perf_counter() - start
     print(f"restage: base loaded in {base_load:.1f} s", flush=True)
 
-    restage = []
-    for i, product in enumerate(args.products):
-        files = photos(args.photos, product)
-        start = time.perf_counter()
-        result = trainer.train(restage_samples(files, product.replace("_", " ")), seed=i)
-        adapter = Path(AdapterLayout.weights_in(str(work / "restage" / product)))
-        adapter.parent.mkdir(parents=True, exist_ok=True)
-        adapter.write_bytes(trainer.adapter_bytes(result.state_dict))
-        total = time.perf_counter() - start
-        restage.append(
-            {
-                "product": product,
-                "photos": len(files),
-                "setup_seconds": round(result.setup_seconds, 3),
-                "seconds_per_step": round(result.seconds_per_step, 4),
-                "total_seconds": round(total, 2),
-                "final_loss": round(result.final_loss, 4),
-            }
-        )
-        print("restage", restage[-1], flush=True)
+    def train_products(trainer: LoraTrainer, label: str, save: bool) -> list[dict]:
+        rows = []
+        for i, product in enumerate(args.products):
+            files = photos(args.photos, product)
+            start = time.perf_counter()
+            result = trainer.train(restage_samples(files, product.replace("_", " ")), seed=i)
+            if save:
+                adapter = Path(AdapterLayout.weights_in(str(work / "restage" / product)))
+                adapter.parent.mkdir(parents=True, exist_ok=True)
+                adapter.write_bytes(trainer.adapter_bytes(result.state_dict))
+            total = time.perf_counter() - start
+            rows.append(
+                {
+                    "product": product,
+                    "photos": len(files),
+                    "setup_seconds": round(result.setup_seconds, 3),
+                    "seconds_per_step": round(result.seconds_per_step, 4),
+                    "total_seconds": round(total, 2),
+                    "final_loss": round(result.final_loss, 4),
+                }
+            )
+            print(label, rows[-1], flush=True)
+        return rows
+
+    restage = train_products(trainer, f"restage (lora_compute={opts.lora_compute})", True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     kernels: list[dict] | str = []
     if args.device.startswith("cuda") and args.profile_steps:
@@ -253,6 +264,17 @@ def main() -> None:
             kernels = f"profile failed: {type(exc).__name__}: {exc}"
     del trainer
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    # The same products with peft's float32 LoRA branch, in this run: what lora_compute saves.
+    lora_float32: list[dict] = []
+    if args.compare_lora_compute and opts.lora_compute != "float32":
+        other = LoraTrainer(
+            cfg.model_spec("generator"),
+            opts.model_copy(update={"lora_compute": "float32"}),
+            device=args.device,
+        )
+        lora_float32 = train_products(other, "restage (lora_compute=float32)", False)
+        del other
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     def report(script: list[dict]) -> dict:
         """The result JSON, written now: a run cut short still leaves what it measured."""
@@ -270,6 +292,12 @@ def main() -> None:
             "restage_setup_per_product": median(steady, "setup_seconds"),
             "script_setup_per_product": median(script, "setup_seconds"),
         }
+        if lora_float32:
+            slow = median(lora_float32[1:] or lora_float32, "seconds_per_step")
+            summary["restage_seconds_per_step_lora_float32"] = slow
+            summary["lora_compute_step_speedup"] = round(
+                slow / summary["restage_seconds_per_step"], 3
+            )
         if script:
             summary["speedup_per_product"] = round(
                 summary["script_total_per_product"] / summary["restage_total_per_product"], 2
@@ -303,12 +331,14 @@ def main() -> None:
                 "steps": args.steps,
                 "learning_rate": 2e-4,
                 "gradient_checkpointing": True,
+                "lora_compute": opts.lora_compute,
                 "photos": str(args.photos),
             },
             "checkpoint_build_seconds": round(build_seconds, 1),
             "restage_base_load_seconds_per_worker": round(base_load, 2),
             "restage_peak_gpu_memory_gib": round(peak, 2) if peak else None,
             "restage": restage,
+            "restage_lora_float32": lora_float32,
             "script": script,
             "summary": summary,
             "restage_top_cuda_kernels": kernels,

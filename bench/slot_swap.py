@@ -5,6 +5,11 @@ a slot, then one fused copy into the live adapter) against the way it swapped be
 hot-swap into a resident named adapter, then ``set_adapters`` to it), in one run; writes
 JSON to bench/results/.
 
+It also measures the read (fsspec + safetensors) and how much reading an adapter and
+writing it into a slot in another thread slows a loop of small tensor operations in the
+main thread: the shape of a denoising loop's kernel launches, whose interpreter a loading
+thread competes for.
+
     python bench/slot_swap.py                            # CPU, float16, rank 64
     python bench/slot_swap.py --device cuda              # on a GPU
 
@@ -18,6 +23,7 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +42,37 @@ from ray_app.models import LoadedModel  # noqa: E402
 from ray_app.report import format_table  # noqa: E402
 
 
+def interference(folder: str, slots: AdapterSlots, ops: int, repeats: int) -> dict:
+    """Milliseconds of a loop of ``ops`` small tensor operations (on the slots' device: on a
+    GPU, kernel launches) alone and while ``folder`` is read and written into slot s1 in
+    another thread; that thread's own time."""
+    x = torch.ones(64, device=slots.device)
+
+    def loop() -> None:
+        y = x
+        for _ in range(ops):
+            y = y * 1.0 + 0.0
+
+    alone = median([timed(loop) for _ in range(repeats)])
+    loops, reads = [], []
+
+    def work() -> None:
+        start = time.perf_counter()
+        slots.write("s1", read_adapter_weights(folder))
+        reads.append((time.perf_counter() - start) * 1000)
+
+    for _ in range(repeats):
+        thread = threading.Thread(target=work)
+        thread.start()
+        loops.append(timed(loop))
+        thread.join()
+    return {
+        "loop_alone_ms": alone,
+        "loop_while_loading_ms": median(loops),
+        "read_and_write_ms": median(reads),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,7 +81,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the adapters")
+    parser.add_argument("--repeats", type=int, default=5, help="passes over the adapters")
+    parser.add_argument("--loop-ops", type=int, default=60000, help="the main thread's loop")
     parser.add_argument(
         "--out", default=None, help="default: bench/results/slot_swap_sdxl_<device>.json"
     )
@@ -101,6 +139,7 @@ def main() -> None:
             slot = f"s{i % 2}"  # alternate: each activate copies
             write.append(timed(lambda w=w, slot=slot: slots.write(slot, w)))
             activate.append(timed(lambda slot=slot: slots.activate(slot)))
+    contention = interference(str(paths[1]), slots, args.loop_ops, args.repeats)
     layers = sum(1 for n, _ in gen.loaded.model.unet.named_modules() if n.endswith(".lora_A"))
 
     before = {"hotswap": median(hotswap), "switch": median(switch)}
@@ -118,9 +157,11 @@ def main() -> None:
         "live_adapter_mib": round(slots.nbytes / 2**20, 1),
         "adapters": args.adapters,
         "repeats": args.repeats,
+        "loop_ops": args.loop_ops,
         "build_pipeline_s": round(build_s, 1),
         "make_live_adapter_and_slots_s": round(slots_s, 2),
         "median_ms": {"read": median(read), **before, **now},
+        "interpreter_contention": contention,
         "before": {
             "miss_in_turn_ms": round(before["hotswap"] + before["switch"], 3),
             "hit_in_turn_ms": before["switch"],
@@ -136,11 +177,22 @@ def main() -> None:
         format_table(
             ["step", "median ms"],
             [
-                ["read + parse the adapter file", m["read"]],
+                ["read + parse the adapter file (off the pipeline lock)", m["read"]],
                 ["before: peft hot-swap into a named adapter", m["hotswap"]],
                 ["before: set_adapters to it (every turn)", m["switch"]],
                 ["now: write into a slot (off the pipeline lock)", m["slot_write"]],
                 ["now: copy the slot into the live adapter (a turn)", m["activate"]],
+            ],
+        )
+    )
+    c = contention
+    print(
+        format_table(
+            ["main thread's loop of small ops", "ms"],
+            [
+                ["alone", c["loop_alone_ms"]],
+                ["while another thread reads + writes a slot", c["loop_while_loading_ms"]],
+                ["(that thread's read + write)", c["read_and_write_ms"]],
             ],
         )
     )
