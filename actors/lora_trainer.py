@@ -376,6 +376,7 @@ class LoraTrainer:
             )
         for p in self.lora_params.values():  # the LoRA and its optimiser state stay float32
             p.data = p.data.float()
+            p.requires_grad_(True)
         # the LoRA branch's matmuls in the base's dtype (train.lora_compute), else float32
         self.lora_dtype = (
             self.dtype
@@ -384,7 +385,6 @@ class LoraTrainer:
         )
         if self.lora_dtype != torch.float32:
             compute_lora_in(self.unet, self.lora_dtype)
-            p.requires_grad_(True)
         if opts.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if self.device.type == "cuda":  # NHWC convolutions: the layout cuDNN's fast kernels use

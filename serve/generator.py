@@ -189,15 +189,21 @@ class GeneratorReplica:
         self.count("adapter_reads")
         return read_adapter_weights(self.layout.adapter_dir(product_id))
 
-    def _place(self, product_id: str, weights: dict[str, Any], unheld_as: str | None = None) -> str:
+    def _place(self, product_id: str, weights: dict[str, Any], turn: bool = False) -> str:
         """Write weights into a free slot -> the slot. The write touches only that slot, so
-        no pipeline lock is needed (a turn's reload holds it anyway). ``unheld_as``: no
-        handle will hold the adapter if this call places it (a turn's reload)."""
+        no pipeline lock is needed (a turn's reload holds it anyway). ``turn``: a reload in
+        the product's own turn, which runs with the slot and no handle holds."""
         while True:
             with self.state:
                 if product_id in self.slot_of:
-                    return self.slot_of[product_id]
-                free = [s for s, owner in self.slots.items() if owner is None]
+                    slot = self.slot_of[product_id]
+                    if turn:
+                        self.running_slot = slot
+                    return slot
+                # Not the running turn's slot: it activates from it (an evicted one too).
+                free = [
+                    s for s, owner in self.slots.items() if owner is None and s != self.running_slot
+                ]
                 if not free:
                     free = self._displace_prefetched()
                 if free:
@@ -207,8 +213,13 @@ class GeneratorReplica:
                     self.slots[slot] = product_id  # reserved while written
                     break
                 pending = list(self.prefetching.values())
-            if not pending:
-                raise RuntimeError(f"all {len(self.slots)} adapter slots are taken")
+                if not pending:
+                    if self.running_slot is None or self.slots[self.running_slot] is not None:
+                        raise RuntimeError(f"all {len(self.slots)} adapter slots are taken")
+                    # The only free slot is an evicted adapter's that still generates:
+                    # the turn's end frees it (``generate`` notifies).
+                    self.state.wait(timeout=1.0)
+                    continue
             wait(pending)  # prefetches still writing: displaceable once written
         start = time.perf_counter()
         try:
@@ -222,8 +233,9 @@ class GeneratorReplica:
         self._time("place_ms", start)
         with self.state:
             self.slot_of[product_id] = slot
-            if unheld_as is not None:
-                self.unheld[product_id] = unheld_as
+            if turn:
+                self.unheld[product_id] = "reload"
+                self.running_slot = slot
         return slot
 
     def _displace_prefetched(self) -> list[str]:
@@ -245,7 +257,8 @@ class GeneratorReplica:
 
     def release(self, product_id: str) -> None:
         """Free an evicted adapter's slot (its weights are overwritten by the next write). No
-        pipeline lock: a running request's slot is never reused before its turn ends."""
+        pipeline lock: a running request's slot is never reused before its turn ends
+        (``_place`` and ``_schedule`` skip ``running_slot``)."""
         with self.state:
             slot = self.slot_of.pop(product_id, None)
             if slot is not None:
@@ -400,18 +413,17 @@ class GeneratorReplica:
                 if pending is not None:  # its prefetch takes no pipeline lock: wait for it
                     wait([pending])
                 with self.state:
-                    slot = self.slot_of.get(product_id)
+                    # running_slot is set with the lookup: no load may take the slot between
+                    slot = self.running_slot = self.slot_of.get(product_id)
                     if slot is None:
                         self.loading.add(product_id)
                 if slot is None:  # evicted while queued: a free slot until a load claims it
                     self.count("reloads_after_eviction")
                     try:
-                        slot = self._place(product_id, self._read(product_id), "reload")
+                        slot = self._place(product_id, self._read(product_id), turn=True)
                     finally:
                         with self.state:
                             self.loading.discard(product_id)
-                with self.state:
-                    self.running_slot = slot
                 switch = time.perf_counter()
                 if self.adapter_slots.activate(slot):
                     self.count("activations")
@@ -432,6 +444,7 @@ class GeneratorReplica:
                     self.running = self.running_slot = None
                     self._free_if_unwanted(product_id)
                     self._schedule()
+                    self.state.notify_all()  # a placement may wait for this turn's slot
             self.count("requests")
             self.count("images", len(images))
             return {

@@ -246,3 +246,34 @@ def test_prefetch_setting_is_validated_naming_the_key():
         )
     with pytest.raises(ConfigError, match="prefetch_adapters"):
         load_config("tiny", overrides=["serve.prefetch_adapters=-1"])
+
+
+def test_a_load_waits_for_the_slot_of_an_evicted_adapter_that_still_generates(store):
+    """One adapter held (2 slots): A generates after its eviction, B holds the other slot;
+    C's load must not write into A's slot while A's turn copies from it or runs: it waits
+    for the turn's end, then takes that slot. A's image is A's."""
+    root, products = store
+    replica = replica_with(root, 0, 2)
+    a, b, c = products[:3]
+    request = (a, "a {product} on a desk", [1], LONG, None, None, None)
+    handle_a = asyncio.run(replica.load(a))
+    alone = decoded(replica.generate(*request)["images"][0])
+    out: dict = {}
+    turn = threading.Thread(target=lambda: out.setdefault("a", replica.generate(*request)))
+    turn.start()
+    while replica.running != a:
+        time.sleep(0.002)
+    handle_a.__del__()  # the multiplexer evicts A (as Ray Serve does) while A generates
+    held = [asyncio.run(replica.load(b))]
+    assert replica.slot_of == {b: "slot-1"}
+    loader = threading.Thread(target=lambda: held.append(asyncio.run(replica.load(c))))
+    loader.start()
+    time.sleep(0.2)
+    assert replica.running == a and c not in replica.slot_of  # waiting, not writing
+    turn.join()
+    loader.join()
+    assert replica.slot_of == {b: "slot-1", c: "slot-0"}
+    image = decoded(out["a"]["images"][0])
+    other = decoded(replica.generate(c, *request[1:])["images"][0])
+    contrast = float(np.abs(alone.astype(int) - other.astype(int)).mean())
+    assert contrast > 0.2 and near(image, alone, contrast)
