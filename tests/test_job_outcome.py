@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from output import last_line
 from ray import exceptions as rex
 
 from ray_app import storage
@@ -36,7 +37,7 @@ def _augment(tmp_path: Path, rows: list[dict]) -> subprocess.CompletedProcess:
 def test_a_job_where_every_product_failed_exits_non_zero(tmp_path):
     proc = _augment(tmp_path, INVALID)  # no valid record: no model runs
     assert proc.returncode == 1, proc.stderr[-2000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    last = last_line(proc.stdout)
     assert last.startswith("restage augment: FAILED: all 2 products failed")
     assert str(tmp_path / "out" / "errors") in last
 
@@ -48,7 +49,7 @@ def test_a_job_where_some_products_failed_exits_zero_and_says_so(tmp_path):
     storage.write_json(str(tmp_path / "out" / "_done" / "mug-1.json"), marker)
     proc = _augment(tmp_path, [{"product_id": "mug-1", "image_uris": ["a.png"]}, *INVALID])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    last = last_line(proc.stdout)
     assert last.startswith("restage augment: done with failures: 2 of 3 products failed")
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["products"]["ok"] == 1 and saved["this_run"]["ok"] == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, readme_command
+from output import last_line
 
 from ray_app.adapter_meta import AdapterMeta
 from ray_app.config import ROLES, FilterConfig, load_config
@@ -240,7 +241,7 @@ def test_evaluate_example_scores_the_quickstart_run(quickstart, user_dir):
 def test_personalize_example_trains_an_encoder_per_quickstart_product(quickstart, user_dir):
     proc = run(readme_command("personalize"), user_dir)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.rstrip().endswith("restage personalize: done: 3 products")
+    assert last_line(proc.stdout).endswith("restage personalize: done: 3 products")
     out = user_dir / readme_command("personalize").split()[-1]
     rows = pq.read_table(out / "_manifest").to_pylist()
     assert len(rows) == 3
@@ -330,7 +331,7 @@ def test_review_example_rates_the_quickstart_run(quickstart, user_dir):
 def test_stage_example_indexes_and_stages_the_examples(user_dir):
     proc = run(readme_command("stage"), user_dir, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.rstrip().endswith("restage stage: done: 3 products")
+    assert last_line(proc.stdout).endswith("restage stage: done: 3 products")
     staged = pq.read_table(user_dir / "runs" / "staged" / "manifest").to_pylist()
     kept = [r for r in staged if r["kept"]]
     keep = load_config("tiny").stage.keep
