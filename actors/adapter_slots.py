@@ -75,10 +75,6 @@ class AdapterSlots:
                 self._allocate(slot)
 
     @property
-    def slots(self) -> list[str]:
-        return list(self._staged)
-
-    @property
     def allocated(self) -> list[str]:
         """Slots whose tensors exist."""
         return [s for s, t in self._staged.items() if t is not None]
