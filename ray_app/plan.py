@@ -782,7 +782,9 @@ def items_per_product(
 
 
 def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:
-    """Seconds per item of a pool measured by a bench run of the tiny profile, if any."""
+    """Seconds per role item (an image; for personalize, an image's pass of a step) of a pool
+    measured by a bench run of the tiny profile, if any: ``bench/augment.py``'s Ray stages,
+    or ``bench/personalize.py``'s training steps."""
     import json
 
     from ray_app.resources import RESULTS
@@ -790,46 +792,93 @@ def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:
     path = RESULTS / f"{job}_tiny_cpu.json"
     if not path.exists():
         return None
-    for stage in json.loads(path.read_text()).get("ray", {}).get("stages", []):
+    result = json.loads(path.read_text())
+    source = f"measured on CPU: bench/results/{path.name}"
+    if job == "personalize" and pool == "train" and "train" in result:
+        p = result["personalize"]  # the settings of the run: a step's images from them
+        images = 2 * p["batch_size"] + min(p["negatives_per_step"], p["negatives"])
+        return result["train"]["seconds_per_step"] / (images * ENCODER_TRAIN_PASSES), source
+    for stage in result.get("ray", {}).get("stages", []):
         if stage["stage"] == pool and stage.get("items_in"):
-            seconds = stage["seconds"] / stage["items_in"]
-            return seconds, f"measured on CPU: bench/results/{path.name}"
+            return stage["seconds"] / stage["items_in"], source
     return None
+
+
+def _parallel(pool: Pool, cluster: Cluster, devices: float) -> float:
+    """How many of the devices one pool can keep busy: an actor runs one call at a time on one
+    device (a GPU, or its CPU slot), so a pool of at most ``max_actors`` actors uses at most
+    that many, however many GPUs the cluster has; in a mixed cluster, at most its GPU
+    class's. A pool without a GPU on a GPU cluster is bounded by its actors alone."""
+    most = float(pool.actors[1])
+    if cluster.gpus > 0 and not (pool.gpu_fraction > 0 or pool.gpu_gib > 0):
+        return most
+    home = next((c.gpus for c in cluster.classes if c.name == pool.node_type), devices)
+    return min(home, most)
 
 
 def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) -> dict[str, Any]:
     """GPU-hours and wall hours for ``products`` products under ``plan``, with every figure's
-    source. Assumes the pools keep every GPU busy (the bottleneck pool sets the pace)."""
+    source. Wall time: the pools run at once (streaming, packed) and keep every device busy
+    at best, unless a pool's actors cannot: a pool of at most A actors works through its
+    items on at most A devices, so the slowest such pool can set the pace. Stage by stage,
+    the pools run one after the other, each on at most its actors' devices."""
     items = items_per_product(plan.job, config, photos, products)
-    costs = []
+    on_gpus = plan.cluster.gpus > 0
+    devices = plan.cluster.gpus if on_gpus else max(1.0, plan.cluster.cpus)
+    costs, parallel, used = [], [], []
     for pool in plan.pools:
         if pool.name not in items:
             continue
         n, unit, role_items = items[pool.name]
         hit = _bench_seconds(plan.job, pool.name) if config.profile == "tiny" else None
         if hit:
-            sec, source = hit
+            per_role_item, source = hit
         else:
-            sec = role_items * sum(need.seconds_per_item for need in pool.needs)
+            per_role_item = sum(need.seconds_per_item for need in pool.needs)
             source = "; ".join(dict.fromkeys(n_.source for n_ in pool.needs))
-            if role_items != 1:
-                source += f" (x {role_items:g} per {unit})"
+        sec = role_items * per_role_item
+        if role_items != 1:
+            source += f" (x {role_items:g} per {unit})"
         costs.append(StageCost(pool.name, n, unit, sec, source))
+        parallel.append(_parallel(pool, plan.cluster, devices))
+        used.append(pool)
     per_product = sum(c.seconds for c in costs)
-    devices = plan.cluster.gpus if plan.cluster.gpus > 0 else max(1.0, plan.cluster.cpus)
-    bottleneck = max(costs, key=lambda c: c.seconds) if costs else None
+    # wall seconds per product of each pool on its own devices, and of the whole on all
+    pool_wall = [c.seconds / max(k, 1e-9) for c, k in zip(costs, parallel, strict=True)]
+    whole = per_product / devices
+    wall = sum(pool_wall) if plan.mode == "stage" else max([whole, *pool_wall])
+    bottleneck = None
+    if costs:
+        bottleneck = costs[max(range(len(costs)), key=lambda i: pool_wall[i])].pool
+    kind = "GPU" if on_gpus else "CPU"
+    capped = [
+        f"{c.pool} runs at most {pool.actors[1]} actor(s) and the cluster has {devices:g} "
+        f"{kind}s: raise {_actors_knob(plan.job, pool)}"
+        for pool, c, k, w in zip(used, costs, parallel, pool_wall, strict=True)
+        if k < devices and w > whole  # more actors would let the whole cluster work on it
+    ]
     return {
         "products": products,
         "photos_per_product": photos,
         "seconds_per_product": round(per_product, 3),
-        "gpu_hours": round(per_product * products / 3600, 1) if plan.cluster.gpus else 0.0,
-        "wall_hours": round(per_product * products / devices / 3600, 2),
-        "bottleneck": bottleneck.pool if bottleneck else None,
-        "stages": [{**asdict(c), "seconds": round(c.seconds, 3)} for c in costs],
-        "assumes": f"{photos} photos per product; every one of {devices:g} "
-        f"{'GPU' if plan.cluster.gpus else 'CPU'}(s) busy; seconds per item from the "
-        "sources listed (estimated figures are not measured)",
+        "gpu_hours": round(per_product * products / 3600, 1) if on_gpus else 0.0,
+        "wall_hours": round(wall * products / 3600, 2),
+        "bottleneck": bottleneck,
+        "stages": [
+            {**asdict(c), "seconds": round(c.seconds, 3), "parallel": k}
+            for c, k in zip(costs, parallel, strict=True)
+        ],
+        "capped": capped,
+        "assumes": f"{photos} photos per product; the pools "
+        + ("one after the other" if plan.mode == "stage" else "at once")
+        + f" on {devices:g} {kind}(s), each pool on at most as many as its actors, every one "
+        "busy; seconds per item from the sources listed (estimated figures are not measured)",
     }
+
+
+def _actors_knob(job: str, pool: Pool) -> str:
+    """The setting that sizes ``pool`` (a pool's actors come from its first role's)."""
+    return "train.num_workers" if job == "train" else f"{pool.roles[0]}.max_actors"
 
 
 def total_estimate(steps: list[Step], estimates: list[dict[str, Any]]) -> dict[str, Any]:
@@ -863,6 +912,7 @@ def render_estimate(est: dict[str, Any]) -> str:
             f"{est['wall_hours']:,} hours of wall time; bottleneck: {est['bottleneck']}",
             format_table(["pool", "per product", "s/item", "s/product", "source"], rows),
             *(f"[{i}] {src}" for i, src in enumerate(sources, 1)),
+            *(f"capped: {c}" for c in est.get("capped", ())),
             f"assumes: {est['assumes']}",
         ]
     )

@@ -139,6 +139,41 @@ def test_estimate_names_its_sources_and_scales_with_products():
     assert many["bottleneck"] in {s["pool"] for s in many["stages"]}
 
 
+def test_a_pool_of_few_actors_sets_the_pace_of_a_large_cluster():
+    """An actor runs one call at a time on one GPU: 8 inpainter actors keep 8 of 64 GPUs busy,
+    whatever the cluster holds, and the plan says which max_actors to raise."""
+    cfg = load_config("default")
+    small = estimate(build_plan("augment", cfg, gpus(8, 80)), cfg, 1_000)
+    large = estimate(build_plan("augment", cfg, gpus(64, 80)), cfg, 1_000)
+    assert large["gpu_hours"] == small["gpu_hours"]
+    inpaint = {s["pool"]: s for s in large["stages"]}["inpaint"]
+    assert inpaint["parallel"] == cfg.inpainter.max_actors == 8
+    assert large["bottleneck"] == "inpaint"
+    assert large["wall_hours"] == pytest.approx(1_000 * inpaint["seconds"] / 8 / 3600, rel=0.01)
+    assert large["wall_hours"] > large["gpu_hours"] / 64 * 1.5
+    assert any("inpainter.max_actors" in c for c in large["capped"])
+    more = [f"{r}.max_actors=64" for r in ("captioner", "segmenter", "novel_view", "inpainter",
+                                           "generator", "clip", "dino")]  # fmt: skip
+    wide = load_config("default", overrides=more)
+    freed = estimate(build_plan("augment", wide, gpus(64, 80)), wide, 1_000)
+    assert freed["capped"] == []
+    assert freed["wall_hours"] == pytest.approx(freed["gpu_hours"] / 64, rel=0.01)
+
+
+def test_stage_by_stage_the_pools_wall_times_add_up():
+    """One model stage at a time: each pool's wall time on its own actors, added up (at once,
+    the slowest pool would set the pace)."""
+    cfg = load_config("default", overrides=["ray.placement=stage"])
+    plan = build_plan("augment", cfg, gpus(16, 80))
+    assert plan.mode == "stage"
+    est = estimate(plan, cfg, 100)
+    assert all(s["parallel"] == 8 for s in est["stages"])
+    walls = sum(s["seconds"] / 8 for s in est["stages"])
+    assert est["wall_hours"] == pytest.approx(100 * walls / 3600, rel=0.01)
+    at_once = estimate(build_plan("augment", load_config("default"), gpus(16, 80)), cfg, 100)
+    assert at_once["wall_hours"] < est["wall_hours"]
+
+
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ray_app.cli", "plan", *args],
@@ -336,6 +371,19 @@ def test_personalize_evaluate_work_per_product_grows_with_the_test_set():
     small, large = estimate(plan, cfg, 10_000), estimate(plan, cfg, 20_000)
     assert large["seconds_per_product"] / small["seconds_per_product"] == pytest.approx(2, rel=0.01)
     assert large["gpu_hours"] / small["gpu_hours"] == pytest.approx(4, rel=0.02)
+
+
+def test_the_tiny_personalize_cost_is_the_bench_measurement():
+    """The tiny profile's plan prices a step from bench/personalize.py's measured step (a step
+    of the same images), not from the role's generic estimate."""
+    from ray_app.resources import RESULTS
+
+    measured = json.loads((RESULTS / "personalize_tiny_cpu.json").read_text())["train"]
+    cfg = load_config("tiny")
+    (stage,) = estimate(build_plan("personalize", cfg, gpus(0, 0, cpus=4)), cfg, 10)["stages"]
+    assert stage["source"].startswith("measured on CPU")
+    per_step = measured["seconds_per_step"]
+    assert stage["seconds"] == pytest.approx(per_step * cfg.personalize.steps, rel=0.01)
 
 
 def test_plan_personalize_with_adapters_plans_its_generate_steps_first():
