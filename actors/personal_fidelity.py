@@ -9,9 +9,11 @@ a judge that knows the exact product, sharper than generic CLIP or DINO similari
 from a personalize output (``scoring.encoders``). The last ``cache`` products' LoRA tensors
 stay in memory: about 1 MiB each at rank 16 on a ViT-B, so switching products costs a copy,
 not a read. A product without an encoder gets no value (NaN, written as null), never a
-stand-in score from another encoder. Whether a product has an encoder is remembered like a
-loaded one: an encoder trained after a long-lived process (a serve replica) first asked is
-picked up once the product falls out of the cache, or after a restart.
+stand-in score from another encoder. What the cache knows of a product (its LoRA, or that it
+has none) is checked again against storage after ``recheck_s`` seconds, one small read of
+the product's ``encoder.json``: a long-lived process (a serve replica) picks up an encoder
+trained after it first asked, or trained again in place, within that time, and serves a
+removed one no longer.
 
 The crop: the mask's padded square (``ray_app.images.crop_by_mask``, as the segmented CLIP
 and DINO metrics take it); the whole image when no mask is given; NaN when the mask is empty
@@ -21,8 +23,10 @@ and DINO metrics take it); the whole image when no mask is given; NaN when the m
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,6 +38,14 @@ from ray_app.storage import EncoderLayout
 
 # LoRA tensors of this many products stay in memory per process.
 CACHE = 256
+# Seconds a product's cached LoRA, or its having none, is trusted before storage is asked again.
+RECHECK_S = 60.0
+
+
+class _Cached(NamedTuple):
+    lora: dict | None  # None: the product has no encoder
+    meta: EncoderMeta | None
+    checked: float  # time.monotonic() of the last look at storage
 
 
 class PersonalEncoders:
@@ -46,28 +58,40 @@ class PersonalEncoders:
         root: str,
         cache: int = CACHE,
         device: str | None = None,
+        recheck_s: float = RECHECK_S,
     ):
         self.trainer = EncoderTrainer(model, config, device=device)
         self.layout = EncoderLayout(storage.normalize_uri(root))
-        self.cache = cache
-        # product id -> its LoRA tensors, or None: the product has no encoder
-        self._loras: OrderedDict[str, dict | None] = OrderedDict()
+        self.cache, self.recheck_s = cache, recheck_s
+        self._loras: OrderedDict[str, _Cached] = OrderedDict()
         self._active: str | None = None  # the product whose LoRA is in the model
         self._lock = threading.Lock()  # one product's LoRA in the model at a time
         self.reads = 0
 
     def _lora(self, product_id: str) -> dict | None:
-        if product_id in self._loras:
+        now = time.monotonic()
+        known = self._loras.get(product_id)
+        if known is not None:
             self._loras.move_to_end(product_id)
-            return self._loras[product_id]
+            if now - known.checked < self.recheck_s:
+                return known.lora
         folder = self.layout.encoder_dir(product_id)
+        try:  # written last: the encoder is complete
+            meta = EncoderMeta.read(folder)
+        except FileNotFoundError:
+            meta = None
+        if known is not None and meta == known.meta:  # unchanged since it was read
+            self._loras[product_id] = known._replace(checked=now)
+            return known.lora
         lora = None
-        if storage.exists(EncoderLayout.metadata_in(folder)):  # written last: complete
-            self._check(folder, self.trainer.load(folder))
+        if meta is not None:
+            self._active = None  # the model's LoRA changes, whether or not the checks pass
+            meta = self.trainer.load(folder)
+            self._check(folder, meta)
             self._active, self.reads = product_id, self.reads + 1
             # copies: on CPU in float32 the state dict's tensors are the live parameters
             lora = {k: v.clone() for k, v in self.trainer.lora_state_dict().items()}
-        self._loras[product_id] = lora
+        self._loras[product_id] = _Cached(lora, meta, now)
         while len(self._loras) > self.cache:
             self._loras.popitem(last=False)
         return lora

@@ -150,6 +150,43 @@ def test_switching_products_puts_each_products_own_lora_back(encoders, tmp_path)
     assert cached.embed("no-such-product", images, none) is None
 
 
+def test_a_long_lived_scorer_sees_encoders_trained_replaced_or_removed_after_it_asked(
+    encoders, tmp_path
+):
+    """A serve replica asks before `restage personalize` has reached a product: once the
+    recheck time has passed it finds the encoder, and an encoder trained again in place or
+    removed is not served from the cache."""
+    import shutil
+
+    config, data, _ = encoders
+    out = str(tmp_path / "later")
+    _train_encoders(config, data, out, [LAMP])
+    personal = PersonalEncoders(
+        config.model_spec("encoder"), config.personalize, out, recheck_s=3600
+    )
+    images = [decode_rgb(b) for b in _images(data, MUG, SampleKind.CONTEXT)[0]]
+    none = [None] * len(images)
+    lamp = personal.embed(LAMP, images, none)
+    assert personal.embed(MUG, images, none) is None
+    _train_encoders(config, data, out, [MUG])
+    assert personal.embed(MUG, images, none) is None  # remembered until the recheck
+    personal.recheck_s = 0.0
+    mug = personal.embed(MUG, images, none)
+    assert mug is not None and np.abs(mug - lamp).max() > 1e-3
+    reads = personal.reads
+    np.testing.assert_allclose(personal.embed(MUG, images, none), mug, atol=1e-6)
+    assert personal.reads == reads  # rechecked, unchanged: not read again
+    # the lamp's encoder replaced by another (the mug's files) in place, then removed
+    layout = EncoderLayout(out)
+    shutil.rmtree(layout.encoder_dir(LAMP))
+    shutil.copytree(layout.encoder_dir(MUG), layout.encoder_dir(LAMP))
+    np.testing.assert_allclose(personal.embed(LAMP, images, none), mug, atol=1e-6)
+    assert personal.reads == reads + 1
+    shutil.rmtree(layout.encoder_dir(LAMP))
+    assert personal.embed(LAMP, images, none) is None
+    np.testing.assert_allclose(personal.embed(MUG, images, none), mug, atol=1e-6)
+
+
 def test_an_encoder_of_another_resolution_is_refused_naming_the_setting(encoders):
     config, _, out = encoders
     other = config.personalize.model_copy(update={"resolution": 2 * config.personalize.resolution})
