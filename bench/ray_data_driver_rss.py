@@ -6,8 +6,14 @@ local Ray. bench/scale.py saw augment's and generate's drivers grow ~5.7 KiB per
 from 10^3 to 10^4 products and train's (which iterates no blocks on the driver) stay flat;
 this isolates Ray Data's share. Writes JSON to bench/results/.
 
+``--successive N`` measures instead the same rows, one row per block, fed as one dataset
+against N datasets one after the other (what ``ray.rows_per_dataset`` does to a job's
+products), each case in a fresh process: whether a finished dataset gives its per-block
+memory back, and what it does to the time.
+
     python bench/ray_data_driver_rss.py                    # 10^3 and 10^4 rows
     python bench/ray_data_driver_rss.py --sizes 1000 10000 30000
+    python bench/ray_data_driver_rss.py --sizes 15000 --successive 3
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ RESULTS = ROOT / "bench" / "results"
 SAMPLE_S = 0.2
 
 
-def measure(rows: int, rows_per_block: int, cpus: int) -> dict:
-    """One case, in this process: the driver's RSS before the pipeline and its peak."""
+def measure(rows: int, rows_per_block: int, cpus: int, datasets: int = 1) -> dict:
+    """One case, in this process: the driver's RSS before the pipeline and its peak; the
+    rows split over ``datasets`` datasets run one after the other (the RSS after each)."""
+    import gc
+
     import psutil
     import ray
 
@@ -48,36 +57,66 @@ def measure(rows: int, rows_per_block: int, cpus: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    blocks = max(1, rows // rows_per_block)
-    ds = ray.data.range(rows, override_num_blocks=blocks).map_batches(lambda b: b, batch_size=None)
-    seen = sum(len(b["id"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+    seen, after = 0, []
+    part = rows // datasets
+    for _ in range(datasets):
+        blocks = max(1, part // rows_per_block)
+        ds = ray.data.range(part, override_num_blocks=blocks).map_batches(
+            lambda b: b, batch_size=None
+        )
+        seen += sum(len(b["id"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+        del ds
+        gc.collect()
+        after.append(round((proc.memory_info().rss - base) / 2**20, 1))
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
     peak = max(peak, proc.memory_info().rss)
     ray.shutdown()
-    assert seen == rows, f"{seen} rows came out of {rows}"
+    assert seen == part * datasets, f"{seen} rows came out of {part * datasets}"
     return {
-        "rows": rows,
+        "rows": part * datasets,
         "rows_per_block": rows_per_block,
-        "blocks": blocks,
+        "blocks": max(1, part // rows_per_block) * datasets,
+        "datasets": datasets,
         "rss_before_mib": round(base / 2**20, 1),
         "rss_peak_mib": round(peak / 2**20, 1),
         "rss_growth_mib": round((peak - base) / 2**20, 1),
+        "rss_growth_after_each_dataset_mib": after,
         "seconds": round(seconds, 1),
     }
 
 
-def run_case(rows: int, rows_per_block: int, cpus: int) -> dict:
+def run_case(rows: int, rows_per_block: int, cpus: int, datasets: int = 1) -> dict:
     """One case in a fresh process (a fresh Ray and a fresh driver heap)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--case", str(rows), str(rows_per_block), "--cpus", str(cpus)],
+        [sys.executable, __file__, "--case", str(rows), str(rows_per_block), "--cpus", str(cpus),
+         "--datasets", str(datasets)],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
-    )
+    )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def successive(sizes: list[int], datasets: int, cpus: int, results: Path) -> int:
+    cases = []
+    for n in sizes:
+        for k in (1, datasets):
+            case = run_case(n, 1, cpus, k)
+            cases.append(case)
+            print(
+                f"{n:>8} rows, one per block, in {k} dataset(s): driver RSS "
+                f"+{case['rss_growth_mib']} MiB (after each: "
+                f"{case['rss_growth_after_each_dataset_mib']}), {case['seconds']} s"
+            )
+    result = {"benchmark": "ray-data-driver-rss-successive", "machine": machine(), "cases": cases}
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "ray_data_driver_rss_successive_cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
 
 
 def slope_kib(cases: list[dict], per: str) -> float | None:
@@ -96,11 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-block", type=int, default=100, help="the baseline's blocks")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--case", type=int, nargs=2, metavar=("ROWS", "ROWS_PER_BLOCK"))
+    parser.add_argument("--datasets", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--successive", type=int, metavar="N", help="one dataset vs N successive ones"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(measure(*args.case, args.cpus)))
+        print(json.dumps(measure(*args.case, args.cpus, args.datasets)))
         return 0
+    if args.successive:
+        if args.successive < 2:
+            parser.error(f"--successive {args.successive}: give 2 or more datasets")
+        return successive(sorted(args.sizes), args.successive, args.cpus, args.results)
     if any(n < 1 for n in args.sizes) or args.rows_per_block < 1:
         parser.error("--sizes and --rows-per-block: give positive integers")
     sizes = sorted(args.sizes)

@@ -13,7 +13,10 @@ A job's driver holds counters, never one entry per product:
 - **the driver loop** (``run``): outcome rows -> counters and progress lines; in
   stage-by-stage mode the stage rows go once every product is written.
 - **the job** (``execute``): plan, start Ray, intake, driver loop, under the node-loss
-  guard; then ``finish`` writes the summary.
+  guard; then ``finish`` writes the summary. The rows to do go through the stages as
+  successive datasets of at most ``ray.products_per_dataset`` (``Successive``): Ray Data's
+  driver memory per block is held while a dataset runs, so one dataset of a whole catalog
+  of 10^7 products would hold ~85 GiB on the driver.
 """
 
 from __future__ import annotations
@@ -247,6 +250,28 @@ def todo_rows(found: Intake) -> Any:
     return ds
 
 
+class Successive:
+    """The model stages over the rows to do, as datasets of at most ``per_dataset`` rows
+    built and run one after the other; ``iter_batches`` goes through all of them (one
+    dataset, as before, when the rows fit). ``build``: a dataset of rows -> the job's
+    pipeline over them."""
+
+    def __init__(self, found: Intake, per_dataset: int, build: Callable[[Any], Any]):
+        self.found, self.per_dataset, self.build = found, per_dataset, build
+
+    def parts(self) -> list[Any]:
+        rows, n = self.found.rows, self.found.todo
+        if n <= self.per_dataset:
+            return [rows]
+        # Cut by block metadata on the driver; a block that straddles a cut is sliced in a task.
+        return rows.split_at_indices(list(range(self.per_dataset, n, self.per_dataset)))
+
+    def iter_batches(self, **kwargs: Any) -> Any:
+        for part in self.parts():
+            # Built only when the previous one has ended: its actors (and GPUs) are gone.
+            yield from self.build(todo_rows(Intake(part, self.found.cpus))).iter_batches(**kwargs)
+
+
 def previous_summary(layout: JobLayout) -> dict[str, Any] | None:
     """The summary.json of an earlier invocation, or None (none, or unreadable)."""
     try:
@@ -341,7 +366,8 @@ def through_stages(
     if staged is not None:
         stage_root = storage.join(root, STAGES_DIR)
         ds, ran = run_staged(first, stages, config, stage_root, rows, per_call, cpus)
-        staged.update(ran)
+        for name, products in ran.items():  # summed over successive datasets
+            staged[name] = staged.get(name, 0) + products
         return ds
     ds = first(rows)
     for cls, roles in stages:
@@ -439,13 +465,15 @@ def execute(
         if not found.todo:
             done.placement = done.staged = None
             return done
-        todo = todo_rows(found)
+        per_dataset = config.ray.products_per_dataset
         done.got = run(
             job,
             config,
             layout.root,
             found.todo,
-            lambda stage_rows: build(todo, config, stage_rows),
+            lambda stage_rows: Successive(
+                found, per_dataset, lambda todo: build(todo, config, stage_rows)
+            ),
             staged,
             numbers,
         )

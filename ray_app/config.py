@@ -183,6 +183,14 @@ class RayConfig(StrictModel):
         "is always in Ray's log files (the `_ray_logs` link in the job's output folder, for a "
         "local Ray); errors that stop a product or the job are reported either way.",
     )
+    products_per_dataset: PositiveInt = Field(
+        100_000,
+        description="A job's products to do go through its model stages as successive Ray "
+        "Data datasets of at most this many (pipelines/_job.py): Ray Data's driver keeps "
+        "~9 KiB per block of a running dataset, a product per block, and gives most of it "
+        "back when the dataset ends. Each dataset starts its actor pools again (one model "
+        "load per actor per dataset).",
+    )
     placement: Literal["streaming", "packed", "stage"] | None = Field(
         None,
         description="How a job places its actor pools on the GPUs (ray_app/plan.py); None: "

@@ -128,3 +128,32 @@ def test_rows_to_do_stream_a_product_per_block_while_actors_hold_the_cpus(ray_lo
         ray.kill(hog)
     assert split.num_blocks() == 6
     assert sorted(r["product_id"] for r in split.iter_rows()) == [f"p-{i}" for i in range(6)]
+
+
+@pytest.mark.slow
+def test_the_rows_to_do_go_through_the_stages_as_successive_datasets(ray_local):
+    """``ray.products_per_dataset`` cuts the rows to do into datasets built and run one after
+    the other (Ray Data's driver memory per block is held while a dataset runs): every row
+    goes through exactly once, a product per block, the next dataset built only when the
+    previous one is drained."""
+    ray = ray_local
+    rows = ray.data.from_items([{"product_id": f"p-{i}"} for i in range(7)]).repartition(3)
+    found = _job.Intake(rows=rows.materialize(), cpus=0.1)
+    found.counts[_job.TODO] = 7
+    built, drained = [], []
+
+    def build(todo):
+        assert len(built) == len(drained), "a dataset was built before the last one ended"
+        built.append(todo.materialize())
+        return built[-1]
+
+    seen = []
+    for batch in _job.Successive(found, 3, build).iter_batches(batch_size=None):
+        seen += list(batch["product_id"])
+        if len(seen) == sum(b.count() for b in built):
+            drained.append(len(seen))
+    assert [b.count() for b in built] == [3, 3, 1]
+    assert all(b.num_blocks() == b.count() for b in built)  # a product per block
+    assert sorted(seen) == sorted(f"p-{i}" for i in range(7))
+    one = _job.Successive(found, 7, lambda todo: todo)
+    assert len(one.parts()) == 1

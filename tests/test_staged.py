@@ -82,7 +82,9 @@ def resumed_run(tmp_path_factory) -> tuple[Path, Path, int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     at_kill = len(list(first.glob("*.parquet")))
-    finish(augment("ray.placement=stage", out=out, manifest=manifest))
+    # The re-run feeds a product per dataset (ray.products_per_dataset): the stages' counts
+    # add up over the datasets.
+    finish(augment("ray.placement=stage", "ray.products_per_dataset=1", out=out, manifest=manifest))
     return manifest, out, at_kill
 
 
@@ -98,7 +100,11 @@ def test_kill_between_stages_then_rerun_loses_and_redoes_nothing(resumed_run):
 
 
 def test_stage_by_stage_keeps_the_same_samples_as_streaming(resumed_run, tmp_path):
+    """... and streaming a dataset per product keeps them too."""
     manifest, staged, _ = resumed_run
-    finish(augment(out=tmp_path / "streaming", manifest=manifest))
-    streaming = kept(tmp_path / "streaming")
+    out = tmp_path / "streaming"
+    finish(augment("ray.products_per_dataset=1", out=out, manifest=manifest))
+    streaming = kept(out)
     assert streaming and kept(staged) == streaming
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["products"]["ok"] + summary["products"]["partial"] == 2
