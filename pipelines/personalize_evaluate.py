@@ -7,7 +7,8 @@ The test manifest (JSONL, CSV or Parquet, read by the project's manifest reader)
 a row, ``image_uri``; ``product_id`` (the product shown; null or empty: a distractor that
 shows none of them); optional ``mask_uri`` (the product's mask: detection and
 segmentation); optional ``split``: ``reference`` (the images a product is recognised by),
-``val`` (thresholds are chosen here) or ``test`` (measured here). Per product (and for the
+``val`` (thresholds are chosen here) or ``test`` (measured here); optional ``group`` (e.g.
+the product's category). Per product (and for the
 distractors) the images without a split are split with a seed: when the product has no
 ``reference`` image, ``personalize.evaluate.references`` of them are drawn as its
 references; ``val_fraction`` of the rest is validation, the rest test. A bad row becomes a
@@ -15,7 +16,11 @@ row of ``OUT/_errors/`` naming it and the problem; the job goes on without it.
 
 Per product with an encoder under ``--encoders``, for each encoder (``personal``,
 ``pretrained``), over the val/test images of every product and distractor (other products'
-reference images are left out):
+reference images are left out) -- or, where the manifest has groups, over those of the
+product's group and the images without a group. Without groups every product is measured
+against the whole pool, so the job grows with the square of the catalog; with groups, with
+the catalog times a group's size (a product's rows name one group; a row naming another is
+an error row):
 
 - **classification**: an image's score is its max (or mean, ``similarity``) cosine
   similarity to the product's reference images (the encoder's pooled feature); ROC AUC on
@@ -35,8 +40,9 @@ reference images are left out):
   images without a mask are left out.
 
 On Ray Data: one row per product through an actor pool of the encoder (the base loaded
-once per actor, the pretrained features of every image computed once per actor, a product
-per call); the actor writes the product's results shard (``OUT/_products/<id>.parquet``)
+once per actor, a product per call, the products in group order); an actor keeps the
+images of the group it is in and the ungrouped ones, decoded and with their pretrained
+features, and drops the group's when its next product is of another; it writes the product's results shard (``OUT/_products/<id>.parquet``)
 and errors shard, the driver merges them. A re-run with the same inputs and settings skips
 the products whose shard exists; other inputs start over. Outputs: ``results.parquet``
 (``RESULT_SCHEMA``: one row per product x encoder x metric), ``summary.json`` (means over
@@ -114,6 +120,7 @@ class LabelledImage:
     product_id: str | None  # None: a distractor
     mask_uri: str | None
     split: str
+    group: str | None = None  # None: in every product's pool
 
 
 def _text(raw: dict[str, Any], key: str) -> str | None:
@@ -149,6 +156,7 @@ def _test_row(where: str, raw: Any, base: str) -> tuple[LabelledImage | None, st
             raise RecordError("mask_uri on a distractor (no product_id): a mask needs a product")
         if pid is None and split == REFERENCE:
             raise RecordError("split='reference' on a distractor: references need a product_id")
+        group = _text(raw, "group")
     except RecordError as exc:
         return None, str(exc)
     return LabelledImage(
@@ -157,6 +165,7 @@ def _test_row(where: str, raw: Any, base: str) -> tuple[LabelledImage | None, st
         pid,
         storage.resolve_relative(mask, base) if mask else None,
         split or "",
+        group,
     ), None
 
 
@@ -185,7 +194,7 @@ def assign_splits(
 
 
 def _with_split(img: LabelledImage, split: str) -> LabelledImage:
-    return LabelledImage(img.where, img.image_uri, img.product_id, img.mask_uri, split)
+    return LabelledImage(img.where, img.image_uri, img.product_id, img.mask_uri, split, img.group)
 
 
 def read_test_manifest(
@@ -196,6 +205,7 @@ def read_test_manifest(
 
     uri, fmt, base = _opened(uri)
     images, errors, seen = [], [], {}
+    groups: dict[str, tuple[str | None, str]] = {}  # product -> (its group, the row it came from)
     for where, raw in _raw_rows(uri, fmt):
         img, why = _test_row(where, raw, base)
         if img is not None and img.image_uri in seen:
@@ -203,6 +213,14 @@ def read_test_manifest(
                 f"duplicate image_uri (first at {seen[img.image_uri]}); the first is kept",
                 None,
             )
+        if img is not None and img.product_id is not None:
+            group, first = groups.setdefault(img.product_id, (img.group, where))
+            if group != img.group:
+                why, img = (
+                    f"group={img.group!r}, but product {img.product_id} is in group {group!r} "
+                    f"({first}): give all of a product's rows one group",
+                    None,
+                )
         if img is None:
             pid = raw.get("product_id") if isinstance(raw, dict) else None
             errors.append(
@@ -262,8 +280,16 @@ class EvaluateEncoders:
         self.read = read
         self.trainer = EncoderTrainer(config.model_spec("encoder"), config.personalize)
         self.images = images
-        self.loaded: list[Loaded | str] | None = None  # decoded on the first call
-        self.pretrained: tuple[np.ndarray, np.ndarray] | None = None
+        self.by_group: dict[str | None, list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            self.by_group[img.group].append(i)
+        self.group_of = {img.product_id: img.group for img in images if img.product_id}
+        # The images of the group an actor is in and the ungrouped ones: decoded (or why not)
+        # and their pretrained (pooled feature, patch tokens).
+        self.loaded: dict[int, Loaded | str] = {}
+        self.pretrained: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.group: str | None = None
+        self.entered = False
 
     # ------------------------------------------------------------------ images
 
@@ -302,25 +328,57 @@ class EvaluateEncoders:
         square = Image.fromarray(_centre(mask)).resize((side, side), Image.NEAREST)
         return Loaded(view, np.asarray(square) >= 128), None
 
-    def _load_all(self) -> list[ErrorRow]:
+    def scope(self, group: str | None) -> list[int]:
+        """The images a product of ``group`` is measured on: the group's and the ungrouped
+        ones; every image for a product without a group."""
+        if group is None:
+            return list(range(len(self.images)))
+        return sorted(self.by_group.get(group, []) + self.by_group.get(None, []))
+
+    def _enter(self, group: str | None) -> None:
+        """Keep the images of ``group`` (and the ungrouped) decoded, dropping another
+        group's; their load errors go to one shard per group (the same rows from every
+        actor that loads them)."""
+        if self.entered and group == self.group:
+            return
+        ungrouped = set(self.by_group.get(None, []))
+        self.loaded = {i: v for i, v in self.loaded.items() if i in ungrouped}
+        self.pretrained = {i: v for i, v in self.pretrained.items() if i in ungrouped}
+        self.group, self.entered = group, True
+        todo = [i for i in self.scope(group) if i not in self.loaded]
         with ThreadPoolExecutor(IO_THREADS) as pool:
-            results = list(pool.map(self._load, self.images))
-        self.loaded = [r[0] for r in results]
-        errors = []
-        for img, (got, mask_why) in zip(self.images, results, strict=True):
+            results = list(pool.map(self._load, [self.images[i] for i in todo]))
+        errors: dict[str | None, list[ErrorRow]] = defaultdict(list)
+        for i, (got, mask_why) in zip(todo, results, strict=True):
+            self.loaded[i] = got
+            img = self.images[i]
             if isinstance(got, str):
-                errors.append(
+                errors[img.group].append(
                     ErrorRow(JOB, "load", f"{img.where}: {got}", img.product_id, img.image_uri)
                 )
             if mask_why:
-                errors.append(
+                errors[img.group].append(
                     ErrorRow(JOB, "load", f"{img.where}: {mask_why}", img.product_id, img.mask_uri)
                 )
-        return errors
+        loaded_groups = {self.images[i].group for i in todo}
+        for g in loaded_groups:
+            write_errors(self.layout, _images_shard(g), errors.get(g, []))
+
+    def _pretrained(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The pretrained (features, tokens) of ``idx``, each image encoded once per stay."""
+        missing = [i for i in idx if i not in self.pretrained]
+        if missing:
+            feats, tokens = self._encode(False, missing)
+            for k, i in enumerate(missing):
+                self.pretrained[i] = (feats[k], tokens[k])
+        return (
+            np.stack([self.pretrained[i][0] for i in idx]),
+            np.stack([self.pretrained[i][1] for i in idx]),
+        )
 
     def _encode(self, personal: bool, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """-> (pooled features (n, D), float32; patch tokens (n, h, w, d), float16)."""
-        views = [self.loaded[i].view for i in idx]  # type: ignore[union-attr,index]
+        views = [self.loaded[i].view for i in idx]  # type: ignore[union-attr]
         bs = self.options.batch_size
         feats, tokens = self.trainer.encode(views, personal=personal, batch_size=bs)
         return feats, tokens.astype(np.float16)
@@ -329,8 +387,6 @@ class EvaluateEncoders:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {"product_id": [], "status": [], "rows": [], "reason": []}
-        if self.loaded is None:  # the same rows from every actor
-            write_errors(self.layout, "_images", self._load_all())
         for pid in batch["product_id"]:
             pid = str(pid)
             errors: list[ErrorRow] = []
@@ -352,7 +408,9 @@ class EvaluateEncoders:
 
     def evaluate(self, pid: str) -> list[dict[str, Any]]:
         """The product's rows of ``RESULT_SCHEMA`` for both encoders."""
-        usable = [i for i in range(len(self.images)) if isinstance(self.loaded[i], Loaded)]  # type: ignore[index]
+        group = self.group_of[pid]
+        self._enter(group)
+        usable = [i for i in self.scope(group) if isinstance(self.loaded[i], Loaded)]
         refs = [
             i
             for i in usable
@@ -366,21 +424,16 @@ class EvaluateEncoders:
             )
         pool = [i for i in usable if self.images[i].split in (VAL, TEST)]
         self.trainer.load(self.encoders.encoder_dir(pid))
-        if self.pretrained is None:
-            self.pretrained = self._encode(False, usable)
-        position = {i: k for k, i in enumerate(usable)}
         rows = []
         for encoder in ENCODERS:
             if encoder == "pretrained":
-                feats, tokens = self.pretrained
-                feats = feats[[position[i] for i in refs + pool]]
-                tokens = tokens[[position[i] for i in refs + pool]]
+                feats, tokens = self._pretrained(refs + pool)
             else:
                 feats, tokens = self._encode(True, refs + pool)
             measured = measure_product(
                 pid,
                 [self.images[i] for i in pool],
-                [self.loaded[i].mask for i in pool],  # type: ignore[union-attr,index]
+                [self.loaded[i].mask for i in pool],  # type: ignore[union-attr]
                 feats[: len(refs)],
                 feats[len(refs) :],
                 tokens[: len(refs)].astype(np.float32),
@@ -389,6 +442,13 @@ class EvaluateEncoders:
             )
             rows += [{"product_id": pid, "encoder": encoder, **m} for m in measured]
         return rows
+
+
+def _images_shard(group: str | None) -> str:
+    """The errors shard of a group's unreadable images (``_images``: the ungrouped)."""
+    if group is None:
+        return "_images"
+    return "_images-" + hashlib.sha1(group.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the measures
@@ -664,7 +724,9 @@ def evaluate_encoders(config: RestageConfig, encoders: str, test: str, out: str)
     storage.write_json(layout.inputs(), key)
     write_errors(layout, "_manifest", errors)
     done = {n[: -len(".parquet")] for n in storage.list_names(layout.products_dir(), ".parquet")}
-    todo = [p for p in products if p not in done]
+    group_of = {img.product_id: img.group for img in images if img.product_id}
+    # In group order: an actor keeps one group's images decoded, and changes group seldom.
+    todo = sorted((p for p in products if p not in done), key=lambda p: (group_of[p] or "", p))
 
     config, _ = start(config, "personalize-evaluate")  # its plan: the encoder pool
     policy = SourcePolicy.for_manifest(test_uri, config.storage)
@@ -720,6 +782,7 @@ def evaluate_encoders(config: RestageConfig, encoders: str, test: str, out: str)
             "test": splits[TEST],
             "distractors": sum(img.product_id is None for img in images),
         },
+        "groups": len({img.group for img in images if img.group is not None}),
         "errors": error_rows,
         "options": options.model_dump(mode="json"),
         "confidence": options.confidence,

@@ -749,8 +749,9 @@ def items_per_product(
         return {"train": Items(p.steps, "step", p.images_per_step * ENCODER_TRAIN_PASSES)}
     if job == "personalize-evaluate":
         # pipelines/personalize_evaluate.py: every product's encoder embeds its references and
-        # the whole test pool (every product's val and test images), and the pretrained
-        # encoder embeds the test set once (its share per product: the photos).
+        # the whole test pool (every product's val and test images; with groups, its group's:
+        # then ``products`` is a group's), and the pretrained encoder embeds the test set once
+        # (its share per product: the photos).
         refs = min(config.personalize.evaluate.references, photos)
         pool = products * (photos - refs)
         return {"evaluate": Items(refs + pool + photos, "image")}

@@ -85,6 +85,76 @@ def test_manifest_rows_splits_and_errors(tmp_path):
     assert any(o != images for o in other)
 
 
+def test_a_product_is_in_one_group(tmp_path):
+    rows = [{"image_uri": f"a{i}.png", "product_id": "a", "group": "bags"} for i in range(3)]
+    rows += [{"image_uri": "d.png", "product_id": None, "group": "bags"}]
+    rows += [{"image_uri": "e.png", "product_id": None}]
+    bad = [{"image_uri": "a9.png", "product_id": "a", "group": "lamps"}]
+    uri = _write_rows(tmp_path / "test.jsonl", rows + bad)
+    images, errors = read_test_manifest(uri, PersonalEvalConfig(references=1), run_seed=0)
+    assert [img.group for img in images] == ["bags"] * 4 + [None]
+    (wrong,) = [e for e in errors if "group" in e.reason]
+    assert "product a is in group 'bags' (line 1)" in wrong.reason
+    assert wrong.reason.startswith("line 6")
+
+
+def test_an_actor_keeps_the_images_of_one_group_and_the_ungrouped(tmp_path):
+    """A product is measured on its group's images and the ungrouped ones; an actor drops a
+    group's decoded images when it moves to another, and writes each group's unreadable
+    images to that group's errors shard."""
+    from pipelines.personalize_evaluate import EvaluateEncoders, _images_shard
+    from ray_app.storage import PersonalEvalLayout
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for group, pids in (("bags", ["a", "b"]), ("lamps", ["c"])):
+        for pid in pids:
+            rows += [
+                {
+                    "image_uri": _save(
+                        tmp_path / f"{pid}{i}.png",
+                        rng.integers(0, 255, (40, 40, 3), dtype=np.uint8),
+                    ),
+                    "product_id": pid,
+                    "group": group,
+                }
+                for i in range(3)
+            ]
+    rows.append({"image_uri": str(tmp_path / "gone.png"), "product_id": "c", "group": "lamps"})
+    rows += [
+        {
+            "image_uri": _save(
+                tmp_path / f"d{i}.png", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            )
+        }
+        for i in range(2)
+    ]
+    uri = _write_rows(tmp_path / "test.jsonl", rows)
+    config = load_config("tiny")
+    images, _ = read_test_manifest(uri, config.personalize.evaluate, run_seed=0)
+    out = PersonalEvalLayout(str(tmp_path / "out"))
+    actor = EvaluateEncoders(config, images, str(tmp_path / "enc"), out.root, storage.read_bytes)
+
+    def uris(idx):
+        return {Path(images[i].image_uri).stem for i in idx}
+
+    ungrouped = {"d0", "d1"}
+    assert uris(actor.scope("bags")) == {"a0", "a1", "a2", "b0", "b1", "b2"} | ungrouped
+    assert uris(actor.scope(None)) == uris(range(len(images)))
+    actor._enter("bags")
+    assert uris(actor.loaded) == uris(actor.scope("bags"))
+    actor._pretrained(sorted(actor.loaded))
+    actor._enter("lamps")
+    assert uris(actor.loaded) == {"c0", "c1", "c2", "gone"} | ungrouped
+    assert uris(actor.pretrained) == ungrouped  # kept across groups
+    assert isinstance(
+        actor.loaded[next(i for i in actor.loaded if "gone" in images[i].image_uri)], str
+    )
+    lamps = storage.read_parquet(out.errors_shard(_images_shard("lamps"))).to_pylist()
+    assert [Path(r["item"]).name for r in lamps] == ["gone.png"]
+    assert not storage.exists(out.errors_shard(_images_shard("bags")))
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_csv_and_parquet_manifests_read_as_jsonl(tmp_path, fmt):
     import pyarrow as pa
@@ -326,6 +396,32 @@ def test_cli_evaluates_personal_and_pretrained_encoders(evaluation_inputs, ray_l
     again = json.loads((out / "summary.json").read_text())
     assert again["skipped_done"] == len(PRODUCTS)
     assert pq.read_table(out / "results.parquet").equals(table)
+
+    # Grouped: the candle is measured on its group's images and the distractors only.
+    groups = {"backpack": "bags", "can": "bags", "candle": "home"}
+    lines = [json.loads(line) for line in Path(manifest).read_text().splitlines()]
+    for row in lines:
+        if row.get("product_id") in groups:
+            row["group"] = groups[row["product_id"]]
+    grouped = Path(manifest).with_name("grouped.jsonl")  # its image paths are relative
+    grouped.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    argv[argv.index(manifest)] = str(grouped)
+    argv[argv.index(str(out))] = str(root / "out-grouped")
+    assert cli.main(argv) == 0
+    options = load_config("tiny").personalize.evaluate
+    images, _ = read_test_manifest(str(grouped), options, run_seed=load_config("tiny").seed)
+    in_pool = [img for img in images if img.split == TEST and img.group in ("home", None)]
+
+    def auc_n(path: Path, pid: str) -> int:
+        got = pq.read_table(path / "results.parquet").to_pylist()
+        (row,) = [
+            r for r in got
+            if (r["product_id"], r["encoder"], r["metric"]) == (pid, "personal", "auc")
+        ]  # fmt: skip
+        return row["n"]
+
+    assert auc_n(root / "out-grouped", "candle") == len(in_pool) < auc_n(out, "candle")
+    assert json.loads((root / "out-grouped" / "summary.json").read_text())["groups"] == 2
 
 
 def test_cli_refuses_mixed_arguments(capsys):
