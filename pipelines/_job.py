@@ -56,14 +56,19 @@ CHECK_THREADS = 16
 # --------------------------------------------------------------------------- intake
 
 
-def check_markers(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table:
+def check_markers(
+    batch: pa.Table, layout: JobLayout, since: float | None, fresh: bool = False
+) -> pa.Table:
     """A Ray Data task: valid rows -> complete (their marker exists) or to do. A complete
     product whose marker no summary has counted (it finished after ``since``, the previous
     summary's ``counted_until``; any when None) gets its marker's status and stats in
-    ``uncounted``. One small read per product: the marker itself, no existence check."""
+    ``uncounted``. One small read per product: the marker itself, no existence check;
+    none when ``fresh`` (the job has no marker at all: every valid product is to do)."""
     pids, status = batch["product_id"].to_pylist(), batch["status"].to_pylist()
     uncounted: list[str | None] = [None] * len(pids)
-    valid = [i for i, s in enumerate(status) if s == VALID]
+    valid = [] if fresh else [i for i, s in enumerate(status) if s == VALID]
+    if fresh:
+        status = [TODO if s == VALID else s for s in status]
 
     def read(i: int) -> dict[str, Any] | None:
         try:
@@ -116,12 +121,14 @@ def _block_name(batch: pa.Table) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:24]
 
 
-def take_in(batch: pa.Table, layout: JobLayout, since: float | None) -> pa.Table:
+def take_in(
+    batch: pa.Table, layout: JobLayout, since: float | None, fresh: bool = False
+) -> pa.Table:
     """A Ray Data task over one input block: its markers checked (``check_markers``), its
     valid ids written as a part of the input index and its ``tally`` under the intake
     folder, both named after the block's ids (a retried task rewrites its own files)
     -> the rows to do. One pass: the index and the counts are side outputs of the check."""
-    checked = check_markers(batch, layout, since)
+    checked = check_markers(batch, layout, since, fresh)
     if checked.num_rows:  # an empty block counts nothing
         name = _block_name(batch)
         valid = keep(checked, (TODO, COMPLETE))
@@ -160,7 +167,7 @@ def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None
     storage.remove(layout.intake_dir(), recursive=True)
     todo = rows.map_batches(
         take_in,
-        fn_kwargs={"layout": layout, "since": since},
+        fn_kwargs={"layout": layout, "since": since, "fresh": no_markers(layout)},
         batch_size=None,  # one block per call: a block's files are named after its ids
         batch_format="pyarrow",
         num_cpus=cpus,
@@ -174,6 +181,14 @@ def intake(rows: Any, layout: JobLayout, cpus: float, since: float | None = None
         ):
             result.add(counted)
     return result
+
+
+def no_markers(layout: JobLayout) -> bool:
+    """The job's first run (or one killed before its first product): no marker folder, so
+    no product is complete and intake reads no marker (on an object store, one request per
+    product saved: most of a first intake's requests). Only for layouts whose markers all
+    live in that folder."""
+    return type(layout).marker is JobLayout.marker and not storage.exists(layout.markers_dir())
 
 
 def _write_index_part(layout: JobLayout, name: str, ids: pa.Table) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pipelines import _job
 from ray_app import storage
 from ray_app.records import INVALID, VALID
-from ray_app.storage import AugmentLayout
+from ray_app.storage import AdapterLayout, AugmentLayout
 
 
 def _block(rows: list[tuple[str, str]]) -> pa.Table:
@@ -56,6 +56,32 @@ def test_a_block_keeps_its_products_to_do_and_writes_its_index_part_and_tally(tm
     assert tally["counts"] == {_job.TODO: 1, _job.COMPLETE: 2, INVALID: 1}
     assert tally["ignored"] == ["colour"]
     assert tally["uncounted"]["partial"] == 1 and tally["uncounted"]["ok"] == 0
+
+
+def test_a_first_run_reads_no_marker(tmp_path, monkeypatch):
+    """No marker folder: every valid product is to do, without a read per product; once a
+    marker exists the markers are read again."""
+    layout = AugmentLayout(str(tmp_path))
+    assert _job.no_markers(layout)
+    block = _block([("a", VALID), ("b", VALID), ("bad", INVALID)])
+    reads = []
+    read_json = storage.read_json
+
+    def counted(uri):
+        reads.append(uri)
+        return read_json(uri)
+
+    monkeypatch.setattr(storage, "read_json", counted)
+    todo = _job.take_in(block, layout, since=None, fresh=_job.no_markers(layout))
+    assert todo["product_id"].to_pylist() == ["a", "b"] and reads == []
+    (tally,) = _tallies(layout)
+    assert tally["counts"] == {_job.TODO: 2, INVALID: 1}
+    _marker(layout, "b", "ok", finished=1.0)
+    assert not _job.no_markers(layout)
+    todo = _job.take_in(block, layout, since=None, fresh=_job.no_markers(layout))
+    assert todo["product_id"].to_pylist() == ["a"] and len(reads) == 2
+    # the adapters' markers are in their product folders: always read
+    assert not _job.no_markers(AdapterLayout(str(tmp_path / "adapters")))
 
 
 def test_a_retried_block_rewrites_its_own_files_so_nothing_counts_twice(tmp_path):
