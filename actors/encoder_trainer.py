@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from actors.lora_compute import compute_lora_in
 from ray_app import storage
 from ray_app.config import ModelSpec, PersonalizeConfig
 from ray_app.models import load_model
@@ -248,6 +249,8 @@ class EncoderTrainer:
         for p in self.lora_params.values():  # the LoRA and its optimiser state stay float32
             p.data = p.data.float()
             p.requires_grad_(True)
+        if cfg.lora_compute == "base" and self.dtype != torch.float32:
+            compute_lora_in(self.model, self.dtype)
         self.model.eval()  # no dropout: the loss moves only with the LoRA
         self.target_modules = list(targets)
 

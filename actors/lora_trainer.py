@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from actors.generator import has_negative
+from actors.lora_compute import compute_lora_in
 from ray_app.config import ModelSpec, TrainConfig
 from ray_app.images import decode_rgb
 from ray_app.models import load_model
@@ -299,24 +300,6 @@ def preprocess_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
     size, crop = _square_crop(*mask.shape[:2], resolution)
     binary = Image.fromarray((mask != 0).astype(np.uint8) * 255)
     return np.asarray(binary.resize(size, Image.NEAREST).crop(crop)) >= 128
-
-
-def compute_lora_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Run every peft LoRA branch of ``model`` in ``dtype`` with its float32 weights: peft
-    casts a layer's input to the weights' dtype (float32), adds the branch in float32 and
-    casts the sum back, three passes over the layer's activations; instead the input stays
-    as it is and the branch's two linear layers run under autocast, which casts only their
-    (small) weights, and gives their gradients to the float32 weights."""
-    from peft.tuners.lora import LoraLayer
-
-    device = next(model.parameters()).device.type
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        module.cast_input_dtype_enabled = False
-        for sub in (*module.lora_A.values(), *module.lora_B.values()):
-            # one autocast per layer: an instance saves the state it restores
-            sub.forward = torch.autocast(device, dtype=dtype)(sub.forward)
 
 
 # --------------------------------------------------------------------------- trainer

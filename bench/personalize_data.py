@@ -12,7 +12,10 @@ The data side is what a step draws at the paper's settings: 16 anchor-positive p
 negatives (96 images) from photos whose longer side is 448 px (the job's decode size at 224
 px), to 224 px. With ``--size base`` (random DINOv2-B/14 weights) or ``tiny`` the whole
 training step is timed too, both ways; on a CPU at base size that takes minutes, so it is
-skipped unless ``--steps`` is given. Writes JSON to bench/results/.
+skipped unless ``--steps`` is given. On a bfloat16 encoder (a GPU) the whole steps are also
+timed with ``personalize.lora_compute=float32`` (peft casting every LoRA layer's activations
+to float32 and back) against the default ``base``: ``lora_compute_step_speedup``. Writes
+JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -172,6 +175,12 @@ def main() -> None:
             result["step_seconds"] = s
             result["steps_timed"] = steps
             result["step_speedup"] = round(s["host"] / s["device"], 2)
+            if trainer.dtype != torch.float32:  # what personalize.lora_compute=base saves
+                peft_way = config.personalize.model_copy(update={"lora_compute": "float32"})
+                other = EncoderTrainer(config.model_spec("encoder"), peft_way, device=args.device)
+                f32 = time_steps(Step(other, images(450, 0)), steps, args.device)["device"]
+                result["step_seconds_lora_float32"] = f32
+                result["lora_compute_step_speedup"] = round(f32 / s["device"], 3)
     tag = (
         "cpu"
         if args.device == "cpu"

@@ -1766,6 +1766,14 @@ class PersonalizeConfig(StrictModel):
         "value projections of the encoder's family (DINOv2: query, value; CLIP: q_proj, "
         "v_proj).",
     )
+    lora_compute: Literal["base", "float32"] = Field(
+        "base",
+        description="Dtype of the LoRA branch's matmuls when the encoder runs in bfloat16 or "
+        "float16 (training and personal_fidelity): 'base' runs them in that dtype under "
+        "autocast (the LoRA weights and their optimiser stay float32), 'float32' casts each "
+        "LoRA layer's activations to float32 and back (peft's default), as "
+        "train.lora_compute. No effect on a float32 encoder.",
+    )
     feature: Literal["cls_mean", "cls"] = Field(
         "cls_mean",
         description="The image feature: the CLS token concatenated with the mean of the final "

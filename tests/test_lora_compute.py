@@ -15,7 +15,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from actors.lora_trainer import ADAPTER, compute_lora_in
+from actors.lora_compute import compute_lora_in
+from actors.lora_trainer import ADAPTER
 from actors.multi_lora import StackedLora
 from ray_app.config import ConfigError, load_config
 
@@ -46,11 +47,11 @@ def lora_net(seed: int = 0) -> nn.Module:
     return model
 
 
-def lora_inputs(model: nn.Module) -> list[torch.dtype]:
+def lora_inputs(model: nn.Module, adapter: str = ADAPTER) -> list[torch.dtype]:
     """The dtype each LoRA down-projection receives, recorded by a forward pre-hook."""
     seen: list[torch.dtype] = []
     for name, module in model.named_modules():
-        if name.endswith(f"lora_A.{ADAPTER}"):
+        if name.endswith(f"lora_A.{adapter}"):
             module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     return seen
 
@@ -158,3 +159,29 @@ def test_the_trainer_learns_in_bfloat16_with_either_setting(tmp_path):
     assert fast.eval_loss_end < fast.eval_loss_start
     assert np.isfinite(fast.losses).all()
     np.testing.assert_allclose(fast.losses, ref.losses, rtol=0.1)
+
+
+def test_the_encoder_trainer_runs_its_lora_in_the_encoders_dtype():
+    """``personalize.lora_compute=base`` on a bfloat16 encoder: the LoRA inputs stay
+    bfloat16, its weights float32, and training's losses follow peft's float32 branch."""
+    import numpy as np
+
+    from actors.encoder_trainer import ADAPTER as ENCODER_ADAPTER
+    from actors.encoder_trainer import EncoderTrainer
+
+    cfg = load_config("tiny", overrides=["encoder.dtype=bfloat16", "personalize.pairs=16"])
+    rng = np.random.default_rng(0)
+    pos = [rng.integers(0, 255, (72, 72, 3), dtype=np.uint8) for _ in range(6)]
+    neg = [rng.integers(0, 255, (72, 72, 3), dtype=np.uint8) for _ in range(12)]
+    losses, inputs = {}, {}
+    for mode in ("base", "float32"):
+        options = cfg.personalize.model_copy(update={"lora_compute": mode})
+        trainer = EncoderTrainer(cfg.model_spec("encoder"), options)
+        assert trainer.dtype == BF16
+        assert {p.dtype for p in trainer.lora_params.values()} == {torch.float32}
+        inputs[mode] = lora_inputs(trainer.model, ENCODER_ADAPTER)
+        trainer.reset(0)
+        losses[mode] = trainer.train(pos, neg, seed=0).losses
+    assert set(inputs["base"]) == {BF16} and set(inputs["float32"]) == {torch.float32}
+    assert len(losses["base"]) == len(losses["float32"]) >= 2
+    np.testing.assert_allclose(losses["base"], losses["float32"], rtol=0.05)
