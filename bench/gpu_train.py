@@ -255,6 +255,8 @@ def main() -> None:
 
     restage = train_products(trainer, f"restage (lora_compute={opts.lora_compute})", True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    # what the process held (the plan's memory figure: ray_app/resources.py)
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
     kernels: list[dict] | str = []
     if args.device.startswith("cuda") and args.profile_steps:
         try:  # the profile is an extra: its failure must not cost the timings
@@ -337,6 +339,7 @@ def main() -> None:
             "checkpoint_build_seconds": round(build_seconds, 1),
             "restage_base_load_seconds_per_worker": round(base_load, 2),
             "restage_peak_gpu_memory_gib": round(peak, 2) if peak else None,
+            "restage_peak_reserved_gib": round(reserved, 2) if reserved else None,
             "restage": restage,
             "restage_lora_float32": lora_float32,
             "script": script,

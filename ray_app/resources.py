@@ -288,6 +288,11 @@ def train_need(config: RestageConfig) -> RoleNeed:
         per_sample *= 3  # every block's activations kept for backward
     # fp32 LoRA + two AdamW moments (~2.2 M parameters per rank), one set per product of a step
     lora = 3 * 4 * t.rank * 2.2e6 / GIB * t.products_per_step
+    seconds, source = ref.seconds, f"estimated: {ref.basis}"
+    hit = measured_train(config)
+    if hit:  # the step measured; the memory stays estimated (the run kept no reserved peak)
+        memory = f"~{weights:.0f} GiB weights, ~{per_sample:.1f} GiB per sample"
+        seconds, source = hit[0], f"{hit[1]}; memory estimated: {memory}"
     return RoleNeed(
         "train",
         on_gpu,
@@ -296,10 +301,42 @@ def train_need(config: RestageConfig) -> RoleNeed:
         samples,
         t.cpus_per_worker,
         16.0,
-        ref.seconds,
+        seconds,
         ref.unit,
-        f"estimated: {ref.basis}",
+        source,
     )
+
+
+@cache
+def _train_runs() -> tuple[dict[str, Any], ...]:
+    """``bench/gpu_train.py``'s results (``gpu_train_<gpu>.json``), newest name last."""
+    return tuple(json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_train_*.json")))
+
+
+def measured_train(config: RestageConfig) -> tuple[float, str] | None:
+    """Seconds per training step that ``bench/gpu_train.py`` measured on a GPU with this
+    config's settings (SDXL, rank, target modules, resolution, batch size, gradient
+    checkpointing, one product per step), and its source; None where no run matches. A run
+    that recorded no ``lora_compute`` ran peft's float32 branch."""
+    t, spec = config.train, config.role("generator")
+    if "stable-diffusion-xl-base-1.0" not in spec.source or t.products_per_step != 1:
+        return None
+    for run in reversed(_train_runs()):
+        s = run.get("settings", {})
+        step = (run.get("summary") or {}).get("restage_seconds_per_step")
+        mine = (t.rank, list(t.target_modules), t.resolution, t.batch_size)
+        theirs = (s.get("rank"), s.get("target_modules"), s.get("resolution"), s.get("batch_size"))
+        if (
+            step
+            and "SDXL" in s.get("model", "")
+            and mine == theirs
+            and (s.get("gradient_checkpointing") == t.gradient_checkpointing)
+        ):
+            gpu = run.get("machine", {}).get("gpu") or "a GPU"
+            compute = s.get("lora_compute", "float32")
+            note = "" if compute == t.lora_compute else f" with train.lora_compute={compute}"
+            return float(step), f"measured on {gpu}{note} (bench/results/gpu_train_*.json)"
+    return None
 
 
 def encoder_train_need(config: RestageConfig) -> RoleNeed:

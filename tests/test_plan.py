@@ -174,6 +174,24 @@ def test_stage_by_stage_the_pools_wall_times_add_up():
     assert at_once["wall_hours"] < est["wall_hours"]
 
 
+def test_train_steps_are_priced_from_the_gpu_run_with_the_same_settings():
+    """bench/gpu_train.py's measured step prices the default profile's training (its GPU
+    named); other settings keep the estimate, and the memory stays estimated."""
+    from ray_app.resources import RESULTS, TRAIN_REFERENCE
+
+    (run,) = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_train_*.json"))]
+    cfg = load_config("default")
+    need = train_need(cfg)
+    assert need.seconds_per_item == run["summary"]["restage_seconds_per_step"]
+    assert need.source.startswith(f"measured on {run['machine']['gpu']}")
+    assert "memory estimated" in need.source
+    for other in ("train.rank=16", "train.resolution=768", "train.gradient_checkpointing=false"):
+        changed = train_need(load_config("default", overrides=[other]))
+        assert changed.seconds_per_item == TRAIN_REFERENCE.seconds, other
+        assert changed.source.startswith("estimated"), other
+    assert train_need(load_config("default", overrides=["train.rank=16"])).gpu_gib < need.gpu_gib
+
+
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ray_app.cli", "plan", *args],
