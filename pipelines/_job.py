@@ -66,9 +66,7 @@ def check_markers(
     none when ``fresh`` (the job has no marker at all: every valid product is to do)."""
     pids, status = batch["product_id"].to_pylist(), batch["status"].to_pylist()
     uncounted: list[str | None] = [None] * len(pids)
-    valid = [] if fresh else [i for i, s in enumerate(status) if s == VALID]
-    if fresh:
-        status = [TODO if s == VALID else s for s in status]
+    valid = [i for i, s in enumerate(status) if s == VALID]
 
     def read(i: int) -> dict[str, Any] | None:
         try:
@@ -76,8 +74,11 @@ def check_markers(
         except FileNotFoundError:
             return None
 
-    with ThreadPoolExecutor(CHECK_THREADS) as pool:
-        markers = list(pool.map(read, valid))
+    if fresh:
+        markers: list[dict[str, Any] | None] = [None] * len(valid)
+    else:
+        with ThreadPoolExecutor(CHECK_THREADS) as pool:
+            markers = list(pool.map(read, valid))
     for i, marker in zip(valid, markers, strict=True):
         status[i] = TODO if marker is None else COMPLETE
         if marker is not None and (since is None or marker.get("finished", math.inf) > since):

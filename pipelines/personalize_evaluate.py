@@ -42,8 +42,9 @@ an error row):
 On Ray Data: one row per product through an actor pool of the encoder (the base loaded
 once per actor, a product per call, the products in group order); an actor keeps the
 images of the group it is in and the ungrouped ones, decoded and with their pretrained
-features, and drops the group's when its next product is of another; it writes the product's results shard (``OUT/_products/<id>.parquet``)
-and errors shard, the driver merges them. A re-run with the same inputs and settings skips
+features, and drops the group's when its next product is of another; it writes the
+product's results shard (``OUT/_products/<id>.parquet``) and errors shard, the driver
+merges them. A re-run with the same inputs and settings skips
 the products whose shard exists; other inputs start over. Outputs: ``results.parquet``
 (``RESULT_SCHEMA``: one row per product x encoder x metric), ``summary.json`` (means over
 products with bootstrap intervals, personal - pretrained paired), ``report/index.html``.
@@ -193,6 +194,11 @@ def assign_splits(
     return out
 
 
+def product_groups(images: list[LabelledImage]) -> dict[str, str | None]:
+    """Each product's group (``read_test_manifest`` keeps one per product)."""
+    return {img.product_id: img.group for img in images if img.product_id}
+
+
 def _with_split(img: LabelledImage, split: str) -> LabelledImage:
     return LabelledImage(img.where, img.image_uri, img.product_id, img.mask_uri, split, img.group)
 
@@ -258,6 +264,9 @@ def _centre(arr: np.ndarray) -> np.ndarray:
     return arr[y : y + side, x : x + side]
 
 
+_NO_GROUP_YET = object()  # an actor before its first product
+
+
 class EvaluateEncoders:
     """The encoder pool (``map_batches`` callable class): loads the base encoder once and
     the test images once; a product per call -> its results and errors shards, written
@@ -283,13 +292,12 @@ class EvaluateEncoders:
         self.by_group: dict[str | None, list[int]] = defaultdict(list)
         for i, img in enumerate(images):
             self.by_group[img.group].append(i)
-        self.group_of = {img.product_id: img.group for img in images if img.product_id}
+        self.group_of = product_groups(images)
         # The images of the group an actor is in and the ungrouped ones: decoded (or why not)
         # and their pretrained (pooled feature, patch tokens).
         self.loaded: dict[int, Loaded | str] = {}
         self.pretrained: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.group: str | None = None
-        self.entered = False
+        self.group: str | object | None = _NO_GROUP_YET
 
     # ------------------------------------------------------------------ images
 
@@ -339,12 +347,12 @@ class EvaluateEncoders:
         """Keep the images of ``group`` (and the ungrouped) decoded, dropping another
         group's; their load errors go to one shard per group (the same rows from every
         actor that loads them)."""
-        if self.entered and group == self.group:
+        if group == self.group:
             return
         ungrouped = set(self.by_group.get(None, []))
         self.loaded = {i: v for i, v in self.loaded.items() if i in ungrouped}
         self.pretrained = {i: v for i, v in self.pretrained.items() if i in ungrouped}
-        self.group, self.entered = group, True
+        self.group = group
         todo = [i for i in self.scope(group) if i not in self.loaded]
         with ThreadPoolExecutor(IO_THREADS) as pool:
             results = list(pool.map(self._load, [self.images[i] for i in todo]))
@@ -724,7 +732,7 @@ def evaluate_encoders(config: RestageConfig, encoders: str, test: str, out: str)
     storage.write_json(layout.inputs(), key)
     write_errors(layout, "_manifest", errors)
     done = {n[: -len(".parquet")] for n in storage.list_names(layout.products_dir(), ".parquet")}
-    group_of = {img.product_id: img.group for img in images if img.product_id}
+    group_of = product_groups(images)
     # In group order: an actor keeps one group's images decoded, and changes group seldom.
     todo = sorted((p for p in products if p not in done), key=lambda p: (group_of[p] or "", p))
 

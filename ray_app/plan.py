@@ -796,8 +796,9 @@ def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:
     result = json.loads(path.read_text())
     source = f"measured on CPU: bench/results/{path.name}"
     if job == "personalize" and pool == "train" and "train" in result:
-        p = result["personalize"]  # the settings of the run: a step's images from them
-        images = 2 * p["batch_size"] + min(p["negatives_per_step"], p["negatives"])
+        from ray_app.config import PersonalizeConfig
+
+        images = PersonalizeConfig.model_validate(result["personalize"]).images_per_step
         return result["train"]["seconds_per_step"] / (images * ENCODER_TRAIN_PASSES), source
     for stage in result.get("ray", {}).get("stages", []):
         if stage["stage"] == pool and stage.get("items_in"):

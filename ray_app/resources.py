@@ -308,9 +308,11 @@ def train_need(config: RestageConfig) -> RoleNeed:
 
 
 @cache
-def _train_runs() -> tuple[dict[str, Any], ...]:
-    """``bench/gpu_train.py``'s results (``gpu_train_<gpu>.json``), newest name last."""
-    return tuple(json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpu_train_*.json")))
+def _train_runs() -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``bench/gpu_train.py``'s results (``gpu_train_<gpu>.json``): (file name, result)."""
+    return tuple(
+        (p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob("gpu_train_*.json"))
+    )
 
 
 def measured_train(config: RestageConfig) -> tuple[float, str] | None:
@@ -321,21 +323,16 @@ def measured_train(config: RestageConfig) -> tuple[float, str] | None:
     t, spec = config.train, config.role("generator")
     if "stable-diffusion-xl-base-1.0" not in spec.source or t.products_per_step != 1:
         return None
-    for run in reversed(_train_runs()):
+    mine = (t.rank, list(t.target_modules), t.resolution, t.batch_size, t.gradient_checkpointing)
+    for name, run in reversed(_train_runs()):
         s = run.get("settings", {})
         step = (run.get("summary") or {}).get("restage_seconds_per_step")
-        mine = (t.rank, list(t.target_modules), t.resolution, t.batch_size)
-        theirs = (s.get("rank"), s.get("target_modules"), s.get("resolution"), s.get("batch_size"))
-        if (
-            step
-            and "SDXL" in s.get("model", "")
-            and mine == theirs
-            and (s.get("gradient_checkpointing") == t.gradient_checkpointing)
-        ):
+        keys = ("rank", "target_modules", "resolution", "batch_size", "gradient_checkpointing")
+        if step and "SDXL" in s.get("model", "") and tuple(s.get(k) for k in keys) == mine:
             gpu = run.get("machine", {}).get("gpu") or "a GPU"
             compute = s.get("lora_compute", "float32")
             note = "" if compute == t.lora_compute else f" with train.lora_compute={compute}"
-            return float(step), f"measured on {gpu}{note} (bench/results/gpu_train_*.json)"
+            return float(step), f"measured on {gpu}{note} (bench/results/{name})"
     return None
 
 
