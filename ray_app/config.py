@@ -110,7 +110,12 @@ class RoleSpec(StrictModel):
         "to a node type (the placement plan sets it in a cluster with mixed GPUs).",
     )
     min_actors: PositiveInt = Field(1, description="Actor pool minimum size.")
-    max_actors: PositiveInt = Field(1, description="Actor pool maximum size (autoscaling).")
+    max_actors: PositiveInt | None = Field(
+        1,
+        description="Actor pool maximum size (autoscaling). None (null in YAML): no cap, the "
+        "pool grows to what the cluster grants it (Ray Data's autoscaler), so one profile "
+        "fits 8 GPUs and 512.",
+    )
     vae: ComponentSource | None = Field(
         None,
         description="generator and inpainter only: a VAE that replaces the pipeline's own, "
@@ -123,7 +128,7 @@ class RoleSpec(StrictModel):
     def _check(self) -> RoleSpec:
         if not self.source.strip():
             raise ValueError("source is empty: give a hub id, a local path, a URI or 'tiny'")
-        if self.max_actors < self.min_actors:
+        if self.max_actors is not None and self.max_actors < self.min_actors:
             raise ValueError(
                 f"max_actors={self.max_actors} is below min_actors={self.min_actors}: "
                 "raise max_actors or lower min_actors"

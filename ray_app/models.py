@@ -23,6 +23,7 @@ import torch
 
 from ray_app import storage, tiny
 from ray_app.config import ROLES, ModelSpec, RestageConfig, RoleSpec
+from ray_app.plan import actors_range
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -465,7 +466,7 @@ def describe(config: RestageConfig) -> list[dict[str, Any]]:
                 "revision": spec.revision or "",
                 "dtype": spec.dtype,
                 "num_gpus": spec.num_gpus,
-                "actors": f"{spec.min_actors}-{spec.max_actors}",
+                "actors": actors_range(spec.min_actors, spec.max_actors),
                 "batch_size": spec.batch_size,
                 "vae": spec.vae.source if spec.vae else "",
             }

@@ -193,7 +193,7 @@ class Pool:
 
     name: str
     roles: tuple[str, ...]
-    actors: tuple[int, int]  # min, max
+    actors: tuple[int, int | None]  # min, max (None: as many as the cluster grants)
     needs: list[RoleNeed]
     gpu_fraction: float = 0.0  # per actor, after planning
     cpus: float = 0.0
@@ -323,13 +323,13 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
     return [_pool(name, roles, _actors(config, roles[0]), config) for name, roles in stages]
 
 
-def _actors(config: RestageConfig, role: str) -> tuple[int, int]:
+def _actors(config: RestageConfig, role: str) -> tuple[int, int | None]:
     spec = config.role(role)
     return spec.min_actors, spec.max_actors
 
 
 def _pool(
-    name: str, roles: tuple[str, ...], actors: tuple[int, int], config: RestageConfig
+    name: str, roles: tuple[str, ...], actors: tuple[int, int | None], config: RestageConfig
 ) -> Pool:
     pool = Pool(name, roles, actors, [role_need(config, r) for r in roles])
     pool.gpu_fraction = sum(config.role(r).num_gpus for r in roles)
@@ -659,7 +659,7 @@ def render(plan: Plan) -> str:
                 [
                     p.name if i == 0 else "",
                     n.role,
-                    f"{p.actors[0]}-{p.actors[1]}" if i == 0 else "",
+                    actors_range(*p.actors) if i == 0 else "",
                     f"{p.gpu_fraction:g}" if i == 0 else "",
                     f"{n.gpu_gib:.1f}",
                     p.batch.get(n.role, ""),
@@ -810,8 +810,11 @@ def _parallel(pool: Pool, cluster: Cluster, devices: float) -> float:
     """How many of the devices one pool can keep busy: an actor runs one call at a time on one
     device (a GPU, or its CPU slot), so a pool of at most ``max_actors`` actors uses at most
     that many, however many GPUs the cluster has; in a mixed cluster, at most its GPU
-    class's. A pool without a GPU on a GPU cluster is bounded by its actors alone."""
-    most = float(pool.actors[1])
+    class's. A pool without a GPU on a GPU cluster is bounded by its actors alone (by the
+    CPUs when it has no cap)."""
+    most = math.inf if pool.actors[1] is None else float(pool.actors[1])
+    if most == math.inf and cluster.gpus > 0 and not (pool.gpu_fraction > 0 or pool.gpu_gib > 0):
+        return max(1.0, cluster.cpus / max(pool.cpus, 1e-9))
     if cluster.gpus > 0 and not (pool.gpu_fraction > 0 or pool.gpu_gib > 0):
         return most
     home = next((c.gpus for c in cluster.classes if c.name == pool.node_type), devices)
@@ -857,7 +860,8 @@ def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) 
         f"{c.pool} runs at most {pool.actors[1]} actor(s) and the cluster has {devices:g} "
         f"{kind}s: raise {_actors_knob(plan.job, pool)}"
         for pool, c, k, w in zip(used, costs, parallel, pool_wall, strict=True)
-        if k < devices and w > whole  # more actors would let the whole cluster work on it
+        # more actors would let the whole cluster work on it (an uncapped pool has them all)
+        if pool.actors[1] is not None and k < devices and w > whole
     ]
     return {
         "products": products,
@@ -876,6 +880,11 @@ def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) 
         + f" on {devices:g} {kind}(s), each pool on at most as many as its actors, every one "
         "busy; seconds per item from the sources listed (estimated figures are not measured)",
     }
+
+
+def actors_range(least: int, most: int | None) -> str:
+    """An actor pool's size as tables print it: ``1-8``, or ``1+`` without a cap."""
+    return f"{least}+" if most is None else f"{least}-{most}"
 
 
 def _actors_knob(job: str, pool: Pool) -> str:

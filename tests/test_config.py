@@ -12,7 +12,7 @@ def test_profiles_resolve_every_role(profile):
     for role in ROLES:
         spec = cfg.role(role)
         assert spec.source
-        assert spec.min_actors <= spec.max_actors
+        assert spec.max_actors is None or spec.min_actors <= spec.max_actors
     if profile == "tiny":
         assert cfg.offline is True
         assert {cfg.role(r).source for r in ROLES} == {"tiny"}

@@ -29,6 +29,12 @@ DEFAULT_FRACTIONS = [
     f"{role}.num_gpus={load_config('default').role(role).num_gpus}" for role in ROLES
 ]
 
+# The augment roles held at 8 actors each (the default profile's pools have no cap).
+EIGHT_ACTORS = [
+    f"{r}.max_actors=8"
+    for r in ("captioner", "segmenter", "novel_view", "inpainter", "generator", "clip", "dino")
+]
+
 
 def gpus(n: float, gib: float = 80.0, cpus: float = 64.0) -> Cluster:
     return Cluster(n, gib, cpus, "test")
@@ -141,8 +147,9 @@ def test_estimate_names_its_sources_and_scales_with_products():
 
 def test_a_pool_of_few_actors_sets_the_pace_of_a_large_cluster():
     """An actor runs one call at a time on one GPU: 8 inpainter actors keep 8 of 64 GPUs busy,
-    whatever the cluster holds, and the plan says which max_actors to raise."""
-    cfg = load_config("default")
+    whatever the cluster holds, and the plan says which max_actors to raise; the default
+    profile's pools have no cap (max_actors null) and use the whole cluster."""
+    cfg = load_config("default", overrides=EIGHT_ACTORS)
     small = estimate(build_plan("augment", cfg, gpus(8, 80)), cfg, 1_000)
     large = estimate(build_plan("augment", cfg, gpus(64, 80)), cfg, 1_000)
     assert large["gpu_hours"] == small["gpu_hours"]
@@ -152,18 +159,19 @@ def test_a_pool_of_few_actors_sets_the_pace_of_a_large_cluster():
     assert large["wall_hours"] == pytest.approx(1_000 * inpaint["seconds"] / 8 / 3600, rel=0.01)
     assert large["wall_hours"] > large["gpu_hours"] / 64 * 1.5
     assert any("inpainter.max_actors" in c for c in large["capped"])
-    more = [f"{r}.max_actors=64" for r in ("captioner", "segmenter", "novel_view", "inpainter",
-                                           "generator", "clip", "dino")]  # fmt: skip
-    wide = load_config("default", overrides=more)
-    freed = estimate(build_plan("augment", wide, gpus(64, 80)), wide, 1_000)
+    uncapped = load_config("default")
+    assert uncapped.inpainter.max_actors is None
+    freed = estimate(build_plan("augment", uncapped, gpus(64, 80)), uncapped, 1_000)
     assert freed["capped"] == []
+    assert {s["parallel"] for s in freed["stages"]} == {64}
     assert freed["wall_hours"] == pytest.approx(freed["gpu_hours"] / 64, rel=0.01)
+    assert "1+" in render(build_plan("augment", uncapped, gpus(64, 80)))
 
 
 def test_stage_by_stage_the_pools_wall_times_add_up():
     """One model stage at a time: each pool's wall time on its own actors, added up (at once,
     the slowest pool would set the pace)."""
-    cfg = load_config("default", overrides=["ray.placement=stage"])
+    cfg = load_config("default", overrides=["ray.placement=stage", *EIGHT_ACTORS])
     plan = build_plan("augment", cfg, gpus(16, 80))
     assert plan.mode == "stage"
     est = estimate(plan, cfg, 100)

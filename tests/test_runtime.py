@@ -24,3 +24,12 @@ def test_role_resources_come_from_the_roles_spec():
         res["num_gpus"] == cfg.role("clip").num_gpus
         and res["num_cpus"] == cfg.role("clip").num_cpus
     )
+
+
+def test_a_role_without_a_cap_gets_a_pool_that_grows_with_the_cluster():
+    """max_actors null (the default profile's pools): Ray Data's autoscaler may grow the pool
+    to whatever the cluster grants it."""
+    cfg = load_config("tiny", overrides=["clip.min_actors=2", "clip.max_actors=null"])
+    compute = runtime.role_resources(cfg, "clip")["compute"]
+    assert (compute.min_size, compute.max_size) == (2, float("inf"))
+    assert load_config("default").inpainter.max_actors is None
