@@ -839,8 +839,13 @@ def train(
     )
     workers = 0
     try:
-        if ray.get(queue.has_work.remote()):
-            workers = config.train.num_workers  # a worker that finds the queue empty just ends
+        # No more workers than groups of products to do: each one loads the base model (and
+        # on an autoscaling cluster, may start a node).
+        group = config.train.products_per_step
+        most = config.train.num_workers
+        assert most is not None, "preflight's plan sets train.num_workers"
+        workers = -(-ray.get(queue.ready.remote(most * group)) // group)
+        if workers:
             with node_loss_guard(JOB, config):
                 _fit(config, data_root, root, queue, workers, manifest, test_delays or {})
         res = ray.get(queue.result.remote())

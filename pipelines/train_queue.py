@@ -63,6 +63,18 @@ class ProductQueue:
         """Whether any product is left to train (reads the stream up to the first one)."""
         return self._peek() is not None
 
+    def ready(self, most: int) -> int:
+        """How many products are left to train, counting at most ``most`` (reads the stream
+        that far, so the queue holds at most ``most`` ids beyond its current batch): the job
+        starts no more workers than there is work for."""
+        self._peek()
+        while len(self._requeued) + len(self._ready) < most:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._ingest(batch)
+        return min(most, len(self._requeued) + len(self._ready))
+
     def next(self, key: str, rank: int) -> str | None:
         """The next product for worker ``rank`` (incarnation ``key``), or None when the
         stream is exhausted."""

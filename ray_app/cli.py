@@ -136,6 +136,15 @@ def _gpu_class(text: str):
         raise ConfigError(f"--node-type {text!r}: expected NAME:GPUS:GB, e.g. a10g:32:24") from None
 
 
+# `restage plan --gpus N` without --cpus: a GPU node's usual CPUs per GPU (a p4d has 96 for
+# 8 A100s; p5 and a3 nodes have more), so that CPU-bound sizes (train workers) scale with N.
+PLAN_CPUS_PER_GPU, PLAN_MIN_CPUS = 12.0, 64.0
+
+
+def _plan_cpus(cpus: float | None, gpus: float) -> float:
+    return cpus if cpus is not None else max(PLAN_MIN_CPUS, PLAN_CPUS_PER_GPU * gpus)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ray_app.plan import (
         Cluster,
@@ -156,14 +165,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         classes = [_gpu_class(text) for text in args.node_type]
         classes.sort(key=lambda c: c.gpu_gib)
         total = sum(c.gpus for c in classes)
-        cluster = Cluster(total, classes[0].gpu_gib, args.cpus, "--node-type", classes)
+        cpus = _plan_cpus(args.cpus, total)
+        cluster = Cluster(total, classes[0].gpu_gib, cpus, "--node-type", classes)
     else:
         if args.gpus is None:
             raise ConfigError(
                 "plan: give --gpus N (with --gpu-memory GB), --node-type NAME:GPUS:GB "
                 "(repeatable), or --cluster current"
             )
-        cluster = Cluster(args.gpus, args.gpu_memory, args.cpus, "--gpus/--gpu-memory/--cpus")
+        cpus = _plan_cpus(args.cpus, args.gpus)
+        cluster = Cluster(args.gpus, args.gpu_memory, cpus, "--gpus/--gpu-memory/--cpus")
     if args.adapters and args.job != "personalize":
         raise ConfigError(
             f"plan {args.job} --adapters: only personalize takes --adapters (its generated "
@@ -535,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one LoRA adapter per product on its training set (Ray Train)",
         description="Read the training sets of a `restage augment` output (--data) and train a "
         "DreamBooth-style LoRA on the generator's denoiser for every product on Ray Train "
-        "(train.num_workers workers, each loading the base model once and training its share "
+        "(train.num_workers workers, at most one per product to do, each loading the base model "
+        "once and training its share "
         "of products in turn). Each product gets a rare token that does not collide with its "
         "words; negatives and counterfactuals are mixed into the batches (train.negative_ratio, "
         "2:1). --set train.recipe=dreambooth_lora trains the paper's baseline instead: "
@@ -686,7 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", choices=PLAN_JOBS)
     p.add_argument("--gpus", type=float, help="GPUs in the cluster")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU [%(default)s]")
-    p.add_argument("--cpus", type=float, default=64.0, help="CPUs in the cluster [%(default)s]")
+    p.add_argument(
+        "--cpus",
+        type=float,
+        help=f"CPUs in the cluster [{PLAN_CPUS_PER_GPU:g} per GPU (a p4d node's 96 for its 8), "
+        f"at least {PLAN_MIN_CPUS:g}]",
+    )
     p.add_argument(
         "--node-type",
         action="append",

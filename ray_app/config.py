@@ -838,8 +838,11 @@ class TrainConfig(StrictModel):
         "over every product's batch, each sample with its own product's LoRA (same adapters as "
         "training them one by one, within float tolerance). Activations grow K-fold.",
     )
-    num_workers: PositiveInt = Field(
-        1, description="Ray Train workers; each loads the base model once and trains its share."
+    num_workers: PositiveInt | None = Field(
+        1,
+        description="Ray Train workers; each loads the base model once and trains its share. "
+        "None (null in YAML): as many as the cluster holds (its GPUs over gpus_per_worker; its "
+        "CPUs over cpus_per_worker when training on CPU). Never more than the products to do.",
     )
     cpus_per_worker: PositiveFloat = Field(4.0, description="CPUs reserved per worker.")
     resources: dict[str, Annotated[float, Field(gt=0)]] = Field(

@@ -458,8 +458,8 @@ def _place(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool])
     if forced == "stage" and not gpu_pools:
         plan.mode = "stage"
         return plan
-    if not gpu_pools:
-        return plan
+    if not gpu_pools:  # CPU only: train still sizes its workers
+        return _plan_train(plan, usable) if job == "train" else plan
     if cluster.gpus <= 0:
         for p in gpu_pools:
             plan.problems.append(
@@ -576,25 +576,35 @@ def _plan_train(plan: Plan, usable: float) -> Plan:
     pool = plan.pools[0]
     need = pool.needs[0]
     per_worker = pool.gpu_fraction
-    if need.gpu_gib > usable * max(per_worker, 1):
+    if per_worker and need.gpu_gib > usable * max(per_worker, 1):
         plan.problems.append(
             f"a LoRA training worker needs ~{need.gpu_gib:.1f} GiB and one GPU holds "
             f"{usable:.1f} GiB usable: lower train.batch_size, train.products_per_step or "
             "train.resolution, keep "
             "train.gradient_checkpointing=true, or use larger GPUs"
         )
-    fit = int(plan.cluster.gpus // per_worker) if per_worker else pool.actors[1]
-    if fit < 1:
-        plan.problems.append(
-            f"train.gpus_per_worker={per_worker:g} and the cluster has "
-            f"{plan.cluster.gpus:g} GPUs: lower train.gpus_per_worker or add GPUs"
-        )
-    elif fit < pool.actors[1]:
+    # The workers the cluster holds, by GPUs and by CPUs (Ray Train waits for a whole group:
+    # more would never start). Too few CPUs for even one is build_plan's problem already.
+    holds = max(1, int(plan.cluster.cpus // pool.cpus))  # train.cpus_per_worker > 0
+    if per_worker:
+        by_gpus = int(plan.cluster.gpus // per_worker)
+        if by_gpus < 1:
+            plan.problems.append(
+                f"train.gpus_per_worker={per_worker:g} and the cluster has "
+                f"{plan.cluster.gpus:g} GPUs: lower train.gpus_per_worker or add GPUs"
+            )
+            return plan
+        holds = min(holds, by_gpus)
+    what = f"{per_worker:g} GPU and {pool.cpus:g} CPUs" if per_worker else f"{pool.cpus:g} CPUs"
+    if pool.actors[1] is None:
+        plan.notes.append(f"train.num_workers: {holds}, the workers of {what} the cluster holds")
+        pool.actors = (1, holds)
+    elif holds < pool.actors[1]:
         plan.notes.append(
-            f"train.num_workers={pool.actors[1]} capped at {fit}: the cluster holds {fit} "
-            f"worker(s) of {per_worker:g} GPU"
+            f"train.num_workers={pool.actors[1]} capped at {holds}: the cluster holds {holds} "
+            f"worker(s) of {what}"
         )
-        pool.actors = (1, fit)
+        pool.actors = (1, holds)
     return plan
 
 

@@ -128,9 +128,17 @@ def test_tiny_on_cpu_streams_and_tiny_with_default_fractions_packs_one_gpu():
 
 
 def test_train_caps_workers_at_the_gpus_and_refuses_cards_too_small():
-    cfg = load_config("default")
+    cfg = load_config("default", overrides=["train.num_workers=8"])
     plan = build_plan("train", cfg, gpus(2, 80))
     assert plan.runnable and plan.apply(cfg).train.num_workers == 2
+    everyone = load_config("default", overrides=["train.num_workers=null"])
+    big = gpus(64, 80, cpus=512)
+    assert build_plan("train", everyone, big).apply(everyone).train.num_workers == 64
+    few_cpus = build_plan("train", cfg, gpus(8, 80, cpus=32))  # 8 CPUs per worker
+    assert few_cpus.apply(cfg).train.num_workers == 4
+    assert any("train.num_workers=8 capped at 4" in n for n in few_cpus.notes)
+    on_cpus = load_config("tiny", overrides=["train.num_workers=null"])
+    assert build_plan("train", on_cpus, gpus(0, 0, cpus=6)).apply(on_cpus).train.num_workers == 6
     small = build_plan("train", cfg, gpus(8, 24))
     assert not small.runnable and "train.batch_size" in render(small)
 

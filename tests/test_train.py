@@ -289,10 +289,16 @@ def test_killed_run_resumes_skipping_the_finished_product(ray_local, tmp_path):
     weights = Path(layout.weights(first)).read_bytes()
     meta = Path(layout.metadata(first)).read_bytes()
 
-    # The re-run (in this process, on the module's Ray) skips the first product.
-    cfg = load_config("tiny", overrides=["train.steps=40", "ray.progress_bars=false"])
+    # The re-run (in this process, on the module's Ray) skips the first product. With
+    # num_workers null the cluster's CPUs would hold several workers: one product is left,
+    # so one worker starts.
+    cfg = load_config(
+        "tiny",
+        overrides=["train.steps=40", "ray.progress_bars=false", "train.num_workers=null"],
+    )
     again = train(cfg, data, out)
     assert again.products["already complete"] == 1 and again.products["ok"] == 1
+    assert again.extra["workers"] == 1
     assert Path(layout.weights(first)).read_bytes() == weights  # skipped, not rewritten
     assert Path(layout.metadata(first)).read_bytes() == meta
     assert AdapterMeta.read(layout.metadata(second)).product_id == second

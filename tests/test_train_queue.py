@@ -49,6 +49,35 @@ def test_products_go_to_whichever_worker_asks_next():
     assert res["stages"]["sweep"]["items"] == 0 and res["stages"]["load"]["items"] == 5
 
 
+def test_ready_counts_the_products_to_do_up_to_a_bound_reading_no_further():
+    """The job starts one worker per product to do at most: ``ready`` counts them (complete
+    and invalid rows do not count, nor a product listed twice), reading batches only until
+    the bound is met; every product is still leased once after it."""
+    batches = [
+        _batch(("p0", None, True), ("p1", None, False)),
+        _batch(("p1", None, False), ("bad", "not a product id", False)),
+        _batch(("p2", None, False), ("p3", None, False)),
+        _batch(("p4", None, False)),
+    ]
+    read = []
+
+    def stream():
+        for b in batches:
+            read.append(b)
+            yield b
+
+    queue = ProductQueue(stream())
+    assert queue.ready(2) == 2 and len(read) == 3  # p1, p2: the fourth batch is not read
+    assert queue.ready(1) == 1
+    assert queue.ready(8) == 4 and len(read) == 4  # p1-p4: the stream ends first
+    leased = []
+    while (pid := queue.next("a", 0)) is not None:
+        leased.append(pid)
+        queue.report(0, _ok(pid))
+    assert leased == ["p1", "p2", "p3", "p4"]
+    assert ProductQueue([_batch(("p0", None, True))]).ready(4) == 0
+
+
 def test_complete_and_invalid_shards_are_counted_and_never_leased():
     queue = ProductQueue(
         [
