@@ -42,7 +42,9 @@ an error row):
 On Ray Data: one row per product through an actor pool of the encoder (the base loaded
 once per actor, a product per call, the products in group order); an actor keeps the
 images of the group it is in and the ungrouped ones, decoded and with their pretrained
-features, and drops the group's when its next product is of another; it writes the
+features, and drops the group's when its next product is of another; it encodes a
+product's pool ``ENCODE_CHUNK`` images at a time and keeps their dense maps, not their patch
+tokens (at ViT-B/14 224 px, 2 KB an image where its tokens take 0.8 MB); it writes the
 product's results shard (``OUT/_products/<id>.parquet``) and errors shard, the driver
 merges them. A re-run with the same inputs and settings skips
 the products whose shard exists; other inputs start over. Outputs: ``results.parquet``
@@ -58,6 +60,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +83,7 @@ from ray_app.personal_eval import (
     mask_box,
     mask_iou,
     otsu_threshold,
+    prototype,
     roc_auc,
     similarity_map,
     upsample,
@@ -94,6 +98,11 @@ REFERENCE, VAL, TEST = "reference", "val", "test"
 SPLITS = (REFERENCE, VAL, TEST)
 ENCODERS = ("personal", "pretrained")
 IO_THREADS = 8
+# Images encoded per call when a product is measured: their patch tokens (float32, ~0.8 MB
+# an image at ViT-B/14 224 px) are turned into dense maps before the next chunk, so an
+# actor never holds a whole pool's tokens (a 20,000-image pool's: 15.7 GB, and a float16
+# copy besides, before).
+ENCODE_CHUNK = 256
 log = logging.getLogger("restage")
 
 # One row per product x encoder x metric.
@@ -372,24 +381,46 @@ class EvaluateEncoders:
         for g in loaded_groups:
             write_errors(self.layout, _images_shard(g), errors.get(g, []))
 
-    def _pretrained(self, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The pretrained (features, tokens) of ``idx``, each image encoded once per stay."""
-        missing = [i for i in idx if i not in self.pretrained]
-        if missing:
-            feats, tokens = self._encode(False, missing)
-            for k, i in enumerate(missing):
+    def _cache_pretrained(self, idx: list[int]) -> None:
+        """Encode the images of ``idx`` not yet cached with the pretrained encoder: each image
+        once per stay in a group, its pooled feature and its float16 patch tokens kept."""
+        for part, feats, tokens in self._encode(
+            False, [i for i in idx if i not in self.pretrained]
+        ):
+            for k, i in enumerate(part):
                 self.pretrained[i] = (feats[k], tokens[k])
-        return (
-            np.stack([self.pretrained[i][0] for i in idx]),
-            np.stack([self.pretrained[i][1] for i in idx]),
-        )
 
-    def _encode(self, personal: bool, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """-> (pooled features (n, D), float32; patch tokens (n, h, w, d), float16)."""
-        views = [self.loaded[i].view for i in idx]  # type: ignore[union-attr]
-        bs = self.options.batch_size
-        feats, tokens = self.trainer.encode(views, personal=personal, batch_size=bs)
-        return feats, tokens.astype(np.float16)
+    def _encode(
+        self, personal: bool, idx: list[int]
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+        """-> per chunk of at most ``ENCODE_CHUNK`` images: (their indices, pooled features
+        (n, D), float32; patch tokens (n, h, w, d), float16)."""
+        for start in range(0, len(idx), ENCODE_CHUNK):
+            part = idx[start : start + ENCODE_CHUNK]
+            views = [self.loaded[i].view for i in part]  # type: ignore[union-attr]
+            bs = self.options.batch_size
+            feats, tokens = self.trainer.encode(views, personal=personal, batch_size=bs)
+            yield part, feats, tokens.astype(np.float16)
+
+    def _features(
+        self, personal: bool, refs: list[int], pool: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """One encoder's view of a product: (the references' features, the pool's features,
+        the pool's dense maps against the references' prototype)."""
+        if not personal:
+            self._cache_pretrained(refs + pool)
+            ref_feats = np.stack([self.pretrained[i][0] for i in refs])
+            proto = prototype(np.stack([self.pretrained[i][1] for i in refs]).astype(np.float32))
+            maps = [similarity_map(self.pretrained[i][1].astype(np.float32), proto) for i in pool]
+            return ref_feats, _rows([self.pretrained[i][0] for i in pool], ref_feats), maps
+        ref_parts = list(self._encode(True, refs))
+        ref_feats = np.concatenate([f for _, f, _ in ref_parts])
+        proto = prototype(np.concatenate([t for _, _, t in ref_parts]).astype(np.float32))
+        feats, maps = [], []
+        for _, part_feats, tokens in self._encode(True, pool):
+            feats.append(part_feats)
+            maps += [similarity_map(t.astype(np.float32), proto) for t in tokens]
+        return ref_feats, _rows(feats, ref_feats, concat=True), maps
 
     # ------------------------------------------------------------------ a product
 
@@ -434,22 +465,25 @@ class EvaluateEncoders:
         self.trainer.load(self.encoders.encoder_dir(pid))
         rows = []
         for encoder in ENCODERS:
-            if encoder == "pretrained":
-                feats, tokens = self._pretrained(refs + pool)
-            else:
-                feats, tokens = self._encode(True, refs + pool)
+            ref_feats, pool_feats, pool_maps = self._features(encoder == "personal", refs, pool)
             measured = measure_product(
                 pid,
                 [self.images[i] for i in pool],
                 [self.loaded[i].mask for i in pool],  # type: ignore[union-attr]
-                feats[: len(refs)],
-                feats[len(refs) :],
-                tokens[: len(refs)].astype(np.float32),
-                tokens[len(refs) :].astype(np.float32),
+                ref_feats,
+                pool_feats,
+                pool_maps,
                 self.options,
             )
             rows += [{"product_id": pid, "encoder": encoder, **m} for m in measured]
         return rows
+
+
+def _rows(parts: list[np.ndarray], like: np.ndarray, concat: bool = False) -> np.ndarray:
+    """Feature rows stacked (or chunks concatenated); none: (0, D) like ``like``'s."""
+    if not parts:
+        return np.zeros((0, like.shape[1]), like.dtype)
+    return np.concatenate(parts) if concat else np.stack(parts)
 
 
 def _images_shard(group: str | None) -> str:
@@ -468,13 +502,13 @@ def measure_product(
     masks: list[np.ndarray | None],
     ref_feats: np.ndarray,
     pool_feats: np.ndarray,
-    ref_tokens: np.ndarray,
-    pool_tokens: np.ndarray,
+    pool_maps: Sequence[np.ndarray],
     options: PersonalEvalConfig,
 ) -> list[dict[str, Any]]:
     """One product's measures with one encoder: ``pool`` are the val and test images (every
-    product's and the distractors'), their masks where they show ``pid`` with a usable one.
-    -> rows (task, metric, value, n)."""
+    product's and the distractors'), their masks where they show ``pid`` with a usable one;
+    ``pool_maps`` their patch tokens' cosine similarity to the product's prototype, (h, w)
+    each (``similarity_map``). -> rows (task, metric, value, n)."""
     sims = pool_feats @ ref_feats.T
     scores = sims.max(axis=1) if options.similarity == "max" else sims.mean(axis=1)
     labels = np.array([img.product_id == pid for img in pool], bool)
@@ -506,11 +540,10 @@ def measure_product(
         value = recall_at_k(scores[test], labels[test], k) if n_pos else math.nan
         add("retrieval", f"recall@{k}", value, n_pos)
     # the dense map, on the mask frame
-    prototype = ref_tokens.mean(axis=(1, 2)).mean(axis=0)
     side = options.mask_side
 
     def dense(i: int) -> np.ndarray:
-        return upsample(similarity_map(pool_tokens[i], prototype), side)
+        return upsample(pool_maps[i], side)
 
     with_mask = [i for i in range(len(pool)) if labels[i] and masks[i] is not None]
     val_masked = [i for i in with_mask if val[i]]

@@ -76,6 +76,12 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------- maps
 
 
+def prototype(tokens: np.ndarray) -> np.ndarray:
+    """A product's prototype: the mean over its reference images (n, h, w, d) of their mean
+    patch token -> (d,)."""
+    return np.asarray(tokens).mean(axis=(1, 2)).mean(axis=0)
+
+
 def similarity_map(tokens: np.ndarray, prototype: np.ndarray) -> np.ndarray:
     """Cosine similarity of each patch token (h, w, d) to ``prototype`` (d,) -> (h, w)."""
     tokens = np.asarray(tokens, np.float64)

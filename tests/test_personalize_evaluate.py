@@ -26,6 +26,7 @@ from pipelines.personalize_evaluate import (
 )
 from ray_app import storage
 from ray_app.config import PersonalEvalConfig, load_config
+from ray_app.personal_eval import prototype, similarity_map
 
 PRODUCTS = ["backpack", "can", "candle"]
 
@@ -143,7 +144,7 @@ def test_an_actor_keeps_the_images_of_one_group_and_the_ungrouped(tmp_path):
     assert uris(actor.scope(None)) == uris(range(len(images)))
     actor._enter("bags")
     assert uris(actor.loaded) == uris(actor.scope("bags"))
-    actor._pretrained(sorted(actor.loaded))
+    actor._cache_pretrained(sorted(actor.loaded))
     actor._enter("lamps")
     assert uris(actor.loaded) == {"c0", "c1", "c2", "gone"} | ungrouped
     assert uris(actor.pretrained) == ungrouped  # kept across groups
@@ -211,10 +212,8 @@ def test_measures_of_a_perfect_and_a_blind_encoder():
             masks.append(None)
         tokens.append(tok)
         feats.append(fg if pid == "p" else bg)
-    ref_tokens = np.tile(fg, (1, grid, grid, 1))
-    rows = measure_product(
-        "p", pool, masks, fg[None], np.array(feats), ref_tokens, np.array(tokens), options
-    )
+    maps = [similarity_map(t, prototype(np.tile(fg, (1, grid, grid, 1)))) for t in tokens]
+    rows = measure_product("p", pool, masks, fg[None], np.array(feats), maps, options)
     got = {(r["task"], r["metric"]): r["value"] for r in rows}
     assert got == {
         ("classification", "auc"): 1.0,
@@ -230,9 +229,7 @@ def test_measures_of_a_perfect_and_a_blind_encoder():
     assert n[("classification", "auc")] == 6 and n[("retrieval", "ap")] == 2
     assert n[("detection", "ap50")] == 2 and n[("segmentation", "miou")] == 2
 
-    blind = measure_product(
-        "p", pool, masks, bg[None], np.tile(bg, (12, 1)), ref_tokens, np.array(tokens), options
-    )
+    blind = measure_product("p", pool, masks, bg[None], np.tile(bg, (12, 1)), maps, options)
     got = {(r["task"], r["metric"]): r["value"] for r in blind}
     assert got[("classification", "auc")] == 0.5
     assert got[("retrieval", "ap")] < 0.5  # ties rank against the product
@@ -431,3 +428,38 @@ def test_cli_refuses_mixed_arguments(capsys):
     assert "--test" in capsys.readouterr().err
     assert cli.main(["personalize", "--encoders", "e", "--test", "t", "--out", "o"]) == 2
     assert "restage personalize evaluate" in capsys.readouterr().err
+
+
+def test_a_product_is_measured_the_same_whatever_the_chunk_of_images_encoded_at_once(
+    evaluation_inputs, tmp_path, monkeypatch
+):
+    """An actor encodes a product's pool ``ENCODE_CHUNK`` images at a time and keeps only
+    their dense maps: no call encodes more, and the measures equal one chunk's."""
+    from pipelines import personalize_evaluate as pe
+
+    _, encoders, manifest, _ = evaluation_inputs
+    config = load_config("tiny")
+    images, _ = read_test_manifest(manifest, config.personalize.evaluate, run_seed=0)
+
+    def measured(chunk: int) -> tuple[list[dict], list[int]]:
+        monkeypatch.setattr(pe, "ENCODE_CHUNK", chunk)
+        actor = pe.EvaluateEncoders(
+            config, images, encoders, str(tmp_path / f"out{chunk}"), storage.read_bytes
+        )
+        sizes, encode = [], actor.trainer.encode
+
+        def counted(views, **kwargs):
+            sizes.append(len(views))
+            return encode(views, **kwargs)
+
+        monkeypatch.setattr(actor.trainer, "encode", counted)
+        return actor.evaluate("candle"), sizes
+
+    whole, whole_sizes = measured(10_000)
+    chunked, sizes = measured(4)
+    assert max(whole_sizes) > 4 and max(sizes) == 4
+    assert [(r["encoder"], r["task"], r["metric"], r["n"]) for r in chunked] == [
+        (r["encoder"], r["task"], r["metric"], r["n"]) for r in whole
+    ]
+    for a, b in zip(chunked, whole, strict=True):
+        assert a["value"] == pytest.approx(b["value"], abs=1e-4, nan_ok=True), a
