@@ -40,6 +40,7 @@ from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
+from ray_app.progress import ProgressFile
 from ray_app.records import VALID
 from ray_app.report import CompletedTotals, StageStats
 from ray_app.storage import JobLayout, pyarrow_fs, write_errors
@@ -410,15 +411,19 @@ def run(
     build: Callable[[dict[str, int] | None], Any],
     staged: dict[str, int] | None = None,
     numbers: tuple[str, ...] = (),
+    progress: ProgressFile | None = None,
 ) -> Outcomes:
     """The driver loop over ``build(staged)``'s outcome rows (``staged``: a dict in
     stage-by-stage mode, filled with the products each stage ran): counters, progress
-    lines; ``numbers``: integer columns of the outcome rows to sum and take the max of."""
+    lines and the live ``progress`` file; ``numbers``: integer columns of the outcome rows
+    to sum and take the max of."""
     from ray_app.progress import StageLines, counts, finished
     from ray_app.runtime import progress_bars
 
     got = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
     lines = StageLines(job, total, enabled=not progress_bars(config))
+    if progress is not None:
+        progress.phase("products", total)
     for batch in build(staged).iter_batches(batch_size=16, batch_format="numpy"):
         for i, status in enumerate(batch["status"]):
             got.add(str(status), json.loads(batch["stats"][i]))
@@ -428,6 +433,8 @@ def run(
                 got.sums[name] += value
                 got.maxima[name] = max(got.maxima[name], value)
         lines.update(finished(got.products), counts(got.products))
+        if progress is not None:
+            progress.update(finished(got.products), got.products)
     lines.finish(counts(got.products))
     if staged is not None:  # every product is written, marker last: stage rows are spent
         storage.remove(storage.join(root, STAGES_DIR), recursive=True)
@@ -467,7 +474,8 @@ def execute(
     config, placement = start(config, job)  # ends now if the job cannot run
     section = getattr(config, job)  # its cpus_per_task
     staged: dict[str, int] | None = {} if placement == "stage" else None
-    with node_loss_guard(job, config):
+    with ProgressFile(layout.root, job) as progress, node_loss_guard(job, config):
+        progress.phase("intake")
         previous = previous_summary(layout) if whole_job else None
         # Without a whole-job summary no marker's stats are wanted: none is "uncounted".
         since = (
@@ -479,6 +487,7 @@ def execute(
         if whole_job:
             done.completed = CompletedTotals.before_this_run(previous, found.uncounted)
         if not found.todo:
+            progress.phase("products", 0)
             done.placement = done.staged = None
             return done
         per_dataset = config.ray.products_per_dataset
@@ -492,6 +501,7 @@ def execute(
             ),
             staged,
             numbers,
+            progress,
         )
     return done
 

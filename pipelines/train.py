@@ -70,7 +70,7 @@ from ray_app.adapter_meta import (
 from ray_app.config import RestageConfig
 from ray_app.kinds import NEGATIVE_KINDS, POSITIVE_KINDS, Metric, SampleKind
 from ray_app.node_loss import node_loss_guard
-from ray_app.progress import StageLines
+from ray_app.progress import ProgressFile, StageLines
 from ray_app.prompts import PromptBank, category_noun, fill, product_phrase
 from ray_app.records import (
     SAMPLE_SCHEMA,
@@ -838,16 +838,19 @@ def train(
         work_dataset(data_root, root), _job.InputIndex(layout)
     )
     workers = 0
+    progress = ProgressFile(root, JOB, poll=lambda: ray.get(queue.progress.remote()))
     try:
-        # No more workers than groups of products to do: each one loads the base model (and
-        # on an autoscaling cluster, may start a node).
-        group = config.train.products_per_step
-        most = config.train.num_workers
-        assert most is not None, "preflight's plan sets train.num_workers"
-        workers = -(-ray.get(queue.ready.remote(most * group)) // group)
-        if workers:
-            with node_loss_guard(JOB, config):
-                _fit(config, data_root, root, queue, workers, manifest, test_delays or {})
+        with progress:
+            # No more workers than groups of products to do: each one loads the base model
+            # (and on an autoscaling cluster, may start a node).
+            group = config.train.products_per_step
+            most = config.train.num_workers
+            assert most is not None, "preflight's plan sets train.num_workers"
+            workers = -(-ray.get(queue.ready.remote(most * group)) // group)
+            progress.phase("products")
+            if workers:
+                with node_loss_guard(JOB, config):
+                    _fit(config, data_root, root, queue, workers, manifest, test_delays or {})
         res = ray.get(queue.result.remote())
     finally:
         ray.kill(queue)

@@ -56,6 +56,8 @@ class ProductQueue:
         self.stages = {k: {"items": 0, "seconds": 0.0} for k in STAGE_KEYS}
         self.workers: dict[int, dict[str, Any]] = {}
         self._index = index  # an InputIndex, closed (and dropped) when the stream ends
+        self.queued = 0  # distinct products queued to train so far
+        self.ended = False  # the stream is read to its end: ``queued`` is the whole run's
 
     # ------------------------------------------------------------------ leasing
 
@@ -71,6 +73,7 @@ class ProductQueue:
         while len(self._requeued) + len(self._ready) < most:
             batch = next(self._batches, None)
             if batch is None:
+                self.ended = True
                 break
             self._ingest(batch)
         return min(most, len(self._requeued) + len(self._ready))
@@ -98,6 +101,7 @@ class ProductQueue:
         while not self._ready:
             batch = next(self._batches, None)
             if batch is None:
+                self.ended = True
                 if self._index is not None:
                     self._index.close()
                     self._index = None
@@ -126,8 +130,18 @@ class ProductQueue:
             elif pid not in seen:
                 seen.add(pid)
                 self._ready.append(pid)
+                self.queued += 1
 
     # ------------------------------------------------------------------ results
+
+    def progress(self) -> tuple[int, dict[str, int], int | None]:
+        """(products trained or failed so far, their counts, the products to do in this run
+        once the stream has been read to its end, else None): the live progress file's."""
+        return (
+            self.ok + self.failed,
+            {"ok": self.ok, "failed": self.failed},
+            (self.queued if self.ended else None),
+        )
 
     def report(self, rank: int, row: dict[str, Any]) -> None:
         """A worker's result for one product: ``status`` ok, failed or complete (its adapter

@@ -38,6 +38,7 @@ from ray_app.config import (
 from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
+from ray_app.progress import HEARTBEAT_S, PROGRESS_FILE, STALE_BEATS
 from ray_app.storage import AdapterLayout, MissingBackendError
 
 EXIT_USAGE = 2
@@ -143,6 +144,25 @@ PLAN_CPUS_PER_GPU, PLAN_MIN_CPUS = 12.0, 64.0
 
 def _plan_cpus(cpus: float | None, gpus: float) -> float:
     return cpus if cpus is not None else max(PLAN_MIN_CPUS, PLAN_CPUS_PER_GPU * gpus)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ray_app.progress import find_progress, render_status
+
+    states = [s for out in args.out for s in find_progress(out)]
+    if not states:
+        print(
+            f"restage status: no job has run under {' '.join(args.out)} (no {PROGRESS_FILE} "
+            "there or in its folders): give a job's --out",
+            file=sys.stderr,
+        )
+        return 1
+    now = time.time()
+    if args.json:
+        print(json.dumps(states, indent=2))
+    else:
+        print(render_status(states, now))
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -685,6 +705,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true", help="no API keys; serve on 127.0.0.1 only")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "status",
+        help="where running or finished jobs stand: done, rate, time left, or stopped",
+        description="Read the live file each job keeps under its output root "
+        f"({PROGRESS_FILE}, rewritten every {HEARTBEAT_S:g}s while its driver lives) for OUT "
+        "and its folders (a `restage run` root holds several jobs) and print each job's "
+        "status (running, finished, failed, or stopped: no update for "
+        f"{STALE_BEATS} beats), products done of those to do, outcomes, rate and time "
+        "left. Reads only; works from any machine that sees the outputs. Exits 1 when "
+        "no job has run under OUT.",
+    )
+    p.add_argument("out", nargs="+", help="a job's output root, or a `restage run` root")
+    p.add_argument("--json", action="store_true", help="print the live files as JSON")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "plan",

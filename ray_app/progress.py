@@ -9,10 +9,16 @@ and when it ends.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
+
+from ray_app import storage
 
 # Lines while a stage runs: at most one per this many seconds (start and end lines aside).
 INTERVAL_S = 30.0
@@ -82,3 +88,202 @@ def finished(products: dict[str, int]) -> int:
 def counts(products: dict[str, int], keys: tuple[str, ...] = ("ok", "partial", "failed")) -> str:
     """``ok 2, failed 1``: the non-zero counts of ``keys``."""
     return ", ".join(f"{k} {products[k]}" for k in keys if products.get(k))
+
+
+# --------------------------------------------------------------------------- the live file
+
+PROGRESS_FILE = "_progress.json"
+# The live file is rewritten at least this often while its job's driver lives: a file not
+# rewritten for a few of these is a job that stopped (killed, its node lost).
+HEARTBEAT_S = 30.0
+
+
+class ProgressFile:
+    """A job's live state, ``ROOT/_progress.json``, for `restage status` and for whatever
+    watches a long job from outside (a scheduler's sensor, a dashboard): its phase, the
+    products it has to do and has done, their rate and the time left at that rate.
+
+    Rewritten on each phase change and every ``heartbeat`` seconds by a daemon thread, so
+    ``updated`` also says whether the driver is still alive; ``update`` only sets the counts.
+    A driver blocked elsewhere (train's, in Ray Train) gives ``poll`` instead, asked by the
+    beat for the counts. As a context manager it ends in phase ``finished``, or ``failed``
+    (with the error) when the block raises. A file that cannot be written (or a poll that
+    fails) is logged, never the job's failure."""
+
+    def __init__(
+        self,
+        root: str,
+        job: str,
+        *,
+        heartbeat: float = HEARTBEAT_S,
+        clock: Callable[[], float] = time.time,
+        poll: Callable[[], tuple[int, dict[str, int], int | None]] | None = None,
+    ):
+        self.path = storage.join(root, PROGRESS_FILE)
+        self.heartbeat, self.clock = heartbeat, clock
+        self.poll = poll  # -> (done, counts, total or None): asked before each beat's write
+        now = clock()
+        self.state: dict[str, Any] = {
+            "job": job,
+            "out": root,
+            "phase": "starting",
+            "started": now,
+            "updated": now,
+            "heartbeat_s": heartbeat,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "total": None,  # products to do in this run, once known
+            "done": 0,
+            "products": {},
+            "products_since": None,  # when the first product could start
+        }
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="restage-progress", daemon=True)
+
+    def __enter__(self) -> ProgressFile:
+        self.write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.heartbeat)
+        self.refresh()
+        if exc is None:
+            self.phase("finished")
+        else:
+            with self._lock:
+                self.state["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            self.phase("failed")
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        """Enter phase ``name`` (``intake``, ``products``, ...); ``total``: the products to
+        do, when the phase knows them. Written now."""
+        with self._lock:
+            self.state["phase"] = name
+            if total is not None:
+                self.state["total"] = total
+            if name == "products" and self.state["products_since"] is None:
+                self.state["products_since"] = self.clock()
+        self.write()
+
+    def update(self, done: int, products: dict[str, int]) -> None:
+        """The products finished so far and their outcomes (written by the next beat)."""
+        with self._lock:
+            self.state["done"] = done
+            self.state["products"] = dict(products)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as written: with ``updated``, ``per_second`` and ``eta_s``."""
+        with self._lock:
+            state = dict(self.state, products=dict(self.state["products"]))
+        now = self.clock()
+        state["updated"] = now
+        since, done, total = state["products_since"], state["done"], state["total"]
+        rate = done / (now - since) if since is not None and done and now > since else None
+        state["per_second"] = round(rate, 6) if rate else None
+        left = (total - done) if total is not None else None
+        state["eta_s"] = round(left / rate, 1) if rate and left is not None else None
+        return state
+
+    def write(self) -> None:
+        try:
+            storage.write_json(self.path, self.snapshot())
+        except Exception as exc:  # watching a job must never be why it fails
+            logging.getLogger("restage").warning("could not write %s: %s", self.path, exc)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            self.refresh()
+            self.write()
+
+    def refresh(self) -> None:
+        """Take the counts from ``poll``, if given."""
+        if self.poll is None:
+            return
+        try:
+            done, products, total = self.poll()
+        except Exception as exc:
+            logging.getLogger("restage").warning("progress of %s: %s", self.path, exc)
+            return
+        self.update(done, products)
+        if total is not None:
+            with self._lock:
+                self.state["total"] = total
+
+
+# --------------------------------------------------------------------------- `restage status`
+
+LIVE_PHASES = ("starting", "intake", "products")
+# A live phase whose file is older than this many beats: the driver is gone.
+STALE_BEATS = 3
+
+
+def find_progress(root: str) -> list[dict[str, Any]]:
+    """The live files of the jobs under ``root``: its own and its folders' (`restage run`
+    keeps augment/, adapters/, generations/ under one root), oldest start first."""
+    fs, path = storage.url_to_fs(root)
+    if not fs.isdir(path):
+        return []
+    folders = [root] + [
+        storage.join(root, entry["name"].rstrip("/").rsplit("/", 1)[-1])
+        for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"])
+        if entry.get("type") == "directory"
+    ]
+    found = []
+    for folder in folders:
+        uri = storage.join(folder, PROGRESS_FILE)
+        try:
+            found.append(storage.read_json(uri))
+        except FileNotFoundError:
+            continue
+        except ValueError as exc:  # not JSON: say so, do not hide the job
+            found.append({"job": "?", "out": folder, "phase": f"unreadable ({exc})"})
+    return sorted(found, key=lambda s: s.get("started") or 0)
+
+
+def status_of(state: dict[str, Any], now: float) -> str:
+    """``running``, ``stopped`` (a live phase no beat has rewritten for a while: killed, or
+    its node lost), or the phase it ended in."""
+    phase = state.get("phase", "?")
+    if phase not in LIVE_PHASES:
+        return phase
+    age = now - float(state.get("updated", 0))
+    if age > STALE_BEATS * float(state.get("heartbeat_s", HEARTBEAT_S)):
+        return f"stopped? no update for {_duration(age)}"
+    return f"running ({phase})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_status(states: list[dict[str, Any]], now: float) -> str:
+    """The jobs' live files as a table (what `restage status` prints)."""
+    from ray_app.report import format_table
+
+    rows = []
+    for s in states:
+        total = s.get("total")
+        done = s.get("done", 0)
+        rate, eta = s.get("per_second"), s.get("eta_s")
+        rows.append(
+            [
+                s.get("job", "?"),
+                status_of(s, now),
+                f"{done}/{'?' if total is None else total}",
+                counts(s.get("products", {})) or "-",
+                f"{rate * 3600:.0f}/h" if rate else "-",
+                _duration(eta) if eta is not None and status_of(s, now).startswith("run") else "-",
+                f"{_duration(now - float(s.get('updated', now)))} ago",
+                s.get("out", ""),
+            ]
+        )
+    headers = ["job", "status", "done", "outcomes", "rate", "left", "updated", "out"]
+    return format_table(headers, rows)

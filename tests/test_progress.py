@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
 
 from ray_app.config import load_config
-from ray_app.progress import StageLines, counts, finished, interactive
+from ray_app.progress import (
+    PROGRESS_FILE,
+    ProgressFile,
+    StageLines,
+    counts,
+    find_progress,
+    finished,
+    interactive,
+    render_status,
+    status_of,
+)
 from ray_app.runtime import progress_bars
 
 
@@ -68,3 +85,115 @@ def test_bars_only_on_a_terminal_unless_configured(monkeypatch):
 def test_finished_counts_every_outcome():
     assert finished({"ok": 2, "partial": 1, "failed": 1, "already complete": 5}) == 4
     assert counts({"ok": 2, "partial": 0, "failed": 1}) == "ok 2, failed 1"
+
+
+# --------------------------------------------------------------------------- the live file
+
+
+def _read(root) -> dict:
+    return json.loads((root / PROGRESS_FILE).read_text())
+
+
+def test_the_live_file_follows_the_phases_and_gives_rate_and_time_left(tmp_path):
+    clock = Clock()
+    clock.now = 1000.0
+    with ProgressFile(str(tmp_path), "augment", heartbeat=3600, clock=clock) as progress:
+        assert _read(tmp_path)["phase"] == "starting"
+        progress.phase("intake")
+        clock.now = 1010.0
+        progress.phase("products", 40)
+        clock.now = 1030.0
+        progress.update(10, {"ok": 9, "failed": 1})
+        assert _read(tmp_path)["done"] == 0  # counts wait for the next beat
+        progress.write()
+        state = _read(tmp_path)
+        assert (state["phase"], state["total"], state["done"]) == ("products", 40, 10)
+        assert state["per_second"] == 0.5  # 10 products in the 20 s since products began
+        assert state["eta_s"] == 60.0  # 30 left at that rate
+        assert state["products"] == {"ok": 9, "failed": 1}
+        assert status_of(state, now=1040.0) == "running (products)"
+    assert _read(tmp_path)["phase"] == "finished"
+
+
+def test_the_beat_rewrites_the_file_and_a_stale_one_reads_as_stopped(tmp_path):
+    with ProgressFile(str(tmp_path), "generate", heartbeat=0.05) as progress:
+        progress.phase("products", 3)
+        progress.update(1, {"ok": 1})
+        first = _read(tmp_path)["updated"]
+        deadline = time.monotonic() + 10
+        while _read(tmp_path)["updated"] == first or _read(tmp_path)["done"] != 1:
+            assert time.monotonic() < deadline, "no beat in 10 s"
+            time.sleep(0.02)
+        state = _read(tmp_path)
+    assert status_of(state, now=state["updated"] + 0.1) == "running (products)"
+    # a driver killed mid-run leaves its last beat: three beats later, it is stopped
+    assert status_of(state, now=state["updated"] + 1.0).startswith("stopped? no update for")
+
+
+def test_a_failed_block_leaves_phase_failed_with_the_error(tmp_path):
+    with pytest.raises(RuntimeError), ProgressFile(str(tmp_path), "index", heartbeat=3600):
+        raise RuntimeError("the catalog is gone")
+    state = _read(tmp_path)
+    assert state["phase"] == "failed" and state["error"] == "RuntimeError: the catalog is gone"
+    assert status_of(state, now=time.time() + 1e6) == "failed"  # ended: never "stopped"
+
+
+def test_a_blocked_driver_polls_its_counts_and_failures_never_fail_the_job(tmp_path, caplog):
+    calls = []
+
+    def poll():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the queue is restarting")
+        return 4, {"ok": 4, "failed": 0}, 7
+
+    with ProgressFile(str(tmp_path), "train", heartbeat=3600, poll=poll) as progress:
+        progress.phase("products")
+        with caplog.at_level(logging.WARNING, logger="restage"):
+            progress.refresh()  # the failing poll: logged, counts kept
+        assert "the queue is restarting" in caplog.text
+    state = _read(tmp_path)  # the last poll, at the end
+    assert (state["done"], state["total"], state["products"]["ok"]) == (4, 7, 4)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with (
+        caplog.at_level(logging.WARNING, logger="restage"),
+        ProgressFile(str(blocked / "out"), "train", heartbeat=3600),
+    ):
+        pass  # the file cannot be written there: the job goes on
+    assert "could not write" in caplog.text
+
+
+def test_status_lists_the_jobs_of_a_run_root_oldest_first(tmp_path):
+    now = time.time()
+    for name, started, phase, updated in (
+        ("generations", now - 50, "products", now - 400),
+        ("augment", now - 300, "finished", now - 200),
+        ("adapters", now - 150, "products", now - 5),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        state = {"job": name, "out": str(folder), "phase": phase, "started": started,
+                 "updated": updated, "heartbeat_s": 30.0, "total": 10, "done": 4,
+                 "products": {"ok": 4}, "per_second": 0.01, "eta_s": 600.0}  # fmt: skip
+        (folder / PROGRESS_FILE).write_text(json.dumps(state))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / PROGRESS_FILE).write_text("{half")
+    found = find_progress(str(tmp_path))
+    assert [s["job"] for s in found] == ["?", "augment", "adapters", "generations"]
+    table = render_status(found, now)
+    lines = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert "finished" in lines["augment"] and "4/10" in lines["augment"]
+    assert "running (products)" in lines["adapters"] and "10m" in lines["adapters"]
+    assert "stopped? no update for 7m" in lines["generations"]
+    assert "unreadable" in lines["?"]
+    assert find_progress(str(tmp_path / "nothing-here")) == []
+
+
+def test_status_command_exits_1_where_no_job_ran(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_app.cli", "status", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "no job has run under" in proc.stderr

@@ -172,6 +172,16 @@ def test_a_job_on_a_terminal_shows_a_live_display(quickstart, user_dir, tmp_path
 
 
 @pytest.mark.slow
+def test_status_example_shows_the_quickstart_jobs_finished(quickstart, user_dir):
+    proc = run(readme_command("status"), user_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"augment", "train", "generate"}, proc.stdout
+    for job, line in rows.items():  # 3/3, or 0/0 once a re-run found them all complete
+        assert " finished " in line and (" 3/3 " in line or " 0/0 " in line), (job, proc.stdout)
+
+
+@pytest.mark.slow
 def test_quickstart_rerun_resumes(quickstart, user_dir):
     proc = run(readme_command("quickstart"), user_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
