@@ -69,14 +69,7 @@ class ProductQueue:
         """How many products are left to train, counting at most ``most`` (reads the stream
         that far, so the queue holds at most ``most`` ids beyond its current batch): the job
         starts no more workers than there is work for."""
-        self._peek()
-        while len(self._requeued) + len(self._ready) < most:
-            batch = next(self._batches, None)
-            if batch is None:
-                self.ended = True
-                break
-            self._ingest(batch)
-        return min(most, len(self._requeued) + len(self._ready))
+        return min(most, self._fill(most))
 
     def next(self, key: str, rank: int) -> str | None:
         """The next product for worker ``rank`` (incarnation ``key``), or None when the
@@ -96,18 +89,23 @@ class ProductQueue:
         return pid
 
     def _peek(self) -> str | None:
-        if self._requeued:
-            return self._requeued[0]
-        while not self._ready:
+        if not self._fill(1):
+            return None
+        return self._requeued[0] if self._requeued else self._ready[0]
+
+    def _fill(self, least: int) -> int:
+        """Read the stream until ``least`` products wait (or it ends: then the input index is
+        whole) -> how many wait."""
+        while len(self._requeued) + len(self._ready) < least:
             batch = next(self._batches, None)
             if batch is None:
                 self.ended = True
                 if self._index is not None:
                     self._index.close()
                     self._index = None
-                return None
+                break
             self._ingest(batch)
-        return self._ready[0]
+        return len(self._requeued) + len(self._ready)
 
     def _ingest(self, batch: Any) -> None:
         cols = batch.to_pydict()

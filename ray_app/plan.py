@@ -820,13 +820,10 @@ def _parallel(pool: Pool, cluster: Cluster, devices: float) -> float:
     """How many of the devices one pool can keep busy: an actor runs one call at a time on one
     device (a GPU, or its CPU slot), so a pool of at most ``max_actors`` actors uses at most
     that many, however many GPUs the cluster has; in a mixed cluster, at most its GPU
-    class's. A pool without a GPU on a GPU cluster is bounded by its actors alone (by the
-    CPUs when it has no cap)."""
+    class's. A pool without a GPU on a GPU cluster is bounded by its actors and the CPUs."""
     most = math.inf if pool.actors[1] is None else float(pool.actors[1])
-    if most == math.inf and cluster.gpus > 0 and not (pool.gpu_fraction > 0 or pool.gpu_gib > 0):
-        return max(1.0, cluster.cpus / max(pool.cpus, 1e-9))
     if cluster.gpus > 0 and not (pool.gpu_fraction > 0 or pool.gpu_gib > 0):
-        return most
+        return min(most, max(1.0, cluster.cpus / max(pool.cpus, 1e-9)))
     home = next((c.gpus for c in cluster.classes if c.name == pool.node_type), devices)
     return min(home, most)
 
