@@ -42,10 +42,10 @@ an error row):
 On Ray Data: one row per product through an actor pool of the encoder (the base loaded
 once per actor, a product per call, the products in group order); an actor keeps the
 images of the group it is in and the ungrouped ones, decoded and with their pretrained
-features, and drops the group's when its next product is of another; it encodes a
-product's pool ``ENCODE_CHUNK`` images at a time and keeps their dense maps, not their patch
-tokens (at ViT-B/14 224 px, 2 KB an image where its tokens take 0.8 MB); it writes the
-product's results shard (``OUT/_products/<id>.parquet``) and errors shard, the driver
+features (and the patch tokens of ``cached_tokens`` of them), and drops the group's when its
+next product is of another; it encodes a product's pool ``ENCODE_CHUNK`` images at a time
+and keeps their dense maps, not their patch tokens (at ViT-B/14 224 px, 2 KB an image where
+its tokens take 0.8 MB); it writes the product's results shard (``OUT/_products/<id>.parquet``) and errors shard, the driver
 merges them. A re-run with the same inputs and settings skips
 the products whose shard exists; other inputs start over. Outputs: ``results.parquet``
 (``RESULT_SCHEMA``: one row per product x encoder x metric), ``summary.json`` (means over
@@ -305,7 +305,8 @@ class EvaluateEncoders:
         # The images of the group an actor is in and the ungrouped ones: decoded (or why not)
         # and their pretrained (pooled feature, patch tokens).
         self.loaded: dict[int, Loaded | str] = {}
-        self.pretrained: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.pretrained: dict[int, np.ndarray] = {}  # pooled features
+        self.tokens: dict[int, np.ndarray] = {}  # patch tokens, of options.cached_tokens at most
         self.group: str | object | None = _NO_GROUP_YET
 
     # ------------------------------------------------------------------ images
@@ -361,6 +362,7 @@ class EvaluateEncoders:
         ungrouped = set(self.by_group.get(None, []))
         self.loaded = {i: v for i, v in self.loaded.items() if i in ungrouped}
         self.pretrained = {i: v for i, v in self.pretrained.items() if i in ungrouped}
+        self.tokens = {i: v for i, v in self.tokens.items() if i in ungrouped}
         self.group = group
         todo = [i for i in self.scope(group) if i not in self.loaded]
         with ThreadPoolExecutor(IO_THREADS) as pool:
@@ -383,12 +385,25 @@ class EvaluateEncoders:
 
     def _cache_pretrained(self, idx: list[int]) -> None:
         """Encode the images of ``idx`` not yet cached with the pretrained encoder: each image
-        once per stay in a group, its pooled feature and its float16 patch tokens kept."""
+        once per stay in a group. Its pooled feature is kept, and its float16 patch tokens
+        while fewer than ``cached_tokens`` are."""
+        room = self.options.cached_tokens
         for part, feats, tokens in self._encode(
             False, [i for i in idx if i not in self.pretrained]
         ):
             for k, i in enumerate(part):
-                self.pretrained[i] = (feats[k], tokens[k])
+                self.pretrained[i] = feats[k].copy()
+                if len(self.tokens) < room:
+                    self.tokens[i] = tokens[k].copy()  # not a view: the chunk goes
+
+    def _pretrained_tokens(self, idx: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(image, its pretrained float16 patch tokens) for ``idx``: the kept ones, then the
+        others encoded again ``ENCODE_CHUNK`` at a time."""
+        for i in idx:
+            if i in self.tokens:
+                yield i, self.tokens[i]
+        for part, _, tokens in self._encode(False, [i for i in idx if i not in self.tokens]):
+            yield from zip(part, tokens, strict=True)
 
     def _encode(
         self, personal: bool, idx: list[int]
@@ -409,10 +424,15 @@ class EvaluateEncoders:
         the pool's dense maps against the references' prototype)."""
         if not personal:
             self._cache_pretrained(refs + pool)
-            ref_feats = np.stack([self.pretrained[i][0] for i in refs])
-            proto = prototype(np.stack([self.pretrained[i][1] for i in refs]).astype(np.float32))
-            maps = [similarity_map(self.pretrained[i][1].astype(np.float32), proto) for i in pool]
-            return ref_feats, _rows([self.pretrained[i][0] for i in pool], ref_feats), maps
+            ref_feats = np.stack([self.pretrained[i] for i in refs])
+            ref_tokens = dict(self._pretrained_tokens(refs))
+            proto = prototype(np.stack([ref_tokens[i] for i in refs]).astype(np.float32))
+            maps = {
+                i: similarity_map(t.astype(np.float32), proto)
+                for i, t in self._pretrained_tokens(pool)
+            }
+            pool_feats = _rows([self.pretrained[i] for i in pool], ref_feats)
+            return ref_feats, pool_feats, [maps[i] for i in pool]
         ref_parts = list(self._encode(True, refs))
         ref_feats = np.concatenate([f for _, f, _ in ref_parts])
         proto = prototype(np.concatenate([t for _, _, t in ref_parts]).astype(np.float32))

@@ -434,18 +434,21 @@ def test_a_product_is_measured_the_same_whatever_the_chunk_of_images_encoded_at_
     evaluation_inputs, tmp_path, monkeypatch
 ):
     """An actor encodes a product's pool ``ENCODE_CHUNK`` images at a time and keeps only
-    their dense maps: no call encodes more, and the measures equal one chunk's."""
+    their dense maps: no call encodes more, and the measures equal one chunk's; so do they
+    when it keeps the pretrained tokens of 5 images only (``cached_tokens``)."""
     from pipelines import personalize_evaluate as pe
 
     _, encoders, manifest, _ = evaluation_inputs
     config = load_config("tiny")
     images, _ = read_test_manifest(manifest, config.personalize.evaluate, run_seed=0)
 
-    def measured(chunk: int) -> tuple[list[dict], list[int]]:
+    def measured(chunk: int, cached: int = 4096) -> tuple[list[dict], list[int]]:
         monkeypatch.setattr(pe, "ENCODE_CHUNK", chunk)
+        cfg = load_config("tiny", overrides=[f"personalize.evaluate.cached_tokens={cached}"])
         actor = pe.EvaluateEncoders(
-            config, images, encoders, str(tmp_path / f"out{chunk}"), storage.read_bytes
+            cfg, images, encoders, str(tmp_path / f"out{chunk}-{cached}"), storage.read_bytes
         )
+        actors.append(actor)
         sizes, encode = [], actor.trainer.encode
 
         def counted(views, **kwargs):
@@ -455,11 +458,15 @@ def test_a_product_is_measured_the_same_whatever_the_chunk_of_images_encoded_at_
         monkeypatch.setattr(actor.trainer, "encode", counted)
         return actor.evaluate("candle"), sizes
 
+    actors: list = []
     whole, whole_sizes = measured(10_000)
     chunked, sizes = measured(4)
+    few_kept, _ = measured(4, cached=5)  # the rest of the pretrained tokens: encoded again
     assert max(whole_sizes) > 4 and max(sizes) == 4
-    assert [(r["encoder"], r["task"], r["metric"], r["n"]) for r in chunked] == [
-        (r["encoder"], r["task"], r["metric"], r["n"]) for r in whole
-    ]
-    for a, b in zip(chunked, whole, strict=True):
-        assert a["value"] == pytest.approx(b["value"], abs=1e-4, nan_ok=True), a
+    assert len(actors[0].tokens) == len(actors[0].pretrained) > 5 == len(actors[2].tokens)
+    for rows in (chunked, few_kept):
+        assert [(r["encoder"], r["task"], r["metric"], r["n"]) for r in rows] == [
+            (r["encoder"], r["task"], r["metric"], r["n"]) for r in whole
+        ]
+        for a, b in zip(rows, whole, strict=True):
+            assert a["value"] == pytest.approx(b["value"], abs=1e-4, nan_ok=True), a
