@@ -816,6 +816,11 @@ def _bench_seconds(job: str, pool: str) -> tuple[float, str] | None:
     return None
 
 
+def _home(pool: Pool, cluster: Cluster, devices: float) -> float:
+    """The devices a pool may use: its GPU class's in a mixed cluster, else all of them."""
+    return next((c.gpus for c in cluster.classes if c.name == pool.node_type), devices)
+
+
 def _parallel(pool: Pool, cluster: Cluster, devices: float) -> float:
     """How many of the devices one pool can keep busy: an actor runs one call at a time on one
     device (a GPU, or its CPU slot), so a pool of at most ``max_actors`` actors uses at most
@@ -824,8 +829,7 @@ def _parallel(pool: Pool, cluster: Cluster, devices: float) -> float:
     most = math.inf if pool.actors[1] is None else float(pool.actors[1])
     if cluster.gpus > 0 and not (pool.gpu_fraction > 0 or pool.gpu_gib > 0):
         return min(most, max(1.0, cluster.cpus / max(pool.cpus, 1e-9)))
-    home = next((c.gpus for c in cluster.classes if c.name == pool.node_type), devices)
-    return min(home, most)
+    return min(_home(pool, cluster, devices), most)
 
 
 def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) -> dict[str, Any]:
@@ -855,20 +859,26 @@ def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) 
         parallel.append(_parallel(pool, plan.cluster, devices))
         used.append(pool)
     per_product = sum(c.seconds for c in costs)
-    # wall seconds per product of each pool on its own devices, and of the whole on all
+    # wall seconds per product of each pool on its own devices, and of the whole on all: in a
+    # mixed cluster, of each GPU class's pools on that class (the others' GPUs cannot help)
     pool_wall = [c.seconds / max(k, 1e-9) for c, k in zip(costs, parallel, strict=True)]
-    whole = per_product / devices
+    by_home: dict[str, float] = {}
+    for pool, c in zip(used, costs, strict=True):
+        by_home[pool.node_type] = by_home.get(pool.node_type, 0.0) + c.seconds
+    homes = {p.node_type: _home(p, plan.cluster, devices) for p in used}
+    whole = max([sec / homes[h] for h, sec in by_home.items()], default=0.0)
     wall = sum(pool_wall) if plan.mode == "stage" else max([whole, *pool_wall])
     bottleneck = None
     if costs:
         bottleneck = costs[max(range(len(costs)), key=lambda i: pool_wall[i])].pool
     kind = "GPU" if on_gpus else "CPU"
     capped = [
-        f"{c.pool} runs at most {pool.actors[1]} actor(s) and the cluster has {devices:g} "
-        f"{kind}s: raise {_actors_knob(plan.job, pool)}"
+        f"{c.pool} runs at most {pool.actors[1]} actor(s) and the cluster has "
+        f"{homes[pool.node_type]:g} {kind}s {'of ' + pool.node_type + ' ' if pool.node_type else ''}"
+        f"for it: raise {_actors_knob(plan.job, pool)}"
         for pool, c, k, w in zip(used, costs, parallel, pool_wall, strict=True)
-        # more actors would let the whole cluster work on it (an uncapped pool has them all)
-        if pool.actors[1] is not None and k < devices and w > whole
+        # more actors would let all its devices work on it (an uncapped pool has them all)
+        if pool.actors[1] is not None and k < homes[pool.node_type] and w > whole
     ]
     return {
         "products": products,
@@ -884,8 +894,10 @@ def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) 
         "capped": capped,
         "assumes": f"{photos} photos per product; the pools "
         + ("one after the other" if plan.mode == "stage" else "at once")
-        + f" on {devices:g} {kind}(s), each pool on at most as many as its actors, every one "
-        "busy; seconds per item from the sources listed (estimated figures are not measured)",
+        + f" on {devices:g} {kind}(s)"
+        + (", each GPU class's pools on that class's" if plan.cluster.classes else "")
+        + ", each pool on at most as many as its actors, every one busy; seconds per item "
+        "from the sources listed (estimated figures are not measured)",
     }
 
 

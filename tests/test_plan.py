@@ -319,6 +319,28 @@ def test_mixed_cluster_routes_heavy_roles_to_large_gpus_and_pins_them():
     assert not build_plan("train", load_config("default"), small_only).runnable
 
 
+def test_a_mixed_clusters_wall_time_counts_each_class_on_its_own_gpus():
+    """Pools routed to a GPU class share that class's GPUs only: all of augment on the 24 GB
+    cards goes at their pace, not the whole cluster's; training, on the 80 GB cards only, is
+    capped by train.num_workers only below their count."""
+    cfg = load_config("default")
+    mixed = Cluster(
+        40, 24, 480, "test", [GpuClass("a10g", 32, 24, "s"), GpuClass("a100", 8, 80, "l")]
+    )
+    plan = build_plan("augment", cfg, mixed)
+    assert {p.node_type for p in plan.pools} == {"a10g"}, render(plan)
+    est = estimate(plan, cfg, 1_000)
+    assert est["wall_hours"] == pytest.approx(est["gpu_hours"] / 32, rel=0.01)
+    train = estimate(build_plan("train", cfg, mixed), cfg, 1_000)
+    assert train["capped"] == [] and train["stages"][0]["parallel"] == 8
+    four = load_config("default", overrides=["train.num_workers=4"])
+    held = estimate(build_plan("train", four, mixed), four, 1_000)
+    assert held["capped"] == [
+        "train runs at most 4 actor(s) and the cluster has 8 GPUs of a100 for it: raise "
+        "train.num_workers"
+    ]
+
+
 def test_autoscaler_node_types_count_toward_the_plan():
     types = {name: (n, res) for name, n, res in autoscaler_node_types(str(ROOT / "cluster.yaml"))}
     assert set(types) == {"gpu_a10g", "gpu_a100"}
