@@ -75,6 +75,9 @@ class Cluster:
     cpus: float
     source: str  # where the figures come from
     classes: list[GpuClass] = field(default_factory=list)
+    # The resources of each kind of node (up, or that the autoscaler may add): an actor must
+    # fit one of them. Empty where they are not known (--gpus/--cpus give totals only).
+    nodes: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
     def local(cls, config: RestageConfig) -> Cluster:
@@ -87,7 +90,10 @@ class Cluster:
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         cpus = config.ray.num_cpus or os.cpu_count() or 1
         gib, source = gpu_memory(config, {})
-        return cls(float(gpus), gib, float(cpus), f"the local Ray this job starts; {source}")
+        node = {"CPU": float(cpus), "GPU": float(gpus)}
+        return cls(
+            float(gpus), gib, float(cpus), f"the local Ray this job starts; {source}", nodes=[node]
+        )
 
     @classmethod
     def from_ray(cls, config: RestageConfig) -> Cluster:
@@ -99,8 +105,11 @@ class Cluster:
         gpus = float(res.get("GPU", 0))
         gib, source = gpu_memory(config, res)
         classes: dict[str, GpuClass] = {}
+        shapes: dict[tuple, dict[str, float]] = {}
         for node in ray.nodes():
             node_res = node.get("Resources", {})
+            if node.get("Alive"):
+                _add_shape(shapes, node_res)
             if not node.get("Alive") or not node_res.get("GPU"):
                 continue
             key, mem = _gpu_class_of(node_res)
@@ -112,6 +121,7 @@ class Cluster:
         # An autoscaling cluster holds what its node types can add, not only what is up now.
         scaled = autoscaler_node_types()
         for _, count, node_res in scaled:
+            _add_shape(shapes, node_res)
             if node_res.get("GPU"):
                 key, mem = _gpu_class_of(node_res)
                 key, mem = (key, mem) if key else ("GPU", gib)
@@ -124,7 +134,22 @@ class Cluster:
         found = sorted(classes.values(), key=lambda c: c.gpu_gib)
         if len({c.gpu_gib for c in found}) < 2:
             found = []  # one kind of GPU: no routing needed
-        return cls(gpus, gib, cpus, f"ray.cluster_resources(); {source}", found)
+        # A node type that leaves its CPUs or GPUs to Ray's detection has shapes not known
+        # here: then no actor is refused for want of a node that might fit it.
+        declared = all({"CPU", "GPU"} <= set(node_res) for _, _, node_res in scaled)
+        nodes = list(shapes.values()) if declared else []
+        return cls(gpus, gib, cpus, f"ray.cluster_resources(); {source}", found, nodes)
+
+
+def _add_shape(shapes: dict[tuple, dict[str, float]], resources: dict[str, float]) -> None:
+    """Keep a node's CPUs, GPUs and custom resources (not its memory or its address), once per
+    kind of node."""
+    shape = {
+        k: float(v)
+        for k, v in resources.items()
+        if k not in ("memory", "object_store_memory") and not k.startswith("node:")
+    }
+    shapes.setdefault(tuple(sorted(shape.items())), shape)
 
 
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"  # the cluster launcher writes it on the head
@@ -370,12 +395,43 @@ def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     if cpus > cluster.cpus:
         problems.append(
             f"the pools' minimum actors reserve {cpus:g} CPUs and the cluster has "
-            f"{cluster.cpus:g}: lower <role>.num_cpus or min_actors, or add CPU nodes"
+            f"{cluster.cpus:g}: lower "
+            + ("train.cpus_per_worker" if job == "train" else "<role>.num_cpus or min_actors")
+            + ", or add CPU nodes"
         )
     plan = _route(job, config, cluster, pools) if cluster.classes else None
     plan = plan or _place(job, config, cluster, pools)
-    plan.problems = problems + plan.problems
+    plan.problems = problems + plan.problems + _unplaceable(job, plan)
     return plan
+
+
+def _unplaceable(job: str, plan: Plan) -> list[str]:
+    """The pools whose actor asks for more than any one node has: Ray would wait for such an
+    actor (a Ray Train worker group) forever. Only where the cluster's nodes are known."""
+    if not plan.cluster.nodes:
+        return []
+    problems = []
+    for p in plan.pools:
+        ask = {"CPU": p.cpus, "GPU": p.gpu_fraction, **p.resources}
+        ask = {k: v for k, v in ask.items() if v > 0}
+        if any(all(node.get(k, 0.0) >= v for k, v in ask.items()) for node in plan.cluster.nodes):
+            continue
+        largest = max(plan.cluster.nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)))
+        knobs = (
+            "train.cpus_per_worker or train.gpus_per_worker"
+            if job == "train"
+            else f"{p.roles[0]}.num_cpus or {p.roles[0]}.num_gpus"
+        )
+        problems.append(
+            f"{p.name} actors ask for {_resources_text(ask)} each and no node has that "
+            f"(the largest: {_resources_text(largest)}): lower {knobs}, or add larger nodes"
+        )
+    return problems
+
+
+def _resources_text(res: dict[str, float]) -> str:
+    shown = {k: v for k, v in res.items() if k in ("CPU", "GPU") or k.startswith("restage_")}
+    return ", ".join(f"{v:g} {k}" for k, v in shown.items()) or "nothing"
 
 
 @dataclass

@@ -341,6 +341,23 @@ def test_a_mixed_clusters_wall_time_counts_each_class_on_its_own_gpus():
     ]
 
 
+def test_an_actor_larger_than_every_node_is_refused_naming_the_setting():
+    """Ray waits for an actor (a Ray Train group) that no node can hold: the plan refuses it,
+    where the nodes are known, instead of letting the job hang."""
+    cfg = load_config("default")
+    small_nodes = Cluster(8, 80, 32, "test", nodes=[{"CPU": 4.0, "GPU": 1.0}])
+    train = build_plan("train", cfg, small_nodes)
+    assert not train.runnable
+    (problem,) = [p for p in train.problems if "no node has that" in p]
+    assert "8 CPU, 1 GPU" in problem and "train.cpus_per_worker" in problem
+    assert "the largest: 4 CPU, 1 GPU" in problem
+    fits = load_config("default", overrides=["train.cpus_per_worker=4"])
+    assert build_plan("train", fits, small_nodes).runnable
+    assert build_plan("train", cfg, Cluster(8, 80, 64, "test")).runnable  # nodes unknown
+    tiny = load_config("tiny")
+    assert build_plan("augment", tiny, Cluster.local(tiny)).runnable  # the local node
+
+
 def test_autoscaler_node_types_count_toward_the_plan():
     types = {name: (n, res) for name, n, res in autoscaler_node_types(str(ROOT / "cluster.yaml"))}
     assert set(types) == {"gpu_a10g", "gpu_a100"}
@@ -369,6 +386,10 @@ def test_gpu_classes_are_read_from_a_mixed_ray_cluster(monkeypatch):
         ]  # fmt: skip
         plan = build_plan("train", load_config("default"), cluster)
         assert plan.pools[0].resources == {"restage_gpu_80gb": 0.001}
+        # each node has 1 CPU: a worker of 8 would wait forever for one
+        assert any("train.cpus_per_worker" in p for p in plan.problems), render(plan)
+        one = load_config("default", overrides=["train.cpus_per_worker=1"])
+        assert build_plan("train", one, cluster).runnable
         # On the cluster launcher's head, the node types the autoscaler may add count too.
         monkeypatch.setenv("RAY_BOOTSTRAP_CONFIG", str(ROOT / "cluster.yaml"))
         scaled = Cluster.from_ray(load_config("default"))
