@@ -138,6 +138,7 @@ class ProgressFile:
             "products_since": None,  # when the first product could start
         }
         self._lock = threading.Lock()
+        self._writing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="restage-progress", daemon=True)
 
@@ -168,11 +169,14 @@ class ProgressFile:
                 self.state["products_since"] = self.clock()
         self.write()
 
-    def update(self, done: int, products: dict[str, int]) -> None:
-        """The products finished so far and their outcomes (written by the next beat)."""
+    def update(self, done: int, products: dict[str, int], total: int | None = None) -> None:
+        """The products finished so far and their outcomes, and the products to do if now
+        known (written by the next beat)."""
         with self._lock:
             self.state["done"] = done
             self.state["products"] = dict(products)
+            if total is not None:
+                self.state["total"] = total
 
     def snapshot(self) -> dict[str, Any]:
         """The state as written: with ``updated``, ``per_second`` and ``eta_s``."""
@@ -189,7 +193,8 @@ class ProgressFile:
 
     def write(self) -> None:
         try:
-            storage.write_json(self.path, self.snapshot())
+            with self._writing:  # the beat and the driver: the later state lands last
+                storage.write_json(self.path, self.snapshot())
         except Exception as exc:  # watching a job must never be why it fails
             logging.getLogger("restage").warning("could not write %s: %s", self.path, exc)
 
@@ -203,14 +208,9 @@ class ProgressFile:
         if self.poll is None:
             return
         try:
-            done, products, total = self.poll()
+            self.update(*self.poll())
         except Exception as exc:
             logging.getLogger("restage").warning("progress of %s: %s", self.path, exc)
-            return
-        self.update(done, products)
-        if total is not None:
-            with self._lock:
-                self.state["total"] = total
 
 
 # --------------------------------------------------------------------------- `restage status`
