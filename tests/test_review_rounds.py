@@ -117,6 +117,29 @@ def test_concurrent_raters_give_each_image_exactly_its_quota(round_):
     assert all(tasks.progress(engine, r, quota).remaining == 0 for r in raters)
 
 
+def test_a_rater_waits_for_images_held_by_another_transaction_rather_than_stop(round_):
+    """PostgreSQL skips rows another transaction holds; a rater for whom every eligible image
+    is held must wait for them, not be told nothing is left (that left images short of their
+    quota when the last places were in flight)."""
+    engine, runs, _ = round_
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite serialises writers (BEGIN IMMEDIATE): nothing is ever held")
+    rounds.import_runs(engine, runs, None, 0)
+    rater = accounts.sign_in(engine, "late", accounts.add_rater(engine, "late"))
+    got = []
+    with engine.connect() as holder, holder.begin() as held:
+        holder.execute(select(db.images.c.id).with_for_update()).all()  # every image, held
+        waiting = threading.Thread(
+            target=lambda: got.append(tasks.next_task(engine, rater, 3)), daemon=True
+        )
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not got  # waiting, not done
+        held.rollback()  # the holder took no place
+    waiting.join(timeout=30)
+    assert len(got) == 1 and got[0] is not None
+
+
 def test_migrations_are_recorded_and_a_newer_database_is_refused(tmp_path):
     engine = db.connect(str(tmp_path / "r.db"))
     assert db.migrate(engine) == db.SCHEMA_VERSION

@@ -2,7 +2,8 @@
 
 - Each image goes to exactly ``raters_per_image`` distinct raters: a place is taken by a
   conditional update of the image's ``n_assigned`` inside the transaction that makes the
-  assignment, and (image, rater) is unique, so no rater sees an image twice.
+  assignment, and (image, rater) is unique, so no rater sees an image twice. A rater is told
+  nothing is left only once no eligible image is held by another open transaction.
 - A rater holds at most one open assignment (shown, not yet answered) and gets it back on
   their next visit, so a rater who leaves holds back one image at most; the reopened one of
   an undo comes first.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,6 +64,9 @@ class Answered:
     answers: dict[str, str] = field(default_factory=dict)
 
 
+_HELD_POLL_S = 0.02  # another rater's assignment transaction lasts milliseconds
+
+
 def _task(conn, assignment_row) -> Task:
     image = conn.execute(
         select(db.images.c.key, db.images.c.reference_uris).where(
@@ -97,15 +102,23 @@ def next_task(engine: Engine, rater: Rater, raters_per_image: int) -> Task | Non
         )
         if open_row is not None:
             return _task(conn, open_row)
+        query = (
+            _eligible(rater, raters_per_image)
+            .order_by(db.images.c.n_assigned.desc(), db.images.c.order_key, db.images.c.id)
+            .limit(1)
+        )
+        locking = conn.dialect.name != "sqlite"  # SQLite: BEGIN IMMEDIATE already serialises
         while True:
-            query = (
-                _eligible(rater, raters_per_image)
-                .order_by(db.images.c.n_assigned.desc(), db.images.c.order_key, db.images.c.id)
-                .limit(1)
-            )
-            if conn.dialect.name != "sqlite":  # SQLite: BEGIN IMMEDIATE already serialises
-                query = query.with_for_update(skip_locked=True)
-            image_id = conn.execute(query).scalar()
+            if locking:
+                image_id = conn.execute(query.with_for_update(skip_locked=True)).scalar()
+                if image_id is None and conn.execute(query).scalar() is not None:
+                    # Every eligible image is held by another rater's open transaction, which
+                    # may still leave a place free: poll (holding no lock, so no deadlock)
+                    # rather than tell this rater "done" too early and leave images short.
+                    time.sleep(_HELD_POLL_S)
+                    continue
+            else:
+                image_id = conn.execute(query).scalar()
             if image_id is None:
                 return None
             # Take a place only if one is still free in the row's latest version: another
