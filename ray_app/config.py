@@ -201,6 +201,15 @@ class RayConfig(StrictModel):
         description="How a job places its actor pools on the GPUs (ray_app/plan.py); None: "
         "chosen by the preflight, streaming when the configured num_gpus fit, else packed.",
     )
+    gpu_routing: Literal["smallest", "spread"] | None = Field(
+        None,
+        description="In a cluster with mixed GPUs (ray_app/plan.py): 'smallest' pins each GPU "
+        "pool to the smallest GPUs that hold it; 'spread' lets a job whose pools all fit the "
+        "smallest GPUs run on every GPU, pinning none (a job with a heavier pool is routed as "
+        "'smallest', so that the others cannot take the large GPUs it needs). None: 'spread' "
+        "on a fixed cluster (every GPU is paid for), 'smallest' where the autoscaler can add "
+        "GPU nodes (an actor free to go anywhere could make it start the costliest node type).",
+    )
     gpu_memory_gb: PositiveFloat | None = Field(
         None,
         description="GiB of memory per GPU, for placement plans where neither CUDA nor Ray's "

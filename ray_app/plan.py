@@ -78,6 +78,7 @@ class Cluster:
     # The resources of each kind of node (up, or that the autoscaler may add): an actor must
     # fit one of them. Empty where they are not known (--gpus/--cpus give totals only).
     nodes: list[dict[str, float]] = field(default_factory=list)
+    autoscaling: bool = False  # the autoscaler may add GPU nodes (ray.gpu_routing's default)
 
     @classmethod
     def local(cls, config: RestageConfig) -> Cluster:
@@ -115,7 +116,7 @@ class Cluster:
             key, mem = _gpu_class_of(node_res)
             if key is None:
                 key, mem = "GPU", gib
-            c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, key))
+            c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, _pin(key)))
             c.gpus += node_res["GPU"]
         cpus = float(res.get("CPU", 0))
         # An autoscaling cluster holds what its node types can add, not only what is up now.
@@ -125,7 +126,7 @@ class Cluster:
             if node_res.get("GPU"):
                 key, mem = _gpu_class_of(node_res)
                 key, mem = (key, mem) if key else ("GPU", gib)
-                c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, key))
+                c = classes.setdefault(key, GpuClass(key.split(":")[-1], 0.0, mem, _pin(key)))
                 c.gpus += count * node_res["GPU"]
                 gpus += count * node_res["GPU"]
             cpus += count * node_res.get("CPU", 0)
@@ -138,7 +139,8 @@ class Cluster:
         # here: then no actor is refused for want of a node that might fit it.
         declared = all({"CPU", "GPU"} <= set(node_res) for _, _, node_res in scaled)
         nodes = list(shapes.values()) if declared else []
-        return cls(gpus, gib, cpus, f"ray.cluster_resources(); {source}", found, nodes)
+        autoscaling = any(node_res.get("GPU") for _, _, node_res in scaled)
+        return cls(gpus, gib, cpus, f"ray.cluster_resources(); {source}", found, nodes, autoscaling)
 
 
 def _add_shape(shapes: dict[tuple, dict[str, float]], resources: dict[str, float]) -> None:
@@ -176,6 +178,12 @@ def autoscaler_node_types(path: str | None = None) -> list[tuple[str, int, dict[
             res = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
             out.append((name, count, res))
     return out
+
+
+def _pin(key: str) -> str | None:
+    """The custom resource that pins an actor to a GPU class (none for GPUs of unknown kind:
+    Ray takes GPUs as num_gpus, never as a custom resource)."""
+    return None if key == "GPU" else key
 
 
 def _gpu_class_of(resources: dict[str, float]) -> tuple[str | None, float]:
@@ -328,6 +336,7 @@ def job_pools(job: str, config: RestageConfig) -> list[Pool]:
         need = train_need(config)
         pool = Pool("train", ("generator",), (1, t.num_workers), [need])
         pool.gpu_fraction, pool.cpus = float(t.gpus_per_worker), t.cpus_per_worker
+        pool.resources = dict(t.resources)
         pool.batch = {"train": t.batch_size}
         return [pool]
     elif job == "prompts":
@@ -357,6 +366,9 @@ def _pool(
     name: str, roles: tuple[str, ...], actors: tuple[int, int | None], config: RestageConfig
 ) -> Pool:
     pool = Pool(name, roles, actors, [role_need(config, r) for r in roles])
+    for r in roles:  # the configured custom resources, as map_stage reserves them
+        for key, amount in config.role(r).resources.items():
+            pool.resources.setdefault(key, amount)
     pool.gpu_fraction = sum(config.role(r).num_gpus for r in roles)
     pool.cpus = config.role(roles[0]).num_cpus
     pool.batch = {r: config.role(r).batch_size for r in roles}
@@ -463,26 +475,58 @@ def job_steps(
 
 def _route(job: str, config: RestageConfig, cluster: Cluster, pools: list[Pool]) -> Plan:
     """A mixed cluster: each GPU pool goes to the smallest GPUs that hold it (heavy roles never
-    land on small cards), pinned there by the class's resource; each class is then placed on
-    its own."""
+    land on small cards), or to the class its configured resources pin it to, pinned there by
+    the class's resource; each class is then placed on its own. Under ``ray.gpu_routing``
+    'spread', a job whose pools all fit the smallest GPUs is placed on every GPU instead, as
+    if all were the smallest, and nothing is pinned."""
     by_class: dict[str, list[Pool]] = {c.name: [] for c in cluster.classes}
     problems = []
+    homes: dict[int, GpuClass] = {}  # by id(pool)
     for p in pools:
         if not p.gpu_fraction and not p.gpu_gib:
             continue
         need = p.gpu_gib if job == "train" else _at_batch_one(p)
-        home = next((c for c in cluster.classes if need <= c.gpu_gib * USABLE), None)
+        pinned = next((c for c in cluster.classes if c.resource in p.resources), None)
+        fitting = [c for c in cluster.classes if need <= c.gpu_gib * USABLE]
+        home = pinned if pinned in fitting else None if pinned else next(iter(fitting), None)
         if home is None:
-            biggest = cluster.classes[-1]
+            biggest = pinned or cluster.classes[-1]
             problems.append(
-                f"{p.name} ({'+'.join(p.roles)}) needs ~{need:.1f} GiB and the largest GPUs "
-                f"({biggest.name}) hold {biggest.gpu_gib * USABLE:.1f} GiB usable: add larger "
-                "GPUs or lower the role's batch size or resolution"
+                f"{p.name} ({'+'.join(p.roles)}) needs ~{need:.1f} GiB and the "
+                f"{'GPUs its resources pin it to' if pinned else 'largest GPUs'} "
+                f"({biggest.name}) hold {biggest.gpu_gib * USABLE:.1f} GiB usable: "
+                + ("unpin it or " if pinned else "add larger GPUs or ")
+                + "lower the role's batch size or resolution"
             )
             continue
-        p.node_type = home.name
-        p.resources = {home.resource: 0.001} if home.resource else {}
-        by_class[home.name].append(p)
+        homes[id(p)] = home
+    routing = config.ray.gpu_routing or ("smallest" if cluster.autoscaling else "spread")
+    smallest = cluster.classes[0]
+    if (
+        routing == "spread"
+        and not problems
+        and all(
+            h is smallest and h.resource not in p.resources
+            for p in pools
+            if (h := homes.get(id(p)))
+        )
+    ):
+        alike = copy.copy(cluster)
+        alike.gpu_gib, alike.classes = smallest.gpu_gib, []
+        plan = _place(job, config, alike, pools)
+        plan.cluster = cluster
+        plan.notes.append(
+            f"every GPU pool fits the smallest GPUs ({smallest.name}): none is pinned, they run "
+            f"on all {cluster.gpus:g} GPUs (ray.gpu_routing=spread)"
+        )
+        return plan
+    for p in pools:
+        if id(p) in homes:
+            home = homes[id(p)]
+            p.node_type = home.name
+            if home.resource:
+                p.resources = {**p.resources, home.resource: p.resources.get(home.resource, 0.001)}
+            by_class[home.name].append(p)
     rank = {m: i for i, m in enumerate(MODES)}
     merged = Plan(job, "streaming", cluster, pools, problems=problems)
     for c in cluster.classes:
@@ -951,7 +995,7 @@ def estimate(plan: Plan, config: RestageConfig, products: int, photos: int = 4) 
         "assumes": f"{photos} photos per product; the pools "
         + ("one after the other" if plan.mode == "stage" else "at once")
         + f" on {devices:g} {kind}(s)"
-        + (", each GPU class's pools on that class's" if plan.cluster.classes else "")
+        + (", each GPU class's pools on that class's" if any(p.node_type for p in used) else "")
         + ", each pool on at most as many as its actors, every one busy; seconds per item "
         "from the sources listed (estimated figures are not measured)",
     }

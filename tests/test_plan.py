@@ -3,6 +3,7 @@ preflight that refuses a job the cluster cannot hold, and the cost estimate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -320,10 +321,10 @@ def test_mixed_cluster_routes_heavy_roles_to_large_gpus_and_pins_them():
 
 
 def test_a_mixed_clusters_wall_time_counts_each_class_on_its_own_gpus():
-    """Pools routed to a GPU class share that class's GPUs only: all of augment on the 24 GB
-    cards goes at their pace, not the whole cluster's; training, on the 80 GB cards only, is
-    capped by train.num_workers only below their count."""
-    cfg = load_config("default")
+    """Pools routed to a GPU class share that class's GPUs only: all of augment pinned to the
+    24 GB cards goes at their pace, not the whole cluster's; training, on the 80 GB cards
+    only, is capped by train.num_workers only below their count."""
+    cfg = load_config("default", overrides=["ray.gpu_routing=smallest"])
     mixed = Cluster(
         40, 24, 480, "test", [GpuClass("a10g", 32, 24, "s"), GpuClass("a100", 8, 80, "l")]
     )
@@ -339,6 +340,60 @@ def test_a_mixed_clusters_wall_time_counts_each_class_on_its_own_gpus():
         "train runs at most 4 actor(s) and the cluster has 8 GPUs of a100 for it: raise "
         "train.num_workers"
     ]
+
+
+def test_a_job_that_fits_the_smallest_gpus_spreads_over_a_fixed_mixed_cluster():
+    """On a fixed cluster every GPU is paid for: augment, whose pools all fit the 24 GB
+    cards, runs on all 40 GPUs with nothing pinned, and goes at their pace. Where the
+    autoscaler can add GPU nodes, or a pool needs the large cards, pools stay pinned."""
+    cfg = load_config("default")
+    classes = [GpuClass("a10g", 32, 24, "restage_gpu_24gb"), GpuClass("a100", 8, 80, "l")]
+    fixed = Cluster(40, 24, 480, "test", classes)
+    plan = build_plan("augment", cfg, fixed)
+    assert plan.runnable, render(plan)
+    assert {p.node_type for p in plan.pools} == {""}
+    assert all(p.resources == {} for p in plan.pools)
+    assert any("ray.gpu_routing=spread" in n for n in plan.notes)
+    spread = estimate(plan, cfg, 1_000)
+    assert spread["wall_hours"] == pytest.approx(spread["gpu_hours"] / 40, rel=0.01)
+    run = plan.apply(cfg)
+    assert run.inpainter.resources == {} and run.inpainter.num_gpus > 0
+    # fractions are sized for the smallest card: every actor fits wherever it lands
+    pinned = build_plan(
+        "augment", load_config("default", overrides=["ray.gpu_routing=smallest"]), fixed
+    )
+    assert [p.gpu_fraction for p in plan.pools] == [p.gpu_fraction for p in pinned.pools]
+    assert estimate(pinned, cfg, 1_000)["wall_hours"] > spread["wall_hours"] * 1.2
+    autoscaling = dataclasses.replace(fixed, autoscaling=True)
+    assert {p.node_type for p in build_plan("augment", cfg, autoscaling).pools} == {"a10g"}
+    # a 25-frame novel-view pool needs the 80 GB cards: the others stay on the small ones
+    heavy = load_config("default", overrides=["augment.views.num_frames=25"])
+    homes = {p.name: p.node_type for p in build_plan("augment", heavy, fixed).pools}
+    assert homes["views"] == "a100" and homes["caption"] == "a10g", homes
+
+
+def test_configured_resources_are_kept_and_a_pin_to_a_gpu_class_is_honoured():
+    """A role's own custom resources reach its actors through the plan (they were dropped),
+    and one that names a GPU class's resource sends the pool there."""
+    cfg = load_config(
+        "tiny", overrides=["generator.resources={special: 1}", "train.resources={special: 1}"]
+    )
+    one = Cluster(1, 24, 8, "test")
+    assert build_plan("generate", cfg, one).apply(cfg).generator.resources == {"special": 1}
+    assert build_plan("train", cfg, one).apply(cfg).train.resources == {"special": 1}
+    default = load_config("default", overrides=["captioner.resources={restage_gpu_80gb: 0.5}"])
+    mixed = Cluster(16, 24, 256, "test", MIXED)
+    plan = build_plan("augment", default, mixed)
+    assert plan.runnable, render(plan)
+    homes = {p.name: p.node_type for p in plan.pools}
+    assert homes["caption"] == "a100" and homes["inpaint"] == "a10g", homes
+    assert plan.apply(default).captioner.resources == {"restage_gpu_80gb": 0.5}
+    # pinned to cards too small for it: refused, naming the pin
+    small = load_config("default", overrides=["novel_view.resources={restage_gpu_24gb: 1}"])
+    heavy = load_config("default", overrides=["augment.views.num_frames=25"])
+    small = small.model_copy(update={"augment": heavy.augment})
+    problems = build_plan("augment", small, mixed).problems
+    assert any("GPUs its resources pin it to (a10g)" in p and "unpin it" in p for p in problems)
 
 
 def test_an_actor_larger_than_every_node_is_refused_naming_the_setting():
@@ -394,6 +449,7 @@ def test_gpu_classes_are_read_from_a_mixed_ray_cluster(monkeypatch):
         monkeypatch.setenv("RAY_BOOTSTRAP_CONFIG", str(ROOT / "cluster.yaml"))
         scaled = Cluster.from_ray(load_config("default"))
         assert scaled.gpus == 3 + 32 * 1 + 16 * 8 and "autoscaler" in scaled.source
+        assert scaled.autoscaling and not cluster.autoscaling  # ray.gpu_routing's default
         assert {c.name: c.gpus for c in scaled.classes}["restage_gpu_80gb"] == 2 + 16 * 8
     finally:
         ray.shutdown()
