@@ -140,6 +140,40 @@ def test_a_rater_waits_for_images_held_by_another_transaction_rather_than_stop(r
     assert len(got) == 1 and got[0] is not None
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_servers_started_together_on_a_new_database_migrate_and_import_once(backend, tmp_path):
+    """Replicas of one round started at once: each migrates and imports, or waits for the one
+    that does and finds it done (on PostgreSQL two created the same tables and one failed)."""
+    runs = parse_runs([f"alpha={write_generations(tmp_path, 'alpha', images_per_product=5)}"])
+    with contextlib.ExitStack() as stack:
+        url = str(tmp_path / "r.db")
+        if backend == "postgresql":
+            url = stack.enter_context(postgres_url())
+        start = threading.Barrier(4)
+        counts, errors = [], []
+
+        def serve():
+            try:
+                start.wait()
+                engine = db.connect(url)
+                counts.append(rounds.import_runs(engine, runs, None, 0))
+                engine.dispose()
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        servers = [threading.Thread(target=serve) for _ in range(4)]
+        for t in servers:
+            t.start()
+        for t in servers:
+            t.join(timeout=120)
+        assert errors == [] and counts == [{"alpha": 15}] * 4
+        engine = db.connect(url)
+        with db.read(engine) as conn:
+            assert conn.execute(select(db.schema_version.c.version)).scalars().all() == [1]
+            assert len(conn.execute(select(db.runs)).all()) == 1
+        engine.dispose()
+
+
 def test_migrations_are_recorded_and_a_newer_database_is_refused(tmp_path):
     engine = db.connect(str(tmp_path / "r.db"))
     assert db.migrate(engine) == db.SCHEMA_VERSION

@@ -9,12 +9,14 @@ taken by a conditional ``UPDATE ... WHERE n_assigned < quota``, which the databa
 to the row's latest version (``tasks.py``).
 
 Migrations are numbered functions below, applied in order inside one transaction each and
-recorded in ``schema_version``; a database from a newer restage is refused.
+recorded in ``schema_version``; a database from a newer restage is refused. Servers started
+together migrate one at a time (``exclusive``).
 """
 
 from __future__ import annotations
 
 import secrets
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,6 +38,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -148,9 +151,19 @@ def current_version(conn: Connection) -> int:
     )
 
 
+def exclusive(conn: Connection, what: str) -> None:
+    """Hold ``what`` until the transaction ends, against other processes doing the same: so
+    that servers started together (replicas of one round) migrate and import once, the others
+    waiting and then finding it done. SQLite: ``BEGIN IMMEDIATE`` already holds the database."""
+    if conn.dialect.name == "postgresql":
+        key = zlib.crc32(f"restage-review:{what}".encode()) - 2**31  # a signed 32-bit key
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 def migrate(engine: Engine) -> int:
     """Bring the database to ``SCHEMA_VERSION``; -> the version it had."""
     with write(engine) as conn:
+        exclusive(conn, "migrate")
         start = current_version(conn)
         if start > SCHEMA_VERSION:
             raise RuntimeError(

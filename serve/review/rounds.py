@@ -86,26 +86,31 @@ def _value(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
+def _imported(conn, name: str, roots: list[str], sample_per_run: int | None) -> int | None:
+    """The images of run ``name`` when it is imported already (from the same ``roots`` and
+    sample, else ValueError: a round's runs are fixed); None when it is not."""
+    known = conn.execute(select(db.runs).where(db.runs.c.name == name)).mappings().first()
+    if known is None:
+        return None
+    if known["uris"] != json.dumps(roots) or known["sample"] != sample_per_run:
+        raise ValueError(
+            f"run {name!r} was imported from {json.loads(known['uris'])} with sample "
+            f"{known['sample']}; now {roots} with sample {sample_per_run}. A round's "
+            "runs cannot change: give the run another name, or use another --db"
+        )
+    return conn.execute(select(func.count()).where(db.images.c.run_id == known["id"])).scalar_one()
+
+
 def import_runs(
     engine: Engine, runs: dict[str, list[str]], sample_per_run: int | None, seed: int
 ) -> dict[str, int]:
     """Put each run's images in the database (once); -> images per run."""
     counts = {}
     for name, roots in runs.items():
-        uris = json.dumps(roots)
         with db.read(engine) as conn:
-            known = conn.execute(select(db.runs).where(db.runs.c.name == name)).mappings().first()
+            known = _imported(conn, name, roots, sample_per_run)
         if known is not None:
-            if known["uris"] != uris or known["sample"] != sample_per_run:
-                raise ValueError(
-                    f"run {name!r} was imported from {json.loads(known['uris'])} with sample "
-                    f"{known['sample']}; now {roots} with sample {sample_per_run}. A round's "
-                    "runs cannot change: give the run another name, or use another --db"
-                )
-            with db.read(engine) as conn:
-                counts[name] = conn.execute(
-                    select(func.count()).where(db.images.c.run_id == known["id"])
-                ).scalar_one()
+            counts[name] = known
             continue
         rows = sample(_written(roots), sample_per_run, seed, name)
         if not rows:
@@ -128,9 +133,14 @@ def import_runs(
                 }
             )
         with db.write(engine) as conn:
+            db.exclusive(conn, "import")
+            known = _imported(conn, name, roots, sample_per_run)  # by a server started with us
+            if known is not None:
+                counts[name] = known
+                continue
             run_id = conn.execute(
                 db.runs.insert().values(
-                    name=name, uris=uris, sample=sample_per_run, imported_at=db.now()
+                    name=name, uris=json.dumps(roots), sample=sample_per_run, imported_at=db.now()
                 )
             ).inserted_primary_key[0]
             conn.execute(db.images.insert(), [{**v, "run_id": run_id} for v in values])
