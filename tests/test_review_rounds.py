@@ -117,6 +117,46 @@ def test_concurrent_raters_give_each_image_exactly_its_quota(round_):
     assert all(tasks.progress(engine, r, quota).remaining == 0 for r in raters)
 
 
+def test_one_rater_in_several_tabs_holds_one_open_image(round_):
+    """The same rater asking from several tabs (or replicas) at once gets one open
+    assignment, not one per request: a rater who leaves holds back one image at most."""
+    engine, runs, _ = round_
+    rounds.import_runs(engine, runs, None, 0)
+    rater = accounts.sign_in(engine, "tabs", accounts.add_rater(engine, "tabs"))
+    start = threading.Barrier(6)
+    got = []
+
+    def tab():
+        start.wait()
+        got.append(tasks.next_task(engine, rater, 3).assignment_key)
+
+    tabs = [threading.Thread(target=tab) for _ in range(6)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join(timeout=60)
+    assert len(got) == 6 and len(set(got)) == 1
+    assert tasks.round_progress(engine, 3)["raters"][-1]["open"] == 1
+    # the same answers sent from every tab: stored once, the others told so (not a 500)
+    answers = {q: Answer.YES for q in Question}
+    stored, errors = [], []
+    start.reset()
+
+    def send():
+        start.wait()
+        try:
+            stored.append(tasks.submit(engine, rater, got[0], answers))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    tabs = [threading.Thread(target=send) for _ in range(6)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join(timeout=60)
+    assert errors == [] and sorted(stored) == [False] * 5 + [True]
+
+
 def test_a_rater_waits_for_images_held_by_another_transaction_rather_than_stop(round_):
     """PostgreSQL skips rows another transaction holds; a rater for whom every eligible image
     is held must wait for them, not be told nothing is left (that left images short of their

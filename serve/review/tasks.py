@@ -4,8 +4,8 @@
   conditional update of the image's ``n_assigned`` inside the transaction that makes the
   assignment, and (image, rater) is unique, so no rater sees an image twice. A rater is told
   nothing is left only once no eligible image is held by another open transaction.
-- A rater holds at most one open assignment (shown, not yet answered) and gets it back on
-  their next visit, so a rater who leaves holds back one image at most; the reopened one of
+- A rater holds at most one open assignment (shown, not yet answered), however many tabs
+  ask at once (their requests take turns), and gets it back on their next visit, so a rater who leaves holds back one image at most; the reopened one of
   an undo comes first.
 - Images are offered by their random ``order_key`` (the runs interleaved, blind), those
   with more raters already first, so that images complete (and rates can be read) early.
@@ -87,6 +87,7 @@ def _eligible(rater: Rater, raters_per_image: int):
 def next_task(engine: Engine, rater: Rater, raters_per_image: int) -> Task | None:
     """The rater's open assignment, else a new one; None when nothing is left for them."""
     with db.write(engine) as conn:
+        db.exclusive(conn, f"rater {rater.id}")  # one request of a rater at a time (tabs)
         open_row = (
             conn.execute(
                 select(db.assignments)
@@ -176,6 +177,7 @@ def submit(
     stored before (a resubmission whose first reply was lost). ``Conflict`` when other
     answers were."""
     with db.write(engine) as conn:
+        db.exclusive(conn, f"rater {rater.id}")  # a resubmission from another tab waits
         row = _own_assignment(conn, rater, assignment_key)
         if row["completed_at"] is not None:
             stored = dict(
@@ -211,6 +213,7 @@ def undo(engine: Engine, rater: Rater) -> str | None:
     """Reopen the rater's last answered image (its answers deleted); -> its assignment key,
     None when they have answered nothing. It is the next one they are shown."""
     with db.write(engine) as conn:
+        db.exclusive(conn, f"rater {rater.id}")
         row = (
             conn.execute(
                 select(db.assignments)
