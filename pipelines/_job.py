@@ -40,7 +40,7 @@ from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
-from ray_app.progress import ProgressFile
+from ray_app.progress import ProgressFile, refuse_if_running
 from ray_app.records import VALID
 from ray_app.report import CompletedTotals, StageStats
 from ray_app.storage import JobLayout, pyarrow_fs, write_errors
@@ -471,6 +471,7 @@ def execute(
     before this run (for a summary of every invocation)."""
     from ray_app.node_loss import node_loss_guard
 
+    refuse_if_running(layout.root)  # before Ray starts; ProgressFile checks again
     config, placement = start(config, job)  # ends now if the job cannot run
     section = getattr(config, job)  # its cpus_per_task
     staged: dict[str, int] | None = {} if placement == "stage" else None

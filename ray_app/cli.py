@@ -38,11 +38,12 @@ from ray_app.config import (
 from ray_app.node_loss import EXIT_NODE_LOST, NodeLost
 from ray_app.plan import JOBS as PLAN_JOBS
 from ray_app.plan import PlanError
-from ray_app.progress import HEARTBEAT_S, PROGRESS_FILE, STALE_BEATS
+from ray_app.progress import HEARTBEAT_S, PROGRESS_FILE, STALE_BEATS, JobRunning
 from ray_app.storage import AdapterLayout, MissingBackendError
 
 EXIT_USAGE = 2
 EXIT_PLAN = 4  # the job cannot run on this cluster (restage plan, every job's preflight)
+EXIT_RUNNING = 73  # another run of the job is live on the same output (EX_CANTCREAT)
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
@@ -896,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     except NodeLost as exc:
         print(exc, file=sys.stderr)
         return EXIT_NODE_LOST
+    except JobRunning as exc:
+        print(f"restage {args.command}: {exc}", file=sys.stderr)
+        return EXIT_RUNNING
     except (FileNotFoundError, ValueError, MissingBackendError) as exc:  # ConfigError included
         print(f"restage {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -98,6 +98,10 @@ PROGRESS_FILE = "_progress.json"
 HEARTBEAT_S = 30.0
 
 
+class JobRunning(RuntimeError):
+    """Another run of a job is live on the same output (its driver's beat is recent)."""
+
+
 class ProgressFile:
     """A job's live state, ``ROOT/_progress.json``, for `restage status` and for whatever
     watches a long job from outside (a scheduler's sensor, a dashboard): its phase, the
@@ -108,7 +112,12 @@ class ProgressFile:
     A driver blocked elsewhere (train's, in Ray Train) gives ``poll`` instead, asked by the
     beat for the counts. As a context manager it ends in phase ``finished``, or ``failed``
     (with the error) when the block raises. A file that cannot be written (or a poll that
-    fails) is logged, never the job's failure."""
+    fails) is logged, never the job's failure.
+
+    Entering it refuses (``JobRunning``, writing nothing) while another driver's file on the
+    same root is live: two runs of a job on one output would each drop the other's intake
+    and do its products twice (a scheduler's retry while the first still runs). Two started
+    within the same moment can both pass: the check is a read, not an atomic create."""
 
     def __init__(
         self,
@@ -143,6 +152,7 @@ class ProgressFile:
         self._thread = threading.Thread(target=self._beat, name="restage-progress", daemon=True)
 
     def __enter__(self) -> ProgressFile:
+        refuse_if_running(self.state["out"], self.clock)
         self.write()
         self._thread.start()
         return self
@@ -253,6 +263,42 @@ def status_of(state: dict[str, Any], now: float) -> str:
     if age > STALE_BEATS * float(state.get("heartbeat_s", HEARTBEAT_S)):
         return f"stopped? no update for {_duration(age)}"
     return f"running ({phase})"
+
+
+def refuse_if_running(root: str, clock: Callable[[], float] = time.time) -> None:
+    """``JobRunning`` while another driver's live file is under ``root`` (``ProgressFile``);
+    a job calls it before it starts Ray too, so that a refused run costs nothing."""
+    try:
+        other = storage.read_json(storage.join(root, PROGRESS_FILE))
+    except (OSError, ValueError):  # none, or unreadable (then writing it fails too: logged)
+        return
+    why = live_elsewhere(other, clock())
+    if why:
+        raise JobRunning(
+            f"another `restage {other.get('job', '?')}` is running on {root} ({why}): wait "
+            f"for it to end (`restage status {root}`), or stop it; a driver killed on another "
+            f"machine counts as stopped once its file is {STALE_BEATS} beats old"
+        )
+
+
+def live_elsewhere(state: dict[str, Any], now: float) -> str | None:
+    """Why the job of a live file is still running elsewhere (another process: on this
+    machine, one that still exists; on another, one whose beat is recent), or None."""
+    if not status_of(state, now).startswith("running"):
+        return None  # ended, or stale: its driver is gone
+    host, pid = state.get("host"), state.get("pid")
+    where = f"pid {pid} on {host}, updated {_duration(now - float(state.get('updated', now)))} ago"
+    if host != socket.gethostname():
+        return where
+    if pid == os.getpid():
+        return None  # this process's earlier run (it ended without a last write)
+    try:
+        os.kill(int(pid), 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return None  # killed: a re-run resumes at once, without waiting for the file to age
+    except (PermissionError, TypeError, ValueError):
+        pass  # another user's process (it exists), or no pid recorded
+    return where
 
 
 def _duration(seconds: float) -> str:

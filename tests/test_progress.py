@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,16 +16,19 @@ import pytest
 from ray_app.config import load_config
 from ray_app.progress import (
     PROGRESS_FILE,
+    JobRunning,
     ProgressFile,
     StageLines,
     counts,
     find_progress,
     finished,
     interactive,
+    refuse_if_running,
     render_status,
     status_of,
 )
 from ray_app.runtime import progress_bars
+from tests.conftest import EXAMPLES
 
 
 class Clock:
@@ -197,3 +202,51 @@ def test_status_command_exits_1_where_no_job_ran(tmp_path):
         text=True,
     )
     assert proc.returncode == 1 and "no job has run under" in proc.stderr
+
+
+def _live(folder, **fields):
+    """A live file under ``folder`` as another run's driver writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"job": "augment", "out": str(folder), "phase": "products", "started": time.time(),
+             "updated": time.time(), "heartbeat_s": 30.0, "host": socket.gethostname(),
+             "pid": None, "total": 10, "done": 2, "products": {"ok": 2}} | fields  # fmt: skip
+    (folder / PROGRESS_FILE).write_text(json.dumps(state))
+    return (folder / PROGRESS_FILE).read_text()
+
+
+def test_a_second_run_on_a_live_output_is_refused_and_writes_nothing(tmp_path):
+    """A scheduler's retry while the first run still works on the same output would drop that
+    run's intake and do its products twice: the second run is refused (exit 73), before Ray
+    starts, naming the live run; a killed run's output is taken over at once."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = _live(tmp_path / "out", pid=other.pid)
+        with pytest.raises(JobRunning, match=f"pid {other.pid} on"):
+            ProgressFile(str(tmp_path / "out"), "augment").__enter__()
+        assert (tmp_path / "out" / PROGRESS_FILE).read_text() == live  # untouched
+        cmd = [sys.executable, "-m", "ray_app.cli", "augment", "--profile", "tiny"]
+        cmd += ["--manifest", str(EXAMPLES / "products.jsonl"), "--out", str(tmp_path / "out")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 73, proc.stderr[-2000:]
+        assert "another `restage augment` is running on" in proc.stderr
+        assert "Ray" not in proc.stderr  # refused before Ray started
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PROGRESS_FILE]
+    finally:
+        other.kill()
+        other.wait()
+    # its driver killed: the output is free at once, without waiting for the file to age
+    with ProgressFile(str(tmp_path / "out"), "augment") as progress:
+        progress.phase("intake")
+
+
+def test_a_live_file_of_another_machine_holds_until_its_beat_is_stale(tmp_path):
+    _live(tmp_path / "a", host="elsewhere", pid=1)
+    with pytest.raises(JobRunning, match="on elsewhere"):
+        refuse_if_running(str(tmp_path / "a"))
+    _live(tmp_path / "b", host="elsewhere", pid=1, updated=time.time() - 91)  # 3 beats
+    refuse_if_running(str(tmp_path / "b"))
+    _live(tmp_path / "c", host="elsewhere", pid=1, phase="finished")
+    refuse_if_running(str(tmp_path / "c"))
+    # this process's own earlier run (one that ended without its last write) holds nothing
+    _live(tmp_path / "d", pid=os.getpid())
+    refuse_if_running(str(tmp_path / "d"))
