@@ -117,43 +117,39 @@ def test_concurrent_raters_give_each_image_exactly_its_quota(round_):
     assert all(tasks.progress(engine, r, quota).remaining == 0 for r in raters)
 
 
+def _at_once(call, n: int) -> tuple[list, list]:
+    """``call()`` in ``n`` threads released together -> (what they returned, what they
+    raised)."""
+    start = threading.Barrier(n)
+    results, errors = [], []
+
+    def one():
+        start.wait()
+        try:
+            results.append(call())
+        except Exception as exc:  # pragma: no cover - the caller asserts there is none
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results, errors
+
+
 def test_one_rater_in_several_tabs_holds_one_open_image(round_):
     """The same rater asking from several tabs (or replicas) at once gets one open
     assignment, not one per request: a rater who leaves holds back one image at most."""
     engine, runs, _ = round_
     rounds.import_runs(engine, runs, None, 0)
     rater = accounts.sign_in(engine, "tabs", accounts.add_rater(engine, "tabs"))
-    start = threading.Barrier(6)
-    got = []
-
-    def tab():
-        start.wait()
-        got.append(tasks.next_task(engine, rater, 3).assignment_key)
-
-    tabs = [threading.Thread(target=tab) for _ in range(6)]
-    for t in tabs:
-        t.start()
-    for t in tabs:
-        t.join(timeout=60)
-    assert len(got) == 6 and len(set(got)) == 1
+    got, errors = _at_once(lambda: tasks.next_task(engine, rater, 3).assignment_key, 6)
+    assert errors == [] and len(got) == 6 and len(set(got)) == 1
     assert tasks.round_progress(engine, 3)["raters"][-1]["open"] == 1
     # the same answers sent from every tab: stored once, the others told so (not a 500)
     answers = {q: Answer.YES for q in Question}
-    stored, errors = [], []
-    start.reset()
-
-    def send():
-        start.wait()
-        try:
-            stored.append(tasks.submit(engine, rater, got[0], answers))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    tabs = [threading.Thread(target=send) for _ in range(6)]
-    for t in tabs:
-        t.start()
-    for t in tabs:
-        t.join(timeout=60)
+    stored, errors = _at_once(lambda: tasks.submit(engine, rater, got[0], answers), 6)
     assert errors == [] and sorted(stored) == [False] * 5 + [True]
 
 
@@ -189,23 +185,14 @@ def test_servers_started_together_on_a_new_database_migrate_and_import_once(back
         url = str(tmp_path / "r.db")
         if backend == "postgresql":
             url = stack.enter_context(postgres_url())
-        start = threading.Barrier(4)
-        counts, errors = [], []
 
         def serve():
-            try:
-                start.wait()
-                engine = db.connect(url)
-                counts.append(rounds.import_runs(engine, runs, None, 0))
-                engine.dispose()
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            engine = db.connect(url)
+            counts = rounds.import_runs(engine, runs, None, 0)
+            engine.dispose()
+            return counts
 
-        servers = [threading.Thread(target=serve) for _ in range(4)]
-        for t in servers:
-            t.start()
-        for t in servers:
-            t.join(timeout=120)
+        counts, errors = _at_once(serve, 4)
         assert errors == [] and counts == [{"alpha": 15}] * 4
         engine = db.connect(url)
         with db.read(engine) as conn:
