@@ -40,7 +40,7 @@ from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
-from ray_app.progress import ProgressFile, refuse_if_running
+from ray_app.progress import ProgressFile
 from ray_app.records import VALID
 from ray_app.report import CompletedTotals, StageStats
 from ray_app.storage import JobLayout, pyarrow_fs, write_errors
@@ -471,39 +471,43 @@ def execute(
     before this run (for a summary of every invocation)."""
     from ray_app.node_loss import node_loss_guard
 
-    refuse_if_running(layout.root)  # before Ray starts; ProgressFile checks again
-    config, placement = start(config, job)  # ends now if the job cannot run
-    section = getattr(config, job)  # its cpus_per_task
-    staged: dict[str, int] | None = {} if placement == "stage" else None
-    with ProgressFile(layout.root, job) as progress, node_loss_guard(job, config):
-        progress.phase("intake")
-        previous = previous_summary(layout) if whole_job else None
-        # Without a whole-job summary no marker's stats are wanted: none is "uncounted".
-        since = (
-            (previous or {}).get("completed", {}).get("counted_until") if whole_job else math.inf
-        )
-        found = intake(rows(), layout, section.cpus_per_task, since)
-        nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
-        done = Execution(found, nothing, placement, staged)
-        if whole_job:
-            done.completed = CompletedTotals.before_this_run(previous, found.uncounted)
-        if not found.todo:
-            progress.phase("products", 0)
-            done.placement = done.staged = None
-            return done
-        per_dataset = config.ray.products_per_dataset
-        done.got = run(
-            job,
-            config,
-            layout.root,
-            found.todo,
-            lambda stage_rows: Successive(
-                found, per_dataset, lambda todo: build(todo, config, stage_rows)
-            ),
-            staged,
-            numbers,
-            progress,
-        )
+    # The live file first: it refuses while another run is live on this output, before Ray
+    # starts, and a job that cannot run ends in its phase "failed" with the reason.
+    with ProgressFile(layout.root, job) as progress:
+        config, placement = start(config, job)  # ends now if the job cannot run
+        section = getattr(config, job)  # its cpus_per_task
+        staged: dict[str, int] | None = {} if placement == "stage" else None
+        with node_loss_guard(job, config):
+            progress.phase("intake")
+            previous = previous_summary(layout) if whole_job else None
+            # Without a whole-job summary no marker's stats are wanted: none is "uncounted".
+            since = (
+                (previous or {}).get("completed", {}).get("counted_until")
+                if whole_job
+                else math.inf
+            )
+            found = intake(rows(), layout, section.cpus_per_task, since)
+            nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
+            done = Execution(found, nothing, placement, staged)
+            if whole_job:
+                done.completed = CompletedTotals.before_this_run(previous, found.uncounted)
+            if not found.todo:
+                progress.phase("products", 0)
+                done.placement = done.staged = None
+                return done
+            per_dataset = config.ray.products_per_dataset
+            done.got = run(
+                job,
+                config,
+                layout.root,
+                found.todo,
+                lambda stage_rows: Successive(
+                    found, per_dataset, lambda todo: build(todo, config, stage_rows)
+                ),
+                staged,
+                numbers,
+                progress,
+            )
     return done
 
 

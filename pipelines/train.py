@@ -70,7 +70,7 @@ from ray_app.adapter_meta import (
 from ray_app.config import RestageConfig
 from ray_app.kinds import NEGATIVE_KINDS, POSITIVE_KINDS, Metric, SampleKind
 from ray_app.node_loss import node_loss_guard
-from ray_app.progress import ProgressFile, StageLines, refuse_if_running
+from ray_app.progress import ProgressFile, StageLines
 from ray_app.prompts import PromptBank, category_noun, fill, product_phrase
 from ray_app.records import (
     SAMPLE_SCHEMA,
@@ -832,15 +832,14 @@ def train(
     start, started = time.perf_counter(), time.monotonic()
     data_root, root = storage.normalize_uri(data), storage.normalize_uri(out)
     layout = AdapterLayout(root)
-    refuse_if_running(root)  # before Ray starts; ProgressFile checks again
-    config, _ = preflight(config, JOB)  # before Ray starts: a job that cannot run ends now
-    init_ray(config)
     workers, queue = 0, None
     progress = ProgressFile(root, JOB)
     try:
-        # Entered first: it refuses while another run is live on this output, before the
-        # queue's input index drops that run's.
+        # The live file first: it refuses while another run is live on this output (before
+        # Ray starts, and before the queue's input index drops that run's).
         with progress:
+            config, _ = preflight(config, JOB)  # a job that cannot run ends now
+            init_ray(config)
             queue = ray.remote(num_cpus=0)(ProductQueue).remote(
                 work_dataset(data_root, root), _job.InputIndex(layout)
             )

@@ -266,8 +266,8 @@ def status_of(state: dict[str, Any], now: float) -> str:
 
 
 def refuse_if_running(root: str, clock: Callable[[], float] = time.time) -> None:
-    """``JobRunning`` while another driver's live file is under ``root`` (``ProgressFile``);
-    a job calls it before it starts Ray too, so that a refused run costs nothing."""
+    """``JobRunning`` while another driver's live file is under ``root``: what entering a
+    ``ProgressFile`` checks (a job enters it before it starts Ray)."""
     try:
         other = storage.read_json(storage.join(root, PROGRESS_FILE))
     except (OSError, ValueError):  # none, or unreadable (then writing it fails too: logged)

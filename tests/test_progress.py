@@ -250,3 +250,14 @@ def test_a_live_file_of_another_machine_holds_until_its_beat_is_stale(tmp_path):
     # this process's own earlier run (one that ended without its last write) holds nothing
     _live(tmp_path / "d", pid=os.getpid())
     refuse_if_running(str(tmp_path / "d"))
+
+
+def test_a_job_that_cannot_run_leaves_its_reason_in_the_live_file(tmp_path):
+    """The live file is written before the preflight: a scheduler watching it sees why."""
+    out = tmp_path / "adapters"
+    cmd = [sys.executable, "-m", "ray_app.cli", "train", "--profile", "tiny", "--data"]
+    cmd += [str(tmp_path / "augment"), "--out", str(out), "--set", "ray.placement=stage"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    state = _read(out)
+    assert state["phase"] == "failed" and "ray.placement=stage" in state["error"]
