@@ -89,6 +89,7 @@ from ray_app.personal_eval import (
     upsample,
 )
 from ray_app.personal_retrieval import average_precision, recall_at_k
+from ray_app.progress import ProgressFile
 from ray_app.records import ErrorRow, RecordError, validate_product_id
 from ray_app.seeds import derive_seed
 from ray_app.storage import EncoderLayout, PersonalEvalLayout, join, write_errors
@@ -766,93 +767,102 @@ def evaluate_encoders(config: RestageConfig, encoders: str, test: str, out: str)
             f"--encoders {encoders}: no encoder folder (<product>/encoder.json); give the "
             "--out of `restage personalize`"
         )
-    images, errors = read_test_manifest(test_uri, options, config.seed)
-    in_manifest = {img.product_id for img in images if img.product_id}
-    for pid in sorted(in_manifest - have):
-        errors.append(
-            ErrorRow(JOB, "encoders", f"no encoder for product {pid} under --encoders", pid)
-        )
-    products = sorted(in_manifest & have)
-    if not products:
-        raise ValueError(
-            f"--test {test}: none of its products has an encoder under --encoders {encoders}; "
-            "label the images with the encoders' product ids"
-        )
-    key = _inputs_key(config, test_uri, enc_root)
-    if storage.exists(layout.inputs()) and storage.read_json(layout.inputs()) != key:
-        for folder in (layout.products_dir(), layout.errors_dir()):  # other inputs: start over
-            storage.remove(folder, recursive=True)
-    storage.write_json(layout.inputs(), key)
-    write_errors(layout, "_manifest", errors)
-    done = {n[: -len(".parquet")] for n in storage.list_names(layout.products_dir(), ".parquet")}
-    group_of = product_groups(images)
-    # In group order: an actor keeps one group's images decoded, and changes group seldom.
-    todo = sorted((p for p in products if p not in done), key=lambda p: (group_of[p] or "", p))
+    # The live file before anything under OUT changes: it refuses while another run is live.
+    with ProgressFile(layout.root, JOB) as progress:
+        progress.phase("intake")
+        images, errors = read_test_manifest(test_uri, options, config.seed)
+        in_manifest = {img.product_id for img in images if img.product_id}
+        for pid in sorted(in_manifest - have):
+            errors.append(
+                ErrorRow(JOB, "encoders", f"no encoder for product {pid} under --encoders", pid)
+            )
+        products = sorted(in_manifest & have)
+        if not products:
+            raise ValueError(
+                f"--test {test}: none of its products has an encoder under --encoders {encoders}; "
+                "label the images with the encoders' product ids"
+            )
+        key = _inputs_key(config, test_uri, enc_root)
+        if storage.exists(layout.inputs()) and storage.read_json(layout.inputs()) != key:
+            for folder in (layout.products_dir(), layout.errors_dir()):  # other inputs: start over
+                storage.remove(folder, recursive=True)
+        storage.write_json(layout.inputs(), key)
+        write_errors(layout, "_manifest", errors)
+        done = {
+            n[: -len(".parquet")] for n in storage.list_names(layout.products_dir(), ".parquet")
+        }
+        group_of = product_groups(images)
+        # In group order: an actor keeps one group's images decoded, and changes group seldom.
+        todo = sorted((p for p in products if p not in done), key=lambda p: (group_of[p] or "", p))
 
-    config, _ = start(config, "personalize-evaluate")  # its plan: the encoder pool
-    policy = SourcePolicy.for_manifest(test_uri, config.storage)
-    failed: dict[str, str] = {}
-    if todo:
-        ds = ray.data.from_items(
-            [{"product_id": p} for p in todo], override_num_blocks=len(todo)
-        ).map_batches(
-            EvaluateEncoders,
-            fn_constructor_kwargs={
-                "config": config,
-                "images": images,
-                "encoders": enc_root,
-                "root": layout.root,
-                "read": policy.read,
-            },
-            batch_size=1,
-            **role_resources(config, "encoder"),
+        config, _ = start(config, "personalize-evaluate")  # its plan: the encoder pool
+        policy = SourcePolicy.for_manifest(test_uri, config.storage)
+        failed: dict[str, str] = {}
+        progress.phase("products", len(todo))
+        if todo:
+            ds = ray.data.from_items(
+                [{"product_id": p} for p in todo], override_num_blocks=len(todo)
+            ).map_batches(
+                EvaluateEncoders,
+                fn_constructor_kwargs={
+                    "config": config,
+                    "images": images,
+                    "encoders": enc_root,
+                    "root": layout.root,
+                    "read": policy.read,
+                },
+                batch_size=1,
+                **role_resources(config, "encoder"),
+            )
+            for finished, row in enumerate(ds.iter_rows(), 1):
+                log.info("%s: %s %s", JOB, row["product_id"], row["status"])
+                if row["status"] != "ok":
+                    failed[str(row["product_id"])] = str(row["reason"])
+                progress.update(finished, {"ok": finished - len(failed), "failed": len(failed)})
+        shards = [
+            layout.product_shard(p) for p in products if storage.exists(layout.product_shard(p))
+        ]
+        table = (
+            pa.concat_tables([storage.read_parquet(s, RESULT_SCHEMA) for s in shards])
+            if shards
+            else RESULT_SCHEMA.empty_table()
         )
-        for row in ds.iter_rows():
-            log.info("%s: %s %s", JOB, row["product_id"], row["status"])
-            if row["status"] != "ok":
-                failed[str(row["product_id"])] = str(row["reason"])
-    shards = [layout.product_shard(p) for p in products if storage.exists(layout.product_shard(p))]
-    table = (
-        pa.concat_tables([storage.read_parquet(s, RESULT_SCHEMA) for s in shards])
-        if shards
-        else RESULT_SCHEMA.empty_table()
-    )
-    storage.write_parquet(layout.results(), table)
-    splits = defaultdict(int)
-    for img in images:
-        splits[img.split] += 1
-    error_rows = (
-        storage.read_parquet(layout.errors_dir()).num_rows
-        if storage.exists(layout.errors_dir())
-        else 0
-    )
-    summary = {
-        "job": JOB,
-        "encoders": enc_root,
-        "test": test_uri,
-        "encoder": config.encoder.source,
-        "products": len(products) - len(failed),
-        "failed": len(failed),
-        "failures": failed,
-        "skipped_done": len(products) - len(todo),
-        "encoders_without_images": len(have - in_manifest),
-        "images": {
-            "total": len(images),
-            "reference": splits[REFERENCE],
-            "val": splits[VAL],
-            "test": splits[TEST],
-            "distractors": sum(img.product_id is None for img in images),
-        },
-        "groups": len({img.group for img in images if img.group is not None}),
-        "errors": error_rows,
-        "options": options.model_dump(mode="json"),
-        "confidence": options.confidence,
-        "bootstrap_samples": options.bootstrap_samples,
-        **summarize(table, options, config.seed),
-        "seconds": round(time.perf_counter() - begin, 3),
-    }
-    summary["report"] = write_report(layout, summary, table)
-    storage.write_json(layout.summary(), summary)
+        storage.write_parquet(layout.results(), table)
+        splits = defaultdict(int)
+        for img in images:
+            splits[img.split] += 1
+        error_rows = (
+            storage.read_parquet(layout.errors_dir()).num_rows
+            if storage.exists(layout.errors_dir())
+            else 0
+        )
+        summary = {
+            "job": JOB,
+            "encoders": enc_root,
+            "test": test_uri,
+            "encoder": config.encoder.source,
+            "products": len(products) - len(failed),
+            "failed": len(failed),
+            "failures": failed,
+            "skipped_done": len(products) - len(todo),
+            "encoders_without_images": len(have - in_manifest),
+            "images": {
+                "total": len(images),
+                "reference": splits[REFERENCE],
+                "val": splits[VAL],
+                "test": splits[TEST],
+                "distractors": sum(img.product_id is None for img in images),
+            },
+            "groups": len({img.group for img in images if img.group is not None}),
+            "errors": error_rows,
+            "options": options.model_dump(mode="json"),
+            "confidence": options.confidence,
+            "bootstrap_samples": options.bootstrap_samples,
+            **summarize(table, options, config.seed),
+            "seconds": round(time.perf_counter() - begin, 3),
+        }
+        summary["report"] = write_report(layout, summary, table)
+        storage.write_json(layout.summary(), summary)
     return summary
 
 

@@ -374,6 +374,8 @@ def test_cli_evaluates_personal_and_pretrained_encoders(evaluation_inputs, ray_l
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["products"] == len(PRODUCTS) and summary["failed"] == 0
+    live = json.loads((out / "_progress.json").read_text())  # what `restage status` reads
+    assert (live["phase"], live["done"], live["total"]) == ("finished", 3, len(PRODUCTS))
     ap = next(m for m in summary["metrics"] if m["name"] == "retrieval/ap")
     print("retrieval AP", ap)
     print({m["name"]: (m["personal"]["mean"], m["pretrained"]["mean"]) for m in summary["metrics"]})
