@@ -744,8 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--node-type",
         action="append",
         metavar="NAME:GPUS:GB",
-        help="a GPU node type of a mixed cluster, e.g. a10g:32:24 (repeatable); heavy roles "
-        "are routed to the smallest GPUs that hold them, via restage_gpu_<GB>gb resources",
+        help="a GPU node type of a fixed mixed cluster, e.g. a10g:32:24 (repeatable); heavy "
+        "roles are routed to the smallest GPUs that hold them, via restage_gpu_<GB>gb "
+        "resources, and a job whose pools all fit the smallest runs on every GPU "
+        "(ray.gpu_routing)",
     )
     p.add_argument(
         "--cluster", choices=("current",), help="plan for the Ray cluster this job would join"
