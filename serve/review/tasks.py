@@ -5,8 +5,8 @@
   assignment, and (image, rater) is unique, so no rater sees an image twice. A rater is told
   nothing is left only once no eligible image is held by another open transaction.
 - A rater holds at most one open assignment (shown, not yet answered), however many tabs
-  ask at once (their requests take turns), and gets it back on their next visit, so a rater who leaves holds back one image at most; the reopened one of
-  an undo comes first.
+  ask at once (their requests take turns), and gets it back on their next visit, so a
+  rater who leaves holds back one image at most; the reopened one of an undo comes first.
 - Images are offered by their random ``order_key`` (the runs interleaved, blind), those
   with more raters already first, so that images complete (and rates can be read) early.
 - The 8 answers of an image are written in one transaction with the assignment's
