@@ -153,6 +153,13 @@ def test_one_rater_in_several_tabs_holds_one_open_image(round_):
     assert errors == [] and sorted(stored) == [False] * 5 + [True]
 
 
+def test_a_name_added_twice_at_once_is_one_rater_and_the_others_are_told(round_):
+    engine, _, _ = round_
+    secrets, errors = _at_once(lambda: accounts.add_rater(engine, "dup"), 4)
+    assert len(secrets) == 1 and len(errors) == 3
+    assert all(isinstance(e, ValueError) and "exists" in str(e) for e in errors), errors
+
+
 def test_a_rater_waits_for_images_held_by_another_transaction_rather_than_stop(round_):
     """PostgreSQL skips rows another transaction holds; a rater for whom every eligible image
     is held must wait for them, not be told nothing is left (that left images short of their

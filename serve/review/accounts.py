@@ -64,6 +64,7 @@ def add_rater(engine: Engine, name: str, *, admin: bool = False, reset: bool = F
         )
     secret = secrets.token_urlsafe(18)
     with db.write(engine) as conn:
+        db.exclusive(conn, f"rater name {name}")  # the same name added twice at once: one wins
         row = conn.execute(select(db.raters).where(db.raters.c.name == name)).mappings().first()
         if row is None:
             if reset:
