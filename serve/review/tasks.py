@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 from sqlalchemy import Engine, Integer, and_, cast, delete, func, select, update
+from sqlalchemy.engine import Connection
 
 from ray_app.kinds import Answer, Metric, Question
 from ray_app.records import ANSWER_SCHEMA
@@ -67,6 +70,14 @@ class Answered:
 _HELD_POLL_S = 0.02  # another rater's assignment transaction lasts milliseconds
 
 
+@contextmanager
+def _turn_of(engine: Engine, rater: Rater) -> Iterator[Connection]:
+    """A write transaction of ``rater``'s: their requests (several tabs) take turns."""
+    with db.write(engine) as conn:
+        db.exclusive(conn, f"rater {rater.id}")
+        yield conn
+
+
 def _task(conn, assignment_row) -> Task:
     image = conn.execute(
         select(db.images.c.key, db.images.c.reference_uris).where(
@@ -86,8 +97,7 @@ def _eligible(rater: Rater, raters_per_image: int):
 
 def next_task(engine: Engine, rater: Rater, raters_per_image: int) -> Task | None:
     """The rater's open assignment, else a new one; None when nothing is left for them."""
-    with db.write(engine) as conn:
-        db.exclusive(conn, f"rater {rater.id}")  # one request of a rater at a time (tabs)
+    with _turn_of(engine, rater) as conn:
         open_row = (
             conn.execute(
                 select(db.assignments)
@@ -176,8 +186,7 @@ def submit(
     """Store the image's answers (all or nothing); -> False when the same answers were
     stored before (a resubmission whose first reply was lost). ``Conflict`` when other
     answers were."""
-    with db.write(engine) as conn:
-        db.exclusive(conn, f"rater {rater.id}")  # a resubmission from another tab waits
+    with _turn_of(engine, rater) as conn:  # a resubmission from another tab waits
         row = _own_assignment(conn, rater, assignment_key)
         if row["completed_at"] is not None:
             stored = dict(
@@ -212,8 +221,7 @@ def submit(
 def undo(engine: Engine, rater: Rater) -> str | None:
     """Reopen the rater's last answered image (its answers deleted); -> its assignment key,
     None when they have answered nothing. It is the next one they are shown."""
-    with db.write(engine) as conn:
-        db.exclusive(conn, f"rater {rater.id}")
+    with _turn_of(engine, rater) as conn:
         row = (
             conn.execute(
                 select(db.assignments)
