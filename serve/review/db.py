@@ -16,11 +16,14 @@ together migrate one at a time (``exclusive``).
 from __future__ import annotations
 
 import secrets
+import sqlite3
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
@@ -205,10 +208,10 @@ def connect(db: str) -> Engine:
         def _pragmas(dbapi_conn, _record) -> None:
             dbapi_conn.isolation_level = None  # transactions are begun below, not by pysqlite
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            _wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -219,6 +222,21 @@ def connect(db: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True)
     migrate(engine)
     return engine
+
+
+def _wal(cur: Any, wait_s: float = 30.0) -> None:
+    """Put the SQLite file in WAL mode (a no-op once it is: the mode is kept in the file).
+    Switching a new file takes an exclusive lock that SQLite does not wait for: servers
+    started together on it retry, as its busy timeout would."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
