@@ -9,6 +9,8 @@ and when it ends.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -114,10 +116,11 @@ class ProgressFile:
     (with the error) when the block raises. A file that cannot be written (or a poll that
     fails) is logged, never the job's failure.
 
-    Entering it refuses (``JobRunning``, writing nothing) while another driver's file on the
-    same root is live: two runs of a job on one output would each drop the other's intake
-    and do its products twice (a scheduler's retry while the first still runs). Two started
-    within the same moment can both pass: the check is a read, not an atomic create."""
+    Entering it claims the root (``OutputClaim``) and refuses (``JobRunning``, writing no
+    live file) while another driver holds it: two runs of a job on one output would each
+    drop the other's intake and do its products twice (a scheduler's retry while the first
+    still runs). The claim is an atomic create, so of runs started in the same instant one
+    wins; the beat keeps it fresh and the last write releases it."""
 
     def __init__(
         self,
@@ -150,9 +153,20 @@ class ProgressFile:
         self._writing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="restage-progress", daemon=True)
+        self.claim = OutputClaim(root)
 
     def __enter__(self) -> ProgressFile:
-        refuse_if_running(self.state["out"], self.clock)
+        refuse_if_running(self.state["out"], self.clock)  # a driver from before claims
+        try:
+            self.claim.take(self.snapshot(), self.clock)
+        except JobRunning:
+            raise
+        except Exception as exc:  # storage that cannot: the live file's check stands alone
+            logging.getLogger("restage").warning(
+                "could not claim %s (%s): a run started at the same moment could run too",
+                self.state["out"],
+                exc,
+            )
         self.write()
         self._thread.start()
         return self
@@ -204,7 +218,9 @@ class ProgressFile:
     def write(self) -> None:
         try:
             with self._writing:  # the beat and the driver: the later state lands last
-                storage.write_json(self.path, self.snapshot())
+                state = self.snapshot()
+                storage.write_json(self.path, state)
+                self.claim.renew(state)
         except Exception as exc:  # watching a job must never be why it fails
             logging.getLogger("restage").warning("could not write %s: %s", self.path, exc)
 
@@ -274,11 +290,72 @@ def refuse_if_running(root: str, clock: Callable[[], float] = time.time) -> None
         return
     why = live_elsewhere(other, clock())
     if why:
+        raise JobRunning(_running_message(other, root, why))
+
+
+class OutputClaim:
+    """Which driver runs on an output root: ``ROOT/_claim/N.json``, the highest N holding.
+
+    A driver takes the root by creating claim N+1 exclusively (``storage.create_exclusive``:
+    a hard link locally, a conditional PUT on object stores) once claim N is no longer live,
+    by the live file's rules (``live_elsewhere``): ended, its process gone, or its beat
+    stale. Of drivers racing for N+1, one creates it and the others find it live and
+    refuse. The holder rewrites its claim with every beat (its state, as ``_progress.json``)
+    and ends it with its last write; claims below its own are deleted."""
+
+    FOLDER = "_claim"
+
+    def __init__(self, root: str):
+        self.root = root
+        self.folder = storage.join(root, self.FOLDER)
+        self.uri: str | None = None  # this driver's claim, once taken
+
+    def _latest(self) -> int:
+        names = storage.list_names(self.folder, ".json")
+        return max((int(name[:-5]) for name in names if name[:-5].isdigit()), default=0)
+
+    def _uri(self, number: int) -> str:
+        return storage.join(self.folder, f"{number:08d}.json")
+
+    def take(self, state: dict[str, Any], clock: Callable[[], float] = time.time) -> None:
+        """Claim the root for the driver whose live state is ``state``, or ``JobRunning``."""
+        data = json.dumps(state, indent=2, sort_keys=True, default=str).encode()
+        for _ in range(5):  # a lost race or a claim deleted under us: look again
+            latest = self._latest()
+            if latest:
+                try:
+                    other = storage.read_json(self._uri(latest))
+                except FileNotFoundError:
+                    continue  # its holder's successor deleted it: there is a newer one
+                except ValueError:
+                    other = {}  # not JSON (written by hand?): no live holder named in it
+                why = live_elsewhere(other, clock())
+                if why:
+                    raise JobRunning(_running_message(other, self.root, why))
+            uri = self._uri(latest + 1)
+            if storage.create_exclusive(uri, data):
+                self.uri = uri
+                for number in range(1, latest + 1):  # the ended claims: one live is enough
+                    with contextlib.suppress(OSError):
+                        storage.remove(self._uri(number))
+                return
         raise JobRunning(
-            f"another `restage {other.get('job', '?')}` is running on {root} ({why}): wait "
-            f"for it to end (`restage status {root}`), or stop it; a driver killed on another "
-            f"machine counts as stopped once its file is {STALE_BEATS} beats old"
+            f"{self.folder}: claims keep changing while this run looks (several runs starting "
+            "on one output?); try again once `restage status` shows none running"
         )
+
+    def renew(self, state: dict[str, Any]) -> None:
+        """Rewrite this driver's claim with its state (its beat; its last write ends it)."""
+        if self.uri is not None:
+            storage.write_json(self.uri, state)
+
+
+def _running_message(other: dict[str, Any], root: str, why: str) -> str:
+    return (
+        f"another `restage {other.get('job', '?')}` is running on {root} ({why}): wait "
+        f"for it to end (`restage status {root}`), or stop it; a driver killed on another "
+        f"machine counts as stopped once its file is {STALE_BEATS} beats old"
+    )
 
 
 def live_elsewhere(state: dict[str, Any], now: float) -> str | None:

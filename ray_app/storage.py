@@ -154,6 +154,40 @@ def write_json(uri: str, obj: Any) -> str:
     return write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there: True if this call made it,
+    False if it existed. Atomic against every other writer, so one of several racing
+    callers wins: a hard link of a complete temporary file on local and NFS folders (readers
+    never see it half-written), a conditional PUT (``If-None-Match``, fsspec's ``"xb"``) on
+    object stores. A store that cannot do it refuses rather than overwrite."""
+    fs, path = url_to_fs(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    except (NotImplementedError, ValueError) as exc:  # no exclusive mode in this backend
+        raise OSError(
+            f"{uri}: this storage ({type(fs).__name__}) cannot create a file exclusively "
+            f"({exc}); use a local folder or an object store with conditional writes"
+        ) from exc
+    return True
+
+
 def write_parquet(uri: str, table: pa.Table) -> str:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

@@ -13,10 +13,12 @@ import time
 
 import pytest
 
+from ray_app import storage
 from ray_app.config import load_config
 from ray_app.progress import (
     PROGRESS_FILE,
     JobRunning,
+    OutputClaim,
     ProgressFile,
     StageLines,
     counts,
@@ -237,6 +239,110 @@ def test_a_second_run_on_a_live_output_is_refused_and_writes_nothing(tmp_path):
     # its driver killed: the output is free at once, without waiting for the file to age
     with ProgressFile(str(tmp_path / "out"), "augment") as progress:
         progress.phase("intake")
+
+
+def _claim_in_a_child(root, ready, go, results, release):
+    """One driver starting on ``root`` (a forked process), released with the others."""
+    ready.wait()
+    go.wait()
+    try:
+        ProgressFile(root, "augment", heartbeat=3600).__enter__()
+        results.put("claimed")
+    except JobRunning as exc:
+        results.put(f"refused: {exc}")
+    release.wait(60)  # the process lives, so a claim it holds stays live for the others
+
+
+def test_runs_started_in_the_same_instant_on_one_output_one_claims_it(tmp_path):
+    """Six drivers released together on one output: exactly one runs, the others are
+    refused naming it (the interleaving that beat the live file alone is the next test)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    n = 6
+    ready, go, release = ctx.Barrier(n + 1), ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    root = str(tmp_path / "out")
+    children = [
+        ctx.Process(target=_claim_in_a_child, args=(root, ready, go, results, release))
+        for _ in range(n)
+    ]
+    for child in children:
+        child.start()
+    try:
+        ready.wait(30)
+        go.set()
+        outcomes = sorted(results.get(timeout=60) for _ in range(n))
+    finally:
+        release.set()
+        for child in children:
+            child.join(30)
+    assert outcomes.count("claimed") == 1, outcomes
+    assert all("another `restage augment` is running on" in o for o in outcomes[1:]), outcomes
+    # the winner's children are gone now: its claim is stale and the next run takes the root
+    with ProgressFile(root, "augment") as progress:
+        progress.phase("intake")
+    assert storage.list_names(root + "/_claim") == ["00000002.json"]  # the older one deleted
+    assert json.loads((tmp_path / "out/_claim/00000002.json").read_text())["phase"] == "finished"
+
+
+def test_a_driver_that_loses_the_race_for_a_claim_is_refused(tmp_path, monkeypatch):
+    """The window the live file left open: A looks (nothing live), B claims, A writes. With
+    the claim, A's create fails, A looks again, finds B live and is refused."""
+    import ray_app.progress as progress
+
+    root = str(tmp_path / "out")
+    b = {"job": "augment", "phase": "starting", "host": "b", "pid": 2, "updated": time.time()}
+    create = storage.create_exclusive
+
+    def b_claims_first(uri, data):
+        monkeypatch.setattr(progress.storage, "create_exclusive", create)
+        OutputClaim(root).take(b)  # B, between A's look and A's create
+        return create(uri, data)
+
+    monkeypatch.setattr(progress.storage, "create_exclusive", b_claims_first)
+    with pytest.raises(JobRunning, match="pid 2 on b"):
+        OutputClaim(root).take({"job": "augment", "host": "a", "pid": 1})
+    assert storage.list_names(root + "/_claim") == ["00000001.json"]
+    assert storage.read_json(root + "/_claim/00000001.json")["host"] == "b"
+
+
+def test_a_claim_holds_while_its_driver_lives_and_its_beat_renews_it(tmp_path):
+    root = str(tmp_path / "out")
+    other = {"job": "train", "phase": "products", "host": "elsewhere", "pid": 1,
+             "updated": time.time(), "heartbeat_s": 30.0}  # fmt: skip
+    assert storage.create_exclusive(root + "/_claim/00000007.json", json.dumps(other).encode())
+    with pytest.raises(JobRunning, match=r"another `restage train` is running on .* on elsewhere"):
+        OutputClaim(root).take({"job": "augment"})
+    assert not (tmp_path / "out" / PROGRESS_FILE).exists()
+    # its beat stops: three beats later the root is free, and the new claim is the next number
+    storage.write_json(root + "/_claim/00000007.json", other | {"updated": time.time() - 91})
+    clock = Clock()
+    clock.now = time.time()
+    with ProgressFile(root, "augment", clock=clock) as progress:
+        claim = json.loads((tmp_path / "out/_claim/00000008.json").read_text())
+        assert claim["phase"] == "starting" and claim["pid"] == os.getpid()
+        clock.now += 5.0
+        progress.phase("intake")  # every write of the live file renews the claim
+        claim = json.loads((tmp_path / "out/_claim/00000008.json").read_text())
+        assert (claim["phase"], claim["updated"]) == ("intake", clock.now)
+    assert storage.list_names(root + "/_claim") == ["00000008.json"]
+    # a claim that is not JSON (written by hand) names no live driver: it holds nothing
+    (tmp_path / "out/_claim/00000009.json").write_text("{")
+    OutputClaim(root).take({"job": "augment"})
+    assert storage.list_names(root + "/_claim") == ["00000010.json"]
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_an_exclusive_create_makes_a_file_once_and_never_overwrites(tmp_path, where):
+    uri = str(tmp_path / "a" / "claim.json") if where == "file" else "memory://claims/a.json"
+    assert storage.create_exclusive(uri, b"first")
+    assert not storage.create_exclusive(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+    if where == "file":
+        assert os.listdir(tmp_path / "a") == ["claim.json"]  # no temporary file left
+    else:
+        storage.remove(uri)
 
 
 def test_a_live_file_of_another_machine_holds_until_its_beat_is_stale(tmp_path):
