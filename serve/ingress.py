@@ -413,18 +413,47 @@ class IngressService:
         )
         return response.model_dump()
 
-    async def ready(self) -> int:
-        """How many generator replicas are running (their base model loaded), from Serve's
-        controller: answered at once, never by waiting for a replica to answer."""
+    def backends(self) -> tuple[str, ...]:
+        """The deployments this ingress calls (by Serve name): a request needs each of them."""
+        names = ["Generator"]
+        if self.ranker is not None:
+            names.append("Ranker")
+        if self.stager is not None:
+            names.append("Stager")
+        return tuple(names)
+
+    async def ready(self) -> dict[str, int]:
+        """Running replicas of each deployment this ingress calls, from Serve's controller:
+        answered at once, never by waiting for a replica to answer. The ingress comes up first
+        (and answers) while the others may still be deploying, or all be restarting."""
         from ray import serve
 
         app_name = serve.get_replica_context().app_name
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(app_name)
-        deployment = app.deployments.get("Generator") if app else None
-        if deployment is None:
-            return 0
-        return int(deployment.replica_states.get("RUNNING", 0))
+        deployments = app.deployments if app else {}
+        running = {}
+        for name in self.backends():
+            deployment = deployments.get(name)
+            states = deployment.replica_states if deployment is not None else {}
+            running[name] = int(states.get("RUNNING", 0))
+        return running
+
+    async def health(self) -> dict[str, Any]:
+        """/healthz: ok with the running replicas of each deployment a request needs, or
+        ``not_ready`` (503) naming those that have none."""
+        try:
+            running = await self.ready()
+        except Exception as exc:
+            raise ApiError(
+                "not_ready", "Serve's status is unavailable", internal=repr(exc)
+            ) from None
+        waiting = [name.lower() for name, n in running.items() if n == 0]
+        if waiting:
+            raise ApiError(
+                "not_ready", f"no {' or '.join(waiting)} replica is running yet", retry_after_s=1
+            )
+        return {"status": "ok", **{f"{name.lower()}_replicas": n for name, n in running.items()}}
 
 
 def serve_deployment(config: RestageConfig):
@@ -531,22 +560,10 @@ def serve_deployment(config: RestageConfig):
 
         @app.get("/healthz", responses=errors)
         async def healthz(self, request: Request):
-            """200 when a generator replica is running (its base model loaded), else 503 at
-            once (Serve's controller is asked; no replica is waited for)."""
+            """200 when every deployment a request needs (the generator, and the ranker and
+            stager where configured) has a running replica, else 503 naming those that have
+            none; at once (Serve's controller is asked, no replica is waited for)."""
 
-            async def call(request_id: str):
-                try:
-                    running = await self.service.ready()
-                except Exception as exc:
-                    raise ApiError(
-                        "not_ready", "Serve's status is unavailable", internal=repr(exc)
-                    ) from None
-                if not running:
-                    raise ApiError(
-                        "not_ready", "no generator replica is running yet", retry_after_s=1
-                    )
-                return {"status": "ok", "generator_replicas": running}
-
-            return await self._guard(call)
+            return await self._guard(lambda rid: self.service.health())
 
     return Ingress

@@ -408,6 +408,19 @@ def test_queue_ms_includes_the_wait_for_the_pipeline_lock(replica):
     assert result["queue_ms"] >= held * 1000, (result["queue_ms"], held)
 
 
+def _serve_status(running: dict[str, int]):
+    """Serve's status of the app "restage" with ``running`` replicas per deployment (a
+    deployment left out is not deployed yet), each with one more replica still starting."""
+    from types import SimpleNamespace
+
+    deployments = {
+        name: SimpleNamespace(replica_states={"RUNNING": n, "STARTING": 1})
+        for name, n in running.items()
+    }
+    app = SimpleNamespace(deployments=deployments)
+    return lambda: SimpleNamespace(applications={"restage": app})
+
+
 def test_readiness_comes_from_serve_status_without_waiting_for_a_replica(tmp_path, monkeypatch):
     """A replica still loading (or dead) must not make /healthz wait: the count of running
     generator replicas comes from Serve's controller."""
@@ -419,17 +432,49 @@ def test_readiness_comes_from_serve_status_without_waiting_for_a_replica(tmp_pat
         def __getattr__(self, name):
             raise AssertionError("readiness must not call a generator replica")
 
-    def status_with(running: int | None):
-        deployments = (
-            {}
-            if running is None
-            else {"Generator": SimpleNamespace(replica_states={"RUNNING": running, "STARTING": 1})}
-        )
-        app = SimpleNamespace(deployments=deployments)
-        return lambda: SimpleNamespace(applications={"restage": app})
-
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="restage"))
     svc = service(tmp_path, generator=Hangs())
-    for running, expected in ((None, 0), (0, 0), (2, 2)):
-        monkeypatch.setattr(serve, "status", status_with(running))
-        assert asyncio.run(svc.ready()) == expected
+    for running, expected in (({}, 0), ({"Generator": 0}, 0), ({"Generator": 2}, 2)):
+        monkeypatch.setattr(serve, "status", _serve_status(running))
+        assert asyncio.run(svc.ready()) == {"Generator": expected}
+
+
+@pytest.mark.parametrize(
+    ("running", "said"),
+    [
+        ({"Generator": 1, "Ranker": 2, "Stager": 1}, None),
+        ({"Generator": 1}, "no ranker or stager replica is running yet"),
+        ({"Generator": 1, "Ranker": 0, "Stager": 1}, "no ranker replica is running yet"),
+        ({"Ranker": 1, "Stager": 1}, "no generator replica is running yet"),
+    ],
+)
+def test_healthz_is_ready_only_when_every_deployment_a_request_needs_runs(
+    tmp_path, monkeypatch, running, said
+):
+    """The ingress answers as soon as it is up, while the ranker and stager may still be
+    deploying (or all their replicas restarting): a load balancer told "ready" then would
+    send requests that wait or fail. Every deployment the app calls must have a replica."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve.auth import digest
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="restage"))
+    monkeypatch.setattr(serve, "status", _serve_status(running))
+    config = load_config("tiny")
+    svc = IngressService(
+        config, str(tmp_path), (digest(KEY),), FakeGenerator([]), object(), True, object()
+    )
+    if said is None:
+        assert asyncio.run(svc.health()) == {
+            "status": "ok",
+            "generator_replicas": 1,
+            "ranker_replicas": 2,
+            "stager_replicas": 1,
+        }
+        return
+    with pytest.raises(ApiError) as err:
+        asyncio.run(svc.health())
+    assert err.value.code == "not_ready" and err.value.message == said
+    assert err.value.status == 503 and err.value.retry_after_s == 1
