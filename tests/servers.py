@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import psutil
 
-# Tests that start `restage serve` take this lock (the README's server test binds 8000 under it).
+# Tests that start `restage serve` on a free port take this lock while they pick the port and
+# the server binds it, so that test sessions on one machine do not pick the same port.
 PORT_LOCK = "/tmp/restage-port8000.lock"
+_held = 0  # this process's holds: flock is per open file, so a second one here would wait forever
 
 
 @dataclass
@@ -33,6 +35,27 @@ class Server:
         with contextlib.suppress(psutil.NoSuchProcess):
             return psutil.Process(self.proc.pid).children(recursive=True)
         return []
+
+
+@contextlib.contextmanager
+def port_lock() -> Iterator[None]:
+    """``PORT_LOCK``, held by this process (re-entrant: a module's server holds it while one
+    of its tests starts another server)."""
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
+    with open(PORT_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _held = 1
+        try:
+            yield
+        finally:
+            _held = 0
 
 
 def free_port() -> int:
@@ -54,8 +77,7 @@ def serve_process(
     restage = str(Path(sys.executable).with_name("restage"))
     cmd = [restage, "serve", "--profile", "tiny", "--adapters", str(adapters), "--port", str(port)]
     cmd += [a for o in ("ray.progress_bars=false", *overrides) for a in ("--set", o)]
-    with open(PORT_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with port_lock():
         with open(log, "w") as out:  # a pipe nobody reads would fill and stall the server
             proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
