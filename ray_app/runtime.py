@@ -23,6 +23,16 @@ log = logging.getLogger("restage")
 # so each job waited about a second more per check interval (bench/ray_train_startup.py).
 TRAIN_HEALTH_CHECK_S = 0.25
 
+# Ray Data's parquet reader lists files through a pool of FooterReader actors, 32 of them,
+# started for every read_parquet and killed when it is listed. A job reads parquet several
+# times (its input index, manifests, features); on a small cluster most of such a read was
+# those processes starting (a tiny job started 25 worker processes, 10 of them for footers),
+# and a big cluster gains nothing from more readers than it has CPUs. One per 4 CPUs, at most
+# Ray's 32, read by Ray Data on the driver; the variable set by the user wins
+# (bench/footer_readers.py).
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_READERS_MAX = 32
+
 
 def worker_env(config: RestageConfig) -> dict[str, str]:
     """Environment every Ray worker of the job gets (offline flags, cache location, Ray
@@ -90,7 +100,14 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             object_store_memory=config.ray.data_object_store_limit_mb * 2**20
         )
     info["resources"] = ray.cluster_resources()
+    readers = footer_readers(info["resources"].get("CPU", 0))
+    info["footer_readers"] = int(os.environ.setdefault(FOOTER_READERS_ENV, str(readers)))
     return info
+
+
+def footer_readers(cpus: float) -> int:
+    """Ray Data's parquet footer readers for a cluster of ``cpus`` (``FOOTER_READERS_ENV``)."""
+    return int(min(FOOTER_READERS_MAX, max(1, cpus // 4)))
 
 
 def progress_bars(config: RestageConfig) -> bool:

@@ -183,3 +183,32 @@ def test_the_rows_to_do_go_through_the_stages_as_successive_datasets(ray_local):
     assert sorted(seen) == sorted(f"p-{i}" for i in range(7))
     one = _job.Successive(found, 7, lambda todo: todo)
     assert len(one.parts()) == 1
+
+
+@pytest.mark.slow
+def test_a_parquet_read_starts_footer_readers_scaled_to_the_cluster(ray_local, tmp_path):
+    """Ray Data lists parquet files through a pool of FooterReader actors, 32 per read unless
+    told; a job reads parquet several times, and on a small cluster those processes were most
+    of each read. init_ray scales the pool: one per 4 CPUs (4 here: one reader)."""
+    import os
+
+    import pyarrow.parquet as pq
+    from ray.util.state import list_actors
+
+    from ray_app import runtime
+
+    assert os.environ[runtime.FOOTER_READERS_ENV] == "1"
+    for i in range(6):
+        pq.write_table(pa.table({"product_id": [f"p-{i}"]}), tmp_path / f"part-{i}.parquet")
+    assert len(ray_local.data.read_parquet(str(tmp_path)).take_all()) == 6
+    names = [a.class_name for a in list_actors(limit=1000, raise_on_missing_output=False)]
+    readers = [n for n in names if "Footer" in n]
+    assert 1 <= len(readers) <= 2, names  # a read lists twice: its schema, then its files
+
+
+def test_footer_readers_are_one_per_4_cpus_up_to_rays_default():
+    from ray_app import runtime
+
+    assert [runtime.footer_readers(c) for c in (0, 2, 4, 8, 64, 128, 1024)] == [
+        1, 1, 1, 2, 16, 32, 32
+    ]  # fmt: skip
