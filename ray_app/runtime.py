@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ray_app import native_stderr, secrets
-from ray_app.config import RestageConfig
+from ray_app.config import ConfigError, RestageConfig
 from ray_app.models import apply_environment
 from ray_app.progress import interactive
 
@@ -51,6 +51,7 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
     from ray.data import DataContext
 
     env = worker_env(config)
+    check_footer_readers()
     info: dict[str, Any] = {}
     # Ray's processes inherit this environment: a secret still in it would reach all of them
     # (whoever needed one has read it by now).
@@ -103,6 +104,16 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
     readers = footer_readers(info["resources"].get("CPU", 0))
     info["footer_readers"] = int(os.environ.setdefault(FOOTER_READERS_ENV, str(readers)))
     return info
+
+
+def check_footer_readers() -> None:
+    """A ``FOOTER_READERS_ENV`` set by the user must be a positive integer (before Ray starts)."""
+    value = os.environ.get(FOOTER_READERS_ENV)
+    if value is not None and not (value.strip().isdigit() and int(value) > 0):
+        raise ConfigError(
+            f"{FOOTER_READERS_ENV}={value!r}: Ray Data's parquet footer readers per read must "
+            "be a positive integer; unset it for one per 4 CPUs of the cluster"
+        )
 
 
 def footer_readers(cpus: float) -> int:

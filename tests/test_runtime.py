@@ -54,3 +54,20 @@ def test_the_environment_is_set_without_importing_the_model_libraries():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["[]", "True"], out
+
+
+def test_a_bad_footer_readers_variable_is_refused_before_ray_starts(monkeypatch):
+    from ray_app.config import ConfigError
+
+    monkeypatch.setattr(ray, "init", lambda **_: (_ for _ in ()).throw(AssertionError("started")))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    for bad in ("abc", "0", "-2", ""):
+        monkeypatch.setenv(runtime.FOOTER_READERS_ENV, bad)
+        try:
+            runtime.init_ray(load_config("tiny"))
+        except ConfigError as exc:
+            assert f"{runtime.FOOTER_READERS_ENV}={bad!r}" in str(exc) and "unset it" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+    monkeypatch.setenv(runtime.FOOTER_READERS_ENV, "3")
+    runtime.check_footer_readers()  # a positive integer is the user's to choose
