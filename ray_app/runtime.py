@@ -26,7 +26,7 @@ TRAIN_HEALTH_CHECK_S = 0.25
 # Ray Data's parquet reader lists files through a pool of FooterReader actors, 32 of them,
 # started for every read_parquet and killed when it is listed. A job reads parquet several
 # times (its input index, manifests, features); on a small cluster most of such a read was
-# those processes starting (a tiny job started 25 worker processes, 10 of them for footers),
+# those processes starting (a tiny index job started 28 worker processes; 17 with this),
 # and a big cluster gains nothing from more readers than it has CPUs. One per 4 CPUs, at most
 # Ray's 32, read by Ray Data on the driver; the variable set by the user wins
 # (bench/footer_readers.py).
