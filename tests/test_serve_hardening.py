@@ -199,12 +199,12 @@ def write_adapter(root, product_id: str, text: str) -> None:
     (folder / AdapterLayout.METADATA).write_text(text)
 
 
-def service(tmp_path, generator=None, overrides=()):
+def service(tmp_path, generator=None, overrides=(), ranker=None, stager=None):
     from serve.auth import digest
 
     config = load_config("tiny", overrides=list(overrides))
     return IngressService(
-        config, str(tmp_path), (digest(KEY),), generator or FakeGenerator([]), None, True
+        config, str(tmp_path), (digest(KEY),), generator or FakeGenerator([]), ranker, True, stager
     )
 
 
@@ -458,14 +458,9 @@ def test_healthz_is_ready_only_when_every_deployment_a_request_needs_runs(
 
     from ray import serve
 
-    from serve.auth import digest
-
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="restage"))
     monkeypatch.setattr(serve, "status", _serve_status(running))
-    config = load_config("tiny")
-    svc = IngressService(
-        config, str(tmp_path), (digest(KEY),), FakeGenerator([]), object(), True, object()
-    )
+    svc = service(tmp_path, ranker=object(), stager=object())
     if said is None:
         assert asyncio.run(svc.health()) == {
             "status": "ok",
