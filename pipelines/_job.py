@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines._product_rows import ProductRow, ProductStage, map_stage
+from pipelines._product_rows import ProductRow, ProductStage, map_stages
 from pipelines._staged import STAGES_DIR, run_staged
 from ray_app import storage
 from ray_app.batching import object_array
@@ -386,10 +386,7 @@ def through_stages(
         for name, products in ran.items():  # summed over successive datasets
             staged[name] = staged.get(name, 0) + products
         return ds
-    ds = first(rows)
-    for cls, roles in stages:
-        ds = map_stage(ds, cls, config, roles, per_call)
-    return ds
+    return map_stages(first(rows), stages, config, per_call)
 
 
 def start(config: RestageConfig, job: str) -> tuple[RestageConfig, str]:

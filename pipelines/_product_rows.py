@@ -84,6 +84,11 @@ class ProductStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = unpack(batch)
+        self.run_rows(rows)
+        return pack(rows)
+
+    def run_rows(self, rows: list[Any]) -> None:
+        """``process`` each row that has not failed (in place)."""
         for row in rows:
             if row.failed:
                 continue
@@ -94,27 +99,99 @@ class ProductStage:
                 row.error(self.name, f"{type(exc).__name__}: {exc}")
                 row.failed = f"{self.name} failed: {exc}"
             row.stat(self.name).seconds += time.perf_counter() - start
-        return pack(rows)
 
     def process(self, row: Any) -> None:
         raise NotImplementedError
 
 
+class FusedStages(ProductStage):
+    """Several model stages in one actor (``ray.fuse_cpu_stages``): each loads its models
+    here, and every product of a batch goes through them in turn, as it would through their
+    pools, so the outputs are the same."""
+
+    name = "fused"
+
+    def __init__(
+        self, config: RestageConfig, stages: tuple[tuple[type[ProductStage], dict[str, Any]], ...]
+    ):
+        super().__init__(config)
+        self.stages = [cls(config, **kwargs) for cls, kwargs in stages]
+
+    def run_rows(self, rows: list[Any]) -> None:
+        for stage in self.stages:
+            stage.run_rows(rows)
+
+
+Stages = list[tuple[type[ProductStage], tuple[str, ...]]]
+
+
+def map_stages(
+    ds: Any,
+    stages: Stages,
+    config: RestageConfig,
+    per_call: int,
+    kwargs: dict[type[ProductStage], dict[str, Any]] | None = None,
+) -> Any:
+    """``ds`` through every model stage of ``stages`` ((class, roles) in pipeline order;
+    ``kwargs``: a class's constructor arguments besides the config): an actor pool per
+    stage, or one pool of them all where ``ray_app.plan.fuses`` says so."""
+    from ray_app.plan import fuses
+
+    kwargs = kwargs or {}
+    if fuses(config, [roles for _, roles in stages]):
+        chain = tuple((cls, kwargs.get(cls, {})) for cls, _ in stages)
+        return ds.map_batches(
+            FusedStages,
+            fn_constructor_kwargs={"config": config, "stages": chain},
+            batch_size=per_call,
+            **stage_resources(config, [roles for _, roles in stages]),
+        )
+    for cls, roles in stages:
+        ds = map_stage(ds, cls, config, roles, per_call, kwargs.get(cls))
+    return ds
+
+
 def map_stage(
-    ds: Any, cls: type[ProductStage], config: RestageConfig, roles: tuple[str, ...], per_call: int
+    ds: Any,
+    cls: type[ProductStage],
+    config: RestageConfig,
+    roles: tuple[str, ...],
+    per_call: int,
+    kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """``ds.map_batches`` of a model stage as an actor pool sized by its first role, reserving
     the GPUs of every role the stage loads."""
-    from ray_app.runtime import role_resources
-
-    resources = role_resources(config, roles[0])
-    for other in roles[1:]:
-        resources["num_gpus"] += config.role(other).num_gpus
-        for key, amount in config.role(other).resources.items():
-            resources.setdefault("resources", {}).setdefault(key, amount)
     return ds.map_batches(
-        cls, fn_constructor_kwargs={"config": config}, batch_size=per_call, **resources
+        cls,
+        fn_constructor_kwargs={"config": config, **(kwargs or {})},
+        batch_size=per_call,
+        **stage_resources(config, [roles]),
     )
+
+
+def stage_resources(config: RestageConfig, stages: list[tuple[str, ...]]) -> dict[str, Any]:
+    """``map_batches`` arguments of one actor pool running ``stages`` (each one's roles): a
+    stage's pool is sized by its first role and takes that role's CPUs (the stages of a
+    fused pool run one after the other: the largest of them), and reserves the GPUs and
+    custom resources of every role it loads."""
+    import ray
+
+    firsts = [config.role(roles[0]) for roles in stages]
+    everyone = [config.role(r) for roles in stages for r in roles]
+    most = [s.max_actors for s in firsts]
+    resources: dict[str, float] = {}
+    for spec in everyone:
+        for key, amount in spec.resources.items():
+            resources.setdefault(key, amount)
+    return {
+        "compute": ray.data.ActorPoolStrategy(
+            min_size=max(s.min_actors for s in firsts),
+            max_size=None if None in most else max(m for m in most if m is not None),
+        ),
+        "num_gpus": sum(s.num_gpus for s in everyone),
+        "num_cpus": max(s.num_cpus for s in firsts),
+        **({"resources": resources} if resources else {}),
+    }
 
 
 def load_photos(state: ProductRow, stage: str, images: Any, read: Any) -> list[LoadedImage]:

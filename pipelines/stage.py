@@ -54,7 +54,15 @@ from actors.inpainter import Inpainter
 from actors.segmenter import Segmenter, area_ok, plain_background_mask
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
-from pipelines._product_rows import ProductRow, ProductStage, batch_rows, load_photos, pack, unpack
+from pipelines._product_rows import (
+    ProductRow,
+    ProductStage,
+    batch_rows,
+    load_photos,
+    map_stages,
+    pack,
+    unpack,
+)
 from ray_app import fid, parallax, retrieval, storage
 from ray_app.config import RestageConfig, SegmentConfig
 from ray_app.images import (
@@ -647,31 +655,18 @@ def build_dataset(
             num_cpus=cpu,
         )
 
-    ds = decoded(records)
-    for cls, roles in model_stages(config):
-        ds = _map(ds, cls, config, roles, per_call, index_uri)
+    ds = map_stages(
+        decoded(records),
+        model_stages(config),
+        config,
+        per_call,
+        {Retrieve: {"index_uri": index_uri}},
+    )
     return ds.map_batches(
         write_staged,
         fn_kwargs={"config": config, "root": root, "animate": animate},
         batch_size=per_call,
         num_cpus=cpu,
-    )
-
-
-def _map(
-    ds: Any, cls: type, config: RestageConfig, roles: tuple[str, ...], per_call: int, index_uri: str
-) -> Any:
-    from pipelines._product_rows import map_stage
-
-    if cls is not Retrieve:
-        return map_stage(ds, cls, config, roles, per_call)
-    from ray_app.runtime import role_resources
-
-    return ds.map_batches(
-        Retrieve,
-        fn_constructor_kwargs={"config": config, "index_uri": index_uri},
-        batch_size=per_call,
-        **role_resources(config, "clip"),
     )
 
 

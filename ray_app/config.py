@@ -201,6 +201,15 @@ class RayConfig(StrictModel):
         description="How a job places its actor pools on the GPUs (ray_app/plan.py); None: "
         "chosen by the preflight, streaming when the configured num_gpus fit, else packed.",
     )
+    fuse_cpu_stages: bool = Field(
+        True,
+        description="Where the placement plan gives none of a job's model stages a GPU, run "
+        "them in one actor pool whose actors hold every stage's models and take each product "
+        "through the stages in turn (ray_app/plan.py). On CPUs, stages in pools of their own "
+        "share the same cores, so streaming them overlaps little, while each pool's actor "
+        "costs a process that imports torch and the model libraries (~5-10 s of CPU) and a "
+        "model load. false: a pool per stage, as on GPUs. Stage-by-stage mode never fuses.",
+    )
     gpu_routing: Literal["smallest", "spread"] | None = Field(
         None,
         description="In a cluster with mixed GPUs (ray_app/plan.py): 'smallest' pins each GPU "

@@ -42,6 +42,8 @@ JOBS = (
     "personalize-evaluate",
 )
 STAGED_JOBS = ("augment", "generate")  # jobs that can run stage by stage (pipelines/_staged.py)
+# Jobs whose model stages go through pipelines/_product_rows.map_stages, so can run fused.
+FUSING_JOBS = ("augment", "generate", "evaluate", "index", "stage", "personalize")
 # GiB of memory per GPU by Ray's accelerator_type resource, for `--cluster current`.
 ACCELERATOR_GIB = {
     "H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "L40": 48,
@@ -253,6 +255,7 @@ class Plan:
     pools: list[Pool]
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # non-empty: the job cannot run
+    fused: bool = False  # the model stages run in one pool (ray.fuse_cpu_stages)
 
     @property
     def runnable(self) -> bool:
@@ -262,6 +265,7 @@ class Plan:
         return {
             "job": self.job,
             "mode": self.mode,
+            "fused": self.fused,
             "runnable": self.runnable,
             "cluster": asdict(self.cluster),
             "pools": [p.to_dict() for p in self.pools],
@@ -399,10 +403,28 @@ def _min_fractions(pools: list[Pool]) -> list[float]:
     return [p.gpu_fraction for p in pools for _ in range(p.actors[0])]
 
 
+def fuses(config: RestageConfig, stages: list[tuple[str, ...]]) -> bool:
+    """Whether model stages (the roles of each, in pipeline order) run fused, in one actor
+    pool (``ray.fuse_cpu_stages``): two or more of them, and none reserving a GPU."""
+    return (
+        config.ray.fuse_cpu_stages
+        and len(stages) > 1
+        and all(config.role(r).num_gpus == 0 for roles in stages for r in roles)
+    )
+
+
 def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     """The plan ``job`` runs with on ``cluster`` (``problems`` says why it cannot)."""
     pools = job_pools(job, config)
-    cpus = sum(p.cpus * p.actors[0] for p in pools)
+    fused = (
+        job in FUSING_JOBS
+        and config.ray.placement != "stage"
+        and fuses(config, [p.roles for p in pools])
+    )
+    if fused:  # one pool: its actors run the stages one after the other
+        cpus = max(p.cpus for p in pools) * max(p.actors[0] for p in pools)
+    else:
+        cpus = sum(p.cpus * p.actors[0] for p in pools)
     problems = []
     if cpus > cluster.cpus:
         problems.append(
@@ -414,6 +436,15 @@ def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     plan = _route(job, config, cluster, pools) if cluster.classes else None
     plan = plan or _place(job, config, cluster, pools)
     plan.problems = problems + plan.problems + _unplaceable(job, plan)
+    if fused:
+        plan.fused = True
+        low, high = max(p.actors[0] for p in pools), [p.actors[1] for p in pools]
+        most = None if None in high else max(n for n in high if n is not None)
+        plan.notes.append(
+            f"no model stage needs a GPU: the {len(pools)} stages run fused, in one pool of "
+            f"{actors_range(low, most)} actors, each loading every stage's models "
+            "(ray.fuse_cpu_stages=false: a pool per stage)"
+        )
     return plan
 
 
@@ -759,7 +790,8 @@ def render(plan: Plan) -> str:
     from ray_app.report import format_table
 
     lines = [
-        f"restage {plan.job}: {plan.mode} mode on {describe_cluster(plan.cluster)}"
+        f"restage {plan.job}: {plan.mode} mode{', stages fused' if plan.fused else ''} on "
+        f"{describe_cluster(plan.cluster)}"
         f" ({plan.cluster.source})"
     ]
     rows, sources = [], []

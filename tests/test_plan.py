@@ -124,8 +124,31 @@ def test_tiny_on_cpu_streams_and_tiny_with_default_fractions_packs_one_gpu():
     fractions = load_config("tiny", overrides=DEFAULT_FRACTIONS)
     plan = build_plan("augment", fractions, gpus(1, 24, cpus=4))
     assert plan.mode == "packed" and plan.runnable, render(plan)
-    too_few_cpus = build_plan("augment", tiny, gpus(0, 0, cpus=1))
+    unfused = load_config("tiny", overrides=["ray.fuse_cpu_stages=false"])
+    too_few_cpus = build_plan("augment", unfused, gpus(0, 0, cpus=1))
     assert not too_few_cpus.runnable and "CPUs" in render(too_few_cpus)
+
+
+def test_model_stages_without_a_gpu_run_fused_in_one_pool_and_need_its_cpus_only():
+    tiny = load_config("tiny")
+    for job in ("augment", "generate", "index", "stage", "evaluate"):
+        plan = build_plan(job, tiny, gpus(0, 0, cpus=1))  # one CPU holds the one pool
+        assert plan.fused and plan.runnable, render(plan)
+        assert (
+            render(plan).splitlines()[0].startswith(f"restage {job}: streaming mode, stages fused")
+        )
+        (note,) = [n for n in plan.notes if "fused" in n]
+        assert f"the {len(plan.pools)} stages run fused, in one pool of 1-1 actors" in note
+        assert plan.to_dict()["fused"] is True
+    # Off by the setting, on GPUs, stage by stage, and for jobs with no model stages to chain.
+    off = load_config("tiny", overrides=["ray.fuse_cpu_stages=false"])
+    assert not build_plan("augment", off, gpus(0, 0, cpus=8)).fused
+    on_gpus = load_config("tiny", overrides=DEFAULT_FRACTIONS)
+    assert not build_plan("augment", on_gpus, gpus(1, 24, cpus=4)).fused
+    staged = load_config("tiny", overrides=["ray.placement=stage"])
+    assert not build_plan("augment", staged, gpus(0, 0, cpus=4)).fused
+    assert not build_plan("train", tiny, gpus(0, 0, cpus=4)).fused
+    assert not build_plan("personalize-evaluate", tiny, gpus(0, 0, cpus=4)).fused
 
 
 def test_train_caps_workers_at_the_gpus_and_refuses_cards_too_small():
