@@ -136,6 +136,7 @@ def map_stages(
     ``kwargs``: a class's constructor arguments besides the config): an actor pool per
     stage, or one pool of them all where ``ray_app.plan.fuses`` says so."""
     from ray_app.plan import fuses
+    from ray_app.runtime import pool_resources
 
     kwargs = kwargs or {}
     if fuses(config, [roles for _, roles in stages]):
@@ -144,7 +145,7 @@ def map_stages(
             FusedStages,
             fn_constructor_kwargs={"config": config, "stages": chain},
             batch_size=per_call,
-            **stage_resources(config, [roles for _, roles in stages]),
+            **pool_resources(config, [roles for _, roles in stages]),
         )
     for cls, roles in stages:
         ds = map_stage(ds, cls, config, roles, per_call, kwargs.get(cls))
@@ -161,37 +162,14 @@ def map_stage(
 ) -> Any:
     """``ds.map_batches`` of a model stage as an actor pool sized by its first role, reserving
     the GPUs of every role the stage loads."""
+    from ray_app.runtime import pool_resources
+
     return ds.map_batches(
         cls,
         fn_constructor_kwargs={"config": config, **(kwargs or {})},
         batch_size=per_call,
-        **stage_resources(config, [roles]),
+        **pool_resources(config, [roles]),
     )
-
-
-def stage_resources(config: RestageConfig, stages: list[tuple[str, ...]]) -> dict[str, Any]:
-    """``map_batches`` arguments of one actor pool running ``stages`` (each one's roles): a
-    stage's pool is sized by its first role and takes that role's CPUs (the stages of a
-    fused pool run one after the other: the largest of them), and reserves the GPUs and
-    custom resources of every role it loads."""
-    import ray
-
-    firsts = [config.role(roles[0]) for roles in stages]
-    everyone = [config.role(r) for roles in stages for r in roles]
-    most = [s.max_actors for s in firsts]
-    resources: dict[str, float] = {}
-    for spec in everyone:
-        for key, amount in spec.resources.items():
-            resources.setdefault(key, amount)
-    return {
-        "compute": ray.data.ActorPoolStrategy(
-            min_size=max(s.min_actors for s in firsts),
-            max_size=None if None in most else max(m for m in most if m is not None),
-        ),
-        "num_gpus": sum(s.num_gpus for s in everyone),
-        "num_cpus": max(s.num_cpus for s in firsts),
-        **({"resources": resources} if resources else {}),
-    }
 
 
 def load_photos(state: ProductRow, stage: str, images: Any, read: Any) -> list[LoadedImage]:

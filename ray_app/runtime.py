@@ -193,12 +193,29 @@ def link_ray_logs(out: str) -> str | None:
 
 def role_resources(config: RestageConfig, role: str) -> dict[str, Any]:
     """``map_batches`` arguments for an actor pool of ``role``: compute strategy and resources."""
+    return pool_resources(config, [(role,)])
+
+
+def pool_resources(config: RestageConfig, stages: list[tuple[str, ...]]) -> dict[str, Any]:
+    """``map_batches`` arguments of one actor pool running ``stages`` (each one's roles): a
+    stage's pool is sized by its first role and takes that role's CPUs (the stages of a
+    fused pool run one after the other: the largest of them), and reserves the GPUs and
+    custom resources of every role it loads."""
     import ray
 
-    spec = config.role(role)
+    firsts = [config.role(roles[0]) for roles in stages]
+    everyone = [config.role(r) for roles in stages for r in roles]
+    most = [s.max_actors for s in firsts]
+    resources: dict[str, float] = {}
+    for spec in everyone:
+        for key, amount in spec.resources.items():
+            resources.setdefault(key, amount)
     return {
-        "compute": ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
-        "num_gpus": spec.num_gpus,
-        "num_cpus": spec.num_cpus,
-        **({"resources": dict(spec.resources)} if spec.resources else {}),
+        "compute": ray.data.ActorPoolStrategy(
+            min_size=max(s.min_actors for s in firsts),
+            max_size=None if None in most else max(m for m in most if m is not None),
+        ),
+        "num_gpus": sum(s.num_gpus for s in everyone),
+        "num_cpus": max(s.num_cpus for s in firsts),
+        **({"resources": resources} if resources else {}),
     }

@@ -16,10 +16,10 @@ from pipelines._product_rows import (
     ProductStage,
     map_stages,
     pack,
-    stage_resources,
     unpack,
 )
 from ray_app.config import load_config
+from ray_app.runtime import pool_resources
 
 
 @dataclass(kw_only=True)
@@ -122,7 +122,7 @@ def test_a_pool_reserves_the_gpus_and_resources_of_every_role_it_loads():
             "clip.max_actors=null",
         ],
     )
-    got = stage_resources(config, [("segmenter",), ("clip", "dino")])
+    got = pool_resources(config, [("segmenter",), ("clip", "dino")])
     assert got["num_gpus"] == pytest.approx(0.75)
     assert got["resources"] == {"restage_gpu_80gb": 0.001}
     assert got["compute"].max_size == math.inf  # one uncapped stage: the pool is uncapped
