@@ -413,6 +413,13 @@ def fuses(config: RestageConfig, stages: list[tuple[str, ...]]) -> bool:
     )
 
 
+def fused_actors(pools: list[tuple[int, int | None]]) -> tuple[int, int | None]:
+    """(min, max) actors of a fused pool, from its stages' own pools: the largest of each
+    (None: uncapped)."""
+    most = [n for _, n in pools]
+    return max(n for n, _ in pools), None if None in most else max(n for n in most if n)
+
+
 def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     """The plan ``job`` runs with on ``cluster`` (``problems`` says why it cannot)."""
     pools = job_pools(job, config)
@@ -422,7 +429,7 @@ def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
         and fuses(config, [p.roles for p in pools])
     )
     if fused:  # one pool: its actors run the stages one after the other
-        cpus = max(p.cpus for p in pools) * max(p.actors[0] for p in pools)
+        cpus = max(p.cpus for p in pools) * fused_actors([p.actors for p in pools])[0]
     else:
         cpus = sum(p.cpus * p.actors[0] for p in pools)
     problems = []
@@ -438,8 +445,7 @@ def build_plan(job: str, config: RestageConfig, cluster: Cluster) -> Plan:
     plan.problems = problems + plan.problems + _unplaceable(job, plan)
     if fused:
         plan.fused = True
-        low, high = max(p.actors[0] for p in pools), [p.actors[1] for p in pools]
-        most = None if None in high else max(n for n in high if n is not None)
+        low, most = fused_actors([p.actors for p in pools])
         plan.notes.append(
             f"no model stage needs a GPU: the {len(pools)} stages run fused, in one pool of "
             f"{actors_range(low, most)} actors, each loading every stage's models "

@@ -203,18 +203,17 @@ def pool_resources(config: RestageConfig, stages: list[tuple[str, ...]]) -> dict
     custom resources of every role it loads."""
     import ray
 
+    from ray_app.plan import fused_actors
+
     firsts = [config.role(roles[0]) for roles in stages]
     everyone = [config.role(r) for roles in stages for r in roles]
-    most = [s.max_actors for s in firsts]
+    least, most = fused_actors([(s.min_actors, s.max_actors) for s in firsts])
     resources: dict[str, float] = {}
     for spec in everyone:
         for key, amount in spec.resources.items():
             resources.setdefault(key, amount)
     return {
-        "compute": ray.data.ActorPoolStrategy(
-            min_size=max(s.min_actors for s in firsts),
-            max_size=None if None in most else max(m for m in most if m is not None),
-        ),
+        "compute": ray.data.ActorPoolStrategy(min_size=least, max_size=most),
         "num_gpus": sum(s.num_gpus for s in everyone),
         "num_cpus": max(s.num_cpus for s in firsts),
         **({"resources": resources} if resources else {}),
