@@ -90,10 +90,20 @@ def _missing_backend(uri: str, exc: ImportError) -> MissingBackendError:
 
 
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    # Remote filesystems cache directory listings per process and answer `exists` and `ls`
+    # from them: another process's marker, claim or adapter written since would stay unseen
+    # (a re-done product, a product served as untrained). Listings are always read afresh.
+    fresh = {"use_listings_cache": False} if _remote(uri) else {}
     try:
-        return fsspec.core.url_to_fs(uri)
+        return fsspec.core.url_to_fs(uri, **fresh)
     except ImportError as exc:
         raise _missing_backend(uri, exc) from None
+
+
+def _remote(uri: str) -> bool:
+    """Whether ``uri`` is on a filesystem that other processes write behind this one's back."""
+    proto = uri.partition("://")[0] if has_protocol(uri) else "file"
+    return "::" not in proto and proto not in {"file", "local", "memory"}  # not chained
 
 
 # --------------------------------------------------------------------------- files
