@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -587,6 +588,11 @@ def read_manifest(uri: str, job: str = "manifest") -> Manifest:
 # Rows per chunk of a manifest read in a task: each chunk's invalid rows are one errors
 # shard, named by the chunk's number, so a re-run over the same manifest replaces it.
 MANIFEST_CHUNK_ROWS = 1000
+# Bytes of manifest per partition of the duplicate-id shuffle: each partition is a task
+# and its share of Ray Data's shuffle actors, so a small manifest gets a few (not Ray's
+# default 200, about 5 s of fixed cost per job on 2 cores) and a catalog of millions of
+# rows (~500 bytes each) still spreads over the cluster.
+MANIFEST_BYTES_PER_PARTITION = 32 * 2**20
 # The intake columns besides the record's: ``key`` groups duplicates (an invalid row gets a
 # key no product id can take), ``seq`` is the row's position in the manifest (the first of
 # duplicates is kept), ``where`` the location errors name, ``status`` valid or invalid.
@@ -691,9 +697,23 @@ def manifest_dataset(uri: str, job: str, errors_dir: str) -> Any:
         batch_size=1,
         batch_format="pyarrow",
     )
-    return ds.groupby("key").map_groups(
+    return ds.groupby("key", num_partitions=shuffle_partitions(uri)).map_groups(
         first_of_each_id, fn_kwargs={"job": job, "errors_dir": errors_dir}, batch_format="pyarrow"
     )
+
+
+def shuffle_partitions(uri: str) -> int:
+    """Partitions of the duplicate-id shuffle of the manifest at ``uri``: one per
+    ``MANIFEST_BYTES_PER_PARTITION`` of it, at least 1 and at most Ray Data's default
+    (``DataContext.default_hash_shuffle_parallelism``, also used when the size is unknown)."""
+    from ray.data import DataContext
+
+    most = DataContext.get_current().default_hash_shuffle_parallelism
+    fs, path = storage.url_to_fs(uri)
+    size = fs.size(path)
+    if size is None:  # a server that does not say
+        return most
+    return max(1, min(most, math.ceil(size / MANIFEST_BYTES_PER_PARTITION)))
 
 
 def _dump(raw: Any) -> str:

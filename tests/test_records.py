@@ -163,10 +163,11 @@ def test_errors_table_schema():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
-def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp_path):
+def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp_path, monkeypatch):
     """``manifest_dataset`` (Ray Data tasks, duplicates by a shuffle) keeps the same
     records and writes the same errors as ``read_manifest``; a re-run replaces its errors
-    shards, it does not add to them."""
+    shards, it does not add to them. The first read shuffles into one partition (a small
+    manifest), the second into several."""
     uri = str(tmp_path / f"products.{fmt}")
     write_manifest([*RAW, {"product_id": "mug-1", "image_uris": ["img/d.png"]}], uri)
     if fmt == "jsonl":  # a line Ray's own JSON reader would fail the whole read on
@@ -174,7 +175,8 @@ def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp
             f.write("{not json\n")
     expected = read_manifest(uri, job="augment")
     errors_dir = str(tmp_path / "errors")
-    for _ in range(2):
+    for per_partition in (records.MANIFEST_BYTES_PER_PARTITION, 64):
+        monkeypatch.setattr(records, "MANIFEST_BYTES_PER_PARTITION", per_partition)
         rows = records.manifest_dataset(uri, "augment", errors_dir).take_all()
         valid = sorted((r for r in rows if r["status"] == records.VALID), key=lambda r: r["seq"])
         assert [r["product_id"] for r in valid] == [r.product_id for r in expected.records]
@@ -184,3 +186,19 @@ def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp
         assert sorted((e["item"], e["reason"]) for e in written) == sorted(
             (e.item, e.reason) for e in expected.errors
         )
+
+
+def test_the_duplicate_shuffle_has_a_partition_per_share_of_the_manifest(tmp_path, monkeypatch):
+    from ray.data import DataContext
+
+    uri = str(tmp_path / "products.jsonl")
+    write_manifest(RAW, uri)
+    assert records.shuffle_partitions(uri) == 1  # not Ray Data's default 200 for a few rows
+    size = (tmp_path / "products.jsonl").stat().st_size
+    monkeypatch.setattr(records, "MANIFEST_BYTES_PER_PARTITION", -(-size // 3))
+    assert records.shuffle_partitions(uri) == 3
+    monkeypatch.setattr(records, "MANIFEST_BYTES_PER_PARTITION", 1)
+    assert (
+        records.shuffle_partitions(uri)
+        == DataContext.get_current().default_hash_shuffle_parallelism
+    )
