@@ -100,12 +100,12 @@ def test_kill_between_stages_then_rerun_loses_and_redoes_nothing(resumed_run):
 
 
 def test_stage_by_stage_keeps_the_same_samples_as_streaming(resumed_run, tmp_path):
-    """... and streaming a dataset per product, through a pool per model stage as on GPUs
-    (not fused, as CPU stages are by default), keeps them too."""
+    """... and streaming, through a pool per model stage as on GPUs (not fused, as CPU
+    stages are by default), keeps them too. (Successive datasets: the staged re-run, and
+    tests/test_intake.py.)"""
     manifest, staged, _ = resumed_run
     out = tmp_path / "streaming"
-    pools = ("ray.products_per_dataset=1", "ray.fuse_cpu_stages=false")
-    finish(augment(*pools, out=out, manifest=manifest))
+    finish(augment("ray.fuse_cpu_stages=false", out=out, manifest=manifest))
     streaming = kept(out)
     assert streaming and kept(staged) == streaming
     summary = json.loads((out / "summary.json").read_text())
