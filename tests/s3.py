@@ -20,7 +20,7 @@ INSTALL_HINT = "pip install -e '.[dev]' (moto[server] and s3fs)"
 def local_s3() -> Iterator[dict[str, str]]:
     """The AWS variables of an S3 that lives for the block, also set in ``os.environ``."""
     try:
-        import s3fs  # noqa: F401
+        import s3fs
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
         pytest.skip(f"S3 tests need moto and s3fs ({exc}): {INSTALL_HINT}")
@@ -36,9 +36,13 @@ def local_s3() -> Iterator[dict[str, str]]:
     }
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
+    # fsspec keeps one S3FileSystem per set of arguments, with the endpoint it was made
+    # with: an earlier block's, on a server gone since, unless dropped.
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         yield env
     finally:
+        s3fs.S3FileSystem.clear_instance_cache()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
