@@ -1,11 +1,12 @@
 """What sizing the duplicate-id shuffle by the manifest saves: a job's manifest read as a
 Ray Data dataset (read, validate, shuffle by product id, keep the first of each id), with
 Ray Data's default partitions (200) and with ``records.shuffle_partitions`` (one per 32 MiB
-of manifest), alternated, on one local Ray (tiny profile's settings, workers warm after
-the first read). Manifests: the 3 example products, and 10^4 products made from them.
-Also checks that both keep the same rows. Writes JSON to bench/results/.
+of manifest), alternated, each on a fresh local Ray (tiny profile's settings) as a job
+starts one: the 3 example products read first (a job's intake), then again on the same Ray,
+then 10^4 products made from them. Also checks that both keep the same rows. Writes JSON
+to bench/results/.
 
-    python bench/intake_shuffle.py              # 3 reads of each
+    python bench/intake_shuffle.py              # 3 Rays of each
     python bench/intake_shuffle.py --repeats 5
 """
 
@@ -42,48 +43,56 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/intake_shuffle_cpu.json")
     args = ap.parse_args()
+    import ray
     from ray.data import DataContext
 
     from ray_app import runtime
     from ray_app.config import load_config
 
-    runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
-    default = DataContext.get_current().default_hash_shuffle_parallelism
+    config = load_config("tiny", overrides=["ray.progress_bars=false", "ray.dashboard=false"])
     sized_bytes = records.MANIFEST_BYTES_PER_PARTITION
-    results: dict[str, dict] = {}
+    times: dict[str, dict[str, list[float]]] = {}
+    rows: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory() as work:
         tmp = Path(work)
+        examples = str(ROOT / "examples" / "products.jsonl")
         manifests = {
-            "examples (3 products)": str(ROOT / "examples" / "products.jsonl"),
+            "examples, first read (a job's intake)": examples,
+            "examples, again on the same Ray": examples,
             "10^4 products": str(example_manifest(10_000, "p", tmp / "m4.jsonl")),
         }
-        records.manifest_dataset(manifests["examples (3 products)"], "augment", str(tmp / "w"))
-        for name, uri in manifests.items():
-            sized = records.shuffle_partitions(uri)
-            assert Path(uri).stat().st_size >= default  # 1 byte each: the default's partitions
-            times: dict[str, list[float]] = {"default": [], "sized": []}
-            kept: dict[str, list] = {}
-            for i in range(args.repeats):  # alternated: drift on a shared machine hits both
-                for label, per in (("default", 1), ("sized", sized_bytes)):
-                    seconds, rows = read(uri, str(tmp / f"e-{label}-{i}"), per)
-                    times[label].append(round(seconds, 2))
-                    kept.setdefault(label, rows)
-            results[name] = {
+        for i in range(args.repeats):  # alternated: drift on a shared machine hits both
+            for label, per in (("default", 1), ("sized", sized_bytes)):
+                runtime.init_ray(config)  # a fresh local Ray, as each `restage` job starts
+                for name, uri in manifests.items():
+                    seconds, kept = read(uri, str(tmp / f"e-{label}-{i}"), per)
+                    times.setdefault(name, {}).setdefault(label, []).append(round(seconds, 2))
+                    rows.setdefault(name, {}).setdefault(label, kept)
+                ray.shutdown()
+        default = DataContext.get_current().default_hash_shuffle_parallelism
+        records.MANIFEST_BYTES_PER_PARTITION = sized_bytes
+        results = {
+            name: {
                 "bytes": Path(uri).stat().st_size,
-                "partitions": {"default": default, "sized": sized},
-                "seconds": times,
-                "median_seconds": {k: round(statistics.median(v), 2) for k, v in times.items()},
-                "same_rows": kept["default"] == kept["sized"],
+                "partitions": {"default": default, "sized": records.shuffle_partitions(uri)},
+                "seconds": times[name],
+                "median_seconds": {
+                    k: round(statistics.median(v), 2) for k, v in times[name].items()
+                },
+                "same_rows": rows[name]["default"] == rows[name]["sized"],
             }
+            for name, uri in manifests.items()
+        }
     result = {
         "bench": "intake_shuffle",
         "machine": machine("cpu"),
-        "what": "records.manifest_dataset read to the end on a warm local Ray (4 logical "
-        "CPUs, 2 cores), Ray Data's default shuffle partitions against one per 32 MiB",
+        "what": "records.manifest_dataset read to the end on a fresh local Ray (tiny "
+        "profile: 4 logical CPUs on the machine's cores), Ray Data's default shuffle "
+        "partitions against one per 32 MiB of manifest",
         "repeats": args.repeats,
         "manifests": results,
     }
-    rows = [
+    table = [
         [
             name,
             r["bytes"],
@@ -95,7 +104,7 @@ def main() -> None:
         for name, r in results.items()
         for label in ("default", "sized")
     ]
-    print(format_table(["manifest", "bytes", "shuffle", "partitions", "seconds", "same"], rows))
+    print(format_table(["manifest", "bytes", "shuffle", "partitions", "seconds", "same"], table))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
