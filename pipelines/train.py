@@ -807,8 +807,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 def ray_train_storage(root: str) -> str:
     """Where Ray Train keeps its own run state: under the job's output root when Ray can
     write there (local or s3/gs), else a temporary folder (never the user's home)."""
-    proto = root.partition("://")[0] if storage.has_protocol(root) else "file"
-    if proto in ("file", "s3", "gs", "gcs"):
+    if storage.protocol(root) in ("file", "s3", "gs", "gcs"):
         return storage.join(root, "_ray_train")
     return storage.join(tempfile.gettempdir(), "restage-ray-train")
 

@@ -34,6 +34,11 @@ def has_protocol(uri: str) -> bool:
     return "://" in uri
 
 
+def protocol(uri: str) -> str:
+    """``uri``'s scheme (``s3``, ``gs``, ...); ``file`` for a local path."""
+    return uri.partition("://")[0] if has_protocol(uri) else "file"
+
+
 def normalize_uri(uri: str) -> str:
     """Make local paths absolute (Ray workers do not share the driver's working directory)."""
     if uri.startswith("file://"):
@@ -77,7 +82,7 @@ _CLOUD_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 
 
 def _missing_backend(uri: str, exc: ImportError) -> MissingBackendError:
-    proto = uri.partition("://")[0] if has_protocol(uri) else "file"
+    proto = protocol(uri)
     package = _CLOUD_BACKENDS.get(proto)
     fix = (
         f"pip install restage[cloud] (or pip install {package})"
@@ -102,7 +107,7 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def _remote(uri: str) -> bool:
     """Whether ``uri`` is on a filesystem that other processes write behind this one's back."""
-    proto = uri.partition("://")[0] if has_protocol(uri) else "file"
+    proto = protocol(uri)
     return "::" not in proto and proto not in {"file", "local", "memory"}  # not chained
 
 
