@@ -93,6 +93,38 @@ def test_dreambench_tables_both_recipes_beside_the_published_rows(bench):
         assert (kinds != {"real"}) == synthetic, (recipe, kinds)
 
 
+def test_the_baseline_run_is_plain_dreambooth_lora_and_loads_in_diffusers(bench):
+    """The baseline recipe's run, end to end: augment made no synthetic sample (its stages
+    of synthetic components took nothing in), each adapter records the recipe and trained on
+    the subject's photos alone, and an adapter loads in plain diffusers."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from ray_app import tiny
+    from ray_app.adapter_meta import AdapterMeta
+    from ray_app.config import load_config
+
+    run = bench / "runs" / "dreambooth_lora" / "object"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recipe"] == "dreambooth_lora" and not any(summary["components"].values())
+    stages = json.loads((run / "augment" / "summary.json").read_text())["stages"]
+    took = {s["stage"]: s["items_in"] for s in stages}
+    assert took["views"] == took["inpaint"] == took["negatives"] == 0, took
+    subjects = [json.loads(line) for line in (bench / "subjects.jsonl").read_text().splitlines()]
+    assert len(subjects) == 2
+    for subject in subjects:
+        meta = AdapterMeta.read(str(run / "adapters" / subject["product_id"] / "adapter.json"))
+        assert meta.recipe == "dreambooth_lora" and meta.caption_mode == "instance"
+        photos = len(subject["image_uris"])
+        assert meta.training_set.samples == meta.positives == photos and meta.negatives == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        tiny.ensure("generator", load_config("tiny").cache_path)
+    )
+    pipe.load_lora_weights(str(run / "adapters" / subjects[0]["product_id"]))
+    lora_b = [p for n, p in pipe.unet.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.isfinite(p).all() for p in lora_b)
+
+
 def test_dreambench_report_loads_in_a_browser_with_both_runs(bench):
     index = bench / "report" / "index.html"
     with chromium_page() as page:

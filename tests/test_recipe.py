@@ -1,6 +1,8 @@
 """The paper's baseline recipe (``train.recipe=dreambooth_lora``) and the ablation switches
 of augment (each synthetic component's ``enabled``): config, placement plan, training on
-real photos only with optional prior preservation, and `restage run --recipe`."""
+real photos only with optional prior preservation, and `restage run --recipe`'s overrides.
+The baseline's whole run (augment, train, generate) is tested in tests/test_dreambench.py,
+whose README command runs it beside restage's recipe on real photos."""
 
 from __future__ import annotations
 
@@ -346,90 +348,3 @@ def test_run_help_documents_the_recipes_and_their_overrides(capsys):
     assert "--recipe {restage,dreambooth_lora}" in text
     for sets in RECIPES.values():
         assert " ".join(sets) in text
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-def _one_product(folder) -> str:
-    """A manifest of one example product, its photos copied beside it."""
-    import shutil
-
-    from conftest import EXAMPLES
-
-    shutil.copytree(EXAMPLES / "products" / "mug-red-001", folder / "products" / "mug-red-001")
-    line = (EXAMPLES / "products.jsonl").read_text().splitlines()[0]
-    assert '"mug-red-001"' in line
-    (folder / "m.jsonl").write_text(line + "\n")
-    return str(folder / "m.jsonl")
-
-
-def _kinds(augment_root: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    from ray_app.storage import AugmentLayout
-
-    return pq.read_table(AugmentLayout(augment_root).manifest_dir()).column("kind").to_pylist()
-
-
-@pytest.fixture
-def plans(monkeypatch) -> list:
-    """Every placement plan a job builds in the test (its preflight's)."""
-    from ray_app import plan as plan_module
-
-    made, preflight = [], plan_module.preflight
-
-    def spy(config, job):
-        config, placed = preflight(config, job)
-        made.append(placed)
-        return config, placed
-
-    monkeypatch.setattr(plan_module, "preflight", spy)
-    return made
-
-
-@pytest.mark.slow
-def test_run_recipe_dreambooth_lora_trains_the_baseline_end_to_end_on_real_photos_only(
-    ray_local, plans, tmp_path
-):
-    """`restage run --recipe dreambooth_lora`: augment makes no synthetic sample (no actor
-    of a synthetic component is planned), train records the recipe, generate makes images,
-    and the adapter loads in plain diffusers."""
-    import json
-
-    import torch
-
-    from ray_app import cli, tiny
-    from ray_app.adapter_meta import AdapterMeta
-    from ray_app.kinds import SampleKind
-    from ray_app.storage import RunLayout
-
-    out = str(tmp_path / "run")
-    argv = ["run", "--profile", "tiny", "--recipe", "dreambooth_lora"]
-    argv += ["--manifest", _one_product(tmp_path), "--out", out]
-    smaller = ["train.steps=2", "generate.prompts_per_product=1", "generate.images_per_prompt=1"]
-    for text in ["ray.progress_bars=false", *smaller, "generate.top_n=1"]:
-        argv += ["--set", text]
-    assert cli.main(argv) == 0
-    layout = RunLayout(out)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["recipe"] == "dreambooth_lora"
-    assert not any(summary["components"].values())
-    augment_roles = {r for p in plans[0].pools for r in p.roles}
-    assert {"novel_view", "inpainter", "generator"}.isdisjoint(augment_roles)
-    kinds = _kinds(layout.augment.root)
-    assert kinds == [SampleKind.REAL] * 3  # the product's 3 photos, nothing synthetic
-    adapter = f"{layout.adapters.root}/mug-red-001"
-    meta = AdapterMeta.read(f"{adapter}/adapter.json")
-    assert meta.recipe == "dreambooth_lora" and meta.caption_mode == "instance"
-    assert meta.training_set.samples == meta.positives == 3 and meta.negatives == 0
-    assert summary["products"]["generate ok"] == 1
-
-    from diffusers import StableDiffusionXLPipeline  # plain diffusers from here on
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        tiny.ensure("generator", load_config("tiny").cache_path)
-    )
-    pipe.load_lora_weights(adapter.removeprefix("file://"))
-    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
-    assert torch.isfinite(next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n)).all()
