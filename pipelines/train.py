@@ -70,7 +70,7 @@ from ray_app.adapter_meta import (
 from ray_app.config import RestageConfig
 from ray_app.kinds import NEGATIVE_KINDS, POSITIVE_KINDS, Metric, SampleKind
 from ray_app.node_loss import node_loss_guard
-from ray_app.progress import ProgressFile, StageLines
+from ray_app.progress import ProgressFile, StageLines, counts
 from ray_app.prompts import PromptBank, category_noun, fill, product_phrase
 from ray_app.records import (
     SAMPLE_SCHEMA,
@@ -804,6 +804,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- job
 
 
+# Products the queue reads ahead before training starts: a run of at most this many prints
+# its total at once (a longer one, `at least N` until the queue has read its whole list).
+LOOKAHEAD = 1024
+
+
 def ray_train_storage(root: str) -> str:
     """Where Ray Train keeps its own run state: under the job's output root when Ray can
     write there (local or s3/gs), else a temporary folder (never the user's home)."""
@@ -832,6 +837,7 @@ def train(
     data_root, root = storage.normalize_uri(data), storage.normalize_uri(out)
     layout = AdapterLayout(root)
     workers, queue = 0, None
+    lines: StageLines | None = None
     progress = ProgressFile(root, JOB)
     try:
         # The live file first: it refuses while another run is live on this output (before
@@ -848,7 +854,18 @@ def train(
             group = config.train.products_per_step
             most = config.train.num_workers
             assert most is not None, "preflight's plan sets train.num_workers"
-            workers = -(-ray.get(queue.ready.remote(most * group)) // group)
+            # Read ahead up to LOOKAHEAD products (ids only): a run of that many knows its
+            # total before the first lease.
+            ready = ray.get(queue.ready.remote(max(most * group, LOOKAHEAD)))
+            workers = -(-min(ready, most * group) // group)
+            if ready:
+                # The "to do" line now, not when the run ends: the total once the queue has
+                # read the whole stream, else the products found so far.
+                lines = StageLines(
+                    JOB, queued_total(queue), enabled=not progress_bars(config), at_least=ready
+                )
+                lines.start = started  # elapsed since the job began
+                progress.poll = lambda: lines_poll(queue, lines)
             progress.phase("products")
             if workers:
                 with node_loss_guard(JOB, config):
@@ -876,12 +893,9 @@ def train(
         stage.items_in = stage.items_out = res["stages"][name]["items"]
         stage.seconds = res["stages"][name]["seconds"]
     summary.stage("train").errors = failed
-    todo = res["ok"] + failed
-    if todo:  # the count is known once the stream has been read: the lines come at the end
-        lines = StageLines(JOB, todo, enabled=not progress_bars(config))
-        lines.start = started  # elapsed since the job began
-        lines.update(res["ok"])
-        lines.finish()
+    if lines is not None:
+        lines.total = lines.done = res["ok"] + failed  # products finished in this run
+        lines.finish(counts({"ok": res["ok"], "failed": failed}))
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         "data": data_root,
@@ -892,6 +906,25 @@ def train(
     }
     storage.write_json(layout.summary(), summary.to_dict())
     return summary
+
+
+def queued_total(queue: Any) -> int | None:
+    """The products this run trains, once ``queue`` has read its whole stream, else None."""
+    import ray
+
+    return ray.get(queue.progress.remote())[2]
+
+
+def lines_poll(queue: Any, lines: StageLines) -> tuple[int, dict[str, int], int | None]:
+    """The live file's poll (``queue.progress``), printing the job's line on the way: a
+    driver blocked in Ray Train prints its progress from the live file's beat."""
+    import ray
+
+    done, products, total = ray.get(queue.progress.remote())
+    if total is not None:
+        lines.total = total
+    lines.update(done, counts(products))
+    return done, products, total
 
 
 def _fit(

@@ -40,18 +40,23 @@ class StageLines:
 
     ``update(done, detail)`` prints ``restage JOB: done/total UNIT (detail), Ns`` when
     ``interval`` seconds have passed since the last line; ``finish`` always prints.
-    Nothing is printed when ``enabled`` is false (a terminal shows Ray Data's bars)."""
+    Nothing is printed when ``enabled`` is false (a terminal shows Ray Data's bars).
+
+    A job that reads its input as it goes (train's queue) starts with ``total`` None and
+    ``at_least`` the products found so far, and sets ``total`` once it is known: until then
+    the lines say ``done/?``."""
 
     def __init__(
         self,
         job: str,
-        total: int,
+        total: int | None,
         unit: str = "products",
         *,
         enabled: bool | None = None,
         interval: float = INTERVAL_S,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        at_least: int = 0,
     ):
         self.job, self.total, self.unit = job, total, unit
         self.stream = stream
@@ -60,7 +65,10 @@ class StageLines:
         self.clock = clock
         self.start = self.last = clock()
         self.done = 0
-        self._print(f"{total} {unit} to do")
+        if total is None:
+            self._print(f"at least {at_least} {unit} to do (still listing them)")
+        else:
+            self._print(f"{total} {unit} to do")
 
     def _print(self, text: str) -> None:
         if self.enabled:
@@ -69,12 +77,14 @@ class StageLines:
     def _line(self, detail: str) -> str:
         elapsed = self.clock() - self.start
         extra = f" ({detail})" if detail else ""
-        return f"{self.done}/{self.total} {self.unit}{extra}, {elapsed:.0f}s"
+        total = "?" if self.total is None else self.total
+        return f"{self.done}/{total} {self.unit}{extra}, {elapsed:.0f}s"
 
     def update(self, done: int, detail: str = "") -> None:
         self.done = done
         now = self.clock()
-        if done < self.total and now - self.last >= self.interval:  # the end has its own line
+        left = self.total is None or done < self.total  # the end has its own line
+        if left and now - self.last >= self.interval:
             self.last = now
             self._print(self._line(detail))
 

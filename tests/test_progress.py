@@ -67,6 +67,27 @@ def test_the_last_update_leaves_the_end_to_finish():
     ]
 
 
+def test_a_total_not_yet_known_reads_as_at_least_and_a_question_mark():
+    """Train's queue reads its product list as the workers ask: its lines start from the
+    products found so far, and carry the total from when the queue has read the list."""
+    out, clock = io.StringIO(), Clock()
+    lines = StageLines(
+        "train", None, enabled=True, interval=30, stream=out, clock=clock, at_least=4
+    )
+    clock.now = 30.0
+    lines.update(2, "ok 2")
+    lines.total, clock.now = 1500, 60.0
+    lines.update(5, "ok 5")
+    lines.total = lines.done = 1500
+    lines.finish("ok 1500")
+    assert out.getvalue().splitlines() == [
+        "restage train: at least 4 products to do (still listing them)",
+        "restage train: 2/? products (ok 2), 30s",
+        "restage train: 5/1500 products (ok 5), 60s",
+        "restage train: done: 1500/1500 products (ok 1500), 60s",
+    ]
+
+
 def test_nothing_is_printed_when_disabled():
     out = io.StringIO()
     lines = StageLines("train", 3, enabled=False, interval=0, stream=out)

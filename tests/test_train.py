@@ -213,15 +213,29 @@ def test_one_text_encoder_pipelines_train_too(trainset):
 
 
 @pytest.mark.slow
-def test_train_job_writes_adapters_and_keeps_going_past_a_bad_product(ray_local, tmp_path):
+def test_train_job_writes_adapters_and_keeps_going_past_a_bad_product(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    from pipelines import train as train_module
     from pipelines.train import train
 
     data = write_training_set(str(tmp_path / "aug"))
     write_training_set(data, {"zz-too-few": ("vase", "a vase", (9, 9, 9))}, reals=1, contexts=0)
     out = str(tmp_path / "adapters")
     cfg = load_config("tiny", overrides=["train.num_workers=2", "ray.progress_bars=false"])
+    printed, fit = [], train_module._fit
+
+    def fit_after_the_first_line(*args, **kwargs):
+        printed.append(capsys.readouterr().err)  # what the job said before training
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_fit", fit_after_the_first_line)
     summary = train(cfg, data, out)
     assert summary.products["ok"] == len(PRODUCTS) and summary.products["failed"] == 1
+    todo = len(PRODUCTS) + 1
+    assert f"restage train: {todo} products to do\n" in printed[0]
+    done = f"restage train: done: {todo}/{todo} products (ok {len(PRODUCTS)}, failed 1), "
+    assert done in capsys.readouterr().err
     layout = AdapterLayout(out)
     assert layout.completed() == set(PRODUCTS)
     tokens = set()
