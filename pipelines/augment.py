@@ -37,18 +37,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from actors.captioner import Captioner, type_question
-from actors.clip import ClipEmbedder, zero_shot
-from actors.generator import GenerationOptions, Generator
-from actors.inpainter import Inpainter, place_product, square_canvas
-from actors.novel_view import NovelView
-from actors.personal_fidelity import personal_encoders
-from actors.scorer import Scorer, ScoringOptions
-from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, batch_rows, load_photos, pack, unpack
@@ -87,6 +79,9 @@ from ray_app.report import JobSummary
 from ray_app.seeds import derive_seed
 from ray_app.sources import SourcePolicy
 from ray_app.storage import AugmentLayout, write_errors
+
+if TYPE_CHECKING:  # the model libraries load in the stages' actors, not in every task
+    from actors.clip import ClipEmbedder
 
 JOB = "augment"
 STAGES = (
@@ -466,6 +461,8 @@ class CaptionStage(_Stage):
     name = "caption"
 
     def __init__(self, config: RestageConfig):
+        from actors.captioner import Captioner
+
         super().__init__(config)
         self.captioner = Captioner(config.model_spec("captioner"), config.augment.caption)
         self.bank = PromptBank.load(config.augment.prompt_bank)
@@ -499,6 +496,8 @@ class CaptionStage(_Stage):
     def _ask_captioner(
         self, state: ProductState, reals: list[Sample], images: list[bytes]
     ) -> tuple[str | None, str]:
+        from actors.captioner import type_question
+
         labels = [noun for _, noun in self.bank.labels()]
         question = type_question(labels)
         answers = self.run(
@@ -511,6 +510,8 @@ class CaptionStage(_Stage):
         return (name, "captioner") if name else (None, "unresolved")
 
     def _zero_shot(self, encoded: list[bytes]) -> tuple[str, str]:
+        from actors.clip import ClipEmbedder, zero_shot
+
         if self.clip is None:
             self.clip = ClipEmbedder(self.config.model_spec("clip"))
         labels = self.bank.labels()
@@ -531,6 +532,8 @@ class ViewStage(_Stage):
     name = "views"
 
     def __init__(self, config: RestageConfig):
+        from actors.novel_view import NovelView
+
         super().__init__(config)
         self.model = NovelView(config.model_spec("novel_view"), config.augment.views)
         self.tag = source_tag(config, "novel_view")
@@ -576,6 +579,8 @@ class SegmentStage(_Stage):
     kinds: tuple[SampleKind, ...] = (SampleKind.REAL, SampleKind.VIEW)
 
     def __init__(self, config: RestageConfig):
+        from actors.segmenter import Segmenter
+
         super().__init__(config)
         self.model = Segmenter(config.model_spec("segmenter"), config.augment.segment)
         self.tag = source_tag(config, "segmenter")
@@ -641,12 +646,16 @@ class InpaintStage(_Stage):
     name = "inpaint"
 
     def __init__(self, config: RestageConfig):
+        from actors.inpainter import Inpainter
+
         super().__init__(config)
         self.model = Inpainter(config.model_spec("inpainter"), config.augment.contexts)
         self.bank = PromptBank.load(config.augment.prompt_bank)
         self.tag = source_tag(config, "inpainter")
 
     def process(self, state: ProductState) -> None:
+        from actors.inpainter import place_product, square_canvas
+
         cfg, pid, run_seed = self.config.augment, state.product_id, self.config.seed
         rows, made = [], []
         # A scene of up to 40 words with a fine-grained product may pass CLIP's 77 tokens:
@@ -739,6 +748,8 @@ class NegativeStage(_Stage):
     name = "negatives"
 
     def __init__(self, config: RestageConfig):
+        from actors.generator import GenerationOptions, Generator
+
         super().__init__(config)
         n = config.augment.negatives
         self.model = Generator(
@@ -780,6 +791,9 @@ class ScoreStage(_Stage):
     name = "score"
 
     def __init__(self, config: RestageConfig):
+        from actors.personal_fidelity import personal_encoders
+        from actors.scorer import Scorer, ScoringOptions
+
         super().__init__(config)
         self.scorer = Scorer(  # masks come from the segment stages
             config.model_spec("clip"),

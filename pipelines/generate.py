@@ -38,8 +38,6 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from actors.personal_fidelity import personal_encoders
-from actors.scorer import Scorer, ScoringOptions, references
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
@@ -228,6 +226,9 @@ class ScoreStage(ProductStage):
     name = "score"
 
     def __init__(self, config: RestageConfig):
+        from actors.personal_fidelity import personal_encoders
+        from actors.scorer import Scorer, ScoringOptions
+
         super().__init__(config)
         g = config.generate
         self.scorer = Scorer(  # masks come from SegmentStage
@@ -238,6 +239,8 @@ class ScoreStage(ProductStage):
         )
 
     def process(self, state: ProductState) -> None:
+        from actors.scorer import references
+
         g, stat = self.config.generate, state.stat(self.name)
         refs, ref_masks = references(state.meta)
         if not refs:

@@ -18,13 +18,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ray_app import storage, tiny
+from ray_app import storage
 from ray_app.config import ROLES, ModelSpec, RestageConfig, RoleSpec
 from ray_app.plan import actors_range
+
+if TYPE_CHECKING:  # torch loads where a model does, not in every task that reads a config
+    import torch
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -140,6 +141,8 @@ def quiet_libraries(imported_only: bool = False) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -150,6 +153,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
@@ -165,6 +170,8 @@ def resolve_source(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, boo
 
 def resolve_vae(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, bool] | None:
     """``resolve_source`` for the role's separate VAE (``spec.vae``); None without one."""
+    from ray_app import tiny
+
     if spec.vae is None:
         return None
     return _resolve(f"{role}.vae", spec.vae.source, spec.vae.revision, tiny.TINY_VAE, cache_dir)
@@ -173,6 +180,8 @@ def resolve_vae(role: str, spec: RoleSpec, cache_dir: Path) -> tuple[str, bool] 
 def _resolve(
     key: str, source: str, revision: str | None, tiny_name: str, cache_dir: Path
 ) -> tuple[str, bool]:
+    from ray_app import tiny
+
     src = source.strip()
     if src == "tiny":
         return str(tiny.ensure(tiny_name, cache_dir)), True
@@ -236,6 +245,8 @@ def load_role(config: RestageConfig, role: str, *, device: str | None = None) ->
 
 def load_model(model: ModelSpec, *, device: str | None = None) -> LoadedModel:
     """Load an actor's role from its ``ModelSpec`` (``device`` overrides the spec)."""
+    import torch
+
     role, spec = model.role, model.spec
     quiet_libraries()
     dev = resolve_device(device or spec.device)
@@ -344,6 +355,7 @@ def _load_transformers(role, path, spec, device, dtype, offline) -> LoadedModel:
 @register_family("open_clip")
 def _load_open_clip(role, path, spec, device, dtype, offline) -> LoadedModel:
     import open_clip
+    import torch
 
     if not Path(path).exists():  # a hub id: fetch the repo at its revision, then load locally
         from huggingface_hub import snapshot_download
@@ -399,6 +411,10 @@ _SAM_PRESETS = {
 
 @register_family("segment_anything", accepts_hub_id=False)
 def _load_segment_anything(role, path, spec, device, dtype, offline) -> LoadedModel:
+    import torch
+
+    from ray_app import tiny
+
     folder = Path(path)
     if folder.is_dir():
         ckpts = sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
@@ -446,6 +462,10 @@ def _load_fid_inception(role, path, spec, device, dtype, offline) -> LoadedModel
     (N, num_features) float features. A torch-fidelity weights file (the standard FID
     Inception-v3, 2048 pool3 features) loads into torchmetrics' ``NoTrainInceptionV3``; a
     folder with ``inception_config.json`` (the tiny checkpoint) into the network it names."""
+    import torch
+
+    from ray_app import tiny
+
     folder = Path(path)
     if folder.is_dir():
         arch = json.loads((folder / "inception_config.json").read_text())

@@ -271,7 +271,11 @@ def test_serve_and_generate_rank_with_the_learned_model(where, informative, tmp_
         def __init__(self, clip, dino, options, **kwargs):
             self.options = options
 
-    monkeypatch.setattr(module, "Scorer", NoScorer)
+    import actors.scorer
+
+    monkeypatch.setattr(actors.scorer, "Scorer", NoScorer)  # generate's stage imports it when built
+    if hasattr(module, "Scorer"):  # serve's replica has it from its module's imports
+        monkeypatch.setattr(module, "Scorer", NoScorer)
     uri = informative[1].model.save(str(tmp_path / "ranker.json"))
     built = getattr(module, name)(load_config("default", overrides=[f"generate.ranker={uri}"]))
     used = built.scorer.options.ranking  # the ranking that makes the scores it ranks by
