@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from ray_app.batching import batch_len, column, decode_column, map_chunks
@@ -212,11 +211,20 @@ class Segmenter:
         self.options = options
         self.transform = ResizeLongestSide(self.loaded.model.image_encoder.img_size)
 
-    @torch.inference_mode()
     def sam(
         self, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(rgb, box, point)] -> [(masks (3, H, W) bool, predicted IoU (3,))] in one forward."""
+        import torch  # here, not at module level: stage's decode tasks use this module's masks
+
+        with torch.inference_mode():
+            return self._sam(items)
+
+    def _sam(
+        self, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torch
+
         m = self.loaded
         inputs = []
         for rgb, box, point in items:

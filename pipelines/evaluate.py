@@ -26,13 +26,11 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
-from actors.scorer import Scorer, ScoringOptions
 from pipelines import _job
 from pipelines._product_rows import ProductRow, ProductStage, batch_rows, pack, unpack
 from ray_app import storage
 from ray_app.batching import object_array
 from ray_app.config import RestageConfig
-from ray_app.fid import SideFeatures, distribution, merge_sides
 from ray_app.images import encode_png, load_images
 from ray_app.kinds import Metric
 from ray_app.records import (
@@ -217,6 +215,8 @@ class ScoreStage(ProductStage):
     name = "score"
 
     def __init__(self, config: RestageConfig):
+        from actors.scorer import Scorer, ScoringOptions
+
         super().__init__(config)
         self.scorer = Scorer(
             config.model_spec("eval_clip"),
@@ -457,6 +457,8 @@ def distributions(
 ) -> dict[str, Any]:
     """FID/KID of each run against the references (ray_app/fid.py). ``counts``: images per
     side (for KID's sample)."""
+    from ray_app.fid import SideFeatures, distribution, merge_sides
+
     e = config.evaluate
     rates = {side: e.kid_max_images / n for side, n in counts.items() if n}
     merged = merge_sides(layout.features_dir(), rates, (REFERENCE_SIDE,), e.cpus_per_task)

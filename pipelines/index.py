@@ -47,12 +47,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.clip import ClipEmbedder
-from actors.segmenter import Segmenter
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, batch_rows, load_photos, pack, unpack
-from ray_app import fid, retrieval, storage
+from ray_app import retrieval, storage
 from ray_app.config import RestageConfig
 from ray_app.images import decode_mask, encode, encode_png
 from ray_app.models import source_tag
@@ -183,6 +181,8 @@ class SegmentScenes(ProductStage):
     name = "segment"
 
     def __init__(self, config: RestageConfig):
+        from actors.segmenter import Segmenter
+
         super().__init__(config)
         self.model = Segmenter(config.model_spec("segmenter"), config.index.segment)
         self.tag = source_tag(config, "segmenter")
@@ -228,6 +228,8 @@ class EmbedScenes(ProductStage):
     name = "embed"
 
     def __init__(self, config: RestageConfig):
+        from actors.clip import ClipEmbedder
+
         super().__init__(config)
         self.model = ClipEmbedder(config.model_spec("clip"))
         self.tag = source_tag(config, "clip")
@@ -473,6 +475,8 @@ def build_fid_reference(config: RestageConfig, layout: IndexLayout) -> dict[str,
     """The kept scenes' Inception features merged into one state beside the search index
     (``IndexLayout.fid_reference``); KID keeps a seeded sample of ``evaluate.kid_max_images``.
     None when no scene has features (any earlier reference is removed)."""
+    from ray_app import fid
+
     target = IndexLayout.fid_reference(layout.index_dir())
     storage.remove(target)
     if not config.index.fid_reference:

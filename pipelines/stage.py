@@ -43,15 +43,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from actors.clip import ClipEmbedder
-from actors.inpainter import Inpainter
-from actors.segmenter import Segmenter, area_ok, plain_background_mask
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import (
@@ -63,7 +60,7 @@ from pipelines._product_rows import (
     pack,
     unpack,
 )
-from ray_app import fid, parallax, retrieval, storage
+from ray_app import parallax, retrieval, storage
 from ray_app.config import RestageConfig, SegmentConfig
 from ray_app.images import (
     LoadedImage,
@@ -97,6 +94,10 @@ from ray_app.staging import (
     removal_mask,
 )
 from ray_app.storage import IndexLayout, StageLayout
+
+if TYPE_CHECKING:  # the models load in the stages' actors, not in the decode tasks
+    from actors.clip import ClipEmbedder
+    from actors.segmenter import Segmenter
 
 JOB = "stage"
 STAGES = ("decode", "segment", "retrieve", "compose", "score", "inception", "write")
@@ -191,6 +192,8 @@ def cut_out(state: StageProduct, loaded: list[LoadedImage], seg: SegmentConfig) 
     """The first photo whose alpha channel or plain background gives a plausible mask is
     the one staged, cut out without a model; otherwise every photo waits for the segmenter
     (``state.photos``)."""
+    from actors.segmenter import area_ok, plain_background_mask
+
     for image in loaded:
         rgb, alpha = image.image.rgb, image.image.alpha
         if alpha is not None and area_ok(alpha, seg.min_area, seg.max_area):
@@ -217,6 +220,8 @@ class SegmentProducts(ProductStage):
     name = "segment"
 
     def __init__(self, config: RestageConfig):
+        from actors.segmenter import Segmenter
+
         super().__init__(config)
         self.model = Segmenter(config.model_spec("segmenter"), config.stage.segment)
 
@@ -249,6 +254,8 @@ class Retrieve(ProductStage):
     name = "retrieve"
 
     def __init__(self, config: RestageConfig, index_uri: str):
+        from actors.clip import ClipEmbedder
+
         super().__init__(config)
         self.model = ClipEmbedder(config.model_spec("clip"))
         self.index = retrieval.Index.open(index_uri, expect_model=source_tag(config, "clip"))
@@ -323,6 +330,8 @@ class Compose(ProductStage):
     name = "compose"
 
     def __init__(self, config: RestageConfig):
+        from actors.inpainter import Inpainter
+
         super().__init__(config)
         self.model = Inpainter(
             config.model_spec("inpainter"), config.stage.removal, lora=config.stage.inpainter_lora
@@ -430,6 +439,9 @@ class Score(ProductStage):
     ):
         """``clip``, ``segmenter``: models already loaded in this process (the Stager
         replica's, shared with its retrieve and segment stages) instead of loading copies."""
+        from actors.clip import ClipEmbedder
+        from actors.segmenter import Segmenter
+
         super().__init__(config)
         self.clip = clip or ClipEmbedder(config.model_spec("clip"))
         self.segmenter = segmenter or Segmenter(
@@ -720,6 +732,8 @@ def stage(
 def staged_quality(config: RestageConfig, layout: StageLayout, index_uri: str) -> dict[str, Any]:
     """FID and KID of every kept staged image (this run's and earlier runs') against the
     index's scenes, or why not (ray_app/fid.distribution's refusal included)."""
+    from ray_app import fid
+
     e = config.evaluate
     if not config.stage.fid:
         return {"refused": "stage.fid is off"}

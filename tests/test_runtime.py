@@ -57,7 +57,10 @@ def test_the_environment_is_set_without_importing_the_model_libraries():
     assert out == ["[]", "True"], out
 
 
-@pytest.mark.parametrize("module", ["pipelines.augment", "pipelines.generate", "pipelines.train"])
+@pytest.mark.parametrize(
+    "module",
+    [f"pipelines.{m}" for m in ("augment", "generate", "train", "stage", "index", "evaluate")],
+)
 def test_the_jobs_task_modules_import_no_model_library(module):
     """Ray Data runs a job's decode, select and write functions as tasks, in worker
     processes that import the functions' module: with torch in it, each new worker spent
