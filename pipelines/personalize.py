@@ -81,7 +81,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.encoder_trainer import EncoderLayout, EncoderTrainer
 from pipelines import _job
 from pipelines._job import outcome_batch, write_product
 from pipelines._product_rows import ProductRow, ProductStage, pack, unpack
@@ -95,7 +94,7 @@ from ray_app.ranking import ranking_class
 from ray_app.records import GENERATION_SCHEMA, INVALID, SAMPLE_SCHEMA, VALID
 from ray_app.report import JobSummary
 from ray_app.seeds import derive_seed
-from ray_app.storage import AdapterLayout, AugmentLayout, GenerationLayout
+from ray_app.storage import AdapterLayout, AugmentLayout, EncoderLayout, GenerationLayout
 
 JOB = "personalize"
 GENERATED = "generated"  # the stage of generated positives (stats, error rows)
@@ -443,6 +442,8 @@ class TrainEncoders(ProductStage):
     name = "train"
 
     def __init__(self, config: RestageConfig):
+        from actors.encoder_trainer import EncoderTrainer
+
         super().__init__(config)
         self.trainer = EncoderTrainer(config.model_spec("encoder"), config.personalize)
         self.side = max(128, 2 * self.trainer.resolution)  # enough for its random crops

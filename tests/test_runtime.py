@@ -59,7 +59,10 @@ def test_the_environment_is_set_without_importing_the_model_libraries():
 
 @pytest.mark.parametrize(
     "module",
-    [f"pipelines.{m}" for m in ("augment", "generate", "train", "stage", "index", "evaluate")],
+    [
+        f"pipelines.{m}"
+        for m in ("augment", "generate", "train", "stage", "index", "evaluate", "personalize")
+    ],
 )
 def test_the_jobs_task_modules_import_no_model_library(module):
     """Ray Data runs a job's decode, select and write functions as tasks, in worker
