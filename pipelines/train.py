@@ -861,9 +861,8 @@ def train(
             if ready:
                 # The "to do" line now, not when the run ends: the total once the queue has
                 # read the whole stream, else the products found so far.
-                lines = StageLines(
-                    JOB, queued_total(queue), enabled=not progress_bars(config), at_least=ready
-                )
+                total = ray.get(queue.progress.remote())[2]  # None while still listing
+                lines = StageLines(JOB, total, enabled=not progress_bars(config), at_least=ready)
                 lines.start = started  # elapsed since the job began
                 progress.poll = lambda: lines_poll(queue, lines)
             progress.phase("products")
@@ -906,13 +905,6 @@ def train(
     }
     storage.write_json(layout.summary(), summary.to_dict())
     return summary
-
-
-def queued_total(queue: Any) -> int | None:
-    """The products this run trains, once ``queue`` has read its whole stream, else None."""
-    import ray
-
-    return ray.get(queue.progress.remote())[2]
 
 
 def lines_poll(queue: Any, lines: StageLines) -> tuple[int, dict[str, int], int | None]:
