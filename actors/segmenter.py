@@ -217,14 +217,6 @@ class Segmenter:
         """[(rgb, box, point)] -> [(masks (3, H, W) bool, predicted IoU (3,))] in one forward."""
         import torch  # here, not at module level: stage's decode tasks use this module's masks
 
-        with torch.inference_mode():
-            return self._sam(items)
-
-    def _sam(
-        self, items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        import torch
-
         m = self.loaded
         inputs = []
         for rgb, box, point in items:
@@ -245,7 +237,8 @@ class Segmenter:
                     "point_labels": torch.ones((1, 1), device=m.device, dtype=torch.int),
                 }
             )
-        outputs = m.model(inputs, multimask_output=True)
+        with torch.inference_mode():
+            outputs = m.model(inputs, multimask_output=True)
         return [
             (o["masks"][0].cpu().numpy(), o["iou_predictions"][0].float().cpu().numpy())
             for o in outputs
