@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from ray_app.config import ConfigError, RestageConfig
+from ray_app.gpus import local_gpus
 from ray_app.resources import RoleNeed, encoder_train_need, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
@@ -86,11 +87,9 @@ class Cluster:
     def local(cls, config: RestageConfig) -> Cluster:
         """The local Ray a job would start (``ray.num_gpus``/``num_cpus``, else this machine),
         known without starting it."""
-        import torch
-
         gpus = config.ray.num_gpus
         if gpus is None:
-            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            gpus = local_gpus().count
         cpus = config.ray.num_cpus or os.cpu_count() or 1
         gib, source = gpu_memory(config, {})
         node = {"CPU": float(cpus), "GPU": float(gpus)}
@@ -203,17 +202,12 @@ def _gpu_class_of(resources: dict[str, float]) -> tuple[str | None, float]:
 
 
 def gpu_memory(config: RestageConfig, resources: dict[str, float]) -> tuple[float, str]:
-    """GiB per GPU: from config, the local CUDA device, Ray's accelerator type, or assumed."""
+    """GiB per GPU: from config, this machine's first GPU, Ray's accelerator type, or assumed."""
     if config.ray.gpu_memory_gb is not None:
         return config.ray.gpu_memory_gb, "GPU memory from ray.gpu_memory_gb"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-            return round(gib, 1), f"GPU memory of {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
+    here = local_gpus()
+    if here.gib is not None:
+        return here.gib, f"GPU memory of {here.name}"
     for key in resources:
         if key.startswith("accelerator_type:"):
             name = key.split(":", 1)[1]
