@@ -628,19 +628,33 @@ def _intake_row(seq: int, where: str, raw: Any, rec: ProductRecord | None) -> di
 
 
 def read_chunks(
-    batch: dict[str, Any], job: str, errors_dir: str, rows: int = MANIFEST_CHUNK_ROWS
+    batch: dict[str, Any],
+    job: str,
+    errors_dir: str,
+    rows: int = MANIFEST_CHUNK_ROWS,
+    dedupe: bool = False,
 ) -> Iterator[pa.Table]:
     """A Ray Data task: the manifests named in ``batch["uri"]`` -> intake rows, validated,
-    ``rows`` at a time; each chunk's invalid rows go to its errors shard from here."""
+    ``rows`` at a time; each chunk's invalid rows go to its errors shard from here. With
+    ``dedupe`` (a manifest of one shuffle partition: this task sees every row the shuffle's
+    one reducer would) a later record of an id is made invalid here, as ``first_of_each_id``
+    does."""
     for uri in batch["uri"]:
         uri, fmt, base = _opened(str(uri))
         chunk: list[dict[str, Any]] = []
         errors: list[ErrorRow] = []
+        first: dict[str, dict[str, Any]] = {}  # id -> its first row (``dedupe`` only)
         for seq, (where, raw) in enumerate(_raw_rows(uri, fmt)):
             rec, error = _check(where, raw, base, job)
             if error is not None:
                 errors.append(error)
-            chunk.append(_intake_row(seq, where, raw, rec))
+            row = _intake_row(seq, where, raw, rec)
+            if dedupe and rec is not None:
+                if rec.product_id in first:
+                    errors.append(_duplicate_of(job, row, first[rec.product_id]))
+                else:
+                    first[rec.product_id] = row
+            chunk.append(row)
             if len(chunk) == rows:
                 yield _chunk_table(chunk, errors, seq // rows, errors_dir)
                 chunk, errors = [], []
@@ -667,15 +681,18 @@ def first_of_each_id(group: pa.Table, job: str, errors_dir: str) -> pa.Table:
     group = group.sort_by("seq")
     rows = group.to_pylist()
     first = rows[0]
-    errors = []
-    for row in rows[1:]:
-        row["status"] = INVALID
-        record = {k: row[k] for k in _KNOWN_FIELDS}
-        errors.append(_duplicate(job, row["where"], first["key"], first["where"], _dump(record)))
+    errors = [_duplicate_of(job, row, first) for row in rows[1:]]
     storage.write_parquet(
         storage.join(errors_dir, f"duplicates-{first['key']}.parquet"), errors_table(errors)
     )
     return pa.Table.from_pylist(rows, schema=group.schema)
+
+
+def _duplicate_of(job: str, row: dict[str, Any], first: dict[str, Any]) -> ErrorRow:
+    """Intake ``row`` repeats the id of ``first``: it becomes invalid -> its error row."""
+    row["status"] = INVALID
+    record = {k: row[k] for k in _KNOWN_FIELDS}
+    return _duplicate(job, row["where"], first["key"], first["where"], _dump(record))
 
 
 def manifest_dataset(uri: str, job: str, errors_dir: str) -> Any:
@@ -686,18 +703,24 @@ def manifest_dataset(uri: str, job: str, errors_dir: str) -> Any:
     Rows are read by our own reader in one task per manifest (Ray's ``read_json`` fails on
     a bad line, and no Ray reader keeps the line number every message names), ``rows`` at
     a time. Duplicate ids: a ``groupby(key).map_groups`` shuffle in tasks, a barrier over the
-    records only (small), keeps the first of each id; the driver never holds a set of ids."""
+    records only (small), keeps the first of each id; the driver never holds a set of ids.
+    A manifest of one partition (``shuffle_partitions``) is deduplicated by its reading task
+    instead: the shuffle would gather every row in one task too, and its two stages cost a
+    small job ~3 s (their tasks start new worker processes)."""
     import ray
 
     uri, _, _ = _opened(uri)  # a missing manifest or an unknown format fails here, at once
     errors_dir = manifest_errors_dir(errors_dir)
+    partitions = shuffle_partitions(uri)
     ds = ray.data.from_items([{"uri": uri}]).map_batches(
         read_chunks,
-        fn_kwargs={"job": job, "errors_dir": errors_dir},
+        fn_kwargs={"job": job, "errors_dir": errors_dir, "dedupe": partitions == 1},
         batch_size=1,
         batch_format="pyarrow",
     )
-    return ds.groupby("key", num_partitions=shuffle_partitions(uri)).map_groups(
+    if partitions == 1:
+        return ds
+    return ds.groupby("key", num_partitions=partitions).map_groups(
         first_of_each_id, fn_kwargs={"job": job, "errors_dir": errors_dir}, batch_format="pyarrow"
     )
 

@@ -164,10 +164,10 @@ def test_errors_table_schema():
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_manifest_read_in_tasks_says_what_read_manifest_says(ray_local, fmt, tmp_path, monkeypatch):
-    """``manifest_dataset`` (Ray Data tasks, duplicates by a shuffle) keeps the same
-    records and writes the same errors as ``read_manifest``; a re-run replaces its errors
-    shards, it does not add to them. The first read shuffles into one partition (a small
-    manifest), the second into several."""
+    """``manifest_dataset`` (Ray Data tasks) keeps the same records and writes the same
+    errors as ``read_manifest``; a re-run replaces its errors shards, it does not add to
+    them. The first read finds the duplicates in its reading task (a small manifest: one
+    partition), the second by a shuffle into several partitions."""
     uri = str(tmp_path / f"products.{fmt}")
     write_manifest([*RAW, {"product_id": "mug-1", "image_uris": ["img/d.png"]}], uri)
     if fmt == "jsonl":  # a line Ray's own JSON reader would fail the whole read on
