@@ -2,12 +2,13 @@
 from Inception features computed once per image (role ``inception``, actors/inception.py).
 
 The features are computed in the evaluation's actor pool, so the metrics here see features,
-not images: torchmetrics is given an identity "feature extractor" (``Precomputed``), and its
-own states do the accounting. They are accumulated per block of features and merged
-(``merge_state``): FID keeps running sums (count, sum, sum of outer products), so every
-image counts at any scale; KID keeps the feature vectors themselves, so each side keeps a
-seeded sample of at most ``kid_max_images`` (chosen by a hash of the image id: the same
-images whichever block they arrive in).
+not images. They are accumulated per block of features as the states torchmetrics keeps,
+in plain arrays (``SideFeatures``), and merged: FID keeps running sums (count, sum, sum of
+outer products), so every image counts at any scale; KID keeps the feature vectors
+themselves, so each side keeps a seeded sample of at most ``kid_max_images`` (chosen by a
+hash of the image id: the same images whichever block they arrive in). Only the final
+measure (``distribution``) loads torchmetrics: its FID and KID, given an identity "feature
+extractor" (``Precomputed``), are handed the merged states and compute.
 
 Jobs keep features as Parquet shards (``FEATURES_SCHEMA``: side, image id, vector);
 ``merge_sides`` folds a folder of them into one state per side in Ray Data tasks. A side
@@ -17,7 +18,6 @@ once as its merged state (``save_side``, ``load_side``): the sums FID needs and 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import math
@@ -28,19 +28,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torch import nn
-
-
-class Precomputed(nn.Module):
-    """torchmetrics' feature-extractor slot for features computed elsewhere: identity."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
 
 
 def in_kid_sample(image_id: str, rate: float) -> bool:
@@ -51,86 +38,74 @@ def in_kid_sample(image_id: str, rate: float) -> bool:
     return draw / 2**64 < rate
 
 
-# torchmetrics' states of each side (True: the references, its "real" images).
-STATE_NAMES = {
-    True: ("real_features_sum", "real_features_cov_sum", "real_features_num_samples",
-           "real_features"),
-    False: ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples",
-            "fake_features"),
-}  # fmt: skip
-
-
 class SideFeatures:
     """One side's features (a run's images, or the references), mergeable across blocks:
-    a torchmetrics FID state (as its "fake" side for a run, "real" for references) and a
-    KID state holding the sampled vectors."""
+    FID's running sums (count, sum, sum of outer products, in float64 as torchmetrics keeps
+    them) and KID's sampled vectors. Plain arrays: the Ray Data tasks that sum a block of
+    features, and the drivers that merge and save the sums, import neither torch nor
+    torchmetrics (~6 s of CPU in each process); ``distribution`` hands the merged sums to
+    torchmetrics' metrics."""
 
     def __init__(self, num_features: int, real: bool):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-
         self.real = real
-        self.fid = FrechetInceptionDistance(feature=Precomputed(num_features))
-        with warnings.catch_warnings():  # "saves all features": the sample is bounded here
-            warnings.simplefilter("ignore", UserWarning)
-            self.kid = KernelInceptionDistance(feature=Precomputed(num_features))
+        self.total = np.zeros(num_features, np.float64)
+        self.outer = np.zeros((num_features, num_features), np.float64)
+        self.kid: list[np.ndarray] = []  # the sampled vectors, float32
         self.n = 0
 
     def add(self, features: np.ndarray, image_ids: list[str], kid_rate: float) -> None:
         if len(features) == 0:
             return
-        x = torch.from_numpy(np.asarray(features, np.float32))
-        self.fid.update(x, real=self.real)
+        x = np.asarray(features, np.float32)
+        wide = x.astype(np.float64)  # as torchmetrics' update: the sums in double
+        self.total += wide.sum(axis=0)
+        self.outer += wide.T @ wide
         sampled = [i for i, image_id in enumerate(image_ids) if in_kid_sample(image_id, kid_rate)]
         if sampled:
-            self.kid.update(x[sampled], real=self.real)
+            self.kid.append(x[sampled])
         self.n += len(x)
 
     def merge(self, other: SideFeatures) -> None:
-        self.fid.merge_state(other.fid)
-        self.kid.merge_state(other.kid)
+        self.total += other.total
+        self.outer += other.outer
+        self.kid.extend(other.kid)
         self.n += other.n
 
     @property
     def kid_count(self) -> int:
-        held = self.kid.real_features if self.real else self.kid.fake_features
-        return sum(len(t) for t in held)
+        return sum(len(v) for v in self.kid)
 
     @property
     def num_features(self) -> int:
-        return int(self.fid.real_features_sum.numel())
+        return int(self.total.shape[0])
 
-    def _names(self) -> tuple[str, str, str, str]:
-        """This side's torchmetrics state names: FID's sum, covariance sum, count; KID's list."""
-        return STATE_NAMES[self.real]
+    def kid_vectors(self) -> np.ndarray:
+        """KID's sample as one array, in an order of the vectors' own contents: KID draws
+        its subsets by position, and blocks merge in any order."""
+        if not self.kid:
+            return np.zeros((0, self.num_features), np.float32)
+        x = np.concatenate(self.kid)
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in x]
+        return x[sorted(range(len(keys)), key=keys.__getitem__)]
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """This side's FID sums and KID sample as arrays (``save_side``)."""
-        total, cov, count, vectors = self._names()
-        held = getattr(self.kid, vectors)
-        kid = torch.cat(held) if held else torch.zeros((0, self.num_features))
         return {
             "is_reference": np.asarray(self.real),
             "n": np.asarray(self.n),
-            "fid_sum": getattr(self.fid, total).numpy(),
-            "fid_cov_sum": getattr(self.fid, cov).numpy(),
-            "fid_count": getattr(self.fid, count).numpy(),
-            "kid_features": kid.numpy(),
+            "fid_sum": self.total,
+            "fid_cov_sum": self.outer,
+            "fid_count": np.asarray(self.n),
+            "kid_features": self.kid_vectors(),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SideFeatures:
         out = cls(int(arrays["fid_sum"].shape[0]), real=bool(arrays["is_reference"]))
-        total, cov, count, vectors = out._names()
-        setattr(out.fid, total, torch.from_numpy(arrays["fid_sum"]))
-        setattr(out.fid, cov, torch.from_numpy(arrays["fid_cov_sum"]))
-        setattr(out.fid, count, torch.from_numpy(arrays["fid_count"]))
-        out.fid._update_count = 1  # it has seen data: compute() must not warn and refuse
-        out.fid.orig_dtype = torch.float32  # set by update(): the dtype add() gives it
-        kid = torch.from_numpy(arrays["kid_features"])
-        if len(kid):
-            getattr(out.kid, vectors).append(kid)
-            out.kid._update_count = 1
+        out.total = np.asarray(arrays["fid_sum"], np.float64)
+        out.outer = np.asarray(arrays["fid_cov_sum"], np.float64)
+        kid = np.asarray(arrays["kid_features"], np.float32)
+        out.kid = [kid] if len(kid) else []
         out.n = int(arrays["n"])
         return out
 
@@ -245,13 +220,34 @@ class Distribution:
         return asdict(self)
 
 
-def _canonical(held: list[torch.Tensor]) -> list[torch.Tensor]:
-    """KID's sampled vectors as one tensor in an order of their own contents."""
-    if not held:
-        return held
-    x = torch.cat(held)
-    keys = [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in x.numpy()]
-    return [x[sorted(range(len(keys)), key=keys.__getitem__)]]
+def _metrics(run: SideFeatures, references: SideFeatures, subset: int, subsets: int) -> tuple:
+    """torchmetrics' FID and KID holding both sides' merged states (the references as their
+    "real" images, the run as "fake"), ready to compute."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    class Precomputed(torch.nn.Module):
+        """torchmetrics' feature-extractor slot for features computed elsewhere: identity."""
+
+        num_features = references.num_features
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return features
+
+    fid = FrechetInceptionDistance(feature=Precomputed())
+    with warnings.catch_warnings():  # "saves all features": the sample is bounded here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=Precomputed(), subsets=subsets, subset_size=subset)
+    for side, name in ((references, "real"), (run, "fake")):
+        setattr(fid, f"{name}_features_sum", torch.from_numpy(side.total))
+        setattr(fid, f"{name}_features_cov_sum", torch.from_numpy(side.outer))
+        setattr(fid, f"{name}_features_num_samples", torch.tensor(side.n))
+        setattr(kid, f"{name}_features", [torch.from_numpy(side.kid_vectors())])
+    # They have seen data (compute() must not warn and refuse), in update()'s dtype.
+    fid._update_count = kid._update_count = 1
+    fid.orig_dtype = torch.float32
+    return fid, kid
 
 
 def distribution(
@@ -277,17 +273,10 @@ def distribution(
             "or images, or lower evaluate.min_fid_images knowing that both metrics are "
             "biased at small sizes",
         )
-    # Both sides in one metric: the references' states (which saw an update) plus the run's.
-    fid = copy.deepcopy(references.fid)
-    fid.merge_state(run.fid)
+    import torch
+
     subset = min(kid_subset_size, run.kid_count, references.kid_count)
-    kid = copy.deepcopy(references.kid)
-    kid.merge_state(run.kid)
-    # KID's subsets are drawn by position: put each side in one order whatever the order
-    # its blocks were merged in (merge_state puts the incoming block first).
-    kid.real_features = _canonical(kid.real_features)
-    kid.fake_features = _canonical(kid.fake_features)
-    kid.subset_size, kid.subsets = subset, kid_subsets
+    fid, kid = _metrics(run, references, max(subset, 1), kid_subsets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # KID draws its subsets with torch's global generator
         fid_value = float(fid.compute())
