@@ -239,11 +239,11 @@ def _metrics(run: SideFeatures, references: SideFeatures, subset: int, subsets: 
     with warnings.catch_warnings():  # "saves all features": the sample is bounded here
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=Precomputed(), subsets=subsets, subset_size=subset)
-    for side, name in ((references, "real"), (run, "fake")):
-        setattr(fid, f"{name}_features_sum", torch.from_numpy(side.total))
-        setattr(fid, f"{name}_features_cov_sum", torch.from_numpy(side.outer))
-        setattr(fid, f"{name}_features_num_samples", torch.tensor(side.n))
-        setattr(kid, f"{name}_features", [torch.from_numpy(side.kid_vectors())])
+    for side, states in ((references, "real_features"), (run, "fake_features")):
+        setattr(fid, f"{states}_sum", torch.from_numpy(side.total))
+        setattr(fid, f"{states}_cov_sum", torch.from_numpy(side.outer))
+        setattr(fid, f"{states}_num_samples", torch.tensor(side.n))
+        setattr(kid, states, [torch.from_numpy(side.kid_vectors())])
     # They have seen data (compute() must not warn and refuse), in update()'s dtype.
     fid._update_count = kid._update_count = 1
     fid.orig_dtype = torch.float32
