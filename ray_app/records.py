@@ -643,7 +643,7 @@ def read_chunks(
         uri, fmt, base = _opened(str(uri))
         chunk: list[dict[str, Any]] = []
         errors: list[ErrorRow] = []
-        first: dict[str, dict[str, Any]] = {}  # id -> its first row (``dedupe`` only)
+        first: dict[str, str] = {}  # id -> where its first record is (``dedupe`` only)
         for seq, (where, raw) in enumerate(_raw_rows(uri, fmt)):
             rec, error = _check(where, raw, base, job)
             if error is not None:
@@ -653,7 +653,7 @@ def read_chunks(
                 if rec.product_id in first:
                     errors.append(_duplicate_of(job, row, first[rec.product_id]))
                 else:
-                    first[rec.product_id] = row
+                    first[rec.product_id] = where
             chunk.append(row)
             if len(chunk) == rows:
                 yield _chunk_table(chunk, errors, seq // rows, errors_dir)
@@ -681,18 +681,19 @@ def first_of_each_id(group: pa.Table, job: str, errors_dir: str) -> pa.Table:
     group = group.sort_by("seq")
     rows = group.to_pylist()
     first = rows[0]
-    errors = [_duplicate_of(job, row, first) for row in rows[1:]]
+    errors = [_duplicate_of(job, row, first["where"]) for row in rows[1:]]
     storage.write_parquet(
         storage.join(errors_dir, f"duplicates-{first['key']}.parquet"), errors_table(errors)
     )
     return pa.Table.from_pylist(rows, schema=group.schema)
 
 
-def _duplicate_of(job: str, row: dict[str, Any], first: dict[str, Any]) -> ErrorRow:
-    """Intake ``row`` repeats the id of ``first``: it becomes invalid -> its error row."""
+def _duplicate_of(job: str, row: dict[str, Any], first: str) -> ErrorRow:
+    """Intake ``row`` repeats the id of the record at ``first``: it becomes invalid -> its
+    error row."""
     row["status"] = INVALID
     record = {k: row[k] for k in _KNOWN_FIELDS}
-    return _duplicate(job, row["where"], first["key"], first["where"], _dump(record))
+    return _duplicate(job, row["where"], row["key"], first, _dump(record))
 
 
 def manifest_dataset(uri: str, job: str, errors_dir: str) -> Any:
