@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 from ray_app.config import ConfigError, RestageConfig
-from ray_app.gpus import local_gpus
+from ray_app.gpus import LocalGpus, local_gpus
 from ray_app.resources import RoleNeed, encoder_train_need, role_need, train_need
 
 USABLE = 0.95  # of each GPU's memory: allocator fragmentation and library workspaces
@@ -87,11 +87,10 @@ class Cluster:
     def local(cls, config: RestageConfig) -> Cluster:
         """The local Ray a job would start (``ray.num_gpus``/``num_cpus``, else this machine),
         known without starting it."""
-        gpus = config.ray.num_gpus
-        if gpus is None:
-            gpus = local_gpus().count
+        here = local_gpus()  # once: NVML's start takes longer on a machine of many GPUs
+        gpus = here.count if config.ray.num_gpus is None else config.ray.num_gpus
         cpus = config.ray.num_cpus or os.cpu_count() or 1
-        gib, source = gpu_memory(config, {})
+        gib, source = gpu_memory(config, {}, here)
         node = {"CPU": float(cpus), "GPU": float(gpus)}
         return cls(
             float(gpus), gib, float(cpus), f"the local Ray this job starts; {source}", nodes=[node]
@@ -201,11 +200,14 @@ def _gpu_class_of(resources: dict[str, float]) -> tuple[str | None, float]:
     return None, 0.0
 
 
-def gpu_memory(config: RestageConfig, resources: dict[str, float]) -> tuple[float, str]:
-    """GiB per GPU: from config, this machine's first GPU, Ray's accelerator type, or assumed."""
+def gpu_memory(
+    config: RestageConfig, resources: dict[str, float], here: LocalGpus | None = None
+) -> tuple[float, str]:
+    """GiB per GPU: from config, this machine's first GPU (``here``, else read), Ray's
+    accelerator type, or assumed."""
     if config.ray.gpu_memory_gb is not None:
         return config.ray.gpu_memory_gb, "GPU memory from ray.gpu_memory_gb"
-    here = local_gpus()
+    here = here or local_gpus()
     if here.gib is not None:
         return here.gib, f"GPU memory of {here.name}"
     for key in resources:
