@@ -1,8 +1,9 @@
 """`restage train`: one LoRA adapter per product on Ray Train (paper 2.4, A.5).
 
-The product list is one Ray Data stream (``work_dataset``): the augment output's manifest
-shards, read in Ray Data tasks, one row per product, each row's completion (its
-``adapter.json`` exists) checked in those tasks; the driver lists nothing. A work-queue
+The product list is one stream (``WorkSource``): the augment output's manifest shards, one
+row per product, each row's completion (its ``adapter.json`` exists) checked as it is read,
+in the queue actor for a small folder and in Ray Data tasks (``work_dataset``) for a large
+one; the driver lists nothing. A work-queue
 actor (``pipelines.train_queue``) reads that stream and a Ray Train ``DataParallelTrainer``
 (no torch process group: the workers never communicate) with N workers
 leases products from it one at a time, as each worker gets to them (in listing order): a
@@ -113,11 +114,7 @@ def product_ids(data_root: str) -> Dataset:
     import pyarrow as pa
     import ray.data
 
-    manifest_dir = AugmentLayout(data_root).manifest_dir()
-    if not storage.exists(manifest_dir):
-        raise FileNotFoundError(
-            f"--data {data_root}: no manifest/ folder; give the output root of `restage augment`"
-        )
+    manifest_dir = require_manifest(data_root)
     try:
         ds = ray.data.read_parquet(
             manifest_dir, include_paths=True, num_cpus=0, concurrency=LISTING_TASKS
@@ -132,6 +129,16 @@ def product_ids(data_root: str) -> Dataset:
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=LISTING_TASKS),
     )
+
+
+def require_manifest(data_root: str) -> str:
+    """The augment output's manifest folder; a clear error when ``data_root`` has none."""
+    manifest_dir = AugmentLayout(data_root).manifest_dir()
+    if not storage.exists(manifest_dir):
+        raise FileNotFoundError(
+            f"--data {data_root}: no manifest/ folder; give the output root of `restage augment`"
+        )
+    return manifest_dir
 
 
 def _shard_rows(batch: Any) -> Any:
@@ -173,6 +180,36 @@ def _with_completion(batch: Any, out_root: str) -> Any:
     with ThreadPoolExecutor(8) as pool:
         complete = list(pool.map(done, range(len(ids))))
     return batch.append_column("complete", pa.array(complete, pa.bool_()))
+
+
+# A manifest folder of at most this many shards is listed by the queue actor itself, its
+# completion checked there: a small job (a few products, DreamBench) starts no Ray Data read
+# (~5 s of task start-up on 2 cores); a larger one streams through ``work_dataset``.
+SMALL_LISTING = 1000
+
+
+@dataclass(frozen=True)
+class WorkSource:
+    """The train job's input stream, as ``work_dataset``'s batches (``product_id``,
+    ``shard``, ``error``, ``complete``), iterated inside the queue actor, never the driver:
+    a small manifest folder listed there directly, a larger one read through Ray Data."""
+
+    data_root: str
+    out_root: str
+
+    def __iter__(self) -> Iterator[Any]:
+        import pyarrow as pa
+
+        names = storage.list_names(AugmentLayout(self.data_root).manifest_dir(), ".parquet")
+        if len(names) > SMALL_LISTING:
+            # (Listed twice, here and by Ray Data's read: one more listing for a job this size.)
+            yield from work_dataset(self.data_root, self.out_root).iter_batches(
+                batch_format="pyarrow"
+            )
+            return
+        for i in range(0, len(names), 256):
+            shards = pa.table({"path": pa.array(names[i : i + 256], pa.string())})
+            yield _with_completion(_shard_rows(shards), self.out_root)
 
 
 def work_dataset(data_root: str, out_root: str) -> Dataset:
@@ -845,8 +882,9 @@ def train(
         with progress:
             config, _ = preflight(config, JOB)  # a job that cannot run ends now
             init_ray(config)
+            require_manifest(data_root)
             queue = ray.remote(num_cpus=0)(ProductQueue).remote(
-                work_dataset(data_root, root), _job.InputIndex(layout)
+                WorkSource(data_root, root), _job.InputIndex(layout)
             )
             progress.poll = lambda: ray.get(queue.progress.remote())
             # No more workers than groups of products to do: each one loads the base model

@@ -1,7 +1,8 @@
 """The work queue of `restage train`: products go to whichever training worker asks next.
 
-The queue is one Ray actor (no CPU) that reads a Ray Data stream of ``product_id`` rows,
-each with its completion status already checked in Ray Data tasks, and leases one product
+The queue is one Ray actor (no CPU) that reads a stream of ``product_id`` rows, each with
+its completion status already checked (``pipelines.train.WorkSource``: listed in the actor
+for a small job, read in Ray Data tasks for a large one), and leases one product
 per ``next`` call. A worker asks for a product only when it is ready to train it, so a fast
 worker takes more products and none waits in line behind a slow one. (Ray Data's
 ``streaming_split`` would not do: its ``OutputSplitter`` hands each block to the split with

@@ -19,8 +19,10 @@ import uuid
 from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Bump when a builder changes so that cached tiny checkpoints are rebuilt.
 TINY_VERSION = "4"
@@ -52,6 +54,8 @@ def build(role: str, dest: Path) -> Path:
     """Build the tiny checkpoint of ``role`` into ``dest`` (atomically: temp folder, rename)."""
     if role not in _BUILDERS:
         raise KeyError(f"no tiny builder for role {role!r}; roles with one: {', '.join(_BUILDERS)}")
+    import torch  # here, not at the top: a driver checking its cache (``ensure``) needs none
+
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -302,6 +306,7 @@ def sd_components() -> dict:
     """A tiny SD 1.x/2.x-style UNet, VAE, scheduler, text encoder and tokenizer (one text
     encoder, no added embeddings, v-prediction), for checking code paths of that family; no
     role uses it."""
+    import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -405,6 +410,8 @@ TINY_VAE = "vae"
 def _fp16_safe_vae(dest: Path) -> None:
     """The tiny generator's own VAE with force_upcast false, as the fp16-fix SDXL VAE is
     SDXL's with outputs kept the same: the tiny generator's images do not change with it."""
+    import torch
+
     torch.manual_seed(_seed("generator"))  # the generator builder's draws, up to its VAE
     vae = _sdxl_components(unet_in_channels=4)["vae"]
     vae.register_to_config(force_upcast=False)
@@ -503,6 +510,7 @@ SAM_TINY_ARCH = {
 
 def build_sam(arch: dict):
     """A ``segment_anything`` ``Sam`` module for an architecture dict (tiny or a preset)."""
+    import torch
     from segment_anything.modeling import (
         ImageEncoderViT,
         MaskDecoder,
@@ -553,6 +561,8 @@ def build_sam(arch: dict):
 
 @register_tiny("segmenter")
 def _segmenter(dest: Path) -> None:
+    import torch
+
     sam = build_sam(SAM_TINY_ARCH)
     torch.save(sam.state_dict(), dest / "sam_tiny.pth")
     (dest / "sam_config.json").write_text(json.dumps(SAM_TINY_ARCH, indent=2))
@@ -651,36 +661,45 @@ def _dino_v1(dest: Path) -> None:
     ).save_pretrained(dest)
 
 
-class TinyInception(torch.nn.Module):
-    """FID's feature-extractor interface at toy size: uint8 images (N, 3, H, W) of any size
-    in, (N, num_features) float features out (the real one: Inception-v3's 2048 pool3)."""
+@lru_cache(maxsize=1)
+def _tiny_inception_class() -> type:
+    """The tiny Inception's module class, defined on first use (torch is imported then)."""
+    import torch
 
-    def __init__(self, num_features: int = 64, size: int = 32):
-        super().__init__()
-        self.num_features, self.size = num_features, size
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, stride=2, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(16, num_features, 3, stride=2, padding=1),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-        )
+    class TinyInception(torch.nn.Module):
+        """FID's feature-extractor interface at toy size: uint8 images (N, 3, H, W) of any size
+        in, (N, num_features) float features out (the real one: Inception-v3's 2048 pool3)."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255.0
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear")
-        return self.net(x)
+        def __init__(self, num_features: int = 64, size: int = 32):
+            super().__init__()
+            self.num_features, self.size = num_features, size
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 3, stride=2, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(16, num_features, 3, stride=2, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+            )
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.float() / 255.0
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear")
+            return self.net(x)
+
+    return TinyInception
 
 
 def build_inception(arch: dict) -> torch.nn.Module:
     if arch.get("arch") != "tiny":
         raise ValueError(f"inception_config.json: unknown arch {arch.get('arch')!r} (known: tiny)")
-    return TinyInception(int(arch["num_features"]), int(arch["size"]))
+    return _tiny_inception_class()(int(arch["num_features"]), int(arch["size"]))
 
 
 @register_tiny("inception")
 def _inception(dest: Path) -> None:
+    import torch
+
     arch = {"arch": "tiny", "num_features": 64, "size": 32}
     torch.save(build_inception(arch).state_dict(), dest / "inception.pth")
     (dest / "inception_config.json").write_text(json.dumps(arch, indent=2))

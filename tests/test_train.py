@@ -257,6 +257,46 @@ def test_train_job_writes_adapters_and_keeps_going_past_a_bad_product(
     assert "below train.min_positives=2" in errors[0]["reason"]
 
 
+@pytest.mark.slow
+def test_a_small_manifest_is_listed_in_the_queue_as_ray_data_reads_a_large_one(
+    ray_local, tmp_path, monkeypatch
+):
+    import pyarrow as pa
+
+    from pipelines import train as train_module
+
+    data, out = str(tmp_path / "aug"), str(tmp_path / "adapters")
+    manifest = AugmentLayout(data).manifest_dir()
+    for name in ("p2", "p0", "Bad Id", "p1"):
+        storage.write_parquet(storage.join(manifest, f"{name}.parquet"), pa.table({"x": [1, 2]}))
+    storage.write_json(AdapterLayout(out).metadata("p1"), {})
+    source = train_module.WorkSource(data, out)
+
+    def rows() -> list[dict]:
+        return [r for batch in source for r in batch.to_pylist()]
+
+    listed = rows()  # 4 shards: listed by the queue itself
+    monkeypatch.setattr(train_module, "SMALL_LISTING", 3)
+    monkeypatch.setattr(train_module, "work_dataset", spy := _Spy(train_module.work_dataset))
+    assert rows() == listed and spy.calls == 1  # read through Ray Data, the same rows
+    assert [(r["product_id"], r["complete"]) for r in listed] == [
+        ("Bad Id", False),
+        ("p0", False),
+        ("p1", True),
+        ("p2", False),
+    ]
+    assert "Bad Id" in listed[0]["error"] and listed[1]["error"] is None
+
+
+class _Spy:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
 def _train_cmd(data: str, out: str) -> list[str]:
     return [
         RESTAGE,
