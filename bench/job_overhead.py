@@ -8,10 +8,14 @@ pass, the closing passes, Ray's end.
 - ``augment, all invalid``: two records that fail validation: no model runs;
 - ``index of the examples``: the 3 example products' photos as a scene catalog (the search
   index and the FID reference at the end);
-- ``stage of the examples``: staging them into that index (this tree's index serves both).
+- ``stage of the examples``: staging them into that index (this tree's index serves both);
+- ``train of the examples``: an adapter for each of them, from their augment output (made
+  once by this tree, views off, and read by both).
 
     python bench/job_overhead.py --baseline 426deda            # 3 runs of each
     python bench/job_overhead.py --baseline 426deda --repeats 5
+    python bench/job_overhead.py --baseline 0c02008 --jobs train \
+        --out bench/results/job_overhead_train_cpu.json
 """
 
 from __future__ import annotations
@@ -61,7 +65,19 @@ def jobs(work: Path) -> dict[str, list[str]]:
         "augment, all invalid": ["augment", "--manifest", str(invalid)],
         "index of the examples": ["index", "--catalog", examples],
         "stage of the examples": ["stage", "--manifest", examples, "--index", index],
+        "train of the examples": ["train", "--data", str(work / "augment-for-train")],
     }
+
+
+def inputs(work: Path, commands: dict[str, list[str]]) -> None:
+    """What the chosen jobs read, made once by this tree: the index that staging reads, the
+    augment output that training reads."""
+    examples = str(ROOT / "examples" / "products.jsonl")
+    if "stage of the examples" in commands:
+        run(ROOT, ["index", "--catalog", examples], work / "index-for-stage")
+    if "train of the examples" in commands:
+        augment = ["augment", "--manifest", examples, "--set", "augment.views.enabled=false"]
+        run(ROOT, augment, work / "augment-for-train")
 
 
 def run(tree: Path, args: list[str], out: Path) -> float:
@@ -80,6 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", required=True, help="the earlier commit to compare with")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--jobs", nargs="+", help="the jobs to time, by first word (augment index stage train)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/job_overhead_cpu.json")
     args = ap.parse_args()
 
@@ -88,8 +107,12 @@ def main() -> None:
         trees = {"baseline": work / "baseline", "restage": ROOT}
         baseline = checkout(args.baseline, trees["baseline"])
         commands = jobs(work)
-        index = commands["index of the examples"]
-        run(ROOT, index, work / "index-for-stage")  # the index the stage jobs read
+        if args.jobs:
+            unknown = set(args.jobs) - {name.split()[0] for name in commands}
+            if unknown:
+                ap.error(f"--jobs: unknown {sorted(unknown)}; give augment, index, stage, train")
+            commands = {n: c for n, c in commands.items() if n.split()[0] in args.jobs}
+        inputs(work, commands)
         times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in trees} for n in commands}
         for i in range(args.repeats):
             for name, command in commands.items():

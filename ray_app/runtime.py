@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 from ray_app import native_stderr, secrets
@@ -34,14 +35,23 @@ FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_READERS_MAX = 32
 
 
-def worker_env(config: RestageConfig) -> dict[str, str]:
+# Ray Train's preemption watcher, an actor of every train job that watches for nodes being
+# drained (a spot instance reclaimed, a KubeRay scale-down). A local Ray is this one
+# machine, drained by nobody: the watcher would be one more process to start (~2 s of CPU).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def worker_env(config: RestageConfig, local: bool = False) -> dict[str, str]:
     """Environment every Ray worker of the job gets (offline flags, cache location, Ray
-    Train's check interval unless set), never a secret (``ray_app.secrets``)."""
+    Train's check interval unless set, and with a ``local`` Ray no preemption watcher unless
+    set), never a secret (``ray_app.secrets``)."""
     env = apply_environment(config.offline)
     env["RESTAGE_CACHE"] = str(config.cache_path)
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_HEALTH_CHECK_S)
     )
+    if local:
+        env[PREEMPTION_WATCHER_ENV] = os.environ.get(PREEMPTION_WATCHER_ENV, "0")
     return secrets.without_secrets(env)
 
 
@@ -50,7 +60,8 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
     import ray
     from ray.data import DataContext
 
-    env = worker_env(config)
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    env = worker_env(config, local=not address)
     check_footer_readers()
     info: dict[str, Any] = {}
     # Ray's processes inherit this environment: a secret still in it would reach all of them
@@ -59,7 +70,6 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
     if ray.is_initialized():
         info["mode"] = "existing"
     else:
-        address = config.ray.address or os.environ.get("RAY_ADDRESS")
         quiet_ray_driver()
         if address:
             ray.init(
@@ -86,6 +96,11 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             ray.init(**kwargs)
             info["mode"] = "local"
     native_stderr.install()  # after Ray's own processes started, with their own log files
+    # Ray Data's hint when an operator got fewer inputs than its task cap: restage's caps
+    # (the listing's LISTING_TASKS) are upper bounds, and a small job is not a mistake.
+    warnings.filterwarnings(
+        "ignore", message="The maximum number of concurrent tasks for", category=UserWarning
+    )
     ctx = DataContext.get_current()
     bars = progress_bars(config)
     ctx.enable_progress_bars = bars

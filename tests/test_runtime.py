@@ -16,6 +16,15 @@ def test_workers_get_the_offline_flags_and_the_cache():
     assert env["HF_HUB_OFFLINE"] == "1"  # the tiny profile never touches the network
 
 
+def test_a_local_ray_starts_no_preemption_watcher_unless_the_user_asks(monkeypatch):
+    cfg = load_config("tiny")
+    monkeypatch.delenv(runtime.PREEMPTION_WATCHER_ENV, raising=False)
+    assert runtime.PREEMPTION_WATCHER_ENV not in runtime.worker_env(cfg)  # a cluster's: Ray's
+    assert runtime.worker_env(cfg, local=True)[runtime.PREEMPTION_WATCHER_ENV] == "0"
+    monkeypatch.setenv(runtime.PREEMPTION_WATCHER_ENV, "1")
+    assert runtime.worker_env(cfg, local=True)[runtime.PREEMPTION_WATCHER_ENV] == "1"
+
+
 def test_role_resources_come_from_the_roles_spec():
     cfg = load_config("tiny", overrides=["clip.min_actors=1", "clip.max_actors=3"])
     res = runtime.role_resources(cfg, "clip")
