@@ -69,13 +69,13 @@ def jobs(work: Path) -> dict[str, list[str]]:
     }
 
 
-def inputs(work: Path, commands: dict[str, list[str]]) -> None:
-    """What the chosen jobs read, made once by this tree: the index that staging reads, the
-    augment output that training reads."""
-    examples = str(ROOT / "examples" / "products.jsonl")
-    if "stage of the examples" in commands:
-        run(ROOT, ["index", "--catalog", examples], work / "index-for-stage")
-    if "train of the examples" in commands:
+def inputs(work: Path, every: dict[str, list[str]], chosen: set[str]) -> None:
+    """What the ``chosen`` jobs read, made once by this tree: the index that staging reads
+    (``every``'s index job), the augment output that training reads."""
+    if "stage of the examples" in chosen:
+        run(ROOT, every["index of the examples"], work / "index-for-stage")
+    if "train of the examples" in chosen:
+        examples = str(ROOT / "examples" / "products.jsonl")
         augment = ["augment", "--manifest", examples, "--set", "augment.views.enabled=false"]
         run(ROOT, augment, work / "augment-for-train")
 
@@ -106,13 +106,13 @@ def main() -> None:
         work = Path(tmp)
         trees = {"baseline": work / "baseline", "restage": ROOT}
         baseline = checkout(args.baseline, trees["baseline"])
-        commands = jobs(work)
+        every = commands = jobs(work)
         if args.jobs:
-            unknown = set(args.jobs) - {name.split()[0] for name in commands}
+            unknown = set(args.jobs) - {name.split()[0] for name in every}
             if unknown:
                 ap.error(f"--jobs: unknown {sorted(unknown)}; give augment, index, stage, train")
-            commands = {n: c for n, c in commands.items() if n.split()[0] in args.jobs}
-        inputs(work, commands)
+            commands = {n: c for n, c in every.items() if n.split()[0] in args.jobs}
+        inputs(work, every, set(commands))
         times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in trees} for n in commands}
         for i in range(args.repeats):
             for name, command in commands.items():
