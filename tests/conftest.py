@@ -57,8 +57,9 @@ def tiny_config():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A small local Ray (2 CPUs, small object store) shared by the tests of one module."""
+def ray_local(request):
+    """A small local Ray (the tiny profile's) shared by the tests of one module, with the
+    module's ``RAY_LOCAL_OVERRIDES`` if it has them (e.g. the dashboard, for Ray's state API)."""
     import ray
 
     from ray_app import runtime
@@ -66,7 +67,8 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
+    overrides = ["ray.progress_bars=false", *getattr(request.module, "RAY_LOCAL_OVERRIDES", ())]
+    runtime.init_ray(load_config("tiny", overrides=overrides))
     yield ray
     ray.shutdown()
 

@@ -1,7 +1,8 @@
 """Adapter slots (``actors.adapter_slots``): an adapter staged in a slot and copied into the
-live adapter generates exactly what diffusers' own loading of it generates (full rank, a
-smaller rank, fewer modules, a LoRA scale), writes never touch the live adapter, and what
-cannot be staged exactly is refused naming the setting, changing nothing.
+live adapter generates exactly what diffusers' own loading of it generates (full rank, fewer
+modules, a LoRA scale; a smaller rank up to a rare rounding flip), writes never touch the
+live adapter, and what cannot be staged exactly is refused naming the setting, changing
+nothing.
 
     .venv/bin/python -m pytest tests/test_adapter_slots.py
 """
@@ -96,7 +97,14 @@ def test_a_slot_generates_exactly_what_diffusers_loading_generates(config, shape
         assert slots.activate("s1")
         got = slots.generator.generate(*ARGS)[0]
         assert np.abs(want[name].astype(int) - want[None].astype(int)).mean() > 1, name
-        np.testing.assert_array_equal(got, want[name], err_msg=name)
+        if name == "smaller rank":
+            # Zero-padded to the slots' rank, the same sums; but the BLAS may take another
+            # kernel for the wider matrix, summing in another order, and on some CPUs that
+            # flips a pixel's rounding (seen: 1 of 12,288 values, by 1).
+            off = np.abs(got.astype(int) - want[name].astype(int))
+            assert off.max() <= 1 and (off > 0).mean() <= 1e-3, (name, off.max(), off.mean())
+        else:
+            np.testing.assert_array_equal(got, want[name], err_msg=name)
     assert set(slots.generator.adapters) == {LIVE}
 
 

@@ -25,6 +25,28 @@ def test_a_local_ray_starts_no_preemption_watcher_unless_the_user_asks(monkeypat
     assert runtime.worker_env(cfg, local=True)[runtime.PREEMPTION_WATCHER_ENV] == "1"
 
 
+@pytest.mark.parametrize(("profile", "dashboard"), [("tiny", False), ("default", True)])
+def test_the_tiny_profiles_local_ray_starts_without_the_dashboard(monkeypatch, profile, dashboard):
+    """The dashboard head's modules cost a small machine ~2 s of every job's start; the tiny
+    profile leaves them out, and `--set ray.dashboard=true` brings them back."""
+    started = {}
+
+    class Started(Exception):
+        pass
+
+    def init(**kwargs):
+        started.update(kwargs)
+        raise Started
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for overrides, expected in (([], dashboard), (["ray.dashboard=true"], True)):
+        with pytest.raises(Started):
+            runtime.init_ray(load_config(profile, overrides=overrides))
+        assert started["include_dashboard"] is expected
+
+
 def test_role_resources_come_from_the_roles_spec():
     cfg = load_config("tiny", overrides=["clip.min_actors=1", "clip.max_actors=3"])
     res = runtime.role_resources(cfg, "clip")
