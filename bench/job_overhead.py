@@ -108,10 +108,11 @@ def main() -> None:
         baseline = checkout(args.baseline, trees["baseline"])
         every = commands = jobs(work)
         if args.jobs:
-            unknown = set(args.jobs) - {name.split()[0] for name in every}
+            first = lambda name: name.split()[0].rstrip(",")  # noqa: E731
+            unknown = set(args.jobs) - {first(name) for name in every}
             if unknown:
                 ap.error(f"--jobs: unknown {sorted(unknown)}; give augment, index, stage, train")
-            commands = {n: c for n, c in every.items() if n.split()[0] in args.jobs}
+            commands = {n: c for n, c in every.items() if first(n) in args.jobs}
         inputs(work, every, set(commands))
         times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in trees} for n in commands}
         for i in range(args.repeats):
