@@ -164,8 +164,9 @@ class RayConfig(StrictModel):
 
     address: str | None = Field(
         None,
-        description="None starts a local Ray in-process; 'auto' or 'ray://host:10001' joins a "
-        "cluster (RAY_ADDRESS in the environment wins when this is None).",
+        description="None starts a new local Ray in-process (never one that `ray start` left "
+        "on the machine); 'auto' or 'ray://host:10001' joins a cluster (RAY_ADDRESS in the "
+        "environment wins when this is None).",
     )
     num_cpus: PositiveInt | None = Field(None, description="CPUs of the local Ray (None: all).")
     num_gpus: NonNegativeInt | None = Field(None, description="GPUs of the local Ray.")

@@ -80,6 +80,10 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             info["mode"] = f"cluster {address}"
         else:
             kwargs: dict[str, Any] = {
+                # A new Ray of the job's own, even where `ray start` left its address in
+                # /tmp/ray (a bare ray.init() joins that cluster, then refuses num_cpus); a
+                # cluster is used only when named (ray.address, RAY_ADDRESS).
+                "address": "local",
                 "include_dashboard": config.ray.dashboard,
                 "runtime_env": {"env_vars": env},
                 "log_to_driver": config.ray.log_to_driver,

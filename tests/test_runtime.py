@@ -45,6 +45,42 @@ def test_the_tiny_profiles_local_ray_starts_without_the_dashboard(monkeypatch, p
         with pytest.raises(Started):
             runtime.init_ray(load_config(profile, overrides=overrides))
         assert started["include_dashboard"] is expected
+        assert started["address"] == "local"  # never a `ray start` cluster found in /tmp/ray
+
+
+@pytest.mark.slow
+def test_a_local_ray_never_joins_a_cluster_that_ray_start_recorded():
+    """`ray start` records its address in Ray's temp dir, where a bare ray.init() finds it,
+    joins that cluster and then refuses the profile's num_cpus: a job without ray.address
+    starts a Ray of its own instead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # Ray's socket paths are short
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # a cluster that was
+    code = (
+        "import ray\n"
+        "from ray_app import runtime\n"
+        "from ray_app.config import load_config\n"
+        "info = runtime.init_ray(load_config('tiny'))\n"
+        "print(info['mode'], ray.cluster_resources()['CPU'])\n"
+        "ray.shutdown()\n"
+    )
+    env = {**os.environ, "RAY_TMPDIR": str(temp)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["local", "4.0"]
 
 
 def test_role_resources_come_from_the_roles_spec():
