@@ -69,6 +69,11 @@ def jobs(work: Path) -> dict[str, list[str]]:
     }
 
 
+def job_word(name: str) -> str:
+    """A job's name as ``--jobs`` gives it: its first word ("augment, all invalid": augment)."""
+    return name.split()[0].rstrip(",")
+
+
 def inputs(work: Path, every: dict[str, list[str]], chosen: set[str]) -> None:
     """What the ``chosen`` jobs read, made once by this tree: the index that staging reads
     (``every``'s index job), the augment output that training reads."""
@@ -108,11 +113,10 @@ def main() -> None:
         baseline = checkout(args.baseline, trees["baseline"])
         every = commands = jobs(work)
         if args.jobs:
-            first = lambda name: name.split()[0].rstrip(",")  # noqa: E731
-            unknown = set(args.jobs) - {first(name) for name in every}
+            unknown = set(args.jobs) - {job_word(name) for name in every}
             if unknown:
                 ap.error(f"--jobs: unknown {sorted(unknown)}; give augment, index, stage, train")
-            commands = {n: c for n, c in every.items() if first(n) in args.jobs}
+            commands = {n: c for n, c in every.items() if job_word(n) in args.jobs}
         inputs(work, every, set(commands))
         times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in trees} for n in commands}
         for i in range(args.repeats):

@@ -262,9 +262,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(run, tmp_path, capsys
         "--set",
         ALLOW,
     ]
-    # The killed run is a `restage` process with its own local Ray (no dashboard: it only
-    # costs CPU here), killed as a whole once its first product is written.
-    killed = [RESTAGE, *args, "--set", "ray.dashboard=false"]
+    # The killed run is a `restage` process with its own local Ray, killed as a whole once
+    # its first product is written.
+    killed = [RESTAGE, *args]
     done_at_kill = kill_after_first_marker(killed, out, tmp_path / "killed.log")
     assert done_at_kill < len(products), "the run finished before it could be killed half-way"
 

@@ -20,7 +20,7 @@ from ray_app.images import encode_png
 from ray_app.storage import EncoderLayout
 
 THREE = {**PRODUCTS, "vase-green-03": ("vase", "a green vase", (40, 200, 60))}
-COMMON = ["--profile", "tiny", "--set", "ray.dashboard=false", "--set", "ray.progress_bars=false"]
+COMMON = ["--profile", "tiny", "--set", "ray.progress_bars=false"]
 
 
 def _cmd(data: Path, out: Path) -> list[str]:

@@ -282,9 +282,7 @@ def test_preflight_on_logical_gpus_picks_the_mode(gpus, mode):
 
     if ray.is_initialized():
         ray.shutdown()
-    cfg = load_config(
-        "tiny", overrides=[*DEFAULT_FRACTIONS, "ray.progress_bars=false", "ray.dashboard=false"]
-    )
+    cfg = load_config("tiny", overrides=[*DEFAULT_FRACTIONS, "ray.progress_bars=false"])
     ray.init(num_gpus=gpus, num_cpus=4, include_dashboard=False)
     try:
         run, plan = preflight(cfg, "augment")
@@ -311,7 +309,7 @@ def test_one_logical_gpu_with_default_fractions_runs_packed(tmp_path):
     cfg = load_config(
         "tiny",
         overrides=[*DEFAULT_FRACTIONS, "ray.num_gpus=1", "ray.progress_bars=false",
-                   "ray.dashboard=false", "augment.views.enabled=false",
+                   "augment.views.enabled=false",
                    # the photos are a symlink out of the manifest's folder: trust their folder
                    f"storage.allowed_sources=[{EXAMPLES / 'products'}]"],
     )  # fmt: skip

@@ -32,7 +32,7 @@ def test_a_run_reads_its_catalog_from_s3_and_writes_every_output_there(tmp_path)
         out = storage.join(root, "run")
         proc = subprocess.run(
             [RESTAGE, "run", "--profile", "tiny", "--manifest", manifest, "--out", out,
-             "--set", "ray.dashboard=false", "--set", "augment.views.enabled=false"],
+             "--set", "augment.views.enabled=false"],
             cwd=tmp_path, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -29,7 +29,7 @@ ALLOW = f"storage.allowed_sources=[{EXAMPLES}, {DREAMBOOTH}]"
 CATALOG = ["can", "candle", "clock", "duck_toy", "rc_car"]  # scenes of several shapes
 # three products keep three staged images: FID/KID measured from 2 (biased, but computed)
 COMMON = ["--profile", "tiny", "--set", "ray.progress_bars=false", "--set", ALLOW]
-COMMON += ["--set", "evaluate.min_fid_images=2", "--set", "ray.dashboard=false"]  # no UI: CPU
+COMMON += ["--set", "evaluate.min_fid_images=2"]
 
 pytestmark = pytest.mark.slow  # every test reads the module's index and staging runs
 

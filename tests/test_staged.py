@@ -21,7 +21,6 @@ from tests.conftest import EXAMPLES, ROOT, ray_pids
 pytestmark = pytest.mark.slow
 SETTINGS = [
     "ray.progress_bars=false",
-    "ray.dashboard=false",
     "augment.views.enabled=false",
     # The manifest reaches the example photos through a symlink out of its own folder, which
     # the source policy refuses unless the photos' real folder is allowed.
