@@ -204,7 +204,11 @@ def test_a_parquet_read_starts_footer_readers_scaled_to_the_cluster(ray_local, t
     for i in range(6):
         pq.write_table(pa.table({"product_id": [f"p-{i}"]}), tmp_path / f"part-{i}.parquet")
     assert len(ray_local.data.read_parquet(str(tmp_path)).take_all()) == 6
-    names = [a.class_name for a in list_actors(limit=1000, raise_on_missing_output=False)]
+    # This session's own Ray, by address: another one on the machine (a parallel test worker,
+    # another checkout's tests) would make the state API's address ambiguous.
+    gcs = ray_local.get_runtime_context().gcs_address
+    actors = list_actors(address=gcs, limit=1000, raise_on_missing_output=False)
+    names = [a.class_name for a in actors]
     readers = [n for n in names if "Footer" in n]
     assert 1 <= len(readers) <= 2, names  # a read lists twice: its schema, then its files
 

@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from adapters import example_meta
-from conftest import ROOT, ray_pids, readme_command
+from conftest import ROOT, kill_marked, readme_command
 from PIL import Image
 from trainset import PRODUCTS
 
@@ -46,7 +47,8 @@ def server(quickstart, user_dir):
     proc, run = quickstart
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapters = run / "adapters"
-    before = ray_pids()
+    # Marks every process of the server's Ray, to kill what a stop left behind, and only that.
+    marker = {"RESTAGE_TEST_SERVER": uuid.uuid4().hex}
     log = user_dir / "serve.log"  # a pipe that nobody reads would fill and stall the server
     with open(log, "w") as out:
         server = subprocess.Popen(
@@ -55,6 +57,7 @@ def server(quickstart, user_dir):
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **marker},
         )
     deadline = time.time() + 600
     while True:
@@ -70,9 +73,7 @@ def server(quickstart, user_dir):
         server.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
-    for pid in ray_pids() - before:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_marked(marker)
 
 
 def post(body, key: str | None = "default", **kwargs) -> httpx.Response:

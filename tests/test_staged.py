@@ -3,20 +3,20 @@ stages loses nothing and redoes nothing that finished."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from ray_app import storage
 from ray_app.storage import AugmentLayout
-from tests.conftest import EXAMPLES, ROOT, ray_pids
+from tests.conftest import EXAMPLES, ROOT, kill_marked
 
 pytestmark = pytest.mark.slow
 SETTINGS = [
@@ -68,8 +68,8 @@ def resumed_run(tmp_path_factory) -> tuple[Path, Path, int]:
     folder = tmp_path_factory.mktemp("staged")
     manifest = two_products(folder)
     out = folder / "out"
-    before = ray_pids()
-    proc = augment("ray.placement=stage", out=out, manifest=manifest)
+    marker = {"RESTAGE_TEST_KILLED_RUN": uuid.uuid4().hex}  # on every process of its Ray
+    proc = augment("ray.placement=stage", out=out, manifest=manifest, env={**os.environ, **marker})
     first = out / "_stages" / "00-caption"
     deadline = time.monotonic() + 900
     while len(list(first.glob("*.parquet"))) < 2 and time.monotonic() < deadline:
@@ -77,9 +77,7 @@ def resumed_run(tmp_path_factory) -> tuple[Path, Path, int]:
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    for pid in ray_pids() - before:  # the killed job's own Ray
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_marked(marker)  # the killed job's own Ray, and never another session's
     at_kill = len(list(first.glob("*.parquet")))
     # The re-run feeds a product per dataset (ray.products_per_dataset): the stages' counts
     # add up over the datasets.
