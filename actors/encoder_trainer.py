@@ -263,9 +263,12 @@ class EncoderTrainer:
     def upload(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """uint8 RGB images as (3, h, w) uint8 tensors on the trainer's device, once per
         product: views of the (h, w, 3) pixels, channels last, the layout torch's fast
-        uint8 resize takes."""
+        uint8 resize takes. A read-only array (a decoded photo's) is copied: a tensor must own
+        writable memory."""
         return [
-            torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).to(self.device)
+            torch.from_numpy(np.require(img, requirements=["C", "W"]))
+            .permute(2, 0, 1)
+            .to(self.device)
             for img in images
         ]
 

@@ -75,7 +75,7 @@ def _vision(m):
 
 
 def _inception(m):
-    pixels = torch.from_numpy(np.asarray(IMG)).permute(2, 0, 1)[None].repeat(3, 1, 1, 1)
+    pixels = torch.from_numpy(np.array(IMG)).permute(2, 0, 1)[None].repeat(3, 1, 1, 1)
     features = m.model(pixels)  # uint8 images of any size, as torchmetrics passes them
     assert features.shape == (3, m.model.num_features) and features.dtype == torch.float32
 
