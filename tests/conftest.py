@@ -3,6 +3,7 @@ per module, and the real product photos when ``../shared/data/dreambooth`` is pr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from pathlib import Path
@@ -16,6 +17,11 @@ EXAMPLES = ROOT / "examples"
 
 # Fixtures that start Ray, a `restage` job or the server: a test using one is end to end.
 END_TO_END_FIXTURES = {"ray_local", "quickstart", "server"}
+
+
+# The modules that use the quick start's run (a session fixture of minutes): on parallel
+# workers they are one group, so that it runs once (test_workers checks the list).
+QUICKSTART_MODULES = {"tests/test_evaluate.py", "tests/test_readme.py", "tests/test_serve.py"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,6 +39,8 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             "end-to-end tests must be marked @pytest.mark.slow: " + ", ".join(unmarked)
         )
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _longest_groups_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -41,10 +49,57 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def worker_group(nodeid: str) -> str:
+    """The tests that one parallel worker runs together: a module's, so that its module-scoped
+    fixtures (a Ray, a job's run) start once, or those of ``QUICKSTART_MODULES``."""
+    module = nodeid.split("::")[0]
+    return "quickstart" if module in QUICKSTART_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N` (README: `-n 2`), pytest-xdist hands out whole ``worker_group``s, in the
+    order of the workers' collection (``_longest_groups_first``; pyproject turns off xdist's
+    own reorder by number of tests). Its `--dist loadgroup` would do this with marks, but it
+    renames the test ids to carry them, which pytest 9 no longer lets it do."""
+    if config.getvalue("dist") != "load":  # another mode, asked for by name
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def _longest_groups_first(items) -> None:
+    """Orders a worker's collection by group, the groups with the most end-to-end tests first:
+    one of minutes handed out last would leave the other worker idle at the end. A stable
+    sort: a module's tests keep their order."""
+    slow, first = collections.Counter(), {}
+    for i, item in enumerate(items):
+        group = worker_group(item.nodeid)
+        slow[group] += "slow" in item.keywords
+        first.setdefault(group, i)
+    items.sort(
+        key=lambda item: (-slow[worker_group(item.nodeid)], first[worker_group(item.nodeid)])
+    )
+
+
+def shared_path(tmp_path_factory, name: str) -> Path:
+    """``name`` under this run's base temp folder, which pytest-xdist's workers share (each
+    has a folder of its own under it); a lock around its making is the caller's."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="session", autouse=True)
 def restage_cache(tmp_path_factory) -> Path:
-    """Tiny checkpoints are built once per session into a private cache (or a reused one)."""
-    cache = Path(os.environ.get("RESTAGE_TEST_CACHE") or tmp_path_factory.mktemp("restage-cache"))
+    """Tiny checkpoints are built once per run into a private cache (or a reused one), which
+    parallel workers share (the builds take a lock each, as a cluster's processes do)."""
+    cache = Path(os.environ.get("RESTAGE_TEST_CACHE") or shared_path(tmp_path_factory, "cache"))
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["RESTAGE_CACHE"] = str(cache)
     return cache
 
@@ -76,17 +131,24 @@ def ray_local(request):
 @pytest.fixture(scope="session")
 def adapters(tmp_path_factory) -> str:
     """Adapters of the products of ``trainset.PRODUCTS``, trained on one worker without Ray
-    (the train job's own code), for the tests of generation and serving."""
+    (the train job's own code), for the tests of generation and serving: once per run, which
+    parallel workers share."""
+    import shutil
+
+    from filelock import FileLock
     from trainset import PRODUCTS, write_training_set
 
     from pipelines.train import ShardTrainer
     from ray_app.config import load_config
     from ray_app.storage import AdapterLayout
 
-    root = tmp_path_factory.mktemp("trained")
-    data = write_training_set(str(root / "aug"))
+    root = shared_path(tmp_path_factory, "trained")
     out = str(root / "adapters")
-    ShardTrainer(load_config("tiny"), data, out, None).run(sorted(PRODUCTS))
+    with FileLock(f"{root}.lock"):
+        if AdapterLayout(out).completed() != set(PRODUCTS):
+            shutil.rmtree(root, ignore_errors=True)  # what a killed worker left, if any
+            data = write_training_set(str(root / "aug"))
+            ShardTrainer(load_config("tiny"), data, out, None).run(sorted(PRODUCTS))
     assert AdapterLayout(out).completed() == set(PRODUCTS)
     return out
 
@@ -137,21 +199,13 @@ def quickstart(user_dir):
     return proc, user_dir / "runs" / "quickstart"
 
 
-def ray_pids() -> set[int]:
-    """Process ids of Ray's own processes on this machine (to clean up after a killed job)."""
-    import subprocess
-
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    markers = ("raylet", "gcs_server", "ray::", "default_worker", "ray/dashboard")
-    return {int(line.split()[0]) for line in out.splitlines() if any(k in line for k in markers)}
-
-
 def kill_marked(marker: dict[str, str]) -> int:
     """SIGKILL every process whose environment holds ``marker`` (one NAME: VALUE) -> how many
     were killed. Started with the marker in its environment, a job passes it to every process
     of its own local Ray, however re-parented; no other process has it, so this never kills
-    the test session's own Ray nor another session's (unlike ``ray_pids() - before``). Until
-    none is left: a raylet killed mid-spawn may leave a worker that was not yet listed."""
+    the test session's own Ray nor another session's (the Ray processes that appeared since
+    the job started may include another session's). Until none is left: a raylet killed
+    mid-spawn may leave a worker that was not yet listed."""
     import time
 
     import psutil
