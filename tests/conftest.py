@@ -112,9 +112,12 @@ def tiny_config():
 
 
 @pytest.fixture(scope="module")
-def ray_local(request):
-    """A small local Ray (the tiny profile's) shared by the tests of one module, with the
-    module's ``RAY_LOCAL_OVERRIDES`` if it has them (e.g. the dashboard, for Ray's state API)."""
+def ray_local():
+    """A small local Ray (the tiny profile's, without a dashboard) shared by the tests of one
+    module. No test's Ray runs a dashboard: Ray Train's placement-group cleaner finds "its"
+    cluster's state API by looking for any Ray on the machine, and one that answered (a
+    parallel worker's) said the controller was gone, so the cleaner removed a live run's
+    placement group."""
     import ray
 
     from ray_app import runtime
@@ -122,8 +125,7 @@ def ray_local(request):
 
     if ray.is_initialized():
         ray.shutdown()
-    overrides = ["ray.progress_bars=false", *getattr(request.module, "RAY_LOCAL_OVERRIDES", ())]
-    runtime.init_ray(load_config("tiny", overrides=overrides))
+    runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
     yield ray
     ray.shutdown()
 

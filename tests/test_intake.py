@@ -13,9 +13,6 @@ from ray_app import storage
 from ray_app.records import INVALID, VALID
 from ray_app.storage import AdapterLayout, AugmentLayout
 
-# The footer readers are counted through Ray's state API, which the dashboard serves.
-RAY_LOCAL_OVERRIDES = ["ray.dashboard=true"]
-
 
 def _block(rows: list[tuple[str, str]]) -> pa.Table:
     return pa.table(
@@ -196,7 +193,7 @@ def test_a_parquet_read_starts_footer_readers_scaled_to_the_cluster(ray_local, t
     import os
 
     import pyarrow.parquet as pq
-    from ray.util.state import list_actors
+    from ray._private.state import actors
 
     from ray_app import runtime
 
@@ -204,11 +201,9 @@ def test_a_parquet_read_starts_footer_readers_scaled_to_the_cluster(ray_local, t
     for i in range(6):
         pq.write_table(pa.table({"product_id": [f"p-{i}"]}), tmp_path / f"part-{i}.parquet")
     assert len(ray_local.data.read_parquet(str(tmp_path)).take_all()) == 6
-    # This session's own Ray, by address: another one on the machine (a parallel test worker,
-    # another checkout's tests) would make the state API's address ambiguous.
-    gcs = ray_local.get_runtime_context().gcs_address
-    actors = list_actors(address=gcs, limit=1000, raise_on_missing_output=False)
-    names = [a.class_name for a in actors]
+    # Read from this Ray's GCS: the state API (ray.util.state) needs a dashboard, and finds
+    # its cluster by address, which another Ray on the machine makes ambiguous.
+    names = [a["ActorClassName"] for a in actors().values()]
     readers = [n for n in names if "Footer" in n]
     assert 1 <= len(readers) <= 2, names  # a read lists twice: its schema, then its files
 
