@@ -77,14 +77,13 @@ def _longest_groups_first(items) -> None:
     """Orders a worker's collection by group, the groups with the most end-to-end tests first:
     one of minutes handed out last would leave the other worker idle at the end. A stable
     sort: a module's tests keep their order."""
-    slow, first = collections.Counter(), {}
-    for i, item in enumerate(items):
-        group = worker_group(item.nodeid)
-        slow[group] += "slow" in item.keywords
-        first.setdefault(group, i)
-    items.sort(
-        key=lambda item: (-slow[worker_group(item.nodeid)], first[worker_group(item.nodeid)])
+    groups = [worker_group(item.nodeid) for item in items]
+    slow = collections.Counter(
+        g for g, item in zip(groups, items, strict=True) if "slow" in item.keywords
     )
+    first = {g: i for i, g in reversed(list(enumerate(groups)))}
+    order = sorted(range(len(items)), key=lambda i: (-slow[groups[i]], first[groups[i]]))
+    items[:] = [items[i] for i in order]
 
 
 def shared_path(tmp_path_factory, name: str) -> Path:
