@@ -20,7 +20,7 @@ def module(item) -> str:
     return item.nodeid.split("::")[0]
 
 
-def test_the_readme_test_commands_run_on_workers_in_conftests_order():
+def test_the_readme_test_command_runs_on_workers_in_conftests_order():
     assert " -n 2" in readme_command("test")  # the unit tests alone keep 2 cores busy anyway
     ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     # xdist's own reorder would hand out groups by their number of tests, not the longest first.
