@@ -235,8 +235,9 @@ class RayConfig(StrictModel):
     )
     dashboard: bool = Field(
         True,
-        description="Start the Ray dashboard with a local Ray (127.0.0.1:8265); Ray's state "
-        "API (`ray list actors`) and Ray Train's state queries need it (tiny profile: off).",
+        description="Start the Ray dashboard with a local Ray (127.0.0.1:8265, or a free port "
+        "named in the job's log when another Ray has 8265); Ray's state API (`ray list "
+        "actors`) and Ray Train's state queries need it (tiny profile: off).",
     )
     # Ray marks a node dead after `failure_threshold` health checks in a row went
     # unanswered for `timeout_ms`; a loaded machine (all cores busy with model actors) can

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from typing import Any
 
@@ -39,6 +40,11 @@ FOOTER_READERS_MAX = 32
 # drained (a spot instance reclaimed, a KubeRay scale-down). A local Ray is this one
 # machine, drained by nobody: the watcher would be one more process to start (~2 s of CPU).
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+# A local Ray's API server (the dashboard's; the state API, `ray list`): Ray's port when free.
+DASHBOARD_PORT = 8265
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def worker_env(config: RestageConfig, local: bool = False) -> dict[str, str]:
@@ -97,6 +103,12 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
             if config.ray.metrics_export_port is not None:
                 kwargs["_metrics_export_port"] = config.ray.metrics_export_port
             kwargs["_system_config"] = config.ray.system_config()
+            if API_SERVER_ENV not in os.environ:
+                port = api_server_port(config.ray.dashboard)
+                kwargs["dashboard_port"] = port
+                env[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+                if config.ray.dashboard:
+                    info["dashboard"] = env[API_SERVER_ENV]
             ray.init(**kwargs)
             info["mode"] = "local"
     native_stderr.install()  # after Ray's own processes started, with their own log files
@@ -123,6 +135,28 @@ def init_ray(config: RestageConfig) -> dict[str, Any]:
     readers = footer_readers(info["resources"].get("CPU", 0))
     info["footer_readers"] = int(os.environ.setdefault(FOOTER_READERS_ENV, str(readers)))
     return info
+
+
+def api_server_port(dashboard: bool) -> int:
+    """The port of a local Ray's API server, which every worker gets as ``API_SERVER_ENV``:
+    Ray's 8265 when the dashboard runs and nothing else listens there, else a free port.
+
+    Without it a worker's state API looks for *a* Ray on the machine and takes the one
+    started last. Ray Train's placement-group cleaner asked another job's dashboard whether
+    its run's controller was alive, was told it did not exist, and removed the live run's
+    placement group (its workers died). Without a dashboard the port is one where nothing
+    listens: the worker's query fails, which the cleaner takes as "keep watching", instead
+    of another Ray answering (the GCS names 127.0.0.1:8265 even when no dashboard runs)."""
+    if dashboard:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", DASHBOARD_PORT))
+                return DASHBOARD_PORT
+            except OSError:
+                pass  # another Ray's dashboard, most likely
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_footer_readers() -> None:

@@ -113,10 +113,8 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def ray_local():
     """A small local Ray (the tiny profile's, without a dashboard) shared by the tests of one
-    module. No test's Ray runs a dashboard: Ray Train's placement-group cleaner finds "its"
-    cluster's state API by looking for any Ray on the machine, and one that answered (a
-    parallel worker's) said the controller was gone, so the cleaner removed a live run's
-    placement group."""
+    module; its workers' state API asks it alone, whatever other Rays run on the machine (a
+    parallel worker's, test_runtime's)."""
     import ray
 
     from ray_app import runtime

@@ -201,8 +201,8 @@ def test_a_parquet_read_starts_footer_readers_scaled_to_the_cluster(ray_local, t
     for i in range(6):
         pq.write_table(pa.table({"product_id": [f"p-{i}"]}), tmp_path / f"part-{i}.parquet")
     assert len(ray_local.data.read_parquet(str(tmp_path)).take_all()) == 6
-    # Read from this Ray's GCS: the state API (ray.util.state) needs a dashboard, and finds
-    # its cluster by address, which another Ray on the machine makes ambiguous.
+    # Read from this Ray's GCS: the state API (ray.util.state) needs a dashboard, which the
+    # tiny profile's Ray leaves out.
     names = [a["ActorClassName"] for a in actors().values()]
     readers = [n for n in names if "Footer" in n]
     assert 1 <= len(readers) <= 2, names  # a read lists twice: its schema, then its files

@@ -1,4 +1,4 @@
-"""Connecting a job to Ray (`ray_app.runtime`), the parts that need no running Ray."""
+"""Connecting a job to Ray (`ray_app.runtime`): mostly the parts that need no running Ray."""
 
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ def test_the_tiny_profiles_local_ray_starts_without_the_dashboard(monkeypatch, p
             runtime.init_ray(load_config(profile, overrides=overrides))
         assert started["include_dashboard"] is expected
         assert started["address"] == "local"  # never a `ray start` cluster found in /tmp/ray
+        # Its workers' state API asks this Ray (test_a_workers_state_api_asks_its_own_ray...).
+        url = started["runtime_env"]["env_vars"][runtime.API_SERVER_ENV]
+        assert url == f"http://127.0.0.1:{started['dashboard_port']}"
+    monkeypatch.setenv(runtime.API_SERVER_ENV, "http://10.0.0.9:8265")  # the user's, inherited
+    started.clear()
+    with pytest.raises(Started):
+        runtime.init_ray(load_config(profile))
+    assert "dashboard_port" not in started
+    assert runtime.API_SERVER_ENV not in started["runtime_env"]["env_vars"]
 
 
 @pytest.mark.slow
@@ -81,6 +90,90 @@ def test_a_local_ray_never_joins_a_cluster_that_ray_start_recorded():
         shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["local", "4.0"]
+
+
+# Another job's local Ray, with a dashboard; it runs until its stdin closes.
+OTHER_RAY = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def another_ray():
+    """The dashboard address of another local Ray on the machine."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from servers import free_port
+
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's socket paths are short
+    env = {**os.environ, "RAY_TMPDIR": temp}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_RAY, str(port)],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lines = iter(other.stdout.readline, "")
+        assert any(line.strip() == "ready" for line in lines), "the other Ray did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_a_workers_state_api_asks_its_own_ray_not_another_on_the_machine(another_ray, dashboard):
+    """Ray Train's placement-group cleaner asks the state API, from a worker, whether its
+    run's controller is alive. Without an address the state API looks for a Ray on the
+    machine: another job's dashboard said there was no such actor, and the cleaner removed a
+    live run's placement group. A local Ray's workers ask its own API server: its dashboard,
+    or without one a port where nothing listens (the cleaner keeps watching)."""
+    import time
+
+    @ray.remote
+    def alive(actor_id: str) -> bool | str:
+        from ray.train.v2._internal.state.util import is_actor_alive
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            return is_actor_alive(actor_id, timeout=10)
+        except RayStateApiException:
+            return "unavailable"
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def id(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+    if ray.is_initialized():
+        ray.shutdown()
+    overrides = ["ray.progress_bars=false", f"ray.dashboard={str(dashboard).lower()}"]
+    info = runtime.init_ray(load_config("tiny", overrides=overrides))
+    try:
+        controller = Controller.remote()
+        actor_id = ray.get(controller.id.remote())
+        answer = ray.get(alive.remote(actor_id))
+        deadline = time.monotonic() + 60
+        while dashboard and answer == "unavailable" and time.monotonic() < deadline:
+            time.sleep(1)  # the dashboard's head starts after ray.init returns
+            answer = ray.get(alive.remote(actor_id))
+        # Before: False from the dashboard of the Ray that `ray start` recorded last, or a
+        # ConnectionError (several Rays on the machine, none recorded).
+        assert answer == (True if dashboard else "unavailable")
+        assert info.get("dashboard") != another_ray
+    finally:
+        ray.shutdown()
 
 
 def test_role_resources_come_from_the_roles_spec():
