@@ -92,10 +92,13 @@ def test_a_local_ray_never_joins_a_cluster_that_ray_start_recorded():
     assert proc.stdout.split() == ["local", "4.0"]
 
 
-# Another job's local Ray, with a dashboard; it runs until its stdin closes.
+# Another Ray on the machine, with a dashboard, recorded as `ray start` records its cluster
+# (where a bare ray.init() or the state API looks first); it runs until its stdin closes.
 OTHER_RAY = """
 import sys, ray
-ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[1]))
+from ray._private.utils import write_ray_address
+ctx = ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[1]))
+write_ray_address(ctx.address_info["gcs_address"])
 print("ready", flush=True)
 sys.stdin.read()
 ray.shutdown()
@@ -104,7 +107,8 @@ ray.shutdown()
 
 @pytest.fixture(scope="module")
 def another_ray():
-    """The dashboard address of another local Ray on the machine."""
+    """(dashboard address, Ray temp dir) of another Ray on the machine, recorded in that
+    temp dir (not in /tmp/ray: a parallel test's bare ray.init() would join it)."""
     import os
     import shutil
     import subprocess
@@ -124,7 +128,7 @@ def another_ray():
     try:
         lines = iter(other.stdout.readline, "")
         assert any(line.strip() == "ready" for line in lines), "the other Ray did not start"
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", temp
     finally:
         other.stdin.close()
         other.wait(timeout=60)
@@ -133,7 +137,9 @@ def another_ray():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dashboard", [False, True])
-def test_a_workers_state_api_asks_its_own_ray_not_another_on_the_machine(another_ray, dashboard):
+def test_a_workers_state_api_asks_its_own_ray_not_another_on_the_machine(
+    another_ray, dashboard, monkeypatch
+):
     """Ray Train's placement-group cleaner asks the state API, from a worker, whether its
     run's controller is alive. Without an address the state API looks for a Ray on the
     machine: another job's dashboard said there was no such actor, and the cleaner removed a
@@ -156,8 +162,10 @@ def test_a_workers_state_api_asks_its_own_ray_not_another_on_the_machine(another
         def id(self) -> str:
             return ray.get_runtime_context().get_actor_id()
 
+    other_dashboard, temp = another_ray
     if ray.is_initialized():
         ray.shutdown()
+    monkeypatch.setenv("RAY_TMPDIR", temp)  # where this Ray's workers find the other recorded
     overrides = ["ray.progress_bars=false", f"ray.dashboard={str(dashboard).lower()}"]
     info = runtime.init_ray(load_config("tiny", overrides=overrides))
     try:
@@ -168,10 +176,10 @@ def test_a_workers_state_api_asks_its_own_ray_not_another_on_the_machine(another
         while dashboard and answer == "unavailable" and time.monotonic() < deadline:
             time.sleep(1)  # the dashboard's head starts after ray.init returns
             answer = ray.get(alive.remote(actor_id))
-        # Before: False from the dashboard of the Ray that `ray start` recorded last, or a
-        # ConnectionError (several Rays on the machine, none recorded).
+        # Before: None ("no such actor"), from the other Ray's dashboard (where nothing is
+        # recorded: a ConnectionError, several Rays on the machine).
         assert answer == (True if dashboard else "unavailable")
-        assert info.get("dashboard") != another_ray
+        assert info.get("dashboard") != other_dashboard
     finally:
         ray.shutdown()
 
