@@ -447,7 +447,9 @@ def test_gpu_classes_are_read_from_a_mixed_ray_cluster(monkeypatch):
 
     if ray.is_initialized():
         ray.shutdown()
-    nodes = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = RayCluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
     try:
         nodes.add_node(num_cpus=1, num_gpus=1, resources={"restage_gpu_24gb": 1})
         nodes.add_node(num_cpus=1, num_gpus=2, resources={"restage_gpu_80gb": 2})
