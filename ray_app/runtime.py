@@ -141,12 +141,14 @@ def api_server_port(dashboard: bool) -> int:
     """The port of a local Ray's API server, which every worker gets as ``API_SERVER_ENV``:
     Ray's 8265 when the dashboard runs and nothing else listens there, else a free port.
 
-    Without it a worker's state API looks for *a* Ray on the machine and takes the one
-    started last. Ray Train's placement-group cleaner asked another job's dashboard whether
-    its run's controller was alive, was told it did not exist, and removed the live run's
-    placement group (its workers died). Without a dashboard the port is one where nothing
-    listens: the worker's query fails, which the cleaner takes as "keep watching", instead
-    of another Ray answering (the GCS names 127.0.0.1:8265 even when no dashboard runs)."""
+    Without it a worker's state API looks for *a* Ray on the machine: the cluster that
+    `ray start` (or ray.cluster_utils) recorded in the temp dir, whichever it is. Ray Train's
+    placement-group cleaner asked another Ray's dashboard whether its run's controller was
+    alive, was told it did not exist, and removed the live run's placement group (its
+    workers died); Serve's controller lists actors the same way on recovery. Without a
+    dashboard the port is one where nothing listens: the query fails, which the cleaner takes
+    as "keep watching", instead of another Ray answering (the GCS names 127.0.0.1:8265 even
+    when no dashboard runs)."""
     if dashboard:
         with socket.socket() as sock:
             try:
