@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated restage cache, the tiny config, a small local Ray cluster
-per module, and the real product photos when ``../shared/data/dreambooth`` is present."""
+for the modules that need one, and the real product photos when
+``../shared/data/dreambooth`` is present."""
 
 from __future__ import annotations
 
@@ -83,16 +84,26 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def _longest_groups_first(items) -> None:
-    """Orders a worker's collection by group, the groups with the most end-to-end tests first:
-    one of minutes handed out last would leave the other worker idle at the end. A stable
-    sort: a module's tests keep their order."""
+    """Orders a worker's collection by group: first the groups that use ``ray_local``, so
+    that on a worker they follow one another and share its Ray, then the others; in each
+    part the groups with the most end-to-end tests first (one of minutes handed out last
+    would leave the other worker idle at the end). A stable sort: a module's tests keep
+    their order."""
     groups = [worker_group(item.nodeid) for item in items]
     slow = collections.Counter(
         g for g, item in zip(groups, items, strict=True) if "slow" in item.keywords
     )
+    ray = {g for g, item in zip(groups, items, strict=True) if uses_ray_local(item)}
     first = {g: i for i, g in reversed(list(enumerate(groups)))}
-    order = sorted(range(len(items)), key=lambda i: (-slow[groups[i]], first[groups[i]]))
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (groups[i] not in ray, -slow[groups[i]], first[groups[i]]),
+    )
     items[:] = [items[i] for i in order]
+
+
+def uses_ray_local(item) -> bool:
+    return "ray_local" in getattr(item, "fixturenames", ())
 
 
 def shared_path(tmp_path_factory, name: str) -> Path:
@@ -119,21 +130,69 @@ def tiny_config():
     return load_config("tiny")
 
 
+@pytest.fixture(scope="session")
+def _ray_local_owner() -> dict[str, str]:
+    """Which Ray ``ray_local`` started in this test process (its GCS address), and its
+    shutdown when the session ends."""
+    owner: dict[str, str] = {}
+    yield owner
+    import ray
+
+    if owner and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """A small local Ray (the tiny profile's, without a dashboard) shared by the tests of one
-    module; its workers' state API asks it alone, whatever other Rays run on the machine (a
-    parallel worker's, test_runtime's)."""
+def ray_local(_ray_local_owner):
+    """A small local Ray (the tiny profile's, without a dashboard) for the tests of a module;
+    its workers' state API asks it alone, whatever other Rays run on the machine (a parallel
+    worker's, test_runtime's). Modules that run one after another share it (each start is
+    seconds of CPU: its daemons, Ray Data's and Train's actors), and it stops before a test
+    that does not use it (an idle Ray still costs CPU: ``pytest_runtest_teardown``). A
+    module whose actors still hold CPUs when it ends gets the next one a fresh Ray (a leak
+    must not starve the next module's jobs into waiting forever)."""
     import ray
 
     from ray_app import runtime
     from ray_app.config import load_config
 
+    ours = ray.is_initialized() and (
+        ray.get_runtime_context().gcs_address == _ray_local_owner.get("gcs")
+    )
+    if not ours:
+        if ray.is_initialized():  # another test's own Ray
+            ray.shutdown()
+        runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
+        _ray_local_owner["gcs"] = ray.get_runtime_context().gcs_address
+    yield ray
+    if ray.is_initialized() and not _all_cpus_free(ray):
+        ray.shutdown()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stops ``ray_local``'s Ray when the next test does not use it (or none is left)."""
+    if not uses_ray_local(item) or (nextitem is not None and uses_ray_local(nextitem)):
+        return
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
-    runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
-    yield ray
-    ray.shutdown()
+
+
+def _all_cpus_free(ray, wait_s: float = 10.0) -> bool:
+    """Whether every CPU of the Ray is free within ``wait_s`` (a job's actors take a moment
+    to exit after it returns)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        total = ray.cluster_resources().get("CPU", 0)
+        if ray.available_resources().get("CPU", 0) >= total:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from conftest import (
     ROOT,
     pytest_xdist_make_scheduler,
     readme_command,
+    uses_ray_local,
     worker_group,
 )
 
@@ -47,11 +48,21 @@ def test_every_module_that_uses_the_quickstart_is_in_its_group(request):
     assert all((ROOT / m).is_file() for m in QUICKSTART_MODULES)
 
 
-def test_on_a_worker_each_group_is_whole_and_the_most_end_to_end_come_first(request):
+def test_on_a_worker_each_group_is_whole_those_on_ray_local_first_then_the_most_end_to_end(
+    request,
+):
+    """The groups that use ``ray_local`` come first (one after another they share its Ray),
+    each part with the groups of the most end-to-end tests first."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return  # a single process keeps the files' order
     items = request.session.items
     runs = [g for g, _ in itertools.groupby(worker_group(item.nodeid) for item in items)]
     assert len(runs) == len(set(runs)), "a group is split in the worker's order"
-    slow = [sum("slow" in i.keywords for i in items if worker_group(i.nodeid) == g) for g in runs]
-    assert slow == sorted(slow, reverse=True)
+    on_ray = {worker_group(i.nodeid) for i in items if uses_ray_local(i)}
+    parts = [[g for g in runs if g in on_ray], [g for g in runs if g not in on_ray]]
+    assert runs == parts[0] + parts[1]
+    for part in parts:
+        slow = [
+            sum("slow" in i.keywords for i in items if worker_group(i.nodeid) == g) for g in part
+        ]
+        assert slow == sorted(slow, reverse=True)
