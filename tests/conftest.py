@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             "end-to-end tests must be marked @pytest.mark.slow: " + ", ".join(unmarked)
         )
+    _RAY_LOCAL_MODULES.update(module_of(item) for item in items if uses_ray_local(item))
     if os.environ.get("PYTEST_XDIST_WORKER"):
         _longest_groups_first(items)
     if torch.cuda.is_available():
@@ -106,6 +108,10 @@ def uses_ray_local(item) -> bool:
     return "ray_local" in getattr(item, "fixturenames", ())
 
 
+def module_of(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
 def shared_path(tmp_path_factory, name: str) -> Path:
     """``name`` under this run's base temp folder, which pytest-xdist's workers share (each
     has a folder of its own under it); a lock around its making is the caller's."""
@@ -130,40 +136,40 @@ def tiny_config():
     return load_config("tiny")
 
 
-@pytest.fixture(scope="session")
-def _ray_local_owner() -> dict[str, str]:
-    """Which Ray ``ray_local`` started in this test process (its GCS address), and its
-    shutdown when the session ends."""
-    owner: dict[str, str] = {}
-    yield owner
-    import ray
+# The GCS address of the Ray that ``ray_local`` started in this test process, and the
+# modules of the collection that use it.
+_RAY_LOCAL: dict[str, str] = {}
+_RAY_LOCAL_MODULES: set[str] = set()
 
-    if owner and ray.is_initialized():
-        ray.shutdown()
+
+def _ray_local_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(
+        ray is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().gcs_address == _RAY_LOCAL.get("gcs")
+    )
 
 
 @pytest.fixture(scope="module")
-def ray_local(_ray_local_owner):
+def ray_local():
     """A small local Ray (the tiny profile's, without a dashboard) for the tests of a module;
     its workers' state API asks it alone, whatever other Rays run on the machine (a parallel
     worker's, test_runtime's). Modules that run one after another share it (each start is
-    seconds of CPU: its daemons, Ray Data's and Train's actors), and it stops before a test
-    that does not use it (an idle Ray still costs CPU: ``pytest_runtest_teardown``). A
-    module whose actors still hold CPUs when it ends gets the next one a fresh Ray (a leak
-    must not starve the next module's jobs into waiting forever)."""
+    seconds of CPU: its daemons, Ray Data's and Train's actors), and it stops when its
+    module ends unless the next module uses it too (an idle Ray still costs CPU:
+    ``pytest_runtest_teardown``). A module whose actors still hold CPUs at its end gets
+    the next one a fresh Ray (a leak must not starve the next module's jobs forever)."""
     import ray
 
     from ray_app import runtime
     from ray_app.config import load_config
 
-    ours = ray.is_initialized() and (
-        ray.get_runtime_context().gcs_address == _ray_local_owner.get("gcs")
-    )
-    if not ours:
+    if not _ray_local_running():
         if ray.is_initialized():  # another test's own Ray
             ray.shutdown()
         runtime.init_ray(load_config("tiny", overrides=["ray.progress_bars=false"]))
-        _ray_local_owner["gcs"] = ray.get_runtime_context().gcs_address
+        _RAY_LOCAL["gcs"] = ray.get_runtime_context().gcs_address
     yield ray
     if ray.is_initialized() and not _all_cpus_free(ray):
         ray.shutdown()
@@ -171,13 +177,14 @@ def ray_local(_ray_local_owner):
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Stops ``ray_local``'s Ray when the next test does not use it (or none is left)."""
-    if not uses_ray_local(item) or (nextitem is not None and uses_ray_local(nextitem)):
+    """Stops ``ray_local``'s Ray after the last test of a module, unless the next module
+    uses it. (Never within a module: its fixture value would outlive its Ray.)"""
+    if nextitem is not None and (
+        module_of(nextitem) == module_of(item) or module_of(nextitem) in _RAY_LOCAL_MODULES
+    ):
         return
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+    if _ray_local_running():
+        sys.modules["ray"].shutdown()
 
 
 def _all_cpus_free(ray, wait_s: float = 10.0) -> bool:
