@@ -10,15 +10,12 @@ import tomllib
 from conftest import (
     QUICKSTART_MODULES,
     ROOT,
+    module_of,
     pytest_xdist_make_scheduler,
     readme_command,
     uses_ray_local,
     worker_group,
 )
-
-
-def module(item) -> str:
-    return item.nodeid.split("::")[0]
 
 
 def test_the_readme_test_command_runs_on_workers_in_conftests_order():
@@ -43,7 +40,7 @@ def test_a_group_is_a_module_or_the_quickstart_users_together(request):
 def test_every_module_that_uses_the_quickstart_is_in_its_group(request):
     """A module left out would run the quick start again on the other worker. (Under `-m "not
     slow"` no test that uses it is collected.)"""
-    users = {module(item) for item in request.session.items if "quickstart" in item.fixturenames}
+    users = {module_of(item) for item in request.session.items if "quickstart" in item.fixturenames}
     assert users <= QUICKSTART_MODULES
     assert all((ROOT / m).is_file() for m in QUICKSTART_MODULES)
 
