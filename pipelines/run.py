@@ -44,20 +44,22 @@ def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:
     ):
         job = step()
         jobs.append(job)
+        # What each job did in this run: augment's own summary counts every product of the
+        # job, train's and generate's this run's, so a re-run said "augment ok: 3" beside
+        # "train ok: 0" when none of them redid anything.
+        counts = job.this_invocation()
         stage = summary.stage(name, "products")
-        done = job.products.get("ok", 0) + job.products.get("partial", 0)
-        stage.items_in = done + job.products.get("failed", 0)
+        done = counts.get("ok", 0) + counts.get("partial", 0)
+        stage.items_in = done + counts.get("failed", 0)
         stage.items_out = done
-        stage.errors = job.products.get("failed", 0)
+        stage.errors = counts.get("failed", 0)
         stage.seconds = job.wall_seconds
-        for key, value in job.products.items():
-            summary.products[f"{name} {key}"] = value
+        for key in ("ok", "failed", "already complete", "invalid"):  # the last two if any
+            if key in counts and (key in ("ok", "failed") or counts[key]):
+                summary.products[f"{name} {key}"] = counts[key]
     # The run's outcome: products that came out of generate, against every failure on the way.
     generated = jobs[-1].counts()[0]
     summary.totals = (generated, sum(j.counts()[1] for j in jobs))
-    summary.products = {
-        k: v for k, v in summary.products.items() if k.split(" ", 1)[1] in ("ok", "failed")
-    }
     summary.wall_seconds = time.perf_counter() - start
     summary.extra = {
         # what the adapters were trained on: two runs on the same products compare recipes

@@ -161,6 +161,20 @@ class JobSummary:
             done += p.get("already complete", 0)
         return done, p.get("failed", 0) + p.get("invalid", 0)
 
+    def this_invocation(self) -> dict[str, int]:
+        """The product counts of this invocation alone, whichever way the job counts: ok,
+        partial and failed as this run left them, and "already complete" (finished by an
+        earlier run) and "invalid" as given (a whole-job summary keeps this run's in
+        ``extra["this_run"]``)."""
+        if not self.whole_job:
+            return dict(self.products)
+        this = self.extra.get("this_run", {})
+        counts = {k: int(this[k]) for k in ("ok", "partial", "failed") if k in this}
+        for key in ("already complete", "invalid"):
+            if key in self.products:
+                counts[key] = self.products[key]
+        return counts
+
     def outcome(self) -> str:
         """The last line a job prints: whether every product is done, some failed, or all
         ("" for a job that does not count products, e.g. ``prompts build``)."""

@@ -196,6 +196,9 @@ def test_quickstart_rerun_resumes(quickstart, user_dir):
         # Nothing redone (augment's "products" cover the whole job, its "this_run" this run).
         this_run = summary.get("this_run", summary["products"])
         assert this_run.get("ok", 0) == 0, (job, this_run)
+        # The run's own summary says the same of each job (not augment's whole-job count).
+        products = json.loads((quickstart[1] / "summary.json").read_text())["products"]
+        assert products[f"{job} ok"] == 0 and products[f"{job} already complete"] == 3, products
 
 
 def test_config_error_example(user_dir):
