@@ -484,6 +484,7 @@ def execute(
                 else math.inf
             )
             found = intake(rows(), layout, section.cpus_per_task, since)
+            progress.found_complete(found.counts[COMPLETE])
             nothing = Outcomes(sums=dict.fromkeys(numbers, 0), maxima=dict.fromkeys(numbers, 0))
             done = Execution(found, nothing, placement, staged)
             if whole_job:

@@ -798,6 +798,7 @@ def evaluate_encoders(config: RestageConfig, encoders: str, test: str, out: str)
         config, _ = start(config, "personalize-evaluate")  # its plan: the encoder pool
         policy = SourcePolicy.for_manifest(test_uri, config.storage)
         failed: dict[str, str] = {}
+        progress.found_complete(len(products) - len(todo))
         progress.phase("products", len(todo))
         if todo:
             ds = ray.data.from_items(

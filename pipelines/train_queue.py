@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ray_app.progress import ALREADY
+
 # Stages of a product's training, as its adapter's ``seconds`` names them; "items" counts
 # what the job summary counts per product (steps for train and sweep).
 STAGE_KEYS = ("load", "setup", "train", "sweep", "write")
@@ -134,11 +136,12 @@ class ProductQueue:
     # ------------------------------------------------------------------ results
 
     def progress(self) -> tuple[int, dict[str, int], int | None]:
-        """(products trained or failed so far, their counts, the products to do in this run
-        once the stream has been read to its end, else None): the live progress file's."""
+        """(products trained or failed so far, their counts and those found complete from
+        earlier runs, the products to do in this run once the stream has been read to its
+        end, else None): the live progress file's."""
         return (
             self.ok + self.failed,
-            {"ok": self.ok, "failed": self.failed},
+            {"ok": self.ok, "failed": self.failed, ALREADY: self.complete},
             (self.queued if self.ended else None),
         )
 

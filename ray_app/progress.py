@@ -97,6 +97,11 @@ def finished(products: dict[str, int]) -> int:
     return sum(products.get(k, 0) for k in ("ok", "partial", "failed"))
 
 
+# The products of a job that earlier runs finished (found at intake, or as train's queue
+# reads its stream): a run's live file and summary count them apart from its own outcomes.
+ALREADY = "already complete"
+
+
 def counts(products: dict[str, int], keys: tuple[str, ...] = ("ok", "partial", "failed")) -> str:
     """``ok 2, failed 1``: the non-zero counts of ``keys``."""
     return ", ".join(f"{k} {products[k]}" for k in keys if products.get(k))
@@ -205,12 +210,25 @@ class ProgressFile:
 
     def update(self, done: int, products: dict[str, int], total: int | None = None) -> None:
         """The products finished so far and their outcomes, and the products to do if now
-        known (written by the next beat)."""
+        known (written by the next beat). ``products`` may give ``ALREADY`` too; one given
+        before (``found_complete``) stays until another replaces it."""
         with self._lock:
             self.state["done"] = done
-            self.state["products"] = dict(products)
+            kept = (
+                {ALREADY: self.state["products"][ALREADY]}
+                if ALREADY in self.state["products"]
+                else {}
+            )
+            self.state["products"] = {**kept, **products}
             if total is not None:
                 self.state["total"] = total
+
+    def found_complete(self, products: int) -> None:
+        """The products of the job that earlier runs finished, once the intake found them:
+        `restage status` shows them beside this run's outcomes (a re-run of a finished job
+        does 0/0 products)."""
+        with self._lock:
+            self.state["products"] = {**self.state["products"], ALREADY: products}
 
     def snapshot(self) -> dict[str, Any]:
         """The state as written: with ``updated``, ``per_second`` and ``eta_s``."""
@@ -411,7 +429,7 @@ def render_status(states: list[dict[str, Any]], now: float) -> str:
                 s.get("job", "?"),
                 status_of(s, now),
                 f"{done}/{'?' if total is None else total}",
-                counts(s.get("products", {})) or "-",
+                counts(s.get("products", {}), ("ok", "partial", "failed", ALREADY)) or "-",
                 f"{rate * 3600:.0f}/h" if rate else "-",
                 _duration(eta) if eta is not None and status_of(s, now).startswith("run") else "-",
                 f"{_duration(now - float(s.get('updated', now)))} ago",

@@ -143,6 +143,24 @@ def test_the_live_file_follows_the_phases_and_gives_rate_and_time_left(tmp_path)
     assert _read(tmp_path)["phase"] == "finished"
 
 
+def test_products_complete_before_stay_beside_this_runs_outcomes(tmp_path):
+    """A re-run's intake finds products that earlier runs finished: the live file and
+    `restage status` say so (a finished job's re-run does 0/0), through later updates."""
+    with ProgressFile(str(tmp_path), "generate", heartbeat=3600) as progress:
+        progress.phase("intake")
+        progress.found_complete(7)
+        progress.phase("products", 2)
+        progress.update(1, {"ok": 1})
+    state = _read(tmp_path)
+    assert state["products"] == {"already complete": 7, "ok": 1} and state["done"] == 1
+    row = render_status([state], now=state["updated"]).splitlines()[2]
+    assert "1/2" in row and "ok 1, already complete 7" in row
+    with ProgressFile(str(tmp_path), "train", heartbeat=3600) as progress:
+        progress.update(0, {"ok": 0, "failed": 0, "already complete": 3})  # train's queue
+        progress.update(1, {"ok": 1, "failed": 0, "already complete": 4})
+    assert _read(tmp_path)["products"] == {"already complete": 4, "ok": 1, "failed": 0}
+
+
 def test_the_beat_rewrites_the_file_and_a_stale_one_reads_as_stopped(tmp_path):
     with ProgressFile(str(tmp_path), "generate", heartbeat=0.05) as progress:
         progress.phase("products", 3)
