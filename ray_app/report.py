@@ -198,6 +198,11 @@ class JobSummary:
 
     def render(self) -> str:
         products = ", ".join(f"{k}: {v}" for k, v in self.products.items())
+        this = self.extra.get("this_run")
+        if self.whole_job and isinstance(this, dict):  # its ok and partial count every run's
+            products += "; this run: " + ", ".join(
+                f"{k}: {this.get(k, 0)}" for k in ("ok", "partial", "failed")
+            )
         text = (
             f"restage {self.job}: {products}; {self.wall_seconds:.1f}s wall\n"
             f"{self.table()}\noutputs: {self.out}"

@@ -230,6 +230,7 @@ def test_rerun_skips_complete_products(run, tmp_path):
     first = json.loads((run["out"] / "summary.json").read_text())
     summary = augment(run["config"], str(manifest), str(run["out"]))
     assert summary.products["already complete"] == 5 and summary.extra["this_run"]["ok"] == 0
+    assert "; this run: ok: 0, partial: 0, failed: 0;" in summary.render()
     assert marker.stat().st_mtime_ns == before
     # The summary still covers the whole job: the complete products of the first run.
     saved = json.loads((run["out"] / "summary.json").read_text())

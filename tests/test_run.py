@@ -56,6 +56,12 @@ def test_run_chains_the_jobs_under_one_root_and_sums_their_products(monkeypatch,
     }
     assert summary.stages["augment"].items_in == 2 and summary.stages["augment"].errors == 1
     assert summary.counts() == (2, 2)  # generate's products; augment's failed and invalid
+    # augment's own line says which of its counts are this run's
+    augment_line = run_module.augment(None, "m.jsonl", "out").render().splitlines()[0]
+    assert (
+        "already complete: 2, ok: 3, partial: 0, failed: 1; this run: ok: 1, partial: 0, "
+        "failed: 1; 1.5s wall" in augment_line
+    )
     assert summary.stages["generate"].items_out == 2  # partial products count as done
     saved = json.loads(Path(out, "summary.json").read_text())
     assert saved["job"] == "run" and [j["job"] for j in saved["jobs"]] == [
