@@ -214,11 +214,7 @@ class ProgressFile:
         before (``found_complete``) stays until another replaces it."""
         with self._lock:
             self.state["done"] = done
-            kept = (
-                {ALREADY: self.state["products"][ALREADY]}
-                if ALREADY in self.state["products"]
-                else {}
-            )
+            kept = {k: v for k, v in self.state["products"].items() if k == ALREADY}
             self.state["products"] = {**kept, **products}
             if total is not None:
                 self.state["total"] = total
