@@ -42,7 +42,7 @@ from ray_app.batching import object_array
 from ray_app.config import RestageConfig
 from ray_app.progress import ProgressFile
 from ray_app.records import VALID
-from ray_app.report import CompletedTotals, StageStats
+from ray_app.report import ALREADY, CompletedTotals, StageStats
 from ray_app.storage import JobLayout, pyarrow_fs, write_errors
 
 # Intake statuses besides VALID and INVALID (ray_app/records.py): a valid product whose
@@ -532,7 +532,7 @@ def finish_whole_job(
     summary.products = {
         "in manifest": valid + found.counts[INVALID],
         "invalid": found.counts[INVALID],
-        "already complete": found.counts[COMPLETE],
+        ALREADY: found.counts[COMPLETE],
         "ok": completed.ok,
         "partial": completed.partial,
         "failed": got.products["failed"],

@@ -43,7 +43,7 @@ from ray_app.records import (
     manifest_dataset,
     manifest_format,
 )
-from ray_app.report import JobSummary
+from ray_app.report import ALREADY, JobSummary
 from ray_app.runs import parse_runs
 from ray_app.sources import SourcePolicy
 from ray_app.stats import bootstrap_mean, paired_difference
@@ -591,7 +591,7 @@ def evaluate(
     summary = JobSummary(JOB, root)
     summary.products = {
         "products": found.todo + found.counts[_job.COMPLETE],
-        "already complete": found.counts[_job.COMPLETE],
+        ALREADY: found.counts[_job.COMPLETE],
         **got.products,
     }
     result = tables(config, layout, runs, references_uri, published)

@@ -51,7 +51,7 @@ from ray_app.prompts import PLACEHOLDER, PromptBank, fill
 from ray_app.ranking import build as build_ranking
 from ray_app.ranking import rank_and_keep
 from ray_app.records import GENERATION_SCHEMA, VALID
-from ray_app.report import JobSummary, StageStats
+from ray_app.report import ALREADY, JobSummary, StageStats
 from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout, GenerationLayout, write_errors
 
@@ -481,7 +481,7 @@ def generate(config: RestageConfig, adapters: str, out: str) -> JobSummary:
     summary = JobSummary(JOB, root)
     summary.products = {
         "adapters": found.todo + found.counts[_job.COMPLETE],
-        "already complete": found.counts[_job.COMPLETE],
+        ALREADY: found.counts[_job.COMPLETE],
         **got.products,
     }
     units = {name: "products" if name == "plan" else "images" for name in STAGES}

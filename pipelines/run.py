@@ -16,7 +16,7 @@ from pipelines.generate import generate
 from pipelines.train import train
 from ray_app import storage
 from ray_app.config import RECIPES, ConfigError, RestageConfig, with_overrides
-from ray_app.report import JobSummary
+from ray_app.report import ALREADY, JobSummary
 from ray_app.storage import RunLayout
 
 JOB = "run"
@@ -54,7 +54,7 @@ def run(config: RestageConfig, manifest: str, out: str) -> JobSummary:
         stage.items_out = done
         stage.errors = counts.get("failed", 0)
         stage.seconds = job.wall_seconds
-        for key in ("ok", "failed", "already complete", "invalid"):  # the last two if any
+        for key in ("ok", "failed", ALREADY, "invalid"):  # the last two if any
             if key in counts and (key in ("ok", "failed") or counts[key]):
                 summary.products[f"{name} {key}"] = counts[key]
     # The run's outcome: products that came out of generate, against every failure on the way.

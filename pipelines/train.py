@@ -80,7 +80,7 @@ from ray_app.records import (
     read_manifest,
     validate_product_id,
 )
-from ray_app.report import JobSummary
+from ray_app.report import ALREADY, JobSummary
 from ray_app.seeds import derive_seed
 from ray_app.storage import AdapterLayout, AugmentLayout, write_errors
 
@@ -921,7 +921,7 @@ def train(
     summary.products = {
         "in training set": res["listed"],
         "invalid": res["invalid"],
-        "already complete": res["complete"],
+        ALREADY: res["complete"],
         "ok": res["ok"],
         "failed": failed,
     }

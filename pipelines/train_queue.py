@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ray_app.progress import ALREADY
+from ray_app.report import ALREADY
 
 # Stages of a product's training, as its adapter's ``seconds`` names them; "items" counts
 # what the job summary counts per product (steps for train and sweep).

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from ray_app import storage
+from ray_app.report import ALREADY
 
 # Lines while a stage runs: at most one per this many seconds (start and end lines aside).
 INTERVAL_S = 30.0
@@ -95,11 +96,6 @@ class StageLines:
 def finished(products: dict[str, int]) -> int:
     """Products a job has finished so far (whatever their outcome)."""
     return sum(products.get(k, 0) for k in ("ok", "partial", "failed"))
-
-
-# The products of a job that earlier runs finished (found at intake, or as train's queue
-# reads its stream): a run's live file and summary count them apart from its own outcomes.
-ALREADY = "already complete"
 
 
 def counts(products: dict[str, int], keys: tuple[str, ...] = ("ok", "partial", "failed")) -> str:

@@ -13,6 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# The product count of a job's summary (and live file) for the products that earlier runs
+# finished: this run skipped them.
+ALREADY = "already complete"
+
 EXIT_ALL_FAILED = 1
 
 
@@ -158,7 +162,7 @@ class JobSummary:
         p = self.products
         done = p.get("ok", 0) + p.get("partial", 0)
         if not self.whole_job:
-            done += p.get("already complete", 0)
+            done += p.get(ALREADY, 0)
         return done, p.get("failed", 0) + p.get("invalid", 0)
 
     def this_invocation(self) -> dict[str, int]:
@@ -170,7 +174,7 @@ class JobSummary:
             return dict(self.products)
         this = self.extra.get("this_run", {})
         counts = {k: int(this[k]) for k in ("ok", "partial", "failed") if k in this}
-        for key in ("already complete", "invalid"):
+        for key in (ALREADY, "invalid"):
             if key in self.products:
                 counts[key] = self.products[key]
         return counts
