@@ -202,8 +202,8 @@ class JobSummary:
 
     def render(self) -> str:
         products = ", ".join(f"{k}: {v}" for k, v in self.products.items())
-        this = self.extra.get("this_run")
-        if self.whole_job and isinstance(this, dict):  # its ok and partial count every run's
+        if self.whole_job and "this_run" in self.extra:  # its ok and partial count every run's
+            this = self.this_invocation()
             products += "; this run: " + ", ".join(
                 f"{k}: {this.get(k, 0)}" for k in ("ok", "partial", "failed")
             )
